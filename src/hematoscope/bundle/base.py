@@ -1,0 +1,335 @@
+"""The model bundle: a directory that carries a model, its preprocessing, labels and metrics.
+
+Layout (every kind)::
+
+    config.json        BundleConfig (validated by pydantic on load; no executable strings)
+    metrics.json       metrics with the split they were measured on
+    README.md          model card generated from config + metrics
+    <weights>          kind-specific: model.safetensors, head.safetensors, xgboost.json ...
+    ood.safetensors    optional out-of-distribution scorer state (see hematoscope.trust)
+
+``load_bundle`` reads ``config.json``, checks ``format_version`` and dispatches on ``kind`` to
+the class registered with :func:`register_bundle_kind`. Downstream code (predict, evaluate,
+serve, export) only ever talks to :class:`Bundle`.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from hematoscope import _io
+from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction, SkippedFile
+from hematoscope.models.preprocess import Preprocess
+
+FORMAT_VERSION = 1
+#: Older format versions this code can still read (upgraded in memory on load).
+READABLE_FORMAT_VERSIONS = (1,)
+INTENDED_USE = (
+    "Research and decision support for classifying single peripheral-blood cell crops. "
+    "Not a medical device: every result must be reviewed by a qualified person."
+)
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, malformed or from an incompatible version."""
+
+
+class BundleConfig(BaseModel):
+    """Everything needed to rebuild a model and use it, written by the code that trained it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    kind: str
+    name: str = "unnamed"
+    hematoscope_version: str = ""
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    labels: list[str] = Field(min_length=2, description="canonical class names in output index order")
+    taxonomy_version: str = ""
+    preprocess: dict[str, Any]
+    #: Kind-specific model description (architecture, backbone reference, head type ...).
+    model: dict[str, Any] = Field(default_factory=dict)
+    #: Softmax temperature fitted on validation data (1.0 = uncalibrated).
+    temperature: float = Field(default=1.0, gt=0)
+    #: Abstain when the calibrated top-1 probability is below this value.
+    abstain_threshold: float = Field(default=0.0, ge=0, le=1)
+    #: Out-of-distribution scorer: {"method": ..., "threshold": ..., ...}; None = not fitted.
+    ood: dict[str, Any] | None = None
+    #: How it was trained: recipe, data sources and fingerprint, split, seed, time.
+    training: dict[str, Any] = Field(default_factory=dict)
+    intended_use: str = INTENDED_USE
+    data_sources: list[str] = Field(default_factory=list)
+    changelog: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass
+class ModelOutput:
+    """Raw model output for a batch: ``logits`` (N, C) and optional ``features`` (N, D)
+    (penultimate-layer features, used by out-of-distribution scorers)."""
+
+    logits: np.ndarray
+    features: np.ndarray | None = None
+
+
+_KINDS: dict[str, type["Bundle"]] = {}
+#: Modules that define the built-in kinds, imported on demand by load_bundle.
+_KIND_MODULES = {
+    "neural": "hematoscope.bundle.neural",
+    "fewshot": "hematoscope.fewshot.bundle",
+    "classical": "hematoscope.classical.bundle",
+}
+
+
+def register_bundle_kind(kind: str) -> Callable[[type["Bundle"]], type["Bundle"]]:
+    """Class decorator: make ``load_bundle`` build this class for ``config.kind == kind``."""
+
+    def deco(cls: type[Bundle]) -> type[Bundle]:
+        if kind in _KINDS and _KINDS[kind] is not cls:
+            raise ValueError(f"bundle kind {kind!r} is already registered by {_KINDS[kind].__name__}")
+        cls.kind = kind
+        _KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+def bundle_class(kind: str) -> type["Bundle"]:
+    if kind not in _KINDS and kind in _KIND_MODULES:
+        import importlib
+
+        importlib.import_module(_KIND_MODULES[kind])
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise BundleError(f"unknown bundle kind {kind!r}; known: {sorted(set(_KINDS) | set(_KIND_MODULES))}") from None
+
+
+class Bundle(ABC):
+    """A trained classifier plus everything needed to use it. Subclasses implement
+    :meth:`forward`, :meth:`_save_weights` and :meth:`_load_weights`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: BundleConfig, metrics: dict | None = None, path: Path | None = None):
+        self.config = config
+        self.metrics = metrics or {}
+        self.path = path
+        self.preprocess = Preprocess.from_dict(config.preprocess)
+        self.ood = None  # an OOD scorer from hematoscope.trust, or None
+
+    # --- what a kind provides ----------------------------------------------------------
+    @abstractmethod
+    def forward(self, images: Sequence[np.ndarray]) -> ModelOutput:
+        """RGB uint8 images of any size → logits (and features when the kind has them)."""
+
+    @abstractmethod
+    def _save_weights(self, directory: Path) -> None:
+        """Write the kind's weight files into ``directory`` (no pickle)."""
+
+    @classmethod
+    @abstractmethod
+    def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "Bundle":
+        """Rebuild the bundle from ``config`` and the weight files in ``directory``."""
+
+    # --- common behaviour ----------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def predict(
+        self,
+        images: Iterable[np.ndarray | str | Path | bytes],
+        *,
+        sources: Sequence[str] | None = None,
+        batch_size: int = 64,
+    ) -> Prediction:
+        """Classify images given as arrays, paths or encoded bytes.
+
+        Unreadable inputs are listed in ``Prediction.skipped`` with their reason; the others are
+        answered. Probabilities are temperature-calibrated; abstention combines the confidence
+        threshold and the OOD flag.
+        """
+        from hematoscope.data.images import ImageError, load_image
+
+        items = list(images)
+        names = list(sources) if sources is not None else [
+            str(x) if isinstance(x, (str, Path)) else f"image_{i}" for i, x in enumerate(items)
+        ]
+        if len(names) != len(items):
+            raise ValueError(f"{len(items)} images but {len(names)} source names")
+        arrays, kept, skipped = [], [], []
+        for item, name in zip(items, names):
+            if isinstance(item, np.ndarray):
+                arrays.append(item)
+                kept.append(name)
+                continue
+            try:
+                arrays.append(load_image(item))
+                kept.append(name)
+            except ImageError as exc:
+                skipped.append(SkippedFile(name, exc.reason))
+        parts = [self.predict_arrays(arrays[i:i + batch_size], kept[i:i + batch_size])
+                 for i in range(0, len(arrays), batch_size)]
+        pred = Prediction.concat(parts, self.labels)
+        pred.skipped = skipped
+        return pred
+
+    def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> Prediction:
+        """Classify one batch of decoded RGB uint8 arrays."""
+        if len(images) == 0:
+            return Prediction.empty(self.labels)
+        out = self.forward(images)
+        return self.decide(out, sources)
+
+    def calibrated_probs(self, logits: np.ndarray) -> np.ndarray:
+        z = logits.astype(np.float64) / self.config.temperature
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(1, keepdims=True)
+
+    def decide(self, out: ModelOutput, sources: Sequence[str]) -> Prediction:
+        """Turn raw outputs into calibrated probabilities, OOD flags and abstain decisions."""
+        probs = self.calibrated_probs(out.logits)
+        n = len(probs)
+        if self.ood is not None and self.config.ood is not None:
+            score = np.asarray(self.ood.score(features=out.features, logits=out.logits), dtype=np.float64)
+            flag = score > float(self.config.ood["threshold"])
+        else:
+            score, flag = np.full(n, np.nan), np.zeros(n, bool)
+        low = probs.max(1) < self.config.abstain_threshold
+        reasons = [UNLIKE_TRAINING if f else LOW_CONFIDENCE if lo else None for f, lo in zip(flag, low)]
+        return Prediction(self.labels, probs, list(sources), score, flag, flag | low, reasons)
+
+    # --- persistence -------------------------------------------------------------------
+    def save(self, path: Path | str) -> Path:
+        """Write the bundle atomically to a directory, or to a ``.zip`` when ``path`` ends so."""
+        from hematoscope import __version__
+
+        path = Path(path)
+        self.config.hematoscope_version = __version__
+        if path.suffix.lower() == ".zip":
+            with _io.atomic_path(path, ".zip") as tmp_zip, _tmp_dir() as d:
+                self._write_files(d)
+                with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+                    for f in sorted(d.rglob("*")):
+                        if f.is_file():
+                            zf.write(f, f.relative_to(d).as_posix())
+            return path
+        with _io.atomic_dir(path) as d:
+            self._write_files(d)
+        self.path = path
+        return path
+
+    def _write_files(self, d: Path) -> None:
+        self._save_weights(d)
+        if self.ood is not None:
+            self.ood.save(d)
+        _io.write_json(d / "config.json", self.config.model_dump(mode="json"))
+        _io.write_json(d / "metrics.json", self.metrics)
+        from hematoscope.bundle.card import model_card
+
+        _io.write_text(d / "README.md", model_card(self))
+
+    def describe(self) -> dict:
+        """A short JSON-able summary (for ``GET /api/models`` and ``hematoscope info``)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "labels": self.labels,
+            "input_size": self.preprocess.size,
+            "temperature": self.config.temperature,
+            "abstain_threshold": self.config.abstain_threshold,
+            "ood": self.config.ood,
+            "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
+            "hematoscope_version": self.config.hematoscope_version,
+            "path": str(self.path) if self.path else None,
+        }
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Load a bundle directory or ``.zip`` of any kind.
+
+    Raises:
+        BundleError: missing files, invalid config, unknown kind or unreadable format version,
+            each with a message that says what to do.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"no bundle at {path}")
+    if path.is_file() and path.suffix.lower() == ".zip":
+        from hematoscope.data.archive import extract_zip_safely
+
+        target = _zip_cache_dir(path)
+        if not (target / "config.json").exists():
+            with _io.atomic_dir(target) as d:
+                extract_zip_safely(path, d)
+        return _load_dir(target, origin=path)
+    if not path.is_dir():
+        raise BundleError(f"{path} is neither a bundle directory nor a .zip")
+    return _load_dir(path, origin=path)
+
+
+def _load_dir(directory: Path, origin: Path) -> Bundle:
+    cfg_file = directory / "config.json"
+    if not cfg_file.exists():
+        raise BundleError(f"{origin} has no config.json: not a hematoscope bundle")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{cfg_file} is not valid JSON ({exc})") from None
+    version = raw.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = "upgrade hematoscope" if newer else "re-export it with a current hematoscope"
+        raise BundleError(
+            f"{origin}: bundle format_version {version!r} is not readable by this hematoscope "
+            f"(reads {list(READABLE_FORMAT_VERSIONS)}); {hint}"
+        )
+    try:
+        config = BundleConfig.model_validate(raw)
+    except Exception as exc:  # pydantic.ValidationError: keep its field-by-field message
+        raise BundleError(f"{cfg_file} is invalid: {exc}") from None
+    metrics_file = directory / "metrics.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
+    bundle = bundle_class(config.kind)._load_weights(config, directory, metrics)
+    bundle.path = origin
+    if config.ood is not None:
+        from hematoscope.trust import load_scorer
+
+        bundle.ood = load_scorer(config.ood, directory)
+    return bundle
+
+
+def _zip_cache_dir(zip_path: Path) -> Path:
+    import hashlib
+
+    from hematoscope.paths import cache_dir
+
+    h = hashlib.sha256()
+    with open(zip_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return cache_dir("bundles") / h.hexdigest()[:24]
+
+
+class _tmp_dir:
+    def __enter__(self) -> Path:
+        import tempfile
+
+        self._td = tempfile.TemporaryDirectory(prefix="hematoscope-")
+        return Path(self._td.name)
+
+    def __exit__(self, *exc) -> None:
+        self._td.cleanup()

@@ -1,0 +1,76 @@
+"""The model card (README.md inside a bundle), generated from the bundle's own config and
+metrics so it can never disagree with them."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hematoscope.bundle.base import Bundle
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def model_card(bundle: "Bundle") -> str:
+    c = bundle.config
+    m = bundle.metrics
+    lines = [
+        f"# {c.name} ({c.kind} bundle)",
+        "",
+        f"Made with hematoscope {c.hematoscope_version} on {c.created}. Format version {c.format_version}.",
+        "",
+        "## Intended use",
+        c.intended_use,
+        "",
+        "## Classes (output index order)",
+        "",
+        "| index | label |",
+        "|---|---|",
+        *[f"| {i} | {lab} |" for i, lab in enumerate(c.labels)],
+        "",
+        "## Input",
+        f"RGB image, any size → {bundle.preprocess.size} px ({bundle.preprocess.resize}, "
+        f"{bundle.preprocess.interpolation}), mean {list(bundle.preprocess.mean)}, std {list(bundle.preprocess.std)}.",
+        "",
+        "## Model",
+        *[f"- {k}: {_fmt(v)}" for k, v in c.model.items()],
+        "",
+        "## Training",
+        *[f"- {k}: {_fmt(v)}" for k, v in c.training.items() if not isinstance(v, (dict, list))],
+        *([f"- data sources: {', '.join(c.data_sources)}"] if c.data_sources else []),
+        "",
+        "## Trust",
+        f"- temperature: {c.temperature:.4f}",
+        f"- abstain below calibrated confidence: {c.abstain_threshold:.3f}",
+        f"- out-of-distribution scorer: {c.ood if c.ood else 'none fitted'}",
+        "",
+        "## Metrics",
+    ]
+    split = m.get("split", "unspecified split")
+    scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scalars:
+        lines += [f"Measured on: {split}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
+    else:
+        lines.append("No metrics recorded.")
+    per_class = m.get("per_class")
+    if isinstance(per_class, dict):
+        lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for lab, d in per_class.items():
+            lines.append(f"| {lab} | {_fmt(d.get('precision'))} | {_fmt(d.get('recall'))} | "
+                         f"{_fmt(d.get('f1'))} | {d.get('support')} |")
+    cm = m.get("confusion_matrix")
+    if isinstance(cm, list):
+        lines += ["", "Confusion matrix (rows = true, columns = predicted, order as above):", "", "```"]
+        lines += [" ".join(f"{v:5d}" for v in row) for row in cm]
+        lines.append("```")
+    lines += [
+        "",
+        "## Limits",
+        "- Trained on the data sources above; other stains, scanners or magnifications shift the "
+        "input distribution: check the out-of-distribution flag and validate locally.",
+        "- Single-cell crops only; not for whole slides or cell counting from fields of view.",
+        "",
+    ]
+    return "\n".join(lines)

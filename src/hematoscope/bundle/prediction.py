@@ -1,0 +1,147 @@
+"""Per-image prediction results and the differential count, rendered the same way everywhere
+(rich table, CSV, JSON, REST API, web page)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+#: Abstention reasons, in the words shown to a lab user.
+LOW_CONFIDENCE = "low confidence"
+UNLIKE_TRAINING = "unlike training data"
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that could not be classified, and why."""
+
+    source: str
+    reason: str
+
+
+@dataclass
+class Prediction:
+    """Results for N images over C classes.
+
+    ``probs`` are calibrated (temperature-scaled) probabilities whose columns follow ``labels``.
+    An abstained image keeps its probabilities but is counted apart, never silently as a class.
+    """
+
+    labels: list[str]
+    probs: np.ndarray  # (N, C) float
+    sources: list[str]
+    ood_score: np.ndarray  # (N,) higher = less like the training data; NaN when not scored
+    ood_flag: np.ndarray  # (N,) bool
+    abstain: np.ndarray  # (N,) bool
+    abstain_reason: list[str | None]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.labels[i] for i in self.probs.argmax(1)] if len(self) else []
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(1) if len(self) else np.zeros(0)
+
+    def top_k(self, k: int = 3) -> list[list[tuple[str, float]]]:
+        k = max(1, min(k, len(self.labels)))
+        order = np.argsort(-self.probs, axis=1)[:, :k]
+        return [[(self.labels[j], float(self.probs[i, j])) for j in row] for i, row in enumerate(order)]
+
+    def records(self, k: int = 3) -> list[dict]:
+        """One flat dict per image (and one per skipped file), for CSV / JSON / the API."""
+        rows = []
+        for i, top in enumerate(self.top_k(k)):
+            row = {
+                "source": self.sources[i],
+                "prediction": top[0][0],
+                "confidence": round(top[0][1], 6),
+                "abstain": bool(self.abstain[i]),
+                "abstain_reason": self.abstain_reason[i] or "",
+                "ood_score": None if np.isnan(self.ood_score[i]) else round(float(self.ood_score[i]), 6),
+                "ood_flag": bool(self.ood_flag[i]),
+            }
+            for r, (lab, p) in enumerate(top, 1):
+                row[f"top{r}"] = lab
+                row[f"top{r}_prob"] = round(p, 6)
+            rows.append(row)
+        for s in self.skipped:
+            rows.append({"source": s.source, "prediction": "", "error": s.reason})
+        return rows
+
+    def differential(self) -> "DifferentialCount":
+        return DifferentialCount.from_prediction(self)
+
+    @classmethod
+    def empty(cls, labels: Sequence[str]) -> "Prediction":
+        return cls(list(labels), np.zeros((0, len(labels))), [], np.zeros(0), np.zeros(0, bool),
+                   np.zeros(0, bool), [], [])
+
+    @classmethod
+    def concat(cls, parts: Sequence["Prediction"], labels: Sequence[str] | None = None) -> "Prediction":
+        if not parts:
+            if labels is None:
+                raise ValueError("concat of no predictions needs labels")
+            return cls.empty(labels)
+        labels = parts[0].labels
+        return cls(
+            labels=labels,
+            probs=np.concatenate([p.probs for p in parts]) if parts else np.zeros((0, len(labels))),
+            sources=[s for p in parts for s in p.sources],
+            ood_score=np.concatenate([p.ood_score for p in parts]),
+            ood_flag=np.concatenate([p.ood_flag for p in parts]),
+            abstain=np.concatenate([p.abstain for p in parts]),
+            abstain_reason=[r for p in parts for r in p.abstain_reason],
+            skipped=[s for p in parts for s in p.skipped],
+        )
+
+
+@dataclass
+class DifferentialCount:
+    """Counts and percentages per class, like an analyser's report. Percentages are of the
+    classified (not abstained) cells; abstentions and unreadable files are reported apart."""
+
+    labels: list[str]
+    counts: dict[str, int]
+    abstained: int
+    abstain_reasons: dict[str, int]
+    skipped: int
+
+    @property
+    def classified(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def total(self) -> int:
+        return self.classified + self.abstained + self.skipped
+
+    def percent(self) -> dict[str, float]:
+        n = self.classified
+        return {k: (100.0 * v / n if n else 0.0) for k, v in self.counts.items()}
+
+    def to_dict(self) -> dict:
+        pct = self.percent()
+        return {
+            "classes": [{"label": k, "count": self.counts[k], "percent": round(pct[k], 2)} for k in self.labels],
+            "classified": self.classified,
+            "abstained": self.abstained,
+            "abstain_reasons": self.abstain_reasons,
+            "skipped": self.skipped,
+            "total": self.total,
+        }
+
+    @classmethod
+    def from_prediction(cls, pred: Prediction) -> "DifferentialCount":
+        counts = {lab: 0 for lab in pred.labels}
+        reasons: dict[str, int] = {}
+        for lab, ab, why in zip(pred.predicted, pred.abstain, pred.abstain_reason):
+            if ab:
+                reasons[why or "abstained"] = reasons.get(why or "abstained", 0) + 1
+            else:
+                counts[lab] += 1
+        return cls(list(pred.labels), counts, int(np.sum(pred.abstain)), reasons, len(pred.skipped))

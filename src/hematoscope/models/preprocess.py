@@ -1,0 +1,98 @@
+"""The preprocessing spec that travels with every model: training, evaluation, predict, ONNX
+and the web app all build their input from this one object, so they cannot drift apart."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB uint8 image becomes a model input.
+
+    Attributes:
+        size: side of the square model input, in pixels.
+        resize: ``"squash"`` resizes the whole image to size x size (cell crops are near-square,
+            nothing is cut); ``"shorter_crop"`` resizes the shorter side to ``size / crop_pct``
+            then centre-crops.
+        crop_pct: fraction kept by the centre crop for ``"shorter_crop"``.
+        mean, std: per-channel normalisation in [0, 1] units.
+        interpolation: resampling filter name.
+    """
+
+    size: int = 128
+    resize: str = "squash"
+    crop_pct: float = 1.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ValueError(f"input size must be >= 8 px; got {self.size}")
+        if self.resize not in ("squash", "shorter_crop"):
+            raise ValueError(f"resize must be 'squash' or 'shorter_crop'; got {self.resize!r}")
+        if not 0.1 <= self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in [0.1, 1]; got {self.crop_pct}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}; got {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocess fields {sorted(unknown)}")
+        return cls(**d)
+
+    # --- application ----------------------------------------------------------------------
+    def resize_image(self, image: np.ndarray) -> np.ndarray:
+        """Resize (and crop) an RGB uint8 image to ``size x size``; stays uint8."""
+        from PIL import Image
+
+        resample = {
+            "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC,
+            "nearest": Image.Resampling.NEAREST,
+            "area": Image.Resampling.BOX,
+        }[self.interpolation]
+        im = Image.fromarray(image)
+        if self.resize == "squash":
+            if im.size != (self.size, self.size):
+                im = im.resize((self.size, self.size), resample, reducing_gap=3.0)
+        else:
+            short = round(self.size / self.crop_pct)
+            w, h = im.size
+            scale = short / min(w, h)
+            im = im.resize((max(short, round(w * scale)), max(short, round(h * scale))), resample)
+            w, h = im.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            im = im.crop((left, top, left + self.size, top + self.size))
+        return np.asarray(im, dtype=np.uint8)
+
+    def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 → (N, 3, H, W) float32 normalised, ready for a model."""
+        x = batch_uint8.astype(np.float32) * (1.0 / 255.0)
+        x -= np.asarray(self.mean, dtype=np.float32)
+        x /= np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Images of any size → one float32 batch (N, 3, size, size)."""
+        if len(images) == 0:
+            return np.zeros((0, 3, self.size, self.size), dtype=np.float32)
+        return self.normalize(np.stack([self.resize_image(im) for im in images]))
