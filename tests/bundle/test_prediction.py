@@ -1,0 +1,25 @@
+import numpy as np
+
+from hematoscope.bundle.prediction import LOW_CONFIDENCE, Prediction, SkippedFile
+
+
+def _pred():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.4, 0.35, 0.25]])
+    return Prediction(["a", "b", "c"], probs, ["x", "y", "z"], np.full(3, np.nan), np.zeros(3, bool),
+                      np.array([False, False, True]), [None, None, LOW_CONFIDENCE], [SkippedFile("bad.jpg", "truncated file")])
+
+
+def test_top_k_and_records():
+    p = _pred()
+    assert p.predicted == ["a", "c", "a"]
+    assert p.top_k(2)[1] == [("c", 0.8), ("a", 0.1)] or p.top_k(2)[1][0] == ("c", 0.8)
+    recs = p.records(2)
+    assert len(recs) == 4 and recs[-1]["error"] == "truncated file"
+    assert recs[2]["abstain"] and recs[2]["abstain_reason"] == LOW_CONFIDENCE
+
+
+def test_differential_counts_abstentions_apart():
+    d = _pred().differential()
+    assert d.counts == {"a": 1, "b": 0, "c": 1}
+    assert d.abstained == 1 and d.skipped == 1 and d.total == 4
+    assert d.percent()["a"] == 50.0
