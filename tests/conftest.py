@@ -38,3 +38,30 @@ def pbc_subset(pbc_root, tmp_path_factory) -> Path:
         for f in files:
             (out / cls_dir.name / f.name).symlink_to(f)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A generated class-per-folder tree: the 8 PBC class names × 12 synthetic 64 px PNGs."""
+    from hematoscope.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_per_class=12, size=64, seed=0)
+
+
+#: Canonical labels of the 8 PBC classes, in the order the tiny bundle uses.
+PBC_LABELS = ["basophil", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte", "monocyte",
+              "neutrophil", "platelet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_neural_bundle(tmp_path_factory) -> Path:
+    """Path of a small saved neural bundle: EfficientNet-Lite0 (offline ImageNet backbone, fresh
+    8-class PBC head, untrained), 64 px input. Load it with ``hematoscope.load_bundle``."""
+    import torch
+
+    from hematoscope.bundle.neural import NeuralBundle
+    from hematoscope.models.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    bundle = NeuralBundle.create(PBC_LABELS, preprocess=Preprocess(size=64), name="tiny-test")
+    return bundle.save(tmp_path_factory.mktemp("tiny_bundle") / "bundle")
