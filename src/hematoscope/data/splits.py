@@ -1,0 +1,283 @@
+"""Reproducible train/val/test and k-fold splits, saved as CSV files that pin each file's content.
+
+A split file is a samples table (:mod:`hematoscope.data.samples`) plus two columns:
+
+- ``split``: ``train`` / ``val`` / ``test``, or ``fold_0`` .. ``fold_{k-1}``;
+- ``sha256``: the file's content hash when the split was saved, so a later run detects changed
+  or missing files instead of silently training on different data.
+
+Paths are stored relative to the split file's folder when the image lies inside that folder,
+otherwise absolute; :func:`load_split` always returns absolute paths. Rows are sorted by path and
+the CSV is written with fixed formatting, so the same table and seed give a byte-identical file.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hematoscope.data.readers import DatasetError
+from hematoscope.data.samples import COLUMNS
+
+SPLIT_COLUMNS = COLUMNS + ["split", "sha256"]
+
+
+class SplitIntegrityError(DatasetError):
+    """Files listed in a split file are missing or their content changed since it was saved."""
+
+    def __init__(self, path: Path, missing: list[str], changed: list[str]):
+        self.missing, self.changed = missing, changed
+        parts = []
+        for what, items in (("missing", missing), ("changed", changed)):
+            if items:
+                shown = "\n  ".join(items[:10]) + (f"\n  ... and {len(items) - 10} more" if len(items) > 10 else "")
+                parts.append(f"{len(items)} file(s) {what}:\n  {shown}")
+        super().__init__(f"split file {path} no longer matches the data; " + "; ".join(parts)
+                         + "\n(re-create the split, or load it with verify=False to ignore this)")
+
+
+@dataclass
+class SplitCheck:
+    """Result of :func:`verify_split`: paths (absolute) that are missing or changed."""
+
+    missing: list[str]
+    changed: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.changed
+
+
+def make_split(table, *, val: float = 0.1, test: float = 0.1, seed: int = 0, group_by: str | None = None):
+    """Add a ``split`` column (train / val / test), stratified by label.
+
+    Without grouping each class is split on its own: ``round(n * test)`` test and
+    ``round(n * val)`` val images (at least one each when the class has 3 or more images and the
+    fraction is non-zero), the rest train. With ``group_by`` (e.g. ``"patient"``) whole groups are
+    assigned with scikit-learn's ``StratifiedGroupKFold``, so no group lands on two sides; the
+    fractions are then approximate (one fold of ``round(1 / test)`` folds is the test part, and so
+    on). Rows without a group id count as their own group. When no row has a group id the split
+    is ungrouped (with a warning).
+
+    Args:
+        table: samples DataFrame (``path``, ``label`` columns at least).
+        val: fraction for validation.
+        test: fraction for test.
+        seed: random seed; the result depends only on the table's content and the seed, not on
+            its row order.
+        group_by: column with group ids (patient / slide), or None.
+
+    Returns:
+        A copy of ``table`` sorted by path, with a ``split`` column.
+
+    Raises:
+        ValueError: bad fractions, a missing ``group_by`` column, or too few groups.
+    """
+    import numpy as np
+
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"need 0 <= val, test and val + test < 1; got val={val}, test={test}")
+    df = _sorted_copy(table)
+    groups = _groups(df, group_by)
+    split = np.full(len(df), "train", dtype=object)
+    if groups is None:
+        rng = np.random.default_rng(seed)
+        for label in sorted(df["label"].unique()):
+            idx = rng.permutation(np.flatnonzero(df["label"].to_numpy() == label))
+            n_test, n_val = _class_counts(len(idx), val, test)
+            split[idx[:n_test]] = "test"
+            split[idx[n_test:n_test + n_val]] = "val"
+    else:
+        remaining = np.arange(len(df))
+        for name, frac in (("test", test), ("val", val / (1 - test))):
+            if frac <= 0:
+                continue
+            pick = _one_group_fold(df["label"].to_numpy()[remaining], groups[remaining], frac, seed)
+            split[remaining[pick]] = name
+            remaining = remaining[~pick]
+    df["split"] = split
+    return df
+
+
+def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
+    """Add a ``split`` column ``fold_0`` .. ``fold_{k-1}``: stratified k-fold (scikit-learn's
+    ``StratifiedKFold``, or ``StratifiedGroupKFold`` when ``group_by`` has ids).
+
+    Raises:
+        ValueError: ``k < 2``, or more folds than images (or groups) allow.
+    """
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if k < 2:
+        raise ValueError(f"k must be >= 2, got {k}")
+    df = _sorted_copy(table)
+    groups = _groups(df, group_by)
+    labels = df["label"].to_numpy()
+    n_units = len(df) if groups is None else len(set(groups))
+    if k > n_units:
+        raise ValueError(f"cannot make {k} folds from {n_units} {'images' if groups is None else 'groups'}")
+    cv = (StratifiedKFold(k, shuffle=True, random_state=seed) if groups is None
+          else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
+    fold = np.empty(len(df), dtype=object)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        for i, (_, test_idx) in enumerate(cv.split(np.zeros(len(df)), labels, groups)):
+            fold[test_idx] = f"fold_{i}"
+    df["split"] = fold
+    return df
+
+
+def save_split(df, path: Path | str) -> Path:
+    """Write ``df`` (with a ``split`` column) as a split CSV, hashing every file (atomic write).
+
+    Raises:
+        ValueError: no ``split`` column.
+        DatasetError: an image file is missing.
+    """
+    from hematoscope._io import write_text
+
+    if "split" not in df:
+        raise ValueError("table has no 'split' column; make one with make_split or kfold_split")
+    path = Path(path)
+    base = path.absolute().parent
+    out = _sorted_copy(df)
+    missing = [p for p in out["path"] if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"{len(missing)} file(s) in the table do not exist, e.g. {missing[0]}")
+    out["sha256"] = _hash_files(list(out["path"]))
+    out["path"] = [_portable_path(p, base) for p in out["path"]]
+    cols = SPLIT_COLUMNS + [c for c in out.columns if c not in SPLIT_COLUMNS]
+    return write_text(path, out[cols].to_csv(index=False, lineterminator="\n"))
+
+
+def load_split(path: Path | str, verify: bool = True):
+    """Read a split CSV written by :func:`save_split`; paths come back absolute.
+
+    Args:
+        path: the split file.
+        verify: re-hash every file and raise when any is missing or changed.
+
+    Raises:
+        DatasetError: not a split file.
+        SplitIntegrityError: (``verify``) files missing or changed since the split was saved.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not is_split_file(path):
+        raise DatasetError(f"{path} is not a split file (a CSV with a 'split' column)")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = df.astype(object).where(df != "", None)
+    base = path.absolute().parent
+    df["path"] = [os.path.normpath(p if os.path.isabs(p) else base / p) for p in df["path"]]
+    if verify:
+        check = verify_split(df)
+        if not check.ok:
+            raise SplitIntegrityError(path, check.missing, check.changed)
+    return df
+
+
+def verify_split(df) -> SplitCheck:
+    """Compare each file of a loaded split table with its recorded ``sha256``."""
+    exists = [os.path.isfile(p) for p in df["path"]]
+    missing = [p for p, e in zip(df["path"], exists) if not e]
+    present = [(p, h) for p, h, e in zip(df["path"], df["sha256"], exists) if e]
+    hashes = _hash_files([p for p, _ in present])
+    changed = [p for (p, h), new in zip(present, hashes) if h is not None and h != new]
+    return SplitCheck(missing, changed)
+
+
+def is_split_file(path: Path | str) -> bool:
+    """True for a readable ``.csv`` file whose header has a ``split`` column."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return "split" in header
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_files(paths: list[str]) -> list[str]:
+    # hashlib releases the GIL, so two threads keep both cores busy on large datasets.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(file_sha256, paths, chunksize=64))
+
+
+def _portable_path(p: str, base: Path) -> str:
+    rel = os.path.relpath(p, base) if os.path.splitdrive(p)[0] == os.path.splitdrive(str(base))[0] else None
+    if rel is None or rel == ".." or rel.startswith(".." + os.sep):
+        return os.path.abspath(p)
+    return Path(rel).as_posix()
+
+
+def _sorted_copy(table):
+    if "path" not in table or "label" not in table:
+        raise ValueError("table needs 'path' and 'label' columns")
+    if len(table) == 0:
+        raise ValueError("table is empty")
+    return table.sort_values("path", kind="stable").reset_index(drop=True).copy()
+
+
+def _groups(df, group_by: str | None):
+    import numpy as np
+    import pandas as pd
+
+    if group_by is None:
+        return None
+    if group_by not in df:
+        raise ValueError(f"cannot group by {group_by!r}: no such column (columns: {list(df.columns)})")
+    ids = df[group_by]
+    if ids.isna().all():
+        warnings.warn(f"no {group_by!r} ids in this table; splitting images, not groups", stacklevel=3)
+        return None
+    # Rows without an id are their own group: keyed by path, which never collides with an id.
+    return np.array([f"row:{p}" if pd.isna(g) else f"id:{g}" for g, p in zip(ids, df["path"])])
+
+
+def _class_counts(n: int, val: float, test: float) -> tuple[int, int]:
+    """(n_test, n_val) for a class of n images; small classes still get one of each if possible."""
+    n_test, n_val = round(n * test), round(n * val)
+    if n >= 3:
+        n_test = max(n_test, 1 if test > 0 else 0)
+        n_val = max(n_val, 1 if val > 0 else 0)
+    while n_test + n_val >= n and (n_test or n_val):  # keep at least one training image
+        if n_val >= n_test and n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_test, n_val
+
+
+def _one_group_fold(labels, groups, frac: float, seed: int):
+    """Boolean mask of one ``StratifiedGroupKFold`` fold holding about ``frac`` of the rows."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(set(groups))
+    k = max(2, round(1 / frac))
+    if n_groups < k:
+        raise ValueError(f"only {n_groups} groups: too few for a {frac:.0%} grouped split (need {k})")
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        _, idx = next(iter(cv.split(np.zeros(len(labels)), labels, groups)))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[idx] = True
+    return mask

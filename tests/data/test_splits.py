@@ -1,0 +1,131 @@
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from hematoscope.cli.main import app
+from hematoscope.data.readers import read_dataset
+from hematoscope.data.samples import make_table
+from hematoscope.data.splits import (SplitIntegrityError, is_split_file, kfold_split, load_split, make_split,
+                                     save_split, verify_split)
+from hematoscope.data.synthetic import make_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def patient_root(tmp_path_factory):
+    """4 classes × 30 images, ids of 15 patients encoded in a CSV next to the images."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("pat"), classes=["a", "b", "c", "d"], n_per_class=30, size=16)
+    return root
+
+
+def _with_patients(root, n_patients=15):
+    table = read_dataset(root, reader="folder")
+    table["patient"] = [f"P{i % n_patients}" for i in range(len(table))]
+    return table
+
+
+def test_stratified_split_fractions(synthetic_root):
+    df = make_split(read_dataset(synthetic_root, reader="folder"), val=0.25, test=0.25, seed=1)
+    counts = df.groupby(["label", "split"]).size().unstack()
+    assert (counts["test"] == 3).all() and (counts["val"] == 3).all() and (counts["train"] == 6).all()
+
+
+def test_small_classes_keep_a_training_image():
+    table = make_table([{"path": f"/x/{c}{i}.png", "label": c} for c in "ab" for i in range(3 if c == "a" else 1)], "folder")
+    df = make_split(table, val=0.1, test=0.1)
+    assert df[df.label == "a"]["split"].value_counts().to_dict() == {"train": 1, "val": 1, "test": 1}
+    assert df[df.label == "b"]["split"].tolist() == ["train"]
+
+
+def test_split_ignores_row_order_and_depends_on_seed(synthetic_root):
+    table = read_dataset(synthetic_root, reader="folder")
+    a = make_split(table, seed=3)
+    b = make_split(table.sample(frac=1, random_state=0), seed=3)
+    c = make_split(table, seed=4)
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a["split"].tolist() != c["split"].tolist()
+
+
+@pytest.mark.parametrize("kwargs", [{"val": 0.6, "test": 0.5}, {"val": -0.1}, {"group_by": "slide"}])
+def test_bad_split_arguments(synthetic_root, kwargs):
+    with pytest.raises(ValueError):
+        make_split(read_dataset(synthetic_root, reader="folder"), **kwargs)
+
+
+def test_grouped_split_keeps_each_patient_on_one_side(patient_root):
+    df = make_split(_with_patients(patient_root), val=0.2, test=0.2, seed=0, group_by="patient")
+    sides = df.groupby("patient")["split"].nunique()
+    assert (sides == 1).all()
+    assert set(df["split"]) == {"train", "val", "test"}
+    assert 0.1 < (df["split"] == "test").mean() < 0.35
+
+
+def test_grouped_split_without_ids_warns_and_splits_images(synthetic_root):
+    with pytest.warns(UserWarning, match="no 'patient' ids"):
+        df = make_split(read_dataset(synthetic_root, reader="folder"), group_by="patient")
+    assert set(df["split"]) == {"train", "val", "test"}
+
+
+def test_kfold_partitions_and_groups(patient_root):
+    table = _with_patients(patient_root)
+    df = kfold_split(table, k=5, seed=0, group_by="patient")
+    assert sorted(df["split"].unique()) == [f"fold_{i}" for i in range(5)]
+    assert (df.groupby("patient")["split"].nunique() == 1).all()
+    plain = kfold_split(table, k=3, seed=0)
+    assert (plain.groupby(["split", "label"]).size() == 10).all()  # stratified: 30/3 per class per fold
+    with pytest.raises(ValueError):
+        kfold_split(table, k=1)
+
+
+def test_save_is_byte_identical_and_round_trips(synthetic_root, tmp_path):
+    table = read_dataset(synthetic_root, reader="folder")
+    p1 = save_split(make_split(table, seed=7), tmp_path / "s1.csv")
+    p2 = save_split(make_split(table, seed=7), tmp_path / "s2.csv")
+    assert p1.read_bytes() == p2.read_bytes()
+    assert is_split_file(p1) and not is_split_file(synthetic_root / "ig" / "ig_0000.png")
+    back = load_split(p1)
+    assert back["path"].tolist() == sorted(table["path"])
+    assert back["canonical"].tolist() == make_split(table, seed=7)["canonical"].tolist()
+    assert back["sha256"].str.len().eq(64).all()
+    assert read_dataset(p1)["split"].tolist() == back["split"].tolist()
+
+
+def test_paths_relative_inside_split_folder_absolute_outside(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "data", classes=["a", "b"], n_per_class=3, size=16)
+    df = make_split(read_dataset(root, reader="folder"), val=0, test=0.34)
+    inside = pd.read_csv(save_split(df, tmp_path / "split.csv"))
+    assert inside["path"].str.startswith("data/").all()
+    outside = pd.read_csv(save_split(df, tmp_path / "elsewhere" / "split.csv"))
+    assert outside["path"].map(lambda p: p.startswith("/")).all()
+    # A folder with data + split file moves as a whole.
+    moved = tmp_path.rename(tmp_path.with_name(tmp_path.name + "_moved"))
+    assert load_split(moved / "split.csv")["path"].map(lambda p: p.startswith(str(moved))).all()
+
+
+def test_load_detects_changed_and_missing_files(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", classes=["a", "b"], n_per_class=4, size=16)
+    path = save_split(make_split(read_dataset(root, reader="folder")), tmp_path / "split.csv")
+    (root / "a" / "a_0000.png").unlink()
+    (root / "b" / "b_0001.png").write_bytes((root / "b" / "b_0002.png").read_bytes())
+    with pytest.raises(SplitIntegrityError) as err:
+        load_split(path)
+    assert err.value.missing == [str(root / "a" / "a_0000.png")]
+    assert err.value.changed == [str(root / "b" / "b_0001.png")]
+    assert "1 file(s) missing" in str(err.value) and "1 file(s) changed" in str(err.value)
+    check = verify_split(load_split(path, verify=False))
+    assert not check.ok and len(check.missing) == 1
+
+
+def test_cli_split_and_kfold(synthetic_root, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "split.csv"
+    res = runner.invoke(app, ["data", "split", str(synthetic_root), "--out", str(out), "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    assert "96 images" in res.output
+    df = load_split(out)
+    assert df["split"].value_counts().to_dict() == {"train": 80, "val": 8, "test": 8}
+    res = runner.invoke(app, ["data", "split", str(synthetic_root), "--out", str(tmp_path / "k.csv"), "--kfold", "4"])
+    assert res.exit_code == 0, res.output
+    assert load_split(tmp_path / "k.csv")["split"].nunique() == 4
+    res = runner.invoke(app, ["data", "split", str(tmp_path / "nope"), "--out", str(out)])
+    assert res.exit_code == 2 and "does not exist" in " ".join(res.output.split())
