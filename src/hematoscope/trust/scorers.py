@@ -1,0 +1,290 @@
+"""Out-of-distribution scorers: higher score = less like the training data.
+
+Each scorer is registered by name (``@register_scorer``), fitted on in-distribution training
+outputs, and persisted as plain arrays in ``ood.safetensors`` plus the JSON-able
+:meth:`OODScorer.config` that a bundle stores in ``BundleConfig.ood``. The decision threshold is
+chosen later on validation data (:func:`hematoscope.trust.fit_trust`).
+
+Feature scorers (``mahalanobis``, ``knn``) use penultimate-layer features, L2-normalised first
+so that the image's overall feature magnitude does not dominate; logit scorers (``energy``,
+``max_softmax``) are cheap fallbacks for bundles that expose no features.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+#: File inside a bundle that holds a scorer's arrays.
+OOD_FILE = "ood.safetensors"
+
+_SCORERS: dict[str, type["OODScorer"]] = {}
+
+
+class ScorerError(ValueError):
+    """A scorer is unknown, unfitted, or was given the wrong inputs."""
+
+
+def register_scorer(name: str) -> Callable[[type["OODScorer"]], type["OODScorer"]]:
+    """Class decorator: make a scorer available under ``name`` (duplicates are an error)."""
+
+    def deco(cls: type[OODScorer]) -> type[OODScorer]:
+        if name in _SCORERS and _SCORERS[name] is not cls:
+            raise ScorerError(f"OOD scorer {name!r} is already registered by {_SCORERS[name].__name__}")
+        cls.name = name
+        _SCORERS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_scorers() -> list[str]:
+    """Names of the registered scorers."""
+    return sorted(_SCORERS)
+
+
+def get_scorer(name: str) -> type["OODScorer"]:
+    """The scorer class registered under ``name``.
+
+    Raises:
+        ScorerError: no scorer has that name.
+    """
+    try:
+        return _SCORERS[name]
+    except KeyError:
+        raise ScorerError(f"unknown OOD method {name!r}; known: {list_scorers()}") from None
+
+
+def load_scorer(config_ood: dict[str, Any], directory: Path | str) -> "OODScorer":
+    """Rebuild a fitted scorer from a bundle's ``config.ood`` and its ``ood.safetensors``.
+
+    Raises:
+        ScorerError: unknown method, or the arrays file is missing/incomplete.
+    """
+    cls = get_scorer(str(config_ood.get("method")))
+    arrays: dict[str, np.ndarray] = {}
+    if cls.array_names:
+        path = Path(directory) / OOD_FILE
+        if not path.exists():
+            raise ScorerError(f"{path} is missing: the bundle's {cls.name} OOD scorer cannot be loaded")
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(path))
+        missing = set(cls.array_names) - set(arrays)
+        if missing:
+            raise ScorerError(f"{path} lacks arrays {sorted(missing)} needed by the {cls.name} scorer")
+    return cls.from_state(config_ood, arrays)
+
+
+def l2_normalize(features: np.ndarray) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class OODScorer:
+    """Base class. Subclasses set ``needs_features``/``array_names`` and implement
+    ``fit``, ``score``, ``params`` (JSON) and ``state_dict`` (arrays)."""
+
+    name: ClassVar[str] = ""
+    needs_features: ClassVar[bool] = False
+    array_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.threshold: float | None = None
+        self.target_tpr: float | None = None
+
+    # --- per-scorer -------------------------------------------------------------------
+    def fit(self, features: np.ndarray | None, labels: np.ndarray, logits: np.ndarray) -> "OODScorer":
+        """Learn from in-distribution training outputs; returns ``self``."""
+        return self
+
+    def score(self, *, features: np.ndarray | None, logits: np.ndarray) -> np.ndarray:
+        """(N,) OOD scores, higher = more out-of-distribution."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able hyper-parameters needed to rebuild the scorer."""
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Fitted arrays, saved in ``ood.safetensors``."""
+        return {}
+
+    def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for key in self.array_names:
+            setattr(self, key + "_", arrays[key])
+
+    # --- common -----------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The dict stored in ``BundleConfig.ood``: method, threshold, target_tpr and params."""
+        return {"method": self.name, "threshold": self.threshold, "target_tpr": self.target_tpr, **self.params()}
+
+    @classmethod
+    def from_state(cls, config_ood: dict[str, Any], arrays: dict[str, np.ndarray]) -> "OODScorer":
+        import inspect
+
+        names = list(inspect.signature(cls.__init__).parameters)[1:]
+        scorer = cls(**{k: config_ood[k] for k in names if k in config_ood})
+        scorer.threshold = config_ood.get("threshold")
+        scorer.target_tpr = config_ood.get("target_tpr")
+        scorer._load_state(arrays)
+        return scorer
+
+    def save(self, directory: Path | str) -> None:
+        """Write the fitted arrays to ``directory/ood.safetensors`` (nothing for stateless scorers)."""
+        state = self.state_dict()
+        if not state:
+            return
+        from safetensors.numpy import save_file
+
+        from hematoscope._io import atomic_path
+
+        with atomic_path(Path(directory) / OOD_FILE, ".safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+
+    def _features(self, features: np.ndarray | None) -> np.ndarray:
+        if features is None:
+            raise ScorerError(f"the {self.name} OOD scorer needs penultimate features, but the model "
+                              "gave none; refit trust with method 'energy' or 'max_softmax'")
+        return l2_normalize(features)
+
+    def _check_fitted(self) -> None:
+        if any(getattr(self, k + "_", None) is None for k in self.array_names):
+            raise ScorerError(f"the {self.name} scorer is not fitted")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config()})"
+
+
+@register_scorer("mahalanobis")
+class MahalanobisScorer(OODScorer):
+    """Minimum Mahalanobis distance to the class means with one shared covariance [0].
+
+    The covariance of the class-centred, L2-normalised features is estimated with Ledoit-Wolf
+    shrinkage (scikit-learn), which keeps the 1,280-d precision matrix well conditioned with a
+    few thousand training images.
+
+    [0] Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+        Adversarial Attacks", NeurIPS 2018.
+    """
+
+    needs_features = True
+    array_names = ("means", "precision")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means_: np.ndarray | None = None
+        self.precision_: np.ndarray | None = None
+
+    def fit(self, features, labels, logits=None):
+        from sklearn.covariance import LedoitWolf
+
+        x = self._features(features)
+        labels = np.asarray(labels)
+        classes = np.unique(labels)
+        means = np.stack([x[labels == c].mean(0) for c in classes])
+        centred = x - means[np.searchsorted(classes, labels)]
+        lw = LedoitWolf(assume_centered=True).fit(centred)
+        self.means_ = means.astype(np.float32)
+        self.precision_ = lw.precision_.astype(np.float32)
+        return self
+
+    def score(self, *, features, logits=None):
+        self._check_fitted()
+        x = self._features(features)
+        p = self.precision_.astype(np.float64)
+        dists = []
+        for mu in self.means_.astype(np.float64):
+            d = x - mu
+            dists.append(np.einsum("nd,nd->n", d @ p, d))
+        return np.min(np.stack(dists, 1), 1)
+
+    def state_dict(self):
+        self._check_fitted()
+        return {"means": self.means_, "precision": self.precision_}
+
+
+@register_scorer("knn")
+class KNNScorer(OODScorer):
+    """Cosine distance to the k-th nearest of a stored random subset of training features [0].
+
+    Args:
+        k: which neighbour's distance is the score.
+        max_train: at most this many training features are stored (random, seeded).
+        seed: seed of the subset draw.
+
+    [0] Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
+    """
+
+    needs_features = True
+    array_names = ("bank",)
+
+    def __init__(self, k: int = 10, max_train: int = 5000, seed: int = 0) -> None:
+        super().__init__()
+        self.k, self.max_train, self.seed = int(k), int(max_train), int(seed)
+        self.bank_: np.ndarray | None = None
+
+    def fit(self, features, labels=None, logits=None):
+        x = self._features(features)
+        if len(x) > self.max_train:
+            x = x[np.random.default_rng(self.seed).choice(len(x), self.max_train, replace=False)]
+        if len(x) < self.k:
+            raise ScorerError(f"knn scorer needs at least k={self.k} training features, got {len(x)}")
+        self.bank_ = x.astype(np.float32)
+        return self
+
+    def score(self, *, features, logits=None):
+        self._check_fitted()
+        x = self._features(features).astype(np.float32)
+        sims = x @ self.bank_.T
+        kth = -np.partition(-sims, self.k - 1, axis=1)[:, self.k - 1]
+        return (1.0 - kth).astype(np.float64)
+
+    def params(self):
+        return {"k": self.k, "max_train": self.max_train, "seed": self.seed}
+
+    def state_dict(self):
+        self._check_fitted()
+        return {"bank": self.bank_}
+
+
+@register_scorer("energy")
+class EnergyScorer(OODScorer):
+    """Free energy ``-T * logsumexp(logits / T)`` [0]; needs logits only.
+
+    [0] Liu et al., "Energy-based Out-of-distribution Detection", NeurIPS 2020.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def score(self, *, features=None, logits):
+        z = np.asarray(logits, dtype=np.float64) / self.temperature
+        m = z.max(1)
+        return -self.temperature * (m + np.log(np.exp(z - m[:, None]).sum(1)))
+
+    def params(self):
+        return {"temperature": self.temperature}
+
+
+@register_scorer("max_softmax")
+class MaxSoftmaxScorer(OODScorer):
+    """``1 - max softmax(logits / T)`` [0], the simplest baseline; needs logits only.
+
+    [0] Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution
+        Examples in Neural Networks", ICLR 2017.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def score(self, *, features=None, logits):
+        from hematoscope.trust.calibration import softmax
+
+        return 1.0 - softmax(logits, self.temperature).max(1)
+
+    def params(self):
+        return {"temperature": self.temperature}

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from hematoscope.bundle.base import ModelOutput, load_bundle
+from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING
+from hematoscope.trust import ScorerError, fit_trust
+
+
+def outputs(bundle, data):
+    images, y = data
+    return bundle.forward(images), y
+
+
+def test_fit_trust_sets_bundle_and_accepts_target_fraction(toy, kit):
+    bundle, train, val, test = toy
+    report = fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), target_tpr=0.9)
+    assert bundle.config.ood["method"] == "mahalanobis" and report["ood"] == bundle.config.ood
+    assert bundle.ood is not None and bundle.config.temperature == report["calibration"]["temperature"]
+    assert report["val_ood_accept_rate"] == pytest.approx(0.9, abs=0.02)
+    assert bundle.config.abstain_threshold == pytest.approx(0.75)  # Chow's rule at cost 0.25
+    cal = bundle.metrics["calibration"]
+    assert cal["ece_after"] <= cal["ece_before"] + 1e-9 and cal["nll_after"] <= cal["nll_before"] + 1e-9
+
+    pred = bundle.predict(kit.not_cells(20, 5))
+    assert pred.ood_flag.all() and pred.abstain.all()
+    assert set(pred.abstain_reason) == {UNLIKE_TRAINING}
+    held_out = bundle.predict(test[0])
+    assert held_out.ood_flag.mean() < 0.3
+    assert held_out.differential().to_dict()  # abstentions counted apart, not as a class
+
+
+def test_threshold_and_scorer_persist_through_save_and_load(toy, kit, tmp_path):
+    bundle, train, val, test = toy
+    fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), method="knn")
+    before = bundle.predict(test[0] + kit.not_cells(10, 6))
+    for target in (tmp_path / "b", tmp_path / "b.zip"):
+        loaded = load_bundle(bundle.save(target))
+        assert isinstance(loaded, kit.ToyBundle) and loaded.config.ood == bundle.config.ood
+        assert loaded.config.temperature == bundle.config.temperature
+        after = loaded.predict(test[0] + kit.not_cells(10, 6))
+        np.testing.assert_allclose(after.ood_score, before.ood_score, rtol=1e-5)
+        assert after.abstain_reason == before.abstain_reason
+
+
+def test_abstain_reasons_low_confidence_versus_unlike_training(toy, kit):
+    bundle, train, val, _ = toy
+    fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), abstain_min_confidence=0.9)
+    assert bundle.config.abstain_threshold == 0.9
+    val_out = bundle.forward(val[0])
+    typical = int(np.argmin(bundle.ood.score(features=val_out.features, logits=val_out.logits)))
+    green = bundle.forward(kit.not_cells(2, 1)[:1])
+    features = np.concatenate([val_out.features[[typical, typical]], green.features])
+    # same typical features; confident logits, near-tie logits; then a not-a-cell image
+    logits = np.array([[20.0, 0, 0], [1.0, 0.9, 0], [20.0, 0, 0]]) * bundle.config.temperature
+    pred = bundle.decide(ModelOutput(logits, features), ["sure", "torn", "green"])
+    assert pred.abstain_reason == [None, LOW_CONFIDENCE, UNLIKE_TRAINING]
+    assert pred.abstain.tolist() == [False, True, True] and pred.ood_flag.tolist() == [False, False, True]
+    assert pred.predicted[2] == bundle.labels[0]  # an abstained image keeps its probabilities
+
+
+def test_default_method_without_features_is_energy_and_feature_methods_refuse(toy, kit):
+    _, train, val, _ = toy
+    bundle = kit.ToyBundle.create(with_features=False).fit(*train)
+    report = fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val))
+    assert report["ood_method"] == "energy" and bundle.config.ood["method"] == "energy"
+    with pytest.raises(ScorerError, match="needs penultimate features"):
+        fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), method="mahalanobis")
+
+
+def test_labels_may_be_names_and_bad_arguments_raise(toy):
+    bundle, train, val, _ = toy
+    names = np.array(bundle.labels)
+    fit_trust(bundle, train=(bundle.forward(train[0]), names[train[1]]), val=(bundle.forward(val[0]), names[val[1]]))
+    with pytest.raises(ValueError, match="not classes"):
+        fit_trust(bundle, train=(bundle.forward(train[0]), np.array(["x"] * len(train[1]))),
+                  val=outputs(bundle, val))
+    with pytest.raises(ValueError, match="target_tpr"):
+        fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), target_tpr=1.5)
+
+
+def test_fit_trust_on_tiny_neural_bundle_persists(tiny_neural_bundle, synthetic_root, tmp_path):
+    from hematoscope.data.images import load_image
+
+    bundle = load_bundle(tiny_neural_bundle)
+    files = sorted(p for p in synthetic_root.rglob("*.png"))
+    y = np.array([bundle.labels.index(_canonical(p.parent.name)) for p in files])
+    images = [load_image(p) for p in files]
+    idx = np.arange(len(files))
+    train_idx, val_idx = idx[idx % 3 != 0], idx[idx % 3 == 0]
+    out = bundle.forward(images)
+    sub = lambda i: (type(out)(out.logits[i], out.features[i]), y[i])  # noqa: E731
+    fit_trust(bundle, train=sub(train_idx), val=sub(val_idx), method="knn")
+    loaded = load_bundle(bundle.save(tmp_path / "b"))
+    assert loaded.config.ood == bundle.config.ood and loaded.ood.bank_.shape[1] == 1280
+    np.testing.assert_allclose(loaded.predict(images[:4]).ood_score, bundle.predict(images[:4]).ood_score, rtol=1e-3)
+
+
+def _canonical(folder: str) -> str:
+    from hematoscope.taxonomy import TAXONOMY
+
+    return TAXONOMY.canonical("pbc", folder) or folder
