@@ -1,0 +1,19 @@
+"""Classifying many images fast: path expansion (files, folders, globs, zips) and a pipelined
+decoder that overlaps reading and decoding with inference.
+
+    >>> from hematoscope import load_bundle
+    >>> from hematoscope.predict import predict_paths
+    >>> pred = predict_paths(load_bundle("my_bundle"), ["slide_01/", "more.zip"])  # doctest: +SKIP
+    >>> pred.differential().to_dict()  # doctest: +SKIP
+"""
+from hematoscope.predict.pipeline import (
+    DecodedBatch,
+    decode_batches,
+    iter_predictions,
+    predict_paths,
+    predict_sources,
+)
+from hematoscope.predict.sources import ImageSource, expand_paths
+
+__all__ = ["DecodedBatch", "ImageSource", "decode_batches", "expand_paths", "iter_predictions",
+           "predict_paths", "predict_sources"]

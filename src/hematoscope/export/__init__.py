@@ -1,0 +1,1 @@
+"""Exporting bundles for fast inference (ONNX Runtime); see :mod:`hematoscope.export.onnx`."""

@@ -1,0 +1,122 @@
+"""Turning the PATH arguments of ``hematoscope predict`` into a list of images to classify.
+
+A PATH may be an image file, a folder (searched recursively; only files with an image extension
+are taken), a glob pattern (``"slides/**/*.jpg"``) or a zip file (read in place, safely: see
+:mod:`hematoscope.data.archive`). Each image keeps a source name that tells the user where it
+came from; a zip member is named ``"archive.zip!inner/path.jpg"``.
+
+Files the user named explicitly are always attempted, so a named text file or a missing path is
+reported with its reason; files met while walking a folder or matching a glob are taken only
+when they look like images.
+"""
+from __future__ import annotations
+
+import glob
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from hematoscope.bundle.prediction import SkippedFile
+from hematoscope.data.archive import UnsafeArchiveError, ZipMember, open_zip, read_member, safe_members
+from hematoscope.data.images import is_image_file
+
+_GLOB_CHARS = frozenset("*?[")
+#: Folders written by macOS into zips: resource forks with image extensions, never images.
+_ZIP_JUNK_PREFIXES = ("__MACOSX/",)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image to classify: a file on disk, or a member of a zip file at ``path``."""
+
+    name: str
+    path: Path
+    member: ZipMember | None = None
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[ImageSource | SkippedFile]:
+    """Expand files, folders, globs and zip files into images, in a deterministic order.
+
+    The order is the order of ``paths``; within a folder, glob or zip, sorted by name.
+
+    Args:
+        paths: what the user named.
+
+    Returns:
+        One :class:`ImageSource` per image, and a :class:`SkippedFile` in its place for a named
+        path that does not exist, a glob that matches nothing or a zip that cannot be opened.
+
+    Raises:
+        UnsafeArchiveError: a zip file tries path traversal, holds links, or exceeds the size
+            or compression-ratio limits. The whole run is refused: such a file is hostile.
+    """
+    items: list[ImageSource | SkippedFile] = []
+    for raw in paths:
+        text = str(raw)
+        path = Path(text)
+        if path.exists():
+            items.extend(_expand(path, explicit=True))
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                items.append(SkippedFile(text, "no file matches this pattern"))
+            for match in matches:
+                items.extend(_expand(Path(match), explicit=False))
+        else:
+            items.append(SkippedFile(text, "file not found"))
+    return items
+
+
+def _expand(path: Path, *, explicit: bool) -> list[ImageSource | SkippedFile]:
+    if path.is_dir():
+        return [ImageSource(str(f), f) for f in sorted(path.rglob("*")) if is_image_file(f) and f.is_file()]
+    if path.suffix.lower() == ".zip":
+        return _expand_zip(path)
+    if explicit or is_image_file(path):
+        return [ImageSource(str(path), path)]
+    return []
+
+
+def _expand_zip(path: Path) -> list[ImageSource | SkippedFile]:
+    try:
+        zf = open_zip(path)
+    except UnsafeArchiveError as exc:  # corrupt or not a zip: report it, go on with the others
+        return [SkippedFile(str(path), str(exc))]
+    with zf:
+        try:
+            members = safe_members(zf)
+        except UnsafeArchiveError as exc:
+            raise UnsafeArchiveError(f"{path}: {exc}; refusing to read it") from None
+    images = sorted((m for m in members if is_image_file(m.name) and not m.name.startswith(_ZIP_JUNK_PREFIXES)),
+                    key=lambda m: m.name)
+    return [ImageSource(f"{path}!{m.name}", path, m) for m in images]
+
+
+class ArchiveReader:
+    """Reads zip members for several threads: each archive is opened once, and reads are
+    serialised per archive (reading is cheap next to decoding, which stays parallel)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, tuple] = {}
+        self._lock = threading.Lock()
+
+    def read(self, source: ImageSource) -> bytes:
+        """The bytes of the zip member ``source`` (its size is checked against the header).
+
+        Raises:
+            UnsafeArchiveError: the member's data does not match its declared size, or the
+                archive can no longer be opened.
+        """
+        with self._lock:
+            if source.path not in self._open:
+                self._open[source.path] = (open_zip(source.path), threading.Lock())
+            zf, lock = self._open[source.path]
+        with lock:
+            return read_member(zf, source.member)
+
+    def close(self) -> None:
+        with self._lock:
+            for zf, _ in self._open.values():
+                zf.close()
+            self._open.clear()
