@@ -1,0 +1,170 @@
+"""Grad-CAM heatmaps for neural bundles, computed with pytorch-grad-cam on the bundle's torch
+network (gradients are needed, so this uses ``bundle.net`` even when ONNX serves predictions).
+
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+Localization", ICCV 2017 [0]; implementation: jacobgil/pytorch-grad-cam [1].
+
+[0] https://arxiv.org/abs/1610.02391
+[1] https://github.com/jacobgil/pytorch-grad-cam
+"""
+from __future__ import annotations
+
+import copy
+import io
+import threading
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hematoscope.models.preprocess import Preprocess
+
+
+class ExplainNotAvailable(ValueError):
+    """The bundle's kind has no Grad-CAM (it has no differentiable torch network)."""
+
+
+def target_layer(net):
+    """The last convolutional block of ``net``: timm's ``blocks[-1]`` when the model has stages
+    called ``blocks`` (EfficientNet, MobileNet), otherwise the last ``Conv2d``."""
+    model = getattr(net, "model", net)
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and len(blocks):
+        return blocks[-1]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ExplainNotAvailable(f"{type(net).__name__} has no convolution layer for Grad-CAM")
+    return convs[-1]
+
+
+class GradCamExplainer:
+    """Grad-CAM for one neural bundle, safe to call from several threads.
+
+    It works on a private copy of the network: pytorch-grad-cam hooks the target layer, and
+    hooks on the serving network would also fire for predictions running concurrently.
+
+    Args:
+        bundle: a bundle with a torch ``net`` whose forward returns logits or (logits, features).
+
+    Raises:
+        ExplainNotAvailable: the bundle has no torch network (classical, few-shot kinds).
+    """
+
+    def __init__(self, bundle):
+        net = getattr(bundle, "net", None)
+        if not isinstance(net, torch.nn.Module):
+            raise ExplainNotAvailable(f"Grad-CAM is not available for {bundle.kind!r} bundles "
+                                      "(it needs a neural network)")
+        self.preprocess: Preprocess = bundle.preprocess
+        self._net = copy.deepcopy(net).float().eval()
+        self._layer = target_layer(self._net)
+        self._lock = threading.Lock()
+
+    def __call__(self, images: Sequence[np.ndarray], class_indices: Sequence[int | None] | None = None
+                 ) -> list[np.ndarray]:
+        """Heatmaps for RGB uint8 images of any size.
+
+        Args:
+            images: the images.
+            class_indices: the class explained for each image; None (or None entries) = the
+                class the network predicts.
+
+        Returns:
+            one float32 (H, W) array in [0, 1] per image, aligned with the image's own pixels.
+        """
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        if len(images) == 0:
+            return []
+        indices = list(class_indices) if class_indices is not None else [None] * len(images)
+        if len(indices) != len(images):
+            raise ValueError(f"{len(images)} images but {len(indices)} class indices")
+        x = torch.from_numpy(self.preprocess(images))
+        with self._lock, torch.enable_grad(), GradCAM(model=_LogitsOnly(self._net),
+                                                      target_layers=[self._layer]) as cam:
+            if any(i is None for i in indices):
+                with torch.no_grad():
+                    predicted = _LogitsOnly(self._net)(x).argmax(1).tolist()
+                indices = [p if i is None else i for i, p in zip(indices, predicted)]
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in indices])
+        return [_to_image_geometry(np.clip(m, 0, 1).astype(np.float32), self.preprocess, im.shape[:2])
+                for m, im in zip(maps, images)]
+
+
+class _LogitsOnly(nn.Module):
+    """Adapts a network returning (logits, features) to pytorch-grad-cam, which expects logits."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to_image_geometry(cam: np.ndarray, preprocess: Preprocess, shape: tuple[int, int]) -> np.ndarray:
+    """Map a heatmap over the model input back onto the original image's pixels, undoing the
+    bundle's resize (and centre crop: pixels outside the crop get 0)."""
+    h, w = shape
+    if preprocess.resize == "shorter_crop":
+        short = round(preprocess.size / preprocess.crop_pct)
+        scale = short / min(w, h)
+        rw, rh = max(short, round(w * scale)), max(short, round(h * scale))
+        canvas = np.zeros((rh, rw), np.float32)
+        left, top = (rw - preprocess.size) // 2, (rh - preprocess.size) // 2
+        canvas[top:top + preprocess.size, left:left + preprocess.size] = _resize(cam, (preprocess.size,) * 2)
+        cam = canvas
+    return np.clip(_resize(cam, (h, w)), 0.0, 1.0) if cam.shape != (h, w) else cam
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if a.shape == tuple(shape):
+        return a
+    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(
+        (shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def gradcam(bundle, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
+    """Grad-CAM heatmap of one image for a neural bundle.
+
+    Args:
+        bundle: a neural bundle (``bundle.net`` is used, whatever the inference backend).
+        image: RGB uint8 (H, W, 3).
+        class_index: the class to explain; None = the predicted class.
+
+    Returns:
+        float32 (H, W) heatmap in [0, 1]; high where the evidence for the class lies.
+
+    Raises:
+        ExplainNotAvailable: the bundle has no torch network.
+    """
+    return GradCamExplainer(bundle)([image], [class_index])[0]
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.55,
+                max_side: int | None = None) -> bytes:
+    """The heatmap drawn over the image as a colour map, encoded as PNG.
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        heatmap: (H, W) in [0, 1] (resized to the image when the shapes differ).
+        image_weight: how much of the image shows through (0..1).
+        max_side: shrink the result so its longer side is at most this (None = full size).
+    """
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    if max_side and max(image.shape[:2]) > max_side:
+        scale = max_side / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    heatmap = _resize(np.clip(heatmap, 0, 1).astype(np.float32), image.shape[:2])
+    rgb = show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=image_weight)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()

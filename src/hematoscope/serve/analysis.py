@@ -1,0 +1,218 @@
+"""One upload → one analysis: unpack zips safely, decode, classify, explain, make thumbnails.
+
+Everything here is synchronous and CPU-bound; the predict route runs it in the worker pool.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+
+from hematoscope.serve.deps import ServedModel
+from hematoscope.serve.storage import StoredItem
+
+THUMBNAIL_SIDE = 128
+HEATMAP_SIDE = 192
+#: Images explained per Grad-CAM call (bounds the memory of the backward pass).
+EXPLAIN_BATCH = 16
+
+
+class UploadError(ValueError):
+    """The upload as a whole is refused (unsafe zip, too many files, nothing readable)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str
+    data: bytes
+
+
+def expand_uploads(files: Sequence[tuple[str, bytes]], *, max_files: int, max_unpacked_bytes: int) -> list[Upload]:
+    """Uploaded files → images to classify; zips are replaced by their members.
+
+    Zip members are validated with :mod:`hematoscope.data.archive` (no traversal, links or
+    bombs) before anything is read. macOS resource forks (``__MACOSX/``) are left out.
+
+    Raises:
+        UploadError: an unsafe or unreadable zip, more than ``max_files`` images, or zips that
+            unpack to more than ``max_unpacked_bytes``.
+    """
+    from hematoscope.data.archive import UnsafeArchiveError, open_zip, read_member, safe_members
+
+    out: list[Upload] = []
+    unpacked = 0
+    for name, data in files:
+        if not name.lower().endswith(".zip"):
+            out.append(Upload(name, data))
+            continue
+        try:
+            with open_zip(io.BytesIO(data)) as zf:
+                members = [m for m in safe_members(zf) if not m.name.startswith("__MACOSX/")]
+                unpacked += sum(m.info.file_size for m in members)
+                if unpacked > max_unpacked_bytes:
+                    raise UploadError(f"{name}: zip unpacks to more than {max_unpacked_bytes // 2**20} MB "
+                                      "(limit: 8 x the upload limit)")
+                if len(out) + len(members) > max_files:
+                    raise UploadError(f"more than {max_files} images in one request")
+                out.extend(Upload(f"{name}/{m.name}", read_member(zf, m)) for m in members)
+        except UnsafeArchiveError as exc:
+            raise UploadError(f"{name}: {exc}") from None
+    if len(out) > max_files:
+        raise UploadError(f"{len(out)} images in one request (limit {max_files})")
+    if not out:
+        raise UploadError("no files in the upload")
+    return out
+
+
+def data_url(data: bytes | None, mime: str) -> str | None:
+    return None if data is None else f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _thumbnail(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    im.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def explanation_method(model: ServedModel) -> str:
+    """What the server can show to explain this model's predictions."""
+    if model.bundle.kind == "neural":
+        return "grad-cam"
+    if model.bundle.kind == "classical" and _segment_cell() is not None:
+        return "segmentation"
+    return "none"
+
+
+def _segment_cell():
+    try:
+        from hematoscope.classical.segment import segment_cell
+    except ImportError:
+        return None
+    return segment_cell
+
+
+def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
+             ) -> list[tuple[bytes | None, dict[str, Any]]]:
+    """(overlay PNG or None, explanation dict) per image."""
+    method = explanation_method(model)
+    labels = model.bundle.labels
+    if method == "grad-cam":
+        from hematoscope.explain.gradcam import overlay_png
+
+        explainer = model.explainer()
+        out = []
+        for i in range(0, len(images), EXPLAIN_BATCH):
+            chunk, classes = images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH]
+            for im, heat, c in zip(chunk, explainer(chunk, classes), classes):
+                out.append((overlay_png(im, heat, max_side=HEATMAP_SIDE),
+                            {"method": method, "target": labels[c],
+                             "note": "Grad-CAM: regions that raised the score of the predicted class"}))
+        return out
+    if method == "segmentation":
+        return [_segmentation_overlay(im) for im in images]
+    return [(None, {"method": "none", "note": f"explanations are not available for {model.bundle.kind!r} models"})
+            for _ in images]
+
+
+def _segmentation_overlay(image: np.ndarray) -> tuple[bytes | None, dict[str, Any]]:
+    """Nucleus and cell outlines drawn on the image (classical bundles read these masks)."""
+    from PIL import Image
+    from skimage.segmentation import mark_boundaries
+
+    seg = _segment_cell()(image)
+    if not seg.ok:
+        return None, {"method": "segmentation", "note": f"segmentation failed: {seg.reason}"}
+    regions = seg.cell.astype(np.int32) + seg.nucleus.astype(np.int32)
+    drawn = mark_boundaries(seg.image, regions, color=(1, 0.85, 0), mode="thick")
+    im = Image.fromarray((drawn * 255).round().astype(np.uint8))
+    im.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue(), {"method": "segmentation", "note": "outlines: cell and nucleus as measured"}
+
+
+def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,
+                 max_pixels: int, explain_max: int) -> tuple[list[StoredItem], dict]:
+    """Classify uploaded images with one model.
+
+    Args:
+        model: the served model.
+        uploads: the files, in the order they are reported.
+        top_k: classes listed per image.
+        explain: compute heatmaps/overlays (for the first ``explain_max`` readable images).
+        max_pixels: images larger than this are reported as errors.
+        explain_max: most images explained per request.
+
+    Returns:
+        (items in upload order, the batch's differential count as a dict).
+    """
+    from hematoscope.bundle import SkippedFile
+    from hematoscope.data.images import ImageError, is_image_file, load_image
+
+    items: list[StoredItem | None] = []
+    images, positions, skipped = [], [], []
+    for up in uploads:
+        sha = hashlib.sha256(up.data).hexdigest()
+        try:
+            if not is_image_file(up.name) and PurePosixPath(up.name).suffix:
+                raise ImageError(f"not an image file ({PurePosixPath(up.name).suffix})")
+            images.append(load_image(up.data, max_pixels=max_pixels))
+            positions.append(len(items))
+            items.append(StoredItem(up.name, sha, {}))
+        except ImageError as exc:
+            skipped.append(SkippedFile(up.name, exc.reason))
+            items.append(StoredItem(up.name, sha, {"error": exc.reason}))
+    if not images:
+        reasons = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:20])
+        raise UploadError(f"no readable image in the upload ({reasons})")
+
+    pred = model.bundle.predict(images, sources=[uploads[p].name for p in positions])
+    pred.skipped = skipped
+    predicted = pred.probs.argmax(1).tolist()
+    explained = _explain(model, images[:explain_max], predicted[:explain_max]) if explain else []
+    for n, (pos, record, top) in enumerate(zip(positions, pred.records(top_k), pred.top_k(top_k))):
+        overlay, explanation = explained[n] if n < len(explained) else (None, None)
+        items[pos].result = {
+            "prediction": record["prediction"],
+            "confidence": record["confidence"],
+            "top_k": [{"label": lab, "prob": round(p, 6)} for lab, p in top],
+            "abstain": record["abstain"],
+            "abstain_reason": record["abstain_reason"] or None,
+            "ood_score": record["ood_score"],
+            "ood_flag": record["ood_flag"],
+            "explanation": explanation,
+        }
+        items[pos].thumbnail = _thumbnail(images[n])
+        items[pos].heatmap = overlay
+    return items, pred.differential().to_dict()
+
+
+def corrected_differential(labels: list[str], items: Sequence[StoredItem], corrections: dict[int, dict]) -> dict:
+    """The differential count after applying the user's corrections: a corrected image counts
+    as its corrected class (even when the model had abstained)."""
+    counts = {lab: 0 for lab in labels}
+    abstained, reasons, skipped = 0, {}, 0
+    for i, it in enumerate(items):
+        res = it.result
+        if "error" in res:
+            skipped += 1
+        elif i in corrections:
+            counts[corrections[i]["label"]] += 1
+        elif res["abstain"]:
+            abstained += 1
+            why = res["abstain_reason"] or "abstained"
+            reasons[why] = reasons.get(why, 0) + 1
+        else:
+            counts[res["prediction"]] += 1
+    from hematoscope.bundle import DifferentialCount
+
+    return DifferentialCount(labels, counts, abstained, reasons, skipped).to_dict()

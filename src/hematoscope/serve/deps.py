@@ -1,0 +1,128 @@
+"""What the routes depend on: the served bundles (loaded once, when the app is created), the
+history store, the settings and the token check, as annotated dependency types."""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+
+from hematoscope.serve.config import Settings
+from hematoscope.serve.storage import HistoryStore
+
+
+class ServeError(ValueError):
+    """The server cannot start: no model to serve, or a bundle that does not load."""
+
+
+@dataclass
+class ServedModel:
+    """A loaded bundle with what the server needs around it."""
+
+    bundle: Any
+    name: str
+    #: Fingerprint of the bundle's config.json (changes with every retraining).
+    id: str
+    _explainer: Any = field(default=None, repr=False)
+    _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def version(self) -> str:
+        cfg = self.bundle.config
+        return f"{cfg.created} (hematoscope {cfg.hematoscope_version or '?'})"
+
+    def info(self) -> dict[str, str]:
+        return {"name": self.name, "kind": self.bundle.kind, "id": self.id, "version": self.version}
+
+    def explainer(self):
+        """The Grad-CAM explainer of a neural bundle, built on first use.
+
+        Raises:
+            ExplainNotAvailable: the bundle's kind has no Grad-CAM.
+        """
+        from hematoscope.explain.gradcam import GradCamExplainer
+
+        with self._explainer_lock:
+            if self._explainer is None:
+                self._explainer = GradCamExplainer(self.bundle)
+            return self._explainer
+
+
+def model_fingerprint(bundle) -> str:
+    text = json.dumps(bundle.config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_models(paths: list[Path]) -> dict[str, ServedModel]:
+    """Load every bundle once; the first is the default. With no paths, the shipped model.
+
+    Raises:
+        ServeError: nothing to serve, or a bundle that cannot be loaded (the message says which).
+    """
+    from hematoscope.bundle import load_bundle
+
+    if not paths:
+        from hematoscope.models.default import default_bundle_path
+
+        try:
+            paths = [default_bundle_path()]
+        except FileNotFoundError as exc:
+            raise ServeError(f"no model to serve: {exc}") from None
+    models: dict[str, ServedModel] = {}
+    for path in paths:
+        try:
+            bundle = load_bundle(path)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ServeError(f"cannot serve {path}: {exc}") from None
+        name, n = bundle.name, 2
+        while name in models:  # two bundles with one name stay addressable
+            name, n = f"{bundle.name}-{n}", n + 1
+        models[name] = ServedModel(bundle, name, model_fingerprint(bundle))
+    return models
+
+
+# --- dependencies ------------------------------------------------------------------------
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> HistoryStore:
+    return request.app.state.store
+
+
+def get_models(request: Request) -> dict[str, ServedModel]:
+    return request.app.state.models
+
+
+def require_token(request: Request) -> None:
+    """Accept the request when no token is configured, or when it carries the token as
+    ``Authorization: Bearer <token>`` or ``X-API-Token``."""
+    expected = request.app.state.settings.token_value()
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-token", "")
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong API token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[HistoryStore, Depends(get_store)]
+ModelsDep = Annotated[dict[str, ServedModel], Depends(get_models)]
+
+
+def pick_model(models: dict[str, ServedModel], name: str | None) -> ServedModel:
+    """The model called ``name``, or the default (first) one when ``name`` is empty."""
+    if not name:
+        return next(iter(models.values()))
+    try:
+        return models[name]
+    except KeyError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            f"no model named {name!r}; served: {', '.join(models)}") from None

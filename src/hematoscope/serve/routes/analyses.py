@@ -1,0 +1,101 @@
+"""History: list, read, export and correct stored analyses."""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+
+from hematoscope.serve.deps import StoreDep, require_token
+from hematoscope.serve.schemas import Analysis, AnalysisList, CorrectionsIn
+from hematoscope.serve.storage import NotFound, StoredAnalysis
+
+router = APIRouter(prefix="/analyses", tags=["analyses"], dependencies=[Depends(require_token)])
+
+CSV_COLUMNS = ["index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
+               "ood_score", "ood_flag", "corrected_label", "correction_note", "error"]
+
+
+def analysis_response(a: StoredAnalysis) -> Analysis:
+    """A stored analysis as the API shows it (images as data URLs, corrections merged in)."""
+    from hematoscope.serve.analysis import corrected_differential, data_url
+
+    items = []
+    for i, it in enumerate(a.items):
+        res = dict(it.result)
+        error = res.pop("error", None)
+        items.append({
+            "index": i, "source": it.source, "sha256": it.sha256, "error": error, **res,
+            "thumbnail": data_url(it.thumbnail, "image/jpeg"),
+            "heatmap": data_url(it.heatmap, "image/png"),
+            "correction": a.corrections.get(i),
+        })
+    return Analysis.model_validate({
+        "id": a.id, "created": a.created, "model": a.model, "labels": a.labels,
+        "n_images": len(a.items), "n_errors": a.n_errors, "differential": a.differential,
+        "corrected_differential": corrected_differential(a.labels, a.items, a.corrections) if a.corrections else None,
+        "items": items,
+    })
+
+
+async def _get(store, analysis_id: str, images: bool = True) -> StoredAnalysis:
+    try:
+        return await anyio.to_thread.run_sync(lambda: store.get(analysis_id, images=images))
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no analysis {analysis_id!r}") from None
+
+
+@router.get("", response_model=AnalysisList)
+async def list_analyses(
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AnalysisList:
+    """Past analyses, newest first."""
+    rows, total = await anyio.to_thread.run_sync(lambda: store.list(limit=limit, offset=offset))
+    return AnalysisList.model_validate({"data": rows, "count": total})
+
+
+@router.get("/{analysis_id}", response_model=Analysis)
+async def get_analysis(analysis_id: str, store: StoreDep) -> Analysis:
+    """One analysis with every image's result, thumbnail, heatmap and correction."""
+    return analysis_response(await _get(store, analysis_id))
+
+
+@router.get("/{analysis_id}/report.csv", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}, "description": "one row per uploaded file"}})
+async def report_csv(analysis_id: str, store: StoreDep) -> Response:
+    """The analysis as CSV: one row per file, with the user's corrections."""
+    a = await _get(store, analysis_id, images=False)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for i, it in enumerate(a.items):
+        res, corr = it.result, a.corrections.get(i, {})
+        writer.writerow({
+            "index": i, "source": it.source, "sha256": it.sha256,
+            "prediction": res.get("prediction", ""), "confidence": res.get("confidence", ""),
+            "top_k": "; ".join(f"{t['label']}:{t['prob']:.4f}" for t in res.get("top_k", [])),
+            "abstain": res.get("abstain", ""), "abstain_reason": res.get("abstain_reason") or "",
+            "ood_score": "" if res.get("ood_score") is None else res["ood_score"],
+            "ood_flag": res.get("ood_flag", ""), "corrected_label": corr.get("label", ""),
+            "correction_note": corr.get("note", ""), "error": res.get("error", ""),
+        })
+    filename = f"hematoscope-{a.created[:10]}-{a.id[:8]}.csv"
+    return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.api_route("/{analysis_id}/corrections", methods=["PATCH", "POST"], response_model=Analysis)
+async def set_corrections(analysis_id: str, body: CorrectionsIn, store: StoreDep) -> Analysis:
+    """Record the user's label for images of an analysis (``label: null`` removes it)."""
+    triples = [(c.index, c.label, c.note) for c in body.corrections]
+    try:
+        await anyio.to_thread.run_sync(lambda: store.set_corrections(analysis_id, triples))
+    except NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"not found: {exc.args[0]}") from None
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return analysis_response(await _get(store, analysis_id))

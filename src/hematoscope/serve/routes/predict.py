@@ -1,0 +1,53 @@
+"""POST /api/predict: classify an upload of images and/or zips, store it as an analysis."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile, status
+
+from hematoscope.serve.analysis import UploadError, expand_uploads, run_analysis
+from hematoscope.serve.deps import ModelsDep, SettingsDep, StoreDep, pick_model, require_token
+from hematoscope.serve.routes.analyses import analysis_response
+from hematoscope.serve.schemas import Analysis
+
+router = APIRouter(prefix="/predict", tags=["predict"], dependencies=[Depends(require_token)])
+
+
+@router.post("", response_model=Analysis, responses={
+    413: {"description": "upload larger than the configured limit"},
+    422: {"description": "unsafe zip, too many files, or no readable image"},
+})
+async def predict(
+    request: Request,
+    files: Annotated[list[UploadFile], File(description="images and/or .zip archives of images")],
+    settings: SettingsDep,
+    store: StoreDep,
+    models: ModelsDep,
+    model: Annotated[str | None, Query(description="served model name (default: the first)")] = None,
+    top_k: Annotated[int, Query(ge=1, le=50, description="classes listed per image")] = 3,
+    gradcam: Annotated[bool, Query(description="add an explanation heatmap per image")] = False,
+) -> Analysis:
+    """Classify every image (zips are unpacked safely) and store the analysis.
+
+    Unreadable files are answered as per-file errors; the rest of the batch is classified. The
+    whole request is refused (422) only when a zip is unsafe, there are too many images or none
+    of them can be read.
+    """
+    served = pick_model(models, model)
+    raw = [(f.filename or f"upload_{i}", await f.read()) for i, f in enumerate(files)]
+
+    def work():
+        uploads = expand_uploads(raw, max_files=settings.max_files,
+                                 max_unpacked_bytes=8 * settings.max_upload_bytes)
+        items, differential = run_analysis(
+            served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
+            explain_max=settings.gradcam_max)
+        analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items)
+        return store.get(analysis_id)
+
+    try:
+        stored = await anyio.to_thread.run_sync(work, limiter=request.app.state.limiter)
+    except UploadError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return analysis_response(stored)

@@ -1,0 +1,139 @@
+"""Request and response bodies of the REST API (what /docs shows)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    """The bundle that produced an analysis."""
+
+    name: str
+    kind: str
+    id: str = Field(description="fingerprint of the bundle's config.json")
+    version: str
+
+
+class ModelInfo(ModelRef):
+    default: bool
+    labels: list[str]
+    input_size: int
+    temperature: float
+    abstain_threshold: float
+    ood: dict[str, Any] | None
+    metrics: dict[str, Any]
+    explanation: str = Field(description='"grad-cam", "segmentation" or "none"')
+
+
+class ModelList(BaseModel):
+    data: list[ModelInfo]
+    default: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    models: list[str]
+    analyses: int
+
+
+class TopClass(BaseModel):
+    label: str
+    prob: float
+
+
+class Feature(BaseModel):
+    name: str
+    value: float | None = None
+    contribution: float | None = None
+
+
+class Explanation(BaseModel):
+    """How the heatmap (if any) was made, or why there is none."""
+
+    method: str = Field(description='"grad-cam", "segmentation" or "none"')
+    target: str | None = Field(default=None, description="the class the heatmap explains")
+    note: str | None = None
+    features: list[Feature] = Field(default_factory=list)
+
+
+class Correction(BaseModel):
+    label: str
+    note: str = ""
+    updated: str
+
+
+class ItemResult(BaseModel):
+    """One uploaded image: its prediction, or the reason it could not be classified."""
+
+    index: int
+    source: str
+    sha256: str
+    error: str | None = None
+    prediction: str | None = None
+    confidence: float | None = None
+    top_k: list[TopClass] = Field(default_factory=list)
+    abstain: bool = False
+    abstain_reason: str | None = None
+    ood_score: float | None = None
+    ood_flag: bool = False
+    thumbnail: str | None = Field(default=None, description="JPEG data URL")
+    heatmap: str | None = Field(default=None, description="PNG data URL of the explanation overlay")
+    explanation: Explanation | None = None
+    correction: Correction | None = None
+
+
+class DifferentialClass(BaseModel):
+    label: str
+    count: int
+    percent: float
+
+
+class Differential(BaseModel):
+    """Counts and % per class of the classified (not abstained) cells."""
+
+    classes: list[DifferentialClass]
+    classified: int
+    abstained: int
+    abstain_reasons: dict[str, int]
+    skipped: int
+    total: int
+
+
+class Analysis(BaseModel):
+    id: str
+    created: str
+    model: ModelRef
+    labels: list[str]
+    n_images: int
+    n_errors: int
+    differential: Differential
+    corrected_differential: Differential | None = Field(
+        default=None, description="the count with the user's corrections applied (when there are any)")
+    items: list[ItemResult]
+
+
+class AnalysisSummary(BaseModel):
+    id: str
+    created: str
+    model: ModelRef
+    n_images: int
+    n_errors: int
+    n_corrections: int
+    differential: Differential
+
+
+class AnalysisList(BaseModel):
+    data: list[AnalysisSummary]
+    count: int = Field(description="analyses stored in total")
+
+
+class CorrectionIn(BaseModel):
+    index: int = Field(ge=0, description="position of the image in the analysis")
+    label: str | None = Field(description="the correct class; null removes the correction")
+    note: str = Field(default="", max_length=1000)
+
+
+class CorrectionsIn(BaseModel):
+    corrections: list[CorrectionIn] = Field(min_length=1, max_length=100_000)

@@ -1,0 +1,231 @@
+"""History of analyses in SQLite: what was uploaded (names, hashes, thumbnails), which model
+answered, its predictions, the differential count and the user's corrections.
+
+Every write is one transaction; a new connection is opened per operation, so the store is safe
+to use from the server's worker threads and survives restarts (the file is the state).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS analyses (
+    id TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_kind TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    labels TEXT NOT NULL,          -- JSON list, the model's classes in output order
+    n_images INTEGER NOT NULL,
+    n_errors INTEGER NOT NULL,
+    differential TEXT NOT NULL     -- JSON, DifferentialCount.to_dict()
+);
+CREATE INDEX IF NOT EXISTS analyses_created ON analyses (created);
+CREATE TABLE IF NOT EXISTS items (
+    analysis_id TEXT NOT NULL REFERENCES analyses (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    result TEXT NOT NULL,          -- JSON: prediction fields, or {"error": reason}
+    thumbnail BLOB,                -- JPEG
+    heatmap BLOB,                  -- PNG overlay (Grad-CAM or segmentation)
+    PRIMARY KEY (analysis_id, idx)
+);
+CREATE TABLE IF NOT EXISTS corrections (
+    analysis_id TEXT NOT NULL REFERENCES analyses (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    updated TEXT NOT NULL,
+    PRIMARY KEY (analysis_id, idx)
+);
+"""
+
+
+class StorageError(ValueError):
+    """The history database is unusable (e.g. written by a newer hematoscope)."""
+
+
+class NotFound(KeyError):
+    """No analysis (or no image in it) with that id / index."""
+
+
+@dataclass
+class StoredItem:
+    """One uploaded file of an analysis: its result (or error) and small images to show it."""
+
+    source: str
+    sha256: str
+    result: dict[str, Any]
+    thumbnail: bytes | None = None
+    heatmap: bytes | None = None
+
+
+@dataclass
+class StoredAnalysis:
+    """An analysis as read back from the store."""
+
+    id: str
+    created: str
+    model: dict[str, str]
+    labels: list[str]
+    differential: dict[str, Any]
+    items: list[StoredItem] = field(default_factory=list)
+    #: image index → {"label", "note", "updated"}
+    corrections: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def n_errors(self) -> int:
+        return sum("error" in it.result for it in self.items)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class HistoryStore:
+    """The SQLite history file at ``path`` (created with its schema when missing).
+
+    Raises:
+        StorageError: the file's schema version is newer than this code understands.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._transaction() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"{self.path} has history schema {version}; this hematoscope "
+                                   f"reads up to {SCHEMA_VERSION}: upgrade hematoscope or use --db")
+            for statement in _SCHEMA.split(";"):  # executescript would COMMIT mid-transaction
+                if statement.strip():
+                    con.execute(statement)
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.execute("PRAGMA foreign_keys = ON")
+        con.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
+        return con
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One connection and one transaction: all of the block is written, or none of it."""
+        with closing(self._connect()) as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # --- writing -----------------------------------------------------------------------
+    def add_analysis(self, model: dict[str, str], labels: list[str], differential: dict,
+                     items: list[StoredItem]) -> str:
+        """Store a new analysis and return its id.
+
+        Args:
+            model: ``name``, ``kind``, ``id`` and ``version`` of the bundle that answered.
+            labels: the bundle's classes in output order (corrections must use one of them).
+            differential: ``DifferentialCount.to_dict()`` of the batch.
+            items: the uploaded files in upload order.
+        """
+        analysis_id = uuid.uuid4().hex
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (analysis_id, _now(), model["name"], model["kind"], model["id"], model["version"],
+                 json.dumps(labels), len(items), sum("error" in it.result for it in items),
+                 json.dumps(differential)),
+            )
+            con.executemany(
+                "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(analysis_id, i, it.source, it.sha256, json.dumps(it.result), it.thumbnail, it.heatmap)
+                 for i, it in enumerate(items)],
+            )
+        return analysis_id
+
+    def set_corrections(self, analysis_id: str, corrections: list[tuple[int, str | None, str]]) -> None:
+        """Set (or with label None, remove) the user's label for images of an analysis.
+
+        Args:
+            corrections: ``(image index, label or None, note)`` triples.
+
+        Raises:
+            NotFound: unknown analysis or image index.
+            ValueError: a label that is not one of the analysis' classes, or a correction for a
+                file that could not be read.
+        """
+        with self._transaction() as con:
+            row = con.execute("SELECT labels FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+            if row is None:
+                raise NotFound(analysis_id)
+            labels = json.loads(row[0])
+            results = dict(con.execute("SELECT idx, result FROM items WHERE analysis_id = ?", (analysis_id,)))
+            now = _now()
+            for idx, label, note in corrections:
+                if idx not in results:
+                    raise NotFound(f"{analysis_id} has no image {idx}")
+                if label is None:
+                    con.execute("DELETE FROM corrections WHERE analysis_id = ? AND idx = ?", (analysis_id, idx))
+                    continue
+                if label not in labels:
+                    raise ValueError(f"label {label!r} is not one of this model's classes: {', '.join(labels)}")
+                if "error" in json.loads(results[idx]):
+                    raise ValueError(f"image {idx} could not be read, so it cannot be relabelled")
+                con.execute(
+                    "INSERT INTO corrections VALUES (?, ?, ?, ?, ?) ON CONFLICT (analysis_id, idx) "
+                    "DO UPDATE SET label = excluded.label, note = excluded.note, updated = excluded.updated",
+                    (analysis_id, idx, label, note, now),
+                )
+
+    # --- reading -----------------------------------------------------------------------
+    def get(self, analysis_id: str, *, images: bool = True) -> StoredAnalysis:
+        """The full analysis (``images=False`` leaves thumbnails and heatmaps out).
+
+        Raises:
+            NotFound: no analysis with that id.
+        """
+        with closing(self._connect()) as con:
+            row = con.execute("SELECT id, created, model_name, model_kind, model_id, model_version, labels, "
+                              "differential FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+            if row is None:
+                raise NotFound(analysis_id)
+            blobs = "thumbnail, heatmap" if images else "NULL, NULL"
+            items = [StoredItem(src, sha, json.loads(res), thumb, heat) for src, sha, res, thumb, heat in con.execute(
+                f"SELECT source, sha256, result, {blobs} FROM items WHERE analysis_id = ? ORDER BY idx",
+                (analysis_id,))]
+            corrections = {idx: {"label": lab, "note": note, "updated": upd} for idx, lab, note, upd in con.execute(
+                "SELECT idx, label, note, updated FROM corrections WHERE analysis_id = ?", (analysis_id,))}
+        return StoredAnalysis(
+            id=row[0], created=row[1],
+            model={"name": row[2], "kind": row[3], "id": row[4], "version": row[5]},
+            labels=json.loads(row[6]), differential=json.loads(row[7]), items=items, corrections=corrections,
+        )
+
+    def list(self, *, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Summaries of analyses, newest first, and the total number stored."""
+        with closing(self._connect()) as con:
+            total = con.execute("SELECT COUNT(*) FROM analyses").fetchone()[0]
+            rows = con.execute(
+                "SELECT a.id, a.created, a.model_name, a.model_kind, a.model_id, a.model_version, a.n_images, "
+                "a.n_errors, a.differential, (SELECT COUNT(*) FROM corrections c WHERE c.analysis_id = a.id) "
+                "FROM analyses a ORDER BY a.created DESC, a.rowid DESC LIMIT ? OFFSET ?", (limit, offset),
+            ).fetchall()
+        out = [{
+            "id": r[0], "created": r[1],
+            "model": {"name": r[2], "kind": r[3], "id": r[4], "version": r[5]},
+            "n_images": r[6], "n_errors": r[7], "differential": json.loads(r[8]), "n_corrections": r[9],
+        } for r in rows]
+        return out, total
