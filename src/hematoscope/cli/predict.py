@@ -1,0 +1,104 @@
+"""``hematoscope predict``: classify files, folders, globs and zip files."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hematoscope.cli._common import console, err_console, fail, user_errors
+
+BACKENDS = ("auto", "torch", "onnx")
+#: Per-image rows printed when no --out file is given.
+SHOWN_ROWS = 30
+
+
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns or zip files.",
+                                               show_default=False)],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model bundle (directory or .zip); "
+                                                  "default: the shipped PBC model.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image results to a .csv or .json "
+                                                "file (CSV also writes <name>.differential.csv).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes listed per image.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 64,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding threads "
+                                                   "(default: one per CPU).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Inference backend: auto (ONNX Runtime when the "
+                                         "bundle has model.onnx), torch or onnx.")] = "auto",
+    abstain_below: Annotated[Optional[float], typer.Option("--abstain-below", min=0.0, max=1.0,
+                                                           help="Abstain when the top probability is below "
+                                                           "this (default: the bundle's own threshold).")] = None,
+) -> None:
+    """Classify cell images and print the differential count.
+
+    Unreadable files are listed with their reason and the run goes on. Exit code 0 when at least
+    one image was classified, 1 when none was.
+    """
+    if backend not in BACKENDS:
+        raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    with user_errors():
+        from hematoscope.bundle import load_bundle
+        from hematoscope.models.default import default_bundle_path
+        from hematoscope.predict.pipeline import predict_sources
+        from hematoscope.predict.report import (ReportWriter, differential_table, empty_differential,
+                                                merge_differentials, predictions_table, skipped_table)
+        from hematoscope.predict.sources import ImageSource, expand_paths
+        from hematoscope.progress import track
+
+        bundle = load_bundle(model if model is not None else default_bundle_path())
+        if hasattr(bundle, "use_backend"):
+            bundle.use_backend(backend)
+            _ = bundle.runner  # fail now, not after the first batch, when the backend is unusable
+        elif backend == "onnx":
+            raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
+        if abstain_below is not None:
+            bundle.config.abstain_threshold = abstain_below
+        items = expand_paths(paths)
+        n_images = sum(isinstance(i, ImageSource) for i in items)
+        writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
+        diff, skipped, shown = empty_differential(bundle.labels), [], []
+        start = time.perf_counter()
+        try:
+            batches = predict_sources(bundle, items, batch_size=batch_size, workers=workers)
+            for pred in track(batches, total=math.ceil(len(items) / batch_size),
+                              description=f"classifying {n_images} images"):
+                diff = merge_differentials(diff, pred.differential())
+                skipped.extend(pred.skipped)
+                if writer:
+                    writer.add(pred)
+                elif sum(map(len, shown)) < SHOWN_ROWS:
+                    shown.append(pred)
+        except BaseException:
+            if writer:
+                writer.abort()
+            raise
+        seconds = time.perf_counter() - start
+        if writer:
+            writer.close()
+
+    out_console = console()
+    if shown:
+        from hematoscope.bundle.prediction import Prediction
+
+        out_console.print(predictions_table(Prediction.concat(shown), top_k=top_k, limit=SHOWN_ROWS))
+        if diff.classified + diff.abstained > SHOWN_ROWS:
+            out_console.print(f"... {diff.classified + diff.abstained - SHOWN_ROWS} more (use --out FILE for all)")
+    out_console.print(differential_table(diff, title=f"Differential count ({bundle.name})"))
+    if skipped:
+        err_console().print(skipped_table(skipped, limit=50))
+        if len(skipped) > 50:
+            err_console().print(f"... and {len(skipped) - 50} more unreadable files"
+                                + (f" (all listed in {out})" if out else ""))
+    done = diff.classified + diff.abstained
+    rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
+    out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
+                      + (f"; results in {out}" if out else ""), highlight=False)
+    if done == 0:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
