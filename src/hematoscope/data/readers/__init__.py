@@ -75,21 +75,27 @@ def get_reader(name: str) -> Callable:
 
 
 def detect_reader(root: Path) -> str:
-    """The most specific registered reader whose ``detect`` accepts ``root`` (``folder`` last)."""
+    """The most specific registered reader whose ``detect`` accepts ``root`` (a folder or a file).
+
+    Falls back to ``folder`` for folders and ``csv`` for other files.
+    """
     _load_builtins()
     root = Path(root)
     for name in _BUILTIN_MODULES + sorted(set(_READERS) - set(_BUILTIN_MODULES)):
         fn = _READERS.get(name)
-        if fn is not None and name != "folder" and fn.detect is not None and fn.detect(root):
+        if fn is not None and name not in ("folder", "csv") and fn.detect is not None and fn.detect(root):
             return name
-    return "folder"
+    return "folder" if root.is_dir() else "csv"
 
 
 def read_dataset(source: Path | str, reader: str | None = None):
-    """Read a dataset folder (with ``reader`` or auto-detected) or a saved split file (.csv).
+    """Read a dataset (folder or file, with ``reader`` or auto-detected) or a saved split file.
 
     Returns a samples DataFrame. A split CSV written by ``hematoscope data split`` is recognised
-    by its ``split`` column and returned with it.
+    by its ``split`` column and returned with it (its files verified against their sha256).
+
+    Raises:
+        DatasetError: missing path, unknown reader, or a layout the reader does not recognise.
     """
     source = Path(source)
     if not source.exists():
@@ -100,5 +106,5 @@ def read_dataset(source: Path | str, reader: str | None = None):
         if is_split_file(source):
             return load_split(source)
         reader = "csv"
-    name = reader or (detect_reader(source) if source.is_dir() else "csv")
+    name = reader or detect_reader(source)
     return get_reader(name)(source)
