@@ -76,26 +76,3 @@ def test_labels_may_be_names_and_bad_arguments_raise(toy):
                   val=outputs(bundle, val))
     with pytest.raises(ValueError, match="target_tpr"):
         fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), target_tpr=1.5)
-
-
-def test_fit_trust_on_tiny_neural_bundle_persists(tiny_neural_bundle, synthetic_root, tmp_path):
-    from hematoscope.data.images import load_image
-
-    bundle = load_bundle(tiny_neural_bundle)
-    files = sorted(p for p in synthetic_root.rglob("*.png"))
-    y = np.array([bundle.labels.index(_canonical(p.parent.name)) for p in files])
-    images = [load_image(p) for p in files]
-    idx = np.arange(len(files))
-    train_idx, val_idx = idx[idx % 3 != 0], idx[idx % 3 == 0]
-    out = bundle.forward(images)
-    sub = lambda i: (type(out)(out.logits[i], out.features[i]), y[i])  # noqa: E731
-    fit_trust(bundle, train=sub(train_idx), val=sub(val_idx), method="knn")
-    loaded = load_bundle(bundle.save(tmp_path / "b"))
-    assert loaded.config.ood == bundle.config.ood and loaded.ood.bank_.shape[1] == 1280
-    np.testing.assert_allclose(loaded.predict(images[:4]).ood_score, bundle.predict(images[:4]).ood_score, rtol=1e-3)
-
-
-def _canonical(folder: str) -> str:
-    from hematoscope.taxonomy import TAXONOMY
-
-    return TAXONOMY.canonical("pbc", folder) or folder

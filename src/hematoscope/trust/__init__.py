@@ -9,12 +9,14 @@ flag (score > ``config.ood["threshold"]``) and the abstain threshold.
 """
 from hematoscope.trust.calibration import (CalibrationError, expected_calibration_error, fit_temperature, nll,
                                            reliability_curve, softmax)
-from hematoscope.trust.fit import DEFAULT_ABSTAIN_COST, fit_trust
+from hematoscope.trust.evaluation import evaluate_ood, ood_metrics, risk_coverage
+from hematoscope.trust.fit import DEFAULT_ABSTAIN_COST, bundle_outputs, fit_trust, fit_trust_on_table, table_targets
 from hematoscope.trust.scorers import (OOD_FILE, OODScorer, ScorerError, get_scorer, list_scorers, load_scorer,
                                        register_scorer)
 
 __all__ = [
-    "CalibrationError", "DEFAULT_ABSTAIN_COST", "OOD_FILE", "OODScorer", "ScorerError", "expected_calibration_error",
-    "fit_temperature", "fit_trust", "get_scorer", "list_scorers", "load_scorer", "nll", "register_scorer",
-    "reliability_curve", "softmax",
+    "CalibrationError", "DEFAULT_ABSTAIN_COST", "OOD_FILE", "OODScorer", "ScorerError", "bundle_outputs",
+    "evaluate_ood", "expected_calibration_error", "fit_temperature", "fit_trust", "fit_trust_on_table", "get_scorer",
+    "list_scorers", "load_scorer", "nll", "ood_metrics", "register_scorer", "reliability_curve", "risk_coverage",
+    "softmax", "table_targets",
 ]

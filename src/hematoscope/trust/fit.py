@@ -2,7 +2,8 @@
 abstain threshold."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -130,3 +131,121 @@ def fit_trust(
     bundle.metrics["calibration"] = calibration
     bundle.metrics["trust"] = trust
     return {"calibration": calibration, "ood": bundle.config.ood, **trust}
+
+
+def bundle_outputs(bundle: "Bundle", paths: Sequence[str], *, batch_size: int = 64,
+                   description: str = "scoring") -> tuple["ModelOutput", np.ndarray]:
+    """Run ``bundle.forward`` over image files.
+
+    Returns:
+        The concatenated outputs of the readable files and their indices into ``paths``
+        (unreadable files are left out).
+    """
+    from hematoscope.bundle.base import ModelOutput
+    from hematoscope.data.images import ImageError, load_image
+    from hematoscope.progress import track
+
+    logits, features, kept = [], [], []
+    starts = range(0, len(paths), batch_size)
+    for start in track(starts, total=len(starts), description=description):
+        images = []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(load_image(paths[i]))
+                kept.append(i)
+            except ImageError:
+                continue
+        if images:
+            out = bundle.forward(images)
+            logits.append(out.logits)
+            features.append(out.features)
+    if not kept:
+        return ModelOutput(np.zeros((0, len(bundle.labels)), np.float32), None), np.zeros(0, int)
+    has_features = all(f is not None for f in features)
+    return (ModelOutput(np.concatenate(logits), np.concatenate(features) if has_features else None),
+            np.asarray(kept, int))
+
+
+def table_targets(bundle: "Bundle", table) -> np.ndarray:
+    """Class index in ``bundle.labels`` of each row (its canonical label or an ancestor); -1
+    when the row's label is not one of the bundle's classes."""
+    from hematoscope.taxonomy import TAXONOMY
+
+    col = table["canonical"] if "canonical" in table.columns else table["label"]
+    index = {lab: i for i, lab in enumerate(bundle.labels)}
+    return np.array([index.get(TAXONOMY.match(str(c), bundle.labels) if c is not None else None, -1)
+                     for c in col], dtype=np.int64)
+
+
+def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: int = 0,
+                       batch_size: int = 64, **fit_kwargs) -> dict[str, Any]:
+    """:func:`fit_trust` from a samples table: runs the bundle over its ``train`` and ``val``
+    rows (a ``split`` column is required) and fits on the outputs.
+
+    Args:
+        bundle: any bundle kind.
+        table: samples table with a ``split`` column (e.g. the split file the bundle was
+            trained with; the val part must not have been used for training).
+        max_train: at most this many training images (stratified random subset, ``seed``) are
+            run through the model to fit the OOD scorer.
+        seed: seed of that subset.
+        batch_size: images per forward pass.
+        **fit_kwargs: passed to :func:`fit_trust` (target_tpr, method, abstain_min_confidence ...).
+
+    Raises:
+        ValueError: no ``split`` column, or no usable train/val rows.
+    """
+    if "split" not in table.columns:
+        raise ValueError("the data needs a 'split' column with train and val rows "
+                         "(make one with `hematoscope data split`)")
+    targets = table_targets(bundle, table)
+    parts = {}
+    for name in ("train", "val"):
+        rows = np.flatnonzero((table["split"].to_numpy() == name) & (targets >= 0))
+        if len(rows) == 0:
+            raise ValueError(f"no {name} rows whose labels are classes of the bundle ({bundle.labels})")
+        if name == "train" and len(rows) > max_train:
+            from sklearn.model_selection import train_test_split
+
+            rows, _ = train_test_split(rows, train_size=max_train, random_state=seed, stratify=targets[rows])
+        paths = [str(p) for p in table["path"].to_numpy()[rows]]
+        out, kept = bundle_outputs(bundle, paths, batch_size=batch_size, description=f"{name} images")
+        parts[name] = (out, targets[rows][kept])
+    report = fit_trust(bundle, train=parts["train"], val=parts["val"], **fit_kwargs)
+    report["n_train"], report["n_val"] = len(parts["train"][1]), len(parts["val"][1])
+    return report
+
+
+def resave_bundle(bundle: "Bundle", path: Path | str) -> Path:
+    """Save ``bundle`` over the bundle at ``path`` atomically, keeping files that ``save`` does
+    not write itself (e.g. an exported ``model.onnx``, whose raw outputs trust does not change)."""
+    from hematoscope import _io
+
+    path = Path(path)
+    if path.suffix.lower() == ".zip" or not path.is_dir():
+        if path.suffix.lower() == ".zip" and path.exists():
+            import tempfile
+            import zipfile
+
+            from hematoscope.data.archive import iter_zip_files
+
+            with _io.atomic_path(path, ".zip") as tmp_zip, tempfile.TemporaryDirectory() as td:
+                bundle._write_files(Path(td))
+                written = {f.relative_to(td).as_posix(): f for f in Path(td).rglob("*") if f.is_file()}
+                with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as zf:
+                    for name, f in sorted(written.items()):
+                        zf.write(f, name)
+                    for name, data in iter_zip_files(path):
+                        if name not in written:
+                            zf.writestr(name, data)
+            return path
+        return bundle.save(path)
+    import shutil
+
+    with _io.atomic_dir(path) as d:
+        bundle._write_files(d)
+        for f in path.iterdir():
+            if f.is_file() and not (d / f.name).exists():
+                shutil.copy2(f, d / f.name)
+    bundle.path = path
+    return path
