@@ -61,6 +61,78 @@ def split_cmd(
         console().print(f"{df[group_by].nunique()} {group_by} groups, each on one side only.")
 
 
+@data_app.command("check")
+def check_cmd(
+    path: Annotated[Path, typer.Argument(help="Dataset folder, file or split CSV to check.")],
+    reader: ReaderOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    workers: Annotated[int, typer.Option(help="Processes for decoding and hashing.")] = 2,
+    near: Annotated[int, typer.Option(help="Near-duplicate threshold: max differing bits of 64 (0 = off).")] = 4,
+    limit: Annotated[int, typer.Option(help="Rows shown per problem table (the JSON has all).")] = 20,
+) -> None:
+    """Quality report: class counts, unreadable files, exact/near duplicates, sizes, imbalance."""
+    from hematoscope._io import write_json
+    from hematoscope.data.quality import check_dataset
+
+    with user_errors():
+        report = check_dataset(path, reader=reader, workers=workers, near_threshold=near)
+    _print_report(report, path, limit)
+    if json_out is not None:
+        write_json(json_out, report.to_dict())
+        console().print(f"report written to {json_out}")
+
+
+def _print_report(report, root: Path, limit: int) -> None:
+    from rich.table import Table
+
+    out = console()
+    base = root if root.is_dir() else root.parent
+
+    def short(p: str) -> str:
+        path = Path(p)
+        return str(path.relative_to(base.resolve())) if path.is_relative_to(base.resolve()) else p
+
+    d = report.to_dict()["summary"]
+    summary = Table("check", "result", title=f"{report.source} (reader: {report.reader})", show_header=False)
+    summary.add_row("image files", f"{d['files']:,}")
+    summary.add_row("classes", str(d["classes"]))
+    summary.add_row("unreadable", f"[{'red' if d['unreadable'] else 'green'}]{d['unreadable']}")
+    summary.add_row("exact duplicates", f"{d['exact_duplicate_pairs']} byte-identical pairs in {d['exact_duplicate_groups']} groups")
+    summary.add_row("near duplicates", f"{d['near_duplicate_pairs']} pairs (phash distance <= {report.near_threshold})")
+    summary.add_row("across classes", f"[{'red' if d['cross_class_duplicates'] else 'green'}]{d['cross_class_duplicates']}")
+    summary.add_row("imbalance ratio", f"{d['imbalance_ratio']} (largest / smallest class)")
+    summary.add_row("formats / modes", f"{report.formats} / {report.modes}")
+    sizes = list(report.sizes.items())
+    summary.add_row("sizes", ", ".join(f"{s}: {n}" for s, n in sizes[:5]) + (f", ... ({len(sizes)} sizes)" if len(sizes) > 5 else ""))
+    summary.add_row("time", f"{d['seconds']:.1f} s")
+    out.print(summary)
+
+    classes = Table("label", "images", "canonical", title="images per class")
+    unmapped = {lab for labs in report.unmapped_labels.values() for lab in labs}
+    from hematoscope.taxonomy import TAXONOMY
+
+    for label, n in report.class_counts.items():
+        canon = "[red]unmapped" if label in unmapped else (TAXONOMY.canonical(report.reader, label) or "")
+        classes.add_row(label, f"{n:,}", canon)
+    out.print(classes)
+
+    if report.unreadable:
+        bad = Table("file", "reason", title=f"unreadable files ({len(report.unreadable)})")
+        for u in report.unreadable[:limit]:
+            bad.add_row(short(u["path"]), u["reason"])
+        out.print(bad)
+    dups = report.exact_duplicates + report.near_duplicates
+    if dups:
+        table = Table("files", "labels", "kind", title=f"duplicates (cross-class first; {len(dups)} in all)")
+        for dup in dups[:limit]:
+            files = dup["paths"] if "paths" in dup else [dup["a"], dup["b"]]
+            labels = dup["labels"] if "labels" in dup else [dup["label_a"], dup["label_b"]]
+            kind = "identical" if "paths" in dup else f"near (d={dup['distance']})"
+            style = "[red]" if dup["cross_class"] else ""
+            table.add_row((" = " if "paths" in dup else " ≈ ").join(short(f) for f in files), style + " / ".join(labels), kind)
+        out.print(table)
+
+
 @data_app.command("synthetic")
 def synthetic_cmd(
     out: Annotated[Path, typer.Argument(help="Folder to create (class-per-folder).")],

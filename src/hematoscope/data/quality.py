@@ -1,0 +1,222 @@
+"""Dataset quality check: what a folder really contains before anything is trained on it.
+
+:func:`check_dataset` reports images per class, unreadable files (with the reason from
+:func:`~hematoscope.data.images.load_image`), exact duplicates (SHA-256 of the bytes) and near
+duplicates (perceptual hash, ``imagehash.phash``, within a small Hamming distance), flagging
+duplicates whose copies carry different labels, plus the size / mode / format distribution and
+the class imbalance ratio. Files are decoded at reduced scale (JPEG draft mode) in a small process
+pool; near duplicates are found by multi-index hashing, never by comparing all pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Decode JPEGs at a reduced scale with both sides at least this large: phash looks at 32x32.
+_HASH_DECODE_SIZE = 64
+#: Default Hamming distance (of 64 bits) up to which two images count as near duplicates.
+NEAR_DUPLICATE_DISTANCE = 4
+
+
+@dataclass
+class QualityReport:
+    """Result of :func:`check_dataset`. Paths are as in the samples table (absolute)."""
+
+    source: str
+    reader: str | None
+    n_files: int
+    class_counts: dict[str, int]
+    unmapped_labels: dict[str, dict[str, int]]
+    unreadable: list[dict]  # {path, label, reason}
+    exact_duplicates: list[dict]  # {sha256, paths, labels, cross_class}
+    near_duplicates: list[dict]  # {a, b, label_a, label_b, distance, cross_class}
+    near_threshold: int
+    formats: dict[str, int]
+    modes: dict[str, int]
+    sizes: dict[str, int]  # "WxH" → count, most common first
+    imbalance_ratio: float | None  # largest / smallest class
+    seconds: float = field(default=0.0)
+
+    @property
+    def cross_class_duplicates(self) -> list[dict]:
+        """Exact and near duplicates whose copies have different labels."""
+        return [d for d in self.exact_duplicates + self.near_duplicates if d["cross_class"]]
+
+    @property
+    def n_duplicate_pairs(self) -> int:
+        """Number of byte-identical pairs (a group of k copies counts k*(k-1)/2)."""
+        return sum(len(d["paths"]) * (len(d["paths"]) - 1) // 2 for d in self.exact_duplicates)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict, with a ``summary`` block of the headline numbers first."""
+        summary = {
+            "files": self.n_files,
+            "classes": len(self.class_counts),
+            "unreadable": len(self.unreadable),
+            "exact_duplicate_groups": len(self.exact_duplicates),
+            "exact_duplicate_pairs": self.n_duplicate_pairs,
+            "near_duplicate_pairs": len(self.near_duplicates),
+            "cross_class_duplicates": len(self.cross_class_duplicates),
+            "imbalance_ratio": self.imbalance_ratio,
+            "seconds": round(self.seconds, 2),
+        }
+        return {"summary": summary, **asdict(self)}
+
+
+def check_dataset(
+    root_or_table,
+    reader: str | None = None,
+    *,
+    workers: int = 2,
+    near_threshold: int = NEAR_DUPLICATE_DISTANCE,
+    progress: bool = True,
+) -> QualityReport:
+    """Check a dataset folder/file (read with ``reader`` or auto-detected) or a samples table.
+
+    Args:
+        root_or_table: dataset path, split file, or samples DataFrame.
+        reader: dataset reader name (for paths only).
+        workers: processes used for decoding and hashing (1 = in this process).
+        near_threshold: largest Hamming distance between 64-bit perceptual hashes that counts as
+            a near duplicate (0 disables the near-duplicate search).
+        progress: show a progress bar / log lines.
+
+    Returns:
+        The :class:`QualityReport`.
+
+    Raises:
+        DatasetError: the path cannot be read as a dataset.
+    """
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.progress import track
+    from hematoscope.taxonomy import unmapped_labels
+
+    start = time.perf_counter()
+    if isinstance(root_or_table, (str, Path)):
+        source, table = str(root_or_table), read_dataset(root_or_table, reader=reader)
+    else:
+        source, table = "<table>", root_or_table
+    paths, labels = list(table["path"]), [str(x) for x in table["label"]]
+    infos = list(track(_inspect_all(paths, workers), total=len(paths), description="checking images", enabled=progress))
+
+    unreadable = [{"path": p, "label": lab, "reason": info["error"]}
+                  for p, lab, info in zip(paths, labels, infos) if info["error"]]
+    counts = Counter(labels)
+    ok = [i for i, info in enumerate(infos) if not info["error"]]
+    report = QualityReport(
+        source=source,
+        reader=reader or (str(table["dataset"].iloc[0]) if len(table) else None),
+        n_files=len(paths),
+        class_counts=dict(sorted(counts.items())),
+        unmapped_labels=unmapped_labels(table),
+        unreadable=unreadable,
+        exact_duplicates=_exact_duplicates(paths, labels, [info["sha256"] for info in infos]),
+        near_duplicates=_near_duplicates(paths, labels, infos, ok, near_threshold),
+        near_threshold=near_threshold,
+        formats=_counter([infos[i]["format"] for i in ok]),
+        modes=_counter([infos[i]["mode"] for i in ok]),
+        sizes=_counter([f"{infos[i]['width']}x{infos[i]['height']}" for i in ok]),
+        imbalance_ratio=round(max(counts.values()) / min(counts.values()), 3) if counts else None,
+    )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _counter(values) -> dict[str, int]:
+    return dict(Counter(str(v) for v in values).most_common())
+
+
+def _inspect_all(paths: list[str], workers: int):
+    if workers <= 1 or len(paths) < 200:  # a pool costs more than it saves on small sets
+        yield from map(_inspect, paths)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    # The platform's default start method: fork on Linux needs no `if __name__ == "__main__"`
+    # guard in user scripts, and the workers only use PIL, numpy and imagehash.
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_inspect, paths, chunksize=64)
+
+
+def _inspect(path: str) -> dict:
+    """Hash, header facts and perceptual hash of one file; ``error`` set when it cannot be used."""
+    from PIL import Image
+
+    from hematoscope.data.images import ImageError, load_image
+
+    info = {"sha256": None, "format": None, "mode": None, "width": None, "height": None, "phash": None, "error": None}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        info["error"] = f"cannot read ({exc.strerror})"
+        return info
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        pixels = load_image(data, draft_size=_HASH_DECODE_SIZE)
+    except ImageError as exc:
+        info["error"] = exc.reason
+        return info
+    import io
+
+    import imagehash
+
+    with Image.open(io.BytesIO(data)) as im:  # header only: the size and mode of the file itself
+        info.update(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1])
+    info["phash"] = int(str(imagehash.phash(Image.fromarray(pixels))), 16)
+    return info
+
+
+def _exact_duplicates(paths, labels, hashes) -> list[dict]:
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        if h is not None:
+            groups.setdefault(h, []).append(i)
+    out = []
+    for h, idx in groups.items():
+        if len(idx) > 1:
+            labs = [labels[i] for i in idx]
+            out.append({"sha256": h, "paths": [paths[i] for i in idx], "labels": labs, "cross_class": len(set(labs)) > 1})
+    return sorted(out, key=lambda d: (not d["cross_class"], d["paths"][0]))
+
+
+def _near_duplicates(paths, labels, infos, ok: list[int], threshold: int) -> list[dict]:
+    """Pairs of readable, not byte-identical files whose phashes differ in <= threshold bits.
+
+    Multi-index hashing: split the 64 bits into threshold + 1 blocks; by the pigeonhole
+    principle two hashes within the threshold agree exactly on at least one block, so only
+    pairs sharing a block value are compared.
+    """
+    import numpy as np
+
+    if threshold <= 0 or len(ok) < 2:
+        return []
+    idx = np.array(ok)
+    hashes = np.array([infos[i]["phash"] for i in ok], dtype=np.uint64)
+    bounds = np.linspace(0, 64, threshold + 2).round().astype(int)
+    candidates = set()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        keys = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for s, e in zip(starts, ends):
+            if e - s > 1:
+                members = order[s:e]
+                a, b = np.triu_indices(len(members), k=1)
+                candidates.update(zip(members[a].tolist(), members[b].tolist()))
+    if not candidates:
+        return []
+    pairs = np.array(sorted(candidates))
+    dist = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
+    out = []
+    for (i, j), d in zip(pairs[dist <= threshold], dist[dist <= threshold]):
+        a, b = int(idx[i]), int(idx[j])
+        if infos[a]["sha256"] == infos[b]["sha256"]:
+            continue  # reported as an exact duplicate
+        out.append({"a": paths[a], "b": paths[b], "label_a": labels[a], "label_b": labels[b],
+                    "distance": int(d), "cross_class": labels[a] != labels[b]})
+    return sorted(out, key=lambda d: (not d["cross_class"], d["distance"], d["a"]))

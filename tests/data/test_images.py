@@ -1,0 +1,184 @@
+"""load_image on every odd or broken kind of file (all generated here)."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hematoscope.data.images import ImageError, is_image_file, load_image
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w=32, h=24) -> np.ndarray:
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    return np.stack([x, y, 255 - x], axis=2).round().astype(np.uint8)
+
+
+def _check_rgb(arr: np.ndarray, h: int, w: int):
+    assert arr.dtype == np.uint8 and arr.shape == (h, w, 3) and arr.flags["C_CONTIGUOUS"]
+
+
+# --- broken files: one clear error each ---------------------------------------------------
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"hello, I am a text file\n" * 10, "not an image or unknown format"),
+    (bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8)), "not an image or unknown format"),
+])
+def test_garbage_is_an_image_error(data, reason):
+    with pytest.raises(ImageError) as err:
+        load_image(data)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files(fmt):
+    data = _save(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
+    with pytest.raises(ImageError) as err:
+        load_image(data[: len(data) // 2])
+    assert err.value.reason == "truncated file"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(ImageError) as err:
+        load_image(_png_header_only(100_000, 100_000))
+    assert err.value.reason.startswith("image too large")
+
+
+def test_pixel_limit_is_configurable():
+    data = _save(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageError, match="too large"):
+        load_image(data, max_pixels=5_000)
+    _check_rgb(load_image(data, max_pixels=10_000), 100, 100)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageError) as err:
+        load_image(tmp_path / "nope.png")
+    assert err.value.reason == "file not found" and str(tmp_path / "nope.png") in str(err.value)
+    with pytest.raises(ImageError):
+        load_image(tmp_path)
+
+
+def test_error_names_the_file(tmp_path):
+    bad = tmp_path / "x.jpg"
+    bad.write_text("nope")
+    with pytest.raises(ImageError) as err:
+        load_image(bad)
+    assert err.value.source == str(bad) and isinstance(err.value, ValueError)
+
+
+# --- odd but valid files: all become RGB uint8 ----------------------------------------------
+
+@pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("BMP", "bmp"), ("TIFF", "tiff"), ("WEBP", "webp"), ("PPM", "ppm")])
+def test_lossless_formats_round_trip(tmp_path, fmt, ext):
+    arr = _gradient()
+    path = tmp_path / f"img.{ext}"
+    Image.fromarray(arr).save(path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert is_image_file(path)
+    out = load_image(path)
+    _check_rgb(out, 24, 32)
+    assert np.array_equal(out, arr)
+
+
+def test_path_bytes_and_file_object_agree(tmp_path):
+    data = _save(Image.fromarray(_gradient()), "PNG")
+    (tmp_path / "a.png").write_bytes(data)
+    a, b, c = load_image(tmp_path / "a.png"), load_image(data), load_image(io.BytesIO(data))
+    assert np.array_equal(a, b) and np.array_equal(b, c)
+
+
+def test_16bit_grey_is_rescaled():
+    grey = np.linspace(1000, 60000, 20 * 10).reshape(10, 20).astype(np.uint16)
+    data = _save(Image.fromarray(grey), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    out = load_image(data)
+    _check_rgb(out, 10, 20)
+    assert out[..., 0].min() == 0 and out[..., 0].max() == 255
+    assert np.array_equal(out[..., 0], out[..., 2])
+    assert np.all(np.diff(out[..., 0].ravel().astype(int)) >= 0)  # order of intensities kept
+
+
+def test_16bit_tiff_and_float_tiff():
+    grey = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    out = load_image(_save(Image.fromarray(grey), "TIFF"))
+    _check_rgb(out, 8, 8)
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+    flat = load_image(_save(Image.fromarray(np.full((4, 4), 3.5, np.float32)), "TIFF"))
+    assert flat.shape == (4, 4, 3) and (flat == 0).all()  # constant image: no division by zero
+
+
+def test_cmyk_jpeg():
+    cyan = Image.new("CMYK", (16, 16), (255, 0, 0, 0))
+    out = load_image(_save(cyan, "JPEG", quality=95))
+    _check_rgb(out, 16, 16)
+    r, g, b = out[8, 8].astype(int)
+    assert r < 30 and g > 225 and b > 225
+
+
+def test_rgba_transparency_becomes_white():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[:, :5] = (200, 0, 0, 255)  # opaque red
+    rgba[:, 5:] = (0, 0, 0, 0)  # fully transparent
+    out = load_image(_save(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert tuple(out[0, 0]) == (200, 0, 0) and tuple(out[0, 9]) == (255, 255, 255)
+
+
+def test_grey_la_and_one_bit():
+    out = load_image(_save(Image.new("L", (6, 4), 100), "PNG"))
+    _check_rgb(out, 4, 6)
+    assert (out == 100).all()
+    la = load_image(_save(Image.new("LA", (4, 4), (0, 0)), "PNG"))
+    assert (la == 255).all()  # transparent black on white
+    bits = np.zeros((8, 8), bool)
+    bits[:, 4:] = True
+    out = load_image(_save(Image.fromarray(bits), "PNG"))
+    assert (out[:, :4] == 0).all() and (out[:, 4:] == 255).all()
+
+
+def test_palette_with_and_without_transparency():
+    pal = Image.fromarray(_gradient()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    out = load_image(_save(pal, "PNG"))
+    _check_rgb(out, 24, 32)
+    assert np.abs(out.astype(int) - np.asarray(pal.convert("RGB")).astype(int)).max() == 0
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    p.putpixel((0, 0), 0)
+    out = load_image(_save(p, "PNG", transparency=0))
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[1, 1]) == (10, 20, 30)
+    gif = load_image(_save(pal, "GIF"))
+    _check_rgb(gif, 24, 32)
+
+
+def test_exif_orientation_is_honoured():
+    arr = np.zeros((20, 40, 3), np.uint8)  # wide: left half red, right half blue
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90° clockwise
+    out = load_image(_save(Image.fromarray(arr), "JPEG", exif=exif.tobytes(), quality=95))
+    _check_rgb(out, 40, 20)  # now tall
+    assert out[5, 10, 0] > 200 and out[5, 10, 2] < 60  # top is red (was the left side)
+    assert out[35, 10, 2] > 200 and out[35, 10, 0] < 60
+
+
+def test_jpeg_draft_decodes_small_but_not_below_the_target():
+    data = _save(Image.fromarray(np.random.default_rng(2).integers(0, 256, (256, 300, 3), dtype=np.uint8)), "JPEG")
+    small = load_image(data, draft_size=64)
+    assert min(small.shape[:2]) >= 64 and small.shape[0] < 256
+    _check_rgb(load_image(data), 256, 300)

@@ -1,0 +1,87 @@
+import hashlib
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from hematoscope.cli.main import app
+from hematoscope.data.quality import check_dataset
+from hematoscope.data.readers import read_dataset
+from hematoscope.data.synthetic import make_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """3 synthetic classes with planted problems: a byte copy inside a class, a byte copy in
+    another class, a re-encoded near copy, an empty file, a text file and a truncated PNG."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("planted"), classes=["a", "b", "c"], n_per_class=6, size=48)
+    shutil.copy(root / "a/a_0000.png", root / "a/copy_of_a0.png")
+    shutil.copy(root / "a/a_0001.png", root / "b/stolen_a1.png")
+    arr = np.asarray(Image.open(root / "c/c_0002.png")).astype(int)
+    Image.fromarray(np.clip(arr + 3, 0, 255).astype(np.uint8)).save(root / "c/c_0002_brighter.png")
+    (root / "a/empty.png").write_bytes(b"")
+    (root / "b/notes.jpg").write_text("not an image")
+    (root / "c/cut.png").write_bytes((root / "c/c_0003.png").read_bytes()[:300])
+    return root
+
+
+def test_planted_problems_are_found(planted):
+    report = check_dataset(planted, workers=1, progress=False)
+    assert report.n_files == 6 * 3 + 6
+    assert report.class_counts == {"a": 8, "b": 8, "c": 8}
+    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report.unreadable}
+    assert reasons == {"empty.png": "empty file", "notes.jpg": "not an image or unknown format", "cut.png": "truncated file"}
+    exact = {tuple(sorted(p.rsplit("/", 1)[1] for p in d["paths"])): d["cross_class"] for d in report.exact_duplicates}
+    assert exact == {("a_0000.png", "copy_of_a0.png"): False, ("a_0001.png", "stolen_a1.png"): True}
+    near = {tuple(sorted(p.rsplit("/", 1)[1] for p in (d["a"], d["b"]))) for d in report.near_duplicates}
+    assert ("c_0002.png", "c_0002_brighter.png") in near
+    assert report.cross_class_duplicates[0]["labels"] == ["a", "b"]
+    assert report.formats == {"PNG": 21} and report.modes == {"RGB": 21} and report.sizes == {"48x48": 21}
+    assert report.imbalance_ratio == 1.0
+
+
+def test_pool_and_inline_agree_and_report_is_json(planted):
+    table = read_dataset(planted)
+    big = table.loc[np.repeat(table.index, 10)].reset_index(drop=True)  # > 200 rows: uses the pool
+    pooled = check_dataset(big, workers=2, progress=False).to_dict()
+    inline = check_dataset(big, workers=1, progress=False).to_dict()
+    for key in ("unreadable", "exact_duplicates", "near_duplicates", "class_counts", "sizes"):
+        assert pooled[key] == inline[key]
+    assert json.loads(json.dumps(pooled))["summary"]["files"] == 240
+
+
+def test_unmapped_labels_are_reported(planted):
+    assert check_dataset(planted, workers=1, progress=False).unmapped_labels == {"folder": {"a": 8, "b": 8, "c": 8}}
+
+
+def test_real_pbc_subset(pbc_subset):
+    report = check_dataset(pbc_subset, workers=1, progress=False)
+    assert report.n_files == 48 and not report.unreadable and report.reader == "pbc"
+    assert report.formats == {"JPEG": 48} and report.unmapped_labels == {}
+
+
+def test_cli_check_writes_json(planted, tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["data", "check", str(planted), "--json", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "unreadable files (3)" in res.output and "stolen_a1.png" in res.output
+    data = json.loads(out.read_text())
+    assert data["summary"]["unreadable"] == 3 and data["summary"]["cross_class_duplicates"] == 1
+
+
+@pytest.mark.slow
+def test_full_real_pbc(pbc_root):
+    report = check_dataset(pbc_root, workers=2, progress=False)
+    assert report.n_files == 13_726 and len(report.class_counts) == 8
+    assert [(u["path"].rsplit("/", 2)[-2:], u["reason"]) for u in report.unreadable] == [
+        (["neutrophil", ".DS_169665.jpg"], "not an image or unknown format")]
+    # Byte-identical pairs, counted independently of the report.
+    hashes = Counter(hashlib.sha256(p.read_bytes()).hexdigest() for p in pbc_root.glob("*/*") if p.is_file())
+    assert report.n_duplicate_pairs == sum(n * (n - 1) // 2 for n in hashes.values())
+    cross = [sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[1] for p in d["paths"])
+             for d in report.exact_duplicates if d["cross_class"]]
+    assert ["eosinophil/EO_225902.jpg", "neutrophil/BNE_191112.jpg"] in cross
