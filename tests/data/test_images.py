@@ -182,3 +182,12 @@ def test_jpeg_draft_decodes_small_but_not_below_the_target():
     small = load_image(data, draft_size=64)
     assert min(small.shape[:2]) >= 64 and small.shape[0] < 256
     _check_rgb(load_image(data), 256, 300)
+
+
+def test_non_raster_formats_are_refused(tmp_path):
+    """EPS would run Ghostscript; only raster decoders are allowed."""
+    eps = tmp_path / "x.eps"
+    Image.new("RGB", (8, 8)).save(eps)
+    with pytest.raises(ImageError) as err:
+        load_image(eps)
+    assert err.value.reason == "not an image or unknown format"

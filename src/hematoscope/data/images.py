@@ -16,6 +16,9 @@ import numpy as np
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jfif", ".ppm", ".pgm"}
 )
+#: Pillow decoders allowed to open input: raster formats only, so an upload can never reach
+#: plugins that run external programs (EPS → Ghostscript) or parse exotic containers.
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "PPM")
 #: Default pixel limit: far above any single-cell crop, far below a decompression bomb.
 MAX_PIXELS = 64_000_000
 #: Files larger than this are refused before decoding.
@@ -63,7 +66,7 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
                 w, h = im.size
                 if w <= 0 or h <= 0:
                     raise ImageError("image has no pixels", name)
