@@ -88,7 +88,8 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-@router.api_route("/{analysis_id}/corrections", methods=["PATCH", "POST"], response_model=Analysis)
+@router.patch("/{analysis_id}/corrections", response_model=Analysis, operation_id="patch_corrections")
+@router.post("/{analysis_id}/corrections", response_model=Analysis, operation_id="post_corrections")
 async def set_corrections(analysis_id: str, body: CorrectionsIn, store: StoreDep) -> Analysis:
     """Record the user's label for images of an analysis (``label: null`` removes it)."""
     triples = [(c.index, c.label, c.note) for c in body.corrections]

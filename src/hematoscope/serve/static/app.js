@@ -1,0 +1,411 @@
+// hematoscope web page: upload, results grid, differential chart, corrections, history.
+// Plain browser JavaScript (no build step, no network beyond this server).
+"use strict";
+
+const TOKEN_KEY = "hematoscope.token";
+const PALETTE = ["#6d28d9", "#db2777", "#0891b2", "#ea580c", "#16a34a", "#ca8a04", "#4f46e5",
+                 "#dc2626", "#0d9488", "#9333ea", "#65a30d", "#475569"];
+const $ = (sel) => document.querySelector(sel);
+
+const state = { models: [], analysis: null, showHeat: false, heatOverride: new Map() };
+
+// ---------- helpers ---------------------------------------------------------------------
+function display(label) {
+  if (!label) return "";
+  const s = label.replace(/_/g, " ");
+  return s.charAt(0).toUpperCase() + s.slice(1);
+}
+
+function colorOf(label) {
+  const labels = state.analysis ? state.analysis.labels : [];
+  const i = Math.max(0, labels.indexOf(label));
+  return PALETTE[i % PALETTE.length];
+}
+
+function pct(x) { return `${(100 * x).toFixed(1)}%`; }
+
+function setStatus(text, kind = "") {
+  const el = $("#status");
+  el.textContent = text;
+  el.className = `status ${kind}`;
+}
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (token) headers.set("Authorization", `Bearer ${token}`);
+  const response = await fetch(path, { ...options, headers });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    } catch (_) { /* not JSON */ }
+    if (response.status === 401) detail = "this server needs an API token: enter it at the top right";
+    const err = new Error(`${response.status}: ${detail}`);
+    err.status = response.status;
+    throw err;
+  }
+  return response;
+}
+
+function svgEl(name, attrs = {}, text = null) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (text !== null) el.textContent = text;
+  return el;
+}
+
+// ---------- tabs ------------------------------------------------------------------------
+function selectTab(name) {
+  for (const tab of document.querySelectorAll('[role="tab"]')) {
+    const on = tab.id === `tab-${name}`;
+    tab.setAttribute("aria-selected", String(on));
+    tab.tabIndex = on ? 0 : -1;
+    document.getElementById(tab.getAttribute("aria-controls")).hidden = !on;
+  }
+  if (name === "history") loadHistory();
+}
+
+function initTabs() {
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  tabs.forEach((tab, i) => {
+    tab.addEventListener("click", () => selectTab(tab.id.slice(4)));
+    tab.addEventListener("keydown", (ev) => {
+      if (ev.key !== "ArrowRight" && ev.key !== "ArrowLeft") return;
+      const next = tabs[(i + (ev.key === "ArrowRight" ? 1 : tabs.length - 1)) % tabs.length];
+      next.focus();
+      selectTab(next.id.slice(4));
+    });
+  });
+}
+
+// ---------- models and token ------------------------------------------------------------
+async function loadModels() {
+  const select = $("#model-select");
+  try {
+    const body = await (await api("/api/models")).json();
+    state.models = body.data;
+    select.replaceChildren(...body.data.map((m) => {
+      const opt = new Option(`${m.name} (${m.kind})`, m.name, m.default, m.default);
+      opt.title = `${m.labels.length} classes, explanation: ${m.explanation}`;
+      return opt;
+    }));
+    if (!$("#status").textContent.startsWith("Classif")) setStatus("");
+  } catch (err) {
+    setStatus(`Cannot list models: ${err.message}`, "error");
+  }
+}
+
+function initToken() {
+  const input = $("#token-input");
+  input.value = localStorage.getItem(TOKEN_KEY) || "";
+  input.addEventListener("change", () => {
+    const v = input.value.trim();
+    if (v) localStorage.setItem(TOKEN_KEY, v); else localStorage.removeItem(TOKEN_KEY);
+    loadModels();
+  });
+}
+
+// ---------- upload ----------------------------------------------------------------------
+async function upload(files) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const params = new URLSearchParams({ top_k: "3", gradcam: String($("#gradcam-input").checked) });
+  const model = $("#model-select").value;
+  if (model) params.set("model", model);
+  setStatus(`Classifying ${files.length} file${files.length > 1 ? "s" : ""}…`, "busy");
+  $("#dropzone").classList.add("busy");
+  try {
+    const analysis = await (await api(`/api/predict?${params}`, { method: "POST", body: form })).json();
+    state.showHeat = $("#gradcam-input").checked && analysis.items.some((it) => it.heatmap);
+    showAnalysis(analysis);
+    const n = analysis.n_images - analysis.n_errors;
+    setStatus(`Classified ${n} image${n === 1 ? "" : "s"}` +
+              (analysis.n_errors ? `; ${analysis.n_errors} file(s) could not be read.` : "."), "ok");
+  } catch (err) {
+    setStatus(`Upload failed: ${err.message}`, "error");
+  } finally {
+    $("#dropzone").classList.remove("busy");
+    $("#file-input").value = "";
+  }
+}
+
+function initUpload() {
+  const zone = $("#dropzone");
+  $("#file-input").addEventListener("change", (ev) => upload([...ev.target.files]));
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    zone.addEventListener(name, (ev) => { ev.preventDefault(); zone.classList.remove("over"); });
+  }
+  zone.addEventListener("drop", (ev) => upload([...ev.dataTransfer.files]));
+}
+
+// ---------- results ---------------------------------------------------------------------
+function showAnalysis(analysis) {
+  state.analysis = analysis;
+  state.heatOverride = new Map();
+  $("#results").hidden = false;
+  $("#heatmap-toggle").checked = state.showHeat;
+  $("#heatmap-toggle").disabled = !analysis.items.some((it) => it.heatmap);
+  const when = new Date(analysis.created).toLocaleString();
+  $("#result-title").textContent = `${analysis.n_images} file${analysis.n_images === 1 ? "" : "s"} analysed`;
+  $("#result-meta").textContent = `${when} · model ${analysis.model.name} (${analysis.model.kind}, ` +
+    `id ${analysis.model.id}) · analysis ${analysis.id.slice(0, 8)}`;
+
+  const filter = $("#filter-select");
+  const previous = filter.value;
+  const present = new Set(analysis.items.filter((it) => !it.error).map((it) => it.prediction));
+  const options = [new Option("all images", "all")];
+  for (const label of analysis.labels) {
+    if (present.has(label)) options.push(new Option(display(label), `class:${label}`));
+  }
+  options.push(new Option("abstained or unusual", "flagged"), new Option("corrected", "corrected"));
+  filter.replaceChildren(...options);
+  filter.value = options.some((o) => o.value === previous) ? previous : "all";
+
+  drawChart();
+  renderGrid();
+  const errors = analysis.items.filter((it) => it.error);
+  $("#errors").hidden = errors.length === 0;
+  $("#error-list").replaceChildren(...errors.map((it) => {
+    const li = document.createElement("li");
+    const name = document.createElement("strong");
+    name.textContent = it.source;
+    li.append(name, `: ${it.error}`);
+    return li;
+  }));
+}
+
+function drawChart() {
+  const a = state.analysis;
+  const diff = a.corrected_differential || a.differential;
+  const rows = diff.classes;
+  const width = 640, rowH = 26, labelW = 170, valueW = 90, top = 4;
+  const barMax = width - labelW - valueW;
+  const height = top + rows.length * rowH + 4;
+  const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img",
+                              "aria-labelledby": "chart-title chart-desc", class: "chart" });
+  svg.append(svgEl("title", { id: "chart-title" }, "Differential count, percent per class"));
+  svg.append(svgEl("desc", { id: "chart-desc" },
+    rows.map((r) => `${display(r.label)} ${r.count} (${r.percent.toFixed(1)}%)`).join(", ")));
+  const maxPct = Math.max(1, ...rows.map((r) => r.percent));
+  rows.forEach((r, i) => {
+    const y = top + i * rowH;
+    const g = svgEl("g", { class: "bar-row", "data-label": r.label });
+    g.append(svgEl("text", { x: labelW - 10, y: y + rowH / 2 + 5, "text-anchor": "end", class: "bar-label" },
+                   display(r.label)));
+    g.append(svgEl("rect", { x: labelW, y: y + 4, width: barMax, height: rowH - 8, rx: 4, class: "bar-track" }));
+    const w = (barMax * r.percent) / maxPct;
+    g.append(svgEl("rect", { x: labelW, y: y + 4, width: Math.max(w, r.count ? 2 : 0), height: rowH - 8,
+                             rx: 4, fill: colorOf(r.label), class: "bar" }));
+    g.append(svgEl("text", { x: labelW + barMax + 8, y: y + rowH / 2 + 5, class: "bar-value" },
+                   `${r.percent.toFixed(1)}%  (${r.count})`));
+    svg.append(g);
+  });
+  $("#chart").replaceChildren(svg);
+  $("#chart-note").textContent = a.corrected_differential
+    ? "Includes your corrections." : "Percent of classified cells.";
+  const extra = [];
+  if (diff.abstained) {
+    const why = Object.entries(diff.abstain_reasons).map(([k, v]) => `${v} ${k}`).join(", ");
+    extra.push(`${diff.abstained} abstained (${why}) — not counted`);
+  }
+  if (diff.skipped) extra.push(`${diff.skipped} unreadable`);
+  extra.push(`${diff.classified} of ${diff.total} counted`);
+  $("#chart-extra").textContent = extra.join(" · ");
+}
+
+function visibleItems() {
+  const a = state.analysis;
+  const f = $("#filter-select").value;
+  let items = a.items.filter((it) => !it.error);
+  if (f.startsWith("class:")) items = items.filter((it) => it.prediction === f.slice(6));
+  else if (f === "flagged") items = items.filter((it) => it.abstain || it.ood_flag);
+  else if (f === "corrected") items = items.filter((it) => it.correction);
+  const sort = $("#sort-select").value;
+  const byConf = (x, y) => x.confidence - y.confidence;
+  if (sort === "conf-asc") items.sort(byConf);
+  else if (sort === "conf-desc") items.sort((x, y) => byConf(y, x));
+  else if (sort === "class") {
+    items.sort((x, y) => a.labels.indexOf(x.prediction) - a.labels.indexOf(y.prediction) || byConf(y, x));
+  }
+  return items;
+}
+
+function badge(text, kind, title) {
+  const b = document.createElement("span");
+  b.className = `badge ${kind}`;
+  b.textContent = text;
+  if (title) b.title = title;
+  return b;
+}
+
+function renderCard(it) {
+  const a = state.analysis;
+  const node = $("#card-template").content.firstElementChild.cloneNode(true);
+  node.dataset.index = it.index;
+  node.dataset.prediction = it.prediction;
+  if (it.abstain) node.classList.add("abstained");
+  const img = node.querySelector("img");
+  const heatBtn = node.querySelector(".heat-btn");
+  const heatOn = state.heatOverride.has(it.index) ? state.heatOverride.get(it.index) : state.showHeat;
+  const useHeat = Boolean(it.heatmap) && heatOn;
+  img.src = useHeat ? it.heatmap : it.thumbnail;
+  img.alt = `${it.source}${useHeat ? " with heatmap" : ""}`;
+  if (it.heatmap) {
+    heatBtn.setAttribute("aria-pressed", String(useHeat));
+    heatBtn.title = it.explanation && it.explanation.note ? it.explanation.note : "explanation overlay";
+    heatBtn.setAttribute("aria-label", `Heatmap for ${it.source}`);
+    heatBtn.addEventListener("click", () => {
+      state.heatOverride.set(it.index, !useHeat);
+      node.replaceWith(renderCard(it));
+      document.querySelector(`.card[data-index="${it.index}"] .heat-btn`).focus();
+    });
+  } else {
+    heatBtn.remove();
+  }
+  const source = node.querySelector(".source");
+  source.textContent = it.source.split("/").pop();
+  source.title = it.source;
+  const label = node.querySelector(".pred-label");
+  label.textContent = display(it.prediction);
+  label.style.color = colorOf(it.prediction);
+  const badges = node.querySelector(".badges");
+  if (it.abstain) badges.append(badge(it.abstain_reason || "abstained", "warn", "not counted in the differential"));
+  if (it.ood_flag && it.abstain_reason !== "unlike training data") {
+    badges.append(badge("unusual", "warn", `anomaly score ${it.ood_score}`));
+  }
+  if (it.correction) badges.append(badge(`corrected: ${display(it.correction.label)}`, "ok"));
+  const fill = node.querySelector(".conf-fill");
+  fill.style.width = pct(it.confidence);
+  fill.style.background = colorOf(it.prediction);
+  node.querySelector(".conf-text").textContent = `confidence ${pct(it.confidence)}` +
+    (it.ood_score !== null && it.ood_score !== undefined ? ` · anomaly ${it.ood_score.toFixed(2)}` : "");
+  node.querySelector(".topk").replaceChildren(...it.top_k.map((t) => {
+    const li = document.createElement("li");
+    li.textContent = `${display(t.label)} ${pct(t.prob)}`;
+    return li;
+  }));
+  const select = node.querySelector(".correct-select");
+  select.append(new Option("— as predicted —", ""));
+  for (const lab of a.labels) select.append(new Option(display(lab), lab));
+  select.value = it.correction ? it.correction.label : "";
+  select.setAttribute("aria-label", `Correct label for ${it.source}`);
+  select.addEventListener("change", () => saveCorrection(it.index, select.value || null));
+  return node;
+}
+
+function renderGrid() {
+  const items = visibleItems();
+  $("#grid").replaceChildren(...items.map(renderCard));
+  const ok = state.analysis.items.filter((it) => !it.error).length;
+  $("#shown-count").textContent = `${items.length} of ${ok} shown`;
+}
+
+async function saveCorrection(index, label) {
+  const a = state.analysis;
+  try {
+    const updated = await (await api(`/api/analyses/${a.id}/corrections`, {
+      method: "PATCH",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ corrections: [{ index, label }] }),
+    })).json();
+    const heat = state.heatOverride;
+    showAnalysis(updated);
+    state.heatOverride = heat;
+    renderGrid();
+    document.querySelector(`.card[data-index="${index}"] .correct-select`)?.focus();
+    setStatus(label ? `Saved: image ${index + 1} is ${display(label)}.` : `Correction removed for image ${index + 1}.`, "ok");
+  } catch (err) {
+    setStatus(`Could not save the correction: ${err.message}`, "error");
+  }
+}
+
+async function downloadCsv() {
+  const a = state.analysis;
+  try {
+    const response = await api(`/api/analyses/${a.id}/report.csv`);
+    const blob = await response.blob();
+    const match = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = match ? match[1] : `hematoscope-${a.id.slice(0, 8)}.csv`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  } catch (err) {
+    setStatus(`CSV download failed: ${err.message}`, "error");
+  }
+}
+
+function initResults() {
+  $("#filter-select").addEventListener("change", renderGrid);
+  $("#sort-select").addEventListener("change", renderGrid);
+  $("#heatmap-toggle").addEventListener("change", (ev) => {
+    state.showHeat = ev.target.checked;
+    state.heatOverride = new Map();
+    renderGrid();
+  });
+  $("#csv-button").addEventListener("click", downloadCsv);
+}
+
+// ---------- history ---------------------------------------------------------------------
+async function loadHistory() {
+  try {
+    const body = await (await api("/api/analyses?limit=200")).json();
+    $("#history-empty").hidden = body.data.length > 0;
+    $("#history-body").replaceChildren(...body.data.map((row) => {
+      const tr = document.createElement("tr");
+      const main = row.differential.classes.filter((c) => c.count > 0)
+        .sort((x, y) => y.count - x.count).slice(0, 3)
+        .map((c) => `${display(c.label)} ${c.percent.toFixed(0)}%`).join(", ");
+      const cells = [new Date(row.created).toLocaleString(), row.model.name, row.n_images, row.n_errors,
+                     row.n_corrections, main || "—"];
+      for (const value of cells) {
+        const td = document.createElement("td");
+        td.textContent = value;
+        tr.append(td);
+      }
+      const td = document.createElement("td");
+      const open = document.createElement("button");
+      open.className = "button small-button";
+      open.textContent = "Open";
+      open.setAttribute("aria-label", `Open analysis of ${new Date(row.created).toLocaleString()}`);
+      open.addEventListener("click", () => openAnalysis(row.id));
+      td.append(open);
+      tr.append(td);
+      return tr;
+    }));
+  } catch (err) {
+    setStatus(`Cannot load the history: ${err.message}`, "error");
+  }
+}
+
+async function openAnalysis(id) {
+  try {
+    const analysis = await (await api(`/api/analyses/${id}`)).json();
+    state.showHeat = false;
+    selectTab("analyse");
+    showAnalysis(analysis);
+    setStatus(`Opened analysis ${id.slice(0, 8)}.`, "ok");
+    $("#result-title").focus();
+  } catch (err) {
+    setStatus(`Cannot open the analysis: ${err.message}`, "error");
+  }
+}
+
+// ---------- start -----------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  $("#result-title").tabIndex = -1;
+  initTabs();
+  initToken();
+  initUpload();
+  initResults();
+  $("#history-refresh").addEventListener("click", loadHistory);
+  loadModels();
+});

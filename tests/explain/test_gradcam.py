@@ -1,0 +1,84 @@
+"""Grad-CAM heatmaps: shape, range, class dependence, and that they land on the pixels that
+drive the score (checked with a network whose answer is known)."""
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from hematoscope.explain.gradcam import ExplainNotAvailable, GradCamExplainer, gradcam, overlay_png
+from hematoscope.models.preprocess import Preprocess
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_neural_bundle):
+    from hematoscope.bundle import load_bundle
+
+    return load_bundle(tiny_neural_bundle)
+
+
+@pytest.fixture(scope="module")
+def cell_image():
+    from hematoscope.samples import sample_paths
+    from hematoscope.data.images import load_image
+
+    return load_image(sample_paths()[0])
+
+
+def test_heatmap_shape_range_and_class_dependence(tiny_bundle, cell_image):
+    explainer = GradCamExplainer(tiny_bundle)
+    maps = explainer([cell_image, cell_image], [0, 1])
+    for m in maps:
+        assert m.shape == cell_image.shape[:2] and m.dtype == np.float32
+        assert 0.0 <= m.min() and m.max() <= 1.0
+    assert not np.allclose(maps[0], maps[1], atol=1e-3)
+    # class_index None explains the predicted class
+    predicted = int(tiny_bundle.predict([cell_image]).probs.argmax())
+    np.testing.assert_allclose(gradcam(tiny_bundle, cell_image), explainer([cell_image], [predicted])[0], atol=1e-4)
+
+
+def _stain_detector() -> nn.Module:
+    """Class 0 = "how much purple stain", class 1 = its opposite. Purple pixels have low green,
+    so a 1x1 convolution on -green (after ImageNet normalisation) detects them."""
+    conv = nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.0, -1.0, 0.0]).view(1, 3, 1, 1))
+        conv.bias.fill_(0.0)
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        head.bias.zero_()
+    return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+@pytest.mark.parametrize("preprocess", [Preprocess(size=32), Preprocess(size=32, resize="shorter_crop", crop_pct=0.875)])
+def test_heatmap_lands_on_the_cell(preprocess):
+    image = np.full((90, 60, 3), 235, np.uint8)  # pale background, not square
+    yy, xx = np.mgrid[:90, :60]
+    cell = (yy - 50) ** 2 + (xx - 25) ** 2 < 15 ** 2
+    image[cell] = (120, 40, 170)  # a purple "cell" off centre
+    bundle = SimpleNamespace(net=_stain_detector(), preprocess=preprocess, kind="neural")
+    heat = gradcam(bundle, image, class_index=0)
+    assert heat.shape == (90, 60)
+    assert heat[cell].mean() > 0.5 > 0.1 > heat[~cell & ((yy - 50) ** 2 + (xx - 25) ** 2 > 22 ** 2)].mean()
+
+
+def test_overlay_png(cell_image):
+    heat = np.zeros(cell_image.shape[:2], np.float32)
+    heat[:20, :20] = 1.0
+    full = Image.open(io.BytesIO(overlay_png(cell_image, heat)))
+    assert full.format == "PNG" and full.size == (cell_image.shape[1], cell_image.shape[0])
+    small = Image.open(io.BytesIO(overlay_png(cell_image, heat, max_side=64)))
+    assert max(small.size) == 64
+    pixels = np.asarray(full, dtype=np.int16)
+    assert not np.array_equal(pixels[5, 5], pixels[-5, -5])  # hot corner is coloured differently
+
+
+def test_kinds_without_network_are_refused():
+    with pytest.raises(ExplainNotAvailable, match="not available for 'classical'"):
+        GradCamExplainer(SimpleNamespace(kind="classical", preprocess=Preprocess(size=32)))

@@ -1,0 +1,312 @@
+"""REST API behaviour with FastAPI's TestClient on a tiny neural bundle and real PBC samples."""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _files(*named: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (name, data, "application/octet-stream")) for name, data in named]
+
+
+def _decode_data_url(url: str, mime: str) -> Image.Image:
+    prefix = f"data:{mime};base64,"
+    assert url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
+
+
+def _zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+class TestInfoEndpoints:
+    def test_health(self, client):
+        body = client.get("/api/health").json()
+        assert body["status"] == "ok"
+        assert body["models"] == ["tiny-test"]
+        assert body["analyses"] == 0
+
+    def test_models(self, client, tiny_neural_bundle):
+        from hematoscope.bundle import load_bundle
+
+        body = client.get("/api/models").json()
+        assert body["default"] == "tiny-test"
+        (info,) = body["data"]
+        assert info["labels"] == load_bundle(tiny_neural_bundle).labels
+        assert info["kind"] == "neural" and info["default"] is True
+        assert info["input_size"] == 64
+        assert info["explanation"] == "grad-cam"
+        assert len(info["id"]) == 16
+
+    def test_page_and_static_files(self, client):
+        page = client.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "/static/app.js" in page.text
+        for asset in ("/static/app.js", "/static/style.css"):
+            assert client.get(asset).status_code == 200
+
+    def test_openapi_lists_every_endpoint(self, client):
+        paths = client.get("/openapi.json").json()["paths"]
+        assert {"/api/predict", "/api/models", "/api/health", "/api/analyses", "/api/analyses/{analysis_id}",
+                "/api/analyses/{analysis_id}/report.csv", "/api/analyses/{analysis_id}/corrections"} <= set(paths)
+        assert {"patch", "post"} <= set(paths["/api/analyses/{analysis_id}/corrections"])
+
+
+class TestPredict:
+    def test_batch_with_bad_files(self, client, sample_files, tiny_neural_bundle):
+        from hematoscope.bundle import load_bundle
+
+        good = [(p.name, p.read_bytes()) for p in sample_files]
+        truncated = ("cut.jpg", sample_files[0].read_bytes()[:400])
+        text = ("notes.txt", b"not an image")
+        r = client.post("/api/predict?top_k=3", files=_files(good[0], truncated, *good[1:], text))
+        assert r.status_code == 200, r.text
+        a = r.json()
+        assert a["n_images"] == 5 and a["n_errors"] == 2
+        assert [it["source"] for it in a["items"]] == [good[0][0], "cut.jpg", good[1][0], good[2][0], "notes.txt"]
+        assert a["items"][1]["error"] == "truncated file"
+        assert "not an image" in a["items"][4]["error"]
+
+        # The API answers what the library answers for the same images.
+        expected = load_bundle(tiny_neural_bundle).predict([p for p in sample_files])
+        answered = [it for it in a["items"] if it["error"] is None]
+        assert [it["prediction"] for it in answered] == expected.predicted
+        np.testing.assert_allclose([it["confidence"] for it in answered], expected.confidence, atol=1e-5)
+        for it in answered:
+            probs = [t["prob"] for t in it["top_k"]]
+            assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+            assert it["top_k"][0]["label"] == it["prediction"]
+            thumb = _decode_data_url(it["thumbnail"], "image/jpeg")
+            assert max(thumb.size) <= 128
+            assert it["heatmap"] is None  # not requested
+            assert len(it["sha256"]) == 64
+
+        diff = a["differential"]
+        assert diff["classified"] + diff["abstained"] == 3 and diff["skipped"] == 2 and diff["total"] == 5
+        assert sum(c["count"] for c in diff["classes"]) == diff["classified"]
+        assert client.get("/api/health").json()["analyses"] == 1
+
+    def test_gradcam_overlay(self, client, sample_files):
+        r = client.post("/api/predict?gradcam=true", files=_files((sample_files[0].name, sample_files[0].read_bytes())))
+        (item,) = r.json()["items"]
+        overlay = _decode_data_url(item["heatmap"], "image/png")
+        assert overlay.mode == "RGB" and max(overlay.size) <= 192
+        assert item["explanation"]["method"] == "grad-cam"
+        assert item["explanation"]["target"] == item["prediction"]
+
+    def test_zip_upload(self, client, sample_files, encode):
+        archive = _zip({"cells/" + p.name: p.read_bytes() for p in sample_files[:2]}
+                       | {"__MACOSX/cells/._x.jpg": b"resource fork", "cells/readme.md": b"# notes"})
+        r = client.post("/api/predict", files=_files(("batch.zip", archive), ("single.png", encode(np.full((40, 40, 3), 200, np.uint8)))))
+        a = r.json()
+        sources = [it["source"] for it in a["items"]]
+        assert sources == [f"batch.zip/cells/{sample_files[0].name}", f"batch.zip/cells/{sample_files[1].name}",
+                           "batch.zip/cells/readme.md", "single.png"]
+        assert a["n_errors"] == 1 and "not an image" in a["items"][2]["error"]
+
+    def test_unknown_model_is_404(self, client, sample_files):
+        r = client.post("/api/predict?model=nope", files=_files(("a.jpg", sample_files[0].read_bytes())))
+        assert r.status_code == 404 and "tiny-test" in r.json()["detail"]
+
+    def test_no_readable_image_is_422(self, client):
+        r = client.post("/api/predict", files=_files(("a.jpg", b"garbage"), ("b.png", b"")))
+        assert r.status_code == 422
+        assert "no readable image" in r.json()["detail"] and "empty file" in r.json()["detail"]
+        assert client.get("/api/health").json()["analyses"] == 0
+
+    def test_missing_files_field_is_422(self, client):
+        assert client.post("/api/predict").status_code == 422
+
+    def test_several_models_by_name(self, make_client, tiny_neural_bundle, sample_files):
+        c = make_client(models=[tiny_neural_bundle, tiny_neural_bundle])
+        assert [m["name"] for m in c.get("/api/models").json()["data"]] == ["tiny-test", "tiny-test-2"]
+        r = c.post("/api/predict?model=tiny-test-2", files=_files(("a.jpg", sample_files[0].read_bytes())))
+        assert r.json()["model"]["name"] == "tiny-test-2"
+
+    def test_concurrent_requests(self, client, sample_files):
+        data = sample_files[0].read_bytes()
+
+        def post(i):
+            return client.post("/api/predict", files=_files((f"{i}.jpg", data)))
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(12)))
+        assert [r.status_code for r in responses] == [200] * 12
+        assert len({r.json()["id"] for r in responses}) == 12
+        assert len({r.json()["items"][0]["prediction"] for r in responses}) == 1
+        assert client.get("/api/analyses").json()["count"] == 12
+
+
+class TestLimits:
+    def test_upload_over_limit_is_413(self, make_client, encode):
+        c = make_client(max_upload_mb=0.05)
+        noise = np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8)
+        r = c.post("/api/predict", files=_files(("big.png", encode(noise))))
+        assert r.status_code == 413
+        assert "0.05 MB limit" in r.json()["detail"]
+
+    def test_streamed_upload_over_limit_is_413(self, make_client):
+        c = make_client(max_upload_mb=0.05)
+        boundary = "xyz"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode()
+        chunks = iter([head] + [b"\0" * 16384] * 8 + [f"\r\n--{boundary}--\r\n".encode()])
+        r = c.post("/api/predict", content=chunks,  # no Content-Length: sent chunked
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 413
+
+    def test_image_pixel_limit(self, make_client, encode):
+        c = make_client(max_image_pixels=50 * 50)
+        big, small = encode(np.zeros((60, 60, 3), np.uint8)), encode(np.zeros((40, 40, 3), np.uint8))
+        alone = c.post("/api/predict", files=_files(("big.png", big)))
+        assert alone.status_code == 422 and "too large" in alone.json()["detail"]
+        mixed = c.post("/api/predict", files=_files(("big.png", big), ("small.png", small))).json()
+        assert "too large" in mixed["items"][0]["error"] and mixed["items"][1]["error"] is None
+
+    def test_too_many_files_is_422(self, make_client, encode):
+        c = make_client(max_files=2)
+        img = encode(np.zeros((20, 20, 3), np.uint8))
+        r = c.post("/api/predict", files=_files(("a.zip", _zip({f"{i}.png": img for i in range(3)}))))
+        assert r.status_code == 422 and "more than 2 images" in r.json()["detail"]
+
+    def test_zip_path_traversal_rejected(self, client, encode):
+        archive = _zip({"ok.png": encode(np.zeros((20, 20, 3), np.uint8)), "../../etc/evil.png": b"x"})
+        r = client.post("/api/predict", files=_files(("attack.zip", archive)))
+        assert r.status_code == 422 and "traversal" in r.json()["detail"]
+        assert client.get("/api/health").json()["analyses"] == 0
+
+    def test_zip_bomb_rejected(self, client):
+        archive = _zip({"bomb.png": b"\0" * (24 * 1024 * 1024)})
+        assert len(archive) < 64 * 1024
+        r = client.post("/api/predict", files=_files(("bomb.zip", archive)))
+        assert r.status_code == 422 and "zip bomb" in r.json()["detail"]
+
+    def test_zip_unpacked_size_bounded_by_upload_limit(self, make_client):
+        c = make_client(max_upload_mb=0.02)  # zips may unpack to 8 x the upload limit = 160 KB
+        archive = _zip({f"{i}.png": b"\0" * 50_000 for i in range(4)})  # 200 KB, each below the bomb check
+        assert len(archive) < 0.02 * 2**20
+        r = c.post("/api/predict", files=_files(("many.zip", archive)))
+        assert r.status_code == 422 and "unpacks to more than" in r.json()["detail"]
+
+
+class TestAuth:
+    def test_token_required_except_health_and_page(self, make_client, sample_files):
+        c = make_client(token="s3cret")
+        assert c.get("/api/health").status_code == 200
+        assert c.get("/").status_code == 200
+        assert c.get("/api/models").status_code == 401
+        assert c.get("/api/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/api/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/api/analyses", headers={"X-API-Token": "s3cret"}).status_code == 200
+        files = _files(("a.jpg", sample_files[0].read_bytes()))
+        assert c.post("/api/predict", files=files).status_code == 401
+        r = c.post("/api/predict", files=files, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+        assert c.get(f"/api/analyses/{r.json()['id']}").status_code == 401
+        assert c.get(f"/api/analyses/{r.json()['id']}/report.csv").status_code == 401
+
+    def test_token_from_environment(self, monkeypatch, make_client):
+        monkeypatch.setenv("HEMATOSCOPE_TOKEN", "from-env")
+        c = make_client()
+        assert c.get("/api/models").status_code == 401
+        assert c.get("/api/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+class TestHistory:
+    def _post(self, client, sample_files, n=3):
+        r = client.post("/api/predict", files=_files(*[(p.name, p.read_bytes()) for p in sample_files[:n]],
+                                                     ("bad.jpg", b"nope")))
+        assert r.status_code == 200
+        return r.json()
+
+    def test_list_and_get(self, client, sample_files):
+        first = self._post(client, sample_files, 1)
+        second = self._post(client, sample_files, 3)
+        listing = client.get("/api/analyses").json()
+        assert listing["count"] == 2
+        assert [row["id"] for row in listing["data"]] == [second["id"], first["id"]]
+        assert listing["data"][0]["n_images"] == 4 and listing["data"][0]["n_errors"] == 1
+        assert [row["id"] for row in client.get("/api/analyses?limit=1&offset=1").json()["data"]] == [first["id"]]
+        again = client.get(f"/api/analyses/{second['id']}").json()
+        assert again == second
+        assert client.get("/api/analyses/unknown").status_code == 404
+
+    def test_csv_report(self, client, sample_files):
+        a = self._post(client, sample_files)
+        r = client.get(f"/api/analyses/{a['id']}/report.csv")
+        assert r.headers["content-type"].startswith("text/csv")
+        assert "attachment" in r.headers["content-disposition"]
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        assert [row["source"] for row in rows] == [it["source"] for it in a["items"]]
+        assert [row["prediction"] for row in rows[:3]] == [it["prediction"] for it in a["items"][:3]]
+        assert rows[3]["error"] and rows[3]["prediction"] == ""
+        assert rows[0]["sha256"] == a["items"][0]["sha256"]
+
+    def test_corrections(self, client, sample_files):
+        a = self._post(client, sample_files)
+        labels = a["labels"]
+        target = next(lab for lab in labels if lab != a["items"][0]["prediction"])
+        r = client.patch(f"/api/analyses/{a['id']}/corrections",
+                         json={"corrections": [{"index": 0, "label": target, "note": "checked by hand"}]})
+        assert r.status_code == 200
+        updated = r.json()
+        assert updated["items"][0]["correction"]["label"] == target
+        assert updated["items"][0]["correction"]["note"] == "checked by hand"
+        corrected = {c["label"]: c["count"] for c in updated["corrected_differential"]["classes"]}
+        original = {c["label"]: c["count"] for c in a["differential"]["classes"]}
+        if not a["items"][0]["abstain"]:
+            assert corrected[a["items"][0]["prediction"]] == original[a["items"][0]["prediction"]] - 1
+        assert corrected[target] == original[target] + 1
+        assert updated["differential"] == a["differential"]  # the model's own count is kept
+
+        rows = list(csv.DictReader(io.StringIO(client.get(f"/api/analyses/{a['id']}/report.csv").text)))
+        assert rows[0]["corrected_label"] == target and rows[1]["corrected_label"] == ""
+        assert client.get("/api/analyses").json()["data"][0]["n_corrections"] == 1
+
+        # POST works too, and label null removes the correction.
+        r = client.post(f"/api/analyses/{a['id']}/corrections", json={"corrections": [{"index": 0, "label": None}]})
+        assert r.json()["items"][0]["correction"] is None and r.json()["corrected_differential"] is None
+
+    @pytest.mark.parametrize("body, status, message", [
+        ({"corrections": [{"index": 0, "label": "martian_cell"}]}, 422, "not one of this model's classes"),
+        ({"corrections": [{"index": 99, "label": "neutrophil"}]}, 404, "no image 99"),
+        ({"corrections": [{"index": 3, "label": "neutrophil"}]}, 422, "could not be read"),
+        ({"corrections": []}, 422, None),
+    ])
+    def test_bad_corrections(self, client, sample_files, body, status, message):
+        a = self._post(client, sample_files)
+        r = client.patch(f"/api/analyses/{a['id']}/corrections", json=body)
+        assert r.status_code == status
+        if message:
+            assert message in r.json()["detail"]
+        assert client.get(f"/api/analyses/{a['id']}").json()["items"][0]["correction"] is None
+
+    def test_corrections_on_unknown_analysis(self, client):
+        r = client.patch("/api/analyses/nope/corrections", json={"corrections": [{"index": 0, "label": "neutrophil"}]})
+        assert r.status_code == 404
+
+    def test_survives_restart(self, make_client, sample_files, tmp_path):
+        db = tmp_path / "shared.sqlite3"
+        first = make_client(db=db)
+        a = self._post(first, sample_files)
+        label = a["labels"][0]
+        first.patch(f"/api/analyses/{a['id']}/corrections", json={"corrections": [{"index": 1, "label": label}]})
+        before = first.get(f"/api/analyses/{a['id']}").json()
+        first.__exit__(None, None, None)
+
+        second = make_client(db=db)  # a new app, as after a restart
+        assert second.get("/api/analyses").json()["count"] == 1
+        after = second.get(f"/api/analyses/{a['id']}").json()
+        assert after == before
+        assert after["items"][1]["correction"]["label"] == label

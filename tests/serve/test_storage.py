@@ -1,0 +1,60 @@
+"""The SQLite history: transactional writes, schema versioning, read-back."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from hematoscope.serve.storage import HistoryStore, NotFound, StorageError, StoredItem
+
+MODEL = {"name": "m", "kind": "neural", "id": "abc", "version": "1"}
+LABELS = ["neutrophil", "lymphocyte"]
+DIFF = {"classes": [], "classified": 1, "abstained": 0, "abstain_reasons": {}, "skipped": 1, "total": 2}
+
+
+def _items():
+    ok = {"prediction": "neutrophil", "confidence": 0.9, "abstain": False}
+    return [StoredItem("a.jpg", "0" * 64, ok, b"jpeg", b"png"), StoredItem("b.jpg", "1" * 64, {"error": "empty file"})]
+
+
+def test_round_trip(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    aid = store.add_analysis(MODEL, LABELS, DIFF, _items())
+    got = store.get(aid)
+    assert got.model == MODEL and got.labels == LABELS and got.differential == DIFF
+    assert [(it.source, it.result, it.thumbnail, it.heatmap) for it in got.items] == \
+        [(it.source, it.result, it.thumbnail, it.heatmap) for it in _items()]
+    assert got.n_errors == 1
+    assert store.get(aid, images=False).items[0].thumbnail is None
+    with pytest.raises(NotFound):
+        store.get("missing")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    bad = _items() + [StoredItem("c.jpg", "2" * 64, {"not json": object()})]
+    with pytest.raises(TypeError):
+        store.add_analysis(MODEL, LABELS, DIFF, bad)
+    assert store.list() == ([], 0)
+    with sqlite3.connect(tmp_path / "h.sqlite3") as con:
+        assert con.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 0
+
+
+def test_failed_correction_batch_is_not_half_applied(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    aid = store.add_analysis(MODEL, LABELS, DIFF, _items())
+    with pytest.raises(ValueError, match="could not be read"):
+        store.set_corrections(aid, [(0, "lymphocyte", ""), (1, "lymphocyte", "")])
+    assert store.get(aid).corrections == {}
+    store.set_corrections(aid, [(0, "lymphocyte", "x")])
+    store.set_corrections(aid, [(0, "neutrophil", "y")])  # a second correction replaces the first
+    assert {k: (v["label"], v["note"]) for k, v in store.get(aid).corrections.items()} == {0: ("neutrophil", "y")}
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "h.sqlite3"
+    HistoryStore(path)
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA user_version = 99")
+    with pytest.raises(StorageError, match="upgrade hematoscope"):
+        HistoryStore(path)
