@@ -114,11 +114,11 @@ def segment_cell(image: np.ndarray) -> Segmentation:
     lo, hi = np.percentile(stain, [1, 99])
     if hi - lo < MIN_STAIN_CONTRAST:
         return failed("no stained object (flat colour)")
-    smooth = filters.gaussian(stain, sigma=1.0)
-    # Otsu on a flat-ish histogram can fall inside the background; never accept a threshold that
-    # calls pink/beige (score <= 0.05) material nuclear.
-    thr = max(filters.threshold_otsu(smooth), 0.05)
-    stained = smooth > thr
+    # The threshold comes from the blurred score (robust to JPEG noise) but is applied to the raw
+    # score, so that the blur does not move the nucleus border outwards. Otsu on a flat-ish
+    # histogram can fall inside the background: never call pink/beige (score <= 0.05) nuclear.
+    thr = max(filters.threshold_otsu(filters.gaussian(stain, sigma=1.0)), 0.05)
+    stained = stain > thr
     min_obj = max(4, int(MIN_NUCLEUS_FRACTION * n_px))
     stained = morphology.remove_small_objects(stained, max_size=min_obj - 1)
     stained = ndi.binary_fill_holes(ndi.binary_closing(stained, morphology.disk(1)))
@@ -136,7 +136,7 @@ def segment_cell(image: np.ndarray) -> Segmentation:
         return failed("no stained object near the centre")
     # Lobes of one nucleus lie within a few pixels of each other: group them with the seed.
     seed_mask = labels == seed
-    near = ndi.binary_dilation(seed_mask, morphology.disk(max(2, round(0.03 * WORK_SIZE))))
+    near = ndi.binary_dilation(seed_mask, morphology.disk(max(2, round(0.05 * WORK_SIZE))))
     group = np.unique(labels[near & stained])
     nucleus = np.isin(labels, group[group > 0])
 
