@@ -1,0 +1,23 @@
+from typer.testing import CliRunner
+
+from hematoscope.cli.main import app
+from hematoscope.data.readers import read_dataset
+
+
+def test_readers_lists_every_reader():
+    res = CliRunner().invoke(app, ["data", "readers"])
+    assert res.exit_code == 0
+    for name in ("folder", "csv", "pbc", "matek", "raabin", "cnmc", "bccd", "bloodmnist", "hida"):
+        assert name in res.output
+
+
+def test_synthetic_command_writes_a_dataset(tmp_path):
+    res = CliRunner().invoke(app, ["data", "synthetic", str(tmp_path / "syn"), "--n", "2", "--size", "24"])
+    assert res.exit_code == 0, res.output
+    table = read_dataset(tmp_path / "syn")
+    assert len(table) == 16 and table["canonical"].notna().all()
+
+
+def test_check_unknown_reader_is_a_clean_error(tmp_path):
+    res = CliRunner().invoke(app, ["data", "check", str(tmp_path), "--reader", "nope"])
+    assert res.exit_code == 2 and "unknown reader" in res.output
