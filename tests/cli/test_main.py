@@ -1,0 +1,54 @@
+import csv
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from hematoscope import __version__
+from hematoscope.cli.main import app
+from hematoscope.samples import sample_paths
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"hematoscope {__version__}"
+
+
+def test_help_lists_every_command_group():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("demo", "data", "train", "evaluate", "predict", "features", "fewshot", "classical", "trust",
+                "export", "serve"):
+        assert cmd in result.output
+
+
+def test_help_is_fast_and_imports_no_heavy_library():
+    code = ("import sys, time; t = time.perf_counter(); from hematoscope.cli.main import app; "
+            "heavy = [m for m in ('torch', 'timm', 'sklearn', 'xgboost', 'fastapi', 'onnxruntime', 'skimage', "
+            "'matplotlib', 'pandas') if m in sys.modules]; print(heavy, time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy, seconds = out.rsplit(" ", 1)
+    assert heavy == "[]", f"CLI import pulled in heavy libraries: {heavy}"
+    assert float(seconds) < 1.0
+
+
+def test_demo_classifies_bundled_samples(tiny_neural_bundle, tmp_path):
+    out = tmp_path / "demo.csv"
+    result = runner.invoke(app, ["demo", "--model", str(tiny_neural_bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Differential count" in result.output
+    assert f"/{len(sample_paths())} sample cells classified correctly" in result.output
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(sample_paths())
+
+
+def test_demo_with_missing_model_says_why(tmp_path):
+    result = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "no bundle at" in result.output
