@@ -85,3 +85,13 @@ def test_full_real_pbc(pbc_root):
     cross = [sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[1] for p in d["paths"])
              for d in report.exact_duplicates if d["cross_class"]]
     assert ["eosinophil/EO_225902.jpg", "neutrophil/BNE_191112.jpg"] in cross
+
+
+def test_many_identical_looking_images_stay_fast(tmp_path):
+    """Blank images of different sizes share one phash: one big bucket, compared blockwise."""
+    (tmp_path / "x").mkdir()
+    for i in range(300):
+        Image.new("RGB", (20 + i % 20, 20 + i // 20), (240, 240, 240)).save(tmp_path / "x" / f"{i}.png")
+    report = check_dataset(tmp_path, workers=1, progress=False)
+    assert report.n_files == 300 and not report.exact_duplicates
+    assert len(report.near_duplicates) == 300 * 299 // 2

@@ -187,7 +187,7 @@ def _near_duplicates(paths, labels, infos, ok: list[int], threshold: int) -> lis
 
     Multi-index hashing: split the 64 bits into threshold + 1 blocks; by the pigeonhole
     principle two hashes within the threshold agree exactly on at least one block, so only
-    pairs sharing a block value are compared.
+    files sharing a block value are compared (vectorised, bucket by bucket).
     """
     import numpy as np
 
@@ -196,27 +196,38 @@ def _near_duplicates(paths, labels, infos, ok: list[int], threshold: int) -> lis
     idx = np.array(ok)
     hashes = np.array([infos[i]["phash"] for i in ok], dtype=np.uint64)
     bounds = np.linspace(0, 64, threshold + 2).round().astype(int)
-    candidates = set()
+    found = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         keys = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        for s, e in zip(starts, ends):
-            if e - s > 1:
-                members = order[s:e]
-                a, b = np.triu_indices(len(members), k=1)
-                candidates.update(zip(members[a].tolist(), members[b].tolist()))
-    if not candidates:
-        return []
-    pairs = np.array(sorted(candidates))
-    dist = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
+        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            found.append(_close_pairs(np.sort(order[s:e]), hashes, threshold))
+    pairs = np.unique(np.concatenate(found), axis=0) if found else np.empty((0, 3), np.int64)
     out = []
-    for (i, j), d in zip(pairs[dist <= threshold], dist[dist <= threshold]):
+    for i, j, d in pairs.tolist():
         a, b = int(idx[i]), int(idx[j])
         if infos[a]["sha256"] == infos[b]["sha256"]:
             continue  # reported as an exact duplicate
         out.append({"a": paths[a], "b": paths[b], "label_a": labels[a], "label_b": labels[b],
-                    "distance": int(d), "cross_class": labels[a] != labels[b]})
+                    "distance": d, "cross_class": labels[a] != labels[b]})
     return sorted(out, key=lambda d: (not d["cross_class"], d["distance"], d["a"]))
+
+
+def _close_pairs(members, hashes, threshold: int, rows: int = 512):
+    """(i, j, distance) rows, i < j, for members within ``threshold`` bits; in row blocks so a
+    huge bucket (many blank images) needs bounded memory."""
+    import numpy as np
+
+    h = hashes[members]
+    out = []
+    for r in range(0, len(members), rows):
+        block = h[r:r + rows, None] ^ h[None, :]
+        dist = np.bitwise_count(block)
+        ii, jj = np.nonzero(dist <= threshold)
+        keep = ii + r < jj
+        ii, jj = ii[keep] + r, jj[keep]
+        out.append(np.stack([members[ii], members[jj], dist[ii - r, jj]], axis=1))
+    return np.concatenate(out).astype(np.int64)
