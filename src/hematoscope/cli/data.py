@@ -85,6 +85,8 @@ def check_cmd(
 def _print_report(report, root: Path, limit: int) -> None:
     from rich.table import Table
 
+    from hematoscope.taxonomy import TAXONOMY
+
     out = console()
     base = root if root.is_dir() else root.parent
 
@@ -109,8 +111,6 @@ def _print_report(report, root: Path, limit: int) -> None:
 
     classes = Table("label", "images", "canonical", title="images per class")
     unmapped = {lab for labs in report.unmapped_labels.values() for lab in labs}
-    from hematoscope.taxonomy import TAXONOMY
-
     for label, n in report.class_counts.items():
         canon = "[red]unmapped" if label in unmapped else (TAXONOMY.canonical(report.reader, label) or "")
         classes.add_row(label, f"{n:,}", canon)
