@@ -1,0 +1,56 @@
+"""``hematoscope predict`` end to end on a real (tiny) bundle."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hematoscope.cli.main import app
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_predict_folder_and_zip_with_bad_files(runner, tiny_neural_bundle, messy_folder, messy_zip, tmp_path):
+    out = tmp_path / "preds.json"
+    res = runner.invoke(app, ["predict", "--model", str(tiny_neural_bundle), str(messy_folder), str(messy_zip),
+                              str(messy_folder / "notes.txt"), "--out", str(out), "--top-k", "2",
+                              "--workers", "2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert len(data["predictions"]) == 12
+    assert set(data["predictions"][0]) >= {"source", "prediction", "top2_prob", "abstain"}
+    reasons = {s["source"]: s["reason"] for s in data["skipped"]}
+    assert len(reasons) == 7  # 3 bad files in the folder, the same 3 in the zip, the named notes.txt
+    assert reasons[f"{messy_zip}!a/empty.png"] == "empty file"
+    assert reasons[str(messy_folder / "notes.txt")] == "not an image or unknown format"
+    assert data["differential"]["classified"] + data["differential"]["abstained"] == 12
+    assert "Differential count" in res.output and "truncated file" in res.output
+
+
+def test_abstain_below_and_table_output(runner, tiny_neural_bundle, messy_folder):
+    res = runner.invoke(app, ["predict", "-m", str(tiny_neural_bundle), str(messy_folder / "a"),
+                              "--abstain-below", "1.0"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert res.output.count("abstained (low confidence)") == 3  # every image: nothing reaches p = 1
+    assert "low confidence: 3" in res.output
+
+
+def test_exit_codes(runner, tiny_neural_bundle, messy_folder, tmp_path, monkeypatch):
+    res = runner.invoke(app, ["predict", "-m", str(tiny_neural_bundle), str(messy_folder / "a" / "empty.png")])
+    assert res.exit_code == 1 and "empty file" in res.output
+    evil = tmp_path / "evil.zip"
+    import zipfile
+
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../evil.jpg", b"x")
+    res = runner.invoke(app, ["predict", "-m", str(tiny_neural_bundle), str(evil)])
+    assert res.exit_code == 2 and "path traversal" in res.output
+    import hematoscope.models.default as default
+
+    monkeypatch.setattr(default, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
+    res = runner.invoke(app, ["predict", str(messy_folder)])
+    assert res.exit_code == 2 and "--model" in res.output

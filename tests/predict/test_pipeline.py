@@ -1,0 +1,132 @@
+"""The pipelined predictor: bad files reported, order kept, one preprocessing path, flat memory."""
+from __future__ import annotations
+
+import gc
+import itertools
+
+import numpy as np
+import pytest
+
+from hematoscope import load_bundle
+from hematoscope.bundle.prediction import SkippedFile
+from hematoscope.models.preprocess import Preprocess
+from hematoscope.predict import decode_batches, iter_predictions, predict_paths, predict_sources
+from hematoscope.predict.pipeline import worker_resizer
+from hematoscope.predict.sources import ImageSource, expand_paths
+from hematoscope.samples import sample_paths
+
+BAD_REASONS = {"truncated.jpg": "truncated file", "empty.png": "empty file",
+               "text.jpg": "not an image or unknown format"}
+
+
+def _check_messy_result(pred, prefix: str):
+    assert len(pred) == 6
+    assert [s.rsplit("/", 1)[-1] for s in pred.sources] == [f"cell_{i}.jpg" for i in range(6)]
+    assert all(s.startswith(prefix) for s in pred.sources)
+    # cell_i is dominated by colour channel i % 3, which is the ColourBundle's class index
+    assert pred.probs.argmax(1).tolist() == [i % 3 for i in range(6)]
+    assert {s.source.rsplit("/", 1)[-1]: s.reason for s in pred.skipped} == BAD_REASONS
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_folder_with_bad_files_goes_on_and_reports_them(colour_bundle, messy_folder, workers):
+    pred = predict_paths(colour_bundle, [messy_folder], batch_size=4, workers=workers)
+    _check_messy_result(pred, str(messy_folder))
+
+
+def test_zip_with_bad_files_goes_on_and_reports_them(colour_bundle, messy_zip):
+    pred = predict_paths(colour_bundle, [messy_zip], batch_size=5)
+    _check_messy_result(pred, f"{messy_zip}!")
+
+
+def test_streaming_yields_one_prediction_per_batch(colour_bundle, messy_folder):
+    parts = list(iter_predictions(colour_bundle, [messy_folder], batch_size=4))
+    assert [len(p) + len(p.skipped) for p in parts] == [4, 4, 1]
+    assert sum(len(p.skipped) for p in parts) == 3
+
+
+def test_pre_resizing_in_workers_is_a_no_op_for_the_model(images):
+    image = images.colour(1, size=90)
+    for pre in (Preprocess(size=32), Preprocess(size=32, resize="shorter_crop", crop_pct=1.0)):
+        once = pre.resize_image(image)
+        assert worker_resizer(pre) is not None
+        np.testing.assert_array_equal(pre.resize_image(once), once)
+        np.testing.assert_array_equal(pre([once]), pre([image]))
+    assert worker_resizer(Preprocess(size=32, resize="shorter_crop", crop_pct=0.875)) is None
+
+
+def test_same_results_as_bundle_predict_without_draft(tiny_neural_bundle):
+    """The pipeline only moves work into threads: with JPEG draft off it must give exactly the
+    probabilities of Bundle.predict on the same files."""
+    bundle = load_bundle(tiny_neural_bundle)
+    paths = sample_paths()[:12]
+    piped = predict_paths(bundle, paths, batch_size=5, workers=2, draft=False)
+    direct = bundle.predict(paths)
+    assert piped.sources == direct.sources
+    np.testing.assert_array_equal(piped.probs, direct.probs)
+
+
+def test_draft_decoding_keeps_at_least_the_model_size(tmp_path, images):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(images.encode(images.colour(2, size=400)))
+    [drafted] = next(decode_batches([ImageSource(str(big), big)], Preprocess(size=96, resize="shorter_crop",
+                                                                             crop_pct=0.5))).images
+    assert min(drafted.shape[:2]) >= 192  # DCT scaling stops at size / crop_pct
+    assert min(drafted.shape[:2]) < 400   # but did scale down
+
+
+def _rss_growth_streaming(bundle, folder, n_items: int) -> float:
+    """Peak MB of resident memory gained while streaming n_items through the pipeline (the items
+    themselves are generated lazily: nothing but the pipeline may hold them)."""
+    import psutil
+
+    files = sorted(folder.glob("*.png"))
+
+    def stream(n):
+        return (ImageSource(str(f), f) for f in itertools.islice(itertools.cycle(files), n))
+
+    proc = psutil.Process()
+    peak = 0
+
+    def run(n):
+        nonlocal peak
+        counted = 0
+        for pred in predict_sources(bundle, stream(n), batch_size=32, workers=2):
+            assert not pred.skipped
+            counted += len(pred)
+            peak = max(peak, proc.memory_info().rss)
+        return counted
+
+    run(200)  # warm-up: thread pool, allocator arenas, imports
+    gc.collect()
+    baseline = peak = proc.memory_info().rss
+    assert run(n_items) == n_items
+    return (peak - baseline) / 1e6
+
+
+@pytest.fixture
+def small_pngs(tmp_path, images):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(200):
+        (folder / f"{i:03d}.png").write_bytes(images.encode(images.colour(i % 3, size=24, seed=i), "PNG"))
+    return folder
+
+
+# Workers hand 128 px images (48 KB each): buffering the whole stream would cost 74 MB at 1.5k
+# images and 1 GB at 20k, far above the bound.
+def test_memory_stays_flat_on_a_stream(colour_bundle_128, small_pngs):
+    assert _rss_growth_streaming(colour_bundle_128, small_pngs, 1_500) < 25
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_on_a_long_stream(colour_bundle_128, small_pngs):
+    assert _rss_growth_streaming(colour_bundle_128, small_pngs, 20_000) < 25
+
+
+def test_all_bad_input_gives_an_empty_prediction_with_reasons(colour_bundle, messy_folder):
+    pred = predict_paths(colour_bundle, [messy_folder / "a" / "empty.png", messy_folder / "missing.jpg"])
+    assert len(pred) == 0 and pred.labels == colour_bundle.labels
+    assert pred.skipped == [SkippedFile(str(messy_folder / "a" / "empty.png"), "empty file"),
+                            SkippedFile(str(messy_folder / "missing.jpg"), "file not found")]
+    assert expand_paths([]) == []

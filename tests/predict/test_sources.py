@@ -1,0 +1,68 @@
+"""Expanding PATH arguments: files, folders, globs, zips; what is reported, what is refused."""
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+from hematoscope.bundle.prediction import SkippedFile
+from hematoscope.data.archive import UnsafeArchiveError
+from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
+
+
+def _names(items):
+    return [i.name if isinstance(i, ImageSource) else ("SKIP", i.source, i.reason) for i in items]
+
+
+def test_folder_is_recursive_sorted_and_ignores_non_images(messy_folder):
+    items = expand_paths([messy_folder])
+    names = [i.name for i in items]
+    assert all(isinstance(i, ImageSource) for i in items)
+    assert names == sorted(names) and len(names) == 9  # 6 good + 3 bad with image extensions
+    assert not any(n.endswith("notes.txt") for n in names)
+    assert str(messy_folder / "b" / "deep" / "cell_5.jpg") in names
+
+
+def test_named_files_are_attempted_and_missing_ones_reported(messy_folder, tmp_path):
+    notes = messy_folder / "notes.txt"
+    items = expand_paths([notes, tmp_path / "nope.jpg", str(tmp_path / "*.png")])
+    assert items[0] == ImageSource(str(notes), notes)  # named: the decoder will say why it fails
+    assert items[1] == SkippedFile(str(tmp_path / "nope.jpg"), "file not found")
+    assert items[2] == SkippedFile(str(tmp_path / "*.png"), "no file matches this pattern")
+
+
+def test_glob_takes_images_and_recurses_into_matched_folders(messy_folder):
+    items = expand_paths([str(messy_folder / "**" / "cell_*.jpg")])
+    assert [i.path.name for i in items] == [f"cell_{i}.jpg" for i in range(6)]
+    items = expand_paths([str(messy_folder / "*")])  # matches folders a, b and notes.txt
+    assert len(items) == 9 and all(isinstance(i, ImageSource) for i in items)
+
+
+def test_zip_members_are_named_inside_the_archive(messy_zip):
+    items = expand_paths([messy_zip])
+    names = [i.name for i in items]
+    assert names[0] == f"{messy_zip}!a/cell_0.jpg"
+    assert len(names) == 9 and not any("__MACOSX" in n or "notes" in n for n in names)
+    reader = ArchiveReader()
+    try:
+        assert reader.read(items[0])[:2] == b"\xff\xd8"  # a JPEG
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("evil", ["../evil.jpg", "/abs/evil.jpg", "a/../../evil.jpg"])
+def test_zip_with_path_traversal_is_refused(tmp_path, evil):
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("good.jpg", b"x")
+        zf.writestr(zipfile.ZipInfo(evil), b"payload")
+    with pytest.raises(UnsafeArchiveError, match="path traversal"):
+        expand_paths([path])
+
+
+def test_corrupt_zip_is_reported_not_fatal(tmp_path):
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"PK\x03\x04 this is no zip")
+    [item] = expand_paths([bad])
+    assert isinstance(item, SkippedFile) and item.source == str(bad)
+    assert item.reason.startswith("not a readable zip file")
