@@ -88,7 +88,7 @@ class TestPredict:
             assert len(probs) == 3 and probs == sorted(probs, reverse=True)
             assert it["top_k"][0]["label"] == it["prediction"]
             thumb = _decode_data_url(it["thumbnail"], "image/jpeg")
-            assert max(thumb.size) <= 128
+            assert max(thumb.size) <= 192
             assert it["heatmap"] is None  # not requested
             assert len(it["sha256"]) == 64
 

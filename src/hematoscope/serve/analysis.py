@@ -16,7 +16,7 @@ import numpy as np
 from hematoscope.serve.deps import ServedModel
 from hematoscope.serve.storage import StoredItem
 
-THUMBNAIL_SIDE = 128
+THUMBNAIL_SIDE = 192
 HEATMAP_SIDE = 192
 #: Images explained per Grad-CAM call (bounds the memory of the backward pass).
 EXPLAIN_BATCH = 16

@@ -119,7 +119,7 @@ async function upload(files) {
   $("#dropzone").classList.add("busy");
   try {
     const analysis = await (await api(`/api/predict?${params}`, { method: "POST", body: form })).json();
-    state.showHeat = $("#gradcam-input").checked && analysis.items.some((it) => it.heatmap);
+    state.showHeat = false;  // cells first; overlays on demand
     showAnalysis(analysis);
     const n = analysis.n_images - analysis.n_errors;
     setStatus(`Classified ${n} image${n === 1 ? "" : "s"}` +
@@ -209,14 +209,19 @@ function drawChart() {
   $("#chart").replaceChildren(svg);
   $("#chart-note").textContent = a.corrected_differential
     ? "Includes your corrections." : "Percent of classified cells.";
-  const extra = [];
-  if (diff.abstained) {
-    const why = Object.entries(diff.abstain_reasons).map(([k, v]) => `${v} ${k}`).join(", ");
-    extra.push(`${diff.abstained} abstained (${why}) — not counted`);
-  }
-  if (diff.skipped) extra.push(`${diff.skipped} unreadable`);
-  extra.push(`${diff.classified} of ${diff.total} counted`);
-  $("#chart-extra").textContent = extra.join(" · ");
+  const unusual = a.items.filter((it) => !it.error && it.ood_flag).length;
+  const stats = [["Counted", diff.classified], ["Abstained", diff.abstained], ["Unusual", unusual],
+                 ["Unreadable", diff.skipped], ["Total", diff.total]];
+  $("#stats").replaceChildren(...stats.flatMap(([name, value]) => {
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = name;
+    dd.textContent = value;
+    if (name === "Abstained" && diff.abstained) {
+      dd.title = Object.entries(diff.abstain_reasons).map(([k, v]) => `${v} ${k}`).join(", ");
+    }
+    return [dt, dd];
+  }));
 }
 
 function visibleItems() {

@@ -1,0 +1,166 @@
+"""The real page in headless Chromium: upload the bundled samples, read the classes and the
+count chart, toggle a heatmap, correct a label, download the CSV, open the history.
+
+Runs the real server (uvicorn, loopback, free port) on the shipped default model when it is
+installed, else on the tiny test bundle. Screenshots go to test-artifacts/ at the repo root.
+"""
+from __future__ import annotations
+
+import csv
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+pytestmark = pytest.mark.browser
+
+
+def _display(label: str) -> str:
+    s = label.replace("_", " ")
+    return s[:1].upper() + s[1:]
+
+
+@pytest.fixture
+def server_url(tiny_neural_bundle, tmp_path):
+    import uvicorn
+
+    from hematoscope.models.default import DEFAULT_MODEL_DIR
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+
+    model = DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else tiny_neural_bundle
+    app = create_app(Settings(models=[model], db=tmp_path / "history.sqlite3"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def page():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install the Debian packages chromium and chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        context = browser.new_context(viewport={"width": 1366, "height": 900}, accept_downloads=True)
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield pg
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
+    import httpx
+
+    from hematoscope.samples import sample_paths
+
+    samples = sample_paths()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(server_url + "/")
+    page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+
+    page.set_input_files("#file-input", [str(p) for p in samples])
+    page.wait_for_selector(f".card >> nth={len(samples) - 1}", timeout=120_000)
+    assert page.locator(".card").count() == len(samples)
+
+    # The classes on the page are the ones the API stored for this analysis.
+    listing = httpx.get(server_url + "/api/analyses").json()
+    analysis = httpx.get(f"{server_url}/api/analyses/{listing['data'][0]['id']}").json()
+    shown = page.locator(".card .pred-label").all_inner_texts()
+    assert shown == [_display(it["prediction"]) for it in analysis["items"]]
+
+    # The chart has one bar per class and its counts add up to the classified cells.
+    bars = page.locator("#chart svg .bar-row")
+    assert bars.count() == len(analysis["labels"])
+    counts = [int(t.rsplit("(", 1)[1].rstrip(")")) for t in page.locator("#chart svg .bar-value").all_text_contents()]
+    assert sum(counts) == analysis["differential"]["classified"]
+
+    # Heatmaps were computed but cells show first; a card's button and the global toggle flip them.
+    first = page.locator(".card").first
+    assert first.locator("img").get_attribute("src").startswith("data:image/jpeg")
+    first.locator(".heat-btn").click()
+    first = page.locator(".card").first
+    assert first.locator("img").get_attribute("src").startswith("data:image/png")
+    assert first.locator(".heat-btn").get_attribute("aria-pressed") == "true"
+    page.locator("#heatmap-toggle").check()
+    assert all(src.startswith("data:image/png") for src in
+               page.locator(".card img").evaluate_all("els => els.map(e => e.getAttribute('src'))"))
+    page.locator("#heatmap-toggle").uncheck()
+    page.locator(".card").nth(1).locator(".heat-btn").click()  # one overlay on, for the screenshot
+
+    # Filter by the first card's class shows only that class.
+    predicted = analysis["items"][0]["prediction"]
+    page.select_option("#filter-select", f"class:{predicted}")
+    assert set(page.locator(".card .pred-label").all_inner_texts()) == {_display(predicted)}
+    page.select_option("#filter-select", "all")
+    page.select_option("#sort-select", "conf-asc")
+    confidences = [it["confidence"] for it in analysis["items"]]
+    first_src = page.locator(".card .source").first.inner_text()
+    assert first_src == Path(analysis["items"][confidences.index(min(confidences))]["source"]).name
+    page.select_option("#sort-select", "order")
+
+    # Correct the first image by hand: kept with the analysis.
+    new_label = next(lab for lab in analysis["labels"] if lab != predicted)
+    page.locator(".card").first.locator(".correct-select").select_option(new_label)
+    page.wait_for_selector(".card .badge.ok")
+    assert page.locator("#status").inner_text().startswith("Saved")
+    stored = httpx.get(f"{server_url}/api/analyses/{analysis['id']}").json()
+    assert stored["items"][0]["correction"]["label"] == new_label
+    page.screenshot(path=str(ARTIFACTS / "serve_results.png"), full_page=True)
+
+    # CSV download, with the correction in it.
+    with page.expect_download() as download:
+        page.click("#csv-button")
+    target = tmp_path / download.value.suggested_filename
+    download.value.save_as(target)
+    rows = list(csv.DictReader(target.open(encoding="utf-8")))
+    assert len(rows) == len(samples)
+    assert rows[0]["corrected_label"] == new_label
+    assert [r["prediction"] for r in rows] == [it["prediction"] for it in analysis["items"]]
+
+    # History tab lists the analysis and reopens it.
+    page.click("#tab-history")
+    page.wait_for_selector("#history-body tr")
+    assert page.locator("#history-body tr").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "serve_history.png"))
+    page.locator("#history-body tr button").first.click()
+    page.wait_for_selector("#view-analyse:not([hidden]) .card")
+    assert page.locator(".card").count() == len(samples)
+
+
+def test_keyboard_and_token(server_url, page):
+    page.goto(server_url + "/")
+    # Keyboard: Tab reaches the tabs, the model picker, the token field and the file chooser.
+    focused = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id || document.activeElement.textContent.trim()"))
+    assert {"tab-analyse", "model-select", "token-input", "file-input"} <= set(focused)
+    # Arrow keys move between the tabs.
+    page.focus("#tab-analyse")
+    page.keyboard.press("ArrowRight")
+    assert page.locator("#view-history").is_visible() and not page.locator("#view-analyse").is_visible()
+    # The token is remembered in localStorage.
+    page.fill("#token-input", "abc123")
+    page.dispatch_event("#token-input", "change")
+    page.reload()
+    assert page.input_value("#token-input") == "abc123"
