@@ -262,7 +262,7 @@ def is_bundle_path(backbone: str | Path) -> bool:
 def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str | Path | None = None,
                    size: int | None = None, tta: bool = False, pooling: str | None = None,
                    layers: int = DEFAULT_LAYERS, batch_size: int = 32, preprocess: Preprocess | None = None,
-                   bundle=None) -> FeatureExtractor:
+                   model_kwargs: dict | None = None, bundle=None) -> FeatureExtractor:
     """Build a feature extractor from a timm name or a bundle path.
 
     Args:
@@ -277,6 +277,7 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         layers: intermediate blocks pooled by ``"meanstd"``.
         batch_size: images per forward pass.
         preprocess: explicit preprocessing (overrides ``size``).
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": 224}`` for ViTs).
         bundle: an already loaded bundle to use instead of loading ``backbone``.
 
     Raises:
@@ -306,7 +307,10 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
     weights = str(weights)
     local = Path(weights)
     weights_id = f"sha256:{_hash_file(local)[:20]}" if local.is_file() else weights
-    model = create_backbone(arch, num_classes=0, weights=weights)
+    model_kwargs = dict(model_kwargs or {})
+    model = create_backbone(arch, num_classes=0, weights=weights, **model_kwargs)
+    if arch.startswith("hf-hub:"):  # rebuildable offline later from the copied weights
+        arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture", arch)
     if pooling is None:
         pooling = "meanstd" if arch.startswith(_MEANSTD_DEFAULT) else "pooled"
     if preprocess is None:
@@ -314,8 +318,9 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         preprocess = Preprocess(size=size or DEFAULT_SIZE, resize="squash",
                                 mean=tuple(cfg.get("mean", Preprocess().mean)),
                                 std=tuple(cfg.get("std", Preprocess().std)))
-    source = {"arch": arch, "weights": weights, "weights_id": weights_id}
-    return TimmFeatureExtractor(model, preprocess, f"timm:{arch}|w={weights_id}", pooling=pooling,
+    source = {"arch": arch, "weights": weights, "weights_id": weights_id, "model_kwargs": model_kwargs}
+    kw = json.dumps(model_kwargs, sort_keys=True) if model_kwargs else ""
+    return TimmFeatureExtractor(model, preprocess, f"timm:{arch}{kw}|w={weights_id}", pooling=pooling,
                                 layers=layers, source=source, tta=tta, batch_size=batch_size)
 
 

@@ -1,0 +1,234 @@
+"""Few-shot bundle (kind ``"fewshot"``): a frozen backbone + a scikit-learn head on its features.
+
+It behaves like any other bundle (``load_bundle``, ``Bundle.predict``, ``hematoscope predict`` /
+``evaluate``, the web app): ``forward`` returns log-probabilities as logits and the backbone
+features for the out-of-distribution scorer.
+
+Files (besides the common ``config.json``, ``metrics.json``, ``README.md``, ``ood.safetensors``)::
+
+    head.safetensors       training features, target indices and probe probabilities
+    backbone.safetensors   backbone weights, when they came from a file, URL or hub (the offline
+                           ImageNet Lite0 is referenced by name instead)
+    backbone/              the source bundle, when features come from another bundle
+
+The head is refitted from the stored features at load (see :mod:`hematoscope.fewshot.heads`);
+the stored probe probabilities must be reproduced, else loading fails loudly.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hematoscope.bundle.base import Bundle, BundleConfig, BundleError, ModelOutput, register_bundle_kind
+from hematoscope.fewshot.features import FeatureExtractor, TimmFeatureExtractor, load_extractor
+from hematoscope.fewshot.heads import HeadSpec
+from hematoscope.models.backbones import OFFLINE_WEIGHTS
+
+HEAD_FILE = "head.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_DIR = "backbone"
+#: Probabilities are clipped here before the log, so log-probabilities stay finite.
+MIN_PROB = 1e-6
+_PROBE_ROWS = 16
+_PROBE_TOL = 1e-4
+
+
+@register_bundle_kind("fewshot")
+class FewShotBundle(Bundle):
+    """Frozen-feature classifier.
+
+    Args:
+        config: the bundle config (``model`` holds ``backbone`` and ``head`` descriptions).
+        extractor: the feature extractor (backbone + preprocessing + TTA).
+        head: a fitted scikit-learn pipeline whose classes are indices into ``config.labels``.
+        train_features, train_targets: what the head was fitted on (kept for refit at load).
+    """
+
+    def __init__(self, config: BundleConfig, extractor: FeatureExtractor, head, train_features: np.ndarray,
+                 train_targets: np.ndarray, metrics: dict | None = None, path: Path | None = None):
+        super().__init__(config, metrics, path)
+        self.extractor = extractor
+        self.head = head
+        self.train_features = np.asarray(train_features, np.float32)
+        self.train_targets = np.asarray(train_targets, np.int64)
+
+    @classmethod
+    def fit(cls, extractor: FeatureExtractor, features: np.ndarray, y: Sequence[str], *,
+            head: str | HeadSpec = "lr", labels: Sequence[str] | None = None, name: str = "fewshot",
+            training: dict | None = None, data_sources: Sequence[str] = ()) -> "FewShotBundle":
+        """Fit a head on precomputed features and wrap it as a bundle.
+
+        Args:
+            extractor: the extractor that produced ``features``.
+            features: (N, D) training features.
+            y: class name of each row (canonical names).
+            head: head name or spec.
+            labels: class names in output order (default: sorted unique ``y``).
+            name: bundle name.
+            training: recipe details recorded in ``config.training``.
+            data_sources: dataset names recorded in the config.
+
+        Raises:
+            ValueError: fewer than two classes, or a label of ``y`` not in ``labels``.
+        """
+        spec = head if isinstance(head, HeadSpec) else HeadSpec(head)
+        labels = list(labels) if labels is not None else sorted({str(v) for v in y})
+        if len(labels) < 2:
+            raise ValueError(f"need at least 2 classes to fit a head; got {labels}")
+        index = {lab: i for i, lab in enumerate(labels)}
+        unknown = sorted({str(v) for v in y} - set(index))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among {labels}")
+        targets = np.array([index[str(v)] for v in y], np.int64)
+        t0 = time.perf_counter()
+        pipeline = spec.build().fit(np.asarray(features, np.float32), targets)
+        fit_seconds = time.perf_counter() - t0
+        from hematoscope.taxonomy import TAXONOMY_VERSION
+
+        config = BundleConfig(
+            kind="fewshot", name=name, labels=labels, taxonomy_version=TAXONOMY_VERSION,
+            preprocess=extractor.preprocess.to_dict(),
+            model={"backbone": extractor.describe(), "tta": extractor.tta, "head": spec.to_dict(),
+                   "feature_dim": int(np.shape(features)[1]), "extractor_identity": extractor.identity},
+            training={**(training or {}), "n_train": int(len(targets)),
+                      "per_class": {lab: int((targets == i).sum()) for i, lab in enumerate(labels)},
+                      "head_fit_seconds": round(fit_seconds, 3)},
+            data_sources=list(data_sources),
+        )
+        return cls(config, extractor, pipeline, features, targets)
+
+    # --- inference -----------------------------------------------------------------------
+    def logits_from_features(self, features: np.ndarray) -> np.ndarray:
+        """Log-probabilities (N, C) in ``labels`` order from backbone features."""
+        proba = self.head.predict_proba(np.asarray(features, np.float32))
+        full = np.full((len(proba), len(self.labels)), MIN_PROB)
+        full[:, self.head.classes_] = np.maximum(proba, MIN_PROB)
+        full /= full.sum(1, keepdims=True)
+        return np.log(full)
+
+    def forward(self, images: Sequence[np.ndarray]) -> ModelOutput:
+        feats = self.extractor.embed_arrays(list(images))
+        return ModelOutput(self.logits_from_features(feats), feats)
+
+    def outputs(self, features: np.ndarray) -> ModelOutput:
+        """ModelOutput for precomputed features (for trust fitting and evaluation)."""
+        return ModelOutput(self.logits_from_features(features), np.asarray(features, np.float32))
+
+    # --- persistence ---------------------------------------------------------------------
+    def _save_weights(self, directory: Path) -> None:
+        from safetensors.numpy import save_file
+
+        from hematoscope import _io
+
+        probe = self.head.predict_proba(self.train_features[:_PROBE_ROWS]).astype(np.float64)
+        with _io.atomic_path(directory / HEAD_FILE, ".safetensors") as tmp:
+            save_file({"features": np.ascontiguousarray(self.train_features),
+                       "targets": self.train_targets, "probe": probe}, str(tmp))
+        backbone = self.config.model["backbone"]
+        if backbone["type"] == "bundle":
+            self.extractor.bundle.save(directory / BACKBONE_DIR)
+        elif backbone.get("weights") != OFFLINE_WEIGHTS:
+            from safetensors.torch import save_file as save_torch
+
+            if not isinstance(self.extractor, TimmFeatureExtractor):
+                raise BundleError(f"cannot save backbone weights of a {type(self.extractor).__name__}")
+            state = {k: v.detach().contiguous() for k, v in self.extractor.model.state_dict().items()}
+            with _io.atomic_path(directory / BACKBONE_FILE, ".safetensors") as tmp:
+                save_torch(state, str(tmp))
+
+    @classmethod
+    def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "FewShotBundle":
+        from safetensors.numpy import load_file
+
+        from hematoscope.models.preprocess import Preprocess
+
+        m = config.model
+        backbone, tta = m["backbone"], bool(m.get("tta", False))
+        if backbone["type"] == "bundle":
+            extractor = load_extractor(directory / BACKBONE_DIR, tta=tta)
+        elif backbone["type"] == "timm":
+            weights = OFFLINE_WEIGHTS if backbone.get("weights") == OFFLINE_WEIGHTS else directory / BACKBONE_FILE
+            extractor = load_extractor(backbone["arch"], weights=weights, tta=tta,
+                                       preprocess=Preprocess.from_dict(config.preprocess),
+                                       pooling=backbone.get("pooling"), layers=backbone.get("layers", 4),
+                                       model_kwargs=backbone.get("model_kwargs"))
+        else:
+            raise BundleError(f"unknown few-shot backbone type {backbone['type']!r}")
+        arrays = load_file(str(directory / HEAD_FILE))
+        spec = HeadSpec.from_dict(m["head"])
+        head = spec.build().fit(arrays["features"], arrays["targets"])
+        probe = head.predict_proba(arrays["features"][:_PROBE_ROWS])
+        if probe.shape != arrays["probe"].shape or np.abs(probe - arrays["probe"]).max() > _PROBE_TOL:
+            raise BundleError(f"{directory}: the refitted {spec.name} head does not reproduce the saved "
+                              "probabilities (different scikit-learn version?); refit the bundle")
+        return cls(config, extractor, head, arrays["features"], arrays["targets"], metrics, directory)
+
+
+def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: int | None = 50,
+                       head: str | HeadSpec = "lr", seed: int = 0, val_per_class: int | None = None,
+                       name: str | None = None, ood_method: str = "knn",
+                       progress: bool = True) -> tuple[FewShotBundle, dict[str, Any]]:
+    """Draw ``labels_per_class`` images per class from ``table``, fit a head on their features,
+    and calibrate it (temperature, OOD scorer, abstain threshold) on a disjoint validation draw.
+
+    The validation draw (``val_per_class``, default between 10 and 50 matching the shots) comes
+    from the images not used for training; when fewer than 5 per class remain, trust fitting
+    is skipped and the reason recorded in ``metrics["trust"]``.
+
+    Returns:
+        (bundle, report) where report holds counts, timings and the trust report.
+
+    Raises:
+        ValueError: no readable images, or fewer than two classes.
+    """
+    from hematoscope.fewshot.bench import class_column
+    from hematoscope.fewshot.shots import sample_shots
+
+    y_all = class_column(table)
+    paths = table["path"].astype(str).to_numpy()
+    draw = sample_shots(y_all, labels_per_class, seed=seed)
+    t0 = time.perf_counter()
+    fs = extractor.extract(list(paths[draw.indices]), progress=progress)
+    extract_seconds = time.perf_counter() - t0
+    if len(fs.features) == 0:
+        raise ValueError("none of the drawn training images could be read")
+    y_train = y_all[draw.indices][fs.ok]
+    datasets = sorted({str(d) for d in table["dataset"]}) if "dataset" in table else []
+    training = {"method": "frozen features + head", "labels_per_class": labels_per_class, "seed": seed,
+                "short_classes": draw.short, "skipped": [s.source for s in fs.skipped]}
+    bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=head, name=name or f"fewshot-{head}",
+                               training=training, data_sources=datasets)
+    report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),
+                              "head_fit_seconds": bundle.config.training["head_fit_seconds"],
+                              "short_classes": draw.short}
+
+    rest = np.setdiff1d(np.arange(len(table)), draw.indices)
+    n_val = val_per_class or int(min(50, max(10, labels_per_class or 50)))
+    vdraw = sample_shots(y_all[rest], n_val, seed=seed + 1)
+    counts = {c: int((y_all[rest][vdraw.indices] == c).sum()) for c in bundle.labels}
+    if min(counts.values()) < 5:
+        reason = f"too few images left for a validation part ({counts}); trust not fitted"
+        bundle.metrics["trust"] = {"skipped": reason}
+        report["trust"] = {"skipped": reason}
+        return bundle, report
+    vfs = extractor.extract(list(paths[rest][vdraw.indices]), progress=progress)
+    y_val = y_all[rest][vdraw.indices][vfs.ok]
+    keep = np.isin(y_val, bundle.labels)
+    from hematoscope.trust import fit_trust
+
+    method = ood_method if len(y_train) >= 10 else "mahalanobis"
+    trust = fit_trust(bundle, train=(bundle.outputs(fs.features), y_train),
+                      val=(bundle.outputs(vfs.features[keep]), y_val[keep]), method=method)
+    bundle.config.training["val_labels_per_class"] = n_val
+    val_pred = np.asarray(bundle.labels)[bundle.logits_from_features(vfs.features[keep]).argmax(1)]
+    from sklearn.metrics import balanced_accuracy_score
+
+    bundle.metrics.update({"split": "val (disjoint draw from the training data)",
+                           "val_balanced_accuracy": float(balanced_accuracy_score(y_val[keep], val_pred)),
+                           "n_val": int(keep.sum())})
+    report["trust"] = trust
+    report["val_balanced_accuracy"] = bundle.metrics["val_balanced_accuracy"]
+    return bundle, report
