@@ -310,3 +310,17 @@ class TestHistory:
         after = second.get(f"/api/analyses/{a['id']}").json()
         assert after == before
         assert after["items"][1]["correction"]["label"] == label
+
+
+class TestClassicalBundle:
+    def test_segmentation_and_features_instead_of_gradcam(self, make_client, tiny_classical_bundle, sample_files):
+        c = make_client(models=[tiny_classical_bundle])
+        assert c.get("/api/models").json()["data"][0]["explanation"] == "segmentation"
+        r = c.post("/api/predict?gradcam=true", files=_files((sample_files[0].name, sample_files[0].read_bytes())))
+        (item,) = r.json()["items"]
+        explanation = item["explanation"]
+        assert explanation["method"] == "segmentation" and explanation["target"] == item["prediction"]
+        assert len(explanation["features"]) == 5
+        assert all(f["name"] and f["contribution"] is not None for f in explanation["features"])
+        overlay = _decode_data_url(item["heatmap"], "image/png")  # a real cell segments
+        assert overlay.mode == "RGB"

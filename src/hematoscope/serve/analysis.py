@@ -118,26 +118,37 @@ def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
                              "note": "Grad-CAM: regions that raised the score of the predicted class"}))
         return out
     if method == "segmentation":
-        return [_segmentation_overlay(im) for im in images]
+        return [_segmentation_explanation(model.bundle, im, labels[c]) for im, c in zip(images, predicted)]
     return [(None, {"method": "none", "note": f"explanations are not available for {model.bundle.kind!r} models"})
             for _ in images]
 
 
-def _segmentation_overlay(image: np.ndarray) -> tuple[bytes | None, dict[str, Any]]:
-    """Nucleus and cell outlines drawn on the image (classical bundles read these masks)."""
+def _segmentation_explanation(bundle, image: np.ndarray, label: str) -> tuple[bytes | None, dict[str, Any]]:
+    """Nucleus and cell outlines drawn on the image (the masks the classical features are
+    measured on) and the features that pushed the model towards ``label`` (TreeSHAP)."""
     from PIL import Image
     from skimage.segmentation import mark_boundaries
 
+    explanation: dict[str, Any] = {"method": "segmentation", "target": label,
+                                   "note": "outlines: cell and nucleus as measured; features: SHAP contributions"}
+    try:
+        from hematoscope.explain.shap import explain_features
+    except ImportError:
+        explain_features = None
+    if explain_features is not None:
+        explanation["features"] = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
+                                   for f in explain_features(bundle, image, label=label, top=5)]
     seg = _segment_cell()(image)
     if not seg.ok:
-        return None, {"method": "segmentation", "note": f"segmentation failed: {seg.reason}"}
+        explanation["note"] = f"segmentation failed: {seg.reason}"
+        return None, explanation
     regions = seg.cell.astype(np.int32) + seg.nucleus.astype(np.int32)
     drawn = mark_boundaries(seg.image, regions, color=(1, 0.85, 0), mode="thick")
     im = Image.fromarray((drawn * 255).round().astype(np.uint8))
     im.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=True)
-    return buf.getvalue(), {"method": "segmentation", "note": "outlines: cell and nucleus as measured"}
+    return buf.getvalue(), explanation
 
 
 def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,

@@ -44,8 +44,11 @@ class TopClass(BaseModel):
 
 
 class Feature(BaseModel):
+    """A named measurement and its SHAP contribution towards the explained class."""
+
     name: str
     value: float | None = None
+    unit: str = ""
     contribution: float | None = None
 
 

@@ -295,6 +295,19 @@ function renderCard(it) {
     li.textContent = `${display(t.label)} ${pct(t.prob)}`;
     return li;
   }));
+  const features = it.explanation && it.explanation.features ? it.explanation.features : [];
+  if (features.length) {
+    const why = node.querySelector(".why");
+    why.hidden = false;
+    why.querySelector("ul").replaceChildren(...features.map((f) => {
+      const li = document.createElement("li");
+      const sign = f.contribution >= 0 ? "+" : "−";
+      li.textContent = `${f.name} = ${Number(f.value).toPrecision(3)}${f.unit ? " " + f.unit : ""} ` +
+        `(${sign}${Math.abs(f.contribution).toFixed(2)})`;
+      li.className = f.contribution >= 0 ? "pos" : "neg";
+      return li;
+    }));
+  }
   const select = node.querySelector(".correct-select");
   select.append(new Option("— as predicted —", ""));
   for (const lab of a.labels) select.append(new Option(display(lab), lab));
