@@ -45,14 +45,20 @@ def test_streaming_yields_one_prediction_per_batch(colour_bundle, messy_folder):
     assert sum(len(p.skipped) for p in parts) == 3
 
 
-def test_pre_resizing_in_workers_is_a_no_op_for_the_model(images):
-    image = images.colour(1, size=90)
-    for pre in (Preprocess(size=32), Preprocess(size=32, resize="shorter_crop", crop_pct=1.0)):
-        once = pre.resize_image(image)
-        assert worker_resizer(pre) is not None
-        np.testing.assert_array_equal(pre.resize_image(once), once)
-        np.testing.assert_array_equal(pre([once]), pre([image]))
-    assert worker_resizer(Preprocess(size=32, resize="shorter_crop", crop_pct=0.875)) is None
+@pytest.mark.parametrize("pre", [Preprocess(size=32), Preprocess(size=32, resize="shorter_crop"),
+                                 Preprocess(size=128, resize="shorter_crop", crop_pct=128 / 144),
+                                 Preprocess(size=30, resize="shorter_crop", crop_pct=0.75, interpolation="bicubic")])
+def test_resizing_in_workers_gives_the_model_the_same_pixels(pre, images):
+    rng = np.random.default_rng(0)
+    resize = worker_resizer(pre)
+    assert resize is not None
+    for h, w in [(256, 258), (257, 300), (90, 61), (145, 144), (301, 256)]:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(pre([resize(image)]), pre([image]))
+
+
+def test_no_early_resize_when_crops_would_not_compose():
+    assert worker_resizer(Preprocess(size=32, resize="shorter_crop", crop_pct=32 / 37)) is None
 
 
 def test_same_results_as_bundle_predict_without_draft(tiny_neural_bundle):

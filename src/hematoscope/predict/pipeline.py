@@ -14,7 +14,7 @@ import os
 import zipfile
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -52,14 +52,22 @@ def default_workers() -> int:
 def worker_resizer(preprocess: Preprocess) -> Callable[[np.ndarray], np.ndarray] | None:
     """The resize that workers may apply before the model's own preprocessing, or None.
 
-    Bundles always apply their full :class:`Preprocess` in ``forward``. Resizing early in a
-    worker is only an optimisation, allowed when applying the resize a second time changes
-    nothing: true for ``"squash"`` and for ``"shorter_crop"`` without cropping (a size x size
-    image is left as it is), false for a real centre crop.
+    Bundles always apply their full :class:`Preprocess` in ``forward``; resizing early in a
+    worker is only an optimisation, allowed when the model's preprocessing then gives exactly
+    the pixels it would have given on the original image:
+
+    - ``"squash"``, or ``"shorter_crop"`` without cropping: the resize itself (a second
+      application leaves a size x size image as it is);
+    - ``"shorter_crop"`` with a centre crop: resize the shorter side and crop a square of that
+      side, leaving the final crop to the model. Two centre crops compose exactly when the
+      margin of the second is even; otherwise there is no early resize.
     """
     if preprocess.resize == "squash" or preprocess.crop_pct == 1.0:
         return preprocess.resize_image
-    return None
+    short = round(preprocess.size / preprocess.crop_pct)
+    if (short - preprocess.size) % 2:
+        return None
+    return replace(preprocess, size=short, crop_pct=1.0).resize_image
 
 
 def draft_size_for(preprocess: Preprocess) -> int:
