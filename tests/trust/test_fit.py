@@ -76,3 +76,27 @@ def test_labels_may_be_names_and_bad_arguments_raise(toy):
                   val=outputs(bundle, val))
     with pytest.raises(ValueError, match="target_tpr"):
         fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), target_tpr=1.5)
+
+
+def test_resave_keeps_files_that_save_does_not_write(toy, tmp_path):
+    import zipfile
+
+    from hematoscope.trust.fit import resave_bundle
+
+    bundle, train, val, _ = toy
+    for target in (tmp_path / "b", tmp_path / "b.zip"):
+        bundle.save(target)
+        if target.suffix == ".zip":
+            with zipfile.ZipFile(target, "a") as zf:
+                zf.writestr("model.onnx", b"onnx bytes")
+        else:
+            (target / "model.onnx").write_bytes(b"onnx bytes")
+        loaded = load_bundle(target)
+        fit_trust(loaded, train=outputs(loaded, train), val=outputs(loaded, val), method="energy")
+        resave_bundle(loaded, target)
+        assert load_bundle(target).config.ood["method"] == "energy"
+        if target.suffix == ".zip":
+            with zipfile.ZipFile(target) as zf:
+                assert zf.read("model.onnx") == b"onnx bytes"
+        else:
+            assert (target / "model.onnx").read_bytes() == b"onnx bytes"

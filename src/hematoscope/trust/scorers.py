@@ -20,6 +20,8 @@ import numpy as np
 OOD_FILE = "ood.safetensors"
 
 _SCORERS: dict[str, type["OODScorer"]] = {}
+#: Scorers registered by other packages, imported on first use (so a bundle config naming them loads).
+_SCORER_MODULES = {"isolation_forest": "hematoscope.classical.anomaly"}
 
 
 class ScorerError(ValueError):
@@ -40,8 +42,8 @@ def register_scorer(name: str) -> Callable[[type["OODScorer"]], type["OODScorer"
 
 
 def list_scorers() -> list[str]:
-    """Names of the registered scorers."""
-    return sorted(_SCORERS)
+    """Names of the registered scorers (including those of other packages, imported on use)."""
+    return sorted(set(_SCORERS) | set(_SCORER_MODULES))
 
 
 def get_scorer(name: str) -> type["OODScorer"]:
@@ -50,6 +52,10 @@ def get_scorer(name: str) -> type["OODScorer"]:
     Raises:
         ScorerError: no scorer has that name.
     """
+    if name not in _SCORERS and name in _SCORER_MODULES:
+        import importlib
+
+        importlib.import_module(_SCORER_MODULES[name])
     try:
         return _SCORERS[name]
     except KeyError:

@@ -1,0 +1,285 @@
+"""Trust on the real PBC images: unknown-cell-type and non-cell OOD detection, selective accuracy.
+
+(a) Left-out class: the default architecture (EfficientNet-Lite0, offline ImageNet weights, 128 px,
+    ``hematoscope.train``) is fine-tuned on a stratified subset of PBC *without* one class
+    (``--leave-out``). Each OOD scorer is fitted on the training images, thresholded on the
+    validation images (95 % of them accepted), then scored on held-out test images of the known
+    classes against images of the left-out class: a real "unknown cell type" test.
+(b) Non-cell images (``hematoscope.trust.ood_sets``: noise, flat colour, text, fractal textures,
+    stripes) against the same PBC test images; corrupted cells (blur, over-exposure, stain shift
+    of PBC test images) reported separately.
+(c) The shipped default model (when present): accuracy of the most confident 90 % of its own
+    validation split, ECE before/after temperature scaling, non-cell AUROC.
+
+Own stratified 80/10/10 split of PBC (``make_split`` seed 0). Model outputs and the trained
+bundle are cached under the hematoscope cache dir, so a rerun only redoes the analysis. Usage:
+
+    nice -n 10 .venv/bin/python bench/trust_pbc.py [--leave-out monocyte] [--part a|c|all]
+
+Writes bench/results/trust_pbc.json (one entry per left-out class, merged with earlier runs) and
+trust_pbc_<class>_scores.png / _risk_coverage.png, trust_pbc_default_*.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PBC = Path(os.environ.get("HEMATOSCOPE_PBC", Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc"))
+SCORERS = ("mahalanobis", "knn", "energy", "max_softmax")
+log = logging.getLogger("trust_pbc")
+
+
+def outputs_cached(bundle, paths, cache: Path, name: str):
+    """Bundle outputs for ``paths`` (readable ones), cached as a plain .npz (no pickle)."""
+    from hematoscope.bundle.base import ModelOutput
+    from hematoscope.trust import bundle_outputs
+
+    f = cache / f"{name}.npz"
+    if f.exists():
+        z = np.load(f, allow_pickle=False)
+        return ModelOutput(z["logits"], z["features"]), z["kept"]
+    t0 = time.perf_counter()
+    out, kept = bundle_outputs(bundle, list(paths), batch_size=64, description=name)
+    np.savez(f, logits=out.logits, features=out.features, kept=kept)
+    log.info("%s: %d images in %.0f s", name, len(kept), time.perf_counter() - t0)
+    return out, kept
+
+
+def ood_sets(cache: Path, in_test_paths: list[str], n: int, seed: int) -> dict[str, list[str]]:
+    """Generated non-cell images and corrupted copies of in-distribution test images."""
+    from hematoscope.trust.ood_sets import CORRUPTIONS, NOT_CELLS, make_ood_set
+
+    sets = {}
+    for kind in NOT_CELLS:
+        d = cache / "ood" / kind
+        if not (d / "ood_manifest.json").exists():
+            make_ood_set(kind, d, n=n, seed=seed, size=256)
+        sets[kind] = sorted(str(p) for p in d.glob("*.png"))
+    src = cache / "ood" / "corruption_source"
+    if not src.exists():
+        src.mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        for p in rng.choice(in_test_paths, size=min(n, len(in_test_paths)), replace=False):
+            (src / Path(p).name).symlink_to(p)
+    for kind in CORRUPTIONS:
+        d = cache / "ood" / kind
+        if not (d / "ood_manifest.json").exists():
+            make_ood_set(kind, d, n=n, seed=seed, source=src)
+        sets[kind] = sorted(str(p) for p in d.glob("*.png"))
+    return sets
+
+
+def score_all(bundle, scorer_names, train, val, named: dict, target_tpr: float = 0.95) -> dict:
+    """Fit each scorer (fit_trust) and return its scores on every named output set."""
+    from hematoscope.trust import fit_trust
+
+    scores = {}
+    for method in scorer_names:
+        report = fit_trust(bundle, train=train, val=val, method=method, target_tpr=target_tpr)
+        scores[method] = {"threshold": report["ood_threshold"], "report": report,
+                          **{k: bundle.ood.score(features=o.features, logits=o.logits) for k, o in named.items()}}
+    return scores
+
+
+def part_a(args, cache_root: Path) -> dict:
+    from hematoscope.bundle.base import load_bundle
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split, save_split
+    from hematoscope.trust import ood_metrics, risk_coverage, table_targets
+    from hematoscope.trust.calibration import expected_calibration_error, softmax
+    from hematoscope.trust.evaluation import plot_risk_coverage, plot_score_histograms
+    from hematoscope.trust.ood_sets import CORRUPTIONS, NOT_CELLS
+
+    table = make_split(read_dataset(PBC, reader="pbc"), val=0.1, test=0.1, seed=args.seed)
+    table = table[~table["path"].str.contains("/.DS_")].reset_index(drop=True)  # the known unreadable file
+    known = table["canonical"] != args.leave_out
+    rng = np.random.default_rng(args.seed)
+    train_rows = []
+    for _, g in table[known & (table["split"] == "train")].groupby("canonical"):
+        train_rows += list(rng.choice(g.index, size=min(len(g), args.train_per_class), replace=False))
+    val_rows = []
+    for _, g in table[known & (table["split"] == "val")].groupby("canonical"):
+        val_rows += list(rng.choice(g.index, size=min(len(g), args.val_per_class), replace=False))
+    train_rows, val_rows = sorted(train_rows), sorted(val_rows)
+    fit_table = table.loc[train_rows + val_rows]
+    cache = cache_root / f"leave_out_{args.leave_out}"
+    cache.mkdir(parents=True, exist_ok=True)
+    run_dir = cache / "run"
+    t_train = None
+    if not (run_dir / "bundle" / "config.json").exists():
+        from hematoscope.train import TrainConfig, train
+
+        split_csv = save_split(fit_table, cache / "fit_split.csv")
+        t0 = time.perf_counter()
+        result = train(TrainConfig(data=str(split_csv), out=str(run_dir), epochs=args.epochs, size=128,
+                                   seed=args.seed, fit_trust=False, name=f"pbc-without-{args.leave_out}"))
+        t_train = time.perf_counter() - t0
+        log.info("trained in %.0f s: val %s", t_train, {k: result.metrics.get(k) for k in ("accuracy", "macro_f1")})
+    bundle = load_bundle(run_dir / "bundle")
+
+    test_known = table[known & (table["split"] == "test")]
+    left_out = table[~known]
+    left_out = left_out.loc[rng.choice(left_out.index, size=min(len(left_out), args.n_left_out), replace=False)]
+    train_t, val_t = table.loc[train_rows], table.loc[val_rows]
+    outs = {}
+    for name, t in (("train", train_t), ("val", val_t), ("test", test_known), ("left_out", left_out)):
+        out, kept = outputs_cached(bundle, t["path"], cache, name)
+        outs[name] = (out, table_targets(bundle, t)[kept])
+    for kind, paths in ood_sets(cache_root, list(test_known["path"]), args.n_ood, args.seed).items():
+        outs[kind] = (outputs_cached(bundle, paths, cache, f"ood_{kind}")[0], None)
+
+    named = {k: v[0] for k, v in outs.items() if k not in ("train",)}
+    scores = score_all(bundle, SCORERS, outs["train"], outs["val"], named)
+    test_out, test_y = outs["test"]
+    probs = softmax(test_out.logits)
+    correct = probs.argmax(1) == test_y
+    not_cell_kinds = list(NOT_CELLS)
+    res = {
+        "left_out_class": args.leave_out,
+        "known_classes": bundle.labels,
+        "train_images": int(len(outs["train"][1])), "val_images": int(len(outs["val"][1])),
+        "test_known_images": int(len(test_y)), "left_out_images": int(len(outs["left_out"][0].logits)),
+        "epochs": args.epochs, "train_seconds": t_train,
+        "test_accuracy_known": float(correct.mean()),
+        "test_ece_uncalibrated": expected_calibration_error(probs, test_y),
+        "scorers": {},
+    }
+    for method, s in scores.items():
+        t = s["threshold"]
+        non_cells = np.concatenate([s[k] for k in not_cell_kinds])
+        entry = {
+            "threshold": t,
+            "left_out": ood_metrics(s["test"], s["left_out"]),
+            "non_cells": ood_metrics(s["test"], non_cells),
+            "non_cells_by_kind": {k: ood_metrics(s["test"], s[k])["auroc"] for k in not_cell_kinds},
+            "corrupted_by_kind": {k: ood_metrics(s["test"], s[k]) for k in CORRUPTIONS},
+            "flagged_at_threshold": {"test_known": float(np.mean(s["test"] > t)),
+                                     "left_out": float(np.mean(s["left_out"] > t)),
+                                     "non_cells": float(np.mean(non_cells > t)),
+                                     **{k: float(np.mean(s[k] > t)) for k in CORRUPTIONS}},
+        }
+        res["scorers"][method] = entry
+    cal = scores[SCORERS[-1]]["report"]["calibration"]
+    res["calibration_val"] = {k: cal[k] for k in ("temperature", "ece_before", "ece_after", "n")}
+    res["test_ece_calibrated"] = expected_calibration_error(softmax(test_out.logits, cal["temperature"]), test_y)
+    rc = risk_coverage(softmax(test_out.logits, cal["temperature"]).max(1), correct)
+    res["test_risk_coverage"] = {k: rc[k] for k in ("aurc", "accuracy_at_coverage")}
+
+    stem = RESULTS / f"trust_pbc_{args.leave_out}"
+    best = max(SCORERS, key=lambda m: res["scorers"][m]["left_out"]["auroc"])
+    s = scores[best]
+    plot_score_histograms(s["test"], {f"left-out {args.leave_out}": s["left_out"],
+                                      "non-cells": np.concatenate([s[k] for k in not_cell_kinds]),
+                                      "corrupted cells": np.concatenate([s[k] for k in CORRUPTIONS])},
+                          f"{stem}_scores.png", threshold=s["threshold"],
+                          title=f"{best} score, model trained without {args.leave_out}")
+    plot_risk_coverage({"PBC test, known classes": rc}, f"{stem}_risk_coverage.png")
+    return res
+
+
+def part_c(args, cache_root: Path) -> dict:
+    """The shipped default model on its own validation split."""
+    from hematoscope.bundle.base import load_bundle
+    from hematoscope.data.splits import load_split
+    from hematoscope.models.default import default_bundle_path
+    from hematoscope.trust import fit_trust_on_table, ood_metrics, reliability_curve, risk_coverage, table_targets
+    from hematoscope.trust.calibration import expected_calibration_error, softmax
+    from hematoscope.trust.evaluation import plot_reliability, plot_risk_coverage
+    from hematoscope.trust.ood_sets import CORRUPTIONS, NOT_CELLS
+
+    path = default_bundle_path()
+    bundle = load_bundle(path)
+    split_file = Path(args.default_split) if args.default_split else path / "split.csv"
+    if not split_file.exists():
+        raise SystemExit(f"no split file for the default model at {split_file}; pass --default-split")
+    table = load_split(split_file, verify=False)
+    cache = cache_root / "default_model"
+    cache.mkdir(parents=True, exist_ok=True)
+    fitted_here = False
+    if bundle.config.ood is None:  # fit on a copy; the shipped files are not ours to change
+        fit_trust_on_table(bundle, table)
+        bundle.save(cache / "bundle_with_trust")
+        fitted_here = True
+    val = table[table["split"] == "val"]
+    out, kept = outputs_cached(bundle, val["path"], cache, "val")
+    y = table_targets(bundle, val)[kept]
+    before, after = softmax(out.logits), softmax(out.logits, bundle.config.temperature)
+    correct = after.argmax(1) == y
+    rc = risk_coverage(after.max(1), correct)
+    pred = bundle.decide(out, [str(i) for i in range(len(y))])
+    ood_paths = ood_sets(cache_root, list(val["path"]), args.n_ood, args.seed)
+    in_scores = bundle.ood.score(features=out.features, logits=out.logits)
+    res = {
+        "bundle": str(path), "name": bundle.name, "split_file": str(split_file), "val_images": int(len(y)),
+        "ood_fitted_by_this_bench": fitted_here, "ood_config": bundle.config.ood,
+        "abstain_threshold": bundle.config.abstain_threshold,
+        "val_accuracy": float(correct.mean()),
+        "val_accuracy_at_90_coverage": rc["accuracy_at_90_coverage"],
+        "val_accuracy_at_coverage": rc["accuracy_at_coverage"], "val_aurc": rc["aurc"],
+        "val_answered_by_bundle_rules": {"coverage": float(np.mean(~pred.abstain)),
+                                         "accuracy": float(correct[~pred.abstain].mean())},
+        "temperature": bundle.config.temperature,
+        "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
+        "note": "temperature and OOD threshold were fitted on this same val split",
+        "ood": {},
+    }
+    for kind, paths in ood_paths.items():
+        o, _ = outputs_cached(bundle, paths, cache, f"ood_{kind}")
+        res["ood"][kind] = ood_metrics(in_scores, bundle.ood.score(features=o.features, logits=o.logits))
+    nc = [res["ood"][k]["auroc"] for k in NOT_CELLS]
+    res["non_cells_min_auroc"] = min(nc)
+    res["corrupted_auroc"] = {k: res["ood"][k]["auroc"] for k in CORRUPTIONS}
+    stem = RESULTS / "trust_pbc_default"
+    plot_risk_coverage({"default model, PBC val": rc}, f"{stem}_risk_coverage.png")
+    plot_reliability({"before (T=1)": reliability_curve(before, y),
+                      f"after (T={bundle.config.temperature:.2f})": reliability_curve(after, y)},
+                     f"{stem}_reliability.png")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("a", "c", "all"), default="all")
+    ap.add_argument("--leave-out", default="monocyte", help="canonical class left out of training in (a)")
+    ap.add_argument("--train-per-class", type=int, default=428, help="training images per known class (7 × 428 ≈ 3,000)")
+    ap.add_argument("--val-per-class", type=int, default=120, help="validation images per known class")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--n-left-out", type=int, default=600)
+    ap.add_argument("--n-ood", type=int, default=100, help="images per OOD kind")
+    ap.add_argument("--default-split", default=None, help="split CSV of the default model (default: BUNDLE/split.csv)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    torch.set_num_threads(2)
+    from hematoscope import _io
+    from hematoscope.paths import cache_dir
+
+    cache_root = cache_dir("bench", "trust_pbc")
+    out_file = RESULTS / "trust_pbc.json"
+    results = json.loads(out_file.read_text()) if out_file.exists() else {}
+    results.update({"dataset": "PBC (Acevedo 2020), /work/shared/data/pbc",
+                    "split": f"own stratified 80/10/10, make_split seed {args.seed}",
+                    "machine": "2 shared CPU cores, nice -n 10"})
+    if args.part in ("a", "all"):
+        results.setdefault("left_out_class", {})[args.leave_out] = part_a(args, cache_root)
+        _io.write_json(out_file, results)
+    if args.part in ("c", "all"):
+        try:
+            results["default_model"] = part_c(args, cache_root)
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("default model not evaluated: %s", exc)
+    _io.write_json(out_file, results)
+    print(json.dumps(results, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
