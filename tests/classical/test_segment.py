@@ -9,30 +9,9 @@ from PIL import Image, ImageDraw
 
 from hematoscope.classical.segment import WORK_SIZE, overlay_png, segment_cell
 
-BACKGROUND, RED_CELL = (242, 224, 200), (214, 160, 158)
-CYTOPLASM, NUCLEUS = (185, 172, 215), (98, 50, 150)
-
-
-def drawn_cell(size: int = 128, cell_r: float = 26, nuc_a: float = 15, nuc_b: float = 10,
-               red_cells: bool = True, nucleus: bool = True) -> np.ndarray:
-    """A smear crop: beige background, a few separate red cells, a round leukocyte of radius
-    ``cell_r`` with an elliptic nucleus of semi-axes ``nuc_a`` x ``nuc_b`` at the centre."""
-    im = Image.new("RGB", (size, size), BACKGROUND)
-    d = ImageDraw.Draw(im)
-    s = size / 128
-    if red_cells:
-        for cx, cy in ((18, 20), (110, 22), (16, 108), (108, 106)):
-            d.ellipse([(cx - 13) * s, (cy - 13) * s, (cx + 13) * s, (cy + 13) * s], fill=RED_CELL)
-    c = size / 2
-    d.ellipse([c - cell_r * s, c - cell_r * s, c + cell_r * s, c + cell_r * s], fill=CYTOPLASM)
-    if nucleus:
-        d.ellipse([c - nuc_a * s, c - nuc_b * s, c + nuc_a * s, c + nuc_b * s], fill=NUCLEUS)
-    return np.asarray(im)
-
-
 @pytest.mark.parametrize("size", [128, 256, 96])
-def test_drawn_cell_geometry_is_recovered_at_any_input_size(size):
-    seg = segment_cell(drawn_cell(size))
+def test_drawn_cell_geometry_is_recovered_at_any_input_size(size, draw_cell):
+    seg = segment_cell(draw_cell(size))
     assert seg.ok, seg.reason
     assert seg.image.shape[:2] == (WORK_SIZE, WORK_SIZE)
     # Areas are in working pixels whatever the input size (PIL's ellipse includes its bounding
@@ -43,10 +22,10 @@ def test_drawn_cell_geometry_is_recovered_at_any_input_size(size):
     assert seg.cytoplasm.sum() > 0.5 * (np.pi * 26**2 - np.pi * 150)
 
 
-def test_drawn_cell_shape_features():
+def test_drawn_cell_shape_features(draw_cell):
     from hematoscope.classical.features import FEATURE_NAMES, cell_features
 
-    f = dict(zip(FEATURE_NAMES, cell_features(drawn_cell())))
+    f = dict(zip(FEATURE_NAMES, cell_features(draw_cell())))
     assert f["seg_ok"] == 1
     assert f["cell_circularity"] > 0.85
     assert f["nuc_eccentricity"] == pytest.approx(np.sqrt(1 - (10 / 15) ** 2), abs=0.08)
@@ -56,20 +35,20 @@ def test_drawn_cell_shape_features():
     assert f["cell_on_border"] == 0
 
 
-def test_cell_touching_red_cell_is_split_off():
-    im = Image.fromarray(drawn_cell(red_cells=False))
-    ImageDraw.Draw(im).ellipse([64 + 20, 64 - 13, 64 + 46, 64 + 13], fill=RED_CELL)  # overlaps the cell rim
+def test_cell_touching_red_cell_is_split_off(draw_cell):
+    im = Image.fromarray(draw_cell(red_cells=False))
+    ImageDraw.Draw(im).ellipse([64 + 20, 64 - 13, 64 + 46, 64 + 13], fill=(214, 160, 158))  # overlaps the cell rim
     seg = segment_cell(np.asarray(im))
     assert seg.ok
     assert seg.cell.sum() == pytest.approx(np.pi * 26**2, rel=0.2)
     assert not seg.cell[64, 64 + 40], "the touching red cell was merged into the leukocyte"
 
 
-def test_two_lobes_are_one_nucleus():
-    im = Image.fromarray(drawn_cell(nucleus=False))
+def test_two_lobes_are_one_nucleus(draw_cell):
+    im = Image.fromarray(draw_cell(nucleus=False))
     d = ImageDraw.Draw(im)
     for cx in (52, 76):
-        d.ellipse([cx - 9, 55, cx + 9, 73], fill=NUCLEUS)
+        d.ellipse([cx - 9, 55, cx + 9, 73], fill=(98, 50, 150))
     seg = segment_cell(np.asarray(im))
     from hematoscope.classical.features import FEATURE_NAMES, features_of
 
@@ -81,7 +60,7 @@ def test_two_lobes_are_one_nucleus():
 
 @pytest.mark.parametrize("image, reason", [
     (np.full((100, 100, 3), 230, np.uint8), "flat"),
-    (np.asarray(Image.new("RGB", (128, 128), RED_CELL)), "stained"),
+    (np.asarray(Image.new("RGB", (128, 128), (214, 160, 158))), "stained"),
 ])
 def test_failure_is_reported_not_guessed(image, reason):
     seg = segment_cell(image)
@@ -91,8 +70,8 @@ def test_failure_is_reported_not_guessed(image, reason):
 
 
 def test_off_centre_nucleus_fails():
-    im = Image.new("RGB", (128, 128), BACKGROUND)
-    ImageDraw.Draw(im).ellipse([2, 2, 22, 22], fill=NUCLEUS)
+    im = Image.new("RGB", (128, 128), (242, 224, 200))
+    ImageDraw.Draw(im).ellipse([2, 2, 22, 22], fill=(98, 50, 150))
     seg = segment_cell(np.asarray(im))
     assert not seg.ok and "centre" in seg.reason
 
@@ -102,8 +81,8 @@ def test_rejects_non_rgb():
         segment_cell(np.zeros((32, 32), np.uint8))
 
 
-def test_overlay_png_draws_contours():
-    seg = segment_cell(drawn_cell())
+def test_overlay_png_draws_contours(draw_cell):
+    seg = segment_cell(draw_cell())
     im = np.asarray(Image.open(io.BytesIO(overlay_png(seg))))
     assert im.shape[0] >= 256
     assert ((im == (0, 230, 255)).all(-1)).sum() > 20  # nucleus contour

@@ -93,5 +93,5 @@ class ClassicalBundle(Bundle):
             booster.load_model(str(path))
         except xgb.core.XGBoostError as exc:
             raise BundleError(f"{path} is not a readable XGBoost model ({exc})") from None
-        booster.set_param({"nthread": 2})
+        booster.set_param({"nthread": 1})  # prediction batches are small; extra threads only contend
         return cls(config, booster, metrics)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-#: XGBoost parameters of ``hematoscope classical train`` (hist trees, 2 threads).
+#: XGBoost parameters of ``hematoscope classical train`` (hist trees; threads = ``n_jobs``).
 DEFAULT_XGB_PARAMS: dict[str, Any] = {
     "objective": "multi:softprob",
     "eval_metric": "mlogloss",
@@ -19,7 +19,6 @@ DEFAULT_XGB_PARAMS: dict[str, Any] = {
     "subsample": 0.8,
     "colsample_bytree": 0.5,
     "lambda": 1.0,
-    "nthread": 2,
 }
 
 
@@ -69,7 +68,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
         table: samples DataFrame (``path``, ``label``, ``canonical`` ...), e.g. from ``read_dataset``.
         val: validation fraction when the table has no split.
         seed: seed of the split, XGBoost and the IsolationForest.
-        n_jobs: feature-extraction processes.
+        n_jobs: feature-extraction processes and XGBoost threads.
         name: bundle name.
         target_tpr: fraction of validation images the anomaly flag must accept.
         params: XGBoost parameter overrides.
@@ -113,7 +112,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
 
     t0 = time.perf_counter()
     booster = fit_booster(x_tr, y_tr, x_val, y_val, len(labels), feature_names=FEATURE_NAMES, seed=seed,
-                          params=params)
+                          params={"nthread": n_jobs, **(params or {})})
     t_train = time.perf_counter() - t0
     config = BundleConfig(
         kind="classical", name=name, labels=labels, taxonomy_version=TAXONOMY_VERSION,

@@ -1,0 +1,133 @@
+"""The classical bundle: round trip, use through the generic Bundle API and CLI, anomaly flag."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from hematoscope.bundle import load_bundle
+from hematoscope.bundle.prediction import UNLIKE_TRAINING
+
+
+def _real_images(pbc_subset, per_class=2):
+    files = []
+    for d in sorted(p for p in pbc_subset.iterdir() if p.is_dir()):
+        files += sorted(d.glob("*.jpg"))[:per_class]
+    return files
+
+
+def _not_cells(size=128) -> dict[str, np.ndarray]:
+    """Images that are not blood cells: noise, a flat slide, text, a natural texture, a photo."""
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    text = Image.new("RGB", (size, size), (250, 250, 245))
+    d = ImageDraw.Draw(text)
+    for row in range(8):
+        d.text((4, 4 + row * 15), "Lorem ipsum dolor sit amet"[row:row + 18], fill=(20, 20, 60))
+    grass = data.grass()[:size * 2:2, :size * 2:2]
+    texture = np.stack([grass * 0.5, grass * 0.8, grass * 0.3], -1).astype(np.uint8)
+    return {
+        "noise": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "flat": np.full((size, size, 3), (235, 215, 200), np.uint8),
+        "text": np.asarray(text),
+        "texture": texture,
+        "photo": np.ascontiguousarray(data.chelsea()[:256, 100:356]),
+    }
+
+
+def test_round_trip_identical(tiny_classical_bundle, pbc_subset, tmp_path):
+    bundle = load_bundle(tiny_classical_bundle)
+    assert bundle.kind == "classical" and len(bundle.labels) == 8
+    assert bundle.config.ood["method"] == "isolation_forest"
+    files = _real_images(pbc_subset, 1)
+    first = bundle.predict(files)
+    zipped = bundle.save(tmp_path / "b.zip")
+    again = load_bundle(zipped).predict(files)
+    np.testing.assert_array_equal(first.probs, again.probs)
+    np.testing.assert_array_equal(first.ood_score, again.ood_score)
+    assert np.allclose(first.probs.sum(1), 1)
+
+
+def test_learns_real_cells(tiny_classical_bundle, pbc_subset):
+    # Trained on 4 images per class: it must at least fit them clearly better than chance.
+    bundle = load_bundle(tiny_classical_bundle)
+    files = _real_images(pbc_subset, 6)
+    pred = bundle.predict(files)
+    truth = [bundle.labels[bundle.labels.index(p)] for p in pred.predicted]
+    from hematoscope.taxonomy import TAXONOMY
+
+    expected = [TAXONOMY.canonical("folder", f.parent.name) for f in files]
+    assert np.mean([t == e for t, e in zip(truth, expected)]) > 0.6
+
+
+def test_non_cells_are_flagged(tiny_classical_bundle, pbc_subset):
+    bundle = load_bundle(tiny_classical_bundle)
+    odd = _not_cells()
+    out = bundle.predict(list(odd.values()), sources=list(odd))
+    cells = bundle.predict(_real_images(pbc_subset, 3))
+    assert out.ood_score.min() > np.median(cells.ood_score)
+    assert out.ood_flag.sum() >= len(odd) - 1, dict(zip(odd, out.ood_score.round(3)))
+    assert cells.ood_flag.mean() <= 0.25
+    assert all(r == UNLIKE_TRAINING for r, f in zip(out.abstain_reason, out.ood_flag) if f)
+
+
+def test_anomaly_scorer_reload_is_exact(tmp_path):
+    from hematoscope.classical.anomaly import IsolationForestScorer
+    from hematoscope.trust import load_scorer
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 6))
+    x[::10, 2] = np.nan
+    scorer = IsolationForestScorer(n_estimators=50, max_train=200).fit(x, None, None)
+    scorer.threshold = 0.5
+    scorer.save(tmp_path)
+    again = load_scorer(scorer.config(), tmp_path)
+    probe = np.vstack([x[:20], rng.normal(5, 1, size=(5, 6))])
+    np.testing.assert_array_equal(scorer.score(features=probe, logits=None), again.score(features=probe, logits=None))
+    s = again.score(features=probe, logits=None)
+    assert s[20:].min() > np.median(s[:20])
+    # A missing value is treated as unlike training, not as average.
+    nan_row = x[:1].copy()
+    nan_row[0, :3] = np.nan
+    assert again.score(features=nan_row, logits=None)[0] > again.score(features=x[:1], logits=None)[0]
+
+
+def test_feature_version_mismatch_is_refused(tiny_classical_bundle, tmp_path):
+    import shutil
+
+    from hematoscope.bundle import BundleError
+
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_classical_bundle, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["model"]["feature_version"] = "0"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="feature set v0"):
+        load_bundle(copy)
+
+
+def test_cli_train_segment_explain(pbc_subset, tmp_path):
+    from hematoscope.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "bundle"
+    res = runner.invoke(app, ["classical", "train", str(pbc_subset), "--out", str(out), "--val", "0.34",
+                              "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "weighted F1" in res.output and (out / "xgboost.json").exists()
+    img = _real_images(pbc_subset, 1)[0]
+    res = runner.invoke(app, ["classical", "segment", str(img), "--out", str(tmp_path / "ov.png")])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "ov.png").size[0] >= 256
+    res = runner.invoke(app, ["classical", "explain", str(out), str(img), "--out", str(tmp_path / "ex"),
+                              "--samples", "20", "--top", "5"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ex" / "features.json").read_text())
+    assert len(report["features"]) == 5 and report["predicted"] in load_bundle(out).labels
+    assert Image.open(tmp_path / "ex" / "lime.png").mode == "RGB"
+    res = runner.invoke(app, ["classical", "segment", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 2
