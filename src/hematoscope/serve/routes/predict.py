@@ -37,17 +37,18 @@ async def predict(
     served = pick_model(models, model)
     raw = [(f.filename or f"upload_{i}", await f.read()) for i, f in enumerate(files)]
 
-    def work():
+    def classify():
         uploads = expand_uploads(raw, max_files=settings.max_files,
                                  max_unpacked_bytes=8 * settings.max_upload_bytes)
-        items, differential = run_analysis(
-            served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
-            explain_max=settings.gradcam_max)
-        analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items)
-        return store.get(analysis_id)
+        return run_analysis(served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
+                            explain_max=settings.gradcam_max)
+
+    def save(items, differential):
+        return store.get(store.add_analysis(served.info(), served.bundle.labels, differential, items))
 
     try:
-        stored = await anyio.to_thread.run_sync(work, limiter=request.app.state.limiter)
+        items, differential = await anyio.to_thread.run_sync(classify, limiter=request.app.state.limiter)
     except UploadError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    return analysis_response(stored)
+    # Database writes wait for the database, not for an inference worker.
+    return analysis_response(await anyio.to_thread.run_sync(save, items, differential))
