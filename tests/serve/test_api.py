@@ -240,6 +240,9 @@ class TestHistory:
         assert [row["id"] for row in client.get("/api/analyses?limit=1&offset=1").json()["data"]] == [first["id"]]
         again = client.get(f"/api/analyses/{second['id']}").json()
         assert again == second
+        light = client.get(f"/api/analyses/{second['id']}?images=false").json()
+        assert [it["thumbnail"] for it in light["items"]] == [None] * 4
+        assert [it["prediction"] for it in light["items"]] == [it["prediction"] for it in second["items"]]
         assert client.get("/api/analyses/unknown").status_code == 404
 
     def test_csv_report(self, client, sample_files):

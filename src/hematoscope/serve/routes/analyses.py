@@ -59,9 +59,13 @@ async def list_analyses(
 
 
 @router.get("/{analysis_id}", response_model=Analysis)
-async def get_analysis(analysis_id: str, store: StoreDep) -> Analysis:
+async def get_analysis(
+    analysis_id: str,
+    store: StoreDep,
+    images: Annotated[bool, Query(description="include thumbnails and heatmaps (data URLs)")] = True,
+) -> Analysis:
     """One analysis with every image's result, thumbnail, heatmap and correction."""
-    return analysis_response(await _get(store, analysis_id))
+    return analysis_response(await _get(store, analysis_id, images=images))
 
 
 @router.get("/{analysis_id}/report.csv", response_class=Response,
