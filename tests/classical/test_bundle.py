@@ -131,3 +131,18 @@ def test_cli_train_segment_explain(pbc_subset, tmp_path):
     assert Image.open(tmp_path / "ex" / "lime.png").mode == "RGB"
     res = runner.invoke(app, ["classical", "segment", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 2
+
+
+def test_generic_predict_and_evaluate_commands(tiny_classical_bundle, pbc_subset, tmp_path):
+    from hematoscope.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "pred.json"
+    res = runner.invoke(app, ["predict", "--model", str(tiny_classical_bundle), str(pbc_subset / "platelet"),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and "platelet" in out.read_text()
+    res = runner.invoke(app, ["evaluate", str(tiny_classical_bundle), str(pbc_subset), "--json",
+                              str(tmp_path / "eval.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "eval.json").read_text())

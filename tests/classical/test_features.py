@@ -87,3 +87,13 @@ def test_sklearn_contract(draw_cell):
     assert clone(fx).get_params() == fx.get_params()
     with pytest.raises(ValueError, match="on_error"):
         ClassicalFeatures(on_error="ignore").transform([draw_cell()])
+
+
+def test_docs_table_is_generated_from_features():
+    from pathlib import Path
+
+    from hematoscope.classical.features import features_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "classical.md"
+    assert features_markdown() in doc.read_text(encoding="utf-8"), \
+        "docs/classical.md is stale: paste hematoscope.classical.features.features_markdown() into it"

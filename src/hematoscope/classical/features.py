@@ -421,3 +421,10 @@ class ClassicalFeatures(TransformerMixin, BaseEstimator):
         tags.requires_fit = False
         tags.input_tags.two_d_array = False
         return tags
+
+
+def features_markdown() -> str:
+    """The feature table as Markdown (name | unit | description), as printed in docs/classical.md."""
+    lines = ["| # | feature | unit | description |", "|---|---|---|---|"]
+    lines += [f"| {i} | `{f.name}` | {f.unit} | {f.description} |" for i, f in enumerate(FEATURES)]
+    return "\n".join(lines) + "\n"
