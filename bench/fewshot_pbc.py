@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--heads", default="lr,svm,knn")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-test", type=int, default=2000)
+    ap.add_argument("--pool-per-class", type=int, default=200,
+                    help="shots come from a fixed random subset of this many train images per class")
     ap.add_argument("--plot", action="store_true", help="only combine saved runs")
     args = ap.parse_args()
     from hematoscope.fewshot.bench import plot_curve, results_table
@@ -56,7 +58,8 @@ def main() -> None:
     ext = load_extractor(args.backbone, weights=args.weights, size=args.size, tta=args.tta)
     t0 = time.time()
     res = run_benchmark(table, ext, shots=parse_shots(args.shots), heads=args.heads.split(","),
-                        repeats=args.repeats, seed=0, max_test=args.max_test, progress=True)
+                        repeats=args.repeats, seed=0, max_test=args.max_test,
+                        max_pool_per_class=args.pool_per_class, progress=True)
     res["wall_seconds"] = round(time.time() - t0, 1)
     res["name"] = args.name
     _io.write_json(RESULTS / f"fewshot_pbc_{args.name}.json", res)

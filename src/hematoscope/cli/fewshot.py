@@ -110,6 +110,7 @@ def ssl(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Start weights (default: offline ImageNet "
                                                    "for efficientnet_lite0, else random).")] = None,
     minutes: Annotated[float, typer.Option("--minutes", min=0.05, help="Wall-clock budget.")] = 10.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Also stop after this many steps (-1: no limit).")] = -1,
     size: Annotated[int, typer.Option("--size", min=16, help="Training crop side.")] = 112,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Backbone learning rate.")] = 3e-4,
@@ -128,7 +129,7 @@ def ssl(
         paths = [p for src in data for p in read_dataset(src)["path"]]
         start = weights or (OFFLINE_WEIGHTS if arch == "efficientnet_lite0" else None)
         res = train_ssl(paths, method=method, arch=arch, weights=start, size=size, batch_size=batch_size,
-                        minutes=minutes, lr=lr, seed=seed, num_workers=workers)
+                        minutes=minutes, max_steps=max_steps, lr=lr, seed=seed, num_workers=workers)
         save_backbone(res.backbone, out, res.meta)
     first, last = loss_trend(res.losses, window=20)
     console().print(f"{method}: {res.steps} steps in {res.seconds:.0f} s on {len(paths)} images; loss "

@@ -65,11 +65,12 @@ def match_classes(train_classes: Sequence[str], test_classes: Sequence[str]) -> 
 
 
 def class_column(table) -> np.ndarray:
-    """Canonical class names where the taxonomy knows them, else the dataset's own labels."""
-    canon = table["canonical"].to_numpy(dtype=object) if "canonical" in table else None
-    if canon is not None and all(c is not None for c in canon):
-        return canon.astype(str)
-    return table["label"].astype(str).to_numpy(dtype=object)
+    """Per row: the canonical class name where the taxonomy knows the label, else the label."""
+    labels = table["label"].astype(str).to_numpy(dtype=object)
+    if "canonical" not in table:
+        return labels
+    canon = table["canonical"].to_numpy(dtype=object)
+    return np.array([c if isinstance(c, str) and c else lab for c, lab in zip(canon, labels)], dtype=object)
 
 
 def holdout_split(table, *, test_fraction: float = 0.2, max_test: int | None = 2000, seed: int = 0):
@@ -102,7 +103,8 @@ def _draws(labels, shots, repeats, seed, exclude):
 
 def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = (1, 5, 10, 20, 50, 100),
                   heads: Sequence[str | HeadSpec] = ("lr", "svm", "knn"), repeats: int = 5, seed: int = 0,
-                  test_fraction: float = 0.2, max_test: int | None = 2000, progress: bool = True) -> dict[str, Any]:
+                  test_fraction: float = 0.2, max_test: int | None = 2000, max_pool_per_class: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
     """Score heads on frozen features for each number of labels per class.
 
     Args:
@@ -114,6 +116,8 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
         repeats: draws per shot count (seeds ``seed .. seed + repeats - 1``).
         seed: base seed of the split and of the draws.
         test_fraction, max_test: held-out part when ``test`` is None.
+        max_pool_per_class: draw shots from a fixed random subset of at most this many training
+            images per class (bounds feature extraction; draws then overlap more across repeats).
         progress: show a progress bar for extraction.
 
     Returns:
@@ -131,6 +135,9 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
         test_source = f"held-out {test_fraction:.0%} of train (stratified, seed {seed}), {len(test)} images"
     else:
         pool, test_source = train.reset_index(drop=True), "separate test table"
+    if max_pool_per_class is not None:
+        pool = pool.iloc[sample_shots(class_column(pool), max_pool_per_class, seed=seed + 10_000).indices]
+        pool = pool.reset_index(drop=True)
     if len(pool) == 0 or len(test) == 0:
         raise ValueError("the training pool or the test set is empty")
     y_pool, y_test_raw = class_column(pool), class_column(test)
@@ -188,7 +195,7 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
     return {
         "extractor": extractor.describe(), "extractor_identity": extractor.identity,
         "preprocess": extractor.preprocess.to_dict(), "tta": extractor.tta,
-        "repeats": repeats, "seed": seed, "test_source": test_source,
+        "repeats": repeats, "seed": seed, "test_source": test_source, "max_pool_per_class": max_pool_per_class,
         "n_pool": int(len(pool) - bad.sum()), "n_test": int(len(y_test)),
         "classes_scored": labels_shared,
         "unmatched_train_classes": match.unmatched_train, "unmatched_test_classes": match.unmatched_test,

@@ -165,6 +165,7 @@ class TwoViewImages(torch.utils.data.Dataset):
                 i = int(torch.randint(0, len(self.paths), ()).item())
         else:
             raise ImageError("no readable image found after 10 tries", self.paths[i])
+        img = np.array(img)  # writable copy: torchvision refuses read-only arrays
         return self.transform(img), self.transform(img)
 
 

@@ -1,0 +1,107 @@
+"""Few-shot bundles: fit, calibrate, save/load (dir and zip), predict and evaluate like any bundle."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hematoscope.bundle import load_bundle
+from hematoscope.fewshot.bundle import BACKBONE_DIR, BACKBONE_FILE, HEAD_FILE, FewShotBundle, fit_fewshot_bundle
+from hematoscope.fewshot.features import load_extractor
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root, lite0_extractor, tmp_path_factory):
+    from hematoscope.data.readers import read_dataset
+
+    bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=5,
+                                        head="svm", seed=0, progress=False)
+    path = bundle.save(tmp_path_factory.mktemp("fs") / "bundle")
+    return bundle, report, path
+
+
+def test_fit_draws_exact_counts_and_calibrates(fitted):
+    bundle, report, path = fitted
+    assert report["n_train"] == 40 and set(bundle.config.training["per_class"].values()) == {5}
+    assert bundle.config.ood is not None and bundle.config.ood["method"] == "knn"
+    assert bundle.config.temperature > 0 and 0 < bundle.config.abstain_threshold <= 1
+    assert 0 <= report["val_balanced_accuracy"] <= 1 and bundle.metrics["n_val"] == 8 * 7
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["kind"] == "fewshot" and cfg["model"]["backbone"]["weights"] == "imagenet-offline"
+    assert (path / HEAD_FILE).exists() and not (path / BACKBONE_FILE).exists()  # offline Lite0: by name
+
+
+def test_round_trip_and_predict_paths(fitted, synthetic_root):
+    bundle, _, path = fitted
+    loaded = load_bundle(path)
+    assert isinstance(loaded, FewShotBundle) and loaded.labels == bundle.labels
+    files = sorted(str(p) for p in synthetic_root.rglob("*.png"))[::12]
+    a, b = bundle.predict(files), loaded.predict(files)
+    np.testing.assert_allclose(a.probs, b.probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.ood_score, b.ood_score, rtol=1e-5)
+    assert a.predicted == b.predicted and len(a) == 8
+    np.testing.assert_allclose(a.probs.sum(1), 1, rtol=1e-6)
+    zipped = load_bundle(bundle.save(path.parent / "bundle.zip"))
+    np.testing.assert_allclose(zipped.predict(files).probs, a.probs, rtol=1e-5, atol=1e-6)
+
+
+def test_tampered_head_is_refused(fitted, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from hematoscope.bundle.base import BundleError
+
+    _, _, path = fitted
+    copy = shutil.copytree(path, tmp_path / "b")
+    arrays = load_file(str(copy / HEAD_FILE))
+    arrays["targets"] = np.roll(arrays["targets"], 1)
+    save_file(arrays, str(copy / HEAD_FILE))
+    with pytest.raises(BundleError, match="reproduce"):
+        load_bundle(copy)
+
+
+def test_predict_and_evaluate_commands(fitted, synthetic_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from hematoscope.cli.main import app
+
+    _, _, path = fitted
+    out = tmp_path / "pred.csv"
+    r = CliRunner().invoke(app, ["predict", "--model", str(path), str(synthetic_root / "monocyte"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists() and len(out.read_text().splitlines()) == 13
+    r = CliRunner().invoke(app, ["evaluate", str(path), str(synthetic_root), "--json", str(tmp_path / "ev.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "ev.json").read_text())
+    assert "balanced_accuracy" in json.dumps(report)
+
+
+def test_file_weights_are_copied_and_bundle_backbones_nested(tiny_weights, tiny_arch, tiny_neural_bundle,
+                                                              synthetic_root, tmp_path):
+    import shutil
+
+    from hematoscope.data.images import load_image
+
+    files = sorted(synthetic_root.rglob("*.png"))[::6]
+    imgs = [load_image(p) for p in files]
+    y = ["immature_granulocyte" if p.parent.name == "ig" else p.parent.name for p in files]
+    weights = shutil.copy(tiny_weights[0], tmp_path / "w.safetensors")
+    for ext, marker in [(load_extractor(tiny_arch, weights=weights, size=32), BACKBONE_FILE),
+                        (load_extractor(tiny_neural_bundle), BACKBONE_DIR)]:
+        bundle = FewShotBundle.fit(ext, ext.embed_arrays(imgs), y, head="lr")
+        path = bundle.save(tmp_path / marker.split(".")[0])
+        assert (path / marker).exists()
+        weights.unlink(missing_ok=True)  # the bundle must not need the original weights file
+        loaded = load_bundle(path)
+        np.testing.assert_allclose(loaded.forward(imgs[:3]).logits, bundle.forward(imgs[:3]).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_too_few_images_skip_trust_with_a_reason(synthetic_root, lite0_extractor):
+    from hematoscope.data.readers import read_dataset
+
+    bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=10,
+                                        head="proto", progress=False)
+    assert bundle.config.ood is None and "too few images" in bundle.metrics["trust"]["skipped"]
