@@ -1,0 +1,88 @@
+"""``hematoscope evaluate``: score a bundle on a labelled dataset (taxonomy-aware)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hematoscope.cli._common import console, user_errors
+
+
+def evaluate_cmd(
+    bundle_path: Annotated[str, typer.Argument(metavar="BUNDLE", help="Bundle directory or .zip, or 'default' "
+                                                                      "for the shipped model.")],
+    data: Annotated[Path, typer.Argument(help="Labelled dataset folder (any reader) or split CSV.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON here.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write confusion matrix and reliability "
+                                                                  "diagram PNGs into this folder.")] = None,
+    ood: Annotated[Optional[Path], typer.Option("--ood", help="Images unlike the training data: also measure "
+                                                              "out-of-distribution detection.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Rows of a split CSV to use (default: test when present, "
+                                                      "else all).")] = None,
+    reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+) -> None:
+    """Accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix and calibration.
+
+    DATA's labels are matched to the bundle's classes through the taxonomy; classes the bundle
+    does not know are reported, not scored.
+    """
+    from rich.table import Table
+
+    with user_errors():
+        from hematoscope import _io
+        from hematoscope.bundle import load_bundle
+        from hematoscope.data.readers import read_dataset
+        from hematoscope.evaluate import evaluate_bundle
+
+        if bundle_path == "default":
+            from hematoscope.models.default import default_bundle_path
+
+            bundle_path = str(default_bundle_path())
+        bundle = load_bundle(bundle_path)
+        table = read_dataset(data, reader=reader)
+        if "split" in table:
+            chosen = split or ("test" if (table["split"] == "test").any() else None)
+            if chosen is not None:
+                table = table[table["split"] == chosen].reset_index(drop=True)
+                if table.empty:
+                    raise ValueError(f"{data} has no rows with split {chosen!r}")
+        report = evaluate_bundle(bundle, table, batch_size=batch_size, plots_dir=plots)
+        if ood is not None:
+            from hematoscope.trust import evaluate_ood
+
+            report["ood"] = evaluate_ood(bundle, table, ood, plots_dir=plots, batch_size=batch_size)
+        if json_out is not None:
+            _io.write_json(json_out, report)
+
+    c = console()
+    c.print(f"[bold]{bundle.name}[/] on {data}: {report['n']} images scored")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
+        c.print(f"  {key.replace('_', ' ')}: {report[key]:.4f}")
+    if report["accuracy_answered"] is not None:
+        c.print(f"  abstained: {report['abstained']:.1%}; accuracy on the rest: {report['accuracy_answered']:.4f}")
+    per_class = Table("class", "precision", "recall", "F1", "support")
+    for lab, d in report["per_class"].items():
+        per_class.add_row(lab, f"{d['precision']:.3f}", f"{d['recall']:.3f}", f"{d['f1']:.3f}", str(d["support"]))
+    c.print(per_class)
+    if report["merged"]:
+        c.print("merged bundle classes: " + ", ".join(f"{b} → {m}" for b, m in report["merged"].items()))
+    if report["unknown_classes"]:
+        c.print("[yellow]not scored (classes the bundle does not know):[/] "
+                + ", ".join(f"{k} ({v})" for k, v in sorted(report["unknown_classes"].items())))
+    if report["skipped"]:
+        c.print(f"[yellow]{len(report['skipped'])} unreadable file(s) skipped[/], e.g. "
+                f"{report['skipped'][0]['source']} ({report['skipped'][0]['reason']})")
+    if "ood" in report:
+        o = report["ood"]
+        c.print(f"OOD ({o.get('score')}): " + ", ".join(f"{k} {v:.4f}" for k, v in o.get("ood", {}).items()
+                                                        if isinstance(v, float)))
+    if plots is not None:
+        c.print(f"plots: {plots}")
+    if json_out is not None:
+        c.print(f"report: {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate_cmd)

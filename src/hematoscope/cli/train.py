@@ -1,0 +1,87 @@
+"""``hematoscope train``: fine-tune a CNN on a labelled dataset and save a model bundle."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hematoscope.cli._common import console, user_errors
+
+
+def train_cmd(
+    data: Annotated[Optional[Path], typer.Argument(help="Dataset folder (any reader) or split CSV. "
+                                                        "Not needed with --resume.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to create.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of options "
+                                                                          "(command-line options win).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", metavar="RUN_DIR",
+                                                   help="Continue a stopped or killed run from its last checkpoint.")] = None,
+    reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="timm architecture (default: efficientnet_lite0).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Backbone weights: imagenet-offline, a .safetensors/.pth "
+                                                        "file, a URL, hf-hub:..., or 'none' (default: imagenet-offline).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Model input side in pixels (default: 128).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: 13).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: 64).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Head learning rate (default: 1e-3).")] = None,
+    backbone_lr: Annotated[Optional[float], typer.Option("--backbone-lr", help="Backbone learning rate (default: 3e-4).")] = None,
+    freeze_epochs: Annotated[Optional[int], typer.Option("--freeze-epochs", help="Train only the head for the first N epochs.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="weighted | none (class-balanced sampling).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="ce | focal.")] = None,
+    class_weights: Annotated[Optional[bool], typer.Option("--class-weights/--no-class-weights",
+                                                          help="Weight the loss by inverse class frequency.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="(default: 0.1)")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine | onecycle | constant.")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="basic | randaugment | augmix.")] = None,
+    early_stop: Annotated[Optional[int], typer.Option("--early-stop", metavar="PATIENCE",
+                                                      help="Stop after PATIENCE epochs without val macro-F1 gain.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: 0).")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Lightning devices (auto, 1, 0,1 ...).")] = None,
+    accelerator: Annotated[Optional[str], typer.Option(help="Lightning accelerator (auto, cpu, gpu, mps).")] = None,
+    limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", help="At most N images per class.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: 0).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Bundle name (default: the run directory's name).")] = None,
+) -> None:
+    """Fine-tune a CNN (PyTorch Lightning) and save the best checkpoint as a model bundle in RUN_DIR/bundle."""
+    import logging
+
+    from hematoscope.train.config import TrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    with user_errors():
+        if resume is not None:
+            from hematoscope.train import resume as resume_run
+
+            result = resume_run(resume)
+        else:
+            if data is None or out is None:
+                raise ValueError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
+            options = {k: v for k, v in dict(
+                data=str(data), out=str(out), reader=reader, arch=arch, size=size, epochs=epochs,
+                batch_size=batch_size, lr=lr, backbone_lr=backbone_lr, freeze_epochs=freeze_epochs, sampler=sampler,
+                loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, schedule=schedule,
+                augment=augment, early_stop=early_stop, seed=seed, devices=devices, accelerator=accelerator,
+                limit_per_class=limit_per_class, workers=workers, name=name,
+            ).items() if v is not None}
+            if weights is not None:
+                options["weights"] = None if weights.lower() == "none" else weights
+            cfg = TrainConfig.from_yaml(config, **options) if config else TrainConfig.model_validate(options)
+            from hematoscope.train import train
+
+            result = train(cfg)
+    m = result.metrics
+    c = console()
+    c.print(f"[bold]done[/]: {result.epochs_completed} epochs, {result.train_seconds / 60:.1f} min training "
+            f"({result.images_per_second:.0f} images/s)")
+    c.print(f"validation (best checkpoint): accuracy {m['accuracy']:.4f}, balanced accuracy "
+            f"{m['balanced_accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+            + (f", ECE {m['ece_before']:.4f} → {m['ece_after']:.4f}" if "ece_after" in m else ""))
+    if result.skipped:
+        c.print(f"[yellow]{len(result.skipped)} unreadable image(s) skipped[/] (listed in the log)")
+    c.print(f"bundle: {result.bundle_path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)

@@ -1,0 +1,137 @@
+"""Evaluate a bundle on a labelled table, matching labels through the taxonomy.
+
+A bundle trained on one dataset can be scored on another's common classes:
+
+- a data class that is the bundle's class or a descendant of it (``neutrophil_segmented`` for a
+  bundle class ``neutrophil``) is scored as that class;
+- a bundle class finer than the data (bundle ``neutrophil_band`` + ``neutrophil_segmented``,
+  data ``neutrophil``) is merged into the data's coarser class, probabilities summed;
+- data classes the bundle cannot name are counted under ``unknown_classes`` and not scored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hematoscope.progress import track
+
+if TYPE_CHECKING:
+    from hematoscope.bundle.base import Bundle
+
+
+def label_space(bundle_labels: list[str], data_classes: set[str]) -> tuple[list[str], dict[str, str]]:
+    """Evaluation classes and the map bundle class → evaluation class.
+
+    A bundle class becomes its nearest ancestor that the data uses (when the data does not use
+    the class itself); otherwise it stays as it is.
+    """
+    from hematoscope.taxonomy import TAXONOMY
+
+    merge = {}
+    for b in bundle_labels:
+        chain = TAXONOMY.ancestors(b) if b in TAXONOMY.types else [b]
+        merge[b] = next((a for a in chain if a in data_classes), b)
+    space = list(dict.fromkeys(merge[b] for b in bundle_labels))
+    return space, merge
+
+
+def match_truth(truth: str, space: list[str]) -> str | None:
+    """The evaluation class ``truth`` is scored as (itself or an ancestor), or None."""
+    from hematoscope.taxonomy import TAXONOMY
+
+    if truth in space:
+        return truth
+    return TAXONOMY.match(truth, space)
+
+
+def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir: Path | str | None = None) -> dict:
+    """Classify every image of ``table`` and score the ones whose class the bundle knows.
+
+    Args:
+        bundle: any bundle kind.
+        table: samples table (``path``, ``label``, ``canonical`` columns).
+        batch_size: images per forward pass.
+        plots_dir: when given, ``confusion_matrix.png`` and ``reliability.png`` are written there.
+
+    Returns:
+        :func:`~hematoscope.evaluate.metrics.classification_metrics` on the scored images (with
+        calibrated probabilities, so ``ece`` is after temperature scaling) plus ``label_map``
+        (data class → evaluation class), ``merged`` (bundle class → evaluation class where they
+        differ), ``unknown_classes`` ({data class: count} not scored), ``skipped`` (unreadable
+        files with reasons), ``abstained`` / ``accuracy_answered`` (the bundle's abstain rule).
+
+    Raises:
+        ValueError: no image of ``table`` has a class the bundle knows, or none is readable.
+    """
+    from hematoscope.evaluate.metrics import classification_metrics
+
+    truths = [c if c else lab for c, lab in zip(table["canonical"], table["label"])]
+    space, merge = label_space(bundle.labels, set(truths))
+    matched = [match_truth(t, space) for t in truths]
+    unknown: dict[str, int] = {}
+    for t, m in zip(truths, matched):
+        if m is None:
+            unknown[t] = unknown.get(t, 0) + 1
+    rows = [i for i, m in enumerate(matched) if m is not None]
+    if not rows:
+        raise ValueError(f"none of the data's classes {sorted(set(truths))} is known to bundle "
+                         f"{bundle.name!r} ({bundle.labels})")
+    paths = [str(table["path"].iloc[i]) for i in rows]
+    chunk = max(batch_size, 512)
+    parts = [bundle.predict(paths[i:i + chunk], batch_size=batch_size)
+             for i in track(range(0, len(paths), chunk), description="evaluating")]
+    from hematoscope.bundle.prediction import Prediction
+
+    pred = Prediction.concat(parts, bundle.labels)
+    truth_of = {p: matched[i] for p, i in zip(paths, rows)}
+    # Sum the probabilities of bundle classes merged into one evaluation class.
+    to_space = np.zeros((len(bundle.labels), len(space)))
+    for j, b in enumerate(bundle.labels):
+        to_space[j, space.index(merge[b])] = 1
+    probs = pred.probs @ to_space
+    y_true = np.array([space.index(truth_of[s]) for s in pred.sources], dtype=np.int64)
+    if len(y_true) == 0:
+        raise ValueError("none of the images could be read")
+    y_pred = probs.argmax(1)
+    report = classification_metrics(y_true, y_pred, probs, space)
+    answered = ~np.asarray(pred.abstain, dtype=bool)
+    report.update({
+        "label_map": {t: m for t, m in sorted(set(zip(truths, matched))) if m is not None},
+        "merged": {b: m for b, m in merge.items() if b != m},
+        "unknown_classes": unknown,
+        "skipped": [{"source": s.source, "reason": s.reason} for s in pred.skipped],
+        "abstained": float(1 - answered.mean()),
+        "accuracy_answered": float((y_pred == y_true)[answered].mean()) if answered.any() else None,
+    })
+    if plots_dir is not None:
+        plot_confusion_matrix(np.array(report["confusion_matrix"]), space, Path(plots_dir) / "confusion_matrix.png")
+        from hematoscope.trust.calibration import reliability_curve
+        from hematoscope.trust.evaluation import plot_reliability
+
+        plot_reliability({bundle.name: reliability_curve(probs, y_true)}, Path(plots_dir) / "reliability.png")
+    return report
+
+
+def plot_confusion_matrix(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Write a confusion matrix PNG (rows = true, columns = predicted; cells = counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    from hematoscope._io import atomic_path
+    from hematoscope.taxonomy import TAXONOMY
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * n, 1.6 + 0.7 * n), dpi=100)
+    ConfusionMatrixDisplay(matrix, display_labels=[TAXONOMY.display(lab) for lab in labels]).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, values_format="d")
+    ax.set_title("Confusion matrix (rows: true class)")
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

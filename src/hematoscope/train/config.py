@@ -1,0 +1,99 @@
+"""Training configuration: one pydantic model, loadable from YAML, overridable from the CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run (saved as ``RUN_DIR/train_config.json``).
+
+    Defaults follow the recipe measured on PBC with 2 CPU cores (see ``bench/train_pbc.py``):
+    EfficientNet-Lite0 from offline ImageNet weights, 128 px random crops of 144 px images,
+    flips + 90° rotations + ±10 % colour jitter, AdamW (backbone 3e-4, head 1e-3), batch 64,
+    label smoothing 0.1, cosine schedule.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="dataset folder (any reader) or split CSV")
+    out: str = Field(description="run directory")
+    reader: str | None = Field(None, description="dataset reader name; None = auto-detect")
+    name: str | None = Field(None, description="bundle name; default: the run directory's name")
+
+    # model
+    arch: str = "efficientnet_lite0"
+    weights: str | None = Field("imagenet-offline", description="backbone weights: imagenet-offline, a file, "
+                                "a URL, hf-hub:..., or None for random")
+    size: int = Field(128, ge=8, description="model input side (px)")
+    crop_pct: float = Field(128 / 144, gt=0.1, le=1.0, description="eval centre crop fraction; training crops "
+                            "`size` px at random from images resized to size / crop_pct")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
+    weights_dtype: Literal["float32", "float16"] = "float32"
+
+    # optimisation
+    epochs: int = Field(13, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="head learning rate")
+    backbone_lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    freeze_epochs: int = Field(0, ge=0, description="train only the head for this many epochs first")
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.03, ge=0, lt=1, description="linear warm-up share of steps (cosine)")
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0)
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    sampler: Literal["none", "weighted"] = "none"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+    # augmentation (training only; evaluation always uses the bundle's Preprocess)
+    augment: Literal["basic", "randaugment", "augmix"] = "basic"
+    color_jitter: float = Field(0.1, ge=0, lt=1, description="brightness/contrast/saturation ± fraction")
+    stain_jitter: float = Field(0.03, ge=0, lt=1, description="per-channel (stain) scale/shift ± fraction")
+    scale_jitter: float = Field(0.0, ge=0, lt=0.5, description="random crop side ± fraction before resizing")
+
+    # run control
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split")
+    limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class (quick runs)")
+    early_stop: int | None = Field(None, ge=1, description="patience in epochs on val macro-F1; None = off")
+    seed: int = 0
+    devices: str = "auto"
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    workers: int = Field(0, ge=0, description="data loader worker processes")
+    max_cache_gb: float = Field(4.0, ge=0, description="decode images into RAM up to this size; beyond it, "
+                                "or beyond half the free memory, images are decoded every epoch")
+    fit_trust: bool = Field(True, description="fit temperature, OOD scorer and abstain threshold at the end")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
+        return self
+
+    @property
+    def pre_size(self) -> int:
+        """Side of the cached training images (random ``size`` crops are taken from them)."""
+        return round(self.size / self.crop_pct)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str, **overrides) -> "TrainConfig":
+        """Load a YAML file; ``overrides`` win over the file.
+
+        Raises:
+            ValueError: unreadable YAML, unknown keys or invalid values.
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a mapping of option: value")
+        raw = {k.replace("-", "_"): v for k, v in raw.items()}
+        raw.update(overrides)
+        return cls.model_validate(raw)

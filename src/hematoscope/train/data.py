@@ -1,0 +1,310 @@
+"""Training data: the run's split, images decoded once into RAM, and the two kinds of transform.
+
+- Training images are decoded once, resized to ``pre_size`` (shorter side, centre square) and
+  kept as uint8 in memory (a memory guard falls back to decoding every epoch). Each item is a
+  random ``size`` crop (optionally scale-jittered), rotated by a multiple of 90° and maybe
+  flipped; optional RandAugment / AugMix act on the uint8 crop. Colour and stain jitter run
+  batched on the device in :func:`batch_color_jitter`.
+- Evaluation items are exactly the bundle's :class:`~hematoscope.models.preprocess.Preprocess`
+  output (no randomness), the same function predict, ONNX and serve use.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from hematoscope.data.images import ImageError, load_image
+from hematoscope.models.preprocess import Preprocess
+from hematoscope.progress import track
+from hematoscope.train.config import TrainConfig
+
+log = logging.getLogger("hematoscope")
+SPLIT_FILE = "split.csv"
+
+
+class TrainDataError(ValueError):
+    """The training data cannot be used (no images, a class without training images ...)."""
+
+
+# --- the run's split ----------------------------------------------------------------------
+def class_names(table) -> list[str]:
+    """Per-row class name: the canonical taxonomy name, or the dataset's own label when unmapped."""
+    return [c if c else lab for c, lab in zip(table["canonical"], table["label"])]
+
+
+def prepare_split(config: TrainConfig, run_dir: Path):
+    """The table the run trains on, with ``split`` in {train, val}, saved as ``RUN_DIR/split.csv``.
+
+    DATA with a ``split`` column (a split file) is used as it is (its test rows are left out);
+    otherwise a stratified validation split (``val_fraction``, ``seed``) is made. A resumed run
+    reads its own ``split.csv`` back.
+
+    Returns:
+        (table, labels): the train/val rows and the sorted class names.
+
+    Raises:
+        TrainDataError: no training or validation rows, or a validation class unseen in training.
+    """
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import load_split, make_split, save_split
+
+    split_file = run_dir / SPLIT_FILE
+    if split_file.exists():
+        table = load_split(split_file)
+    else:
+        table = read_dataset(config.data, reader=config.reader)
+        table = table.assign(cls=class_names(table))
+        if config.limit_per_class:
+            table = (table.groupby("cls", group_keys=False)
+                     .apply(lambda g: g.sample(min(len(g), config.limit_per_class), random_state=config.seed)))
+        table = table.drop(columns="cls")
+        if "split" not in table:
+            table = make_split(table, val=config.val_fraction, test=0.0, seed=config.seed)
+        table = table[table["split"].isin(["train", "val"])]
+        save_split(table, split_file)
+        table = load_split(split_file, verify=False)
+    table = table.assign(cls=class_names(table)).reset_index(drop=True)
+    train_classes = set(table.loc[table["split"] == "train", "cls"])
+    val_classes = set(table.loc[table["split"] == "val", "cls"])
+    if not train_classes or not val_classes:
+        raise TrainDataError(f"{config.data}: need both training and validation images "
+                             f"(got {len(train_classes)} train / {len(val_classes)} val classes)")
+    if len(train_classes) < 2:
+        raise TrainDataError(f"{config.data}: need at least 2 classes to train, found {sorted(train_classes)}")
+    if val_classes - train_classes:
+        raise TrainDataError(f"validation classes {sorted(val_classes - train_classes)} have no training images")
+    return table, sorted(train_classes)
+
+
+# --- decoding -------------------------------------------------------------------------------
+def decode_all(paths: Sequence[str], spec: Preprocess, *, description: str) -> tuple[np.ndarray, list[int], list]:
+    """Decode and resize images with ``spec.resize_image`` using two threads.
+
+    Returns:
+        (images uint8 (N_ok, S, S, 3), indices of the decoded paths, [(path, reason)] skipped).
+    """
+    def one(path: str):
+        try:
+            return spec.resize_image(load_image(path))
+        except ImageError as exc:
+            return exc
+
+    out = np.empty((len(paths), spec.size, spec.size, 3), dtype=np.uint8)
+    kept, skipped = [], []
+    with ThreadPoolExecutor(max_workers=2) as pool:  # PIL releases the GIL while decoding
+        for i, res in enumerate(track(pool.map(one, paths), total=len(paths), description=description)):
+            if isinstance(res, ImageError):
+                skipped.append((paths[i], res.reason))
+            else:
+                out[len(kept)] = res
+                kept.append(i)
+    return out[:len(kept)], kept, skipped
+
+
+def fits_in_memory(n_images: int, side: int, max_gb: float) -> bool:
+    """Memory guard: caching needs ``n * side² * 3`` bytes, at most ``max_gb`` and half the free RAM."""
+    import psutil
+
+    need = n_images * side * side * 3
+    return need <= max_gb * 1e9 and need <= 0.5 * psutil.virtual_memory().available
+
+
+# --- datasets -------------------------------------------------------------------------------
+class TrainImages(Dataset):
+    """Randomly augmented ``size`` crops (uint8 CHW tensors) and class indices.
+
+    Args:
+        images: cached uint8 (N, pre, pre, 3) images, or None to decode ``paths`` on access.
+        paths: image paths (used when ``images`` is None).
+        targets: class index per image.
+        config: sizes and augmentation options.
+    """
+
+    def __init__(self, images: np.ndarray | None, paths: Sequence[str], targets: np.ndarray, config: TrainConfig):
+        self.images, self.paths, self.targets = images, list(paths), np.asarray(targets, dtype=np.int64)
+        self.size, self.pre_size, self.scale_jitter = config.size, config.pre_size, config.scale_jitter
+        self.cache_spec = Preprocess(size=config.pre_size, resize="shorter_crop")
+        self.extra = _policy(config.augment)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _image(self, i: int) -> np.ndarray:
+        if self.images is not None:
+            return self.images[i]
+        return self.cache_spec.resize_image(load_image(self.paths[i], draft_size=self.pre_size))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self._image(i)
+        side = self.size
+        if self.scale_jitter:
+            f = 1 + self.scale_jitter * (2 * float(torch.rand(())) - 1)
+            side = int(min(self.pre_size, max(8, round(self.size * f))))
+        y0, x0 = (int(v) for v in torch.randint(0, self.pre_size - side + 1, (2,)))
+        crop = img[y0:y0 + side, x0:x0 + side]
+        if side != self.size:
+            from PIL import Image
+
+            crop = np.asarray(Image.fromarray(crop).resize((self.size, self.size), Image.Resampling.BILINEAR))
+        crop = np.rot90(crop, int(torch.randint(0, 4, ())))
+        if float(torch.rand(())) < 0.5:  # rot90 x horizontal flip = all 8 symmetries of the square
+            crop = crop[:, ::-1]
+        x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+        if self.extra is not None:
+            x = self.extra(x)
+        return x, int(self.targets[i])
+
+
+class EvalImages(Dataset):
+    """Model inputs exactly as the bundle's ``preprocess`` makes them (float32 CHW), no randomness.
+
+    Args:
+        resized: uint8 (N, size, size, 3) images already passed through ``preprocess.resize_image``,
+            or None to decode ``paths`` on access.
+        paths: image paths (used when ``resized`` is None).
+        targets: class index per image.
+        preprocess: the bundle's preprocessing.
+    """
+
+    def __init__(self, resized: np.ndarray | None, paths: Sequence[str], targets: np.ndarray, preprocess: Preprocess):
+        self.resized, self.paths, self.targets = resized, list(paths), np.asarray(targets, dtype=np.int64)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.resized is not None:
+            x = self.preprocess.normalize(self.resized[i][None])[0]
+        else:
+            x = self.preprocess([load_image(self.paths[i])])[0]
+        return torch.from_numpy(x), int(self.targets[i])
+
+
+def _policy(augment: str):
+    if augment == "basic":
+        return None
+    from torchvision.transforms import v2
+
+    return v2.RandAugment(num_ops=2, magnitude=7) if augment == "randaugment" else v2.AugMix(severity=2)
+
+
+def batch_color_jitter(x: torch.Tensor, color: float, stain: float) -> torch.Tensor:
+    """Random brightness, contrast, saturation (± ``color``) and per-channel stain scale/shift
+    (± ``stain``), one draw per image, on a float batch in [0, 1] (N, 3, H, W)."""
+    n = x.shape[0]
+
+    def u(*shape):
+        return 2 * torch.rand(n, *shape, 1, 1, device=x.device) - 1
+
+    if color:
+        x = x * (1 + color * u(1))
+        gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = gray.mean((2, 3), keepdim=True) + (x - gray.mean((2, 3), keepdim=True)) * (1 + color * u(1))
+        gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = gray + (x - gray) * (1 + color * u(1))
+    if stain:
+        x = x * (1 + stain * u(3)) + stain * u(3)
+    return x.clamp_(0, 1)
+
+
+# --- the Lightning data module -----------------------------------------------------------------
+@dataclass
+class SplitData:
+    """Decoded images of one split: ``images`` uint8 (cache) or None, kept ``paths`` and ``targets``."""
+
+    images: np.ndarray | None
+    paths: list[str]
+    targets: np.ndarray
+
+
+class CellDataModule(L.LightningDataModule):
+    """Decodes the run's train/val images once and serves augmented training batches (uint8)
+    and preprocessed validation batches (float32).
+
+    Args:
+        table: the run's table (``split`` in train/val, ``cls`` = class name).
+        labels: class names in output order.
+        config: the run's configuration.
+        preprocess: the bundle's evaluation preprocessing.
+    """
+
+    def __init__(self, table, labels: list[str], config: TrainConfig, preprocess: Preprocess):
+        super().__init__()
+        self.table, self.labels, self.config, self.preprocess = table, labels, config, preprocess
+        self.train: SplitData | None = None
+        self.val: SplitData | None = None
+        self.skipped: list[tuple[str, str]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        parts = {}
+        for split, spec in (("train", Preprocess(size=self.config.pre_size, resize="shorter_crop",
+                                                  interpolation=self.preprocess.interpolation)),
+                            ("val", self.preprocess)):
+            rows = self.table[self.table["split"] == split]
+            paths = list(rows["path"])
+            targets = np.array([index[c] for c in rows["cls"]], dtype=np.int64)
+            if fits_in_memory(len(paths), spec.size, self.config.max_cache_gb):
+                images, kept, skipped = decode_all(paths, spec, description=f"decoding {split} images")
+                self.skipped += skipped
+                parts[split] = SplitData(images, [paths[i] for i in kept], targets[kept])
+            else:
+                log.warning("%d %s images do not fit the memory guard; decoding them every epoch", len(paths), split)
+                parts[split] = SplitData(None, paths, targets)
+        for path, reason in self.skipped:
+            log.warning("skipped unreadable image %s (%s)", path, reason)
+        self.train, self.val = parts["train"], parts["val"]
+        if len(self.train.targets) == 0 or len(self.val.targets) == 0:
+            raise TrainDataError("no readable training or validation images")
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train.targets, minlength=len(self.labels))
+
+    def _loader(self, dataset, *, batch_size: int, shuffle: bool = False, sampler=None, drop_last=False):
+        workers = self.config.workers
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = TrainImages(self.train.images, self.train.paths, self.train.targets, self.config)
+        sampler = None
+        if self.config.sampler == "weighted":
+            w = 1.0 / np.maximum(self.class_counts(), 1)
+            sampler = WeightedRandomSampler(torch.as_tensor(w[self.train.targets], dtype=torch.double),
+                                            num_samples=len(ds), replacement=True)
+        return self._loader(ds, batch_size=self.config.batch_size, shuffle=sampler is None, sampler=sampler,
+                            drop_last=len(ds) > self.config.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("val"), batch_size=2 * self.config.batch_size)
+
+    def eval_dataset(self, split: str) -> EvalImages:
+        """Deterministic, preprocessed images of ``split``. Train images are centre crops of the
+        cache, which equal ``preprocess`` of the original because the cache side is
+        size / crop_pct (to within one pixel of position when that side minus size is odd)."""
+        part = self.train if split == "train" else self.val
+        if split == "train" and part.images is not None:
+            off = (self.config.pre_size - self.config.size) // 2
+            resized = part.images[:, off:off + self.config.size, off:off + self.config.size]
+            return EvalImages(resized, part.paths, part.targets, self.preprocess)
+        return EvalImages(part.images, part.paths, part.targets, self.preprocess)
+
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.train.targets), self.config.batch_size
+        return max(1, n // b if n > b else 1)
+
+
+def eval_preprocess(config: TrainConfig) -> Preprocess:
+    """The bundle's preprocessing for a run: shorter side to size / crop_pct, centre crop ``size``."""
+    return Preprocess(size=config.size, resize="shorter_crop", crop_pct=config.crop_pct)

@@ -1,0 +1,148 @@
+"""The LightningModule: loss, optimiser groups, schedules, on-device colour jitter, validation metrics."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from hematoscope.bundle.neural import ClassifierNet
+from hematoscope.models.preprocess import Preprocess
+from hematoscope.train.config import TrainConfig
+from hematoscope.train.data import batch_color_jitter
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary name and renamed into place (a kill -9 mid-save leaves
+    the previous checkpoint intact), and read back with ``weights_only=True`` (no unpickling)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from hematoscope._io import atomic_path
+
+        with atomic_path(path, ".ckpt") as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float, weight: torch.Tensor | None,
+               label_smoothing: float) -> torch.Tensor:
+    """Softmax focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma."""
+    ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction="none")
+    p_true = logits.softmax(1).gather(1, target[:, None])[:, 0]
+    return ((1 - p_true).pow(gamma) * ce).mean()
+
+
+class CellClassifier(L.LightningModule):
+    """Fine-tunes a :class:`ClassifierNet` (shared with the bundle being trained).
+
+    Args:
+        net: the network; its classifier layer is the "head", everything else the "backbone".
+        config: the run configuration (optimiser, schedule, loss, augmentation).
+        preprocess: the bundle's preprocessing (its mean/std normalise training batches).
+        class_counts: training images per class (for class weights).
+    """
+
+    def __init__(self, net: ClassifierNet, config: TrainConfig, preprocess: Preprocess, class_counts: np.ndarray):
+        super().__init__()
+        self.net, self.config = net, config
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
+        weight = None
+        if config.class_weights:
+            counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1)
+            weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+        self.register_buffer("class_weight", weight, persistent=False)
+        self._val_logits: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+
+    # --- data on the device ----------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        if x.dtype == torch.uint8:  # a training batch: augment colour, then normalise like Preprocess
+            x = batch_color_jitter(x.float() / 255.0, self.config.color_jitter, self.config.stain_jitter)
+            x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last), y
+
+    # --- training ----------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "focal":
+            return focal_loss(logits, y, gamma=self.config.focal_gamma, weight=self.class_weight,
+                              label_smoothing=self.config.label_smoothing)
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.config.label_smoothing)
+
+    def on_train_epoch_start(self) -> None:
+        # Reseed from (seed, epoch): a resumed run draws the same crops and order as an unbroken one.
+        seed = self.config.seed * 100_003 + self.current_epoch
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        frozen = self.current_epoch < self.config.freeze_epochs
+        head = set(map(id, self.net.model.get_classifier().parameters()))
+        for p in self.net.parameters():
+            if id(p) not in head:
+                p.requires_grad_(not frozen)
+        if frozen:  # keep ImageNet BatchNorm statistics while only the head learns
+            for m in self.net.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits, _ = self.net(x)
+        loss = self._loss(logits, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    # --- validation --------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits, _ = self.net(x)
+        self._val_logits.append(logits.detach().float().cpu())
+        self._val_targets.append(y.cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        from sklearn.metrics import f1_score
+
+        if not self._val_logits:
+            return
+        logits, y = torch.cat(self._val_logits), torch.cat(self._val_targets)
+        self._val_logits, self._val_targets = [], []
+        pred = logits.argmax(1)
+        self.log("val_loss", F.cross_entropy(logits, y).item(), prog_bar=False)
+        self.log("val_acc", (pred == y).float().mean().item(), prog_bar=True)
+        self.log("val_macro_f1", float(f1_score(y.numpy(), pred.numpy(), average="macro", zero_division=0)),
+                 prog_bar=True)
+
+    # --- optimiser -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        head = list(self.net.model.get_classifier().parameters())
+        head_ids = set(map(id, head))
+        backbone = [p for p in self.net.parameters() if id(p) not in head_ids]
+        c = self.config
+        opt = torch.optim.AdamW([{"params": backbone, "lr": c.backbone_lr}, {"params": head, "lr": c.lr}],
+                                weight_decay=c.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if c.schedule == "constant":
+            return opt
+        if c.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[c.backbone_lr, c.lr], total_steps=total)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _WarmupCosine(round(c.warmup_fraction * total), total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _WarmupCosine:
+    """Linear warm-up then cosine decay to zero, as a multiplier of each group's base lr."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))

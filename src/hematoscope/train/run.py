@@ -1,0 +1,224 @@
+"""``train(config)``: one supervised training run, from a dataset to a saved bundle.
+
+Run directory layout::
+
+    train_config.json     the TrainConfig (``--resume`` reads it back)
+    split.csv             the train/val split used (with file hashes)
+    checkpoints/          best.ckpt (by val macro-F1) and last.ckpt (Lightning, atomic writes)
+    logs/                 TensorBoard and CSV logs
+    metrics.json          validation metrics of the best checkpoint (+ calibration, trust)
+    bundle/               the model bundle of the best checkpoint
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from hematoscope import _io
+from hematoscope.bundle.base import ModelOutput
+from hematoscope.bundle.neural import NeuralBundle
+from hematoscope.train.config import TrainConfig
+from hematoscope.train.data import SPLIT_FILE, CellDataModule, EvalImages, TrainDataError, eval_preprocess, prepare_split
+from hematoscope.train.module import AtomicCheckpointIO, CellClassifier
+
+log = logging.getLogger("hematoscope")
+CONFIG_FILE = "train_config.json"
+LAST = "last.ckpt"
+BEST = "best.ckpt"
+
+
+class RunDirError(ValueError):
+    """The run directory already holds a run (and --resume was not asked), or cannot be resumed."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    bundle_path: Path
+    metrics: dict
+    best_checkpoint: Path
+    epochs_completed: int
+    train_seconds: float
+    images_per_second: float
+    skipped: list = field(default_factory=list)
+
+
+def resume(run_dir: Path | str, callbacks: list | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its saved configuration.
+
+    Raises:
+        RunDirError: no saved configuration or checkpoint.
+    """
+    run_dir = Path(run_dir)
+    cfg = run_dir / CONFIG_FILE
+    if not cfg.is_file():
+        raise RunDirError(f"{run_dir} has no {CONFIG_FILE}: not a training run directory")
+    config = TrainConfig.model_validate(json.loads(cfg.read_text(encoding="utf-8")))
+    return train(config, resume=True, callbacks=callbacks)
+
+
+def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None = None) -> RunResult:
+    """Train a neural bundle as ``config`` says and save it in ``config.out/bundle``.
+
+    Args:
+        config: the run's configuration.
+        resume: continue from ``checkpoints/last.ckpt`` in ``config.out`` (exactly where it stopped:
+            epoch, optimiser, schedule, callbacks; the per-epoch random state is reseeded from
+            (seed, epoch)).
+        callbacks: extra Lightning callbacks.
+
+    Returns:
+        The run's result (bundle path, validation metrics, timing).
+
+    Raises:
+        RunDirError: ``config.out`` already holds a run and ``resume`` is False, or nothing to resume.
+        TrainDataError, DatasetError: unusable data.
+        WeightsError: unknown architecture or weights.
+    """
+    run_dir = Path(config.out)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / LAST
+    if resume and not last.is_file():
+        raise RunDirError(f"{run_dir} has no {last.relative_to(run_dir)} to resume from")
+    if not resume and (run_dir / CONFIG_FILE).exists():
+        raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
+                          "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    torch.manual_seed(config.seed)
+
+    table, labels = prepare_split(config, run_dir)
+    preprocess = eval_preprocess(config)
+    bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
+                                 weights=None if resume else config.weights, name=config.name or run_dir.name,
+                                 dtype=config.weights_dtype, drop_rate=config.drop_rate)
+    bundle.config.model["weights_source"] = config.weights
+    data = CellDataModule(table, labels, config, preprocess)
+    data.setup("fit")
+    module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
+
+    best_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=Path(BEST).stem, monitor="val_macro_f1",
+                                                  mode="max", save_top_k=1, save_last=True,
+                                                  enable_version_counter=False)
+    epoch_log = _EpochLog()
+    cbs = [best_cb, epoch_log, *(callbacks or [])]
+    if config.early_stop:
+        cbs.append(L.pytorch.callbacks.EarlyStopping(monitor="val_macro_f1", mode="max", patience=config.early_stop))
+    tty = sys.stderr.isatty()
+    if tty:
+        cbs.append(L.pytorch.callbacks.RichProgressBar())
+    loggers = [L.pytorch.loggers.TensorBoardLogger(run_dir / "logs", name="tensorboard"),
+               L.pytorch.loggers.CSVLogger(run_dir / "logs", name="csv")]
+    trainer = L.Trainer(
+        max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
+        precision=config.precision, callbacks=cbs, logger=loggers, plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir, num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=tty,
+        log_every_n_steps=max(1, min(50, data.steps_per_epoch())),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
+
+    best = Path(best_cb.best_model_path) if best_cb.best_model_path else last
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    bundle.net.cpu().float().eval()
+
+    val_out, val_y = outputs(bundle, data.eval_dataset("val"), config.batch_size)
+    metrics = _final_metrics(bundle, data, val_out, val_y, config)
+    fingerprint = hashlib.sha256((run_dir / SPLIT_FILE).read_bytes()).hexdigest()
+    completed = trainer.current_epoch
+    bundle.config.training = {
+        "recipe": "supervised fine-tuning (hematoscope train)",
+        "config": config.model_dump(mode="json"),
+        "best_checkpoint_epoch": int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1,
+        "epochs_completed": completed,
+        "train_images": int(len(data.train.targets)),
+        "val_images": int(len(data.val.targets)),
+        "split_file_sha256": fingerprint,
+        "train_seconds_this_session": round(epoch_log.seconds, 1),
+        "train_images_per_second": round(epoch_log.images_per_second, 1),
+    }
+    bundle.config.data_sources = sorted(set(table["dataset"].dropna()))
+    bundle.metrics.update({k: v for k, v in metrics.items() if k not in ("calibration", "trust")})
+    bundle_path = bundle.save(run_dir / "bundle")
+    _io.write_json(run_dir / "metrics.json", metrics)
+    return RunResult(run_dir, bundle_path, metrics, best, completed, epoch_log.seconds,
+                     epoch_log.images_per_second, data.skipped)
+
+
+def outputs(bundle: NeuralBundle, dataset: EvalImages, batch_size: int = 64) -> tuple[ModelOutput, np.ndarray]:
+    """Run ``bundle`` over preprocessed ``dataset`` items; returns (outputs, targets)."""
+    from torch.utils.data import DataLoader
+
+    logits, features = [], []
+    for x, _ in DataLoader(dataset, batch_size=batch_size):
+        out = bundle.forward_tensor(x.numpy())
+        logits.append(out.logits)
+        features.append(out.features)
+    return ModelOutput(np.concatenate(logits), np.concatenate(features)), dataset.targets
+
+
+def _final_metrics(bundle: NeuralBundle, data: CellDataModule, val_out: ModelOutput, val_y: np.ndarray,
+                   config: TrainConfig) -> dict:
+    from hematoscope.evaluate.metrics import classification_metrics
+    from hematoscope.trust import softmax
+
+    probs = softmax(val_out.logits)
+    metrics = {"split": "val (run split.csv)", **classification_metrics(val_y, probs.argmax(1), probs, bundle.labels)}
+    if not config.fit_trust:
+        return metrics
+    try:
+        from hematoscope.trust import fit_trust
+    except ImportError as exc:
+        log.warning("trust fitting skipped: hematoscope.trust.fit_trust is not available (%s)", exc)
+        return metrics
+    train_out, train_y = outputs(bundle, data.eval_dataset("train"), config.batch_size)
+    report = fit_trust(bundle, train=(train_out, train_y), val=(val_out, val_y))
+    metrics["ece_before"] = report["calibration"]["ece_before"]
+    metrics["ece_after"] = report["calibration"]["ece_after"]
+    metrics["temperature"] = report["calibration"]["temperature"]
+    metrics["calibration"], metrics["trust"] = bundle.metrics.get("calibration"), bundle.metrics.get("trust")
+    return metrics
+
+
+class _EpochLog(L.Callback):
+    """Logs one line per epoch (loss, val metrics) and measures training throughput (images/s of
+    the training steps, validation excluded)."""
+
+    def __init__(self):
+        self.seconds, self.images = 0.0, 0
+        self._start = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images += len(batch[1])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._start:  # validation inside a training epoch: stop the training clock
+            self.seconds += time.monotonic() - self._start
+            self._start = 0.0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        log.info("epoch %d/%d: train_loss %.4f  val_loss %.4f  val_acc %.4f  val_macro_f1 %.4f  (%.0f img/s)",
+                 trainer.current_epoch + 1, trainer.max_epochs, m.get("train_loss", float("nan")),
+                 m.get("val_loss", float("nan")), m.get("val_acc", float("nan")), m.get("val_macro_f1", float("nan")),
+                 self.images_per_second)

@@ -1,0 +1,81 @@
+"""Taxonomy-aware evaluation of a bundle on another dataset's labels, plots and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hematoscope.bundle.neural import NeuralBundle
+from hematoscope.cli.main import app
+from hematoscope.data.samples import make_table
+from hematoscope.evaluate import evaluate_bundle
+from hematoscope.models.preprocess import Preprocess
+
+
+def _files(root, folder, n):
+    return sorted(str(p) for p in (root / folder).iterdir())[:n]
+
+
+def _bundle(labels):
+    torch.manual_seed(0)
+    return NeuralBundle.create(labels, preprocess=Preprocess(size=32), weights=None, name="eval-test")
+
+
+def test_other_dataset_labels_are_matched_through_the_taxonomy(synthetic_root, tmp_path):
+    bundle = _bundle(["neutrophil", "lymphocyte", "monocyte"])
+    rows = ([{"path": p, "label": "SNE"} for p in _files(synthetic_root, "neutrophil", 4)]
+            + [{"path": p, "label": "lymphocytes"} for p in _files(synthetic_root, "lymphocyte", 3)]
+            + [{"path": p, "label": "basophil"} for p in _files(synthetic_root, "basophil", 2)]
+            + [{"path": p, "label": "alien blob"} for p in _files(synthetic_root, "platelet", 1)])
+    table = make_table(rows, dataset="other")
+    report = evaluate_bundle(bundle, table, plots_dir=tmp_path / "plots")
+
+    assert report["label_map"] == {"neutrophil_segmented": "neutrophil", "lymphocyte": "lymphocyte"}
+    assert report["unknown_classes"] == {"basophil": 2, "alien blob": 1}
+    assert report["n"] == 7 and report["labels"] == ["neutrophil", "lymphocyte", "monocyte"]
+    scored = rows[:7]
+    pred = bundle.predict([r["path"] for r in scored]).probs.argmax(1)
+    truth = np.array([0] * 4 + [1] * 3)
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    assert report["confusion_matrix"] == confusion_matrix(truth, pred, labels=[0, 1, 2]).tolist()
+    assert report["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    for name in ("confusion_matrix.png", "reliability.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finer_bundle_classes_merge_into_the_datas_coarser_class(synthetic_root):
+    bundle = _bundle(["neutrophil_segmented", "neutrophil_band", "lymphocyte"])
+    rows = ([{"path": p, "label": "neutrophil"} for p in _files(synthetic_root, "neutrophil", 3)]
+            + [{"path": p, "label": "lymphocyte"} for p in _files(synthetic_root, "lymphocyte", 3)])
+    report = evaluate_bundle(bundle, make_table(rows, dataset="other"))
+    assert report["labels"] == ["neutrophil", "lymphocyte"]
+    assert report["merged"] == {"neutrophil_segmented": "neutrophil", "neutrophil_band": "neutrophil"}
+    probs = bundle.predict([r["path"] for r in rows]).probs
+    merged_pred = np.where(probs[:, :2].sum(1) >= probs[:, 2], 0, 1)
+    assert np.trace(np.array(report["confusion_matrix"])) == int((merged_pred == np.array([0] * 3 + [1] * 3)).sum())
+
+
+def test_no_known_class_is_a_clear_error(synthetic_root):
+    bundle = _bundle(["neutrophil", "lymphocyte"])
+    table = make_table([{"path": p, "label": "platelet"} for p in _files(synthetic_root, "platelet", 2)], "other")
+    with pytest.raises(ValueError, match="none of the data's classes"):
+        evaluate_bundle(bundle, table)
+
+
+def test_cli_evaluate_writes_json_and_plots(tiny_neural_bundle, synthetic_root, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(synthetic_root),
+                                      "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 96 and len(report["per_class"]) == 8
+    assert "balanced accuracy" in result.output and "neutrophil" in result.output
+    assert (tmp_path / "p" / "confusion_matrix.png").is_file()
+
+
+def test_cli_evaluate_missing_bundle_is_a_clean_error(synthetic_root, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), str(synthetic_root)])
+    assert result.exit_code == 2 and "no bundle" in result.output

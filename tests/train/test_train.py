@@ -1,0 +1,161 @@
+"""Training on tiny synthetic data: a bundle comes out, resume continues exactly, transforms."""
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from hematoscope import load_bundle
+from hematoscope.data.images import load_image
+from hematoscope.train import TrainConfig, resume, train
+from hematoscope.train.run import RunDirError
+
+
+def tiny_config(data, out, **kw) -> TrainConfig:
+    """32 px, random init, batch 16: a few seconds per epoch on 2 cores."""
+    opts = dict(data=str(data), out=str(out), size=32, crop_pct=32 / 36, weights=None, epochs=2, batch_size=16,
+                val_fraction=0.25, lr=3e-3, backbone_lr=3e-3)
+    return TrainConfig(**{**opts, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_root, tmp_path_factory):
+    return train(tiny_config(synthetic_root, tmp_path_factory.mktemp("run") / "run"))
+
+
+def test_training_produces_a_loadable_bundle_and_run_files(finished_run):
+    run = finished_run.run_dir
+    for name in ("train_config.json", "split.csv", "metrics.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "bundle/model.safetensors", "bundle/config.json", "bundle/README.md"):
+        assert (run / name).is_file(), name
+    assert list((run / "logs" / "csv").glob("version_*/metrics.csv"))
+    assert list((run / "logs" / "tensorboard").glob("version_*/events.out.tfevents*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix",
+                            "ece_before", "ece_after", "split"}
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n"] == 24  # 3 val images x 8 classes
+    bundle = load_bundle(finished_run.bundle_path)
+    assert bundle.labels == sorted(bundle.labels) and "immature_granulocyte" in bundle.labels
+    assert bundle.preprocess.size == 32 and bundle.preprocess.resize == "shorter_crop"
+    assert bundle.config.ood is not None and bundle.config.temperature != 1.0  # trust was fitted
+    assert bundle.config.training["epochs_completed"] == 2
+    assert bundle.config.training["split_file_sha256"]
+    assert finished_run.epochs_completed == 2 and finished_run.images_per_second > 0
+
+
+def test_bundle_reproduces_validation_metrics(finished_run):
+    """The saved bundle, used through the public predict path, scores the val split as training said."""
+    from hematoscope.data.splits import load_split
+    from hematoscope.evaluate import evaluate_bundle
+
+    split = load_split(finished_run.run_dir / "split.csv")
+    val = split[split["split"] == "val"]
+    report = evaluate_bundle(load_bundle(finished_run.bundle_path), val.reset_index(drop=True))
+    assert report["confusion_matrix"] == finished_run.metrics["confusion_matrix"]
+
+
+def test_eval_transform_is_the_bundle_preprocess_and_train_transform_is_random(synthetic_root, tmp_path):
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split
+    from hematoscope.train.data import CellDataModule, class_names, eval_preprocess
+
+    config = tiny_config(synthetic_root, tmp_path / "r", limit_per_class=3)
+    table = make_split(read_dataset(synthetic_root), val=0.34, test=0.0, seed=0)
+    table = table.assign(cls=class_names(table)).groupby("cls").head(3).reset_index(drop=True)
+    labels = sorted(set(table["cls"]))
+    pre = eval_preprocess(config)
+    data = CellDataModule(table, labels, config, pre)
+    data.setup()
+    for split in ("val", "train"):
+        ds = data.eval_dataset(split)
+        for i in range(len(ds)):
+            x, y = ds[i]
+            expected = pre([load_image(ds.paths[i])])[0]
+            np.testing.assert_array_equal(x.numpy(), expected)
+            np.testing.assert_array_equal(ds[i][0].numpy(), x.numpy())  # deterministic
+            assert labels[y] == table.set_index("path").loc[ds.paths[i], "cls"]
+    loader = data.train_dataloader()
+    torch.manual_seed(0)
+    a = next(iter(loader))[0]
+    torch.manual_seed(1)
+    b = next(iter(loader))[0]
+    assert a.dtype == torch.uint8 and a.shape[1:] == (3, 32, 32)
+    assert not torch.equal(a, b)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashInSecondEpoch(L.Callback):
+    """Fails the run in the middle of the second epoch (after the first epoch's checkpoint)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            raise _Crash("simulated crash")
+
+
+def test_resume_after_a_crash_matches_an_unbroken_run(synthetic_root, tmp_path, finished_run):
+    config = tiny_config(synthetic_root, tmp_path / "crashed")
+    with pytest.raises(_Crash):
+        train(config, callbacks=[_CrashInSecondEpoch()])
+    assert (tmp_path / "crashed" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "crashed" / "bundle").exists()
+    with pytest.raises(RunDirError, match="--resume"):
+        train(config)
+    resumed = resume(tmp_path / "crashed")
+    assert resumed.epochs_completed == 2
+    unbroken = load_bundle(finished_run.bundle_path).net.model.state_dict()
+    again = load_bundle(resumed.bundle_path).net.model.state_dict()
+    for k, v in unbroken.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_nothing_to_resume_is_a_clear_error(tmp_path):
+    with pytest.raises(RunDirError, match="not a training run"):
+        resume(tmp_path)
+
+
+def test_yaml_config_with_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: somewhere\nout: runs/x\nepochs: 5\nbatch-size: 8\naugment: randaugment\n")
+    cfg = TrainConfig.from_yaml(f, epochs=7, weights=None)
+    assert (cfg.epochs, cfg.batch_size, cfg.augment, cfg.weights) == (7, 8, "randaugment", None)
+    f.write_text("data: x\nout: y\nepochz: 3\n")
+    with pytest.raises(ValueError, match="epochz"):
+        TrainConfig.from_yaml(f)
+    with pytest.raises(ValueError, match="freeze_epochs"):
+        TrainConfig(data="x", out="y", epochs=2, freeze_epochs=2)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_of_a_training_process(synthetic_root, tmp_path):
+    """A real ``hematoscope train`` process is killed with SIGKILL right after its first
+    checkpoint; ``--resume`` finishes the run with the configured number of epochs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", "from hematoscope.cli.main import run; run()", "train", str(synthetic_root),
+           "--out", str(run), "--size", "32", "--weights", "none", "--epochs", "3", "--batch-size", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "bundle").exists()
+    done = subprocess.run([*cmd[:3], "train", "--resume", str(run)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_bundle(run / "bundle").config.training["epochs_completed"] == 3
