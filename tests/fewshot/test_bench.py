@@ -27,11 +27,11 @@ def _table(root):
 
 
 def test_heldout_benchmark_beats_chance(synthetic_root, lite0_extractor, tmp_path):
-    res = run_benchmark(_table(synthetic_root), lite0_extractor, shots=[1, 3], heads=["lr", "proto"],
+    res = run_benchmark(_table(synthetic_root), lite0_extractor, shots=[1, 3], heads=["lr", "proto+self"],
                         repeats=2, test_fraction=0.3, progress=False)
     assert res["n_test"] == 8 * round(12 * 0.3) and len(res["classes_scored"]) == 8
     rows = {(r["shots"], r["head"]): r for r in res["results"]}
-    assert set(rows) == {(1, "lr"), (1, "proto"), (3, "lr"), (3, "proto")}
+    assert set(rows) == {(1, "lr"), (1, "proto+self"), (3, "lr"), (3, "proto+self")}
     assert rows[(3, "lr")]["n_train"] == 24 and len(rows[(3, "lr")]["balanced_accuracy"]) == 2
     # synthetic cell types are easy: ImageNet features must do far better than chance (1/8)
     assert rows[(3, "lr")]["balanced_accuracy_mean"] > 0.5

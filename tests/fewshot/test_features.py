@@ -13,7 +13,8 @@ def _paths(root: Path, n: int = 3) -> list[str]:
     return [str(p) for d in sorted(root.iterdir()) for p in sorted(d.iterdir())[:n]]
 
 
-def test_second_run_and_renamed_copies_hit_the_cache(lite0_extractor, synthetic_root, tmp_path):
+def test_second_run_and_renamed_copies_hit_the_cache(lite0_extractor, synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEMATOSCOPE_CACHE", str(tmp_path / "cache"))  # empty cache, whatever ran before
     paths = _paths(synthetic_root)
     first = lite0_extractor.extract(paths, progress=False)
     assert isinstance(first, FeatureSet) and first.features.shape == (len(paths), 2 * (80 + 112 + 192 + 320))

@@ -50,3 +50,16 @@ def test_head_spec_round_trip_and_errors():
         HeadSpec("tree")
     with pytest.raises(ValueError, match="transform"):
         make_head("lr", transform="zscore")
+
+
+def test_self_training_uses_unlabelled_rows():
+    X, y = _blobs(n_per_class=1)
+    Xu, yu = _blobs(n_per_class=10, seed=2)
+    codes = {c: i for i, c in enumerate("abcd")}
+    targets = np.concatenate([[codes[c] for c in y], np.full(len(Xu), -1)])
+    head = HeadSpec.parse("proto+self").build().fit(np.concatenate([X, Xu]), targets)
+    assert head.classes_.tolist() == [0, 1, 2, 3]
+    assert head[-1].labeled_iter_.max() >= 1  # some unlabelled rows became pseudo-labels
+    assert (head.predict(Xu) == [codes[c] for c in yu]).mean() >= 0.9
+    with pytest.raises(ValueError, match="modifier"):
+        HeadSpec.parse("lr+mixup")

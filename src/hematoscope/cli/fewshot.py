@@ -18,7 +18,8 @@ def fit(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory or .zip to write.")],
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", "-n", min=1,
                                                             help="Labels drawn per class (default: all).")] = None,
-    head: Annotated[str, typer.Option("--head", help="lr, svm, svm-rbf, knn or proto.")] = "lr",
+    head: Annotated[str, typer.Option("--head", help="lr, svm, svm-rbf, knn or proto; append +self for "
+                                      "self-training on the unused images as unlabelled data.")] = "lr",
     transform: Annotated[str, typer.Option("--transform", help="standard, power or none.")] = "standard",
     pca: Annotated[Optional[float], typer.Option("--pca", help="PCA components (>= 1) or variance fraction "
                                                  "(< 1) after the transform.")] = None,
@@ -40,7 +41,10 @@ def fit(
         from hematoscope.fewshot.features import load_extractor
         from hematoscope.fewshot.heads import HeadSpec
 
-        spec = HeadSpec(head, transform, None if pca is None else (int(pca) if pca >= 1 else pca))
+        import dataclasses
+
+        spec = dataclasses.replace(HeadSpec.parse(head), transform=transform,
+                                   pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         ext = load_extractor(backbone, weights=weights, size=size, tta=tta)
         bundle, report = fit_fewshot_bundle(read_dataset(data), ext, labels_per_class=labels_per_class,
                                             head=spec, seed=seed, name=name)

@@ -112,7 +112,8 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
         extractor: a :class:`~hematoscope.fewshot.features.FeatureExtractor`.
         test: samples table to score on; None = a held-out stratified part of ``train``.
         shots: labels per class (None = all of the pool).
-        heads: head names or :class:`HeadSpec` objects.
+        heads: head names (``"lr+self"`` = with self-training on the rest of the pool as
+            unlabelled images) or :class:`HeadSpec` objects.
         repeats: draws per shot count (seeds ``seed .. seed + repeats - 1``).
         seed: base seed of the split and of the draws.
         test_fraction, max_test: held-out part when ``test`` is None.
@@ -129,7 +130,7 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
     """
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    specs = [h if isinstance(h, HeadSpec) else HeadSpec(h) for h in heads]
+    specs = [h if isinstance(h, HeadSpec) else HeadSpec.parse(h) for h in heads]
     if test is None:
         pool, test = holdout_split(train, test_fraction=test_fraction, max_test=max_test, seed=seed)
         test_source = f"held-out {test_fraction:.0%} of train (stratified, seed {seed}), {len(test)} images"
@@ -155,9 +156,11 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
     skipped = [s.source for s in fs.skipped]
     bad = np.zeros(len(pool), bool)
     feats: dict[int, np.ndarray] = {}
+    semi = any(spec.self_training is not None for spec in specs)
     while True:
         draws = _draws(y_pool, shots, repeats, seed, bad)
-        need = sorted({int(i) for idx, _ in draws.values() for i in idx} - set(feats) - set(np.flatnonzero(bad)))
+        wanted = set(range(len(pool))) if semi else {int(i) for idx, _ in draws.values() for i in idx}
+        need = sorted(wanted - set(feats) - set(np.flatnonzero(bad)))
         if not need:
             break
         fs = extractor.extract(list(pool_paths[need]), progress=progress)
@@ -167,25 +170,33 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
         skipped += [s.source for s in fs.skipped]
 
     labels_shared = match.shared
+    classes = sorted(set(y_pool))
+    y_code = np.array([classes.index(c) for c in y_pool])
+    readable = np.array(sorted(feats))
     rows = []
     for s in shots:
         for spec in specs:
             bacc, f1, secs, n_train = [], [], [], 0
             for r in range(repeats):
                 idx, _ = draws[(s, r)]
+                targets = y_code[idx]
+                if spec.self_training is not None:  # the rest of the pool, as unlabelled images
+                    idx = np.concatenate([idx, np.setdiff1d(readable, idx)])
+                    targets = np.concatenate([targets, np.full(len(idx) - len(targets), -1)])
                 X = np.stack([feats[int(i)] for i in idx])
                 head = spec.build()
                 t0 = time.perf_counter()
-                head.fit(X, y_pool[idx])
+                head.fit(X, targets)
                 secs.append(time.perf_counter() - t0)
-                pred = np.array([match.train_to_shared.get(p, OTHER) for p in head.predict(X_test)], dtype=object)
+                pred = np.array([match.train_to_shared.get(classes[p], OTHER) for p in head.predict(X_test)],
+                                dtype=object)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     bacc.append(float(balanced_accuracy_score(y_test, pred)))
                     f1.append(float(f1_score(y_test, pred, labels=labels_shared, average="macro", zero_division=0)))
-                n_train = len(idx)
+                n_train = int((targets >= 0).sum())
             rows.append({
-                "shots": "all" if s is None else s, "head": spec.name, "head_spec": spec.to_dict(),
+                "shots": "all" if s is None else s, "head": spec.label, "head_spec": spec.to_dict(),
                 "n_train": n_train,
                 "balanced_accuracy_mean": float(np.mean(bacc)), "balanced_accuracy_sd": float(np.std(bacc)),
                 "macro_f1_mean": float(np.mean(f1)), "macro_f1_sd": float(np.std(f1)),

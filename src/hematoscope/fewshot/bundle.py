@@ -58,7 +58,8 @@ class FewShotBundle(Bundle):
     @classmethod
     def fit(cls, extractor: FeatureExtractor, features: np.ndarray, y: Sequence[str], *,
             head: str | HeadSpec = "lr", labels: Sequence[str] | None = None, name: str = "fewshot",
-            training: dict | None = None, data_sources: Sequence[str] = ()) -> "FewShotBundle":
+            training: dict | None = None, data_sources: Sequence[str] = (),
+            unlabelled: np.ndarray | None = None) -> "FewShotBundle":
         """Fit a head on precomputed features and wrap it as a bundle.
 
         Args:
@@ -70,11 +71,12 @@ class FewShotBundle(Bundle):
             name: bundle name.
             training: recipe details recorded in ``config.training``.
             data_sources: dataset names recorded in the config.
+            unlabelled: (M, D) features of unlabelled images, used by self-training heads.
 
         Raises:
             ValueError: fewer than two classes, or a label of ``y`` not in ``labels``.
         """
-        spec = head if isinstance(head, HeadSpec) else HeadSpec(head)
+        spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
         labels = list(labels) if labels is not None else sorted({str(v) for v in y})
         if len(labels) < 2:
             raise ValueError(f"need at least 2 classes to fit a head; got {labels}")
@@ -83,8 +85,12 @@ class FewShotBundle(Bundle):
         if unknown:
             raise ValueError(f"labels {unknown} are not among {labels}")
         targets = np.array([index[str(v)] for v in y], np.int64)
+        features = np.asarray(features, np.float32)
+        if spec.self_training is not None and unlabelled is not None and len(unlabelled):
+            features = np.concatenate([features, np.asarray(unlabelled, np.float32)])
+            targets = np.concatenate([targets, np.full(len(unlabelled), -1, np.int64)])
         t0 = time.perf_counter()
-        pipeline = spec.build().fit(np.asarray(features, np.float32), targets)
+        pipeline = spec.build().fit(features, targets)
         fit_seconds = time.perf_counter() - t0
         from hematoscope.taxonomy import TAXONOMY_VERSION
 
@@ -93,7 +99,8 @@ class FewShotBundle(Bundle):
             preprocess=extractor.preprocess.to_dict(),
             model={"backbone": extractor.describe(), "tta": extractor.tta, "head": spec.to_dict(),
                    "feature_dim": int(np.shape(features)[1]), "extractor_identity": extractor.identity},
-            training={**(training or {}), "n_train": int(len(targets)),
+            training={**(training or {}), "n_train": int((targets >= 0).sum()),
+                      "n_unlabelled": int((targets < 0).sum()),
                       "per_class": {lab: int((targets == i).sum()) for i, lab in enumerate(labels)},
                       "head_fit_seconds": round(fit_seconds, 3)},
             data_sources=list(data_sources),
@@ -169,14 +176,15 @@ class FewShotBundle(Bundle):
 
 def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: int | None = 50,
                        head: str | HeadSpec = "lr", seed: int = 0, val_per_class: int | None = None,
-                       name: str | None = None, ood_method: str = "knn",
+                       max_unlabelled: int = 2000, name: str | None = None, ood_method: str = "knn",
                        progress: bool = True) -> tuple[FewShotBundle, dict[str, Any]]:
     """Draw ``labels_per_class`` images per class from ``table``, fit a head on their features,
     and calibrate it (temperature, OOD scorer, abstain threshold) on a disjoint validation draw.
 
     The validation draw (``val_per_class``, default between 10 and 50 matching the shots) comes
     from the images not used for training; when fewer than 5 per class remain, trust fitting
-    is skipped and the reason recorded in ``metrics["trust"]``.
+    is skipped and the reason recorded in ``metrics["trust"]``. A self-training head (e.g.
+    ``"lr+self"``) also gets up to ``max_unlabelled`` of the remaining images, without labels.
 
     Returns:
         (bundle, report) where report holds counts, timings and the trust report.
@@ -187,35 +195,41 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     from hematoscope.fewshot.bench import class_column
     from hematoscope.fewshot.shots import sample_shots
 
+    spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
     y_all = class_column(table)
     paths = table["path"].astype(str).to_numpy()
     draw = sample_shots(y_all, labels_per_class, seed=seed)
+    rest = np.setdiff1d(np.arange(len(table)), draw.indices)
+    n_val = val_per_class or int(min(50, max(10, labels_per_class or 50)))
+    val_idx = rest[sample_shots(y_all[rest], n_val, seed=seed + 1).indices]
     t0 = time.perf_counter()
     fs = extractor.extract(list(paths[draw.indices]), progress=progress)
-    extract_seconds = time.perf_counter() - t0
     if len(fs.features) == 0:
         raise ValueError("none of the drawn training images could be read")
     y_train = y_all[draw.indices][fs.ok]
+    unlabelled = None
+    if spec.self_training is not None:
+        free = np.setdiff1d(rest, val_idx)
+        free = np.random.default_rng(seed + 2).permutation(free)[:max_unlabelled]
+        unlabelled = extractor.extract(list(paths[np.sort(free)]), progress=progress).features
+    extract_seconds = time.perf_counter() - t0
     datasets = sorted({str(d) for d in table["dataset"]}) if "dataset" in table else []
     training = {"method": "frozen features + head", "labels_per_class": labels_per_class, "seed": seed,
                 "short_classes": draw.short, "skipped": [s.source for s in fs.skipped]}
-    bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=head, name=name or f"fewshot-{head}",
-                               training=training, data_sources=datasets)
+    bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=spec, name=name or f"fewshot-{spec.label}",
+                               training=training, data_sources=datasets, unlabelled=unlabelled)
     report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),
                               "head_fit_seconds": bundle.config.training["head_fit_seconds"],
                               "short_classes": draw.short}
 
-    rest = np.setdiff1d(np.arange(len(table)), draw.indices)
-    n_val = val_per_class or int(min(50, max(10, labels_per_class or 50)))
-    vdraw = sample_shots(y_all[rest], n_val, seed=seed + 1)
-    counts = {c: int((y_all[rest][vdraw.indices] == c).sum()) for c in bundle.labels}
+    counts = {c: int((y_all[val_idx] == c).sum()) for c in bundle.labels}
     if min(counts.values()) < 5:
         reason = f"too few images left for a validation part ({counts}); trust not fitted"
         bundle.metrics["trust"] = {"skipped": reason}
         report["trust"] = {"skipped": reason}
         return bundle, report
-    vfs = extractor.extract(list(paths[rest][vdraw.indices]), progress=progress)
-    y_val = y_all[rest][vdraw.indices][vfs.ok]
+    vfs = extractor.extract(list(paths[val_idx]), progress=progress)
+    y_val = y_all[val_idx][vfs.ok]
     keep = np.isin(y_val, bundle.labels)
     from hematoscope.trust import fit_trust
 

@@ -197,18 +197,37 @@ class HeadSpec:
         pca: PCA components after the transform (int, or a float in (0, 1) for explained
             variance); None = no PCA.
         params: keyword arguments for the classifier (e.g. ``{"C": 0.5}``).
+        self_training: confidence threshold for scikit-learn's ``SelfTrainingClassifier``:
+            unlabelled images (target -1) predicted above it are added as pseudo-labels and the
+            head refitted; None = labelled images only.
     """
 
     name: str = "lr"
     transform: str = "standard"
     pca: int | float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    self_training: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in HEAD_NAMES:
             raise ValueError(f"unknown head {self.name!r}; choose from {', '.join(HEAD_NAMES)}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}; got {self.transform!r}")
+        if self.self_training is not None and not 0 < self.self_training < 1:
+            raise ValueError(f"self_training threshold must be in (0, 1); got {self.self_training}")
+
+    @property
+    def label(self) -> str:
+        """Short display name, e.g. ``lr`` or ``lr+self``."""
+        return self.name + ("+self" if self.self_training is not None else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "HeadSpec":
+        """``"lr"`` or ``"lr+self"`` (self-training at threshold 0.9) → HeadSpec."""
+        name, _, extra = text.strip().partition("+")
+        if extra not in ("", "self"):
+            raise ValueError(f"unknown head modifier {extra!r} in {text!r}; only '+self' exists")
+        return cls(name, self_training=0.9 if extra else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,11 +238,12 @@ class HeadSpec:
 
     def build(self):
         """An unfitted scikit-learn Pipeline for this spec."""
-        return make_head(self.name, transform=self.transform, pca=self.pca, **self.params)
+        return make_head(self.name, transform=self.transform, pca=self.pca, self_training=self.self_training,
+                         **self.params)
 
 
 def make_head(name: str = "lr", *, transform: str = "standard", pca: int | float | None = None,
-              random_state: int = 0, **params):
+              random_state: int = 0, self_training: float | None = None, **params):
     """A scikit-learn Pipeline ``[transform] → [PCA] → classifier`` from a head name.
 
     Args:
@@ -231,6 +251,8 @@ def make_head(name: str = "lr", *, transform: str = "standard", pca: int | float
         transform: ``"standard"``, ``"power"`` or ``"none"``.
         pca: PCA components (int or variance fraction), or None.
         random_state: seed of every randomised step.
+        self_training: wrap the classifier in ``SelfTrainingClassifier`` with this threshold;
+            fit then accepts unlabelled rows with target -1 (integer targets only).
         **params: classifier parameters (e.g. ``C=0.5``, ``n_neighbors=5``).
 
     Raises:
@@ -259,5 +281,9 @@ def make_head(name: str = "lr", *, transform: str = "standard", pca: int | float
         clf = CosineKNNClassifier(**params)
     else:
         clf = PrototypeClassifier(**params)
+    if self_training is not None:
+        from sklearn.semi_supervised import SelfTrainingClassifier
+
+        clf = SelfTrainingClassifier(clf, threshold=self_training, max_iter=5)
     steps.append(("clf", clf))
     return Pipeline(steps)
