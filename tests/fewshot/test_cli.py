@@ -44,7 +44,7 @@ def test_bad_input_exits_cleanly(tmp_path):
     r = CliRunner().invoke(app, ["fewshot", "fit", str(tmp_path / "none"), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["fewshot", "bench", str(tmp_path), "--shots", "0"])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and "positive integers" in r.output
 
 
 @pytest.mark.slow  # umap-learn compiles its numba kernels on first use (~20 s)

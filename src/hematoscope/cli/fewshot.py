@@ -45,8 +45,9 @@ def fit(
 
         spec = dataclasses.replace(HeadSpec.parse(head), transform=transform,
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
+        table = read_dataset(data)
         ext = load_extractor(backbone, weights=weights, size=size, tta=tta)
-        bundle, report = fit_fewshot_bundle(read_dataset(data), ext, labels_per_class=labels_per_class,
+        bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=labels_per_class,
                                             head=spec, seed=seed, name=name)
         bundle.save(out)
     c = console()
@@ -88,9 +89,11 @@ def bench(
         from hematoscope.fewshot.features import load_extractor
         from hematoscope.fewshot.shots import parse_shots
 
+        shot_counts = parse_shots(shots)
+        train_table, test_table = read_dataset(train), read_dataset(test) if test else None
         ext = load_extractor(backbone, weights=weights, size=size, tta=tta)
-        result = run_benchmark(read_dataset(train), ext, test=read_dataset(test) if test else None,
-                               shots=parse_shots(shots), heads=[h.strip() for h in heads.split(",")],
+        result = run_benchmark(train_table, ext, test=test_table,
+                               shots=shot_counts, heads=[h.strip() for h in heads.split(",")],
                                repeats=repeats, seed=seed, max_test=max_test)
         if json_out:
             _io.write_json(json_out, result)
