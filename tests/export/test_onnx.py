@@ -129,3 +129,17 @@ def test_int8_export_on_validation_data(micro_bundle, tmp_path, pbc_subset):
     assert isinstance(bundle.runner, OnnxRunner)
     assert json.loads((tmp_path / "int8" / "config.json").read_text())["model"]["onnx"]["precision"] == "int8"
     assert len(bundle.predict(sample_paths()[:4])) == 4
+
+
+def test_onnx_inference_never_imports_torch(exported):
+    """Start-up time: a bundle served by ONNX Runtime must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    out, _ = exported
+    code = ("import sys\nfrom hematoscope import load_bundle\nfrom hematoscope.predict import predict_paths\n"
+            "pred = predict_paths(load_bundle(sys.argv[1]), [sys.argv[2]])\n"
+            "assert len(pred) == 3, pred\nprint('torch' in sys.modules, 'timm' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code, str(out), str(sample_paths()[0].parent)],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["False", "False"]

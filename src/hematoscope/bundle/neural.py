@@ -8,21 +8,26 @@ Files: ``model.safetensors`` holds the timm model's own state dict (so it is als
 Backends (``backend=`` argument, or the ``HEMATOSCOPE_BACKEND`` environment variable):
 ``"auto"`` (ONNX Runtime when the bundle directory has ``model.onnx``, torch otherwise),
 ``"torch"`` or ``"onnx"``.
+
+torch is imported only when the network is needed (the torch backend, training, export, Grad-CAM):
+a bundle served by ONNX Runtime starts in a fraction of a second. The network and its weights are
+then built on first access of :attr:`NeuralBundle.net`.
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from hematoscope.bundle.base import Bundle, BundleConfig, BundleError, ModelOutput, register_bundle_kind
 from hematoscope.models.backbones import DEFAULT_ARCH, OFFLINE_WEIGHTS, create_backbone
 from hematoscope.models.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from hematoscope.bundle.neural_torch import ClassifierNet
 
 log = logging.getLogger("hematoscope")
 
@@ -30,37 +35,22 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 BACKEND_ENV = "HEMATOSCOPE_BACKEND"
 BACKENDS = ("auto", "torch", "onnx")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+WEIGHT_DTYPES = ("float32", "float16")
 
 
-class ClassifierNet(nn.Module):
-    """A timm classifier whose forward returns ``(logits, pooled features)``.
+def __getattr__(name: str):
+    # The torch classes live in neural_torch so that importing this module does not import torch.
+    if name in ("ClassifierNet", "TorchRunner"):
+        from hematoscope.bundle import neural_torch
 
-    The features are the globally pooled penultimate activations (1,280-d for Lite0): what the
-    classifier layer sees, and what out-of-distribution scorers are fitted on.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return self.model.get_classifier()(features), features
+        return getattr(neural_torch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class TorchRunner:
-    """Runs a :class:`ClassifierNet` for inference (eval mode, no autograd, channels_last)."""
-
-    def __init__(self, net: ClassifierNet):
-        self.net = net
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.net.eval()
-        with torch.inference_mode():
-            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            logits, features = self.net(t)
-        return logits.float().numpy(), features.float().numpy()
+def _pooled_width(model) -> int:
+    """Width of the features ClassifierNet returns (timm's head_hidden_size when the head has its
+    own hidden layer, as in MobileNetV3)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -85,14 +75,31 @@ class NeuralBundle(Bundle):
         backend: ``"auto"``, ``"torch"`` or ``"onnx"``; None reads ``$HEMATOSCOPE_BACKEND``.
     """
 
-    def __init__(self, config: BundleConfig, net: ClassifierNet | None = None, metrics: dict | None = None,
+    def __init__(self, config: BundleConfig, net: "ClassifierNet | None" = None, metrics: dict | None = None,
                  path: Path | None = None, *, directory: Path | None = None, backend: str | None = None):
         super().__init__(config, metrics, path)
-        self.net = net if net is not None else ClassifierNet(
-            create_backbone(config.model["arch"], num_classes=len(config.labels), weights=None))
+        self._net = net
+        self._weights_file: Path | None = None  # read into the network on first access of .net
         self.directory = directory
         self.backend = resolve_backend(backend)
         self._runner = None
+
+    @property
+    def net(self) -> "ClassifierNet":
+        """The torch network (built, and its weights read, on first access)."""
+        if self._net is None:
+            from hematoscope.bundle.neural_torch import ClassifierNet
+
+            net = ClassifierNet(create_backbone(self.config.model["arch"], num_classes=len(self.config.labels),
+                                                weights=None))
+            if self._weights_file is not None:
+                _load_state(net, self._weights_file, self.config)
+            self._net = net
+        return self._net
+
+    @net.setter
+    def net(self, value: "ClassifierNet") -> None:
+        self._net = value
 
     @classmethod
     def create(cls, labels: Sequence[str], *, arch: str = DEFAULT_ARCH, preprocess: Preprocess | None = None,
@@ -114,16 +121,18 @@ class NeuralBundle(Bundle):
             WeightsError: unknown architecture or unloadable weights.
             ValueError: bad dtype or fewer than two labels.
         """
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}; got {dtype!r}")
         preprocess = preprocess or Preprocess(size=128)
         model = create_backbone(arch, num_classes=len(labels), weights=weights, drop_rate=drop_rate)
         config = BundleConfig(
             kind="neural", name=name, labels=list(labels), preprocess=preprocess.to_dict(),
-            model={"arch": arch, "num_features": int(model.num_features),
+            model={"arch": arch, "num_features": _pooled_width(model),
                    "weights_source": None if weights is None else str(weights), "dtype": dtype},
         )
         from hematoscope.taxonomy import TAXONOMY
+
+        from hematoscope.bundle.neural_torch import ClassifierNet
 
         config.taxonomy_version = TAXONOMY.version
         return cls(config, ClassifierNet(model), backend=backend)
@@ -134,20 +143,26 @@ class NeuralBundle(Bundle):
         self.backend = resolve_backend(backend)
         self._runner = None
 
+    def _has_onnx(self) -> bool:
+        return self.directory is not None and (self.directory / ONNX_FILE).is_file()
+
+    def _uses_onnx(self) -> bool:
+        if self.backend == "onnx" and not self._has_onnx():
+            raise BundleError(f"backend 'onnx' needs {ONNX_FILE} in the bundle directory; "
+                              "run `hematoscope export BUNDLE --format onnx` first")
+        return self.backend in ("auto", "onnx") and self._has_onnx()
+
     @property
     def runner(self):
         """The inference runner for the chosen backend (built on first use)."""
         if self._runner is None:
-            onnx_file = self.directory / ONNX_FILE if self.directory is not None else None
-            has_onnx = onnx_file is not None and onnx_file.is_file()
-            if self.backend == "onnx" and not has_onnx:
-                raise BundleError(f"backend 'onnx' needs {ONNX_FILE} in the bundle directory; "
-                                  "run `hematoscope export BUNDLE --format onnx` first")
-            if has_onnx and self.backend in ("auto", "onnx"):
+            if self._uses_onnx():
                 from hematoscope.export.onnx import OnnxRunner
 
-                self._runner = OnnxRunner(onnx_file)
+                self._runner = OnnxRunner(self.directory / ONNX_FILE)
             else:
+                from hematoscope.bundle.neural_torch import TorchRunner
+
                 self._runner = TorchRunner(self.net)
         return self._runner
 
@@ -170,15 +185,15 @@ class NeuralBundle(Bundle):
     def _save_weights(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        dtype = _DTYPES[self.config.model.get("dtype", "float32")]
+        from hematoscope.bundle.neural_torch import DTYPES
+
+        dtype = DTYPES[self.config.model.get("dtype", "float32")]
         state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
                  for k, v in self.net.model.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "arch": self.config.model["arch"]})
 
     @classmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "NeuralBundle":
-        from safetensors.torch import load_file
-
         for key in ("arch",):
             if key not in config.model:
                 raise BundleError(f"{directory}/config.json: model.{key} is missing")
@@ -186,10 +201,18 @@ class NeuralBundle(Bundle):
         if not weights_file.is_file():
             raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
         bundle = cls(config, metrics=metrics, directory=directory)
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights_file)).items()}
-        try:
-            bundle.net.model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BundleError(f"{weights_file} does not match architecture {config.model['arch']!r} "
-                              f"with {len(config.labels)} classes: {str(exc)[:300]}") from None
+        bundle._weights_file = weights_file
+        if not (bundle.backend in ("auto", "onnx") and bundle._has_onnx()):
+            bundle.net  # torch will run it: read the weights now, so a bad file fails at load time
         return bundle
+
+
+def _load_state(net: "ClassifierNet", weights_file: Path, config: BundleConfig) -> None:
+    from safetensors.torch import load_file
+
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights_file)).items()}
+    try:
+        net.model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{weights_file} does not match architecture {config.model['arch']!r} "
+                          f"with {len(config.labels)} classes: {str(exc)[:300]}") from None

@@ -1,0 +1,39 @@
+"""The PyTorch side of the neural bundle kind, kept apart so that ONNX-only inference never
+imports torch (it costs seconds of start-up). Re-exported by :mod:`hematoscope.bundle.neural`."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class ClassifierNet(nn.Module):
+    """A timm classifier whose forward returns ``(logits, pooled features)``.
+
+    The features are the globally pooled penultimate activations (1,280-d for Lite0): what the
+    classifier layer sees, and what out-of-distribution scorers are fitted on.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(features), features
+
+
+class TorchRunner:
+    """Runs a :class:`ClassifierNet` for inference (eval mode, no autograd, channels_last)."""
+
+    def __init__(self, net: ClassifierNet):
+        self.net = net
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.net.eval()
+        with torch.inference_mode():
+            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            logits, features = self.net(t)
+        return logits.float().numpy(), features.float().numpy()
