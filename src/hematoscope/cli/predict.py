@@ -16,8 +16,8 @@ SHOWN_ROWS = 30
 
 
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns or zip files.",
-                                               show_default=False)],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", show_default=False,
+                                               help="Image files, folders (recursive), glob patterns or zip files.")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model bundle (directory or .zip); "
                                                   "default: the shipped PBC model.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image results to a .csv or .json "
@@ -34,9 +34,8 @@ def predict(
 ) -> None:
     """Classify cell images and print the differential count.
 
-    Unreadable files are listed with their reason and the run goes on. Exit code 0 when at least
-    one image was classified, 1 when none was.
-    """
+    Unreadable files are listed with their reason and the run goes on. Exit code 0 when at least one image was classified, 1 when none was.
+    """  # noqa: E501 (one line: rich help keeps the docstring's line breaks)
     if backend not in BACKENDS:
         raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     with user_errors():
