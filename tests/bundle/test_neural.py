@@ -122,3 +122,12 @@ def test_backend_choice(tiny_neural_bundle, monkeypatch):
     monkeypatch.setenv("HEMATOSCOPE_BACKEND", "tensorrt")
     with pytest.raises(BundleError, match="backend must be one of"):
         load_bundle(tiny_neural_bundle)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_small_050"])
+def test_other_timm_architectures(arch, tmp_path):
+    bundle = NeuralBundle.create(["neutrophil", "lymphocyte"], arch=arch, preprocess=Preprocess(size=32), weights=None)
+    out = bundle.forward(_images(2))
+    assert out.logits.shape == (2, 2) and out.features.shape == (2, bundle.config.model["num_features"])
+    again = load_bundle(bundle.save(tmp_path / "b"))
+    np.testing.assert_array_equal(again.forward(_images(2)).logits, out.logits)

@@ -40,12 +40,12 @@ def class_names(table) -> list[str]:
     return [c if c else lab for c, lab in zip(table["canonical"], table["label"])]
 
 
-def prepare_split(config: TrainConfig, run_dir: Path):
+def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
     """The table the run trains on, with ``split`` in {train, val}, saved as ``RUN_DIR/split.csv``.
 
     DATA with a ``split`` column (a split file) is used as it is (its test rows are left out);
     otherwise a stratified validation split (``val_fraction``, ``seed``) is made. A resumed run
-    reads its own ``split.csv`` back.
+    (``resume``) reads its own ``split.csv`` back.
 
     Returns:
         (table, labels): the train/val rows and the sorted class names.
@@ -57,7 +57,7 @@ def prepare_split(config: TrainConfig, run_dir: Path):
     from hematoscope.data.splits import load_split, make_split, save_split
 
     split_file = run_dir / SPLIT_FILE
-    if split_file.exists():
+    if resume:
         table = load_split(split_file)
     else:
         table = read_dataset(config.data, reader=config.reader)

@@ -27,7 +27,7 @@ from hematoscope import _io
 from hematoscope.bundle.base import ModelOutput
 from hematoscope.bundle.neural import NeuralBundle
 from hematoscope.train.config import TrainConfig
-from hematoscope.train.data import SPLIT_FILE, CellDataModule, EvalImages, TrainDataError, eval_preprocess, prepare_split
+from hematoscope.train.data import SPLIT_FILE, CellDataModule, EvalImages, eval_preprocess, prepare_split
 from hematoscope.train.module import AtomicCheckpointIO, CellClassifier
 
 log = logging.getLogger("hematoscope")
@@ -95,12 +95,10 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
                           "or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    table, labels = prepare_split(config, run_dir, resume=resume)
     if not resume:
         _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    torch.manual_seed(config.seed)
-
-    table, labels = prepare_split(config, run_dir)
     preprocess = eval_preprocess(config)
     bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
                                  weights=None if resume else config.weights, name=config.name or run_dir.name,
