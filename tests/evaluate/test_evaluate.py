@@ -79,3 +79,18 @@ def test_cli_evaluate_writes_json_and_plots(tiny_neural_bundle, synthetic_root, 
 def test_cli_evaluate_missing_bundle_is_a_clean_error(synthetic_root, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), str(synthetic_root)])
     assert result.exit_code == 2 and "no bundle" in result.output
+
+
+def test_cli_evaluate_with_ood_images(tiny_neural_bundle, synthetic_root, tmp_path):
+    from PIL import Image
+
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(noise / f"n{i}.png")
+    result = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(synthetic_root),
+                                      "--ood", str(noise), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ood"]["n_ood"] == 6 and report["ood"]["n_in"] == 96

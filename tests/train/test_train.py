@@ -60,7 +60,7 @@ def test_bundle_reproduces_validation_metrics(finished_run):
 def test_eval_transform_is_the_bundle_preprocess_and_train_transform_is_random(synthetic_root, tmp_path):
     from hematoscope.data.readers import read_dataset
     from hematoscope.data.splits import make_split
-    from hematoscope.train.data import CellDataModule, class_names, eval_preprocess
+    from hematoscope.train.data import CellDataModule, TrainImages, class_names, eval_preprocess
 
     config = tiny_config(synthetic_root, tmp_path / "r", limit_per_class=3)
     table = make_split(read_dataset(synthetic_root), val=0.34, test=0.0, seed=0)
@@ -77,6 +77,15 @@ def test_eval_transform_is_the_bundle_preprocess_and_train_transform_is_random(s
             np.testing.assert_array_equal(x.numpy(), expected)
             np.testing.assert_array_equal(ds[i][0].numpy(), x.numpy())  # deterministic
             assert labels[y] == table.set_index("path").loc[ds.paths[i], "cls"]
+    lazy = CellDataModule(table, labels, config.model_copy(update={"max_cache_gb": 0.0}), pre)
+    lazy.setup()  # over the memory guard: images are decoded on access, with the same results
+    assert lazy.train.images is None and lazy.val.images is None
+    for split in ("val", "train"):
+        a, b = data.eval_dataset(split), lazy.eval_dataset(split)
+        assert a.paths == b.paths
+        np.testing.assert_array_equal(a[0][0].numpy(), b[0][0].numpy())
+    x, _ = TrainImages(None, lazy.train.paths, lazy.train.targets, config)[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
     loader = data.train_dataloader()
     torch.manual_seed(0)
     a = next(iter(loader))[0]

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,12 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         default_root_dir=run_dir, num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=tty,
         log_every_n_steps=max(1, min(50, data.steps_per_epoch())),
     )
-    trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
+    with warnings.catch_warnings():
+        # Known, harmless Lightning notices: the module's batch hook is meant to win over the
+        # data module's; LeafSpec is a torch deprecation inside Lightning.
+        warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
 
     best = Path(best_cb.best_model_path) if best_cb.best_model_path else last
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
