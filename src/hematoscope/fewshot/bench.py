@@ -247,6 +247,9 @@ def plot_curve(results: dict[str, dict] | dict, path: Path | str, *, metric: str
             ax.errorbar(x, [r[f"{metric}_mean"] for r in pts], yerr=[r[f"{metric}_sd"] for r in pts],
                         marker="o", capsize=3, label=f"{run_name} {head}".strip())
     ax.set_xscale("log")
+    ticks = sorted({r["shots"] for res in runs.values() for r in res["results"] if r["shots"] != "all"})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("labels per class")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(True, alpha=0.3)
