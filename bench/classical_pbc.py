@@ -25,7 +25,9 @@ PBC = Path(os.environ.get("HEMATOSCOPE_PBC", Path(__file__).resolve().parents[2]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=2, help="feature-extraction processes")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="XGBoost threads (1: OpenMP threads stall badly on a loaded, shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bundle-out", type=Path, default=None, help="also save the trained bundle here")
     ap.add_argument("--fraction", type=float, default=1.0,
@@ -49,7 +51,8 @@ def main() -> None:
     if args.fraction < 1:
         table = (table.groupby(["split", "canonical"], group_keys=False)
                  .sample(frac=args.fraction, random_state=args.seed).sort_values("path").reset_index(drop=True))
-    result = train_classical(table, seed=args.seed, n_jobs=args.jobs, name="classical-pbc", progress=True)
+    result = train_classical(table, seed=args.seed, n_jobs=args.jobs, name="classical-pbc", progress=True,
+                             params={"nthread": args.threads})
     bundle, report = result.bundle, result.report
 
     test = table[table["split"] == "test"]
@@ -85,7 +88,8 @@ def main() -> None:
                     "test_features_and_predict": round(t_predict, 1)},
         "xgboost_rounds": report["rounds"],
         "trust": report["trust"],
-        "machine": f"{os.cpu_count()} CPU cores, nice -n 10, shared with other jobs",
+        "machine": f"{os.cpu_count()} CPU cores, nice -n 10, shared with other jobs (load ~10)",
+        "xgboost_threads": args.threads,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     _io.write_json(RESULTS / "classical_pbc.json", out)

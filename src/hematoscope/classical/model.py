@@ -13,11 +13,12 @@ DEFAULT_XGB_PARAMS: dict[str, Any] = {
     "objective": "multi:softprob",
     "eval_metric": "mlogloss",
     "tree_method": "hist",
-    "eta": 0.08,
-    "max_depth": 6,
+    "eta": 0.15,
+    "max_depth": 5,
+    "max_bin": 128,
     "min_child_weight": 1.0,
     "subsample": 0.8,
-    "colsample_bytree": 0.5,
+    "colsample_bytree": 0.4,
     "lambda": 1.0,
 }
 
@@ -38,7 +39,7 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def fit_booster(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int, *,
-                feature_names: list[str], seed: int = 0, max_rounds: int = 2000, early_stopping: int = 40,
+                feature_names: list[str], seed: int = 0, max_rounds: int = 2000, early_stopping: int = 25,
                 params: dict | None = None):
     """Class-weighted multi-class XGBoost, stopped early on the validation log-loss.
 
