@@ -168,3 +168,16 @@ def test_resume_after_kill_9_of_a_training_process(synthetic_root, tmp_path):
     done = subprocess.run([*cmd[:3], "train", "--resume", str(run)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_bundle(run / "bundle").config.training["epochs_completed"] == 3
+
+
+def test_training_on_real_pbc_images(pbc_subset, tmp_path):
+    """Real JPEGs (6 per class) from ImageNet weights: the pipeline runs end to end and the
+    bundle answers for every class."""
+    result = train(tiny_config(pbc_subset, tmp_path / "run", size=48, crop_pct=48 / 54, weights="imagenet-offline",
+                               epochs=1, val_fraction=0.34))
+    bundle = load_bundle(result.bundle_path)
+    assert bundle.labels == ["basophil", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte",
+                             "monocyte", "neutrophil", "platelet"]
+    assert result.metrics["n"] == 16 and not result.skipped
+    pred = bundle.predict(sorted(pbc_subset.glob("*/*.jpg"))[:4])
+    assert pred.probs.shape == (4, 8)

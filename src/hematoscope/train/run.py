@@ -132,6 +132,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         # data module's; LeafSpec is a torch deprecation inside Lightning.
         warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resume
         trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
 
     best = Path(best_cb.best_model_path) if best_cb.best_model_path else last
