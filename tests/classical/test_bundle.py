@@ -53,9 +53,9 @@ def test_round_trip_identical(tiny_classical_bundle, pbc_subset, tmp_path):
 
 
 def test_learns_real_cells(tiny_classical_bundle, pbc_subset):
-    # Trained on 4 images per class: it must at least fit them clearly better than chance.
+    # Trained on 4 images per class: it must at least fit them clearly better than chance (1/8).
     bundle = load_bundle(tiny_classical_bundle)
-    files = _real_images(pbc_subset, 6)
+    files = _real_images(pbc_subset, 3)
     pred = bundle.predict(files)
     truth = [bundle.labels[bundle.labels.index(p)] for p in pred.predicted]
     from hematoscope.taxonomy import TAXONOMY

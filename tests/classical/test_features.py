@@ -73,6 +73,7 @@ def test_cache_hit_and_unreadable_files(tmp_path, draw_cell):
     assert np.isfinite(rows[0, 0]) and np.isnan(rows[1]).all()
 
 
+@pytest.mark.slow  # worker processes start in ~10 s on a loaded 2-core machine
 def test_parallel_matches_serial(draw_cell):
     images = [draw_cell(64), draw_cell(96), np.full((40, 40, 3), 10, np.uint8)]
     serial = ClassicalFeatures(n_jobs=1, cache=False).transform(images)
