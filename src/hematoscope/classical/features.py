@@ -419,7 +419,9 @@ class ClassicalFeatures(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
+        tags.no_validation = True  # inputs are images (arrays, paths or bytes), not a 2-D matrix
         tags.input_tags.two_d_array = False
+        tags.transformer_tags.preserves_dtype = []  # always float32 features
         return tags
 
 
