@@ -35,13 +35,15 @@ def main() -> None:
     ap.add_argument("--pool-per-class", type=int, default=200,
                     help="shots come from a fixed random subset of this many train images per class")
     ap.add_argument("--plot", action="store_true", help="only combine saved runs")
+    ap.add_argument("--runs", default=None, help="with --plot: comma-separated run names drawn in the curve")
     args = ap.parse_args()
     from hematoscope.fewshot.bench import plot_curve, results_table
 
     if args.plot:
         runs = {p.stem.removeprefix("fewshot_pbc_"): json.loads(p.read_text())
                 for p in sorted(RESULTS.glob("fewshot_pbc_*.json"))}
-        plot_curve(runs, RESULTS / "fewshot_pbc_curve.png")
+        drawn = args.runs.split(",") if args.runs else list(runs)
+        plot_curve({k: runs[k] for k in drawn}, RESULTS / "fewshot_pbc_curve.png")
         text = "\n\n".join(f"### {name}\n{results_table(r)}" for name, r in runs.items())
         (RESULTS / "fewshot_pbc_table.md").write_text(text + "\n")
         print(text)
