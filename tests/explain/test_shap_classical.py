@@ -52,6 +52,15 @@ def test_explain_features_rows(bundle, images):
         explain_features(bundle, images[0], label="unicorn")
 
 
+def test_missing_features_are_reported_as_none(bundle):
+    import json
+
+    rows = explain_features(bundle, np.full((64, 64, 3), 128, np.uint8), top=len(FEATURE_NAMES))
+    values = {r.name: r.value for r in rows}
+    assert values["seg_ok"] == 0 and values["nuc_area"] is None
+    json.dumps([r._asdict() for r in rows], allow_nan=False)  # what the CLI and the web API emit
+
+
 def test_global_importance_plot(bundle):
     top = global_importance(bundle, top=5)
     assert 1 <= len(top) <= 5 and all(name in FEATURE_NAMES for name, _ in top)

@@ -96,7 +96,8 @@ def explain_cmd(
     c.print(f"{image.name}: {label} ({pred.confidence[0]:.1%})" + (" [yellow]unlike training[/]" if pred.ood_flag[0]
                                                                    else ""))
     for r in rows:
-        c.print(f"  {r.contribution:+.3f}  {r.name} = {r.value:.4g} {r.unit}")
+        value = "missing" if r.value is None else f"{r.value:.4g} {r.unit}"
+        c.print(f"  {r.contribution:+.3f}  {r.name} = {value}")
     c.print(f"saved {out}/features.json, lime.png, importance.png")
 
 

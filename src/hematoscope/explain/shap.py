@@ -16,11 +16,13 @@ import numpy as np
 
 
 class FeatureContribution(NamedTuple):
-    """One row of an explanation: feature ``name``, its ``value`` for the image, its ``unit``, and
-    its SHAP ``contribution`` to the explained class's margin (positive = towards that class)."""
+    """One row of an explanation: feature ``name``, its ``value`` for the image (None when missing,
+    e.g. segmentation failed: the trees then follow their learned missing-value branch), its
+    ``unit``, and its SHAP ``contribution`` to the explained class's margin (positive = towards
+    that class)."""
 
     name: str
-    value: float
+    value: float | None
     unit: str
     contribution: float
 
@@ -86,8 +88,8 @@ def explain_features(bundle, image: np.ndarray, *, label: str | None = None, top
         raise ValueError(f"{label!r} is not a class of this bundle ({bundle.labels})")
     contrib = feature_contributions(bundle, feats).values[0, :, cls]
     order = np.argsort(-np.abs(contrib))[:top]
-    return [FeatureContribution(bundle.feature_names[i], float(feats[0, i]), feature_spec(bundle.feature_names[i]).unit,
-                                float(contrib[i])) for i in order]
+    return [FeatureContribution(bundle.feature_names[i], float(feats[0, i]) if np.isfinite(feats[0, i]) else None,
+                                feature_spec(bundle.feature_names[i]).unit, float(contrib[i])) for i in order]
 
 
 def global_importance(bundle, top: int = 25) -> list[tuple[str, float]]:
