@@ -249,6 +249,14 @@ function badge(text, kind, title) {
   return b;
 }
 
+// The anomaly score as a multiple of the model's flag threshold (raw when the model is not served).
+function anomalyText(score) {
+  if (score === null || score === undefined) return "";
+  const model = state.models.find((m) => m.name === state.analysis.model.name);
+  const threshold = model && model.ood ? Number(model.ood.threshold) : NaN;
+  return threshold > 0 ? ` · anomaly ${(score / threshold).toFixed(2)}× limit` : ` · anomaly ${score.toFixed(2)}`;
+}
+
 function renderCard(it) {
   const a = state.analysis;
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
@@ -288,8 +296,7 @@ function renderCard(it) {
   const fill = node.querySelector(".conf-fill");
   fill.style.width = pct(it.confidence);
   fill.style.background = colorOf(it.prediction);
-  node.querySelector(".conf-text").textContent = `confidence ${pct(it.confidence)}` +
-    (it.ood_score !== null && it.ood_score !== undefined ? ` · anomaly ${it.ood_score.toFixed(2)}` : "");
+  node.querySelector(".conf-text").textContent = `confidence ${pct(it.confidence)}` + anomalyText(it.ood_score);
   node.querySelector(".topk").replaceChildren(...it.top_k.map((t) => {
     const li = document.createElement("li");
     li.textContent = `${display(t.label)} ${pct(t.prob)}`;
