@@ -198,13 +198,21 @@ class MahalanobisScorer(OODScorer):
 
     def score(self, *, features, logits=None):
         self._check_fitted()
-        x = self._features(features)
-        p = self.precision_.astype(np.float64)
-        dists = []
-        for mu in self.means_.astype(np.float64):
-            d = x - mu
-            dists.append(np.einsum("nd,nd->n", d @ p, d))
-        return np.min(np.stack(dists, 1), 1)
+        x = self._features(features).astype(np.float64)
+        p, pm, mpm = self._expanded()
+        # (x-m)ᵀP(x-m) = xᵀPx - 2xᵀ(Pm) + mᵀPm: one N×D×D product for all classes, not one per class
+        d = np.einsum("nd,nd->n", x @ p, x)[:, None] - 2.0 * (x @ pm) + mpm[None, :]
+        return d.min(1)
+
+    def _expanded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 precision P, P·means (D, C) and meansᵀ·P·means (C,), cached per fitted state."""
+        if getattr(self, "_expanded_of", None) is not self.precision_:
+            p = self.precision_.astype(np.float64)
+            mu = self.means_.astype(np.float64)
+            pm = p @ mu.T
+            self._expanded_cache = (p, pm, np.einsum("cd,dc->c", mu, pm))
+            self._expanded_of = self.precision_
+        return self._expanded_cache
 
     def state_dict(self):
         self._check_fitted()
