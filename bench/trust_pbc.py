@@ -16,8 +16,8 @@ bundle are cached under the hematoscope cache dir, so a rerun only redoes the an
 
     nice -n 10 .venv/bin/python bench/trust_pbc.py [--leave-out monocyte] [--part a|c|all]
 
-Writes bench/results/trust_pbc.json (one entry per left-out class, merged with earlier runs) and
-trust_pbc_<class>_scores.png / _risk_coverage.png, trust_pbc_default_*.png.
+Writes bench/results/trust_pbc.json (one entry per left-out-class run, merged with earlier runs),
+trust_pbc_<class>_<n>x<epochs>_scores_<method>.png / _risk_coverage.png, trust_pbc_default_*.png.
 """
 from __future__ import annotations
 
@@ -173,13 +173,13 @@ def part_a(args, cache_root: Path) -> dict:
     res["test_risk_coverage"] = {k: rc[k] for k in ("aurc", "accuracy_at_coverage")}
 
     stem = RESULTS / f"trust_pbc_{args.leave_out}_{args.train_per_class}x{args.epochs}"
-    best = max(SCORERS, key=lambda m: res["scorers"][m]["left_out"]["auroc"])
-    s = scores[best]
-    plot_score_histograms(s["test"], {f"left-out {args.leave_out}": s["left_out"],
-                                      "non-cells": np.concatenate([s[k] for k in not_cell_kinds]),
-                                      "corrupted cells": np.concatenate([s[k] for k in CORRUPTIONS])},
-                          f"{stem}_scores.png", threshold=s["threshold"],
-                          title=f"{best} score, model trained without {args.leave_out}")
+    for method in SCORERS:
+        s = scores[method]
+        plot_score_histograms(s["test"], {f"left-out {args.leave_out}": s["left_out"],
+                                          "non-cells": np.concatenate([s[k] for k in not_cell_kinds]),
+                                          "corrupted cells": np.concatenate([s[k] for k in CORRUPTIONS])},
+                              f"{stem}_scores_{method}.png", threshold=s["threshold"],
+                              title=f"{method} score, model trained without {args.leave_out}")
     plot_risk_coverage({"PBC test, known classes": rc}, f"{stem}_risk_coverage.png")
     return res
 
