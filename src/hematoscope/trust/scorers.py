@@ -176,7 +176,9 @@ class MahalanobisScorer(OODScorer):
     """
 
     needs_features = True
-    array_names = ("means", "precision")
+    #: The precision matrix is symmetric: only its upper triangle is stored (half the bytes;
+    #: this keeps the shipped default bundle under its size limit).
+    array_names = ("means", "precision_upper")
 
     def __init__(self) -> None:
         super().__init__()
@@ -216,7 +218,21 @@ class MahalanobisScorer(OODScorer):
 
     def state_dict(self):
         self._check_fitted()
-        return {"means": self.means_, "precision": self.precision_}
+        return {"means": self.means_, "precision_upper": self.precision_[np.triu_indices(len(self.precision_))]}
+
+    def _load_state(self, arrays):
+        self.means_ = arrays["means"]
+        upper = arrays["precision_upper"]
+        d = self.means_.shape[1]
+        if upper.shape != (d * (d + 1) // 2,):
+            raise ScorerError(f"mahalanobis precision has {upper.size} values; expected {d * (d + 1) // 2}")
+        p = np.zeros((d, d), dtype=upper.dtype)
+        p[np.triu_indices(d)] = upper
+        self.precision_ = p + np.triu(p, 1).T
+
+    def _check_fitted(self) -> None:
+        if self.means_ is None or self.precision_ is None:
+            raise ScorerError("the mahalanobis scorer is not fitted")
 
 
 @register_scorer("knn")
