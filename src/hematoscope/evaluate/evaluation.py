@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hematoscope._io import save_figure
 from hematoscope.progress import track
 
 if TYPE_CHECKING:
@@ -122,7 +123,6 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: list[str], path: Path) -> 
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    from hematoscope._io import atomic_path
     from hematoscope.taxonomy import TAXONOMY
 
     n = len(labels)
@@ -130,8 +130,4 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: list[str], path: Path) -> 
     ConfusionMatrixDisplay(matrix, display_labels=[TAXONOMY.display(lab) for lab in labels]).plot(
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, values_format="d")
     ax.set_title("Confusion matrix (rows: true class)")
-    fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -254,9 +254,4 @@ def plot_curve(results: dict[str, dict] | dict, path: Path | str, *, metric: str
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with _io.atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _io.save_figure(fig, path)

@@ -47,9 +47,4 @@ def plot_embedding(coords: np.ndarray, classes: Sequence[str], datasets: Sequenc
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(markerscale=3, fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    with _io.atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _io.save_figure(fig, path)

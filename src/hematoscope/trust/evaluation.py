@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from hematoscope._io import save_figure
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -116,14 +118,6 @@ def _figure():
     return plt, *plt.subplots(figsize=(5, 4), dpi=110)
 
 
-def _save(plt, fig, path: Path) -> Path:
-    from hematoscope._io import atomic_path
-
-    fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 def plot_risk_coverage(curves: dict[str, dict], path: Path | str) -> Path:
@@ -135,7 +129,7 @@ def plot_risk_coverage(curves: dict[str, dict], path: Path | str) -> Path:
     ax.set(xlabel="coverage (fraction of images answered)", ylabel="accuracy of answered images",
            title="Risk-coverage", xlim=(0, 1.01))
     ax.legend(fontsize=8)
-    return _save(plt, fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_score_histograms(in_scores: np.ndarray, ood_sets: dict[str, np.ndarray], path: Path | str,
@@ -151,7 +145,7 @@ def plot_score_histograms(in_scores: np.ndarray, ood_sets: dict[str, np.ndarray]
         ax.axvline(threshold, color="k", lw=1, ls="--", label="threshold")
     ax.set(xlabel="score (higher = less like training data)", ylabel="density", title=title)
     ax.legend(fontsize=8)
-    return _save(plt, fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_reliability(curves: dict[str, dict], path: Path | str) -> Path:
@@ -163,7 +157,7 @@ def plot_reliability(curves: dict[str, dict], path: Path | str) -> Path:
         ax.plot(*zip(*pts), marker="o", ms=3, label=name)
     ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=8)
-    return _save(plt, fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 # --- whole-bundle evaluation -----------------------------------------------------------------
