@@ -194,10 +194,9 @@ class Bundle(ABC):
         return self.decide(out, sources)
 
     def calibrated_probs(self, logits: np.ndarray) -> np.ndarray:
-        z = logits.astype(np.float64) / self.config.temperature
-        z -= z.max(1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(1, keepdims=True)
+        from hematoscope.trust.calibration import softmax
+
+        return softmax(logits, self.config.temperature)
 
     def decide(self, out: ModelOutput, sources: Sequence[str]) -> Prediction:
         """Turn raw outputs into calibrated probabilities, OOD flags and abstain decisions."""
@@ -313,15 +312,9 @@ def _load_dir(directory: Path, origin: Path) -> Bundle:
 
 
 def _zip_cache_dir(zip_path: Path) -> Path:
-    import hashlib
-
     from hematoscope.paths import cache_dir
 
-    h = hashlib.sha256()
-    with open(zip_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return cache_dir("bundles") / h.hexdigest()[:24]
+    return cache_dir("bundles") / _io.file_sha256(zip_path)[:24]
 
 
 class _tmp_dir:

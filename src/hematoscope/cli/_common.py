@@ -1,7 +1,6 @@
 """Helpers shared by the command modules: consistent errors and output."""
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from typing import Iterator
 

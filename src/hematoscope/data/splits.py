@@ -13,13 +13,13 @@ the CSV is written with fixed formatting, so the same table and seed give a byte
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from hematoscope._io import file_sha256
 from hematoscope.data.readers import DatasetError
 from hematoscope.data.samples import COLUMNS
 
@@ -203,15 +203,6 @@ def is_split_file(path: Path | str) -> bool:
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
     return "split" in header
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hash_files(paths: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hematoscope import _io
 from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.models.backbones import OFFLINE_WEIGHTS
 from hematoscope.models.preprocess import Preprocess
@@ -246,14 +247,6 @@ class BundleFeatureExtractor(FeatureExtractor):
         return np.mean(feats, axis=0)
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_bundle_path(backbone: str | Path) -> bool:
     p = Path(backbone)
     return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix.lower() == ".zip")
@@ -306,7 +299,7 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         weights = OFFLINE_WEIGHTS
     weights = str(weights)
     local = Path(weights)
-    weights_id = f"sha256:{_hash_file(local)[:20]}" if local.is_file() else weights
+    weights_id = f"sha256:{_io.file_sha256(local)[:20]}" if local.is_file() else weights
     model_kwargs = dict(model_kwargs or {})
     model = create_backbone(arch, num_classes=0, weights=weights, **model_kwargs)
     if arch.startswith("hf-hub:"):  # rebuildable offline later from the copied weights
@@ -331,7 +324,7 @@ def _bundle_identity(bundle) -> str:
         root = Path(bundle.path)
         files = [root] if root.is_file() else sorted(f for f in root.rglob("*.safetensors"))
         for f in files:
-            h.update(_hash_file(f).encode())
+            h.update(_io.file_sha256(f).encode())
     return f"bundle:{bundle.kind}:{h.hexdigest()[:20]}"
 
 

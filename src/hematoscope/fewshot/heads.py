@@ -22,18 +22,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from hematoscope.trust.calibration import softmax
+from hematoscope.trust.scorers import l2_normalize
+
 HEAD_NAMES = ("lr", "svm", "svm-rbf", "knn", "proto")
 TRANSFORMS = ("standard", "power", "none")
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class PrototypeClassifier(ClassifierMixin, BaseEstimator):
@@ -59,20 +52,20 @@ class PrototypeClassifier(ClassifierMixin, BaseEstimator):
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
         self.classes_, idx = np.unique(y, return_inverse=True)
-        Xn = _l2_normalize(X)
-        self.prototypes_ = _l2_normalize(np.stack([Xn[idx == k].mean(0) for k in range(len(self.classes_))]))
+        Xn = l2_normalize(X)
+        self.prototypes_ = l2_normalize(np.stack([Xn[idx == k].mean(0) for k in range(len(self.classes_))]))
         return self
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
-        scores = _l2_normalize(X) @ self.prototypes_.T / self.temperature
+        scores = l2_normalize(X) @ self.prototypes_.T / self.temperature
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
-        return _softmax(_l2_normalize(X) @ self.prototypes_.T / self.temperature)
+        return softmax(l2_normalize(X) @ self.prototypes_.T / self.temperature)
 
     def predict(self, X) -> np.ndarray:
         proba = self.predict_proba(X)
@@ -105,14 +98,14 @@ class CosineKNNClassifier(ClassifierMixin, BaseEstimator):
         if self.n_neighbors < 1:
             raise ValueError(f"n_neighbors must be >= 1; got {self.n_neighbors}")
         self.classes_, self.train_index_ = np.unique(y, return_inverse=True)
-        self.train_features_ = _l2_normalize(X)
+        self.train_features_ = l2_normalize(X)
         self.n_neighbors_ = min(self.n_neighbors, len(X))
         return self
 
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
-        sims = _l2_normalize(X) @ self.train_features_.T
+        sims = l2_normalize(X) @ self.train_features_.T
         k = self.n_neighbors_
         nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         weights = np.clip(np.take_along_axis(sims, nn, 1), 0, None) + 1e-6
@@ -179,7 +172,7 @@ class SoftmaxSVC(ClassifierMixin, BaseEstimator):
         d = self.decision_function(X)
         if d.ndim == 1:  # binary: one margin, positive = classes_[1]
             d = np.stack([-d, d], 1) / 2
-        return _softmax(self.scale * d)
+        return softmax(self.scale * d)
 
     def predict(self, X) -> np.ndarray:
         proba = self.predict_proba(X)

@@ -2,7 +2,7 @@
 and the web app all build their input from this one object, so they cannot drift apart."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
