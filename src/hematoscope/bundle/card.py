@@ -44,6 +44,7 @@ def model_card(bundle: "Bundle") -> str:
         f"- temperature: {c.temperature:.4f}",
         f"- abstain below calibrated confidence: {c.abstain_threshold:.3f}",
         f"- out-of-distribution scorer: {c.ood if c.ood else 'none fitted'}",
+        f"- test-time views averaged per image: {c.tta}",
         "",
         "## Metrics",
     ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from hematoscope.bundle.base import Bundle, BundleConfig, BundleError, ModelOutput, register_bundle_kind
 from hematoscope.models.backbones import DEFAULT_ARCH, OFFLINE_WEIGHTS, create_backbone
-from hematoscope.models.preprocess import Preprocess
+from hematoscope.models.preprocess import Preprocess, dihedral_views
 
 if TYPE_CHECKING:
     from hematoscope.bundle.neural_torch import ClassifierNet
@@ -66,6 +66,8 @@ def resolve_backend(backend: str | None) -> str:
 class NeuralBundle(Bundle):
     """A fine-tuned CNN with its preprocessing, labels and trust settings.
 
+    ``config.tta`` > 1 averages logits and features over that many flip/rot90 views.
+
     Args:
         config: the bundle config (``config.model`` = arch, num_features, weights_source, dtype).
         net: the network; built from ``config`` when None (random weights).
@@ -74,6 +76,8 @@ class NeuralBundle(Bundle):
         directory: the unpacked bundle directory (where ``model.onnx`` is looked for).
         backend: ``"auto"``, ``"torch"`` or ``"onnx"``; None reads ``$HEMATOSCOPE_BACKEND``.
     """
+
+    supports_tta = True
 
     def __init__(self, config: BundleConfig, net: "ClassifierNet | None" = None, metrics: dict | None = None,
                  path: Path | None = None, *, directory: Path | None = None, backend: str | None = None):
@@ -172,14 +176,18 @@ class NeuralBundle(Bundle):
         if len(x) == 0:
             return ModelOutput(np.zeros((0, len(self.labels)), np.float32),
                                np.zeros((0, self.config.model.get("num_features", 0)), np.float32))
-        logits, features = self.runner.run(x)
-        return ModelOutput(np.asarray(logits, dtype=np.float32),
-                           None if features is None else np.asarray(features, dtype=np.float32))
+        return self.forward_tensor(x)
 
     def forward_tensor(self, x: np.ndarray) -> ModelOutput:
-        """Already preprocessed float32 NCHW input → outputs (used by evaluation and export checks)."""
-        logits, features = self.runner.run(np.ascontiguousarray(x, dtype=np.float32))
-        return ModelOutput(np.asarray(logits, np.float32), None if features is None else np.asarray(features, np.float32))
+        """Already preprocessed float32 NCHW input → outputs, averaged over ``config.tta`` views."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = [self.runner.run(v) for v in dihedral_views(x, self.config.tta)]
+
+        def average(arrays):
+            return np.asarray(arrays[0] if len(arrays) == 1 else np.mean(arrays, axis=0), dtype=np.float32)
+
+        logits = average([o[0] for o in outs])
+        return ModelOutput(logits, None if outs[0][1] is None else average([o[1] for o in outs]))
 
     # --- persistence -------------------------------------------------------------------
     def _save_weights(self, directory: Path) -> None:

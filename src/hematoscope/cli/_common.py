@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Annotated, Iterator, Optional
 
 import typer
 
@@ -33,3 +33,15 @@ def user_errors() -> Iterator[None]:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         raise fail(str(exc)) from None
+
+
+#: ``--tta`` for commands that run a bundle on images.
+TtaOption = Annotated[Optional[int], typer.Option(
+    "--tta", help="Flip/rot90 views averaged per image: 1, 2, 4 or 8 (default: the bundle's own setting). "
+                  "More views are proportionally slower and flag unknown cell types better.")]
+
+
+def apply_tta(bundle, views: int | None) -> None:
+    """Use ``views`` test-time views when given (a ValueError for kinds without them)."""
+    if views is not None:
+        bundle.set_tta(views)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, user_errors
+from hematoscope.cli._common import TtaOption, apply_tta, console, user_errors
 
 
 def evaluate_cmd(
@@ -22,6 +22,7 @@ def evaluate_cmd(
                                                       "else all).")] = None,
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    tta: TtaOption = None,
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix and calibration.
 
@@ -41,6 +42,7 @@ def evaluate_cmd(
 
             bundle_path = str(default_bundle_path())
         bundle = load_bundle(bundle_path)
+        apply_tta(bundle, tta)
         table = read_dataset(data, reader=reader)
         if "split" in table:
             chosen = split or ("test" if (table["split"] == "test").any() else None)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, err_console, fail, user_errors
+from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, fail, user_errors
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Per-image rows printed when no --out file is given.
@@ -31,6 +31,7 @@ def predict(
     abstain_below: Annotated[Optional[float], typer.Option("--abstain-below", min=0.0, max=1.0,
                                                            help="Abstain when the top probability is below "
                                                            "this (default: the bundle's own threshold).")] = None,
+    tta: TtaOption = None,
 ) -> None:
     """Classify cell images and print the differential count.
 
@@ -55,6 +56,7 @@ def predict(
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         if abstain_below is not None:
             bundle.config.abstain_threshold = abstain_below
+        apply_tta(bundle, tta)
         items = expand_paths(paths)
         n_images = sum(isinstance(i, ImageSource) for i in items)
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None

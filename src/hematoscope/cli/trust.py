@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, err_console, user_errors
+from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, user_errors
 
 trust_app = typer.Typer(help="Trust: calibration, out-of-distribution detection, abstention.", no_args_is_help=True)
 
@@ -28,8 +28,12 @@ def fit_cmd(
     max_train: Annotated[int, typer.Option("--max-train", help="At most this many train images fit the OOD score.")] = 5000,
     seed: Annotated[int, typer.Option(help="Seed of the train subset (and of the split when DATA is a folder).")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save to this path instead of over BUNDLE.")] = None,
+    tta: TtaOption = None,
 ) -> None:
-    """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split."""
+    """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split.
+
+    With --tta the bundle is saved with that many test-time views, since its thresholds fit them.
+    """
     from hematoscope.bundle.base import load_bundle
     from hematoscope.data.readers import read_dataset
     from hematoscope.trust.fit import fit_trust_on_table, resave_bundle
@@ -38,6 +42,7 @@ def fit_cmd(
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
     with user_errors():
         bundle = load_bundle(bundle_path)
+        apply_tta(bundle, tta)
         table = read_dataset(data)
         if "split" not in table.columns:
             from hematoscope.data.splits import make_split
@@ -67,13 +72,16 @@ def eval_cmd(
                                                                "CSV: its test rows).")],
     ood: Annotated[Path, typer.Option("--ood", help="Folder of out-of-distribution images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trust_eval.json and the plots.")],
+    tta: TtaOption = None,
 ) -> None:
     """AUROC and FPR at 95 % TPR of OOD vs DATA, plus the risk-coverage curve."""
     from hematoscope.bundle.base import load_bundle
     from hematoscope.trust.evaluation import evaluate_ood
 
     with user_errors():
-        report = evaluate_ood(load_bundle(bundle_path), data, ood, plots_dir=out)
+        bundle = load_bundle(bundle_path)
+        apply_tta(bundle, tta)
+        report = evaluate_ood(bundle, data, ood, plots_dir=out)
     c = console()
     m, rc = report["ood"], report["risk_coverage"]
     c.print(f"score: {report['score']}")

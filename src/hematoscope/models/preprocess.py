@@ -96,3 +96,23 @@ class Preprocess:
         if len(images) == 0:
             return np.zeros((0, 3, self.size, self.size), dtype=np.float32)
         return self.normalize(np.stack([self.resize_image(im) for im in images]))
+
+
+#: Numbers of test-time views: the first n of identity, h-flip, rot90, rot90+h-flip, ... (the
+#: 8 symmetries of the square; a smear has no "up", so each view is an equally valid image).
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+def dihedral_views(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """The first ``n`` flip/rot90 views of an NCHW batch, each a contiguous array.
+
+    Raises:
+        ValueError: ``n`` not in :data:`TTA_VIEWS`.
+    """
+    if n not in TTA_VIEWS:
+        raise ValueError(f"test-time views must be one of {TTA_VIEWS}; got {n}")
+    views = []
+    for k in range(4):
+        rotated = np.rot90(x, k, axes=(2, 3))
+        views += [rotated, rotated[..., ::-1]]
+    return [np.ascontiguousarray(v) for v in views[:n]]
