@@ -41,7 +41,8 @@ def outputs_cached(bundle, paths, cache: Path, name: str):
     from hematoscope.bundle.base import ModelOutput
     from hematoscope.trust import bundle_outputs
 
-    f = cache / f"{name}.npz"
+    views = bundle.config.tta
+    f = cache / (f"{name}.npz" if views == 1 else f"{name}_tta{views}.npz")
     if f.exists():
         z = np.load(f, allow_pickle=False)
         return ModelOutput(z["logits"], z["features"]), z["kept"]
@@ -123,6 +124,7 @@ def part_a(args, cache_root: Path) -> dict:
         t_train = time.perf_counter() - t0
         log.info("trained in %.0f s: val %s", t_train, {k: result.metrics.get(k) for k in ("accuracy", "macro_f1")})
     bundle = load_bundle(run_dir / "bundle")
+    bundle.set_tta(args.tta)
 
     test_known = table[known & (table["split"] == "test")]
     left_out = table[~known]
@@ -146,7 +148,7 @@ def part_a(args, cache_root: Path) -> dict:
         "known_classes": bundle.labels,
         "train_images": int(len(outs["train"][1])), "val_images": int(len(outs["val"][1])),
         "test_known_images": int(len(test_y)), "left_out_images": int(len(outs["left_out"][0].logits)),
-        "epochs": args.epochs, "train_seconds": t_train,
+        "epochs": args.epochs, "train_seconds": t_train, "tta_views": args.tta,
         "test_accuracy_known": float(correct.mean()),
         "test_ece_uncalibrated": expected_calibration_error(probs, test_y),
         "scorers": {},
@@ -172,7 +174,7 @@ def part_a(args, cache_root: Path) -> dict:
     rc = risk_coverage(softmax(test_out.logits, cal["temperature"]).max(1), correct)
     res["test_risk_coverage"] = {k: rc[k] for k in ("aurc", "accuracy_at_coverage")}
 
-    stem = RESULTS / f"trust_pbc_{args.leave_out}_{args.train_per_class}x{args.epochs}"
+    stem = RESULTS / f"trust_pbc_{args.leave_out}_{args.train_per_class}x{args.epochs}{_tta_tag(args)}"
     for method in SCORERS:
         s = scores[method]
         plot_score_histograms(s["test"], {f"left-out {args.leave_out}": s["left_out"],
@@ -196,6 +198,7 @@ def part_c(args, cache_root: Path) -> dict:
 
     path = default_bundle_path()
     bundle = load_bundle(path)
+    bundle.set_tta(args.tta)
     split_file = Path(args.default_split) if args.default_split else path / "split.csv"
     if not split_file.exists():
         raise SystemExit(f"no split file for the default model at {split_file}; pass --default-split")
@@ -203,9 +206,10 @@ def part_c(args, cache_root: Path) -> dict:
     cache = cache_root / "default_model"
     cache.mkdir(parents=True, exist_ok=True)
     fitted_here = False
-    if bundle.config.ood is None:  # fit on a copy; the shipped files are not ours to change
+    if bundle.config.ood is None or args.tta > 1:
+        # fit on a copy (the shipped files are not ours to change); views change the scores
         fit_trust_on_table(bundle, table)
-        bundle.save(cache / "bundle_with_trust")
+        bundle.save(cache / f"bundle_with_trust{_tta_tag(args)}")
         fitted_here = True
     val = table[table["split"] == "val"]
     out, kept = outputs_cached(bundle, val["path"], cache, "val")
@@ -225,7 +229,7 @@ def part_c(args, cache_root: Path) -> dict:
         "val_accuracy_at_coverage": rc["accuracy_at_coverage"], "val_aurc": rc["aurc"],
         "val_answered_by_bundle_rules": {"coverage": float(np.mean(~pred.abstain)),
                                          "accuracy": float(correct[~pred.abstain].mean())},
-        "temperature": bundle.config.temperature,
+        "temperature": bundle.config.temperature, "tta_views": args.tta,
         "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
         "note": "temperature and OOD threshold were fitted on this same val split",
         "ood": {},
@@ -236,12 +240,16 @@ def part_c(args, cache_root: Path) -> dict:
     nc = [res["ood"][k]["auroc"] for k in NOT_CELLS]
     res["non_cells_min_auroc"] = min(nc)
     res["corrupted_auroc"] = {k: res["ood"][k]["auroc"] for k in CORRUPTIONS}
-    stem = RESULTS / "trust_pbc_default"
+    stem = RESULTS / f"trust_pbc_default{_tta_tag(args)}"
     plot_risk_coverage({"default model, PBC val": rc}, f"{stem}_risk_coverage.png")
     plot_reliability({"before (T=1)": reliability_curve(before, y),
                       f"after (T={bundle.config.temperature:.2f})": reliability_curve(after, y)},
                      f"{stem}_reliability.png")
     return res
+
+
+def _tta_tag(args) -> str:
+    return "" if args.tta == 1 else f"_tta{args.tta}"
 
 
 def main() -> None:
@@ -254,6 +262,7 @@ def main() -> None:
     ap.add_argument("--n-left-out", type=int, default=600)
     ap.add_argument("--n-ood", type=int, default=100, help="images per OOD kind")
     ap.add_argument("--default-split", default=None, help="split CSV of the default model (default: BUNDLE/split.csv)")
+    ap.add_argument("--tta", type=int, default=1, help="flip/rot90 views averaged per image (1, 2, 4, 8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -272,12 +281,13 @@ def main() -> None:
                     "split": f"own stratified 80/10/10, make_split seed {args.seed}",
                     "machine": "2 shared CPU cores, nice -n 10"})
     if args.part in ("a", "all"):
-        key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs"
+        key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
+            f", {args.tta} test-time views" if args.tta > 1 else "")
         results.setdefault("left_out_class", {})[key] = part_a(args, cache_root)
         _io.write_json(out_file, results)
     if args.part in ("c", "all"):
         try:
-            results["default_model"] = part_c(args, cache_root)
+            results["default_model" + _tta_tag(args)] = part_c(args, cache_root)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("default model not evaluated: %s", exc)
     _io.write_json(out_file, results)
