@@ -14,7 +14,7 @@ def outputs(bundle, data):
 def test_fit_trust_sets_bundle_and_accepts_target_fraction(toy, kit):
     bundle, train, val, test = toy
     report = fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), target_tpr=0.9)
-    assert bundle.config.ood["method"] == "mahalanobis" and report["ood"] == bundle.config.ood
+    assert bundle.config.ood["method"] == "knn_energy" and report["ood"] == bundle.config.ood
     assert bundle.ood is not None and bundle.config.temperature == report["calibration"]["temperature"]
     assert report["val_ood_accept_rate"] == pytest.approx(0.9, abs=0.02)
     assert bundle.config.abstain_threshold == pytest.approx(0.75)  # Chow's rule at cost 0.25

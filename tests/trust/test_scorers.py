@@ -23,7 +23,7 @@ def outliers(n: int, seed: int, centres):
     return feats, -((feats[:, None] - centres[None]) ** 2).sum(-1)
 
 
-@pytest.mark.parametrize("name", ["mahalanobis", "knn", "energy", "max_softmax"])
+@pytest.mark.parametrize("name", ["mahalanobis", "knn", "knn_energy", "energy", "max_softmax"])
 def test_scorer_interface_separates_and_round_trips(name, tmp_path):
     feats, y, logits, centres = clusters(60, 0)
     test_feats, test_y, test_logits, _ = clusters(20, 1)
@@ -45,7 +45,7 @@ def test_scorer_interface_separates_and_round_trips(name, tmp_path):
     np.testing.assert_allclose(loaded.score(features=ood_feats, logits=ood_logits), ood, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("name", ["mahalanobis", "knn", "knn_energy"])
 def test_feature_scorers_need_features(name, tmp_path):
     feats, y, logits, _ = clusters(20, 0)
     scorer = get_scorer(name)().fit(feats, y, logits)
@@ -68,6 +68,28 @@ def test_knn_keeps_a_bounded_subset_and_its_parameters(tmp_path):
     # A training point's own distance to its 1st neighbour in the bank is ~0 when it is stored.
     one = get_scorer("knn")(k=1).fit(feats[:20], y[:20], logits[:20])
     assert one.score(features=feats[:20], logits=logits[:20]).max() < 1e-5
+
+
+def test_knn_energy_flags_what_each_part_alone_misses():
+    """Far-away features with confident logits (energy cannot see them) and in-cluster features
+    with flat logits (feature distance cannot see them): the sum flags both."""
+    rng = np.random.default_rng(0)
+    feats, y, _, centres = clusters(100, 0)
+    confident = lambda labels: np.eye(3)[labels] * 12 + rng.normal(0, 0.5, (len(labels), 3))  # noqa: E731
+    scorer = get_scorer("knn_energy")().fit(feats, y, confident(y))
+    test_feats, test_y, _, _ = clusters(30, 1)
+    far_feats, far_logits = rng.normal(0, 1, (40, 16)) - 3, confident(rng.integers(0, 3, 40))
+    near_feats, flat_logits = clusters(14, 2)[0][:40], rng.normal(0, 0.5, (40, 3))
+    auc = lambda a, b: roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b])  # noqa: E731
+    ind = scorer.score(features=test_feats, logits=confident(test_y))
+    assert auc(ind, scorer.score(features=far_feats, logits=far_logits)) > 0.95
+    assert auc(ind, scorer.score(features=near_feats, logits=flat_logits)) > 0.95
+    knn = get_scorer("knn")().fit(feats, y)
+    assert auc(knn.score(features=test_feats), knn.score(features=near_feats)) < 0.8
+    energy = get_scorer("energy")()
+    assert auc(energy.score(logits=confident(test_y)), energy.score(logits=far_logits)) < 0.8
+    with pytest.raises(ScorerError, match="needs the training logits"):
+        get_scorer("knn_energy")().fit(feats, y, None)
 
 
 def test_registry_rejects_unknown_and_duplicate_names():

@@ -10,7 +10,7 @@ from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, 
 
 trust_app = typer.Typer(help="Trust: calibration, out-of-distribution detection, abstention.", no_args_is_help=True)
 
-METHODS = ("mahalanobis", "knn", "energy", "max_softmax")
+METHODS = ("knn_energy", "mahalanobis", "knn", "energy", "max_softmax")
 
 
 @trust_app.command("fit")
@@ -20,7 +20,7 @@ def fit_cmd(
                                          help="Split CSV (uses its train and val rows), or a dataset folder "
                                               "(split here with --seed; its val part must not have been trained on).")],
     method: Annotated[Optional[str], typer.Option(help=f"OOD score: {', '.join(METHODS)} "
-                                                       "(default: mahalanobis when the model has features).")] = None,
+                                                       "(default: knn_energy when the model has features).")] = None,
     target_tpr: Annotated[float, typer.Option("--target-tpr", help="Fraction of in-distribution val images the OOD "
                                                                    "flag accepts.")] = 0.95,
     abstain_min_confidence: Annotated[Optional[float], typer.Option(

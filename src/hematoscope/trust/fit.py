@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 DEFAULT_ABSTAIN_COST = 0.25
 
 
+#: OOD score fitted when the model gives features: on PBC it flags non-cells and corrupted
+#: cells as well as Mahalanobis does and unknown cell types far better (docs/trust.md).
+DEFAULT_FEATURE_METHOD = "knn_energy"
+
 def class_indices(bundle: "Bundle", y: np.ndarray) -> np.ndarray:
     """``y`` as integer indices into ``bundle.labels`` (accepts indices or label names).
 
@@ -48,7 +52,7 @@ def fit_trust(
     """Calibrate a bundle and give it an OOD scorer and an abstain threshold, in place.
 
     1. Temperature: fitted on the validation logits (NLL); ECE before/after is recorded.
-    2. OOD scorer ``method`` (default ``mahalanobis`` when the model gives features, else
+    2. OOD scorer ``method`` (default ``knn_energy`` when the model gives features, else
        ``energy``) fitted on the training outputs; its threshold is the ``target_tpr``
        quantile of the validation scores, so that fraction of in-distribution images is accepted.
     3. Abstain threshold: ``abstain_min_confidence`` when given, otherwise Chow's rule on the
@@ -96,7 +100,7 @@ def fit_trust(
         "nll_after": nll(val_out.logits, val_y, temperature),
     }
 
-    method = method or ("mahalanobis" if train_out.features is not None else "energy")
+    method = method or (DEFAULT_FEATURE_METHOD if train_out.features is not None else "energy")
     cls = get_scorer(method)
     if cls.needs_features and (train_out.features is None or val_out.features is None):
         raise ScorerError(f"OOD method {method!r} needs penultimate features, which this "
