@@ -285,7 +285,7 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         ident = _bundle_identity(bundle)
         return BundleFeatureExtractor(bundle, ident, tta=tta, batch_size=batch_size)
 
-    from hematoscope.models.backbones import create_backbone
+    from hematoscope.models.backbones import PACKAGED_WEIGHTS, create_backbone, packaged_weights_file
 
     backbone = str(backbone)
     if backbone.startswith("hf-hub:"):
@@ -298,7 +298,7 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
                                "'hf-hub:org/name' or 'timm' (downloads timm's pretrained weights)")
         weights = OFFLINE_WEIGHTS
     weights = str(weights)
-    local = Path(weights)
+    local = packaged_weights_file(weights) if weights in PACKAGED_WEIGHTS else Path(weights)
     weights_id = f"sha256:{_io.file_sha256(local)[:20]}" if local.is_file() else weights
     model_kwargs = dict(model_kwargs or {})
     model = create_backbone(arch, num_classes=0, weights=weights, **model_kwargs)

