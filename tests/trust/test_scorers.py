@@ -60,14 +60,14 @@ def test_feature_scorers_need_features(name, tmp_path):
 def test_knn_keeps_a_bounded_subset_and_its_parameters(tmp_path):
     feats, y, logits, _ = clusters(100, 0)
     scorer = get_scorer("knn")(k=3, max_train=50, seed=7).fit(feats, y, logits)
-    assert scorer.bank_.shape == (50, 16)
-    np.testing.assert_allclose(np.linalg.norm(scorer.bank_, axis=1), 1, rtol=1e-5)
+    assert scorer.bank_.shape == (50, 16) and scorer.bank_.dtype == np.float16  # half the bytes in the bundle
+    np.testing.assert_allclose(np.linalg.norm(scorer.bank_.astype(np.float64), axis=1), 1, rtol=2e-3)
     scorer.save(tmp_path)
     loaded = load_scorer(scorer.config(), tmp_path)
     assert (loaded.k, loaded.max_train, loaded.seed) == (3, 50, 7)
     # A training point's own distance to its 1st neighbour in the bank is ~0 when it is stored.
     one = get_scorer("knn")(k=1).fit(feats[:20], y[:20], logits[:20])
-    assert one.score(features=feats[:20], logits=logits[:20]).max() < 1e-5
+    assert one.score(features=feats[:20], logits=logits[:20]).max() < 2e-3
 
 
 def test_knn_energy_flags_what_each_part_alone_misses():
