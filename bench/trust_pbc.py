@@ -32,7 +32,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PBC = Path(os.environ.get("HEMATOSCOPE_PBC", Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc"))
-SCORERS = ("mahalanobis", "knn", "energy", "max_softmax")
+SCORERS = ("knn_energy", "mahalanobis", "knn", "energy", "max_softmax")
 log = logging.getLogger("trust_pbc")
 
 
@@ -198,6 +198,7 @@ def part_c(args, cache_root: Path) -> dict:
 
     path = default_bundle_path()
     bundle = load_bundle(path)
+    shipped_views = bundle.config.tta
     bundle.set_tta(args.tta)
     split_file = Path(args.default_split) if args.default_split else path / "split.csv"
     if not split_file.exists():
@@ -206,7 +207,7 @@ def part_c(args, cache_root: Path) -> dict:
     cache = cache_root / "default_model"
     cache.mkdir(parents=True, exist_ok=True)
     fitted_here = False
-    if bundle.config.ood is None or args.tta > 1:
+    if bundle.config.ood is None or args.tta != shipped_views:
         # fit on a copy (the shipped files are not ours to change); views change the scores
         fit_trust_on_table(bundle, table)
         bundle.save(cache / f"bundle_with_trust{_tta_tag(args)}")
