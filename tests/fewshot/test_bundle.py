@@ -28,8 +28,8 @@ def test_fit_draws_exact_counts_and_calibrates(fitted):
     assert bundle.config.temperature > 0 and 0 < bundle.config.abstain_threshold <= 1
     assert 0 <= report["val_balanced_accuracy"] <= 1 and bundle.metrics["n_val"] == 8 * 7
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["kind"] == "fewshot" and cfg["model"]["backbone"]["weights"] == "imagenet-offline"
-    assert (path / HEAD_FILE).exists() and not (path / BACKBONE_FILE).exists()  # offline Lite0: by name
+    assert cfg["kind"] == "fewshot" and cfg["model"]["backbone"]["weights"] == "hematoscope-simclr-pbc"
+    assert (path / HEAD_FILE).exists() and not (path / BACKBONE_FILE).exists()  # packaged weights: by name
 
 
 def test_round_trip_and_predict_paths(fitted, synthetic_root):

@@ -11,8 +11,9 @@ from hematoscope.cli._common import console, err_console, user_errors
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="timm model name (e.g. efficientnet_lite0, "
                                           "vit_small_patch14_dinov2), hf-hub:org/name, or a bundle path.")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="Backbone weights: a .safetensors/.pth "
-                                                   "file, an https URL, hf-hub:org/name or 'timm' (default for "
-                                                   "efficientnet_lite0: offline ImageNet weights).")]
+                                                   "file, an https URL, hf-hub:org/name, 'timm', 'imagenet-offline' or "
+                                                   "'hematoscope-simclr-pbc' (the default for efficientnet_lite0: "
+                                                   "blood-cell SimCLR weights shipped in the package).")]
 SizeOpt = Annotated[int, typer.Option("--size", min=8, help="Input side in pixels (timm backbones).")]
 TtaOpt = Annotated[bool, typer.Option("--tta/--no-tta", help="Average features over the 8 flip/rot90 views.")]
 

@@ -25,7 +25,10 @@ import numpy as np
 from hematoscope.bundle.base import Bundle, BundleConfig, BundleError, ModelOutput, register_bundle_kind
 from hematoscope.fewshot.features import FeatureExtractor, TimmFeatureExtractor, load_extractor
 from hematoscope.fewshot.heads import HeadSpec
-from hematoscope.models.backbones import OFFLINE_WEIGHTS
+from hematoscope.models.backbones import OFFLINE_WEIGHTS, PACKAGED_WEIGHTS
+
+#: Weights referenced by name (installed with the package or its dependencies), never copied.
+_NAMED_WEIGHTS = {OFFLINE_WEIGHTS, *PACKAGED_WEIGHTS}
 
 HEAD_FILE = "head.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
@@ -137,7 +140,7 @@ class FewShotBundle(Bundle):
         backbone = self.config.model["backbone"]
         if backbone["type"] == "bundle":
             self.extractor.bundle.save(directory / BACKBONE_DIR)
-        elif backbone.get("weights") != OFFLINE_WEIGHTS:
+        elif backbone.get("weights") not in _NAMED_WEIGHTS:
             from safetensors.torch import save_file as save_torch
 
             if not isinstance(self.extractor, TimmFeatureExtractor):
@@ -157,7 +160,8 @@ class FewShotBundle(Bundle):
         if backbone["type"] == "bundle":
             extractor = load_extractor(directory / BACKBONE_DIR, tta=tta)
         elif backbone["type"] == "timm":
-            weights = OFFLINE_WEIGHTS if backbone.get("weights") == OFFLINE_WEIGHTS else directory / BACKBONE_FILE
+            named = backbone.get("weights") in _NAMED_WEIGHTS
+            weights = backbone["weights"] if named else directory / BACKBONE_FILE
             extractor = load_extractor(backbone["arch"], weights=weights, tta=tta,
                                        preprocess=Preprocess.from_dict(config.preprocess),
                                        pooling=backbone.get("pooling"), layers=backbone.get("layers", 4),
