@@ -148,7 +148,7 @@ def part_a(args, cache_root: Path) -> dict:
         "known_classes": bundle.labels,
         "train_images": int(len(outs["train"][1])), "val_images": int(len(outs["val"][1])),
         "test_known_images": int(len(test_y)), "left_out_images": int(len(outs["left_out"][0].logits)),
-        "epochs": args.epochs, "train_seconds": t_train, "tta_views": args.tta,
+        "epochs": args.epochs, "train_seconds": t_train or bundle.config.training.get("train_seconds_this_session"), "tta_views": args.tta,
         "test_accuracy_known": float(correct.mean()),
         "test_ece_uncalibrated": expected_calibration_error(probs, test_y),
         "scorers": {},
@@ -219,6 +219,11 @@ def part_c(args, cache_root: Path) -> dict:
     correct = after.argmax(1) == y
     rc = risk_coverage(after.max(1), correct)
     pred = bundle.decide(out, [str(i) for i in range(len(y))])
+    test = table[table["split"] == "test"]
+    test_out, test_kept = outputs_cached(bundle, test["path"], cache, "test")
+    test_probs = softmax(test_out.logits, bundle.config.temperature)
+    test_y = table_targets(bundle, test)[test_kept]
+    test_rc = risk_coverage(test_probs.max(1), test_probs.argmax(1) == test_y)
     ood_paths = ood_sets(cache_root, list(val["path"]), args.n_ood, args.seed)
     in_scores = bundle.ood.score(features=out.features, logits=out.logits)
     res = {
@@ -228,6 +233,8 @@ def part_c(args, cache_root: Path) -> dict:
         "val_accuracy": float(correct.mean()),
         "val_accuracy_at_90_coverage": rc["accuracy_at_90_coverage"],
         "val_accuracy_at_coverage": rc["accuracy_at_coverage"], "val_aurc": rc["aurc"],
+        "test_images": int(len(test_y)), "test_accuracy": float(np.mean(test_probs.argmax(1) == test_y)),
+        "test_accuracy_at_coverage": test_rc["accuracy_at_coverage"],
         "val_answered_by_bundle_rules": {"coverage": float(np.mean(~pred.abstain)),
                                          "accuracy": float(correct[~pred.abstain].mean())},
         "temperature": bundle.config.temperature, "tta_views": args.tta,
@@ -277,21 +284,29 @@ def main() -> None:
 
     cache_root = cache_dir("bench", "trust_pbc")
     out_file = RESULTS / "trust_pbc.json"
-    results = json.loads(out_file.read_text()) if out_file.exists() else {}
-    results.update({"dataset": "PBC (Acevedo 2020), /work/shared/data/pbc",
-                    "split": f"own stratified 80/10/10, make_split seed {args.seed}",
-                    "machine": "2 shared CPU cores, nice -n 10"})
+
+    def merge(update) -> dict:
+        """Re-read the file right before writing: runs of this script may overlap."""
+        results = json.loads(out_file.read_text()) if out_file.exists() else {}
+        results.update({"dataset": "PBC (Acevedo 2020), /work/shared/data/pbc",
+                        "split": f"own stratified 80/10/10, make_split seed {args.seed}",
+                        "machine": "2 CPU cores (shared with other jobs for the older entries)"})
+        update(results)
+        _io.write_json(out_file, results)
+        return results
+
+    results = {}
     if args.part in ("a", "all"):
         key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
             f", {args.tta} test-time views" if args.tta > 1 else "")
-        results.setdefault("left_out_class", {})[key] = part_a(args, cache_root)
-        _io.write_json(out_file, results)
+        entry = part_a(args, cache_root)
+        results = merge(lambda r: r.setdefault("left_out_class", {}).__setitem__(key, entry))
     if args.part in ("c", "all"):
         try:
-            results["default_model" + _tta_tag(args)] = part_c(args, cache_root)
+            entry = part_c(args, cache_root)
+            results = merge(lambda r: r.__setitem__("default_model" + _tta_tag(args), entry))
         except (FileNotFoundError, ValueError) as exc:
             log.warning("default model not evaluated: %s", exc)
-    _io.write_json(out_file, results)
     print(json.dumps(results, indent=1)[:6000])
 
 
