@@ -94,3 +94,21 @@ def test_bundle_penultimate_features(tiny_neural_bundle, synthetic_root):
     expected = bundle.forward(imgs).features
     np.testing.assert_allclose(ext.embed_arrays(imgs), expected, rtol=1e-4, atol=1e-4)
     assert ext.identity.startswith("bundle:neural:") and ext.preprocess == bundle.preprocess
+
+
+def test_bundle_backbone_views_come_from_the_extractor_not_the_bundle(tiny_neural_bundle, synthetic_root):
+    """A bundle saved with 8 test-time views gives single-view features unless --tta is asked
+    for, and --tta gives the 8-view average once (not 8 x 8)."""
+    from hematoscope.bundle import load_bundle
+    from hematoscope.data.images import load_image
+
+    bundle = load_bundle(tiny_neural_bundle)
+    imgs = [load_image(p) for p in _paths(synthetic_root, 1)[:3]]
+    single = bundle.forward(imgs).features
+    bundle.set_tta(8)
+    eight = bundle.forward(imgs).features
+    assert not np.allclose(single, eight, atol=1e-4)
+    plain = load_extractor(tiny_neural_bundle, bundle=bundle)
+    np.testing.assert_allclose(plain.embed_arrays(imgs), single, rtol=1e-4, atol=1e-4)
+    views = load_extractor(tiny_neural_bundle, bundle=load_bundle(tiny_neural_bundle), tta=True)
+    np.testing.assert_allclose(views.embed_arrays(imgs), eight, rtol=1e-4, atol=1e-4)

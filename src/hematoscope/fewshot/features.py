@@ -31,11 +31,11 @@ import numpy as np
 from hematoscope import _io
 from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.models.backbones import SSL_PBC_WEIGHTS
+from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
 
 #: Lite0 weights used when none are given: the package's blood-cell SimCLR backbone, +0.07-0.09
 #: balanced accuracy over the ImageNet weights at 10-50 labels/class on PBC (docs/fewshot.md).
 DEFAULT_FEATURE_WEIGHTS = SSL_PBC_WEIGHTS
-from hematoscope.models.preprocess import Preprocess
 
 #: Backbones that default to mean+std pooling of intermediate stages (measured: +0.06-0.08
 #: balanced accuracy at 10-50 labels/class over the pooled head for ImageNet Lite0).
@@ -231,6 +231,8 @@ class BundleFeatureExtractor(FeatureExtractor):
     def __init__(self, bundle, identity: str, *, tta: bool = False, batch_size: int = 32):
         super().__init__(bundle.preprocess, identity, tta=tta, batch_size=batch_size)
         self.bundle = bundle
+        if bundle.supports_tta:  # the bundle averages views itself; ours decide how many
+            bundle.set_tta(max(TTA_VIEWS) if tta else 1)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "bundle", "name": self.bundle.name, "kind": self.bundle.kind,
@@ -239,7 +241,7 @@ class BundleFeatureExtractor(FeatureExtractor):
     def _embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         images = [self.preprocess.resize_image(im) for im in images]
         views = [images]
-        if self.tta:
+        if self.tta and not self.bundle.supports_tta:
             views = [[np.ascontiguousarray(np.rot90(im[:, ::-1] if flip else im, k)) for im in images]
                      for flip in (False, True) for k in range(4)]
         feats = []
