@@ -256,13 +256,46 @@ def part_c(args, cache_root: Path) -> dict:
     return res
 
 
+def part_card(args) -> dict:
+    """Copy the measured trust numbers into the shipped default model's metrics (its model card
+    shows them): own-val selective accuracy and OOD AUROCs with its shipped view count, and the
+    left-out-class AUROC of a model trained with the same recipe without one class."""
+    from hematoscope.bundle.base import load_bundle
+    from hematoscope.models.default import default_bundle_path
+    from hematoscope.trust.fit import resave_bundle
+
+    results = json.loads((RESULTS / "trust_pbc.json").read_text())
+    path = default_bundle_path()
+    bundle = load_bundle(path)
+    views = bundle.config.tta
+    own = results["default_model" + ("" if views == 1 else f"_tta{views}")]
+    if own["ood_config"]["method"] != bundle.config.ood["method"] or own["temperature"] != bundle.config.temperature:
+        raise SystemExit("trust_pbc.json does not describe the shipped bundle's trust settings; rerun --part c")
+    left_key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
+        f", {views} test-time views" if views > 1 else "")
+    left = results["left_out_class"][left_key]["scorers"][bundle.config.ood["method"]]
+    card = {
+        "val_accuracy_at_90_coverage": own["val_accuracy_at_90_coverage"],
+        "test_accuracy_at_90_coverage": own["test_accuracy_at_coverage"]["0.9"],
+        "ood_auroc_non_cells_min": own["non_cells_min_auroc"],
+        "ood_auroc_corrupted_min": min(own["corrupted_auroc"].values()),
+        f"ood_auroc_unknown_cell_type_{args.leave_out}": left["left_out"]["auroc"],
+        "trust_note": f"bench/trust_pbc.py with {views} views; the unknown-cell-type AUROC is of a model "
+                      f"trained by the same recipe without {args.leave_out} ({left_key})",
+    }
+    bundle.metrics.update(card)
+    resave_bundle(bundle, path)
+    return card
+
+
 def _tta_tag(args) -> str:
     return "" if args.tta == 1 else f"_tta{args.tta}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("a", "c", "all"), default="all")
+    ap.add_argument("--part", choices=("a", "c", "all", "card"), default="all",
+                    help="card: write the measured numbers into the shipped default model's metrics")
     ap.add_argument("--leave-out", default="monocyte", help="canonical class left out of training in (a)")
     ap.add_argument("--train-per-class", type=int, default=250, help="training images per known class")
     ap.add_argument("--val-per-class", type=int, default=80, help="validation images per known class")
@@ -295,6 +328,9 @@ def main() -> None:
         _io.write_json(out_file, results)
         return results
 
+    if args.part == "card":
+        print(json.dumps(part_card(args), indent=1))
+        return
     results = {}
     if args.part in ("a", "all"):
         key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
