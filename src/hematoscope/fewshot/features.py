@@ -31,7 +31,7 @@ import numpy as np
 from hematoscope import _io
 from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.models.backbones import SSL_PBC_WEIGHTS
-from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
+from hematoscope.models.preprocess import TTA_VIEWS, Preprocess, dihedral_views
 
 #: Lite0 weights used when none are given: the package's blood-cell SimCLR backbone, +0.07-0.09
 #: balanced accuracy over the ImageNet weights at 10-50 labels/class on PBC (docs/fewshot.md).
@@ -67,17 +67,6 @@ class FeatureSet:
 
 def file_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def dihedral_views(x):
-    """The 8 flip/rot90 views of an NCHW tensor, stacked as (8*N, C, H, W) view-major."""
-    import torch
-
-    views = []
-    for flip in (False, True):
-        base = torch.flip(x, dims=(3,)) if flip else x
-        views.extend(torch.rot90(base, k, dims=(2, 3)) for k in range(4))
-    return torch.cat(views)
 
 
 class FeatureExtractor:
@@ -215,14 +204,11 @@ class TimmFeatureExtractor(FeatureExtractor):
     def _embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(self.preprocess(images))
+        x = self.preprocess(images)
+        views = dihedral_views(x, max(TTA_VIEWS)) if self.tta else [x]
         with torch.inference_mode():
-            if self.tta:
-                f = self._pool(dihedral_views(x))
-                f = f.reshape(8, len(images), -1).mean(0)
-            else:
-                f = self._pool(x)
-        return f.float().numpy()
+            f = self._pool(torch.from_numpy(np.concatenate(views)))
+        return f.reshape(len(views), len(images), -1).mean(0).float().numpy()
 
 
 class BundleFeatureExtractor(FeatureExtractor):
