@@ -70,6 +70,8 @@ class BundleConfig(BaseModel):
     #: How it was trained: recipe, data sources and fingerprint, split, seed, time.
     training: dict[str, Any] = Field(default_factory=dict)
     intended_use: str = INTENDED_USE
+    data_sources: list[str] = Field(default_factory=list)
+    changelog: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("tta")
     @classmethod
@@ -77,8 +79,6 @@ class BundleConfig(BaseModel):
         if value not in TTA_VIEWS:
             raise ValueError(f"tta must be one of {TTA_VIEWS}; got {value}")
         return value
-    data_sources: list[str] = Field(default_factory=list)
-    changelog: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass
