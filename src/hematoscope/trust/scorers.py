@@ -254,6 +254,7 @@ class KNNScorer(OODScorer):
         super().__init__()
         self.k, self.max_train, self.seed = int(k), int(max_train), int(seed)
         self.bank_: np.ndarray | None = None
+        self._bank32: tuple[np.ndarray, np.ndarray] | None = None  # (bank_, its float32 copy)
 
     def fit(self, features, labels=None, logits=None):
         x = self._features(features)
@@ -267,7 +268,9 @@ class KNNScorer(OODScorer):
     def score(self, *, features, logits=None):
         self._check_fitted()
         x = self._features(features).astype(np.float32)
-        sims = x @ self.bank_.astype(np.float32).T
+        if self._bank32 is None or self._bank32[0] is not self.bank_:  # convert once, not per batch
+            self._bank32 = (self.bank_, self.bank_.astype(np.float32))
+        sims = x @ self._bank32[1].T
         kth = -np.partition(-sims, self.k - 1, axis=1)[:, self.k - 1]
         return (1.0 - kth).astype(np.float64)
 
