@@ -223,7 +223,8 @@ def part_c(args, cache_root: Path) -> dict:
     test_out, test_kept = outputs_cached(bundle, test["path"], cache, "test")
     test_probs = softmax(test_out.logits, bundle.config.temperature)
     test_y = table_targets(bundle, test)[test_kept]
-    test_rc = risk_coverage(test_probs.max(1), test_probs.argmax(1) == test_y)
+    test_correct = test_probs.argmax(1) == test_y
+    test_rc = risk_coverage(test_probs.max(1), test_correct)
     ood_paths = ood_sets(cache_root, list(val["path"]), args.n_ood, args.seed)
     in_scores = bundle.ood.score(features=out.features, logits=out.logits)
     res = {
@@ -233,7 +234,7 @@ def part_c(args, cache_root: Path) -> dict:
         "val_accuracy": float(correct.mean()),
         "val_accuracy_at_90_coverage": rc["accuracy_at_90_coverage"],
         "val_accuracy_at_coverage": rc["accuracy_at_coverage"], "val_aurc": rc["aurc"],
-        "test_images": int(len(test_y)), "test_accuracy": float(np.mean(test_probs.argmax(1) == test_y)),
+        "test_images": int(len(test_y)), "test_accuracy": float(test_correct.mean()),
         "test_accuracy_at_coverage": test_rc["accuracy_at_coverage"],
         "val_answered_by_bundle_rules": {"coverage": float(np.mean(~pred.abstain)),
                                          "accuracy": float(correct[~pred.abstain].mean())},
@@ -271,8 +272,7 @@ def part_card(args) -> dict:
     own = results["default_model" + ("" if views == 1 else f"_tta{views}")]
     if own["ood_config"]["method"] != bundle.config.ood["method"] or own["temperature"] != bundle.config.temperature:
         raise SystemExit("trust_pbc.json does not describe the shipped bundle's trust settings; rerun --part c")
-    left_key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
-        f", {views} test-time views" if views > 1 else "")
+    left_key = _left_out_key(args, views)
     left = results["left_out_class"][left_key]["scorers"][bundle.config.ood["method"]]
     card = {
         "val_accuracy_at_90_coverage": own["val_accuracy_at_90_coverage"],
@@ -286,6 +286,12 @@ def part_card(args) -> dict:
     bundle.metrics.update(card)
     resave_bundle(bundle, path)
     return card
+
+
+def _left_out_key(args, views: int) -> str:
+    """The trust_pbc.json key of a left-out-class run."""
+    return f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
+        f", {views} test-time views" if views > 1 else "")
 
 
 def _tta_tag(args) -> str:
@@ -333,8 +339,7 @@ def main() -> None:
         return
     results = {}
     if args.part in ("a", "all"):
-        key = f"{args.leave_out}, {args.train_per_class}/class, {args.epochs} epochs" + (
-            f", {args.tta} test-time views" if args.tta > 1 else "")
+        key = _left_out_key(args, args.tta)
         entry = part_a(args, cache_root)
         results = merge(lambda r: r.setdefault("left_out_class", {}).__setitem__(key, entry))
     if args.part in ("c", "all"):
