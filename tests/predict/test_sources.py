@@ -6,7 +6,6 @@ import zipfile
 import pytest
 
 from hematoscope.bundle.prediction import SkippedFile
-from hematoscope.data.archive import UnsafeArchiveError
 from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
 
 
@@ -51,13 +50,14 @@ def test_zip_members_are_named_inside_the_archive(messy_zip):
 
 
 @pytest.mark.parametrize("evil", ["../evil.jpg", "/abs/evil.jpg", "a/../../evil.jpg"])
-def test_zip_with_path_traversal_is_refused(tmp_path, evil):
+def test_zip_with_path_traversal_is_reported_and_not_read(tmp_path, evil):
     path = tmp_path / "evil.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("good.jpg", b"x")
         zf.writestr(zipfile.ZipInfo(evil), b"payload")
-    with pytest.raises(UnsafeArchiveError, match="path traversal"):
-        expand_paths([path])
+    [item] = expand_paths([path])  # not even good.jpg is taken from a hostile archive
+    assert isinstance(item, SkippedFile) and item.source == str(path)
+    assert item.reason.startswith("unsafe zip, not read") and "path traversal" in item.reason
 
 
 def test_corrupt_zip_is_reported_not_fatal(tmp_path):

@@ -185,11 +185,8 @@ def iter_predictions(
         draft: allow JPEG DCT scaling when the model input is much smaller than the file.
 
     Yields:
-        Per batch, a Prediction whose ``skipped`` lists the unreadable files of that batch.
-
-    Raises:
-        UnsafeArchiveError: a zip file is hostile (path traversal, links, bombs); raised before
-            any image is classified.
+        Per batch, a Prediction whose ``skipped`` lists the unreadable files of that batch
+        (and inputs with nothing to classify: an empty folder, a hostile or broken zip).
     """
     yield from predict_sources(bundle, expand_paths(paths), batch_size=batch_size, workers=workers, draft=draft)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from hematoscope import _io
+from hematoscope._csv import safe_cell, safe_row
 from hematoscope.bundle.prediction import DifferentialCount, Prediction, SkippedFile
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ class ReportWriter:
     """Stream per-image rows into a ``.csv`` or ``.json`` file, batch by batch.
 
     CSV: one row per image (``records()`` columns) and one per unreadable file (``error``
-    column); the differential count goes to a sibling ``<name>.differential.csv``. JSON: one
-    object with ``model``, ``predictions`` (rows), ``skipped`` and ``differential``.
+    column), text cells that a spreadsheet would run as a formula with a leading ``'`` (see
+    :mod:`hematoscope._csv`); the differential count goes to a sibling
+    ``<name>.differential.csv``. JSON: one object with ``model``, ``predictions`` (rows),
+    ``skipped`` and ``differential``.
 
     Args:
         path: output file; its suffix picks the format.
@@ -82,7 +85,7 @@ class ReportWriter:
         self.differential = merge_differentials(self.differential, pred.differential())
         self.skipped.extend(pred.skipped)
         if self.format == ".csv":
-            self._csv.writerows(pred.records(self.top_k))
+            self._csv.writerows(safe_row(r) for r in pred.records(self.top_k))
             return
         for row in pred.records(self.top_k)[:len(pred)]:
             self._file.write((",\n" if self._rows else "") + json.dumps(row))
@@ -139,7 +142,7 @@ def write_differential_csv(diff: DifferentialCount, path: Path | str) -> Path:
     writer.writerow(["class", "count", "percent"])
     pct = diff.percent()
     for label in diff.labels:
-        writer.writerow([label, diff.counts[label], f"{pct[label]:.2f}"])
+        writer.writerow([safe_cell(label), diff.counts[label], f"{pct[label]:.2f}"])
     writer.writerow(["abstained", diff.abstained, ""])
     writer.writerow(["unreadable", diff.skipped, ""])
     return _io.write_text(path, buf.getvalue())

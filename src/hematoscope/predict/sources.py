@@ -1,13 +1,16 @@
 """Turning the PATH arguments of ``hematoscope predict`` into a list of images to classify.
 
-A PATH may be an image file, a folder (searched recursively; only files with an image extension
-are taken), a glob pattern (``"slides/**/*.jpg"``) or a zip file (read in place, safely: see
-:mod:`hematoscope.data.archive`). Each image keeps a source name that tells the user where it
-came from; a zip member is named ``"archive.zip!inner/path.jpg"``.
+A PATH may be an image file, a folder (searched recursively; files with an image extension and
+zip files are taken), a glob pattern (``"slides/**/*.jpg"``) or a zip file (read in place,
+safely: see :mod:`hematoscope.data.archive`). Each image keeps a source name that tells the user
+where it came from; a zip member is named ``"archive.zip!inner/path.jpg"``.
 
 Files the user named explicitly are always attempted, so a named text file or a missing path is
 reported with its reason; files met while walking a folder or matching a glob are taken only
-when they look like images.
+when they look like images or zips. Nothing is dropped silently: a folder or zip without images,
+a zip inside a zip, an unreadable zip and a hostile one (path traversal, links, bomb) each come
+back as a :class:`~hematoscope.bundle.prediction.SkippedFile` with the reason, and every other
+input is still classified.
 """
 from __future__ import annotations
 
@@ -44,12 +47,10 @@ def expand_paths(paths: Iterable[str | Path]) -> list[ImageSource | SkippedFile]
         paths: what the user named.
 
     Returns:
-        One :class:`ImageSource` per image, and a :class:`SkippedFile` in its place for a named
-        path that does not exist, a glob that matches nothing or a zip that cannot be opened.
-
-    Raises:
-        UnsafeArchiveError: a zip file tries path traversal, holds links, or exceeds the size
-            or compression-ratio limits. The whole run is refused: such a file is hostile.
+        One :class:`ImageSource` per image, and a :class:`SkippedFile` for a named path that
+        does not exist, a glob that matches nothing, a folder or zip with no image in it, a zip
+        inside a zip, and a zip that cannot be opened or is unsafe (path traversal, links, size
+        or compression-ratio limits: none of its members is read).
     """
     items: list[ImageSource | SkippedFile] = []
     for raw in paths:
@@ -68,10 +69,20 @@ def expand_paths(paths: Iterable[str | Path]) -> list[ImageSource | SkippedFile]
     return items
 
 
+def _is_zip(path: Path | str) -> bool:
+    return str(path).lower().endswith(".zip")
+
+
 def _expand(path: Path, *, explicit: bool) -> list[ImageSource | SkippedFile]:
     if path.is_dir():
-        return [ImageSource(str(f), f) for f in sorted(path.rglob("*")) if is_image_file(f) and f.is_file()]
-    if path.suffix.lower() == ".zip":
+        out: list[ImageSource | SkippedFile] = []
+        for f in sorted(path.rglob("*")):
+            if _is_zip(f) and f.is_file():
+                out.extend(_expand_zip(f))
+            elif is_image_file(f) and f.is_file():
+                out.append(ImageSource(str(f), f))
+        return out or [SkippedFile(str(path), "no image files or zip files in this folder")]
+    if _is_zip(path):
         return _expand_zip(path)
     if explicit or is_image_file(path):
         return [ImageSource(str(path), path)]
@@ -86,11 +97,16 @@ def _expand_zip(path: Path) -> list[ImageSource | SkippedFile]:
     with zf:
         try:
             members = safe_members(zf)
-        except UnsafeArchiveError as exc:
-            raise UnsafeArchiveError(f"{path}: {exc}; refusing to read it") from None
-    images = sorted((m for m in members if is_image_file(m.name) and not m.name.startswith(_ZIP_JUNK_PREFIXES)),
-                    key=lambda m: m.name)
-    return [ImageSource(f"{path}!{m.name}", path, m) for m in images]
+        except UnsafeArchiveError as exc:  # hostile: read none of it, classify everything else
+            return [SkippedFile(str(path), f"unsafe zip, not read: {exc}")]
+    members = sorted((m for m in members if not m.name.startswith(_ZIP_JUNK_PREFIXES)), key=lambda m: m.name)
+    out: list[ImageSource | SkippedFile] = []
+    for m in members:
+        if is_image_file(m.name):
+            out.append(ImageSource(f"{path}!{m.name}", path, m))
+        elif _is_zip(m.name):
+            out.append(SkippedFile(f"{path}!{m.name}", "zip inside a zip: not read (unpack the outer zip first)"))
+    return out or [SkippedFile(str(path), "no image files in this zip")]
 
 
 class ArchiveReader:
