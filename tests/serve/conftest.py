@@ -23,7 +23,8 @@ def make_client(tiny_neural_bundle, tmp_path):
 
     def make(**overrides) -> TestClient:
         values = {"models": [tiny_neural_bundle], "db": tmp_path / "history.sqlite3", **overrides}
-        client = TestClient(create_app(Settings(**values)))
+        # A trusted host name: the app refuses TestClient's default Host "testserver".
+        client = TestClient(create_app(Settings(**values)), base_url="http://localhost")
         client.__enter__()
         clients.append(client)
         return client

@@ -84,9 +84,36 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large ({exc})", name) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        msg = str(exc).lower()
-        reason = "truncated file" if "truncat" in msg or "premature" in msg else f"cannot decode ({exc})"
-        raise ImageError(reason, name) from None
+        raise ImageError(_decode_reason(exc), name) from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes from the header alone, without decoding pixels:
+    what :func:`load_image` would return, rotated or not (EXIF turns keep the pixel count).
+
+    Raises:
+        ImageError: empty input, or not an image in one of :data:`DECODE_FORMATS`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
+                return im.size
+    except UnidentifiedImageError:
+        raise ImageError("not an image or unknown format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(_decode_reason(exc)) from None
+
+
+def _decode_reason(exc: BaseException) -> str:
+    msg = str(exc).lower()
+    return "truncated file" if "truncat" in msg or "premature" in msg else f"cannot decode ({exc})"
 
 
 def _read_bytes(src: Path | str | bytes | BinaryIO, name: str | None) -> bytes:

@@ -1,15 +1,20 @@
 """One upload → one analysis: unpack zips safely, decode, classify, explain, make thumbnails.
 
 Everything here is synchronous and CPU-bound; the predict route runs it in the worker pool.
+Decoded pixels are bounded per request (sizes read from the headers before decoding) and per
+server (a shared :class:`PixelBudget` that every batch reserves from), because a small upload
+can hold huge images: a 100 KB PNG of one flat colour may decode to 25 megapixels (75 MB).
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -20,10 +25,16 @@ THUMBNAIL_SIDE = 192
 HEATMAP_SIDE = 192
 #: Images explained per Grad-CAM call (bounds the memory of the backward pass).
 EXPLAIN_BATCH = 16
+#: Most images decoded and classified together in one request.
+BATCH_IMAGES = 32
 
 
 class UploadError(ValueError):
     """The upload as a whole is refused (unsafe zip, too many files, nothing readable)."""
+
+
+class UploadTooLarge(UploadError):
+    """The upload would decode to more pixels than the server allows (answered with 413)."""
 
 
 @dataclass(frozen=True)
@@ -151,9 +162,73 @@ def _segmentation_explanation(bundle, image: np.ndarray, label: str) -> tuple[by
     return buf.getvalue(), explanation
 
 
+class PixelBudget:
+    """Decoded pixels the whole server may hold at once, shared by every request.
+
+    A request reserves the pixels of one batch before decoding it and gives them back when the
+    batch is classified; a reservation that does not fit waits until other requests give theirs
+    back. Memory for decoded images is thus bounded by the budget, however many requests come.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"pixel budget must be positive, got {capacity}")
+        self.capacity = capacity
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        """Hold ``pixels`` of the budget for the block (waits until they are free).
+
+        Raises:
+            UploadTooLarge: ``pixels`` is more than the whole budget.
+        """
+        if pixels > self.capacity:
+            raise UploadTooLarge(f"one batch needs {pixels / 1e6:.1f} megapixels, more than the server's "
+                                 f"{self.capacity / 1e6:g} megapixel decode budget")
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + pixels <= self.capacity)
+            self._used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= pixels
+                self._cond.notify_all()
+
+
+def _batches(sizes: list[tuple[int, int]], *, max_images: int, max_pixels: int) -> Iterator[list[tuple[int, int]]]:
+    """Consecutive runs of (position, pixels) with at most ``max_images`` images and, unless a
+    single image is larger, at most ``max_pixels`` pixels."""
+    batch: list[tuple[int, int]] = []
+    total = 0
+    for pos, px in sizes:
+        if batch and (len(batch) == max_images or total + px > max_pixels):
+            yield batch
+            batch, total = [], 0
+        batch.append((pos, px))
+        total += px
+    if batch:
+        yield batch
+
+
 def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,
-                 max_pixels: int, explain_max: int) -> tuple[list[StoredItem], dict]:
-    """Classify uploaded images with one model.
+                 max_pixels: int, explain_max: int, max_request_pixels: int | None = None,
+                 budget: PixelBudget | None = None, batch_pixels: int | None = None,
+                 batch_size: int = BATCH_IMAGES) -> tuple[list[StoredItem], dict]:
+    """Classify uploaded images with one model, decoding them batch by batch.
+
+    Image sizes are read from the headers first, so an upload that would decode to more than
+    ``max_request_pixels`` is refused before any pixel is decoded. Then batches of at most
+    ``batch_size`` images and ``batch_pixels`` pixels are decoded, classified, explained and
+    thumbnailed one after the other, each within a reservation of the server-wide ``budget``;
+    only one batch of decoded images is held at a time.
 
     Args:
         model: the served model.
@@ -162,48 +237,92 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
         explain: compute heatmaps/overlays (for the first ``explain_max`` readable images).
         max_pixels: images larger than this are reported as errors.
         explain_max: most images explained per request.
+        max_request_pixels: most pixels of all images together (None: no limit).
+        budget: the server's decode budget (None: no shared budget).
+        batch_pixels: most pixels decoded at once by this request (default: the budget's
+            capacity, or no bound without a budget).
+        batch_size: most images per batch.
 
     Returns:
         (items in upload order, the batch's differential count as a dict).
-    """
-    from hematoscope.bundle import SkippedFile
-    from hematoscope.data.images import ImageError, is_image_file, load_image
 
-    items: list[StoredItem | None] = []
-    images, positions, skipped = [], [], []
-    for up in uploads:
-        sha = hashlib.sha256(up.data).hexdigest()
+    Raises:
+        UploadTooLarge: the images hold more than ``max_request_pixels`` pixels.
+        UploadError: no image in the upload can be read.
+    """
+    from hematoscope.bundle import Prediction, SkippedFile
+    from hematoscope.data.images import ImageError, image_size, is_image_file, load_image
+
+    items: list[StoredItem] = []
+    sizes: list[tuple[int, int]] = []  # (position, pixels) of the files that look decodable
+    skipped: list[SkippedFile] = []
+
+    def fail(pos: int, reason: str) -> None:
+        skipped.append(SkippedFile(uploads[pos].name, reason))
+        items[pos].result = {"error": reason}
+
+    for pos, up in enumerate(uploads):
+        items.append(StoredItem(up.name, hashlib.sha256(up.data).hexdigest(), {}))
+        suffix = PurePosixPath(up.name).suffix
         try:
-            if not is_image_file(up.name) and PurePosixPath(up.name).suffix:
-                raise ImageError(f"not an image file ({PurePosixPath(up.name).suffix})")
-            images.append(load_image(up.data, max_pixels=max_pixels))
-            positions.append(len(items))
-            items.append(StoredItem(up.name, sha, {}))
+            if not is_image_file(up.name) and suffix:
+                raise ImageError(f"not an image file ({suffix})")
+            w, h = image_size(up.data)
+            if w <= 0 or h <= 0:
+                raise ImageError("image has no pixels")
+            if w * h > max_pixels:
+                raise ImageError(f"image too large ({w}x{h} > {max_pixels} pixels)")
+            sizes.append((pos, w * h))
         except ImageError as exc:
-            skipped.append(SkippedFile(up.name, exc.reason))
-            items.append(StoredItem(up.name, sha, {"error": exc.reason}))
-    if not images:
+            fail(pos, exc.reason)
+    total = sum(px for _, px in sizes)
+    if max_request_pixels is not None and total > max_request_pixels:
+        raise UploadTooLarge(f"the images of this upload hold {total / 1e6:.1f} megapixels, more than the "
+                             f"{max_request_pixels / 1e6:g} megapixel limit per request (server option "
+                             "--max-request-megapixels); send fewer or smaller images")
+
+    if batch_pixels is None:
+        batch_pixels = budget.capacity if budget is not None else max(total, 1)
+    preds: list[Prediction] = []
+    explained = 0
+    for batch in _batches(sizes, max_images=batch_size, max_pixels=batch_pixels):
+        reserved = sum(px for _, px in batch)
+        with budget.reserve(reserved) if budget is not None else nullcontext():
+            images, positions = [], []
+            for pos, _ in batch:
+                try:
+                    images.append(load_image(uploads[pos].data, max_pixels=max_pixels))
+                    positions.append(pos)
+                except ImageError as exc:
+                    fail(pos, exc.reason)
+            if not images:
+                continue
+            pred = model.bundle.predict_arrays(images, [uploads[p].name for p in positions])
+            predicted = pred.probs.argmax(1).tolist()
+            n_explain = max(0, min(len(images), explain_max - explained)) if explain else 0
+            overlays = _explain(model, images[:n_explain], predicted[:n_explain]) if n_explain else []
+            explained += n_explain
+            for n, (pos, record, top) in enumerate(zip(positions, pred.records(top_k), pred.top_k(top_k))):
+                overlay, explanation = overlays[n] if n < len(overlays) else (None, None)
+                items[pos].result = {
+                    "prediction": record["prediction"],
+                    "confidence": record["confidence"],
+                    "top_k": [{"label": lab, "prob": round(p, 6)} for lab, p in top],
+                    "abstain": record["abstain"],
+                    "abstain_reason": record["abstain_reason"] or None,
+                    "ood_score": record["ood_score"],
+                    "ood_flag": record["ood_flag"],
+                    "explanation": explanation,
+                }
+                items[pos].thumbnail = _thumbnail(images[n])
+                items[pos].heatmap = overlay
+            preds.append(pred)
+            del images  # the batch's pixels go before the next reservation
+    if not preds:
         reasons = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:20])
         raise UploadError(f"no readable image in the upload ({reasons})")
-
-    pred = model.bundle.predict(images, sources=[uploads[p].name for p in positions])
+    pred = Prediction.concat(preds, model.bundle.labels)
     pred.skipped = skipped
-    predicted = pred.probs.argmax(1).tolist()
-    explained = _explain(model, images[:explain_max], predicted[:explain_max]) if explain else []
-    for n, (pos, record, top) in enumerate(zip(positions, pred.records(top_k), pred.top_k(top_k))):
-        overlay, explanation = explained[n] if n < len(explained) else (None, None)
-        items[pos].result = {
-            "prediction": record["prediction"],
-            "confidence": record["confidence"],
-            "top_k": [{"label": lab, "prob": round(p, 6)} for lab, p in top],
-            "abstain": record["abstain"],
-            "abstain_reason": record["abstain_reason"] or None,
-            "ood_score": record["ood_score"],
-            "ood_flag": record["ood_flag"],
-            "explanation": explanation,
-        }
-        items[pos].thumbnail = _thumbnail(images[n])
-        items[pos].heatmap = overlay
     return items, pred.differential().to_dict()
 
 

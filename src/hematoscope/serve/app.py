@@ -10,7 +10,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hematoscope.serve.config import Settings
+from hematoscope.serve.analysis import PixelBudget
+from hematoscope.serve.config import Settings, normalise_origin
 from hematoscope.serve.deps import load_models
 from hematoscope.serve.routes import analyses, health, models, predict
 from hematoscope.serve.storage import HistoryStore
@@ -30,9 +31,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     from hematoscope import __version__
 
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     settings = settings if settings is not None else Settings()
     served = load_models(list(settings.models))
     store = HistoryStore(settings.db_path())
+    if settings.retention_days is not None:
+        store.purge(older_than_days=settings.retention_days)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -48,8 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings, app.state.models, app.state.store = settings, served, store
+    app.state.pixel_budget = PixelBudget(settings.max_decoded_pixels)
 
+    # The last added runs first: Host check, then the cross-site guard, then the size limit.
     app.add_middleware(_UploadLimit, max_bytes=settings.max_upload_bytes, max_mb=settings.max_upload_mb)
+    app.add_middleware(_SameOriginGuard, allowed_origins=settings.allowed_origins)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts(), www_redirect=False)
 
     api = APIRouter(prefix="/api")
     for module in (predict, models, analyses, health):
@@ -82,3 +91,67 @@ class _UploadLimit:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+#: Methods that change state: the cross-site guard checks them (reads stay open to links).
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class _SameOriginGuard:
+    """Cross-site request forgery guard: a state-changing request sent by a browser page of
+    another site is refused with 403.
+
+    Browsers send ``Origin`` with every cross-origin POST (and ``Referer`` unless told not to);
+    a page on ``attacker.example`` cannot forge them. A request passes when its ``Origin`` (or,
+    lacking one, its ``Referer``) is this server (same host and port as the ``Host`` header,
+    either scheme, so a TLS reverse proxy in front works) or one of ``allowed_origins``.
+    Requests with neither header (curl, scripts, the Python client) pass: they are not sent by a
+    browser on a user's behalf. ``Origin: null`` (sandboxed frames, some redirects) is refused.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]):
+        self.app, self.allowed = app, frozenset(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS:
+            reason = self._refusal(dict(scope["headers"]))
+            if reason:
+                await JSONResponse(status_code=403, content={"detail": reason})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> str | None:
+        origin = headers.get(b"origin")
+        header = "Origin"
+        if origin is None:
+            referer = headers.get(b"referer")
+            if referer is None:
+                return None
+            from urllib.parse import urlsplit
+
+            header, parts = "Referer", urlsplit(referer.decode("latin-1"))
+            origin = f"{parts.scheme}://{parts.netloc}".encode("latin-1")
+        text = origin.decode("latin-1")
+        given = normalise_origin(text)
+        if given is not None and (given in self.allowed or self._same_host(given, headers.get(b"host", b""))):
+            return None
+        return (f"cross-site request refused: {header} {text!r} is not this server; a page of another site "
+                "cannot change data here (server option --allowed-origin adds a trusted site)")
+
+    @staticmethod
+    def _same_host(origin: str, host: bytes) -> bool:
+        """The origin names the host and port of the ``Host`` header (the scheme may differ:
+        behind a TLS proxy the browser says https while the server sees http)."""
+        scheme, _, netloc = origin.partition("://")
+        default = "443" if scheme == "https" else "80"
+        o_host, o_port = _split_host_port(netloc, default)
+        h_host, h_port = _split_host_port(host.decode("latin-1").lower(), default)
+        return o_host == h_host and o_port == h_port
+
+
+def _split_host_port(netloc: str, default_port: str) -> tuple[str, str]:
+    if netloc.startswith("["):  # [::1]:8000
+        host, _, rest = netloc.partition("]")
+        return host + "]", rest[1:] if rest.startswith(":") else default_port
+    host, _, port = netloc.partition(":")
+    return host, port or default_port

@@ -4,9 +4,34 @@ created, so tests pass their own :class:`Settings` instead of patching globals."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+#: Names of this machine, always trusted in the Host header.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: Listen addresses that mean "every interface" (they name no host).
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+
+
+def normalise_origin(origin: str) -> str | None:
+    """``scheme://host[:port]`` in lower case, the port left out when it is the scheme's
+    default; None for anything that is not an http(s) origin (``null``, a path, junk)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 class Settings(BaseSettings):
@@ -15,13 +40,27 @@ class Settings(BaseSettings):
     Attributes:
         models: bundle directories or zips to serve, first = default; empty = the shipped model.
         token: when set, every ``/api`` endpoint except ``/api/health`` needs
-            ``Authorization: Bearer <token>``.
+            ``Authorization: Bearer <token>`` (health then shows the history count only with it).
         db: SQLite history file; None = ``hematoscope.paths.data_dir()/history.sqlite3``.
         max_upload_mb: largest accepted request body (413 above it).
         max_image_pixels: largest accepted image (per-file error, 422 when nothing is left).
+        max_request_megapixels: most decoded pixels in one request, all images together, read
+            from the image headers before anything is decoded (413 above it).
+        max_decoded_megapixels: most decoded pixels held at once by the whole server; each
+            request decodes its images batch by batch within this budget (waiting for it when
+            other requests hold it). At least ``max_image_pixels``.
         max_files: most images per request (a zip counts its members).
         workers: size of the inference thread pool.
         gradcam_max: Grad-CAM is computed for at most this many images per request.
+        allowed_hosts: host names the server answers to besides ``localhost``, ``127.0.0.1``,
+            ``[::1]`` and a specific ``host`` it listens on (``Host`` header; 400 otherwise).
+            ``*`` turns the check off; ``*.example.org`` allows subdomains.
+        allowed_origins: other origins (``https://lab.example.org``) whose pages may send
+            state-changing requests (POST, PATCH, PUT, DELETE); the server's own origin is
+            always allowed. A request whose ``Origin`` (or, without one, ``Referer``) is another
+            site is refused with 403 (cross-site request forgery guard).
+        retention_days: analyses older than this are deleted (at start-up and after each new
+            analysis); None keeps them until deleted.
     """
 
     model_config = SettingsConfigDict(env_prefix="HEMATOSCOPE_", extra="ignore")
@@ -33,9 +72,55 @@ class Settings(BaseSettings):
     db: Path | None = None
     max_upload_mb: float = Field(default=64.0, gt=0)
     max_image_pixels: int = Field(default=25_000_000, gt=0)
+    max_request_megapixels: float = Field(default=500.0, gt=0)
+    max_decoded_megapixels: float = Field(default=200.0, gt=0)
     max_files: int = Field(default=2000, gt=0)
     workers: int = Field(default=2, ge=1, le=64)
     gradcam_max: int = Field(default=500, ge=0)
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    retention_days: float | None = Field(default=None, gt=0)
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """``HEMATOSCOPE_ALLOWED_HOSTS=a.example,b.example`` as well as a list."""
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.max_decoded_pixels < self.max_image_pixels:
+            raise ValueError(f"max_decoded_megapixels ({self.max_decoded_megapixels:g}) must hold at least one "
+                             f"image of max_image_pixels ({self.max_image_pixels / 1e6:g} megapixels)")
+        for pattern in self.allowed_hosts:
+            if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
+                raise ValueError(f"allowed host {pattern!r}: wildcards must look like '*.example.org' (or '*')")
+        origins = []
+        for origin in self.allowed_origins:
+            if normalise_origin(origin) is None:
+                raise ValueError(f"allowed origin {origin!r} must look like https://host[:port] "
+                                 "(scheme and host, no path)")
+            origins.append(normalise_origin(origin))
+        self.allowed_origins = origins
+        return self
+
+    @property
+    def max_request_pixels(self) -> int:
+        return int(self.max_request_megapixels * 1e6)
+
+    @property
+    def max_decoded_pixels(self) -> int:
+        return int(self.max_decoded_megapixels * 1e6)
+
+    def trusted_hosts(self) -> list[str]:
+        """Host names accepted in the ``Host`` header (for Starlette's TrustedHostMiddleware)."""
+        hosts = list(LOCAL_HOSTS)
+        bind = f"[{self.host}]" if ":" in self.host else self.host
+        if self.host not in WILDCARD_ADDRESSES and bind not in hosts:
+            hosts.append(bind)
+        return hosts + [h for h in self.allowed_hosts if h not in hosts]
 
     @property
     def max_upload_bytes(self) -> int:

@@ -35,7 +35,7 @@ class Health(BaseModel):
     status: str
     version: str
     models: list[str]
-    analyses: int
+    analyses: int | None = Field(description="analyses stored; null unless the caller may read the history")
 
 
 class TopClass(BaseModel):

@@ -3,15 +3,22 @@ answered, its predictions, the differential count and the user's corrections.
 
 Every write is one transaction; a new connection is opened per operation, so the store is safe
 to use from the server's worker threads and survives restarts (the file is the state).
+
+The file holds thumbnails of every upload, so it is private: created with mode 0600 (a
+world- or group-readable file of ours is tightened to 0600 when opened; SQLite gives its
+``-wal`` / ``-shm`` files the same mode), and deleted analyses are overwritten on disk
+(``PRAGMA secure_delete``), not merely unlinked from the tables.
 """
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -101,7 +108,8 @@ class HistoryStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _create_private(self.path)
         with self._transaction() as con:
             version = con.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -115,6 +123,7 @@ class HistoryStore:
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.execute("PRAGMA foreign_keys = ON")
+        con.execute("PRAGMA secure_delete = ON")  # deleted thumbnails are zeroed, not left in free pages
         con.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
         return con
 
@@ -190,6 +199,34 @@ class HistoryStore:
                     (analysis_id, idx, label, note, now),
                 )
 
+    def delete(self, analysis_id: str) -> None:
+        """Delete an analysis with its images, results and corrections.
+
+        Raises:
+            NotFound: no analysis with that id.
+        """
+        with self._transaction() as con:
+            if con.execute("DELETE FROM analyses WHERE id = ?", (analysis_id,)).rowcount == 0:
+                raise NotFound(analysis_id)
+        self._checkpoint()
+
+    def purge(self, *, older_than_days: float) -> int:
+        """Delete every analysis created more than ``older_than_days`` ago; returns how many."""
+        if older_than_days <= 0:
+            raise ValueError(f"older_than_days must be positive, got {older_than_days}")
+        cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat(timespec="milliseconds")
+        with self._transaction() as con:
+            n = con.execute("DELETE FROM analyses WHERE created < ?", (cutoff,)).rowcount
+        if n:
+            self._checkpoint()
+        return n
+
+    def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file and empty it, so deleted rows do not
+        linger in the ``-wal`` file either."""
+        with closing(self._connect()) as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # --- reading -----------------------------------------------------------------------
     def get(self, analysis_id: str, *, images: bool = True) -> StoredAnalysis:
         """The full analysis (``images=False`` leaves thumbnails and heatmaps out).
@@ -229,3 +266,16 @@ class HistoryStore:
             "n_images": r[6], "n_errors": r[7], "differential": json.loads(r[8]), "n_corrections": r[9],
         } for r in rows]
         return out, total
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 when missing; tighten it to 0600 when it is ours and
+    readable by others (a history written by an older hematoscope)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        st = path.stat()
+        if st.st_mode & 0o077 and hasattr(os, "getuid") and st.st_uid == os.getuid() and stat.S_ISREG(st.st_mode):
+            os.chmod(path, 0o600)
+        return
+    os.close(fd)

@@ -1,4 +1,4 @@
-"""History: list, read, export and correct stored analyses."""
+"""History: list, read, export, correct and delete stored analyses."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +13,9 @@ from hematoscope.serve.schemas import Analysis, AnalysisList, CorrectionsIn
 from hematoscope.serve.storage import NotFound, StoredAnalysis
 
 router = APIRouter(prefix="/analyses", tags=["analyses"], dependencies=[Depends(require_token)])
+
+#: Largest offset SQLite takes (a signed 64-bit integer); beyond it the query is refused (422).
+MAX_OFFSET = 2**63 - 1
 
 CSV_COLUMNS = ["index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
                "ood_score", "ood_flag", "corrected_label", "correction_note", "error"]
@@ -51,7 +54,7 @@ async def _get(store, analysis_id: str, images: bool = True) -> StoredAnalysis:
 async def list_analyses(
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> AnalysisList:
     """Past analyses, newest first."""
     rows, total = await anyio.to_thread.run_sync(lambda: store.list(limit=limit, offset=offset))
@@ -68,17 +71,31 @@ async def get_analysis(
     return analysis_response(await _get(store, analysis_id, images=images))
 
 
+@router.delete("/{analysis_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses={404: {"description": "no analysis with that id"}})
+async def delete_analysis(analysis_id: str, store: StoreDep) -> Response:
+    """Delete an analysis: its images (thumbnails, heatmaps), results and corrections."""
+    try:
+        await anyio.to_thread.run_sync(lambda: store.delete(analysis_id))
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no analysis {analysis_id!r}") from None
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get("/{analysis_id}/report.csv", response_class=Response,
             responses={200: {"content": {"text/csv": {}}, "description": "one row per uploaded file"}})
 async def report_csv(analysis_id: str, store: StoreDep) -> Response:
-    """The analysis as CSV: one row per file, with the user's corrections."""
+    """The analysis as CSV: one row per file, with the user's corrections. Text cells that a
+    spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR first) get a leading ``'``."""
+    from hematoscope._csv import safe_row
+
     a = await _get(store, analysis_id, images=False)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for i, it in enumerate(a.items):
         res, corr = it.result, a.corrections.get(i, {})
-        writer.writerow({
+        writer.writerow(safe_row({
             "index": i, "source": it.source, "sha256": it.sha256,
             "prediction": res.get("prediction", ""), "confidence": res.get("confidence", ""),
             "top_k": "; ".join(f"{t['label']}:{t['prob']:.4f}" for t in res.get("top_k", [])),
@@ -86,7 +103,7 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
             "ood_score": "" if res.get("ood_score") is None else res["ood_score"],
             "ood_flag": res.get("ood_flag", ""), "corrected_label": corr.get("label", ""),
             "correction_note": corr.get("note", ""), "error": res.get("error", ""),
-        })
+        }))
     filename = f"hematoscope-{a.created[:10]}-{a.id[:8]}.csv"
     return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})

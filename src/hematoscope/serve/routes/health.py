@@ -1,19 +1,26 @@
-"""GET /api/health: liveness for monitors (no token needed)."""
+"""GET /api/health: liveness for monitors (no token needed; the history count only with it)."""
 from __future__ import annotations
 
 import anyio.to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
 
-from hematoscope.serve.deps import ModelsDep, StoreDep
+from hematoscope.serve.deps import ModelsDep, StoreDep, require_token
 from hematoscope.serve.schemas import Health
 
 router = APIRouter(prefix="/health", tags=["health"])
 
 
 @router.get("", response_model=Health)
-async def health(models: ModelsDep, store: StoreDep) -> Health:
-    """Server status, the served model names and how many analyses are stored."""
+async def health(request: Request, models: ModelsDep, store: StoreDep) -> Health:
+    """Server status and the served model names. How many analyses are stored is told only to a
+    caller who may read the history (with the token, when one is set); otherwise ``analyses``
+    is null."""
     from hematoscope import __version__
 
-    _, total = await anyio.to_thread.run_sync(lambda: store.list(limit=1))
+    try:
+        require_token(request)
+    except HTTPException:
+        total = None
+    else:
+        _, total = await anyio.to_thread.run_sync(lambda: store.list(limit=1))
     return Health(status="ok", version=__version__, models=list(models), analyses=total)

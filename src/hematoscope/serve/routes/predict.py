@@ -6,7 +6,7 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile, status
 
-from hematoscope.serve.analysis import UploadError, expand_uploads, run_analysis
+from hematoscope.serve.analysis import UploadError, UploadTooLarge, expand_uploads, run_analysis
 from hematoscope.serve.deps import ModelsDep, SettingsDep, StoreDep, pick_model, require_token
 from hematoscope.serve.routes.analyses import analysis_response
 from hematoscope.serve.schemas import Analysis
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/predict", tags=["predict"], dependencies=[Depends(re
 
 
 @router.post("", response_model=Analysis, responses={
-    413: {"description": "upload larger than the configured limit"},
+    413: {"description": "upload larger than the configured limit, or its images hold more pixels than allowed"},
     422: {"description": "unsafe zip, too many files, or no readable image"},
 })
 async def predict(
@@ -41,13 +41,20 @@ async def predict(
         uploads = expand_uploads(raw, max_files=settings.max_files,
                                  max_unpacked_bytes=8 * settings.max_upload_bytes)
         return run_analysis(served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
-                            explain_max=settings.gradcam_max)
+                            explain_max=settings.gradcam_max, max_request_pixels=settings.max_request_pixels,
+                            budget=request.app.state.pixel_budget,
+                            batch_pixels=max(settings.max_image_pixels, settings.max_decoded_pixels // settings.workers))
 
     def save(items, differential):
-        return store.get(store.add_analysis(served.info(), served.bundle.labels, differential, items))
+        analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items)
+        if settings.retention_days is not None:
+            store.purge(older_than_days=settings.retention_days)
+        return store.get(analysis_id)
 
     try:
         items, differential = await anyio.to_thread.run_sync(classify, limiter=request.app.state.limiter)
+    except UploadTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UploadError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     # Database writes wait for the database, not for an inference worker.
