@@ -8,6 +8,11 @@ Weight sources (``weights=`` argument of :func:`create_backbone`):
 - ``"https://..."``: a URL, downloaded once into the user cache, then read as a file.
 - ``"hf-hub:org/name"`` / ``"timm"``: timm's own pretrained loading (needs internet).
 - ``None``: random initialisation.
+
+An *architecture* named ``"hf-hub:org/name"`` is defined by the ``config.json`` of that hub
+repository. Only weights named as a hub source may download; otherwise (a bundle being loaded,
+which passes ``weights=None``) the definition is read from the local Hugging Face cache and a
+missing one fails at once with :class:`WeightsError`: loading a model never touches the network.
 """
 from __future__ import annotations
 
@@ -29,6 +34,33 @@ PACKAGED_WEIGHTS = {SSL_PBC_WEIGHTS: ("efficientnet_lite0", "lite0_simclr_pbc.sa
 
 class WeightsError(ValueError):
     """Weights could not be found, read or matched onto the architecture."""
+
+
+#: Prefix of architectures and weights that live on the Hugging Face hub.
+HUB_PREFIX = "hf-hub:"
+
+
+def offline_hub_architecture(arch: str) -> str:
+    """timm's ``local-dir:`` name of the cached definition of hub architecture ``arch``
+    (``hf-hub:org/name[@revision]``), found without any network access.
+
+    Raises:
+        WeightsError: the hub repository's ``config.json`` is not in the local cache.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = arch[len(HUB_PREFIX):].partition("@")
+    try:
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision or None)
+    except ValueError as exc:  # malformed repository id
+        raise WeightsError(f"architecture {arch!r} is not a valid hub name ({exc})") from None
+    if not isinstance(cached, str):
+        raise WeightsError(
+            f"architecture {arch!r} is defined on the Hugging Face hub and its config.json is not in the local "
+            "cache; loading a model never downloads. Give the bundle a timm architecture name (model.arch in "
+            "its config.json, e.g. the 'architecture' of that hub model), or cache the definition once while "
+            f"online: hf download {repo} config.json")
+    return f"local-dir:{Path(cached).parent}"
 
 
 @dataclass(frozen=True)
@@ -166,14 +198,17 @@ def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: 
     """A timm model with ``num_classes`` outputs (0 = pooled features only) and ``weights``.
 
     Raises:
-        WeightsError: the architecture is unknown or the weights cannot be loaded.
+        WeightsError: the architecture is unknown, a hub architecture is not cached while the
+            weights are not asked from the hub, or the weights cannot be loaded.
     """
     import timm
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    hub = isinstance(weights, str) and (weights == "timm" or weights.startswith("hf-hub:"))
+    hub = isinstance(weights, str) and (weights == "timm" or weights.startswith(HUB_PREFIX))
+    name = weights if isinstance(weights, str) and weights.startswith(HUB_PREFIX) else arch
+    if name.startswith(HUB_PREFIX) and not hub:  # no weights asked from the hub: no network either
+        name = offline_hub_architecture(name)
     try:
-        name = weights if isinstance(weights, str) and weights.startswith("hf-hub:") else arch
         model = timm.create_model(name, pretrained=hub, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     except RuntimeError as exc:
         raise WeightsError(f"cannot create {arch!r} ({exc})") from None
