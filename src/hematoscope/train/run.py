@@ -76,7 +76,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         config: the run's configuration.
         resume: continue from ``checkpoints/last.ckpt`` in ``config.out`` (exactly where it stopped:
             epoch, optimiser, schedule, callbacks; the per-epoch random state is reseeded from
-            (seed, epoch)).
+            (seed, epoch)). A run that stopped before its first checkpoint starts over, with its
+            saved configuration and split.
         callbacks: extra Lightning callbacks.
 
     Returns:
@@ -90,14 +91,21 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     run_dir = Path(config.out)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / LAST
-    if resume and not last.is_file():
+    # A run killed before its first checkpoint has its configuration (and split) but nothing to
+    # continue from: resuming it starts it over, with the same configuration and split.
+    restart = resume and not last.is_file() and (run_dir / CONFIG_FILE).is_file()
+    if resume and not last.is_file() and not restart:
         raise RunDirError(f"{run_dir} has no {last.relative_to(run_dir)} to resume from")
-    if not resume and (run_dir / CONFIG_FILE).exists():
+    if restart:
+        log.warning("%s stopped before its first checkpoint: starting the run over", run_dir)
+        _clear_unfinished_attempt(run_dir)
+        resume = False
+    elif not resume and (run_dir / CONFIG_FILE).exists():
         raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
-                          "or choose another --out")
+                          "(a run stopped before its first checkpoint starts over) or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    table, labels = prepare_split(config, run_dir, resume=resume)
+    table, labels = prepare_split(config, run_dir, resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
     if not resume:
         _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
     preprocess = eval_preprocess(config)
@@ -161,6 +169,15 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     _io.write_json(run_dir / "metrics.json", metrics)
     return RunResult(run_dir, bundle_path, metrics, best, completed, epoch_log.seconds,
                      epoch_log.images_per_second, data.skipped)
+
+
+def _clear_unfinished_attempt(run_dir: Path) -> None:
+    """Remove what an attempt that never reached its first checkpoint left behind: partial
+    checkpoint files and that attempt's logs. ``train_config.json`` and ``split.csv`` stay."""
+    import shutil
+
+    for name in ("checkpoints", "logs"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def outputs(bundle: NeuralBundle, dataset: EvalImages, batch_size: int = 64) -> tuple[ModelOutput, np.ndarray]:
