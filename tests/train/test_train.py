@@ -66,9 +66,10 @@ def test_eval_transform_is_the_bundle_preprocess_and_train_transform_is_random(s
     table = make_split(read_dataset(synthetic_root), val=0.34, test=0.0, seed=0)
     table = table.assign(cls=class_names(table)).groupby("cls").head(3).reset_index(drop=True)
     labels = sorted(set(table["cls"]))
-    pre = eval_preprocess(config)
-    data = CellDataModule(table, labels, config, pre)
+    data = CellDataModule(table, labels, config, eval_preprocess(config))
     data.setup()
+    pre = data.preprocess  # the bundle's: with the training images' colour reference
+    assert pre.colour == "percentile" and len(pre.colour_ref) == 6
     for split in ("val", "train"):
         ds = data.eval_dataset(split)
         for i in range(len(ds)):

@@ -24,6 +24,13 @@ class Preprocess:
         crop_pct: fraction kept by the centre crop for ``"shorter_crop"``.
         mean, std: per-channel normalisation in [0, 1] units.
         interpolation: resampling filter name.
+        colour: per-image colour canonicalisation applied after resizing, before ``mean``/``std``:
+            ``"none"``, or ``"percentile"``: each channel's 1st and 99th percentiles (over the
+            pixels that are not near-black, so padding bars do not count) are mapped linearly
+            onto ``colour_ref``. It removes most of a lab's stain, white balance and contrast
+            differences while keeping the colour relations inside a cell.
+        colour_ref: ``[lo_r, lo_g, lo_b, hi_r, hi_g, hi_b]`` in [0, 1], the reference
+            percentiles (medians over the training images, see :func:`colour_reference`).
     """
 
     size: int = 128
@@ -32,6 +39,8 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    colour: str = "none"
+    colour_ref: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -42,6 +51,15 @@ class Preprocess:
             raise ValueError(f"crop_pct must be in [0.1, 1]; got {self.crop_pct}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}; got {self.interpolation!r}")
+        if self.colour not in COLOUR_MODES:
+            raise ValueError(f"colour must be one of {COLOUR_MODES}; got {self.colour!r}")
+        if self.colour != "none":
+            ref = self.colour_ref
+            if ref is None or len(ref) != 6 or not all(0 <= float(v) <= 1 for v in ref) \
+                    or any(float(ref[i + 3]) <= float(ref[i]) for i in range(3)):
+                raise ValueError(f"colour {self.colour!r} needs colour_ref = [lo_r, lo_g, lo_b, hi_r, hi_g, hi_b] "
+                                 f"in [0, 1] with hi > lo; got {ref!r}")
+            object.__setattr__(self, "colour_ref", tuple(float(v) for v in ref))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -49,6 +67,10 @@ class Preprocess:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.colour == "none":  # older readers of the format do not know these fields
+            del d["colour"], d["colour_ref"]
+        else:
+            d["colour_ref"] = list(self.colour_ref)
         return d
 
     @classmethod
@@ -84,9 +106,20 @@ class Preprocess:
             im = im.crop((left, top, left + self.size, top + self.size))
         return np.asarray(im, dtype=np.uint8)
 
+    def canonicalise(self, x: np.ndarray) -> np.ndarray:
+        """Colour canonicalisation of a float batch (N, H, W, 3) in [0, 1]; returns a new array
+        (training applies it to augmented batches, so both paths share this one function)."""
+        if self.colour == "none":
+            return x
+        ref = np.asarray(self.colour_ref, dtype=np.float32)
+        lo, hi = colour_percentiles(x)
+        scale = (ref[3:] - ref[:3]) / np.maximum(hi - lo, 1.0 / 255)
+        out = (x - lo[:, None, None, :]) * scale[:, None, None, :] + ref[:3]
+        return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
     def normalize(self, batch_uint8: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 → (N, 3, H, W) float32 normalised, ready for a model."""
-        x = batch_uint8.astype(np.float32) * (1.0 / 255.0)
+        x = self.canonicalise(batch_uint8.astype(np.float32) * (1.0 / 255.0))
         x -= np.asarray(self.mean, dtype=np.float32)
         x /= np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -96,6 +129,36 @@ class Preprocess:
         if len(images) == 0:
             return np.zeros((0, 3, self.size, self.size), dtype=np.float32)
         return self.normalize(np.stack([self.resize_image(im) for im in images]))
+
+
+COLOUR_MODES = ("none", "percentile")
+#: Pixels whose brightest channel is below this are padding or bars, not stain: they do not
+#: count towards the colour percentiles.
+DARK = 0.08
+PERCENTILES = (1.0, 99.0)
+
+
+def colour_percentiles(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image, per-channel 1st / 99th percentiles of a float batch (N, H, W, 3) in [0, 1],
+    over the pixels that are not near-black (all pixels when fewer than 1 % are left).
+
+    Returns:
+        (lo, hi), each (N, 3) float32.
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1, 3)
+    keep = flat.max(axis=2) >= DARK
+    lo, hi = np.empty((n, 3), np.float32), np.empty((n, 3), np.float32)
+    for i in range(n):
+        px = flat[i][keep[i]] if keep[i].sum() >= 0.01 * flat.shape[1] else flat[i]
+        lo[i], hi[i] = np.percentile(px, PERCENTILES, axis=0)
+    return lo, hi
+
+
+def colour_reference(images: np.ndarray) -> list[float]:
+    """The ``colour_ref`` of a set of uint8 images (N, H, W, 3): medians of their percentiles."""
+    lo, hi = colour_percentiles(np.asarray(images, dtype=np.float32) / 255.0)
+    return [round(float(v), 5) for v in (*np.median(lo, 0), *np.median(hi, 0))]
 
 
 #: Numbers of test-time views: the first n of identity, h-flip, rot90, rot90+h-flip, ... (the

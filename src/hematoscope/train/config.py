@@ -48,11 +48,30 @@ class TrainConfig(BaseModel):
     sampler: Literal["none", "weighted"] = "none"
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
-    # augmentation (training only; evaluation always uses the bundle's Preprocess)
+    # input canonicalisation (stored in the bundle's Preprocess: training, predict, ONNX and serve
+    # all apply it)
+    colour_norm: Literal["none", "percentile"] = Field(
+        "percentile", description="per-image colour canonicalisation: map each channel's 1st/99th percentiles "
+        "onto the training set's median (removes most stain / white-balance / contrast differences between labs)")
+
+    # augmentation (training only; evaluation always uses the bundle's Preprocess). The colour
+    # ops run batched before the canonicalisation, the others per image on the uint8 crop.
     augment: Literal["basic", "randaugment", "augmix"] = "basic"
     color_jitter: float = Field(0.1, ge=0, lt=1, description="brightness/contrast/saturation ± fraction")
     stain_jitter: float = Field(0.03, ge=0, lt=1, description="per-channel (stain) scale/shift ± fraction")
-    scale_jitter: float = Field(0.0, ge=0, lt=0.5, description="random crop side ± fraction before resizing")
+    hue_jitter: float = Field(0.0, ge=0, le=0.5, description="hue rotation ± fraction of the colour circle")
+    gamma_jitter: float = Field(0.0, ge=0, lt=1, description="gamma in exp(± value)")
+    hed_jitter: float = Field(0.0, ge=0, lt=1, description="haematoxylin/eosin/DAB optical-density scale ± "
+                              "value and shift ± value/10 (stain strength and balance)")
+    noise: float = Field(0.0, ge=0, lt=0.5, description="Gaussian pixel noise, standard deviation up to this")
+    blur_prob: float = Field(0.0, ge=0, le=1, description="share of crops defocused (Gaussian, sigma 0.3-1.5 px)")
+    resample_prob: float = Field(0.0, ge=0, le=1, description="share of crops downsampled (35-85 %%) and "
+                                 "upsampled back (a lower-resolution camera)")
+    jpeg_prob: float = Field(0.0, ge=0, le=1, description="share of crops re-encoded as JPEG quality 30-90")
+    bars_prob: float = Field(0.0, ge=0, le=1, description="share of crops with a black bar on one edge "
+                             "(crops cut at the edge of a field)")
+    scale_jitter: float = Field(0.0, ge=0, lt=1, description="random crop side ± fraction before resizing; "
+                                "sides beyond the cached image are reflect-padded (the cell smaller in the frame)")
 
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split")

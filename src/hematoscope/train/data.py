@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -63,8 +63,10 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         table = read_dataset(config.data, reader=config.reader)
         table = table.assign(cls=class_names(table))
         if config.limit_per_class:
-            table = (table.groupby("cls", group_keys=False)
-                     .apply(lambda g: g.sample(min(len(g), config.limit_per_class), random_state=config.seed)))
+            rng = np.random.default_rng(config.seed)
+            keep = [i for _, idx in sorted(table.groupby("cls").indices.items())
+                    for i in rng.permutation(idx)[:config.limit_per_class]]
+            table = table.iloc[sorted(keep)]
         table = table.drop(columns="cls")
         if "split" not in table:
             table = make_split(table, val=config.val_fraction, test=0.0, seed=config.seed)
@@ -131,6 +133,7 @@ class TrainImages(Dataset):
     def __init__(self, images: np.ndarray | None, paths: Sequence[str], targets: np.ndarray, config: TrainConfig):
         self.images, self.paths, self.targets = images, list(paths), np.asarray(targets, dtype=np.int64)
         self.size, self.pre_size, self.scale_jitter = config.size, config.pre_size, config.scale_jitter
+        self.config = config
         self.cache_spec = Preprocess(size=config.pre_size, resize="shorter_crop")
         self.extra = _policy(config.augment)
 
@@ -147,8 +150,11 @@ class TrainImages(Dataset):
         side = self.size
         if self.scale_jitter:
             f = 1 + self.scale_jitter * (2 * float(torch.rand(())) - 1)
-            side = int(min(self.pre_size, max(8, round(self.size * f))))
-        y0, x0 = (int(v) for v in torch.randint(0, self.pre_size - side + 1, (2,)))
+            side = max(8, round(self.size * f))
+        if side > self.pre_size:  # zoom out: the cell smaller in the frame, surroundings mirrored
+            pad = side - self.pre_size
+            img = np.pad(img, ((pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)), mode="reflect")
+        y0, x0 = (int(v) for v in torch.randint(0, img.shape[0] - side + 1, (2,)))
         crop = img[y0:y0 + side, x0:x0 + side]
         if side != self.size:
             from PIL import Image
@@ -157,6 +163,7 @@ class TrainImages(Dataset):
         crop = np.rot90(crop, int(torch.randint(0, 4, ())))
         if float(torch.rand(())) < 0.5:  # rot90 x horizontal flip = all 8 symmetries of the square
             crop = crop[:, ::-1]
+        crop = degrade(np.ascontiguousarray(crop), self.config)
         x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
         if self.extra is not None:
             x = self.extra(x)
@@ -195,6 +202,89 @@ def _policy(augment: str):
     from torchvision.transforms import v2
 
     return v2.RandAugment(num_ops=2, magnitude=7) if augment == "randaugment" else v2.AugMix(severity=2)
+
+
+def degrade(crop: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """Optics and camera of another lab on one uint8 (H, W, 3) crop, each with its own
+    probability from ``config``: defocus blur, a lower-resolution camera (down and up again),
+    JPEG compression, a black bar on one edge. Draws from torch's RNG (seeded per epoch)."""
+    from PIL import Image, ImageFilter
+
+    def chance(p: float) -> bool:
+        return p > 0 and float(torch.rand(())) < p
+
+    def uniform(a: float, b: float) -> float:
+        return a + (b - a) * float(torch.rand(()))
+
+    h, w = crop.shape[:2]
+    im = None
+    if chance(config.blur_prob):
+        im = Image.fromarray(crop).filter(ImageFilter.GaussianBlur(uniform(0.3, 1.5)))
+    if chance(config.resample_prob):
+        im = im or Image.fromarray(crop)
+        f = uniform(0.35, 0.85)
+        im = im.resize((max(8, round(w * f)), max(8, round(h * f))), Image.Resampling.BILINEAR).resize(
+            (w, h), Image.Resampling.BILINEAR)
+    if chance(config.jpeg_prob):
+        import io
+
+        im = im or Image.fromarray(crop)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(uniform(30, 90)))
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if im is not None:
+        crop = np.asarray(im, dtype=np.uint8)
+    if chance(config.bars_prob):
+        crop = crop.copy()
+        depth = max(1, round(uniform(0.05, 0.35) * h))
+        edge = int(torch.randint(0, 4, ()))
+        if edge == 0:
+            crop[:depth] = 0
+        elif edge == 1:
+            crop[-depth:] = 0
+        elif edge == 2:
+            crop[:, :depth] = 0
+        else:
+            crop[:, -depth:] = 0
+    return crop
+
+
+def batch_stain_jitter(x: torch.Tensor, *, hue: float = 0.0, gamma: float = 0.0, hed: float = 0.0,
+                       noise: float = 0.0) -> torch.Tensor:
+    """Another lab's stain and camera on a float batch in [0, 1] (N, 3, H, W), one draw per
+    image: hue rotation (± ``hue`` of the circle, in YIQ), gamma (exp(± ``gamma``)),
+    haematoxylin / eosin / DAB optical densities scaled (± ``hed``) and shifted (± ``hed``/10),
+    Gaussian noise (sd up to ``noise``)."""
+    n, dev = x.shape[0], x.device
+
+    def u(*shape):
+        return 2 * torch.rand(n, *shape, device=dev) - 1
+
+    if hed:
+        from skimage.color import hed_from_rgb, rgb_from_hed
+
+        to_hed = torch.as_tensor(hed_from_rgb, dtype=x.dtype, device=dev)
+        to_rgb = torch.as_tensor(rgb_from_hed, dtype=x.dtype, device=dev)
+        od = -torch.log(x.clamp_min(1 / 255)).permute(0, 2, 3, 1)  # (N, H, W, 3) optical density
+        stains = od @ to_hed
+        stains = stains * (1 + hed * u(1, 1, 3)) + 0.1 * hed * u(1, 1, 3)
+        x = torch.exp(-(stains @ to_rgb)).permute(0, 3, 1, 2)
+    if hue:
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=x.dtype, device=dev)
+        theta = torch.pi * 2 * hue * u()
+        c, s = torch.cos(theta), torch.sin(theta)
+        rot = torch.zeros(n, 3, 3, dtype=x.dtype, device=dev)
+        rot[:, 0, 0] = 1
+        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+        m = torch.linalg.inv(yiq) @ rot @ yiq  # (N, 3, 3)
+        x = torch.einsum("nij,njhw->nihw", m, x)
+    x = x.clamp(0, 1)
+    if gamma:
+        x = x.pow(torch.exp(gamma * u(1, 1, 1)))
+    if noise:
+        x = x + noise * torch.rand(n, 1, 1, 1, device=dev) * torch.randn_like(x)
+    return x.clamp_(0, 1)
 
 
 def batch_color_jitter(x: torch.Tensor, color: float, stain: float) -> torch.Tensor:
@@ -267,6 +357,22 @@ class CellDataModule(L.LightningDataModule):
         self.train, self.val = parts["train"], parts["val"]
         if len(self.train.targets) == 0 or len(self.val.targets) == 0:
             raise TrainDataError("no readable training or validation images")
+        if self.config.colour_norm != "none":
+            self.preprocess = replace(self.preprocess, colour=self.config.colour_norm,
+                                      colour_ref=self.colour_reference())
+
+    def colour_reference(self, max_images: int = 2000) -> list[float]:
+        """The canonical colour: median percentiles of (at most ``max_images``, a seeded draw of)
+        the training images' centre crops, as the bundle's preprocessing will see them."""
+        from hematoscope.models.preprocess import colour_reference
+
+        n = len(self.train.targets)
+        pick = np.sort(np.random.default_rng(self.config.seed).permutation(n)[:max_images])
+        if self.train.images is not None:
+            crops = self.eval_dataset("train").resized[pick]
+        else:
+            crops = np.stack([self.preprocess.resize_image(load_image(self.train.paths[i])) for i in pick])
+        return colour_reference(crops)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train.targets, minlength=len(self.labels))

@@ -12,7 +12,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from hematoscope.bundle.neural import ClassifierNet
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.train.config import TrainConfig
-from hematoscope.train.data import batch_color_jitter
+from hematoscope.train.data import batch_color_jitter, batch_stain_jitter
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,7 +49,7 @@ class CellClassifier(L.LightningModule):
 
     def __init__(self, net: ClassifierNet, config: TrainConfig, preprocess: Preprocess, class_counts: np.ndarray):
         super().__init__()
-        self.net, self.config = net, config
+        self.net, self.config, self.preprocess = net, config, preprocess
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
         weight = None
@@ -63,8 +63,13 @@ class CellClassifier(L.LightningModule):
     # --- data on the device ----------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        if x.dtype == torch.uint8:  # a training batch: augment colour, then normalise like Preprocess
-            x = batch_color_jitter(x.float() / 255.0, self.config.color_jitter, self.config.stain_jitter)
+        if x.dtype == torch.uint8:  # a training batch: augment colour, canonicalise and normalise like Preprocess
+            c = self.config
+            x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter)
+            x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise)
+            if self.preprocess.colour != "none":
+                canon = self.preprocess.canonicalise(x.permute(0, 2, 3, 1).cpu().numpy())
+                x = torch.from_numpy(canon).to(x.device).permute(0, 3, 1, 2)
             x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last), y
 

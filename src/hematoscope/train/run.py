@@ -108,13 +108,13 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     table, labels = prepare_split(config, run_dir, resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
     if not resume:
         _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
-    preprocess = eval_preprocess(config)
+    data = CellDataModule(table, labels, config, eval_preprocess(config))
+    data.setup("fit")
+    preprocess = data.preprocess  # with the colour reference of the training images
     bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
                                  weights=None if resume else config.weights, name=config.name or run_dir.name,
                                  dtype=config.weights_dtype, drop_rate=config.drop_rate)
     bundle.config.model["weights_source"] = config.weights
-    data = CellDataModule(table, labels, config, preprocess)
-    data.setup("fit")
     module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
 
     best_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=Path(BEST).stem, monitor="val_macro_f1",
