@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, user_errors
+from hematoscope.cli._common import console, err_console, user_errors
 
 data_app = typer.Typer(help="Datasets: list readers, quality check, splits, synthetic data.", no_args_is_help=True)
 
@@ -37,6 +37,9 @@ def split_cmd(
     group_by: Annotated[Optional[str], typer.Option("--group-by", help="Keep each group (e.g. 'patient') on one side.")] = None,
     reader: ReaderOpt = None,
     kfold: Annotated[Optional[int], typer.Option("--kfold", help="Make K folds (fold_0..fold_K-1) instead of train/val/test.")] = None,
+    exclude_outliers: Annotated[Optional[Path], typer.Option(
+        "--exclude-outliers", metavar="REPORT",
+        help="Leave out the images flagged in a `data check --outliers --json REPORT` report.")] = None,
 ) -> None:
     """Make a stratified, reproducible split file (with each file's sha256)."""
     from rich.table import Table
@@ -46,6 +49,16 @@ def split_cmd(
 
     with user_errors():
         table = read_dataset(path, reader=reader)
+        if exclude_outliers is not None:
+            from hematoscope.data.outliers import exclude, flagged_paths
+
+            flagged = flagged_paths(exclude_outliers)
+            table, dropped = exclude(table, flagged)
+            console().print(f"left out {dropped} of the {len(flagged)} images flagged in {exclude_outliers}",
+                            highlight=False)
+            if flagged and not dropped:
+                err_console().print(f"[yellow]warning:[/] none of the flagged images is in {path}: was the report "
+                                    "made for another dataset?")
         if kfold is not None:
             df = kfold_split(table, k=kfold, seed=seed, group_by=group_by)
         else:
@@ -69,13 +82,40 @@ def check_cmd(
     workers: Annotated[int, typer.Option(help="Processes for decoding and hashing.")] = 2,
     near: Annotated[int, typer.Option(help="Near-duplicate threshold: max differing bits of 64 (0 = off).")] = 4,
     limit: Annotated[int, typer.Option(help="Rows shown per problem table (the JSON has all).")] = 20,
+    outliers: Annotated[bool, typer.Option(
+        "--outliers", help="Also rank the images by how unlike blood-cell crops they are (a model's OOD score) "
+                           "and flag those past --outlier-cut.")] = False,
+    outlier_cut: Annotated[str, typer.Option(
+        "--outlier-cut", help="mad:K (K robust SDs above this dataset's median score), top:P (the P % highest), "
+                              "bundle (the model's own OOD threshold) or a score.")] = "mad:4",
+    outlier_model: Annotated[Optional[Path], typer.Option(
+        "--outlier-model", help="Bundle whose OOD score ranks the images (default: the shipped model).")] = None,
+    outlier_views: Annotated[int, typer.Option(
+        "--outlier-views", help="Test-time views for the OOD score (1 is fastest).")] = 1,
 ) -> None:
-    """Quality report: class counts, unreadable files, exact/near duplicates, sizes, imbalance."""
+    """Quality report: class counts, unreadable files, exact/near duplicates, sizes, imbalance;
+    with --outliers, images unlike blood-cell crops."""
     from hematoscope._io import write_json
     from hematoscope.data.quality import check_dataset
 
     with user_errors():
+        cut = None
+        if outliers:
+            from hematoscope.data.outliers import parse_cut
+
+            cut = parse_cut(outlier_cut)  # a malformed cut fails before the long check
         report = check_dataset(path, reader=reader, workers=workers, near_threshold=near)
+        if cut is not None:
+            from hematoscope.bundle import load_bundle
+            from hematoscope.data.outliers import screen_outliers
+            from hematoscope.data.readers import read_dataset
+            from hematoscope.models.default import default_bundle_path
+
+            bundle = load_bundle(outlier_model if outlier_model is not None else default_bundle_path())
+            table = read_dataset(path, reader=reader)
+            unreadable = {u["path"] for u in report.unreadable}
+            table = table[~table["path"].isin(unreadable)]
+            report.outliers = screen_outliers(table, bundle, cut=cut, views=outlier_views, workers=workers).to_dict()
     _print_report(report, path, limit)
     if json_out is not None:
         write_json(json_out, report.to_dict())
@@ -131,6 +171,17 @@ def _print_report(report, root: Path, limit: int) -> None:
             style = "[red]" if dup["cross_class"] else ""
             table.add_row((" = " if "paths" in dup else " ≈ ").join(short(f) for f in files), style + " / ".join(labels), kind)
         out.print(table)
+    if report.outliers is not None:
+        o = report.outliers
+        flagged = [r for r in o["ranked"] if r["flagged"]]
+        table = Table("file", "label", "score", title=(
+            f"outliers: {len(flagged)} of {o['n_scored']} images past the cut {o['cut']} (score > {o['threshold']:.3g}; "
+            f"{o['method']} of {o['model']}, {o['views']} view{'s' if o['views'] > 1 else ''})"))
+        for r in flagged[:limit]:
+            table.add_row(short(r["path"]), r["label"], f"{r['score']:.2f}")
+        out.print(table)
+        if len(flagged) > limit:
+            out.print(f"... and {len(flagged) - limit} more (--json writes them all, with every image's score)")
 
 
 @data_app.command("synthetic")

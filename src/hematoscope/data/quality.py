@@ -39,6 +39,8 @@ class QualityReport:
     sizes: dict[str, int]  # "WxH" → count, most common first
     imbalance_ratio: float | None  # largest / smallest class
     seconds: float = field(default=0.0)
+    #: The outlier screen (:meth:`hematoscope.data.outliers.OutlierReport.to_dict`), when asked for.
+    outliers: dict | None = field(default=None)
 
     @property
     def cross_class_duplicates(self) -> list[dict]:
@@ -63,6 +65,9 @@ class QualityReport:
             "imbalance_ratio": self.imbalance_ratio,
             "seconds": round(self.seconds, 2),
         }
+        if self.outliers is not None:
+            summary["outliers_flagged"] = self.outliers["n_flagged"]
+            summary["outlier_cut"] = self.outliers["cut"]
         return {"summary": summary, **asdict(self)}
 
 
