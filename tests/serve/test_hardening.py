@@ -264,3 +264,31 @@ def test_health_tells_the_count_only_with_the_token(make_client, sample_files):
     body = c.get("/api/health").json()
     assert body["status"] == "ok" and body["analyses"] is None
     assert c.get("/api/health", headers={"Authorization": "Bearer s3cret"}).json()["analyses"] == 0
+
+
+# --- the command line ----------------------------------------------------------------------
+def test_serve_options_and_environment(tiny_neural_bundle, tmp_path, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from hematoscope.cli.main import app
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kw: started.update(app=application, **kw))
+    monkeypatch.setenv("HEMATOSCOPE_MAX_REQUEST_MEGAPIXELS", "5")
+    monkeypatch.setenv("HEMATOSCOPE_MAX_UPLOAD_MB", "3")
+    res = CliRunner().invoke(app, ["serve", "-m", str(tiny_neural_bundle), "--db", str(tmp_path / "h.db"),
+                                   "--host", "0.0.0.0", "--token", "t", "--allowed-host", "cells.lab.example",
+                                   "--allowed-origin", "https://portal.lab.example", "--retention-days", "30"])
+    assert res.exit_code == 0, res.output
+    s = started["app"].state.settings
+    assert s.trusted_hosts() == ["localhost", "127.0.0.1", "[::1]", "cells.lab.example"]
+    assert s.allowed_origins == ["https://portal.lab.example"] and s.retention_days == 30
+    assert s.max_request_megapixels == 5 and s.max_upload_mb == 3  # from the environment
+    assert "only local host names" not in res.output
+    res = CliRunner().invoke(app, ["serve", "-m", str(tiny_neural_bundle), "--db", str(tmp_path / "h.db"),
+                                   "--host", "0.0.0.0", "--token", "t"])
+    assert res.exit_code == 0 and "only local host names" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["serve", "-m", str(tiny_neural_bundle), "--db", str(tmp_path / "h.db"),
+                                   "--allowed-origin", "https://x.example/path"])
+    assert res.exit_code == 2 and "allowed origin" in " ".join(res.output.split())

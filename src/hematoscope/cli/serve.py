@@ -20,13 +20,14 @@ def serve(
         help="Require 'Authorization: Bearer TOKEN' on the API (health excepted).")] = None,
     db: Annotated[Optional[Path], typer.Option(
         help="SQLite history file. Default: history.sqlite3 in the user data directory.")] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 64.0,
-    max_request_megapixels: Annotated[float, typer.Option(
-        help="Most decoded pixels in one request, all images together (413 above it).")] = 500.0,
-    max_decoded_megapixels: Annotated[float, typer.Option(
-        help="Most decoded pixels the server holds at once over all requests (memory bound, ~3-7 bytes "
-             "per pixel).")] = 200.0,
-    workers: Annotated[int, typer.Option(help="Inference worker threads.")] = 2,
+    max_upload_mb: Annotated[float, typer.Option(envvar="HEMATOSCOPE_MAX_UPLOAD_MB",
+                                                 help="Largest accepted upload, in MB.")] = 64.0,
+    max_request_megapixels: Annotated[Optional[float], typer.Option(
+        help="Most decoded pixels in one request, all images together; 413 above it. [default: 500]")] = None,
+    max_decoded_megapixels: Annotated[Optional[float], typer.Option(
+        help="Most decoded pixels the server holds at once over all requests (bounds memory: ~3-7 bytes per "
+             "pixel). [default: 200]")] = None,
+    workers: Annotated[int, typer.Option(envvar="HEMATOSCOPE_WORKERS", help="Inference worker threads.")] = 2,
     allowed_host: Annotated[Optional[list[str]], typer.Option(
         "--allowed-host", help="Host name clients use to reach the server, besides localhost and the --host "
                                "address; repeat for several ('*.lab.example' for subdomains, '*' for any).")] = None,
@@ -34,7 +35,7 @@ def serve(
         "--allowed-origin", help="Another site (https://host[:port]) whose pages may send uploads and "
                                  "corrections; the server's own pages always may.")] = None,
     retention_days: Annotated[Optional[float], typer.Option(
-        "--retention-days", help="Delete analyses older than this many days (default: keep until deleted).")] = None,
+        "--retention-days", help="Delete analyses older than this many days. [default: keep until deleted]")] = None,
 ) -> None:
     """Serve the web page (at /) and the REST API (docs at /docs) for classifying cell images.
 
@@ -47,11 +48,11 @@ def serve(
         from hematoscope.serve.app import create_app
         from hematoscope.serve.config import LOCAL_HOSTS, WILDCARD_ADDRESSES, Settings
 
-        settings = Settings(models=model or [], host=host, port=port, token=token, db=db,
-                            max_upload_mb=max_upload_mb, max_request_megapixels=max_request_megapixels,
-                            max_decoded_megapixels=max_decoded_megapixels, workers=workers,
-                            allowed_hosts=allowed_host or [], allowed_origins=allowed_origin or [],
-                            retention_days=retention_days)
+        # Options left out fall back to HEMATOSCOPE_* environment variables, then to the defaults.
+        optional = {"max_request_megapixels": max_request_megapixels, "max_decoded_megapixels": max_decoded_megapixels,
+                    "allowed_hosts": allowed_host, "allowed_origins": allowed_origin, "retention_days": retention_days}
+        settings = Settings(models=model or [], host=host, port=port, token=token, db=db, max_upload_mb=max_upload_mb,
+                            workers=workers, **{k: v for k, v in optional.items() if v is not None})
         app = create_app(settings)
     if host not in ("127.0.0.1", "localhost", "::1") and settings.token_value() is None:
         err_console().print("[yellow]warning:[/] listening beyond this machine without --token: anyone who can "
