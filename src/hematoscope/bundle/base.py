@@ -67,6 +67,9 @@ class BundleConfig(BaseModel):
     tta: int = 1
     #: Out-of-distribution scorer: {"method": ..., "threshold": ..., ...}; None = not fitted.
     ood: dict[str, Any] | None = None
+    #: Set by :func:`hematoscope.bundle.adapt.adapt_bundle`: the lab's images it was adapted on
+    #: (name, count, content hash) and what changed; None = as trained.
+    adaptation: dict[str, Any] | None = None
     #: How it was trained: recipe, data sources and fingerprint, split, seed, time.
     training: dict[str, Any] = Field(default_factory=dict)
     intended_use: str = INTENDED_USE
@@ -151,6 +154,24 @@ class Bundle(ABC):
     @abstractmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "Bundle":
         """Rebuild the bundle from ``config`` and the weight files in ``directory``."""
+
+    def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64) -> dict:
+        """Re-estimate the model's normalisation statistics on a new lab's images, in place;
+        returns what changed (JSON-able). Kinds without such statistics change nothing."""
+        return {}
+
+    def adapt(self, images: Iterable, *, source: str = "unnamed images", name: str | None = None,
+              target_tpr: float = 0.95) -> "Bundle":
+        """A copy of this bundle adapted to a new lab from its unlabelled cell crops (paths,
+        bytes or arrays): normalisation statistics and the OOD reference and threshold are
+        refitted, nothing else. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
+
+        Raises:
+            BundleError: too few readable images.
+        """
+        from hematoscope.bundle.adapt import adapt_bundle
+
+        return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr)[0]
 
     # --- common behaviour ----------------------------------------------------------------
     @property

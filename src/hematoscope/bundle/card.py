@@ -12,6 +12,23 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _adaptation_lines(a: dict | None) -> list[str]:
+    if not a:
+        return []
+    return [
+        "## Adapted to a new lab",
+        f"Adapted from `{a.get('adapted_from')}` on {a.get('date')} to {a.get('images')} unlabelled images of "
+        f"'{a.get('source')}' (content sha256 {a.get('images_sha256')}; {a.get('skipped', 0)} unreadable skipped).",
+        f"- changed: {(a.get('statistics') or {}).get('method', 'no normalisation statistics')}; the out-of-distribution "
+        "reference and threshold were refitted on these images. Weights, labels, preprocessing, temperature and "
+        "abstain rule are as trained.",
+        f"- share of these images accepted as like the training data before adapting: {a.get('accepted_before')}",
+        f"- answered with confidence after adapting: {a.get('answered_confidently')}",
+        "- the metrics below were measured before adaptation, on the source lab's images.",
+        "",
+    ]
+
+
 def model_card(bundle: "Bundle") -> str:
     c = bundle.config
     m = bundle.metrics
@@ -32,6 +49,8 @@ def model_card(bundle: "Bundle") -> str:
         "## Input",
         f"RGB image, any size → {bundle.preprocess.size} px ({bundle.preprocess.resize}, "
         f"{bundle.preprocess.interpolation}), mean {list(bundle.preprocess.mean)}, std {list(bundle.preprocess.std)}.",
+        *([f"Colour canonicalisation: {bundle.preprocess.colour} (each channel's 1st/99th percentiles mapped onto "
+           f"{list(bundle.preprocess.colour_ref)})."] if bundle.preprocess.colour != "none" else []),
         "",
         "## Model",
         *[f"- {k}: {_fmt(v)}" for k, v in c.model.items()],
@@ -40,6 +59,7 @@ def model_card(bundle: "Bundle") -> str:
         *[f"- {k}: {_fmt(v)}" for k, v in c.training.items() if not isinstance(v, (dict, list))],
         *([f"- data sources: {', '.join(c.data_sources)}"] if c.data_sources else []),
         "",
+        *_adaptation_lines(c.adaptation),
         "## Trust",
         f"- temperature: {c.temperature:.4f}",
         f"- abstain below calibrated confidence: {c.abstain_threshold:.3f}",

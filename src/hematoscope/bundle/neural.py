@@ -189,6 +189,20 @@ class NeuralBundle(Bundle):
         logits = average([o[0] for o in outs])
         return ModelOutput(logits, None if outs[0][1] is None else average([o[1] for o in outs]))
 
+    def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64) -> dict:
+        """AdaBN: every BatchNorm layer's running mean and variance re-estimated (cumulative
+        average over batches) on ``images``; weights untouched. An exported ``model.onnx`` no
+        longer matches, so inference falls back to torch until the bundle is exported again."""
+        import torch
+
+        from hematoscope.bundle.neural_torch import adapt_batchnorm
+
+        layers = adapt_batchnorm(self.net, (torch.from_numpy(self.preprocess(images[i:i + batch_size]))
+                                            for i in range(0, len(images), batch_size)))
+        self.directory, self._runner = None, None
+        self.config.model.pop("onnx", None)
+        return {"method": "AdaBN (BatchNorm running mean/variance re-estimated)", "batchnorm_layers": layers}
+
     # --- persistence -------------------------------------------------------------------
     def _save_weights(self, directory: Path) -> None:
         from safetensors.torch import save_file

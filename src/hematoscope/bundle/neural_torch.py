@@ -37,3 +37,25 @@ class TorchRunner:
             t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
             logits, features = self.net(t)
         return logits.float().numpy(), features.float().numpy()
+
+
+def adapt_batchnorm(net: nn.Module, batches) -> int:
+    """Reset and re-estimate the running statistics of every BatchNorm layer of ``net`` from
+    ``batches`` (preprocessed float tensors), as an equal-weight average over batches; nothing
+    else changes. Returns the number of BatchNorm layers."""
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in layers]
+    net.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                net(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        net.eval()
+    return len(layers)

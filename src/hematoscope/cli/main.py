@@ -14,7 +14,7 @@ import typer
 from hematoscope import __version__
 
 #: Command modules, in help order. Each defines ``register(app: typer.Typer) -> None``.
-COMMAND_MODULES = ["demo", "data", "train", "evaluate", "predict", "features", "fewshot", "classical",
+COMMAND_MODULES = ["demo", "data", "train", "adapt", "evaluate", "predict", "features", "fewshot", "classical",
                    "trust", "export", "serve"]
 
 app = typer.Typer(

@@ -1,0 +1,195 @@
+"""Adapt a bundle to a new lab from that lab's unlabelled cell crops.
+
+Two things change, nothing else (labels, weights, preprocessing, temperature and abstain rule
+stay as trained):
+
+1. the model's normalisation statistics, where the kind has them (a neural bundle
+   re-estimates every BatchNorm layer's running mean and variance on the new lab's images:
+   AdaBN, Li et al. 2017), through the kind's :meth:`Bundle._adapt_statistics` hook;
+2. the out-of-distribution reference and threshold: the scorer is refitted on the adapted
+   model's outputs for four fifths of the images and its threshold set so that ``target_tpr``
+   of the held-out fifth is accepted. "Unlike training data" then means unlike *this lab's*
+   cells.
+
+The adapted bundle records what it was adapted on (name, image count, content hash) in
+``config.adaptation`` and its model card.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from hematoscope.bundle.base import BundleError, ModelOutput, load_bundle
+from hematoscope.bundle.prediction import SkippedFile
+
+if TYPE_CHECKING:
+    from hematoscope.bundle.base import Bundle
+
+#: Fewer images than this give BatchNorm statistics and an OOD threshold too noisy to trust.
+MIN_IMAGES = 50
+
+
+@dataclass
+class AdaptReport:
+    """What :func:`adapt_bundle` did: images used and skipped, and what changed."""
+
+    images: int
+    sha256: str
+    skipped: list[SkippedFile] = field(default_factory=list)
+    statistics: dict = field(default_factory=dict)
+    ood_threshold_before: float | None = None
+    ood_threshold_after: float | None = None
+    accepted_before: float | None = None
+    accepted_after: float | None = None
+    seconds: float = 0.0
+
+
+def _content_hash(digests: Iterable[str]) -> str:
+    """One sha256 over the sorted per-image digests: the same set of images gives the same hash
+    whatever their order or file names."""
+    h = hashlib.sha256()
+    for d in sorted(digests):
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+def decode_images(items: Iterable) -> tuple[list[np.ndarray], list[str], list[SkippedFile]]:
+    """Decode paths, encoded bytes, ``(name, bytes)`` pairs or RGB uint8 arrays; a
+    :class:`SkippedFile` among them is passed through to the skipped list.
+
+    Returns:
+        (arrays, per-image sha256 of the file bytes or array, skipped).
+    """
+    from hematoscope.data.images import ImageError, load_image
+
+    arrays, digests, skipped = [], [], []
+    for i, item in enumerate(items):
+        if isinstance(item, SkippedFile):
+            skipped.append(item)
+            continue
+        if isinstance(item, np.ndarray):
+            arrays.append(item)
+            digests.append(hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest())
+            continue
+        if isinstance(item, tuple):
+            name, data = item
+        elif isinstance(item, (bytes, bytearray)):
+            name, data = f"image_{i}", bytes(item)
+        else:
+            name = str(item)
+            try:
+                data = Path(item).read_bytes()
+            except OSError as exc:
+                skipped.append(SkippedFile(name, f"cannot read ({exc.strerror or exc})"))
+                continue
+        try:
+            arrays.append(load_image(data))
+        except ImageError as exc:
+            skipped.append(SkippedFile(name, exc.reason))
+            continue
+        digests.append(hashlib.sha256(data).hexdigest())
+    return arrays, digests, skipped
+
+
+def _outputs(bundle: "Bundle", images: list[np.ndarray], batch_size: int) -> ModelOutput:
+    outs = [bundle.forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    features = None if outs[0].features is None else np.concatenate([o.features for o in outs])
+    return ModelOutput(np.concatenate([o.logits for o in outs]), features)
+
+
+def _copy(bundle: "Bundle") -> "Bundle":
+    """An independent copy of ``bundle`` (saved and loaded back, so every kind works)."""
+    with tempfile.TemporaryDirectory(prefix="hematoscope-adapt-") as tmp:
+        copy = load_bundle(bundle.save(Path(tmp) / "bundle.zip"))
+    copy.config.tta = bundle.config.tta
+    return copy
+
+
+def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed images", name: str | None = None,
+                 target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0) -> tuple["Bundle", AdaptReport]:
+    """A copy of ``bundle`` adapted to the lab that took ``images`` (unlabelled cell crops).
+
+    Args:
+        bundle: any bundle kind; kinds without normalisation statistics only refit the OOD part.
+        images: paths, encoded bytes, ``(name, bytes)`` pairs or RGB uint8 arrays (see
+            :func:`decode_images`). Unreadable ones are skipped and reported.
+        source: what the images are, recorded in the bundle (e.g. the folder's name).
+        name: the adapted bundle's name (default: ``<name>-adapted``).
+        target_tpr: share of the new lab's held-out crops the OOD flag accepts.
+        batch_size: images per forward pass.
+        seed: seed of the held-out fifth.
+
+    Returns:
+        (adapted bundle, report). The input bundle is not changed.
+
+    Raises:
+        BundleError: fewer than :data:`MIN_IMAGES` readable images.
+    """
+    import time
+
+    start = time.perf_counter()
+    if not 0 < target_tpr < 1:
+        raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
+    arrays, digests, skipped = decode_images(images)
+    if len(arrays) < MIN_IMAGES:
+        raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
+                          f"{len(arrays)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+    report = AdaptReport(images=len(arrays), sha256=_content_hash(digests), skipped=skipped)
+
+    adapted = _copy(bundle)
+    before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
+    report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size)
+    after = _outputs(adapted, arrays, batch_size)
+
+    held = np.zeros(len(arrays), bool)
+    held[np.random.default_rng(seed).choice(len(arrays), max(10, len(arrays) // 5), replace=False)] = True
+    if bundle.config.ood is not None:
+        from hematoscope.trust.scorers import get_scorer
+
+        threshold = float(bundle.config.ood["threshold"])
+        report.ood_threshold_before = threshold
+        report.accepted_before = float(np.mean(bundle.ood.score(features=before.features, logits=before.logits)
+                                               <= threshold))
+        method = bundle.config.ood["method"]
+        cls = get_scorer(method)
+        temperature = bundle.config.temperature
+        scorer = cls(temperature=temperature) if method == "max_softmax" else cls()
+        fit = ~held
+        scorer.fit(None if after.features is None else after.features[fit], after.logits[fit].argmax(1),
+                   after.logits[fit])
+        scores = scorer.score(features=None if after.features is None else after.features[held],
+                              logits=after.logits[held])
+        scorer.threshold = float(np.quantile(scores, target_tpr))
+        scorer.target_tpr = float(target_tpr)
+        adapted.ood = scorer
+        adapted.config.ood = scorer.config()
+        report.ood_threshold_after = scorer.threshold
+        report.accepted_after = float(np.mean(scores <= scorer.threshold))
+
+    probs = adapted.calibrated_probs(after.logits)
+    report.seconds = round(time.perf_counter() - start, 1)
+    adapted.config.name = name or f"{bundle.name}-adapted"
+    adapted.config.adaptation = {
+        "adapted_from": bundle.name,
+        "source": source,
+        "images": report.images,
+        "images_sha256": report.sha256,
+        "skipped": len(skipped),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "statistics": report.statistics,
+        "ood_threshold_before": report.ood_threshold_before,
+        "ood_threshold_after": report.ood_threshold_after,
+        "held_out_accepted_after": report.accepted_after,
+        "accepted_before": report.accepted_before,
+        "answered_confidently": float(np.mean(probs.max(1) >= adapted.config.abstain_threshold)),
+        "predicted_share": {lab: round(float(v), 4) for lab, v in
+                            zip(adapted.labels, np.bincount(probs.argmax(1), minlength=len(adapted.labels))
+                                / len(probs))},
+    }
+    return adapted, report

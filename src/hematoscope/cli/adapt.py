@@ -1,0 +1,75 @@
+"""``hematoscope adapt``: adapt a model to a new lab from that lab's unlabelled cell crops."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hematoscope.cli._common import console, err_console, user_errors
+
+
+def adapt(
+    bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", show_default=False,
+                                                help="Model bundle to adapt (directory, .zip, or 'default').")],
+    paths: Annotated[list[str], typer.Argument(metavar="IMAGES", show_default=False,
+                                               help="The new lab's cell crops: files, folders, globs or zips "
+                                                    "(a few hundred, no labels needed).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the adapted bundle (directory or "
+                                      ".zip).")],
+    name: Annotated[Optional[str], typer.Option(help="Name of the adapted bundle (default: <name>-adapted).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="What the images are, recorded in the bundle "
+                                                  "(default: the first IMAGES argument's name).")] = None,
+    target_tpr: Annotated[float, typer.Option("--accept", min=0.5, max=0.999,
+                                              help="Share of the lab's own cells the out-of-distribution flag "
+                                                   "accepts.")] = 0.95,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the adapted model to ONNX when the "
+                                       "original had model.onnx.")] = True,
+) -> None:
+    """Adapt BUNDLE to the lab that took IMAGES: re-estimate its normalisation (BatchNorm)
+    statistics and refit its out-of-distribution reference and threshold on those crops.
+
+    Weights, labels, preprocessing, temperature and abstain rule stay as trained. The new bundle
+    records what it was adapted on (name, count, content hash). Unreadable images are listed and skipped.
+    """
+    with user_errors():
+        from hematoscope.bundle import load_bundle
+        from hematoscope.bundle.adapt import adapt_bundle
+        from hematoscope.models.default import default_bundle_path
+        from hematoscope.predict.report import skipped_table
+        from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
+
+        original = load_bundle(default_bundle_path() if str(bundle_path) == "default" else bundle_path)
+        archives = ArchiveReader()
+
+        def items():
+            for item in expand_paths(paths):
+                if isinstance(item, ImageSource) and item.member is not None:
+                    yield item.name, archives.read(item)
+                elif isinstance(item, ImageSource):
+                    yield item.path
+                else:
+                    yield item
+
+        label = source or Path(paths[0].rstrip("/")).name
+        adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr)
+        had_onnx = "onnx" in original.config.model
+        saved = adapted.save(out)
+        if onnx and had_onnx and out.suffix.lower() != ".zip":
+            from hematoscope.export.onnx import export_onnx
+
+            export_onnx(load_bundle(saved))
+    if report.skipped:
+        err_console().print(skipped_table(report.skipped, limit=50))
+    c = console()
+    a = adapted.config.adaptation
+    c.print(f"adapted [bold]{original.name}[/] → [bold]{adapted.name}[/] on {report.images} images of "
+            f"{label!r} in {report.seconds:.0f} s ({len(report.skipped)} unreadable skipped)", highlight=False)
+    if report.accepted_before is not None:
+        c.print(f"share of these cells accepted as like the training data: {report.accepted_before:.1%} before, "
+                f"{report.accepted_after:.1%} of held-out ones after", highlight=False)
+    c.print(f"answered with confidence: {a['answered_confidently']:.1%}; bundle: {saved}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("adapt")(adapt)

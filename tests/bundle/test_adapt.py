@@ -1,0 +1,120 @@
+"""adapt: a bundle re-fitted to a new lab's unlabelled crops (BatchNorm statistics + OOD), nothing else."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hematoscope import load_bundle
+from hematoscope.bundle.adapt import MIN_IMAGES, adapt_bundle
+from hematoscope.bundle.base import BundleError, ModelOutput
+from hematoscope.data.images import load_image
+
+
+def other_lab(images: list[np.ndarray]) -> list[np.ndarray]:
+    """The same cells as another lab's camera and stain would show them: bluer, darker, flatter."""
+    return [np.clip(im.astype(np.float32) * [0.7, 0.8, 1.05] + [0, 10, 25], 0, 255).astype(np.uint8) for im in images]
+
+
+@pytest.fixture(scope="module")
+def trusted_bundle(tiny_neural_bundle, synthetic_root, tmp_path_factory):
+    """The tiny bundle with temperature and a knn_energy OOD scorer fitted on synthetic cells."""
+    from hematoscope.trust.fit import fit_trust
+
+    bundle = load_bundle(tiny_neural_bundle)
+    paths = sorted(synthetic_root.rglob("*.png"))
+    labels = [bundle.labels.index({"ig": "immature_granulocyte"}.get(p.parent.name, p.parent.name)) for p in paths]
+    out = bundle.forward([load_image(p) for p in paths])
+    idx = np.arange(len(paths))
+    tr, va = idx % 3 != 0, idx % 3 == 0
+    fit_trust(bundle, train=(ModelOutput(out.logits[tr], out.features[tr]), np.array(labels)[tr]),
+              val=(ModelOutput(out.logits[va], out.features[va]), np.array(labels)[va]))
+    return load_bundle(bundle.save(tmp_path_factory.mktemp("trusted") / "bundle"))
+
+
+@pytest.fixture(scope="module")
+def lab_images(synthetic_root):
+    return other_lab([load_image(p) for p in sorted(synthetic_root.rglob("*.png"))])
+
+
+def _bn_keys(state) -> set[str]:
+    return {k for k in state if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_adapt_changes_batchnorm_statistics_and_ood_and_nothing_else(trusted_bundle, lab_images):
+    adapted, report = adapt_bundle(trusted_bundle, lab_images, source="lab-x")
+    before, after = trusted_bundle.net.model.state_dict(), adapted.net.model.state_dict()
+    bn = _bn_keys(before)
+    assert bn and set(before) == set(after)
+    for k in set(before) - bn:
+        assert np.array_equal(before[k].numpy(), after[k].numpy()), k
+    changed = [k for k in bn if k.endswith("running_mean") and not np.allclose(before[k].numpy(), after[k].numpy())]
+    assert len(changed) == len([k for k in bn if k.endswith("running_mean")])
+    a, b = adapted.config, trusted_bundle.config
+    assert (a.labels, a.preprocess, a.temperature, a.abstain_threshold, a.tta) == \
+           (b.labels, b.preprocess, b.temperature, b.abstain_threshold, b.tta)
+    assert a.ood["method"] == b.ood["method"] and a.ood["threshold"] != b.ood["threshold"]
+    assert a.adaptation["images"] == len(lab_images) == report.images
+    assert a.adaptation["source"] == "lab-x" and len(a.adaptation["images_sha256"]) == 64
+    assert a.adaptation["statistics"]["batchnorm_layers"] > 10
+    assert 0.85 <= report.accepted_after <= 1.0
+    assert trusted_bundle.config.adaptation is None  # the original is untouched
+
+
+def test_adapted_bundle_round_trips_and_card_says_so(trusted_bundle, lab_images, tmp_path):
+    adapted = trusted_bundle.adapt(lab_images, source="lab-x")
+    path = adapted.save(tmp_path / "adapted")
+    loaded = load_bundle(path)
+    p1, p2 = adapted.predict(lab_images[:12]), loaded.predict(lab_images[:12])
+    np.testing.assert_allclose(p1.probs, p2.probs, atol=1e-4)
+    np.testing.assert_allclose(p1.ood_score, p2.ood_score, atol=1e-3)
+    assert loaded.config.adaptation == adapted.config.adaptation
+    card = (path / "README.md").read_text()
+    assert "Adapted to a new lab" in card and "lab-x" in card and adapted.config.adaptation["images_sha256"] in card
+
+
+def test_content_hash_ignores_order_and_names(trusted_bundle, lab_images):
+    _, r1 = adapt_bundle(trusted_bundle, lab_images)
+    _, r2 = adapt_bundle(trusted_bundle, lab_images[::-1])
+    assert r1.sha256 == r2.sha256
+
+
+def test_too_few_images_are_refused_with_a_clear_message(trusted_bundle, lab_images):
+    with pytest.raises(BundleError, match=f"at least {MIN_IMAGES} readable"):
+        adapt_bundle(trusted_bundle, lab_images[:MIN_IMAGES - 1])
+
+
+def test_unreadable_files_are_reported_and_skipped(trusted_bundle, synthetic_root, tmp_path):
+    paths = sorted(synthetic_root.rglob("*.png"))[:MIN_IMAGES + 5]
+    (tmp_path / "truncated.jpg").write_bytes(paths[0].read_bytes()[:50])
+    (tmp_path / "empty.png").write_bytes(b"")
+    _, report = adapt_bundle(trusted_bundle, [*paths, tmp_path / "truncated.jpg", tmp_path / "empty.png"])
+    assert report.images == len(paths)
+    assert sorted(s.reason for s in report.skipped) == ["empty file", "truncated file"] or \
+        {s.source.split("/")[-1] for s in report.skipped} == {"truncated.jpg", "empty.png"}
+
+
+def test_cli_adapt_writes_a_bundle_the_predict_command_uses(trusted_bundle, synthetic_root, tmp_path):
+    from hematoscope.cli.main import app
+
+    (tmp_path / "lab").mkdir()
+    for i, p in enumerate(sorted(synthetic_root.rglob("*.png"))[:60]):
+        (tmp_path / "lab" / f"{i}.png").write_bytes(p.read_bytes())
+    (tmp_path / "lab" / "broken.jpg").write_bytes(b"not an image")
+    runner = CliRunner()
+    res = runner.invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "lab"), "--out", str(tmp_path / "ad")])
+    assert res.exit_code == 0, res.output
+    assert "60 images" in res.output and "broken.jpg" in res.output
+    adapted = load_bundle(tmp_path / "ad")
+    assert adapted.config.adaptation["source"] == "lab" and adapted.name == "tiny-test-adapted"
+    res = runner.invoke(app, ["predict", str(tmp_path / "lab"), "--model", str(tmp_path / "ad")])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_adapt_refuses_a_folder_without_enough_images(trusted_bundle, tmp_path):
+    from hematoscope.cli.main import app
+
+    (tmp_path / "few").mkdir()
+    res = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "few"), "--out",
+                                   str(tmp_path / "x")])
+    assert res.exit_code == 2 and "at least" in res.output and not (tmp_path / "x").exists()
