@@ -156,7 +156,8 @@ def run_once(seed: int, n_real: int, cut: str, views: int) -> dict:
         "auroc_real_vs_planted": round(auroc(real_scores, planted), 4),
         "auroc_by_kind": {k: round(auroc(real_scores, v), 4) for k, v in by_kind.items() if len(v)},
         "scores_summary_all": report.scores_summary,
-        "highest_real": [{"file": Path(p).parent.name + "/" + Path(p).name, "score": round(s, 3)} for s, p in worst_real],
+        "highest_real": [{"file": f"{Path(p).parent.name}/{Path(p).name}", "score": round(s, 3)}
+                         for s, p in worst_real],
         "lowest_planted": [{"kind": k, "score": round(s, 3)} for s, k in lowest_planted],
         "unscored": len(report.unscored),
         "model": {"name": bundle.name, "ood_method": bundle.config.ood.get("method"), "views": report.views},
@@ -191,12 +192,12 @@ def main() -> None:
         "planted": {"counts": PLANT,
                     "how": "ood_sets (noise, flat, text, stripes, fractal) at 360 px; photo / medical_offtopic: random "
                            "crops of scikit-image's sample images (photos: " + ", ".join(PHOTOS) + "; medical: "
-                           + ", ".join(MEDICAL) + "), 128-360 px; flat / stripes / text saved as PNG, the rest as JPEG like PBC; "
-                           "spread over the class folders"},
+                           + ", ".join(MEDICAL) + "), 128-360 px; flat / stripes / text saved as PNG, the rest "
+                           "as JPEG like PBC; spread over the class folders"},
         "cut": cut,
         "cut_choice": "the default mad:4 was chosen by looking at the seed-0 draw (mad:3.5-4 separate there, mad:5 "
-                      "misses off-topic medical crops); the seed-1 draw is a fresh random subset (it may share some real "
-                      "images with seed 0) and fresh planted images",
+                      "misses off-topic medical crops); the seed-1 draw is a fresh random subset (it may share "
+                      "some real images with seed 0) and fresh planted images",
         "planted_flagged_min_over_draws": planted_min,
         "real_flagged_max_over_draws": real_max,
         "target": {"planted_flagged_min": 0.95, "real_flagged_max": 0.01,

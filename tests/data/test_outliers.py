@@ -126,7 +126,8 @@ def test_clear_errors(checked, tmp_path, tiny_neural_bundle):
     root, _, _, _ = checked
     res = CliRunner().invoke(app, ["data", "check", str(root), "--outliers", "--outlier-cut", "mad:-1"])
     assert res.exit_code == 2 and "mad:K" in " ".join(res.output.split())
-    res = CliRunner().invoke(app, ["data", "check", str(root), "--outliers", "--outlier-model", str(tiny_neural_bundle)])
+    res = CliRunner().invoke(app, ["data", "check", str(root), "--outliers",
+                                   "--outlier-model", str(tiny_neural_bundle)])
     assert res.exit_code == 2 and "no out-of-distribution score" in " ".join(res.output.split())
     plain = tmp_path / "plain.json"
     assert CliRunner().invoke(app, ["data", "check", str(root), "--json", str(plain)]).exit_code == 0

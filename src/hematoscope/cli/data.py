@@ -174,9 +174,10 @@ def _print_report(report, root: Path, limit: int) -> None:
     if report.outliers is not None:
         o = report.outliers
         flagged = [r for r in o["ranked"] if r["flagged"]]
+        views = f"{o['views']} view{'s' if o['views'] > 1 else ''}"
         table = Table("file", "label", "score", title=(
-            f"outliers: {len(flagged)} of {o['n_scored']} images past the cut {o['cut']} (score > {o['threshold']:.3g}; "
-            f"{o['method']} of {o['model']}, {o['views']} view{'s' if o['views'] > 1 else ''})"))
+            f"outliers: {len(flagged)} of {o['n_scored']} images past the cut {o['cut']} "
+            f"(score > {o['threshold']:.3g}; {o['method']} of {o['model']}, {views})"))
         for r in flagged[:limit]:
             table.add_row(short(r["path"]), r["label"], f"{r['score']:.2f}")
         out.print(table)

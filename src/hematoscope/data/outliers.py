@@ -206,7 +206,8 @@ def screen_outliers(
     ranked = [{"path": scored[i], "label": label_of[scored[i]], "score": round(float(scores[i]), 6),
                "flagged": bool(scores[i] > threshold)} for i in order]
     nan = float("nan")
-    center, spread = robust_center_spread(scores, cut.value if cut.kind == "mad" else 4.0) if len(scores) else (nan, nan)
+    k = cut.value if cut.kind == "mad" else 4.0
+    center, spread = robust_center_spread(scores, k) if len(scores) else (nan, nan)
     summary = {
         "median": float(np.median(scores)) if len(scores) else nan,
         "bulk_median": center,

@@ -35,6 +35,8 @@ async def predict(
     of them can be read.
     """
     served = pick_model(models, model)
+    # Each of the `workers` concurrent analyses may hold its share of the server's decode budget.
+    batch_pixels = max(settings.max_image_pixels, settings.max_decoded_pixels // settings.workers)
     raw = [(f.filename or f"upload_{i}", await f.read()) for i, f in enumerate(files)]
 
     def classify():
@@ -42,8 +44,7 @@ async def predict(
                                  max_unpacked_bytes=8 * settings.max_upload_bytes)
         return run_analysis(served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
                             explain_max=settings.gradcam_max, max_request_pixels=settings.max_request_pixels,
-                            budget=request.app.state.pixel_budget,
-                            batch_pixels=max(settings.max_image_pixels, settings.max_decoded_pixels // settings.workers))
+                            budget=request.app.state.pixel_budget, batch_pixels=batch_pixels)
 
     def save(items, differential):
         analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items)
