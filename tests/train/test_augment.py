@@ -44,7 +44,7 @@ def test_black_bar_is_black_and_on_one_edge(cells):
     assert sum(int((e == 0).all()) for e in edges) >= 1
 
 
-@pytest.mark.parametrize("kw", [dict(hue=0.1), dict(gamma=0.3), dict(hed=0.1), dict(noise=0.05),
+@pytest.mark.parametrize("kw", [dict(hue=0.1), dict(gamma=0.3), dict(hed=0.1), dict(noise=0.05), dict(grey=0.5),
                                 dict(hue=0.1, gamma=0.3, hed=0.1, noise=0.05)])
 def test_batch_stain_jitter_keeps_range_and_is_seeded(cells, kw):
     x = torch.from_numpy(cells).permute(0, 3, 1, 2).float() / 255

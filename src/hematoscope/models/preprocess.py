@@ -140,13 +140,14 @@ PERCENTILES = (1.0, 99.0)
 
 def colour_percentiles(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-image, per-channel 1st / 99th percentiles of a float batch (N, H, W, 3) in [0, 1],
-    over the pixels that are not near-black (all pixels when fewer than 1 % are left).
+    over the pixels (of a 2x2 subgrid) that are not near-black (all of them when fewer than
+    1 % are left).
 
     Returns:
         (lo, hi), each (N, 3) float32.
     """
     n = x.shape[0]
-    flat = x.reshape(n, -1, 3)
+    flat = x[:, ::2, ::2].reshape(n, -1, 3)  # every other row and column: 4x faster, same percentiles ± noise
     keep = flat.max(axis=2) >= DARK
     lo, hi = np.empty((n, 3), np.float32), np.empty((n, 3), np.float32)
     for i in range(n):

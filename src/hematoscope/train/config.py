@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     hed_jitter: float = Field(0.0, ge=0, lt=1, description="haematoxylin/eosin/DAB optical-density scale ± "
                               "value and shift ± value/10 (stain strength and balance)")
     noise: float = Field(0.0, ge=0, lt=0.5, description="Gaussian pixel noise, standard deviation up to this")
+    grey_prob: float = Field(0.0, ge=0, le=1, description="share of crops turned grey (shape over colour)")
     blur_prob: float = Field(0.0, ge=0, le=1, description="share of crops defocused (Gaussian, sigma 0.3-1.5 px)")
     resample_prob: float = Field(0.0, ge=0, le=1, description="share of crops downsampled (35-85 %%) and "
                                  "upsampled back (a lower-resolution camera)")

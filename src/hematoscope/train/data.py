@@ -250,11 +250,12 @@ def degrade(crop: np.ndarray, config: TrainConfig) -> np.ndarray:
 
 
 def batch_stain_jitter(x: torch.Tensor, *, hue: float = 0.0, gamma: float = 0.0, hed: float = 0.0,
-                       noise: float = 0.0) -> torch.Tensor:
+                       noise: float = 0.0, grey: float = 0.0) -> torch.Tensor:
     """Another lab's stain and camera on a float batch in [0, 1] (N, 3, H, W), one draw per
     image: hue rotation (± ``hue`` of the circle, in YIQ), gamma (exp(± ``gamma``)),
     haematoxylin / eosin / DAB optical densities scaled (± ``hed``) and shifted (± ``hed``/10),
-    Gaussian noise (sd up to ``noise``)."""
+    Gaussian noise (sd up to ``noise``, on half of the images), and a ``grey`` share of the
+    images turned grey (the model must also read shape, not colour alone)."""
     n, dev = x.shape[0], x.device
 
     def u(*shape):
@@ -282,8 +283,12 @@ def batch_stain_jitter(x: torch.Tensor, *, hue: float = 0.0, gamma: float = 0.0,
     x = x.clamp(0, 1)
     if gamma:
         x = x.pow(torch.exp(gamma * u(1, 1, 1)))
-    if noise:
-        x = x + noise * torch.rand(n, 1, 1, 1, device=dev) * torch.randn_like(x)
+    if noise:  # half of the images, as on a camera that is noisy at some settings
+        some = torch.rand(n, device=dev) < 0.5
+        x[some] += noise * torch.rand(int(some.sum()), 1, 1, 1, device=dev) * torch.randn_like(x[some])
+    if grey:
+        some = torch.rand(n, device=dev) < grey
+        x[some] = (0.299 * x[some, :1] + 0.587 * x[some, 1:2] + 0.114 * x[some, 2:3]).expand(-1, 3, -1, -1)
     return x.clamp_(0, 1)
 
 

@@ -66,7 +66,8 @@ class CellClassifier(L.LightningModule):
         if x.dtype == torch.uint8:  # a training batch: augment colour, canonicalise and normalise like Preprocess
             c = self.config
             x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter)
-            x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise)
+            x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise,
+                                   grey=c.grey_prob)
             if self.preprocess.colour != "none":
                 canon = self.preprocess.canonicalise(x.permute(0, 2, 3, 1).cpu().numpy())
                 x = torch.from_numpy(canon).to(x.device).permute(0, 3, 1, 2)

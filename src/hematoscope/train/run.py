@@ -154,7 +154,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     completed = trainer.current_epoch
     bundle.config.training = {
         "recipe": "supervised fine-tuning (hematoscope train)",
-        "config": config.model_dump(mode="json"),
+        # names, not paths: a bundle never records the layout of the machine that trained it
+        "config": {**config.model_dump(mode="json"), "data": Path(config.data).name, "out": run_dir.name},
         "best_checkpoint_epoch": int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1,
         "epochs_completed": completed,
         "train_images": int(len(data.train.targets)),
