@@ -134,6 +134,18 @@ class TestPredict:
         r = c.post("/api/predict?model=tiny-test-2", files=_files(("a.jpg", sample_files[0].read_bytes())))
         assert r.json()["model"]["name"] == "tiny-test-2"
 
+    def test_an_adapted_model_can_be_picked(self, make_client, tiny_neural_bundle, sample_files, tmp_path):
+        from hematoscope import load_bundle
+
+        cells = [np.asarray(Image.open(p).convert("RGB")) for p in sample_files] * 40
+        adapted = load_bundle(tiny_neural_bundle).adapt(cells[:120], source="lab-x")
+        c = make_client(models=[tiny_neural_bundle, adapted.save(tmp_path / "adapted")])
+        info = {m["name"]: m for m in c.get("/api/models").json()["data"]}
+        assert info["tiny-test"]["adapted_to"] is None
+        assert info["tiny-test-adapted"]["adapted_to"] == "lab-x (120 images)"
+        r = c.post("/api/predict?model=tiny-test-adapted", files=_files(("a.jpg", sample_files[0].read_bytes())))
+        assert r.status_code == 200 and r.json()["model"]["name"] == "tiny-test-adapted"
+
     def test_concurrent_requests(self, client, sample_files):
         data = sample_files[0].read_bytes()
 

@@ -299,6 +299,7 @@ class Bundle(ABC):
             "ood": self.config.ood,
             "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
             "hematoscope_version": self.config.hematoscope_version,
+            "adapted_to": (f"{a['source']} ({a['images']} images)" if (a := self.config.adaptation) else None),
             "path": str(self.path) if self.path else None,
         }
 

@@ -24,6 +24,8 @@ class ModelInfo(ModelRef):
     ood: dict[str, Any] | None
     metrics: dict[str, Any]
     explanation: str = Field(description='"grad-cam", "segmentation" or "none"')
+    adapted_to: str | None = Field(None, description="the lab images this model was adapted to (hematoscope "
+                                   "adapt): source name and image count; null = as trained")
 
 
 class ModelList(BaseModel):

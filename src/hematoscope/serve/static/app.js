@@ -87,7 +87,8 @@ async function loadModels() {
     const body = await (await api("/api/models")).json();
     state.models = body.data;
     select.replaceChildren(...body.data.map((m) => {
-      const opt = new Option(`${m.name} (${m.kind})`, m.name, m.default, m.default);
+      const adapted = m.adapted_to ? `, adapted to ${m.adapted_to}` : "";
+      const opt = new Option(`${m.name} (${m.kind}${adapted})`, m.name, m.default, m.default);
       opt.title = `${m.labels.length} classes, explanation: ${m.explanation}`;
       return opt;
     }));
