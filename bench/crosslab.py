@@ -1,0 +1,205 @@
+"""Cross-lab benchmark: a PBC-trained bundle on another lab's white cells (LISC, Tehran), used
+the three ways a lab can use hematoscope on its own microscope, with PBC's own test split beside.
+
+    python bench/crosslab.py                       # the shipped default model
+    python bench/crosslab.py --bundle DIR --key v0  # another bundle, stored under its own key
+
+LISC crops of one cell share a group (groups.csv): the crops are split by group into an
+"own-lab" half (the lab's unlabelled crops for `adapt`, and the pool few labels are drawn from)
+and a test half; nothing of a test cell is ever adapted on or labelled.
+
+1. as is (zero-shot): the bundle on the test half (and on all of LISC);
+2. after `adapt` on ADAPT_IMAGES unlabelled crops of the own-lab half (BatchNorm statistics +
+   OOD reference refitted); timed;
+3. few labels: k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from
+   the own-lab half, a logistic-regression head on the adapted model's features (the
+   `fewshot fit --backbone BUNDLE` recipe), REPEATS draws; the rest of the own-lab half is not used.
+
+Macro-F1 is over LISC's 5 classes; a prediction of a class LISC lacks (e.g. immature
+granulocyte) counts as an error. Abstained cells are scored by their top-1 like the others and
+the abstain rate is reported beside. Results merge into bench/results/crosslab.json under --key.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "crosslab.json"
+CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+def read_lisc(root: Path):
+    """LISC as a samples table with the cell group in ``patient``."""
+    import pandas as pd
+
+    from hematoscope.data.readers import read_dataset
+
+    try:
+        return read_dataset(root, reader="lisc")
+    except ValueError:  # a package without the lisc reader: class folders + groups.csv
+        table = read_dataset(root, reader="folder")
+        groups = pd.read_csv(root / "groups.csv")
+        by_path = {str((root / p).resolve()): g for p, g in zip(groups["path"], groups["group"])}
+        table["patient"] = [by_path.get(str(Path(p).resolve())) for p in table["path"]]
+        return table
+
+
+def content_hash(paths) -> str:
+    h = hashlib.sha256()
+    for d in sorted(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths):
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+def score(y_true: list[str], pred, *, n: int | None = None) -> dict:
+    """Macro-F1 / accuracy over the target's classes, and the abstain rates."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    y_pred = [pred.labels[i] for i in pred.probs.argmax(1)]
+    abstain = np.asarray(pred.abstain, bool)
+    flagged = np.asarray(pred.ood_flag, bool)
+    correct = np.array(y_pred) == np.array(y_true)
+    return {
+        "n": len(y_true),
+        "macro_f1": round(float(f1_score(y_true, y_pred, labels=CLASSES, average="macro", zero_division=0)), 4),
+        "accuracy": round(float(correct.mean()), 4),
+        "balanced_accuracy": round(float(balanced_accuracy_score(y_true, y_pred)), 4),
+        "abstained": round(float(abstain.mean()), 4),
+        "flagged_unlike_training": round(float(flagged.mean()), 4),
+        "accuracy_answered": round(float(correct[~abstain].mean()), 4) if (~abstain).any() else None,
+        "predicted_other_classes": round(float(np.mean([p not in CLASSES for p in y_pred])), 4),
+    }
+
+
+def few_labels(features: np.ndarray, table, own, test, shots, repeats: int, seed: int) -> dict:
+    """Group-aware draws: per class k groups of the own-lab half, one crop each; head on features."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from hematoscope.fewshot.heads import make_head
+
+    y = table["canonical"].to_numpy()
+    groups = table["patient"].to_numpy()
+    out = {}
+    for k in shots:
+        f1s, bals, seconds = [], [], []
+        for r in range(repeats):
+            rng = np.random.default_rng(seed * 1000 + 17 * k + r)
+            picked = []
+            for c in CLASSES:
+                cand = np.flatnonzero(own & (y == c))
+                cell_groups = rng.permutation(sorted(set(groups[cand])))[:k]
+                picked += [int(rng.choice(cand[groups[cand] == g])) for g in cell_groups]
+            start = time.perf_counter()
+            head = make_head("lr").fit(features[picked], y[picked])
+            seconds.append(time.perf_counter() - start)
+            pred = head.predict(features[test])
+            f1s.append(f1_score(y[test], pred, labels=CLASSES, average="macro", zero_division=0))
+            bals.append(balanced_accuracy_score(y[test], pred))
+        out[str(k)] = {"macro_f1_mean": round(float(np.mean(f1s)), 4), "macro_f1_sd": round(float(np.std(f1s)), 4),
+                       "balanced_accuracy_mean": round(float(np.mean(bals)), 4),
+                       "fit_seconds": round(float(np.mean(seconds)), 2), "draws": repeats}
+    return out
+
+
+def features_of(bundle, paths, batch_size: int = 64) -> np.ndarray:
+    from hematoscope.data.images import load_image
+
+    return np.concatenate([bundle.forward([load_image(p) for p in paths[i:i + batch_size]]).features
+                           for i in range(0, len(paths), batch_size)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="default", help="bundle directory, or 'default' (the shipped model)")
+    ap.add_argument("--key", help="name of this entry in the JSON (default: the bundle's name)")
+    ap.add_argument("--lisc", type=Path, default=REPO.parent / "shared" / "data" / "lisc")
+    ap.add_argument("--pbc-split", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab-split.csv",
+                    help="split file of bench/train_pbc.py (its test rows are scored); skipped when absent")
+    ap.add_argument("--adapt-images", type=int, default=300)
+    ap.add_argument("--shots", default="1,5,10,20")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tta", type=int, help="test-time views (default: the bundle's own)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+
+    import torch
+
+    from hematoscope import load_bundle
+    from hematoscope.bundle.adapt import adapt_bundle
+    from hematoscope.data.splits import make_split
+    from hematoscope.models.default import default_bundle_path
+
+    bundle = load_bundle(default_bundle_path() if args.bundle == "default" else args.bundle)
+    if args.tta:
+        bundle.set_tta(args.tta)
+    key = args.key or bundle.name
+    table = make_split(read_lisc(args.lisc), val=0.0, test=0.5, seed=args.seed, group_by="patient")
+    table = table.reset_index(drop=True)
+    paths = [str(p) for p in table["path"]]
+    y = list(table["canonical"])
+    own, test = (table["split"] == "train").to_numpy(), (table["split"] == "test").to_numpy()
+    logging.info("LISC: %d crops, %d groups; own-lab half %d, test half %d", len(table), table["patient"].nunique(),
+                 own.sum(), test.sum())
+    result = {"bundle": bundle.name, "tta": bundle.config.tta,
+              "lisc": {"name": "LISC (Rezatofighi 2011) white-cell crops", "images": len(table),
+                       "groups": int(table["patient"].nunique()), "sha256": content_hash(paths),
+                       "split": f"make_split(test=0.5, group_by=patient, seed={args.seed})",
+                       "own_lab_half": int(own.sum()), "test_half": int(test.sum())}}
+
+    def run(b, idx):
+        return score([y[i] for i in np.flatnonzero(idx)], b.predict([paths[i] for i in np.flatnonzero(idx)]))
+
+    result["zero_shot"] = {"test_half": run(bundle, test), "all": run(bundle, np.ones(len(y), bool))}
+    logging.info("zero-shot: %s", result["zero_shot"]["test_half"])
+
+    rng = np.random.default_rng(args.seed)
+    adapt_rows = rng.permutation(np.flatnonzero(own))[:args.adapt_images]
+    start = time.perf_counter()
+    adapted, report = adapt_bundle(bundle, [paths[i] for i in adapt_rows], source="LISC own-lab half")
+    adapt_seconds = time.perf_counter() - start
+    result["adapted"] = {"images": report.images, "seconds": round(adapt_seconds, 1),
+                         "accepted_before": report.accepted_before, "test_half": run(adapted, test)}
+    logging.info("adapted (%.0f s): %s", adapt_seconds, result["adapted"]["test_half"])
+
+    features = features_of(adapted, paths)
+    shots = [int(s) for s in args.shots.split(",")]
+    result["few_labels_adapted"] = few_labels(features, table, own, test, shots, args.repeats, args.seed)
+    logging.info("few labels: %s", result["few_labels_adapted"])
+
+    if args.pbc_split.is_file():
+        from hematoscope.data.splits import load_split
+
+        pbc = load_split(args.pbc_split)
+        pbc = pbc[pbc["split"] == "test"].reset_index(drop=True)
+        pred = bundle.predict(list(pbc["path"]))
+        from sklearn.metrics import f1_score
+
+        truth = ["immature_granulocyte" if c == "immature_granulocyte" else c for c in pbc["canonical"]]
+        y_pred = [pred.labels[i] for i in pred.probs.argmax(1)]
+        result["pbc_test"] = {"n": len(truth), "split_file": args.pbc_split.name,
+                              "accuracy": round(float(np.mean(np.array(y_pred) == np.array(truth))), 4),
+                              "macro_f1": round(float(f1_score(truth, y_pred, average="macro")), 4),
+                              "abstained": round(float(np.mean(pred.abstain)), 4)}
+        logging.info("PBC test: %s", result["pbc_test"])
+    result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+
+    from hematoscope import _io
+
+    merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    merged[key] = result
+    _io.write_text(RESULTS, json.dumps(merged, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
