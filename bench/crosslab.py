@@ -184,7 +184,7 @@ def main() -> None:
         pred = bundle.predict(list(pbc["path"]))
         from sklearn.metrics import f1_score
 
-        truth = ["immature_granulocyte" if c == "immature_granulocyte" else c for c in pbc["canonical"]]
+        truth = list(pbc["canonical"])
         y_pred = [pred.labels[i] for i in pred.probs.argmax(1)]
         result["pbc_test"] = {"n": len(truth), "split_file": args.pbc_split.name,
                               "accuracy": round(float(np.mean(np.array(y_pred) == np.array(truth))), 4),
