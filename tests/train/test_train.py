@@ -182,3 +182,18 @@ def test_training_on_real_pbc_images(pbc_subset, tmp_path):
     assert result.metrics["n"] == 16 and not result.skipped
     pred = bundle.predict(sorted(pbc_subset.glob("*/*.jpg"))[:4])
     assert pred.probs.shape == (4, 8)
+
+
+def test_frozen_bn_keeps_batchnorm_statistics_while_weights_learn(synthetic_root, tmp_path):
+    import torch
+
+    from hematoscope.bundle.neural import NeuralBundle
+
+    result = train(tiny_config(synthetic_root, tmp_path / "run", epochs=1, frozen_bn=True, fit_trust=False))
+    trained = load_bundle(result.bundle_path).net.model.state_dict()
+    torch.manual_seed(0)
+    fresh = NeuralBundle.create(load_bundle(result.bundle_path).labels, weights=None).net.model.state_dict()
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], fresh[k]) for k in stats)  # still the initial 0 / 1
+    convs = [k for k in trained if k.endswith("conv_stem.weight")]
+    assert not torch.equal(trained[convs[0]], fresh[convs[0]])

@@ -40,6 +40,9 @@ class TrainConfig(BaseModel):
     backbone_lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     freeze_epochs: int = Field(0, ge=0, description="train only the head for this many epochs first")
+    frozen_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics at their pretrained "
+                            "values (layers in eval mode; their scale and shift still learn), a known guard "
+                            "against shift between labs")
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_fraction: float = Field(0.03, ge=0, lt=1, description="linear warm-up share of steps (cosine)")
     loss: Literal["ce", "focal"] = "ce"
@@ -79,7 +82,10 @@ class TrainConfig(BaseModel):
     limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class (quick runs)")
     early_stop: int | None = Field(None, ge=1, description="patience in epochs on val macro-F1; None = off")
     seed: int = 0
-    devices: str = "auto"
+    devices: str = Field("auto", description="Lightning devices per node: auto, N processes / GPUs, or a list (0,1)")
+    num_nodes: int = Field(1, ge=1, description="machines of a multi-node run (each runs `devices` processes)")
+    strategy: str = Field("auto", description="Lightning strategy: auto (ddp when there is more than one process), "
+                          "ddp, ... With several processes batch_size is the global batch, split between them")
     accelerator: str = "auto"
     precision: str = "32-true"
     workers: int = Field(0, ge=0, description="data loader worker processes")

@@ -82,8 +82,9 @@ class CellClassifier(L.LightningModule):
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.config.label_smoothing)
 
     def on_train_epoch_start(self) -> None:
-        # Reseed from (seed, epoch): a resumed run draws the same crops and order as an unbroken one.
-        seed = self.config.seed * 100_003 + self.current_epoch
+        # Reseed from (seed, epoch): a resumed run draws the same crops and order as an unbroken one
+        # (and from the rank in a multi-process run, so the processes draw different crops).
+        seed = self.config.seed * 100_003 + self.current_epoch + 1_000_003 * self.global_rank
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         frozen = self.current_epoch < self.config.freeze_epochs
@@ -91,7 +92,7 @@ class CellClassifier(L.LightningModule):
         for p in self.net.parameters():
             if id(p) not in head:
                 p.requires_grad_(not frozen)
-        if frozen:  # keep ImageNet BatchNorm statistics while only the head learns
+        if frozen or self.config.frozen_bn:  # keep the pretrained BatchNorm statistics
             for m in self.net.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -100,7 +101,8 @@ class CellClassifier(L.LightningModule):
         x, y = batch
         logits, _ = self.net(x)
         loss = self._loss(logits, y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: the epoch mean over all processes (a no-op in a single process)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     # --- validation --------------------------------------------------------------------------
@@ -117,11 +119,24 @@ class CellClassifier(L.LightningModule):
             return
         logits, y = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
+        if self.trainer.world_size > 1:  # each process saw its share: score the whole set everywhere
+            logits, y = self._gather(logits, y)
         pred = logits.argmax(1)
         self.log("val_loss", F.cross_entropy(logits, y).item(), prog_bar=False)
         self.log("val_acc", (pred == y).float().mean().item(), prog_bar=True)
         self.log("val_macro_f1", float(f1_score(y.numpy(), pred.numpy(), average="macro", zero_division=0)),
                  prog_bar=True)
+
+    def _gather(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every process's validation logits and targets (shares may differ in length by one:
+        padded for the collective, the padding dropped after)."""
+        sizes = self.all_gather(torch.tensor(len(y), device=self.device)).reshape(-1).tolist()
+        pad = max(sizes) - len(y)
+        logits = F.pad(logits.to(self.device), (0, 0, 0, pad))
+        y = F.pad(y.to(self.device), (0, pad), value=-1)
+        all_logits, all_y = self.all_gather(logits).cpu(), self.all_gather(y).cpu()  # (world, max, ...)
+        return (torch.cat([all_logits[r, :n] for r, n in enumerate(sizes)]),
+                torch.cat([all_y[r, :n] for r, n in enumerate(sizes)]))
 
     # --- optimiser -------------------------------------------------------------------------------
     def configure_optimizers(self):
