@@ -37,7 +37,12 @@ def train_cmd(
     early_stop: Annotated[Optional[int], typer.Option("--early-stop", metavar="PATIENCE",
                                                       help="Stop after PATIENCE epochs without val macro-F1 gain.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default: 0).")] = None,
-    devices: Annotated[Optional[str], typer.Option(help="Lightning devices (auto, 1, 0,1 ...).")] = None,
+    devices: Annotated[Optional[str], typer.Option(help="Lightning devices per node (auto, 1, 0,1 ...); on CPU "
+                                                      "N > 1 trains in N processes (DDP, gloo).")] = None,
+    num_nodes: Annotated[Optional[int], typer.Option("--num-nodes", min=1, help="Machines of a multi-node run "
+                                                     "(see docs/scale.md).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Lightning strategy: auto or ddp (--batch-size is then "
+                                                    "the global batch).")] = None,
     accelerator: Annotated[Optional[str], typer.Option(help="Lightning accelerator (auto, cpu, gpu, mps).")] = None,
     limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", help="At most N images per class.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: 0).")] = None,
@@ -62,7 +67,8 @@ def train_cmd(
                 data=str(data), out=str(out), reader=reader, arch=arch, size=size, epochs=epochs,
                 batch_size=batch_size, lr=lr, backbone_lr=backbone_lr, freeze_epochs=freeze_epochs, sampler=sampler,
                 loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, schedule=schedule,
-                augment=augment, early_stop=early_stop, seed=seed, devices=devices, accelerator=accelerator,
+                augment=augment, early_stop=early_stop, seed=seed, devices=devices, num_nodes=num_nodes,
+                strategy=strategy, accelerator=accelerator,
                 limit_per_class=limit_per_class, workers=workers, name=name,
             ).items() if v is not None}
             if weights is not None:
@@ -71,6 +77,8 @@ def train_cmd(
             from hematoscope.train import train
 
             result = train(cfg)
+    if result is None:  # another process of a multi-process run: rank 0 reports
+        return
     m = result.metrics
     c = console()
     c.print(f"[bold]done[/]: {result.epochs_completed} epochs, {result.train_seconds / 60:.1f} min training "

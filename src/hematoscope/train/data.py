@@ -332,9 +332,14 @@ class CellDataModule(L.LightningDataModule):
         preprocess: the bundle's evaluation preprocessing.
     """
 
-    def __init__(self, table, labels: list[str], config: TrainConfig, preprocess: Preprocess):
+    def __init__(self, table, labels: list[str], config: TrainConfig, preprocess: Preprocess, *,
+                 rank: int = 0, world_size: int = 1):
         super().__init__()
         self.table, self.labels, self.config, self.preprocess = table, labels, config, preprocess
+        # A multi-process run: this process decodes, caches and serves only its share of each
+        # split (every world_size-th row, from ``rank``); batch_size is the global batch.
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = config.batch_size // world_size
         self.train: SplitData | None = None
         self.val: SplitData | None = None
         self.skipped: list[tuple[str, str]] = []
@@ -348,6 +353,8 @@ class CellDataModule(L.LightningDataModule):
                                                   interpolation=self.preprocess.interpolation)),
                             ("val", self.preprocess)):
             rows = self.table[self.table["split"] == split]
+            if self.world_size > 1:
+                rows = rows.iloc[self.rank::self.world_size]
             paths = list(rows["path"])
             targets = np.array([index[c] for c in rows["cls"]], dtype=np.int64)
             if fits_in_memory(len(paths), spec.size, self.config.max_cache_gb):
@@ -362,7 +369,7 @@ class CellDataModule(L.LightningDataModule):
         self.train, self.val = parts["train"], parts["val"]
         if len(self.train.targets) == 0 or len(self.val.targets) == 0:
             raise TrainDataError("no readable training or validation images")
-        if self.config.colour_norm != "none":
+        if self.config.colour_norm != "none" and self.preprocess.colour == "none":  # (not yet known)
             self.preprocess = replace(self.preprocess, colour=self.config.colour_norm,
                                       colour_ref=self.colour_reference())
 
@@ -371,6 +378,8 @@ class CellDataModule(L.LightningDataModule):
         the training images' centre crops, as the bundle's preprocessing will see them."""
         from hematoscope.models.preprocess import colour_reference
 
+        if self.world_size > 1:
+            return self._shared_colour_reference(max_images)
         n = len(self.train.targets)
         pick = np.sort(np.random.default_rng(self.config.seed).permutation(n)[:max_images])
         if self.train.images is not None:
@@ -379,7 +388,34 @@ class CellDataModule(L.LightningDataModule):
             crops = np.stack([self.preprocess.resize_image(load_image(self.train.paths[i])) for i in pick])
         return colour_reference(crops)
 
+    def _shared_colour_reference(self, max_images: int) -> list[float]:
+        """The same reference in every process of a multi-process run, equal to a single
+        process's: the same seeded draw from all training rows, decoded and centre-cropped as the
+        cache would hold them (unreadable drawn files are left out)."""
+        from hematoscope.models.preprocess import colour_reference
+
+        paths = list(self.table.loc[self.table["split"] == "train", "path"])
+        pick = np.sort(np.random.default_rng(self.config.seed).permutation(len(paths))[:max_images])
+        spec = Preprocess(size=self.config.pre_size, resize="shorter_crop", interpolation=self.preprocess.interpolation)
+        images, _, _ = decode_all([paths[i] for i in pick], spec, description="colour reference")
+        off = (self.config.pre_size - self.config.size) // 2
+        return colour_reference(images[:, off:off + self.config.size, off:off + self.config.size])
+
+    def whole(self) -> "CellDataModule":
+        """All train and val images in this process (rank 0 of a multi-process run, after
+        training: final metrics and trust fitting see the whole sets), with this module's
+        preprocessing (its colour reference is kept, not recomputed)."""
+        if self.world_size == 1:
+            return self
+        full = CellDataModule(self.table, self.labels, self.config, self.preprocess)
+        full.setup("fit")
+        return full
+
     def class_counts(self) -> np.ndarray:
+        if self.world_size > 1:  # the whole training split's counts, the same in every process
+            index = {lab: i for i, lab in enumerate(self.labels)}
+            rows = self.table.loc[self.table["split"] == "train", "cls"]
+            return np.bincount([index[c] for c in rows], minlength=len(self.labels))
         return np.bincount(self.train.targets, minlength=len(self.labels))
 
     def _loader(self, dataset, *, batch_size: int, shuffle: bool = False, sampler=None, drop_last=False):
@@ -389,6 +425,14 @@ class CellDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainImages(self.train.images, self.train.paths, self.train.targets, self.config)
+        if self.world_size > 1:
+            weights = None
+            if self.config.sampler == "weighted":
+                weights = (1.0 / np.maximum(self.class_counts(), 1))[self.train.targets]
+            sampler = ShareSampler(len(ds), self.samples_per_process(), seed=self.config.seed, rank=self.rank,
+                                   weights=weights)
+            return self._loader(ds, batch_size=self.batch_size, sampler=sampler,
+                                drop_last=sampler.num_samples > self.batch_size)
         sampler = None
         if self.config.sampler == "weighted":
             w = 1.0 / np.maximum(self.class_counts(), 1)
@@ -398,7 +442,7 @@ class CellDataModule(L.LightningDataModule):
                             drop_last=len(ds) > self.config.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"), batch_size=2 * self.config.batch_size)
+        return self._loader(self.eval_dataset("val"), batch_size=2 * self.batch_size)
 
     def eval_dataset(self, split: str) -> EvalImages:
         """Deterministic, preprocessed images of ``split``. Train images are centre crops of the
@@ -412,8 +456,41 @@ class CellDataModule(L.LightningDataModule):
         return EvalImages(part.images, part.paths, part.targets, self.preprocess)
 
     def steps_per_epoch(self) -> int:
-        n, b = len(self.train.targets), self.config.batch_size
+        if self.world_size > 1:
+            n, b = self.samples_per_process(), self.batch_size
+        else:
+            n, b = len(self.train.targets), self.config.batch_size
         return max(1, n // b if n > b else 1)
+
+    def samples_per_process(self) -> int:
+        """Training images each process sees per epoch in a multi-process run: the same number
+        in every process (else the processes would wait for each other's missing steps)."""
+        return max(1, int((self.table["split"] == "train").sum()) // self.world_size)
+
+
+class ShareSampler(torch.utils.data.Sampler):
+    """One process's share of a multi-process epoch: ``num_samples`` indices into its own
+    ``n`` training images, a fresh order every epoch from (seed, rank, epoch), so a resumed run
+    draws what an unbroken one would. A share shorter than ``num_samples`` repeats images; with
+    ``weights``, indices are drawn with replacement in proportion to them (class balancing)."""
+
+    def __init__(self, n: int, num_samples: int, *, seed: int, rank: int, weights: np.ndarray | None = None):
+        self.n, self.num_samples, self.seed, self.rank = n, num_samples, seed, rank
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        if self.weights is not None:
+            return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(-(-self.num_samples // self.n))])
+        return iter(order[:self.num_samples].tolist())
 
 
 def eval_preprocess(config: TrainConfig) -> Preprocess:

@@ -55,7 +55,7 @@ class RunResult:
     skipped: list = field(default_factory=list)
 
 
-def resume(run_dir: Path | str, callbacks: list | None = None) -> RunResult:
+def resume(run_dir: Path | str, callbacks: list | None = None) -> RunResult | None:
     """Continue the run in ``run_dir`` from its last checkpoint, with its saved configuration.
 
     Raises:
@@ -69,7 +69,7 @@ def resume(run_dir: Path | str, callbacks: list | None = None) -> RunResult:
     return train(config, resume=True, callbacks=callbacks)
 
 
-def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None = None) -> RunResult:
+def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None = None) -> RunResult | None:
     """Train a neural bundle as ``config`` says and save it in ``config.out/bundle``.
 
     Args:
@@ -80,8 +80,14 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
             saved configuration and split.
         callbacks: extra Lightning callbacks.
 
+    Several processes (``config.devices`` x ``config.num_nodes``, Lightning DDP: gloo on CPU,
+    NCCL on GPUs; started by Lightning, torchrun or SLURM) each cache and train on their share of
+    the images with ``batch_size / processes`` per step; validation is scored on the gathered
+    whole set; rank 0 alone writes the run directory, checkpoints, logs and bundle.
+
     Returns:
-        The run's result (bundle path, validation metrics, timing).
+        The run's result (bundle path, validation metrics, timing); None in the processes other
+        than rank 0 of a multi-process run.
 
     Raises:
         RunDirError: ``config.out`` already holds a run and ``resume`` is False, or nothing to resume.
@@ -91,32 +97,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     run_dir = Path(config.out)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / LAST
-    # A run killed before its first checkpoint has its configuration (and split) but nothing to
-    # continue from: resuming it starts it over, with the same configuration and split.
-    restart = resume and not last.is_file() and (run_dir / CONFIG_FILE).is_file()
-    if resume and not last.is_file() and not restart:
-        raise RunDirError(f"{run_dir} has no {last.relative_to(run_dir)} to resume from")
-    if restart:
-        log.warning("%s stopped before its first checkpoint: starting the run over", run_dir)
-        _clear_unfinished_attempt(run_dir)
-        resume = False
-    elif not resume and (run_dir / CONFIG_FILE).exists():
-        raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
-                          "(a run stopped before its first checkpoint starts over) or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    table, labels = prepare_split(config, run_dir, resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
-    if not resume:
-        _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
-    data = CellDataModule(table, labels, config, eval_preprocess(config))
-    data.setup("fit")
-    preprocess = data.preprocess  # with the colour reference of the training images
-    bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
-                                 weights=None if resume else config.weights, name=config.name or run_dir.name,
-                                 dtype=config.weights_dtype, drop_rate=config.drop_rate)
-    bundle.config.model["weights_source"] = config.weights
-    module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
-
+    # The trainer first: in a multi-process run its rank says what this process may write.
     best_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=Path(BEST).stem, monitor="val_macro_f1",
                                                   mode="max", save_top_k=1, save_last=True,
                                                   enable_version_counter=False)
@@ -131,17 +112,67 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
                L.pytorch.loggers.CSVLogger(run_dir / "logs", name="csv")]
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
+        num_nodes=config.num_nodes, strategy=config.strategy, use_distributed_sampler=False,  # data.py shares
         precision=config.precision, callbacks=cbs, logger=loggers, plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir, num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=tty,
-        log_every_n_steps=max(1, min(50, data.steps_per_epoch())),
     )
+    world = trainer.world_size
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} (the global batch) must be a multiple of the "
+                         f"{world} training processes")
+    if trainer.is_global_zero:
+        # A run killed before its first checkpoint has its configuration (and split) but nothing to
+        # continue from: resuming it starts it over, with the same configuration and split.
+        restart = resume and not last.is_file() and (run_dir / CONFIG_FILE).is_file()
+        if resume and not last.is_file() and not restart:
+            raise RunDirError(f"{run_dir} has no {last.relative_to(run_dir)} to resume from")
+        if restart:
+            log.warning("%s stopped before its first checkpoint: starting the run over", run_dir)
+            _clear_unfinished_attempt(run_dir)
+            resume = False
+        elif not resume and (run_dir / CONFIG_FILE).exists():
+            raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
+                              "(a run stopped before its first checkpoint starts over) or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        L.seed_everything(config.seed, workers=True, verbose=False)
+        table, labels = prepare_split(config, run_dir,
+                                      resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
+        if not resume:
+            _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
+        if world > 1:
+            _announce_launch(run_dir, trainer)
+    else:  # another process of a multi-process run: rank 0 has prepared the run directory
+        _await_launch(run_dir, trainer)
+        resume = last.is_file()
+        L.seed_everything(config.seed, workers=True, verbose=False)
+        table, labels = prepare_split(config, run_dir, resume=True)
+    data = CellDataModule(table, labels, config, eval_preprocess(config), rank=trainer.global_rank, world_size=world)
+    data.setup("fit")
+    preprocess = data.preprocess  # with the colour reference of the training images
+    bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
+                                 weights=None if resume else config.weights, name=config.name or run_dir.name,
+                                 dtype=config.weights_dtype, drop_rate=config.drop_rate)
+    bundle.config.model["weights_source"] = config.weights
+    module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
+    trainer.log_every_n_steps = max(1, min(50, data.steps_per_epoch()))
+    threads = torch.get_num_threads()
+    if world > 1 and trainer.num_devices > 1 and isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
+        # the processes of one machine share its cores
+        torch.set_num_threads(max(1, min(threads, _cpu_count() // trainer.num_devices)))
     with warnings.catch_warnings():
         # Known, harmless Lightning notices: the module's batch hook is meant to win over the
-        # data module's; LeafSpec is a torch deprecation inside Lightning.
+        # data module's; LeafSpec is a torch deprecation inside Lightning; the validation metrics
+        # are computed on the gathered whole set, the same in every process, so need no sync.
         warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resume
+        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         trainer.fit(module, datamodule=data, ckpt_path=last if resume else None)
+    if world > 1:
+        if not trainer.is_global_zero:
+            return None  # rank 0 alone writes the bundle, metrics and trust
+        torch.set_num_threads(threads)
+        data = data.whole()  # final metrics and trust on every train / val image
 
     best = Path(best_cb.best_model_path) if best_cb.best_model_path else last
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -163,6 +194,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         "split_file_sha256": fingerprint,
         "train_seconds_this_session": round(epoch_log.seconds, 1),
         "train_images_per_second": round(epoch_log.images_per_second, 1),
+        "world_size": world,  # training processes (devices x nodes); batch_size is their global batch
     }
     bundle.config.data_sources = sorted(set(table["dataset"].dropna()))
     bundle.metrics.update({k: v for k, v in metrics.items() if k not in ("calibration", "trust")})
@@ -170,6 +202,41 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     _io.write_json(run_dir / "metrics.json", metrics)
     return RunResult(run_dir, bundle_path, metrics, best, completed, epoch_log.seconds,
                      epoch_log.images_per_second, data.skipped)
+
+
+_LAUNCH_FILE = ".launch"
+
+
+def _launch_token(trainer: L.Trainer) -> str:
+    """What every process of one multi-process launch agrees on: the rendezvous address and port
+    (Lightning's own launcher hands them to the processes it starts; torchrun and SLURM set them)."""
+    env = trainer.strategy.cluster_environment
+    return f"{env.main_address}:{env.main_port}"
+
+
+def _announce_launch(run_dir: Path, trainer: L.Trainer) -> None:
+    """Rank 0: the run directory (split, configuration) is ready for the other processes."""
+    _io.write_text(run_dir / _LAUNCH_FILE, _launch_token(trainer))
+
+
+def _await_launch(run_dir: Path, trainer: L.Trainer, timeout: float = 1800.0) -> None:
+    """The other ranks: wait until rank 0 has prepared the run directory for this launch
+    (processes started by torchrun or SLURM start together with rank 0, not after it)."""
+    token, path = _launch_token(trainer), run_dir / _LAUNCH_FILE
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and path.read_text(encoding="utf-8") == token):
+        if time.monotonic() > deadline:
+            raise RunDirError(f"rank {trainer.global_rank}: rank 0 did not prepare {run_dir} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _clear_unfinished_attempt(run_dir: Path) -> None:
@@ -232,7 +299,7 @@ class _EpochLog(L.Callback):
         self._start = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images += len(batch[1])
+        self.images += len(batch[1]) * trainer.world_size  # every process trains a batch this size
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._start:  # validation inside a training epoch: stop the training clock
@@ -240,6 +307,8 @@ class _EpochLog(L.Callback):
             self._start = 0.0
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         log.info("epoch %d/%d: train_loss %.4f  val_loss %.4f  val_acc %.4f  val_macro_f1 %.4f  (%.0f img/s)",
                  trainer.current_epoch + 1, trainer.max_epochs, m.get("train_loss", float("nan")),
