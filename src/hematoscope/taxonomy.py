@@ -130,6 +130,7 @@ TAXONOMY = Taxonomy(
         },
         "raabin": {k.capitalize(): v for k, v in _WBC5.items()},
         "bccd": {k.upper(): v for k, v in _WBC5.items()},
+        "lisc": dict(_WBC5),
         "cnmc": {"all": "lymphoblast", "hem": "lymphocyte_normal"},
         "hida": {
             "basophil": "basophil", "eosinophil": "eosinophil", "erythroblast": "erythroblast",

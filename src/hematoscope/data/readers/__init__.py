@@ -22,7 +22,7 @@ class Reader(Protocol):
 
 _READERS: dict[str, Callable] = {}
 #: Modules holding the built-in readers, imported lazily and in this order for auto-detection.
-_BUILTIN_MODULES = ["folder", "csv", "pbc", "matek", "raabin", "cnmc", "bccd", "bloodmnist", "hida"]
+_BUILTIN_MODULES = ["folder", "csv", "pbc", "matek", "raabin", "cnmc", "lisc", "bccd", "bloodmnist", "hida"]
 _loaded = False
 
 
