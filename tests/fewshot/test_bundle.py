@@ -105,3 +105,43 @@ def test_too_few_images_skip_trust_with_a_reason(synthetic_root, lite0_extractor
     bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=10,
                                         head="proto", progress=False)
     assert bundle.config.ood is None and "too few images" in bundle.metrics["trust"]["skipped"]
+
+
+def test_self_training_head_on_a_bundle_backbone_with_its_views_and_groups(tiny_neural_bundle, synthetic_root,
+                                                                           tmp_path):
+    """A neural bundle as backbone: its own view count, its checked ONNX copy saved with the
+    few-shot bundle, group-aware label / validation draws; the saved bundle predicts the same."""
+    from hematoscope.data.readers import read_dataset
+
+    table = read_dataset(synthetic_root)
+    table["patient"] = [f"{lab}-{i // 2}" for lab, i in zip(table["label"], table.groupby("label").cumcount())]
+    source = load_bundle(tiny_neural_bundle)
+    source.set_tta(2)
+    ext = load_extractor(tiny_neural_bundle, bundle=source)
+    assert ext.views == 2 and ext.active_backend == "onnx"  # exported once into the feature cache
+    # 6 cells of 2 crops per class: 2 labelled cells, 2 validation cells, 2 left for unlabelled crops
+    bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=2, val_per_class=2, head="svm+self",
+                                        unlabelled_per_class=3, progress=False)
+    assert report["group_by"] == "patient" and report["n_train"] == 16 and report["n_train_groups"] == 16
+    assert report["n_unlabelled"] == 8 * 3 and bundle.config.model["views"] == 2
+    path = bundle.save(tmp_path / "fs")
+    assert (path / BACKBONE_DIR / "model.onnx").is_file()
+    loaded = load_bundle(path)
+    assert loaded.extractor.views == 2 and loaded.extractor.active_backend == "onnx"
+    files = sorted(str(p) for p in synthetic_root.rglob("*.png"))[::12]
+    np.testing.assert_allclose(loaded.predict(files).probs, bundle.predict(files).probs, rtol=1e-4, atol=1e-5)
+
+
+def test_default_alias_is_the_shipped_model():
+    from hematoscope.fewshot.features import BundleFeatureExtractor
+    from hematoscope.models.default import DefaultModelMissing, default_bundle_path, load_default_bundle
+
+    try:
+        shipped = load_default_bundle()
+    except DefaultModelMissing as exc:
+        pytest.skip(str(exc))
+    ext = load_extractor("default")
+    assert isinstance(ext, BundleFeatureExtractor) and ext.bundle.path == default_bundle_path()
+    assert ext.views == shipped.config.tta and ext.preprocess == shipped.preprocess
+    assert ext.active_backend == ("onnx" if (default_bundle_path() / "model.onnx").is_file() else "torch")
+    assert load_extractor("default", tta=False).views == 1

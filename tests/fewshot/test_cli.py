@@ -40,11 +40,56 @@ def test_fewshot_fit_and_bench(small_synthetic, tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_fewshot_defaults_are_the_recipe_and_options_reach_the_library(small_synthetic, synthetic_root, tmp_path):
+    """bench: svm+self, 8 views, ONNX Runtime, a 400-per-class pool, grouping when patient ids exist."""
+    _run(["fewshot", "bench", small_synthetic, "--size", 32, "--shots", "1", "--repeats", 1,
+          "--json", tmp_path / "r.json"])
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert [r["head"] for r in res["results"]] == ["svm+self"] and res["views"] == 8
+    assert res["backend"] == "onnx" and res["max_pool_per_class"] == 400 and res["group_by"] is None
+    # a CSV with patient ids: grouped automatically; options override the recipe
+    files = sorted(p for p in synthetic_root.rglob("*.png"))  # 12 per class: 6 cells of 2 crops
+    table = pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files],
+                          "patient": [f"{p.parent.name}-{i // 2}" for i, p in enumerate(files)]})
+    table.to_csv(tmp_path / "cells.csv", index=False)
+    out = _run(["fewshot", "bench", tmp_path / "cells.csv", "--size", 32, "--shots", "1", "--repeats", 2,
+                "--heads", "lr", "--views", 2, "--backend", "torch", "--pool-per-class", 0, "--jobs", 1,
+                "--json", tmp_path / "g.json"])
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["group_by"] == "patient" and g["views"] == 2 and g["backend"] == "torch"
+    assert g["max_pool_per_class"] is None and "grouped by patient" in " ".join(out.split())
+    assert g["n_test"] % 2 == 0 and g["n_pool_groups"] * 2 == g["n_pool"]  # whole cells on each side
+    off = _run(["fewshot", "bench", tmp_path / "cells.csv", "--size", 32, "--shots", "1", "--repeats", 1,
+                "--heads", "knn", "--no-tta", "--group-by", "none", "--json", tmp_path / "n.json"])
+    assert json.loads((tmp_path / "n.json").read_text())["group_by"] is None and "1 view," in off
+    _run(["fewshot", "fit", tmp_path / "cells.csv", "-n", 1, "--size", 32, "--views", 4, "--unlabelled-per-class", 1,
+          "--out", tmp_path / "b"])
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["model"]["head"]["self_training"] == 0.9 and cfg["model"]["views"] == 4
+    assert cfg["training"]["group_by"] == "patient"
+
+
+def test_fewshot_fit_on_the_default_model(small_synthetic, tmp_path):
+    from hematoscope.models.default import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the package has no default model")
+    out = _run(["fewshot", "fit", small_synthetic, "--backbone", "default", "-n", 2, "--head", "lr",
+                "--out", tmp_path / "b"])
+    shipped = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["model"]["backbone"]["type"] == "bundle" and cfg["model"]["views"] == shipped["tta"]
+    assert cfg["preprocess"] == shipped["preprocess"] and f"{shipped['tta']} view" in out
+    assert (tmp_path / "b" / "backbone" / "model.onnx").is_file()
+
+
 def test_bad_input_exits_cleanly(tmp_path):
     r = CliRunner().invoke(app, ["fewshot", "fit", str(tmp_path / "none"), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["fewshot", "bench", str(tmp_path), "--shots", "0"])
     assert r.exit_code == 2 and "positive integers" in r.output
+    r = CliRunner().invoke(app, ["fewshot", "bench", str(tmp_path), "--views", "3"])
+    assert r.exit_code == 2 and "views" in r.output
 
 
 @pytest.mark.slow  # umap-learn compiles its numba kernels on first use (~20 s)

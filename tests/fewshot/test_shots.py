@@ -33,3 +33,24 @@ def test_all_and_parse():
         parse_shots("0,5")
     with pytest.raises(ValueError, match=">= 1"):
         sample_shots(LABELS, 0)
+
+
+def test_grouped_draws_count_groups_one_image_each():
+    # class a: cells g1 (3 crops), g2 (2), g3 (1), g4 (2); class b: 5 single-crop cells
+    labels = ["a"] * 8 + ["b"] * 5
+    groups = ["g1"] * 3 + ["g2"] * 2 + ["g3"] + ["g4"] * 2 + [f"h{i}" for i in range(5)]
+    g = np.array(groups)
+    for seed in range(20):
+        d = sample_shots(labels, 3, seed=seed, groups=groups)
+        a = d.indices[d.indices < 8]
+        assert len(a) == 3 and len(set(g[a])) == 3  # three different cells, one crop each
+        assert len(d.indices) == 6 and not d.short
+        big = sample_shots(labels, 4, seed=seed, groups=groups)
+        assert set(d.indices) <= set(big.indices)  # nested
+    short = sample_shots(labels, 6, seed=0, groups=groups)
+    assert short.short == {"a": 4, "b": 5} and len(set(g[short.indices])) == len(short.indices)
+    # every image its own group: the same draw as without groups
+    np.testing.assert_array_equal(sample_shots(LABELS, 5, seed=3, groups=[f"x{i}" for i in range(len(LABELS))]).indices,
+                                  sample_shots(LABELS, 5, seed=3).indices)
+    with pytest.raises(ValueError, match="group ids"):
+        sample_shots(labels, 1, groups=groups[:-1])

@@ -7,9 +7,46 @@ from typing import Annotated, Optional
 import typer
 
 from hematoscope.cli._common import console, user_errors
-from hematoscope.cli.features import BackboneOpt, SizeOpt, TtaOpt, WeightsOpt
+from hematoscope.cli.features import SizeOpt, WeightsOpt
 
 fewshot_app = typer.Typer(help="Few labels: heads on frozen backbone features.", no_args_is_help=True)
+
+
+#: The default recipe (docs/fewshot.md): the shipped blood-cell SimCLR Lite0, 224 px, 8 views,
+#: a linear SVM with self-training on up to 400 unlabelled images per class.
+DEFAULT_HEAD = "svm+self"
+RECIPE_VIEWS = 8
+
+FewshotBackboneOpt = Annotated[str, typer.Option(
+    "--backbone", "-b", help="timm model name (default efficientnet_lite0 with the shipped blood-cell SimCLR "
+    "weights), hf-hub:org/name, a bundle path (e.g. made by `hematoscope adapt`), or 'default' (the shipped "
+    "model): a bundle gives its penultimate features with its own preprocessing and views.")]
+FewshotTtaOpt = Annotated[Optional[bool], typer.Option(
+    "--tta/--no-tta", help="Average features over the 8 flip/rot90 views (--tta) or use 1 (--no-tta). "
+    "Default: 8 for timm backbones, a bundle's own view count.", show_default=False)]
+ViewsOpt = Annotated[Optional[int], typer.Option("--views", help="Views per image: 1, 2, 4 or 8 (overrides "
+                                                 "--tta).", show_default=False)]
+GroupByOpt = Annotated[str, typer.Option("--group-by", help="Column grouping images that must stay together "
+                                         "(e.g. the crops of one cell): labels count groups and no group is "
+                                         "on both sides. 'auto' = patient when that column has ids; 'none'.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime when it passes its parity "
+                                         "check), onnx or torch.")]
+
+
+def _extractor(backbone: str, weights: str | None, size: int, tta: bool | None, views: int | None,
+               backend: str):
+    from hematoscope.fewshot.features import DEFAULT_BUNDLE_ALIAS, is_bundle_path, load_extractor
+
+    n = views if views is not None else tta
+    if n is None and not (backbone == DEFAULT_BUNDLE_ALIAS or is_bundle_path(backbone)):
+        n = RECIPE_VIEWS
+    return load_extractor(backbone, weights=weights, size=size, tta=n, backend=backend)
+
+
+def _check_views(views: int | None) -> None:
+    from hematoscope.fewshot.features import view_count
+
+    view_count(views)  # raises FeatureError (a ValueError) before any data is read
 
 
 @fewshot_app.command("fit")
@@ -19,14 +56,19 @@ def fit(
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", "-n", min=1,
                                                             help="Labels drawn per class (default: all).")] = None,
     head: Annotated[str, typer.Option("--head", help="lr, svm, svm-rbf, knn or proto; append +self for "
-                                      "self-training on the unused images as unlabelled data.")] = "lr",
+                                      "self-training on the unused images as unlabelled data.")] = DEFAULT_HEAD,
     transform: Annotated[str, typer.Option("--transform", help="standard, power or none.")] = "standard",
     pca: Annotated[Optional[float], typer.Option("--pca", help="PCA components (>= 1) or variance fraction "
                                                  "(< 1) after the transform.")] = None,
-    backbone: BackboneOpt = "efficientnet_lite0",
+    backbone: FewshotBackboneOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
     size: SizeOpt = 224,
-    tta: TtaOpt = False,
+    tta: FewshotTtaOpt = None,
+    views: ViewsOpt = None,
+    unlabelled_per_class: Annotated[int, typer.Option("--unlabelled-per-class", min=0, help="+self heads: unused "
+                                                      "images per class given without labels.")] = 400,
+    group_by: GroupByOpt = "auto",
+    backend: BackendOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the label draw.")] = 0,
     name: Annotated[Optional[str], typer.Option("--name", help="Bundle name.")] = None,
 ) -> None:
@@ -38,21 +80,23 @@ def fit(
     with user_errors():
         from hematoscope.data.readers import read_dataset
         from hematoscope.fewshot.bundle import fit_fewshot_bundle
-        from hematoscope.fewshot.features import load_extractor
         from hematoscope.fewshot.heads import HeadSpec
 
         import dataclasses
 
+        _check_views(views)
         spec = dataclasses.replace(HeadSpec.parse(head), transform=transform,
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         table = read_dataset(data)
-        ext = load_extractor(backbone, weights=weights, size=size, tta=tta)
-        bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=labels_per_class,
-                                            head=spec, seed=seed, name=name)
+        ext = _extractor(backbone, weights, size, tta, views, backend)
+        bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=labels_per_class, head=spec, seed=seed,
+                                            name=name, unlabelled_per_class=unlabelled_per_class or None,
+                                            group_by=group_by)
         bundle.save(out)
     c = console()
-    c.print(f"fitted {spec.name} on {report['n_train']} images ({len(bundle.labels)} classes) in "
-            f"{report['head_fit_seconds']:.2f} s (features {report['extract_seconds']:.1f} s) → {out}")
+    c.print(f"fitted {spec.label} on {report['n_train']} images ({len(bundle.labels)} classes, "
+            f"{ext.views} view{'s' if ext.views > 1 else ''}) in {report['head_fit_seconds']:.2f} s "
+            f"(features {report['extract_seconds']:.1f} s) → {out}")
     if report["short_classes"]:
         c.print(f"classes with fewer images than asked (all used): {report['short_classes']}")
     if "val_balanced_accuracy" in report:
@@ -63,21 +107,31 @@ def fit(
 
 @fewshot_app.command("bench")
 def bench(
-    train: Annotated[Path, typer.Argument(help="Dataset the labels are drawn from.", show_default=False)],
+    train: Annotated[Path, typer.Argument(help="Dataset the labels are drawn from (a split file: its train/val "
+                                          "rows; its test rows are the default test set).", show_default=False)],
     test: Annotated[Optional[Path], typer.Option("--test", help="Test dataset (may be another dataset; classes "
-                                                 "matched through the taxonomy). Default: a held-out part "
-                                                 "of TRAIN.")] = None,
+                                                 "matched through the taxonomy; a split file: its test rows). "
+                                                 "Default: a held-out part of TRAIN.")] = None,
     shots: Annotated[str, typer.Option("--shots", help="Labels per class, comma-separated; 'all' = every "
-                                       "training image.")] = "1,5,10,20,50,100,all",
+                                       "image of the pool.")] = "1,5,10,20,50",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Random draws per shot count.")] = 5,
-    heads: Annotated[str, typer.Option("--heads", help="Comma-separated head names.")] = "lr,svm,knn",
-    backbone: BackboneOpt = "efficientnet_lite0",
+    heads: Annotated[str, typer.Option("--heads", help="Comma-separated head names (lr, svm, svm-rbf, knn, "
+                                       "proto; +self = self-training on the rest of the pool).")] = DEFAULT_HEAD,
+    backbone: FewshotBackboneOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
     size: SizeOpt = 224,
-    tta: TtaOpt = False,
+    tta: FewshotTtaOpt = None,
+    views: ViewsOpt = None,
+    pool_per_class: Annotated[int, typer.Option("--pool-per-class", min=0, help="Draw labels from (and use the "
+                                                "rest as unlabelled images of) a fixed random subset of this "
+                                                "many images per class; 0 = all.")] = 400,
+    group_by: GroupByOpt = "auto",
+    backend: BackendOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the draws.")] = 0,
     max_test: Annotated[int, typer.Option("--max-test", min=1, help="Largest held-out test part "
                                           "(stratified subsample).")] = 2000,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Head fits in parallel (default: "
+                                                "the CPU cores).", show_default=False)] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full results as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the learning curve PNG.")] = None,
 ) -> None:
@@ -86,22 +140,27 @@ def bench(
         from hematoscope import _io
         from hematoscope.data.readers import read_dataset
         from hematoscope.fewshot.bench import plot_curve, results_table, run_benchmark
-        from hematoscope.fewshot.features import load_extractor
         from hematoscope.fewshot.shots import parse_shots
 
         shot_counts = parse_shots(shots)
+        _check_views(views)
         train_table, test_table = read_dataset(train), read_dataset(test) if test else None
-        ext = load_extractor(backbone, weights=weights, size=size, tta=tta)
+        ext = _extractor(backbone, weights, size, tta, views, backend)
         result = run_benchmark(train_table, ext, test=test_table,
                                shots=shot_counts, heads=[h.strip() for h in heads.split(",")],
-                               repeats=repeats, seed=seed, max_test=max_test)
+                               repeats=repeats, seed=seed, max_test=max_test,
+                               max_pool_per_class=pool_per_class or None, group_by=group_by, n_jobs=jobs)
         if json_out:
             _io.write_json(json_out, result)
         if plot:
             plot_curve(result, plot)
     c = console()
-    c.print(f"balanced accuracy on {result['n_test']} test images ({result['test_source']}); "
+    grouped = f", grouped by {result['group_by']}" if result["group_by"] else ""
+    c.print(f"balanced accuracy on {result['n_test']} test images ({result['test_source']}{grouped}); "
             f"classes scored: {', '.join(result['classes_scored'])}")
+    c.print(f"{result['views']} view{'s' if result['views'] > 1 else ''}, {result['backend']}; features "
+            f"{result['extract_seconds']:.0f} s ({result['features_computed']} computed), fits "
+            f"{result['fit_seconds']:.0f} s, total {result['seconds']:.0f} s")
     if result["unmatched_test_classes"] or result["unmatched_train_classes"]:
         c.print(f"not scored: test classes {result['unmatched_test_classes']}, "
                 f"train-only classes {result['unmatched_train_classes']}")

@@ -73,12 +73,44 @@ def class_column(table) -> np.ndarray:
     return np.array([c if isinstance(c, str) and c else lab for c, lab in zip(canon, labels)], dtype=object)
 
 
-def holdout_split(table, *, test_fraction: float = 0.2, max_test: int | None = 2000, seed: int = 0):
+def resolve_group_by(table, group_by: str | None = "auto") -> str | None:
+    """The column that groups ``table``'s rows, or None.
+
+    ``"auto"``: ``"patient"`` when that column has at least one id, else None. ``None`` or
+    ``"none"``: no grouping. Any other name must be a column of the table.
+
+    Raises:
+        ValueError: a named column that the table does not have.
+    """
+    if group_by is None or str(group_by).lower() == "none":
+        return None
+    if group_by == "auto":
+        return "patient" if "patient" in table and table["patient"].notna().any() else None
+    if group_by not in table:
+        raise ValueError(f"cannot group by {group_by!r}: no such column (columns: {list(table.columns)})")
+    return group_by
+
+
+def group_keys(table, group_by: str | None) -> np.ndarray | None:
+    """Per row a group key: ``dataset|id`` (ids of different datasets never collide); a row
+    without an id is its own group (keyed by its path). None when ``group_by`` is None."""
+    import pandas as pd
+
+    if group_by is None:
+        return None
+    ds = table["dataset"] if "dataset" in table else pd.Series([""] * len(table), index=table.index)
+    return np.array([f"row:{p}" if pd.isna(g) else f"id:{d}|{g}"
+                     for g, d, p in zip(table[group_by], ds, table["path"])], dtype=object)
+
+
+def holdout_split(table, *, test_fraction: float = 0.2, max_test: int | None = 2000, seed: int = 0,
+                  group_by: str | None = None):
     """Split ``table`` (stratified, seed-fixed) into a shot pool and a test part; the test part
-    is subsampled (stratified) to at most ``max_test`` rows to bound extraction cost."""
+    is subsampled (stratified) to at most ``max_test`` rows to bound extraction cost. With
+    ``group_by`` whole groups go to one side (``make_split``'s grouped split)."""
     from hematoscope.data.splits import make_split
 
-    df = make_split(table, val=0.0, test=test_fraction, seed=seed)
+    df = make_split(table, val=0.0, test=test_fraction, seed=seed, group_by=group_by)
     pool, test = df[df["split"] == "train"], df[df["split"] == "test"]
     if max_test is not None and len(test) > max_test:
         rng = np.random.default_rng(seed)
@@ -91,53 +123,98 @@ def holdout_split(table, *, test_fraction: float = 0.2, max_test: int | None = 2
     return pool.reset_index(drop=True), test.reset_index(drop=True)
 
 
-def _draws(labels, shots, repeats, seed, exclude):
+def split_parts(table) -> tuple[object, object | None]:
+    """A split file's (pool, test) parts: train+val rows and test rows (None without test rows);
+    a table without a ``split`` column is all pool."""
+    if "split" not in table or not (table["split"] == "test").any():
+        return table, None
+    is_test = (table["split"] == "test").to_numpy()
+    return table[~is_test].reset_index(drop=True), table[is_test].reset_index(drop=True)
+
+
+def _draws(labels, shots, repeats, seed, exclude, groups=None):
     usable = np.flatnonzero(~exclude)
     out = {}
     for r in range(repeats):
         for s in shots:
-            d = sample_shots(labels[usable], s, seed=seed + r)
+            d = sample_shots(labels[usable], s, seed=seed + r, groups=None if groups is None else groups[usable])
             out[(s, r)] = (usable[d.indices], d.short)
     return out
 
 
-def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = (1, 5, 10, 20, 50, 100),
-                  heads: Sequence[str | HeadSpec] = ("lr", "svm", "knn"), repeats: int = 5, seed: int = 0,
-                  test_fraction: float = 0.2, max_test: int | None = 2000, max_pool_per_class: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+#: The recipe ``hematoscope fewshot bench`` uses by default (measured best, docs/fewshot.md).
+DEFAULT_HEADS = ("svm+self",)
+DEFAULT_POOL_PER_CLASS = 400
+DEFAULT_SHOTS = (1, 5, 10, 20, 50)
+
+
+def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = DEFAULT_SHOTS,
+                  heads: Sequence[str | HeadSpec] = DEFAULT_HEADS, repeats: int = 5, seed: int = 0,
+                  test_fraction: float = 0.2, max_test: int | None = 2000,
+                  max_pool_per_class: int | None = DEFAULT_POOL_PER_CLASS, group_by: str | None = "auto",
+                  n_jobs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Score heads on frozen features for each number of labels per class.
 
+    Group-aware: with ``group_by`` (default: the ``patient`` column when it has ids; e.g. the
+    crops of one LISC cell) no group has images on both the pool side and the test side, and
+    ``k`` labels per class are ``k`` different groups, one image each.
+
     Args:
-        train: samples table the shots are drawn from.
+        train: samples table the shots are drawn from. A split file's table (``split`` column)
+            gives its train/val rows as the pool and, when ``test`` is None, its test rows as
+            the test set.
         extractor: a :class:`~hematoscope.fewshot.features.FeatureExtractor`.
-        test: samples table to score on; None = a held-out stratified part of ``train``.
+        test: samples table to score on; None = the split file's test rows, else a held-out
+            stratified (grouped) part of ``train``. Pool rows with the same file path or group
+            as a test row are dropped from the pool.
         shots: labels per class (None = all of the pool).
-        heads: head names (``"lr+self"`` = with self-training on the rest of the pool as
+        heads: head names (``"svm+self"`` = with self-training on the rest of the pool as
             unlabelled images) or :class:`HeadSpec` objects.
         repeats: draws per shot count (seeds ``seed .. seed + repeats - 1``).
         seed: base seed of the split and of the draws.
-        test_fraction, max_test: held-out part when ``test`` is None.
-        max_pool_per_class: draw shots from a fixed random subset of at most this many training
-            images per class (bounds feature extraction; draws then overlap more across repeats).
+        test_fraction, max_test: held-out part when ``test`` is None and ``train`` has no test rows.
+        max_pool_per_class: draw shots from a fixed random subset of at most this many pool
+            images per class (bounds feature extraction; self-training uses the rest of it as
+            unlabelled images); None = the whole pool.
+        group_by: ``"auto"``, a column name (``"patient"``), or None for no grouping.
+        n_jobs: head fits run in parallel threads (default: the CPU cores).
         progress: show a progress bar for extraction.
 
     Returns:
-        A JSON-able dict: ``results`` (one row per (shots, head) with mean/sd of balanced
-        accuracy and macro-F1 and the fit time), the class match, short classes, sizes.
+        A JSON-able dict: ``results`` (one row per (shots, head) with ``balanced_accuracy_mean``,
+        ``balanced_accuracy_sd``, ``macro_f1_mean``, ``macro_f1_sd``, the per-draw values and the
+        fit time), the class match, short classes, sizes, grouping, timings.
 
     Raises:
         ValueError: no class in common between train and test, or an empty table.
     """
-    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from joblib import Parallel, delayed
 
+    t_start = time.perf_counter()
     specs = [h if isinstance(h, HeadSpec) else HeadSpec.parse(h) for h in heads]
-    if test is None:
-        pool, test = holdout_split(train, test_fraction=test_fraction, max_test=max_test, seed=seed)
-        test_source = f"held-out {test_fraction:.0%} of train (stratified, seed {seed}), {len(test)} images"
+    pool, split_test = split_parts(train)
+    group_col = resolve_group_by(pool, group_by)
+    if test is None and split_test is not None:
+        test, test_source = split_test, f"test rows of the split file, {len(split_test)} images"
+    elif test is None:
+        pool, test = holdout_split(pool, test_fraction=test_fraction, max_test=max_test, seed=seed,
+                                   group_by=group_col)
+        test_source = (f"held-out {test_fraction:.0%} of train (stratified{', by ' + group_col if group_col else ''}, "
+                       f"seed {seed}), {len(test)} images")
     else:
-        pool, test_source = train.reset_index(drop=True), "separate test table"
+        test_part = split_parts(test)[1]
+        test, test_source = (test if test_part is None else test_part), "separate test table"
+    pool, test = pool.reset_index(drop=True), test.reset_index(drop=True)
+    # nothing of the test side on the pool side: same file, or same group
+    overlap = np.isin(pool["path"].astype(str).to_numpy(), test["path"].astype(str).to_numpy())
+    if group_col is not None and group_col in test:
+        overlap |= np.isin(group_keys(pool, group_col), [k for k in group_keys(test, group_col)
+                                                        if not str(k).startswith("row:")])
+    pool = pool[~overlap].reset_index(drop=True)
+    groups = group_keys(pool, group_col)
     if max_pool_per_class is not None:
         pool = pool.iloc[sample_shots(class_column(pool), max_pool_per_class, seed=seed + 10_000).indices]
+        groups = None if groups is None else groups[pool.index.to_numpy()]
         pool = pool.reset_index(drop=True)
     if len(pool) == 0 or len(test) == 0:
         raise ValueError("the training pool or the test set is empty")
@@ -149,55 +226,71 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
     test = test[scored].reset_index(drop=True)
     y_test = np.array([match.test_to_shared[c] for c in y_test_raw[scored]], dtype=object)
 
-    # features: the test set, then every drawn image; redraw around unreadable files
+    # features: the test set, then every drawn image (the whole capped pool for self-training)
+    t0 = time.perf_counter()
     pool_paths = pool["path"].astype(str).to_numpy()
     fs = extractor.extract(list(test["path"].astype(str)), progress=progress)
     X_test, y_test = fs.features, y_test[fs.ok]
     skipped = [s.source for s in fs.skipped]
+    computed = fs.computed
     bad = np.zeros(len(pool), bool)
     feats: dict[int, np.ndarray] = {}
     semi = any(spec.self_training is not None for spec in specs)
     while True:
-        draws = _draws(y_pool, shots, repeats, seed, bad)
+        draws = _draws(y_pool, shots, repeats, seed, bad, groups)
         wanted = set(range(len(pool))) if semi else {int(i) for idx, _ in draws.values() for i in idx}
         need = sorted(wanted - set(feats) - set(np.flatnonzero(bad)))
         if not need:
             break
         fs = extractor.extract(list(pool_paths[need]), progress=progress)
+        computed += fs.computed
         for i, row in zip(np.asarray(need)[fs.ok], fs.features):
             feats[int(i)] = row
         bad[np.asarray(need)[~fs.ok]] = True
         skipped += [s.source for s in fs.skipped]
+    extract_seconds = time.perf_counter() - t0
 
     labels_shared = match.shared
     classes = sorted(set(y_pool))
     y_code = np.array([classes.index(c) for c in y_pool])
     readable = np.array(sorted(feats))
+
+    def score(spec: HeadSpec, s, r) -> tuple[float, float, float, int]:
+        from sklearn.metrics import balanced_accuracy_score, f1_score
+
+        idx, _ = draws[(s, r)]
+        targets = y_code[idx]
+        if spec.self_training is not None:  # the rest of the pool, as unlabelled images
+            idx = np.concatenate([idx, np.setdiff1d(readable, idx)])
+            targets = np.concatenate([targets, np.full(len(idx) - len(targets), -1)])
+        X = np.stack([feats[int(i)] for i in idx])
+        head = spec.build()
+        t = time.perf_counter()
+        head.fit(X, targets)
+        secs = time.perf_counter() - t
+        pred = np.array([match.train_to_shared.get(classes[p], OTHER) for p in head.predict(X_test)], dtype=object)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bacc = float(balanced_accuracy_score(y_test, pred))
+            f1 = float(f1_score(y_test, pred, labels=labels_shared, average="macro", zero_division=0))
+        return bacc, f1, secs, int((targets >= 0).sum())
+
+    t0 = time.perf_counter()
+    jobs = [(spec, s, r) for s in shots for spec in specs for r in range(repeats)]
+    n_jobs = n_jobs or _cores()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scores = Parallel(n_jobs=min(n_jobs, len(jobs)), prefer="threads")(delayed(score)(*j) for j in jobs)
+    fit_seconds = time.perf_counter() - t0
+    by_key = {(spec.label, s, r): out for (spec, s, r), out in zip(jobs, scores)}
     rows = []
     for s in shots:
         for spec in specs:
-            bacc, f1, secs, n_train = [], [], [], 0
-            for r in range(repeats):
-                idx, _ = draws[(s, r)]
-                targets = y_code[idx]
-                if spec.self_training is not None:  # the rest of the pool, as unlabelled images
-                    idx = np.concatenate([idx, np.setdiff1d(readable, idx)])
-                    targets = np.concatenate([targets, np.full(len(idx) - len(targets), -1)])
-                X = np.stack([feats[int(i)] for i in idx])
-                head = spec.build()
-                t0 = time.perf_counter()
-                head.fit(X, targets)
-                secs.append(time.perf_counter() - t0)
-                pred = np.array([match.train_to_shared.get(classes[p], OTHER) for p in head.predict(X_test)],
-                                dtype=object)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    bacc.append(float(balanced_accuracy_score(y_test, pred)))
-                    f1.append(float(f1_score(y_test, pred, labels=labels_shared, average="macro", zero_division=0)))
-                n_train = int((targets >= 0).sum())
+            outs = [by_key[(spec.label, s, r)] for r in range(repeats)]
+            bacc, f1, secs = [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
             rows.append({
                 "shots": "all" if s is None else s, "head": spec.label, "head_spec": spec.to_dict(),
-                "n_train": n_train,
+                "n_train": outs[-1][3],
                 "balanced_accuracy_mean": float(np.mean(bacc)), "balanced_accuracy_sd": float(np.std(bacc)),
                 "macro_f1_mean": float(np.mean(f1)), "macro_f1_sd": float(np.std(f1)),
                 "fit_seconds_mean": float(np.mean(secs)), "balanced_accuracy": bacc, "macro_f1": f1,
@@ -205,13 +298,24 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
     short = {str("all" if s is None else s): sh for (s, r), (_, sh) in draws.items() if sh and r == 0}
     return {
         "extractor": extractor.describe(), "extractor_identity": extractor.identity,
-        "preprocess": extractor.preprocess.to_dict(), "tta": extractor.tta,
+        "preprocess": extractor.preprocess.to_dict(), "tta": extractor.tta, "views": extractor.views,
+        "backend": getattr(extractor, "active_backend", None),
         "repeats": repeats, "seed": seed, "test_source": test_source, "max_pool_per_class": max_pool_per_class,
+        "group_by": group_col, "n_pool_dropped_overlap": int(overlap.sum()),
+        "n_pool_groups": None if groups is None else int(len(set(groups[~bad]))),
         "n_pool": int(len(pool) - bad.sum()), "n_test": int(len(y_test)),
         "classes_scored": labels_shared,
         "unmatched_train_classes": match.unmatched_train, "unmatched_test_classes": match.unmatched_test,
-        "short_classes": short, "skipped_files": skipped, "results": rows,
+        "short_classes": short, "skipped_files": skipped, "features_computed": int(computed),
+        "extract_seconds": round(extract_seconds, 1), "fit_seconds": round(fit_seconds, 1),
+        "seconds": round(time.perf_counter() - t_start, 1), "results": rows,
     }
+
+
+def _cores() -> int:
+    from hematoscope.export.onnx import physical_cores
+
+    return physical_cores()
 
 
 def results_table(result: dict, shots: Sequence[str | int] | None = None) -> str:

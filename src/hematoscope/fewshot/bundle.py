@@ -100,7 +100,8 @@ class FewShotBundle(Bundle):
         config = BundleConfig(
             kind="fewshot", name=name, labels=labels, taxonomy_version=TAXONOMY_VERSION,
             preprocess=extractor.preprocess.to_dict(),
-            model={"backbone": extractor.describe(), "tta": extractor.tta, "head": spec.to_dict(),
+            model={"backbone": extractor.describe(), "tta": extractor.tta, "views": extractor.views,
+                   "head": spec.to_dict(),
                    "feature_dim": int(np.shape(features)[1]), "extractor_identity": extractor.identity},
             training={**(training or {}), "n_train": int((targets >= 0).sum()),
                       "n_unlabelled": int((targets < 0).sum()),
@@ -140,6 +141,9 @@ class FewShotBundle(Bundle):
         backbone = self.config.model["backbone"]
         if backbone["type"] == "bundle":
             self.extractor.bundle.save(directory / BACKBONE_DIR)
+            onnx = self.extractor.onnx_file()  # the backbone's checked ONNX model travels with it
+            if onnx is not None:
+                _io.write_bytes(directory / BACKBONE_DIR / onnx.name, onnx.read_bytes())
         elif backbone.get("weights") not in _NAMED_WEIGHTS:
             from safetensors.torch import save_file as save_torch
 
@@ -156,7 +160,7 @@ class FewShotBundle(Bundle):
         from hematoscope.models.preprocess import Preprocess
 
         m = config.model
-        backbone, tta = m["backbone"], bool(m.get("tta", False))
+        backbone, tta = m["backbone"], int(m.get("views", 8 if m.get("tta") else 1))
         if backbone["type"] == "bundle":
             extractor = load_extractor(directory / BACKBONE_DIR, tta=tta)
         elif backbone["type"] == "timm":
@@ -180,7 +184,8 @@ class FewShotBundle(Bundle):
 
 def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: int | None = 50,
                        head: str | HeadSpec = "lr", seed: int = 0, val_per_class: int | None = None,
-                       max_unlabelled: int = 2000, name: str | None = None, ood_method: str = "knn",
+                       unlabelled_per_class: int | None = 400, max_unlabelled: int | None = None,
+                       group_by: str | None = "auto", name: str | None = None, ood_method: str = "knn",
                        progress: bool = True) -> tuple[FewShotBundle, dict[str, Any]]:
     """Draw ``labels_per_class`` images per class from ``table``, fit a head on their features,
     and calibrate it (temperature, OOD scorer, abstain threshold) on a disjoint validation draw.
@@ -188,7 +193,12 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     The validation draw (``val_per_class``, default between 10 and 50 matching the shots) comes
     from the images not used for training; when fewer than 5 per class remain, trust fitting
     is skipped and the reason recorded in ``metrics["trust"]``. A self-training head (e.g.
-    ``"lr+self"``) also gets up to ``max_unlabelled`` of the remaining images, without labels.
+    ``"svm+self"``) also gets up to ``unlabelled_per_class`` of the remaining images per class
+    (at most ``max_unlabelled`` in all), without labels.
+
+    With ``group_by`` (default: the ``patient`` column when it has ids, e.g. the crops of one
+    cell) labels are drawn as different groups, one image each, and the validation images come
+    from groups not drawn for training.
 
     Returns:
         (bundle, report) where report holds counts, timings and the trust report.
@@ -196,16 +206,21 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     Raises:
         ValueError: no readable images, or fewer than two classes.
     """
-    from hematoscope.fewshot.bench import class_column
+    from hematoscope.fewshot.bench import class_column, group_keys, resolve_group_by
     from hematoscope.fewshot.shots import sample_shots
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
     y_all = class_column(table)
     paths = table["path"].astype(str).to_numpy()
-    draw = sample_shots(y_all, labels_per_class, seed=seed)
+    group_col = resolve_group_by(table, group_by)
+    groups = group_keys(table, group_col)
+    draw = sample_shots(y_all, labels_per_class, seed=seed, groups=groups)
     rest = np.setdiff1d(np.arange(len(table)), draw.indices)
+    if groups is not None:  # other images of a drawn group are neither validation nor unlabelled
+        rest = rest[~np.isin(groups[rest], groups[draw.indices])]
     n_val = val_per_class or int(min(50, max(10, labels_per_class or 50)))
-    val_idx = rest[sample_shots(y_all[rest], n_val, seed=seed + 1).indices]
+    val_idx = rest[sample_shots(y_all[rest], n_val, seed=seed + 1,
+                                groups=None if groups is None else groups[rest]).indices]
     t0 = time.perf_counter()
     fs = extractor.extract(list(paths[draw.indices]), progress=progress)
     if len(fs.features) == 0:
@@ -214,17 +229,25 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     unlabelled = None
     if spec.self_training is not None:
         free = np.setdiff1d(rest, val_idx)
+        if groups is not None:
+            free = free[~np.isin(groups[free], groups[val_idx])]
+        free = free[sample_shots(y_all[free], unlabelled_per_class, seed=seed + 2).indices]
         free = np.random.default_rng(seed + 2).permutation(free)[:max_unlabelled]
         unlabelled = extractor.extract(list(paths[np.sort(free)]), progress=progress).features
     extract_seconds = time.perf_counter() - t0
     datasets = sorted({str(d) for d in table["dataset"]}) if "dataset" in table else []
     training = {"method": "frozen features + head", "labels_per_class": labels_per_class, "seed": seed,
+                "group_by": group_col, "unlabelled_per_class": unlabelled_per_class if unlabelled is not None else None,
                 "short_classes": draw.short, "skipped": [s.source for s in fs.skipped]}
     bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=spec, name=name or f"fewshot-{spec.label}",
                                training=training, data_sources=datasets, unlabelled=unlabelled)
     report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),
                               "head_fit_seconds": bundle.config.training["head_fit_seconds"],
-                              "short_classes": draw.short}
+                              "short_classes": draw.short, "group_by": group_col,
+                              "n_unlabelled": bundle.config.training["n_unlabelled"]}
+    if groups is not None:
+        report["n_train_groups"] = int(len(set(groups[draw.indices][fs.ok])))
+        bundle.config.training["n_train_groups"] = report["n_train_groups"]
 
     counts = {c: int((y_all[val_idx] == c).sum()) for c in bundle.labels}
     if min(counts.values()) < 5:
