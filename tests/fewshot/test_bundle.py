@@ -126,6 +126,10 @@ def test_self_training_head_on_a_bundle_backbone_with_its_views_and_groups(tiny_
     assert report["n_unlabelled"] == 8 * 3 and bundle.config.model["views"] == 2
     path = bundle.save(tmp_path / "fs")
     assert (path / BACKBONE_DIR / "model.onnx").is_file()
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(path / HEAD_FILE))  # self-training's final labels: no iterations at load
+    assert (arrays["targets"] == -1).sum() == 24 and len(arrays["transduction"]) == len(arrays["targets"])
     loaded = load_bundle(path)
     assert loaded.extractor.views == 2 and loaded.extractor.active_backend == "onnx"
     files = sorted(str(p) for p in synthetic_root.rglob("*.png"))[::12]

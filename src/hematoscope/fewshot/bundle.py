@@ -6,7 +6,9 @@ features for the out-of-distribution scorer.
 
 Files (besides the common ``config.json``, ``metrics.json``, ``README.md``, ``ood.safetensors``)::
 
-    head.safetensors       training features, target indices and probe probabilities
+    head.safetensors       training features, target indices (-1 = unlabelled) and probe
+                           probabilities; a self-training head also its final labels
+                           (``transduction``), so the refit at load needs no iterations
     backbone.safetensors   backbone weights, when they came from a file, URL or hub (the offline
                            ImageNet Lite0 is referenced by name instead)
     backbone/              the source bundle, when features come from another bundle
@@ -93,7 +95,7 @@ class FewShotBundle(Bundle):
             features = np.concatenate([features, np.asarray(unlabelled, np.float32)])
             targets = np.concatenate([targets, np.full(len(unlabelled), -1, np.int64)])
         t0 = time.perf_counter()
-        pipeline = spec.build().fit(features, targets)
+        pipeline = _fit_head(spec, features, targets)
         fit_seconds = time.perf_counter() - t0
         from hematoscope.taxonomy import TAXONOMY_VERSION
 
@@ -135,9 +137,13 @@ class FewShotBundle(Bundle):
         from hematoscope import _io
 
         probe = self.head.predict_proba(self.train_features[:_PROBE_ROWS]).astype(np.float64)
+        arrays = {"features": np.ascontiguousarray(self.train_features), "targets": self.train_targets,
+                  "probe": probe}
+        trans = _transduction(self.head)
+        if trans is not None:  # self-training: its final labels make the refit at load one step
+            arrays["transduction"] = trans
         with _io.atomic_path(directory / HEAD_FILE, ".safetensors") as tmp:
-            save_file({"features": np.ascontiguousarray(self.train_features),
-                       "targets": self.train_targets, "probe": probe}, str(tmp))
+            save_file(arrays, str(tmp))
         backbone = self.config.model["backbone"]
         if backbone["type"] == "bundle":
             self.extractor.bundle.save(directory / BACKBONE_DIR)
@@ -174,12 +180,41 @@ class FewShotBundle(Bundle):
             raise BundleError(f"unknown few-shot backbone type {backbone['type']!r}")
         arrays = load_file(str(directory / HEAD_FILE))
         spec = HeadSpec.from_dict(m["head"])
-        head = spec.build().fit(arrays["features"], arrays["targets"])
+        if spec.self_training is not None and "transduction" in arrays:
+            head = _fit_head(spec, arrays["features"], arrays["transduction"], replay=True)
+        else:
+            head = _fit_head(spec, arrays["features"], arrays["targets"])
         probe = head.predict_proba(arrays["features"][:_PROBE_ROWS])
         if probe.shape != arrays["probe"].shape or np.abs(probe - arrays["probe"]).max() > _PROBE_TOL:
             raise BundleError(f"{directory}: the refitted {spec.name} head does not reproduce the saved "
                               "probabilities (different scikit-learn version?); refit the bundle")
         return cls(config, extractor, head, arrays["features"], arrays["targets"], metrics, directory)
+
+
+def _fit_head(spec: HeadSpec, features: np.ndarray, targets: np.ndarray, *, replay: bool = False):
+    """``spec.build().fit(...)``; a self-training head with every image labelled is fine as is
+    (scikit-learn warns that there is nothing unlabelled).
+
+    ``replay``: ``targets`` are a fitted self-training head's final labels (pseudo-labels
+    included, -1 for images never labelled): the head is rebuilt without iterating (the
+    transform sees every row, the classifier the labelled ones, exactly as in the last step of
+    the original fit), in a fraction of the time.
+    """
+    import warnings
+
+    head = spec.build()
+    if replay and spec.self_training is not None:
+        head.set_params(clf__max_iter=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y contains no unlabeled samples")
+        return head.fit(features, targets)
+
+
+def _transduction(head) -> np.ndarray | None:
+    """A fitted self-training head's final labels (None for other heads)."""
+    clf = head[-1] if hasattr(head, "steps") else head
+    trans = getattr(clf, "transduction_", None)
+    return None if trans is None else np.asarray(trans, np.int64)
 
 
 def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: int | None = 50,
