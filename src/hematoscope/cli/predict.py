@@ -32,6 +32,15 @@ def predict(
                                                            help="Abstain when the top probability is below "
                                                            "this (default: the bundle's own threshold).")] = None,
     tta: TtaOption = None,
+    engine: Annotated[str, typer.Option("--engine", help="local (this process) or ray (Ray Data: a local "
+                                        "instance, or the cluster at --address; see docs/scale.md).")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (--engine ray), "
+                                                   "e.g. 10.0.0.5:6379; default: start a local instance.")] = None,
+    shard_dir: Annotated[Optional[Path], typer.Option("--shard-dir", help="--engine ray: job folder for the "
+                                                      "Parquet result shards (default: next to --out, "
+                                                      "<name>.shards); run again to resume.")] = None,
+    actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="--engine ray: model actors "
+                                                  "(default: one per CPU of the cluster).")] = None,
 ) -> None:
     """Classify cell images and print the differential count.
 
@@ -39,6 +48,14 @@ def predict(
     """  # noqa: E501 (one line: rich help keeps the docstring's line breaks)
     if backend not in BACKENDS:
         raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if engine not in ("local", "ray"):
+        raise fail(f"--engine must be local or ray; got {engine!r}")
+    if engine == "ray":
+        return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
+                            backend=backend, abstain_below=abstain_below, tta=tta, address=address,
+                            shard_dir=shard_dir, actors=actors)
+    if address or shard_dir or actors:
+        raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
         from hematoscope.bundle import load_bundle
         from hematoscope.models.default import default_bundle_path
@@ -97,6 +114,49 @@ def predict(
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)
+    if done == 0:
+        raise typer.Exit(1)
+
+
+def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, address,
+                 shard_dir, actors) -> None:
+    """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
+    same report as the local engine."""
+    if shard_dir is None:
+        if out is None:
+            raise fail("--engine ray writes Parquet shards: give --out FILE (shards next to it) or --shard-dir DIR")
+        shard_dir = out.with_name(out.stem + ".shards")
+    with user_errors():
+        from hematoscope.predict.distributed import MissingExtraError, require_distributed
+
+        try:
+            require_distributed()
+        except MissingExtraError as exc:
+            from rich.markup import escape
+
+            raise fail(escape(str(exc))) from None
+        from hematoscope.predict.distributed import run_job
+        from hematoscope.predict.report import differential_table, skipped_table
+
+        c = console()
+
+        def shard_done(shard: int, rows: int) -> None:
+            c.print(f"shard {shard} written ({rows} rows)", highlight=False)
+
+        result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
+                         decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
+                         report=out, top_k=top_k, on_shard=shard_done)
+    c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
+    if result.skipped:
+        err_console().print(skipped_table(result.skipped, limit=50))
+        if result.differential.skipped > 50:
+            err_console().print(f"... and {result.differential.skipped - 50} more unreadable files"
+                                + (f" (all listed in {out})" if out else ""))
+    done = result.classified
+    rate = f", {done / result.seconds:.0f} images/s" if result.seconds > 0 and done else ""
+    c.print(f"{done} images classified in {result.seconds:.1f} s{rate} on Ray ({result.shards_written} shards "
+            f"written, {result.shards_skipped} already there); shards in {shard_dir}"
+            + (f"; results in {out}" if out else ""), highlight=False)
     if done == 0:
         raise typer.Exit(1)
 

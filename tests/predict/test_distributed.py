@@ -1,0 +1,157 @@
+"""Batch inference on Ray Data (the optional ``distributed`` extra), on one local 2-CPU Ray
+instance shared by the tests of this module (127.0.0.1, no dashboard): the same rows as local
+``predict``, broken files reported per row, a stopped job resumes after its first shard."""
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hematoscope.cli.main import app
+from hematoscope.samples import sample_paths
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance for the module, started as the Ray engine starts one."""
+    from hematoscope.predict.distributed import connect
+
+    assert connect(num_cpus=2)
+    import ray
+
+    try:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory) -> Path:
+    """The 24 bundled real PBC cells, a truncated JPEG, an empty PNG and a text file named .jpg."""
+    root = tmp_path_factory.mktemp("cells") / "cells"
+    for p in sample_paths():
+        (root / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / p.parent.name / p.name)
+    first = sample_paths()[0].read_bytes()
+    (root / "broken").mkdir()
+    (root / "broken" / "truncated.jpg").write_bytes(first[:400])
+    (root / "broken" / "empty.png").write_bytes(b"")
+    (root / "broken" / "text.jpg").write_text("not an image")
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_rows(ray_rows: list[dict], local_rows: list[dict]) -> None:
+    assert [r["source"] for r in ray_rows] == [r["source"] for r in local_rows]
+    for a, b in zip(ray_rows, local_rows):
+        for key in a:
+            if key.endswith("prob") or key in ("confidence", "ood_score"):
+                if a[key] or b[key]:
+                    assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-6), (a["source"], key)
+            else:
+                assert a[key] == b[key], (a["source"], key)
+
+
+def test_ray_engine_gives_local_predicts_rows_and_reports_broken_files(ray_local, cells, tmp_path):
+    runner = CliRunner()
+    local = runner.invoke(app, ["predict", str(cells), "--out", str(tmp_path / "local.csv")])
+    assert local.exit_code == 0, local.output
+    res = runner.invoke(app, ["predict", str(cells), "--engine", "ray", "--out", str(tmp_path / "ray.csv")])
+    assert res.exit_code == 0, res.output
+    assert "24 images classified" in res.output
+
+    ray_rows, local_rows = _rows(tmp_path / "ray.csv"), _rows(tmp_path / "local.csv")
+    assert len(ray_rows) == 27
+    _assert_same_rows(ray_rows, local_rows)
+    errors = {Path(r["source"]).name: r["error"] for r in ray_rows if r["error"]}
+    assert set(errors) == {"truncated.jpg", "empty.png", "text.jpg"}
+    assert (tmp_path / "ray.differential.csv").read_text() == (tmp_path / "local.differential.csv").read_text()
+
+    # the Parquet shards hold the same answers, with every probability
+    from hematoscope.predict.distributed import read_results
+
+    table = read_results(tmp_path / "ray.shards").to_pydict()
+    assert table["row"] == list(range(27))
+    assert [Path(s).name for s, e in zip(table["source"], table["error"]) if e] == ["empty.png", "text.jpg",
+                                                                                   "truncated.jpg"]
+    ok = [i for i, e in enumerate(table["error"]) if e is None]
+    probs = np.array([table["probs"][i] for i in ok])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    assert [table["prediction"][i] for i in ok] == [r["prediction"] for r in local_rows if not r["error"]]
+
+
+def test_a_stopped_job_resumes_after_its_first_shard(ray_local, cells, tmp_path):
+    from hematoscope.predict import predict_paths
+    from hematoscope.predict.distributed import load_for_inference, run_job, shard_path
+
+    class Stop(RuntimeError):
+        pass
+
+    def stop_after_first(shard, rows):
+        raise Stop(f"stopped after shard {shard}")
+
+    job = tmp_path / "job"
+    with pytest.raises(Stop):
+        run_job([str(cells)], job, shard_rows=16, batch_size=8, on_shard=stop_after_first)
+    first = shard_path(job, 0)
+    assert first.is_file() and not shard_path(job, 1).exists()
+    stamp = first.stat().st_mtime_ns
+
+    written = []
+    result = run_job([str(cells)], job, shard_rows=16, batch_size=8, report=tmp_path / "resumed.json",
+                     on_shard=lambda s, n: written.append(s))
+    assert (result.shards, result.shards_skipped, result.shards_written) == (2, 1, 1)
+    assert written == [1] and first.stat().st_mtime_ns == stamp  # shard 0 was not redone
+    assert result.rows == 27 and result.differential.skipped == 3
+
+    local = predict_paths(load_for_inference(None), [str(cells)])
+    assert result.differential.to_dict() == local.differential().to_dict()
+    import json
+
+    rows = json.loads((tmp_path / "resumed.json").read_text())["predictions"]
+    assert [r["source"] for r in rows] == local.sources
+    assert [r["prediction"] for r in rows] == local.predicted
+
+    with pytest.raises(ValueError, match="another job"):  # the job folder is not reused for other inputs
+        run_job([str(cells / "basophil")], job, shard_rows=16)
+
+
+def test_predict_dataset_classifies_a_users_ray_dataset_and_a_csv_manifest(ray_local, cells, tmp_path):
+    from hematoscope.predict.distributed import load_for_inference, predict_dataset, run_job
+
+    files = sorted(str(p) for p in cells.rglob("*.jpg") if p.parent.name != "broken")[:6]
+    ds = ray_local.data.from_items([{"path": f, "slide": i} for i, f in enumerate(files)])
+    out = predict_dataset(ds, tta=1, actors=1).to_pandas()
+    bundle = load_for_inference(None, tta=1)
+    local = bundle.predict(files)
+    assert list(out["slide"]) == list(range(6))  # the user's columns come through
+    assert list(out["prediction"]) == local.predicted
+    np.testing.assert_allclose(np.stack(out["probs"]), local.probs, atol=1e-6)
+
+    manifest = tmp_path / "paths.csv"
+    manifest.write_text("path\n" + "\n".join(files[:3] + [str(tmp_path / "missing.jpg")]) + "\n")
+    result = run_job([str(manifest)], tmp_path / "job", tta=1)
+    assert result.rows == 4 and result.differential.classified + result.differential.abstained == 3
+    assert [s.source for s in result.skipped] == [str(tmp_path / "missing.jpg")]
+
+
+def test_a_missing_extra_is_named(monkeypatch, tmp_path):
+    from hematoscope.predict.distributed import MissingExtraError, require_distributed
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MissingExtraError, match=r"hematoscope\[distributed\]"):
+        require_distributed()
+    res = CliRunner().invoke(app, ["predict", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "x.csv")])
+    assert res.exit_code == 2 and "hematoscope[distributed]" in res.output
