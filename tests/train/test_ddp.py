@@ -110,13 +110,33 @@ def test_share_sampler_gives_every_process_the_same_number_of_steps_and_a_seeded
     shares = [ShareSampler(n, 36, seed=0, rank=r) for r, n in enumerate((37, 35))]
     for s in shares:
         s.set_epoch(1)
-    orders = [list(s) for s in shares]
+    raw = [list(s) for s in shares]
+    orders = [[i - s.n for i in r] for s, r in zip(shares, raw)]  # indices carry the epoch: epoch * n + i
     assert [len(o) for o in orders] == [36, 36] == [len(s) for s in shares]
-    assert max(orders[0]) < 37 and max(orders[1]) < 35
+    assert min(min(o) for o in orders) >= 0 and max(orders[0]) < 37 and max(orders[1]) < 35
     assert len(set(orders[1])) == 35  # a short share repeats images only after using each once
-    assert list(shares[0]) == orders[0]  # same epoch, same order
+    assert list(shares[0]) == raw[0]  # same epoch, same order
     shares[0].set_epoch(2)
-    assert list(shares[0]) != orders[0]
+    assert [i - 2 * 37 for i in shares[0]] != orders[0]
     weighted = ShareSampler(4, 400, seed=0, rank=0, weights=np.array([1.0, 1.0, 0.0, 2.0]))
     counts = np.bincount(list(weighted), minlength=4)
     assert counts[2] == 0 and counts[3] > counts[0]
+
+
+@pytest.mark.timeout(150)
+def test_two_process_ssl_saves_one_backbone(tmp_path):
+    from hematoscope.data.synthetic import make_synthetic_dataset
+    from hematoscope.fewshot.ssl import loss_trend  # noqa: F401 (the command's own module loads)
+
+    data = make_synthetic_dataset(tmp_path / "cells", n_per_class=4, size=32, seed=1)
+    out = tmp_path / "w.safetensors"
+    proc = subprocess.run([HEMATOSCOPE, "ssl", str(data), "--arch", "mobilenetv3_small_050", "--size", "32",
+                           "--batch-size", "8", "--max-steps", "3", "--minutes", "2", "--workers", "0",
+                           "--devices", "2", "--strategy", "ddp", "--out", str(out)],
+                          capture_output=True, text=True, timeout=140, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("3 steps") == 1  # rank 0 alone reports and writes
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["world_size"] == "2" and f.metadata()["batch_size"] == "8"

@@ -14,12 +14,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from hematoscope.data.images import ImageError, load_image
 from hematoscope.models.preprocess import Preprocess
@@ -145,7 +145,11 @@ class TrainImages(Dataset):
             return self.images[i]
         return self.cache_spec.resize_image(load_image(self.paths[i], draft_size=self.pre_size))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # ShareSampler yields epoch * len + i: an item's random crop and degradations are drawn
+        # from (seed, epoch, i) alone, in any process, so a resumed run repeats them exactly.
+        epoch, i = divmod(int(index), len(self.targets))
+        torch.manual_seed((self.config.seed * 1_000_003 + epoch) * 10_000_019 + i)
         img = self._image(i)
         side = self.size
         if self.scale_jitter:
@@ -425,21 +429,13 @@ class CellDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TrainImages(self.train.images, self.train.paths, self.train.targets, self.config)
-        if self.world_size > 1:
-            weights = None
-            if self.config.sampler == "weighted":
-                weights = (1.0 / np.maximum(self.class_counts(), 1))[self.train.targets]
-            sampler = ShareSampler(len(ds), self.samples_per_process(), seed=self.config.seed, rank=self.rank,
-                                   weights=weights)
-            return self._loader(ds, batch_size=self.batch_size, sampler=sampler,
-                                drop_last=sampler.num_samples > self.batch_size)
-        sampler = None
+        weights = None
         if self.config.sampler == "weighted":
-            w = 1.0 / np.maximum(self.class_counts(), 1)
-            sampler = WeightedRandomSampler(torch.as_tensor(w[self.train.targets], dtype=torch.double),
-                                            num_samples=len(ds), replacement=True)
-        return self._loader(ds, batch_size=self.config.batch_size, shuffle=sampler is None, sampler=sampler,
-                            drop_last=len(ds) > self.config.batch_size)
+            weights = (1.0 / np.maximum(self.class_counts(), 1))[self.train.targets]
+        n = self.samples_per_process() if self.world_size > 1 else len(ds)
+        sampler = ShareSampler(len(ds), n, seed=self.config.seed, rank=self.rank, weights=weights,
+                               current_epoch=lambda: self.trainer.current_epoch if self.trainer else 0)
+        return self._loader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=n > self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"), batch_size=2 * self.batch_size)
@@ -474,23 +470,30 @@ class ShareSampler(torch.utils.data.Sampler):
     draws what an unbroken one would. A share shorter than ``num_samples`` repeats images; with
     ``weights``, indices are drawn with replacement in proportion to them (class balancing)."""
 
-    def __init__(self, n: int, num_samples: int, *, seed: int, rank: int, weights: np.ndarray | None = None):
+    def __init__(self, n: int, num_samples: int, *, seed: int, rank: int, weights: np.ndarray | None = None,
+                 current_epoch: Callable[[], int] = lambda: 0):
         self.n, self.num_samples, self.seed, self.rank = n, num_samples, seed, rank
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
-        self.epoch = 0
+        self.epoch = None
+        self._current_epoch = current_epoch
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch ...
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self):
-        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        # ... but a process's first iterator is made before that call: then the trainer's
+        # (restored) epoch counts
+        epoch = self.epoch if self.epoch is not None else self._current_epoch()
+        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.rank)
         if self.weights is not None:
-            return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(-(-self.num_samples // self.n))])
-        return iter(order[:self.num_samples].tolist())
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
+        else:
+            order = torch.cat([torch.randperm(self.n, generator=g)
+                               for _ in range(-(-self.num_samples // self.n))])[:self.num_samples]
+        return iter((order + epoch * self.n).tolist())  # the epoch travels with the index
 
 
 def eval_preprocess(config: TrainConfig) -> Preprocess:

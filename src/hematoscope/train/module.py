@@ -61,18 +61,18 @@ class CellClassifier(L.LightningModule):
         self._val_targets: list[torch.Tensor] = []
 
     # --- data on the device ----------------------------------------------------------------
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
-        if x.dtype == torch.uint8:  # a training batch: augment colour, canonicalise and normalise like Preprocess
-            c = self.config
-            x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter)
-            x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise,
-                                   grey=c.grey_prob)
-            if self.preprocess.colour != "none":
-                canon = self.preprocess.canonicalise(x.permute(0, 2, 3, 1).cpu().numpy())
-                x = torch.from_numpy(canon).to(x.device).permute(0, 3, 1, 2)
-            x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last), y
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 training batch → colour-augmented, canonicalised and normalised like Preprocess.
+        Its draws are seeded by (seed, rank, global step), so a resumed run repeats them."""
+        torch.manual_seed((self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
+        c = self.config
+        x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter)
+        x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise,
+                               grey=c.grey_prob)
+        if self.preprocess.colour != "none":
+            canon = self.preprocess.canonicalise(x.permute(0, 2, 3, 1).cpu().numpy())
+            x = torch.from_numpy(canon).to(x.device).permute(0, 3, 1, 2)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     # --- training ----------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -82,11 +82,6 @@ class CellClassifier(L.LightningModule):
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.config.label_smoothing)
 
     def on_train_epoch_start(self) -> None:
-        # Reseed from (seed, epoch): a resumed run draws the same crops and order as an unbroken one
-        # (and from the rank in a multi-process run, so the processes draw different crops).
-        seed = self.config.seed * 100_003 + self.current_epoch + 1_000_003 * self.global_rank
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
         frozen = self.current_epoch < self.config.freeze_epochs
         head = set(map(id, self.net.model.get_classifier().parameters()))
         for p in self.net.parameters():
@@ -99,7 +94,7 @@ class CellClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, _ = self.net(x)
+        logits, _ = self.net(self.augment(x))
         loss = self._loss(logits, y)
         # sync_dist: the epoch mean over all processes (a no-op in a single process)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
@@ -108,7 +103,7 @@ class CellClassifier(L.LightningModule):
     # --- validation --------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
-        logits, _ = self.net(x)
+        logits, _ = self.net(x.contiguous(memory_format=torch.channels_last))
         self._val_logits.append(logits.detach().float().cpu())
         self._val_targets.append(y.cpu())
 

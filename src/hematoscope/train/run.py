@@ -160,10 +160,9 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         # the processes of one machine share its cores
         torch.set_num_threads(max(1, min(threads, _cpu_count() // trainer.num_devices)))
     with warnings.catch_warnings():
-        # Known, harmless Lightning notices: the module's batch hook is meant to win over the
-        # data module's; LeafSpec is a torch deprecation inside Lightning; the validation metrics
-        # are computed on the gathered whole set, the same in every process, so need no sync.
-        warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
+        # Known, harmless Lightning notices: LeafSpec is a torch deprecation inside Lightning; the
+        # validation metrics are computed on the gathered whole set, the same in every process,
+        # so need no sync.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resume
         warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
