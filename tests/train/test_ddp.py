@@ -126,7 +126,6 @@ def test_share_sampler_gives_every_process_the_same_number_of_steps_and_a_seeded
 @pytest.mark.timeout(150)
 def test_two_process_ssl_saves_one_backbone(tmp_path):
     from hematoscope.data.synthetic import make_synthetic_dataset
-    from hematoscope.fewshot.ssl import loss_trend  # noqa: F401 (the command's own module loads)
 
     data = make_synthetic_dataset(tmp_path / "cells", n_per_class=4, size=32, seed=1)
     out = tmp_path / "w.safetensors"

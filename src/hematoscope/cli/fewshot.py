@@ -182,6 +182,10 @@ def ssl(
     lr: Annotated[float, typer.Option("--lr", help="Backbone learning rate.")] = 3e-4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")] = 1,
+    devices: Annotated[str, typer.Option("--devices", help="Lightning devices per node; on CPU N > 1 trains in N "
+                                         "processes (DDP, gloo; --batch-size is the global batch).")] = "1",
+    num_nodes: Annotated[int, typer.Option("--num-nodes", min=1, help="Machines (docs/scale.md).")] = 1,
+    strategy: Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto or ddp.")] = "auto",
 ) -> None:
     """Self-supervised adaptation of a backbone to unlabelled cell images, time-bounded.
 
@@ -195,7 +199,10 @@ def ssl(
         paths = [p for src in data for p in read_dataset(src)["path"]]
         start = weights or (OFFLINE_WEIGHTS if arch == "efficientnet_lite0" else None)
         res = train_ssl(paths, method=method, arch=arch, weights=start, size=size, batch_size=batch_size,
-                        minutes=minutes, max_steps=max_steps, lr=lr, seed=seed, num_workers=workers)
+                        minutes=minutes, max_steps=max_steps, lr=lr, seed=seed, num_workers=workers,
+                        devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, strategy=strategy)
+        if res.rank != 0:  # another process of a multi-process run: rank 0 saves and reports
+            return
         save_backbone(res.backbone, out, res.meta)
     first, last = loss_trend(res.losses, window=20)
     console().print(f"{method}: {res.steps} steps in {res.seconds:.0f} s on {len(paths)} images; loss "

@@ -186,12 +186,14 @@ class SSLResult:
     steps: int = 0
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    rank: int = 0  # global rank of this process in a multi-process run (only rank 0 saves)
 
 
 def train_ssl(paths: Sequence[str | Path], *, method: str = "simclr", arch: str = DEFAULT_ARCH,
               weights: str | Path | None = OFFLINE_WEIGHTS, size: int = 112, batch_size: int = 64,
               minutes: float = 10.0, max_steps: int = -1, lr: float = 3e-4, seed: int = 0, num_workers: int = 1,
-              progress: bool = True) -> SSLResult:
+              progress: bool = True, devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
+              accelerator: str = "auto") -> SSLResult:
     """Adapt a backbone to unlabelled images with SimCLR or DINO for at most ``minutes``.
 
     Args:
@@ -207,6 +209,11 @@ def train_ssl(paths: Sequence[str | Path], *, method: str = "simclr", arch: str 
         seed: seed of initialisation, shuffling and augmentation.
         num_workers: DataLoader worker processes decoding and augmenting images.
         progress: show Lightning's progress bar.
+        devices, num_nodes, strategy, accelerator: Lightning's; several processes (DDP; gloo on
+            CPU) each take their share of the images (Lightning's distributed sampler) and
+            ``batch_size / processes`` per step, so ``batch_size`` stays the global batch. The
+            SimCLR negatives of a view are the other views of its own process's batch. Every
+            process returns; only the one with ``rank`` 0 should save.
 
     Raises:
         ValueError: unknown method, or fewer images than one batch.
@@ -219,21 +226,31 @@ def train_ssl(paths: Sequence[str | Path], *, method: str = "simclr", arch: str 
     if len(paths) < 2:
         raise ValueError(f"self-supervised training needs at least 2 images; got {len(paths)}")
     L.seed_everything(seed, workers=True, verbose=False)
+    trainer = L.Trainer(max_time={"minutes": minutes}, max_epochs=-1, max_steps=max_steps, accelerator=accelerator,
+                        devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=progress,
+                        enable_model_summary=False, log_every_n_steps=10)
+    world = trainer.world_size
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} (the global batch) must be a multiple of the {world} processes")
     backbone = create_backbone(arch, num_classes=0, weights=weights)
     module = SimCLRModule(backbone, lr=lr) if method == "simclr" else DINOModule(backbone, lr=lr)
     data = TwoViewImages(paths, size, IMAGENET_MEAN, IMAGENET_STD)
-    loader = torch.utils.data.DataLoader(data, batch_size=min(batch_size, len(paths)), shuffle=True, drop_last=True,
-                                         num_workers=num_workers, persistent_workers=num_workers > 0)
-    trainer = L.Trainer(max_time={"minutes": minutes}, max_epochs=-1, max_steps=max_steps, accelerator="auto",
-                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-                        enable_model_summary=False, log_every_n_steps=10)
+    loader = torch.utils.data.DataLoader(data, batch_size=max(1, min(batch_size, len(paths)) // world), shuffle=True,
+                                         drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0)
+    threads = torch.get_num_threads()
+    if world > 1 and trainer.num_devices > 1 and isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
+        # the processes of one machine share its cores
+        torch.set_num_threads(max(1, threads // trainer.num_devices))
     start = time.perf_counter()
     trainer.fit(module, loader)
+    torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     encoder = module.backbone.cpu().eval()
     meta = {"method": method, "arch": arch, "start_weights": str(weights), "size": size, "batch_size": batch_size,
-            "steps": len(module.losses), "seconds": round(seconds, 1), "images": len(paths)}
-    return SSLResult(encoder, list(module.losses), len(module.losses), seconds, meta)
+            "steps": len(module.losses), "seconds": round(seconds, 1), "images": len(paths), "world_size": world}
+    return SSLResult(encoder, list(module.losses), len(module.losses), seconds, meta, rank=trainer.global_rank)
+
 
 
 def save_backbone(backbone: nn.Module, path: Path | str, meta: dict | None = None) -> Path:
