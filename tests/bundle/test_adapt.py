@@ -59,6 +59,7 @@ def test_adapt_changes_batchnorm_statistics_and_ood_and_nothing_else(trusted_bun
     assert a.adaptation["statistics"]["batchnorm_layers"] > 10
     assert 0.85 <= report.accepted_after <= 1.0
     assert trusted_bundle.config.adaptation is None  # the original is untouched
+    assert trusted_bundle.path.name == "bundle" and (trusted_bundle.path / "config.json").is_file()
 
 
 def test_adapted_bundle_round_trips_and_card_says_so(trusted_bundle, lab_images, tmp_path):

@@ -104,9 +104,21 @@ def _outputs(bundle: "Bundle", images: list[np.ndarray], batch_size: int) -> Mod
 
 
 def _copy(bundle: "Bundle") -> "Bundle":
-    """An independent copy of ``bundle`` (saved and loaded back, so every kind works)."""
-    with tempfile.TemporaryDirectory(prefix="hematoscope-adapt-") as tmp:
-        copy = load_bundle(bundle.save(Path(tmp) / "bundle.zip"))
+    """An independent copy of ``bundle``, saved and loaded back (so every kind works) from a
+    temporary directory that lives as long as the copy (kinds may read their files lazily)."""
+    import shutil
+    import weakref
+
+    tmp = Path(tempfile.mkdtemp(prefix="hematoscope-adapt-"))
+    origin = bundle.path
+    try:
+        copy = load_bundle(bundle.save(tmp / "bundle"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bundle.path = origin  # save() points a bundle at where it was saved; the original stays put
+    weakref.finalize(copy, shutil.rmtree, tmp, ignore_errors=True)
     copy.config.tta = bundle.config.tta
     return copy
 
