@@ -173,3 +173,30 @@ def test_the_command_joins_a_running_cluster_at_address(ray_local, cells, tmp_pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 images classified" in proc.stdout and len(_rows(out)) == 3
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2  # still up
+
+
+def test_rows_keep_their_own_answers_whatever_their_names(tmp_path):
+    """Rows are matched to answers by position: a zip member, a missing member, a file:// URI, a
+    missing file and two rows sharing one source name with different outcomes."""
+    import zipfile
+
+    import pyarrow as pa
+
+    from hematoscope.predict.distributed import classify_table, load_for_inference
+
+    good = [str(p) for p in sample_paths()[:2]]
+    zpath = tmp_path / "cells.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(good[0], "x/cell.jpg")
+    table = pa.table({
+        "path": [str(zpath), str(zpath), "file://" + good[1], str(tmp_path / "gone.jpg"), good[0], good[1]],
+        "member": [None if i not in (0, 1) else m for i, m in enumerate(["x/missing.jpg", "x/cell.jpg"] + [None] * 4)],
+        "source": ["same", "same", None, "gone", "twin", "twin"],
+    })
+    out = classify_table(load_for_inference(None, tta=1), table).to_pydict()
+    assert out["source"] == ["same", "same", None, "gone", "twin", "twin"]  # the user's names, untouched
+    assert out["error"][0] == "not in the zip file" and out["prediction"][0] is None
+    assert out["error"][1] is None and out["prediction"][1] is not None
+    assert out["error"][2] is None and out["error"][3] and out["prediction"][3] is None
+    local = load_for_inference(None, tta=1).predict([good[0], good[1], good[0], good[1]])
+    assert [out["prediction"][i] for i in (1, 2, 4, 5)] == local.predicted

@@ -91,24 +91,35 @@ class _Inputs:
     """Turns manifest rows into the local pipeline's items: files, zip members, URIs (fetched into
     a temporary folder with pyarrow's filesystems, then read like files)."""
 
+    #: zip files whose member lists are kept (the most recently opened).
+    MAX_ZIPS = 16
+
     def __init__(self) -> None:
         self._zips: dict[str, dict | Exception] = {}
-        self._tmp = Path(tempfile.mkdtemp(prefix="hematoscope-ray-"))
+        self._tmp: Path | None = None
 
     def items(self, sources: Sequence[str], paths: Sequence[str | None], members: Sequence[str | None],
               reasons: Sequence[str | None]) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
         from hematoscope.predict.sources import ImageSource
 
         out: list = []
+        remote: list[int] = []
         for i, (source, path, member, reason) in enumerate(zip(sources, paths, members, reasons)):
             if reason or not path:
                 out.append(SkippedFile(source, reason or "no path"))
             elif member:
                 out.append(self._member(source, path, member))
             elif "://" in path and not path.startswith("file://"):
-                out.append(self._fetch(source, path, i))
+                out.append(None)
+                remote.append(i)
             else:
                 out.append(ImageSource(source, Path(path.removeprefix("file://"))))
+        if remote:  # object stores answer slowly but in parallel
+            with ThreadPoolExecutor(max_workers=min(16, len(remote))) as pool:
+                for i, item in zip(remote, pool.map(lambda i: self._fetch(sources[i], paths[i], i), remote)):
+                    out[i] = item
         return out
 
     def _member(self, source: str, path: str, member: str):
@@ -116,6 +127,8 @@ class _Inputs:
         from hematoscope.predict.sources import ImageSource
 
         if path not in self._zips:
+            if len(self._zips) >= self.MAX_ZIPS:
+                self._zips.pop(next(iter(self._zips)))
             try:
                 with open_zip(path) as zf:
                     self._zips[path] = {m.name: m for m in safe_members(zf)}
@@ -139,13 +152,19 @@ class _Inputs:
                 data = f.read()
         except (OSError, ValueError) as exc:
             return SkippedFile(source, f"cannot read ({exc})")
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="hematoscope-ray-"))
         local = self._tmp / f"{i}{Path(path).suffix}"
         local.write_bytes(data)
         return ImageSource(source, local)
 
     def cleanup(self) -> None:
-        for f in self._tmp.iterdir():
-            f.unlink(missing_ok=True)
+        """Remove the fetched copies of this batch."""
+        if self._tmp is not None:
+            import shutil
+
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
 
 def classify_table(bundle: "Bundle", table: "pa.Table", *, batch_size: int = 64, workers: int | None = None,
@@ -171,50 +190,41 @@ def classify_table(bundle: "Bundle", table: "pa.Table", *, batch_size: int = 64,
 
     n = table.num_rows
     paths = table.column("path").to_pylist()
-    sources = table.column("source").to_pylist() if "source" in table.column_names else list(paths)
-    sources = [s if s is not None else p for s, p in zip(sources, paths)]
     members = table.column("member").to_pylist() if "member" in table.column_names else [None] * n
     reasons = table.column("reason").to_pylist() if "reason" in table.column_names else [None] * n
-    own = inputs is None
+    # The pipeline names its answers and skipped files by the items' names: it is given each
+    # row's index as the name (several rows may share a source name), the sources are put back after.
     inputs = inputs or _Inputs()
     try:
-        items = inputs.items(sources, paths, members, reasons)
+        items = inputs.items([str(i) for i in range(n)], paths, members, reasons)
         parts = list(predict_sources(bundle, items, batch_size=batch_size, workers=workers))
     finally:
         inputs.cleanup()
-        if own:
-            os.rmdir(inputs._tmp)
     pred = Prediction.concat(parts, bundle.labels)
-    # The pipeline answers images in input order and lists unreadable ones in input order:
-    # walk the rows once, taking each row's answer from one list or the other.
-    cols: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
-    skipped, k, s = pred.skipped, 0, 0
     labels = bundle.labels
     views = getattr(pred, "views", None)  # test-time views per answer, where the bundle records them
-    for item in items:
-        name = item.source if isinstance(item, SkippedFile) else item.name
-        if s < len(skipped) and skipped[s].source == name:
-            cols["error"].append(skipped[s].reason)
-            for c in RESULT_COLUMNS[1:]:
-                cols[c].append(None)
-            s += 1
-            continue
-        probs = pred.probs[k]
+    cols: dict[str, list] = {c: [None] * n for c in RESULT_COLUMNS}
+    for s in pred.skipped:
+        cols["error"][int(s.source)] = s.reason
+    for k, name in enumerate(pred.sources):
+        i, probs = int(name), pred.probs[k]
         top = int(np.argmax(probs))
-        cols["error"].append(None)
-        cols["prediction"].append(labels[top])
-        cols["confidence"].append(float(probs[top]))
-        cols["abstain"].append(bool(pred.abstain[k]))
-        cols["abstain_reason"].append(pred.abstain_reason[k])
-        cols["ood_score"].append(float(pred.ood_score[k]))
-        cols["ood_flag"].append(bool(pred.ood_flag[k]))
-        cols["views"].append(None if views is None else int(views[k]))
-        cols["probs"].append([float(p) for p in probs])
-        k += 1
-    if k != len(pred) or s != len(skipped):  # would mean the pipeline changed its contract
-        raise RuntimeError(f"{len(pred)} answers and {len(skipped)} skipped files for {n} rows")
+        cols["prediction"][i] = labels[top]
+        cols["confidence"][i] = float(probs[top])
+        cols["abstain"][i] = bool(pred.abstain[k])
+        cols["abstain_reason"][i] = pred.abstain_reason[k]
+        cols["ood_score"][i] = float(pred.ood_score[k])
+        cols["ood_flag"][i] = bool(pred.ood_flag[k])
+        cols["views"][i] = None if views is None else int(views[k])
+        cols["probs"][i] = [float(p) for p in probs]
+    answered = len(pred) + len(pred.skipped)
+    if answered != n or any(e is None and p is None for e, p in zip(cols["error"], cols["prediction"])):
+        raise RuntimeError(f"{len(pred)} answers and {len(pred.skipped)} skipped files for {n} rows")
     schema = _result_schema()
     out = table.drop_columns([c for c in RESULT_COLUMNS if c in table.column_names])
+    if "source" not in out.column_names:  # the name local predict gives: the path, or zip!member
+        out = out.append_column("source", pa.array([p if not m else f"{p}!{m}" for p, m in zip(paths, members)],
+                                                   type=pa.string()))
     for f in schema:
         out = out.append_column(f, pa.array(cols[f.name], type=f.type))
     return out
