@@ -36,7 +36,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # ~30 s on an idle 2-core machine; generous for a busy one
 def test_two_process_run_gives_one_bundle_scored_on_the_whole_validation_set(synthetic_root, tmp_path):
     from sklearn.metrics import f1_score
 
@@ -45,7 +45,7 @@ def test_two_process_run_gives_one_bundle_scored_on_the_whole_validation_set(syn
 
     run = tmp_path / "run"
     proc = subprocess.run(_command(synthetic_root, run, tmp_path, epochs=2), capture_output=True, text=True,
-                          timeout=140, env=_env())
+                          timeout=280, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("bundle:") == 1  # rank 0 alone reports (and writes)
 
@@ -76,14 +76,14 @@ def test_two_process_run_gives_one_bundle_scored_on_the_whole_validation_set(syn
     assert float(monitored[0]) == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-6)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)  # ~40 s on an idle 2-core machine
 def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(synthetic_root, tmp_path):
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(_command(synthetic_root, run, tmp_path, epochs=3, fit_trust=False),
+    proc = subprocess.Popen(_command(synthetic_root, run, tmp_path, epochs=2, fit_trust=False),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert last.is_file(), "no checkpoint was written"
@@ -93,16 +93,15 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(synthetic_roo
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert not (run / "bundle").exists(), "the run finished before it could be killed"
-    epoch_at_kill = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-    assert epoch_at_kill < 2
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
 
     resumed = subprocess.run([HEMATOSCOPE, "train", "--resume", str(run)], capture_output=True, text=True,
-                             timeout=140, env=_env())
+                             timeout=280, env=_env())
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     # it went on from the checkpoint: the epochs done before the kill were not trained again
-    assert "epoch 3/3" in resumed.stderr and "epoch 1/3" not in resumed.stderr
+    assert "epoch 2/2" in resumed.stderr and "epoch 1/2" not in resumed.stderr
     bundle = load_bundle(run / "bundle")
-    assert bundle.config.training["epochs_completed"] == 3
+    assert bundle.config.training["epochs_completed"] == 2
     assert bundle.config.training["world_size"] == 2
 
 
@@ -123,7 +122,7 @@ def test_share_sampler_gives_every_process_the_same_number_of_steps_and_a_seeded
     assert counts[2] == 0 and counts[3] > counts[0]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # ~15 s on an idle 2-core machine
 def test_two_process_ssl_saves_one_backbone(tmp_path):
     from hematoscope.data.synthetic import make_synthetic_dataset
 
@@ -132,7 +131,7 @@ def test_two_process_ssl_saves_one_backbone(tmp_path):
     proc = subprocess.run([HEMATOSCOPE, "ssl", str(data), "--arch", "mobilenetv3_small_050", "--size", "32",
                            "--batch-size", "8", "--max-steps", "3", "--minutes", "2", "--workers", "0",
                            "--devices", "2", "--strategy", "ddp", "--out", str(out)],
-                          capture_output=True, text=True, timeout=140, env=_env())
+                          capture_output=True, text=True, timeout=280, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("3 steps") == 1  # rank 0 alone reports and writes
     from safetensors import safe_open
