@@ -3,6 +3,7 @@ the three ways a lab can use hematoscope on its own microscope, with PBC's own t
 
     python bench/crosslab.py                       # the shipped default model
     python bench/crosslab.py --bundle DIR --key v0  # another bundle, stored under its own key
+    python bench/crosslab.py --table                # the markdown table of every stored entry
 
 LISC crops of one cell share a group (groups.csv): the crops are split by group into an
 "own-lab" half (the lab's unlabelled crops for `adapt`, and the pool few labels are drawn from)
@@ -117,7 +118,25 @@ def features_of(bundle, paths, batch_size: int = 64) -> np.ndarray:
                            for i in range(0, len(paths), batch_size)])
 
 
+def markdown_table(results: dict) -> str:
+    """The README / docs table of every entry in crosslab.json."""
+    rows = ["| model | LISC as is | abstained | after `adapt` | abstained | 1 label/class | 5 | 10 | 20 | PBC test "
+            "accuracy / macro-F1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        z, a, f = r["zero_shot"]["test_half"], r["adapted"]["test_half"], r["few_labels_adapted"]
+        shots = [f"{f[k]['macro_f1_mean']:.3f} ± {f[k]['macro_f1_sd']:.3f}" if k in f else "—"
+                 for k in ("1", "5", "10", "20")]
+        pbc = r.get("pbc_test")
+        rows.append(f"| {key} ({r['tta']} view{'s' if r['tta'] > 1 else ''}) | {z['macro_f1']:.3f} | "
+                    f"{z['abstained']:.0%} | {a['macro_f1']:.3f} | {a['abstained']:.0%} | " + " | ".join(shots)
+                    + (f" | {pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else " | — |"))
+    return "\n".join(rows)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--table"]:
+        print(markdown_table(json.loads(RESULTS.read_text())))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="default", help="bundle directory, or 'default' (the shipped model)")
     ap.add_argument("--key", help="name of this entry in the JSON (default: the bundle's name)")
