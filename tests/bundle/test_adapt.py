@@ -42,7 +42,7 @@ def _bn_keys(state) -> set[str]:
 
 
 def test_adapt_changes_batchnorm_statistics_and_ood_and_nothing_else(trusted_bundle, lab_images):
-    adapted, report = adapt_bundle(trusted_bundle, lab_images, source="lab-x")
+    adapted, report = adapt_bundle(trusted_bundle, lab_images, source="lab-x", mix=1.0)
     before, after = trusted_bundle.net.model.state_dict(), adapted.net.model.state_dict()
     bn = _bn_keys(before)
     assert bn and set(before) == set(after)
@@ -119,3 +119,22 @@ def test_cli_adapt_refuses_a_folder_without_enough_images(trusted_bundle, tmp_pa
     res = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "few"), "--out",
                                    str(tmp_path / "x")])
     assert res.exit_code == 2 and "at least" in res.output and not (tmp_path / "x").exists()
+
+
+def test_batchnorm_mix_is_chosen_by_lowest_entropy_and_applied(trusted_bundle, lab_images):
+    from hematoscope.bundle.neural_torch import batchnorm_statistics
+
+    auto, _ = adapt_bundle(trusted_bundle, lab_images)
+    stats = auto.config.adaptation["statistics"]
+    entropies = {float(m): e for m, e in stats["mean_entropy_by_mix"].items()}
+    assert set(entropies) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert stats["mix"] == min(entropies, key=entropies.get) and stats["mix_chosen_by"].startswith("lowest")
+    full, _ = adapt_bundle(trusted_bundle, lab_images, mix=1.0)
+    trained, new = batchnorm_statistics(trusted_bundle.net), batchnorm_statistics(full.net)
+    m = stats["mix"]
+    for k, v in batchnorm_statistics(auto.net).items():
+        np.testing.assert_allclose(v.numpy(), m * new[k].numpy() + (1 - m) * trained[k].numpy(), rtol=1e-4,
+                                   atol=1e-5)
+    none, _ = adapt_bundle(trusted_bundle, lab_images, mix=0.0)
+    for k, v in batchnorm_statistics(none.net).items():
+        np.testing.assert_array_equal(v.numpy(), trained[k].numpy())

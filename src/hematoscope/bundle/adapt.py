@@ -5,7 +5,8 @@ stay as trained):
 
 1. the model's normalisation statistics, where the kind has them (a neural bundle
    re-estimates every BatchNorm layer's running mean and variance on the new lab's images:
-   AdaBN, Li et al. 2017), through the kind's :meth:`Bundle._adapt_statistics` hook;
+   AdaBN, Li et al. 2017, mixed with the trained ones in the proportion that makes the model
+   most decisive on those images), through the kind's :meth:`Bundle._adapt_statistics` hook;
 2. the out-of-distribution reference and threshold: the scorer is refitted on the adapted
    model's outputs for four fifths of the images and its threshold set so that ``target_tpr``
    of the held-out fifth is accepted. "Unlike training data" then means unlike *this lab's*
@@ -124,7 +125,8 @@ def _copy(bundle: "Bundle") -> "Bundle":
 
 
 def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed images", name: str | None = None,
-                 target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0) -> tuple["Bundle", AdaptReport]:
+                 target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0,
+                 mix: float | None = None) -> tuple["Bundle", AdaptReport]:
     """A copy of ``bundle`` adapted to the lab that took ``images`` (unlabelled cell crops).
 
     Args:
@@ -136,6 +138,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         target_tpr: share of the new lab's held-out crops the OOD flag accepts.
         batch_size: images per forward pass.
         seed: seed of the held-out fifth.
+        mix: share of the new lab's normalisation statistics (0 = as trained, 1 = the lab's
+            own); None = the kind chooses (neural: the lowest mean prediction entropy).
 
     Returns:
         (adapted bundle, report). The input bundle is not changed.
@@ -156,7 +160,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
 
     adapted = _copy(bundle)
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
-    report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size)
+    report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size, mix=mix)
     after = _outputs(adapted, arrays, batch_size)
 
     held = np.zeros(len(arrays), bool)

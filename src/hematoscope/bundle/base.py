@@ -14,7 +14,9 @@ serve, export) only ever talks to :class:`Bundle`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from hematoscope import _io
 from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction, SkippedFile
 from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
 
+log = logging.getLogger("hematoscope")
+
 FORMAT_VERSION = 1
 #: Older format versions this code can still read (upgraded in memory on load).
 READABLE_FORMAT_VERSIONS = (1,)
@@ -40,6 +44,65 @@ INTENDED_USE = (
 
 class BundleError(ValueError):
     """A bundle directory is missing, malformed or from an incompatible version."""
+
+
+class ViewTrust(BaseModel):
+    """Trust settings fitted for one number of test-time views (``BundleConfig.view_trust``).
+
+    Averaging more views changes the logits and features, so a temperature or threshold fitted
+    for 8 views is wrong for 1: each view count has its own, fitted on the same validation images.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(gt=0)
+    abstain_threshold: float = Field(ge=0, le=1)
+    #: OOD flag threshold for this many views (None: the bundle has no OOD scorer).
+    ood_threshold: float | None = None
+    #: Scorer parameters refitted for this many views (e.g. knn_energy's standardisation),
+    #: merged over ``BundleConfig.ood``; the scorer's arrays are shared by every view count.
+    ood_params: dict[str, float] = Field(default_factory=dict)
+    #: What the fit measured on validation data (n, accepted share, accuracy ...).
+    val: dict[str, Any] = Field(default_factory=dict)
+
+
+class CascadeRule(BaseModel):
+    """Adaptive views: every cell gets ``fast_views``; a cell whose fast answer is uncertain
+    (calibrated confidence below ``min_confidence`` or OOD score above ``max_ood``) is run again
+    with ``slow_views`` and answered from those. A fast OOD score above ``reject_ood`` is flagged
+    at once (no validation cell that high was accepted by the slow path). Fitted on validation
+    data by :func:`hematoscope.trust.views.fit_cascade`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fast_views: int = 1
+    slow_views: int = 8
+    #: Above 1 (e.g. 1.01): every cell takes the slow path.
+    min_confidence: float = Field(ge=0)
+    max_ood: float | None = None
+    reject_ood: float | None = None
+    #: What the fit measured on validation data (slow share, agreement with slow_views ...).
+    val: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("fast_views", "slow_views")
+    @classmethod
+    def _known_view_count(cls, value: int) -> int:
+        if value not in TTA_VIEWS:
+            raise ValueError(f"view counts must be one of {TTA_VIEWS}; got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    """The trust settings in force for one view count (see :meth:`Bundle.trust_for`)."""
+
+    views: int
+    temperature: float
+    abstain_threshold: float
+    ood_threshold: float | None
+    ood_params: dict
+    #: None when fitted for this view count; otherwise why the bundle-wide settings are used.
+    fallback: str | None = None
 
 
 class BundleConfig(BaseModel):
@@ -67,6 +130,15 @@ class BundleConfig(BaseModel):
     tta: int = 1
     #: Out-of-distribution scorer: {"method": ..., "threshold": ..., ...}; None = not fitted.
     ood: dict[str, Any] | None = None
+    #: Trust fitted per view count ({"1": ViewTrust, "8": ...}, by `hematoscope trust fit`); the
+    #: top-level temperature / abstain_threshold / ood threshold equal the entry for ``tta``.
+    #: Empty (bundles fitted before per-view trust): the top-level settings serve every view count.
+    view_trust: dict[str, ViewTrust] = Field(default_factory=dict)
+    #: Fingerprint of the top-level trust settings ``view_trust`` was fitted with: when something
+    #: refits them alone (e.g. ``adapt``), the per-view entries are stale and not used.
+    view_trust_of: str | None = None
+    #: Adaptive views, the default way to predict when set (``--tta N`` forces N fixed views).
+    cascade: CascadeRule | None = None
     #: Set by :func:`hematoscope.bundle.adapt.adapt_bundle`: the lab's images it was adapted on
     #: (name, count, content hash) and what changed; None = as trained.
     adaptation: dict[str, Any] | None = None
@@ -82,6 +154,19 @@ class BundleConfig(BaseModel):
         if value not in TTA_VIEWS:
             raise ValueError(f"tta must be one of {TTA_VIEWS}; got {value}")
         return value
+
+    @field_validator("view_trust")
+    @classmethod
+    def _known_view_keys(cls, value: dict) -> dict:
+        bad = sorted(k for k in value if k not in {str(v) for v in TTA_VIEWS})
+        if bad:
+            raise ValueError(f"view_trust keys must be view counts {TTA_VIEWS}; got {bad}")
+        return value
+
+    def trust_fingerprint(self) -> str:
+        """Hash of the top-level trust settings (temperature, abstain threshold, OOD config)."""
+        text = json.dumps([self.temperature, self.abstain_threshold, self.ood], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -140,6 +225,10 @@ class Bundle(ABC):
         self.path = path
         self.preprocess = Preprocess.from_dict(config.preprocess)
         self.ood = None  # an OOD scorer from hematoscope.trust, or None
+        #: Fixed view count forced by set_tta (None: the bundle's default, the cascade when fitted).
+        self._forced_views: int | None = None
+        self._mode_scorers: dict = {}
+        self._warned: set = set()
 
     # --- what a kind provides ----------------------------------------------------------
     @abstractmethod
@@ -155,13 +244,19 @@ class Bundle(ABC):
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "Bundle":
         """Rebuild the bundle from ``config`` and the weight files in ``directory``."""
 
-    def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64) -> dict:
-        """Re-estimate the model's normalisation statistics on a new lab's images, in place;
-        returns what changed (JSON-able). Kinds without such statistics change nothing."""
+    def forward_views(self, images: Sequence[np.ndarray], views: int = 8):
+        """Raw outputs of each of the first ``views`` test-time views (kinds with views)."""
+        raise BundleError(f"{self.kind!r} bundles do not support test-time views")
+
+    def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
+                          mix: float | None = None) -> dict:
+        """Re-estimate the model's normalisation statistics on a new lab's images, in place, as
+        ``mix`` * new + (1 - ``mix``) * trained (None: the kind chooses); returns what changed
+        (JSON-able). Kinds without such statistics change nothing."""
         return {}
 
     def adapt(self, images: Iterable, *, source: str = "unnamed images", name: str | None = None,
-              target_tpr: float = 0.95) -> "Bundle":
+              target_tpr: float = 0.95, mix: float | None = None) -> "Bundle":
         """A copy of this bundle adapted to a new lab from its unlabelled cell crops (paths,
         bytes or arrays): normalisation statistics and the OOD reference and threshold are
         refitted, nothing else. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
@@ -171,7 +266,7 @@ class Bundle(ABC):
         """
         from hematoscope.bundle.adapt import adapt_bundle
 
-        return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr)[0]
+        return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr, mix=mix)[0]
 
     # --- common behaviour ----------------------------------------------------------------
     @property
@@ -193,6 +288,73 @@ class Bundle(ABC):
         if views not in TTA_VIEWS:
             raise BundleError(f"test-time views must be one of {TTA_VIEWS}; got {views}")
         self.config.tta = views
+        self._forced_views = views
+
+    @property
+    def uses_cascade(self) -> bool:
+        """Whether :meth:`predict_arrays` runs the adaptive-view cascade: the bundle has a fitted
+        cascade rule and up-to-date per-view trust, supports views, and no fixed view count was
+        forced with :meth:`set_tta`."""
+        cfg = self.config
+        if not (self.supports_tta and cfg.cascade is not None and self._forced_views is None):
+            return False
+        if cfg.view_trust_of != cfg.trust_fingerprint() or not {str(cfg.cascade.fast_views),
+                                                                 str(cfg.cascade.slow_views)} <= set(cfg.view_trust):
+            if "cascade" not in self._warned:
+                self._warned.add("cascade")
+                log.warning("bundle %r: its cascade was fitted with per-view trust that is no longer current; "
+                            "using %d fixed views (refit with `hematoscope trust fit BUNDLE SPLIT`)",
+                            self.name, cfg.tta)
+            return False
+        return True
+
+    @property
+    def view_mode(self) -> str:
+        """``"cascade"`` or the fixed number of views, as text (for reports)."""
+        return "cascade" if self.uses_cascade else str(self.config.tta)
+
+    def trust_for(self, views: int | None = None) -> TrustSettings:
+        """Temperature, abstain threshold and OOD threshold for ``views`` test-time views
+        (default: ``config.tta``).
+
+        The entry fitted for that view count is used when the bundle has one; otherwise (bundles
+        fitted before per-view trust, or a view count that was not fitted, or per-view settings
+        made stale by a later refit of the bundle-wide ones) the bundle-wide settings are used and
+        ``fallback`` says why; a warning is logged once per view count.
+        """
+        cfg = self.config
+        views = int(cfg.tta if views is None else views)
+        ood_threshold = None if cfg.ood is None else cfg.ood.get("threshold")
+        entry = cfg.view_trust.get(str(views))
+        why = None
+        if entry is not None and cfg.view_trust_of not in (None, cfg.trust_fingerprint()):
+            why = ("its per-view trust was fitted before the bundle-wide trust was refitted (e.g. by adapt); "
+                   f"using the bundle-wide settings (fitted for {cfg.tta} views)")
+        elif entry is None and views != cfg.tta:
+            fitted = sorted(int(k) for k in cfg.view_trust) or [cfg.tta]
+            why = (f"it has no trust fitted for {views} views (fitted: {', '.join(map(str, fitted))}); using the "
+                   f"settings fitted for {cfg.tta} views, so more or fewer cells than intended may be set "
+                   "aside. Fit them with `hematoscope trust fit BUNDLE SPLIT`")
+        if entry is None or why is not None:
+            if why is not None and views not in self._warned:
+                self._warned.add(views)
+                log.warning("bundle %r: %s", self.name, why)
+            return TrustSettings(views, cfg.temperature, cfg.abstain_threshold, ood_threshold, {}, why)
+        return TrustSettings(views, entry.temperature, entry.abstain_threshold, entry.ood_threshold,
+                             dict(entry.ood_params))
+
+    def _scorer_for(self, trust: TrustSettings):
+        """The OOD scorer with ``trust``'s per-view parameters (shares the fitted arrays)."""
+        if not trust.ood_params or self.ood is None:
+            return self.ood
+        key = (trust.views, tuple(sorted(trust.ood_params.items())))
+        if key not in self._mode_scorers:
+            import copy
+
+            scorer = copy.copy(self.ood)
+            scorer.set_params(trust.ood_params)
+            self._mode_scorers = {key: scorer}  # one cached variant per view count in use
+        return self._mode_scorers[key]
 
     def predict(
         self,
@@ -203,11 +365,12 @@ class Bundle(ABC):
     ) -> Prediction:
         """Classify images given as arrays, paths or encoded bytes.
 
-        Unreadable inputs are listed in ``Prediction.skipped`` with their reason; the others are
-        answered. Probabilities are temperature-calibrated; abstention combines the confidence
-        threshold and the OOD flag.
+        Files and bytes are decoded with :func:`~hematoscope.data.images.load_model_image`, as on
+        every other path (CLI, server, evaluate, trust fit). Unreadable inputs are listed in
+        ``Prediction.skipped`` with their reason; the others are answered. Probabilities are
+        temperature-calibrated; abstention combines the confidence threshold and the OOD flag.
         """
-        from hematoscope.data.images import ImageError, load_image
+        from hematoscope.data.images import ImageError, load_model_image
 
         items = list(images)
         names = list(sources) if sources is not None else [
@@ -222,7 +385,7 @@ class Bundle(ABC):
                 kept.append(name)
                 continue
             try:
-                arrays.append(load_image(item))
+                arrays.append(load_model_image(item, self.preprocess))
                 kept.append(name)
             except ImageError as exc:
                 skipped.append(SkippedFile(name, exc.reason))
@@ -239,23 +402,30 @@ class Bundle(ABC):
         out = self.forward(images)
         return self.decide(out, sources)
 
-    def calibrated_probs(self, logits: np.ndarray) -> np.ndarray:
+    def calibrated_probs(self, logits: np.ndarray, views: int | None = None) -> np.ndarray:
+        """Temperature-scaled probabilities, with the temperature fitted for ``views`` views."""
         from hematoscope.trust.calibration import softmax
 
-        return softmax(logits, self.config.temperature)
+        return softmax(logits, self.trust_for(views).temperature)
 
-    def decide(self, out: ModelOutput, sources: Sequence[str]) -> Prediction:
-        """Turn raw outputs into calibrated probabilities, OOD flags and abstain decisions."""
-        probs = self.calibrated_probs(out.logits)
+    def decide(self, out: ModelOutput, sources: Sequence[str], views: int | None = None) -> Prediction:
+        """Turn raw outputs of ``views`` averaged views (default ``config.tta``) into calibrated
+        probabilities, OOD flags and abstain decisions, with the trust fitted for that view count."""
+        from hematoscope.trust.calibration import softmax
+
+        trust = self.trust_for(views)
+        probs = softmax(out.logits, trust.temperature)
         n = len(probs)
-        if self.ood is not None and self.config.ood is not None:
-            score = np.asarray(self.ood.score(features=out.features, logits=out.logits), dtype=np.float64)
-            flag = score > float(self.config.ood["threshold"])
+        if self.ood is not None and trust.ood_threshold is not None:
+            scorer = self._scorer_for(trust)
+            score = np.asarray(scorer.score(features=out.features, logits=out.logits), dtype=np.float64)
+            flag = score > float(trust.ood_threshold)
         else:
             score, flag = np.full(n, np.nan), np.zeros(n, bool)
-        low = probs.max(1) < self.config.abstain_threshold
+        low = probs.max(1) < trust.abstain_threshold
         reasons = [UNLIKE_TRAINING if f else LOW_CONFIDENCE if lo else None for f, lo in zip(flag, low)]
-        return Prediction(self.labels, probs, list(sources), score, flag, flag | low, reasons)
+        return Prediction(self.labels, probs, list(sources), score, flag, flag | low, reasons,
+                          views=np.full(n, trust.views, dtype=np.int8))
 
     # --- persistence -------------------------------------------------------------------
     def save(self, path: Path | str) -> Path:
@@ -297,6 +467,8 @@ class Bundle(ABC):
             "temperature": self.config.temperature,
             "abstain_threshold": self.config.abstain_threshold,
             "ood": self.config.ood,
+            "views": self.view_mode,
+            "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),
             "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
             "hematoscope_version": self.config.hematoscope_version,
             "adapted_to": (f"{a['source']} ({a['images']} images)" if (a := self.config.adaptation) else None),

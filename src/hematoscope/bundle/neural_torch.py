@@ -59,3 +59,9 @@ def adapt_batchnorm(net: nn.Module, batches) -> int:
             m.momentum = momentum
         net.eval()
     return len(layers)
+
+
+def batchnorm_statistics(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The running mean and variance buffers of every BatchNorm layer (live tensors)."""
+    return {f"{name}.{stat}": getattr(m, stat) for name, m in net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) for stat in ("running_mean", "running_var")}

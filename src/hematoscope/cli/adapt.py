@@ -23,6 +23,10 @@ def adapt(
     target_tpr: Annotated[float, typer.Option("--accept", min=0.5, max=0.999,
                                               help="Share of the lab's own cells the out-of-distribution flag "
                                                    "accepts.")] = 0.95,
+    mix: Annotated[Optional[float], typer.Option("--bn-mix", min=0.0, max=1.0,
+                                                 help="Share of the lab's own BatchNorm statistics (0 = as "
+                                                      "trained, 1 = the lab's own); default: chosen on the "
+                                                      "images (lowest prediction entropy).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the adapted model to ONNX when the "
                                        "original had model.onnx.")] = True,
 ) -> None:
@@ -52,7 +56,8 @@ def adapt(
                     yield item
 
         label = source or Path(paths[0].rstrip("/")).name
-        adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr)
+        adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr,
+                                       mix=mix)
         had_onnx = "onnx" in original.config.model
         saved = adapted.save(out)
         if onnx and had_onnx and out.suffix.lower() != ".zip":
