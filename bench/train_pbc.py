@@ -142,7 +142,7 @@ def main() -> None:
     if args.ship:
         bundle.metrics = {"split": f"test: 10 % of PBC held out by bench/train_pbc.py (split sha256 "
                                    f"{results['split_file_sha256'][:16]})",
-                          **{k: v for k, v in test.items() if k not in ("labels", "unknown_classes")},
+                          **{k: v for k, v in test.items() if k not in ("labels", "unknown_classes", "predictions")},
                           "val": headline(val_metrics), "calibration": val_metrics.get("calibration"),
                           "trust": val_metrics.get("trust")}
         bundle.config.training["split_file_sha256_full"] = results["split_file_sha256"]

@@ -35,6 +35,9 @@ def test_default_model_classifies_the_bundled_real_samples():
     right = [p == t for p, t in zip(pred.predicted, truth)]
     answered = [r for r, a in zip(right, pred.abstain) if not a]
     assert len(paths) >= 16 and not pred.skipped
-    assert sum(right) >= 0.9 * len(paths), list(zip(truth, pred.predicted))
+    # the cross-lab default trades under a point of PBC accuracy for other labs (docs/crosslab.md):
+    # 21 of these 24 right, and it abstains on the 3 it gets wrong
+    assert sum(right) >= 0.85 * len(paths), list(zip(truth, pred.predicted))
+    assert all(a for r, a in zip(right, pred.abstain) if not r), "a wrong answer was not flagged"
     # what it does not abstain on should be right (the trust layer flags the doubtful cells)
     assert len(answered) >= 0.7 * len(paths) and sum(answered) >= 0.95 * len(answered)
