@@ -138,3 +138,9 @@ def test_batchnorm_mix_is_chosen_by_lowest_entropy_and_applied(trusted_bundle, l
     none, _ = adapt_bundle(trusted_bundle, lab_images, mix=0.0)
     for k, v in batchnorm_statistics(none.net).items():
         np.testing.assert_array_equal(v.numpy(), trained[k].numpy())
+
+
+def test_default_names_the_shipped_model():
+    from hematoscope.models.default import load_default_bundle
+
+    assert load_bundle("default").config == load_default_bundle().config

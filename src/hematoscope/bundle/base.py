@@ -34,6 +34,8 @@ from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
 log = logging.getLogger("hematoscope")
 
 FORMAT_VERSION = 1
+#: The name that stands for the package's shipped model wherever a bundle path is asked for.
+DEFAULT_NAME = "default"
 #: Older format versions this code can still read (upgraded in memory on load).
 READABLE_FORMAT_VERSIONS = (1,)
 INTENDED_USE = (
@@ -477,12 +479,17 @@ class Bundle(ABC):
 
 
 def load_bundle(path: Path | str) -> Bundle:
-    """Load a bundle directory or ``.zip`` of any kind.
+    """Load a bundle directory or ``.zip`` of any kind; ``"default"`` (when no such path exists)
+    is the model shipped with the package.
 
     Raises:
         BundleError: missing files, invalid config, unknown kind or unreadable format version,
             each with a message that says what to do.
     """
+    if str(path) == DEFAULT_NAME and not Path(path).exists():
+        from hematoscope.models.default import default_bundle_path
+
+        path = default_bundle_path()
     path = Path(path)
     if not path.exists():
         raise BundleError(f"no bundle at {path}")

@@ -39,11 +39,10 @@ def adapt(
     with user_errors():
         from hematoscope.bundle import load_bundle
         from hematoscope.bundle.adapt import adapt_bundle
-        from hematoscope.models.default import default_bundle_path
         from hematoscope.predict.report import skipped_table
         from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
 
-        original = load_bundle(default_bundle_path() if str(bundle_path) == "default" else bundle_path)
+        original = load_bundle(bundle_path)
         archives = ArchiveReader()
 
         def items():
