@@ -61,12 +61,12 @@ def test_no_early_resize_when_crops_would_not_compose():
     assert worker_resizer(Preprocess(size=32, resize="shorter_crop", crop_pct=32 / 37)) is None
 
 
-def test_same_results_as_bundle_predict_without_draft(tiny_neural_bundle):
-    """The pipeline only moves work into threads: with JPEG draft off it must give exactly the
-    probabilities of Bundle.predict on the same files."""
+def test_same_results_as_bundle_predict(tiny_neural_bundle):
+    """The pipeline only moves work into threads, decoding as Bundle.predict does: it must give
+    exactly the probabilities of Bundle.predict on the same files."""
     bundle = load_bundle(tiny_neural_bundle)
     paths = sample_paths()[:12]
-    piped = predict_paths(bundle, paths, batch_size=5, workers=2, draft=False)
+    piped = predict_paths(bundle, paths, batch_size=5, workers=2)
     direct = bundle.predict(paths)
     assert piped.sources == direct.sources
     np.testing.assert_array_equal(piped.probs, direct.probs)

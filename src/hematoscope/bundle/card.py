@@ -64,7 +64,9 @@ def model_card(bundle: "Bundle") -> str:
         f"- temperature: {c.temperature:.4f}",
         f"- abstain below calibrated confidence: {c.abstain_threshold:.3f}",
         f"- out-of-distribution scorer: {c.ood if c.ood else 'none fitted'}",
-        f"- test-time views averaged per image: {c.tta}",
+        f"- test-time views averaged per image: {c.tta}"
+        + (" when a fixed view count is asked for" if c.cascade else ""),
+        *_view_trust_lines(c),
         "",
         "## Metrics",
     ]
@@ -95,3 +97,25 @@ def model_card(bundle: "Bundle") -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _view_trust_lines(c) -> list[str]:
+    """The per-view trust table and the cascade rule, when fitted."""
+    lines = []
+    if c.view_trust:
+        lines += ["", "Trust fitted per view count (validation images):", "",
+                  "| views | temperature | OOD threshold | answered | accuracy | accuracy answered |",
+                  "|---|---|---|---|---|---|"]
+        for v, e in sorted(c.view_trust.items(), key=lambda kv: int(kv[0])):
+            val = e.val
+            lines.append(f"| {v} | {e.temperature:.4f} | {_fmt(e.ood_threshold)} | {_fmt(val.get('answered'))} | "
+                         f"{_fmt(val.get('accuracy'))} | {_fmt(val.get('accuracy_answered'))} |")
+    if c.cascade:
+        r, val = c.cascade, c.cascade.val
+        gate = f"calibrated confidence < {_fmt(r.min_confidence)}" + (
+            f" or OOD score > {_fmt(r.max_ood)}" if r.max_ood is not None else "")
+        lines += ["", f"Default: adaptive views. Every cell gets {r.fast_views} view; cells with {gate} "
+                      f"(and OOD score up to {_fmt(r.reject_ood)}) get {r.slow_views}. On validation images "
+                      f"{_fmt(val.get('slow_share'))} took the slow path; accuracy {_fmt(val.get('accuracy'))}, "
+                      f"abstained {_fmt(val.get('abstained'))}."]
+    return lines

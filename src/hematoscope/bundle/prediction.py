@@ -36,6 +36,9 @@ class Prediction:
     abstain: np.ndarray  # (N,) bool
     abstain_reason: list[str | None]
     skipped: list[SkippedFile] = field(default_factory=list)
+    #: (N,) test-time views each answer was computed from (the cascade mixes 1 and 8); None
+    #: when not recorded.
+    views: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -66,6 +69,8 @@ class Prediction:
                 "ood_score": None if np.isnan(self.ood_score[i]) else round(float(self.ood_score[i]), 6),
                 "ood_flag": bool(self.ood_flag[i]),
             }
+            if self.views is not None:
+                row["views"] = int(self.views[i])
             for r, (lab, p) in enumerate(top, 1):
                 row[f"top{r}"] = lab
                 row[f"top{r}_prob"] = round(p, 6)
@@ -76,6 +81,20 @@ class Prediction:
 
     def differential(self) -> "DifferentialCount":
         return DifferentialCount.from_prediction(self)
+
+    def share_with_views(self, views: int) -> float | None:
+        """Share of the images answered from ``views`` test-time views (with the cascade's slow
+        view count: the share that took the slow path); None when views were not recorded."""
+        if self.views is None or len(self) == 0:
+            return None
+        return float(np.mean(self.views == views))
+
+    def take(self, index: np.ndarray) -> "Prediction":
+        """The images at ``index`` (an int array), in that order (``skipped`` is not carried)."""
+        index = np.asarray(index, dtype=np.int64)
+        return Prediction(self.labels, self.probs[index], [self.sources[i] for i in index], self.ood_score[index],
+                          self.ood_flag[index], self.abstain[index], [self.abstain_reason[i] for i in index],
+                          [], None if self.views is None else self.views[index])
 
     @classmethod
     def empty(cls, labels: Sequence[str]) -> "Prediction":
@@ -98,6 +117,9 @@ class Prediction:
             abstain=np.concatenate([p.abstain for p in parts]),
             abstain_reason=[r for p in parts for r in p.abstain_reason],
             skipped=[s for p in parts for s in p.skipped],
+            views=(np.concatenate([p.views for p in parts if p.views is not None])
+                   if all(p.views is not None or len(p) == 0 for p in parts) and any(p.views is not None for p in parts)
+                   else None),
         )
 
 

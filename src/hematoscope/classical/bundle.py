@@ -24,8 +24,9 @@ PARALLEL_MIN_BATCH = 32
 
 
 def classical_preprocess():
-    """The input handling of classical bundles, recorded in ``config.preprocess``: the crop's
-    shorter side is resized to the working size (bilinear) and nothing is cropped or normalised."""
+    """The input handling of classical bundles, recorded in ``config.preprocess``: the crop is
+    resized to the working size (squash, bilinear); nothing is cropped or normalised. Training
+    features and predictions both decode files with it (``load_model_image``)."""
     from hematoscope.classical.segment import WORK_SIZE
     from hematoscope.models.preprocess import Preprocess
 
@@ -59,9 +60,11 @@ class ClassicalBundle(Bundle):
         return list(self.config.model["feature_names"])
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """The (N, D) feature matrix of RGB uint8 images."""
+        """The (N, D) feature matrix of RGB uint8 images, each first resized by the bundle's
+        preprocessing (a no-op for images decoded by ``load_model_image``, as at training)."""
         from hematoscope.classical.features import ClassicalFeatures
 
+        images = [self.preprocess.resize_image(im) for im in images]
         n_jobs = 2 if len(images) >= PARALLEL_MIN_BATCH else 1
         return ClassicalFeatures(n_jobs=n_jobs, cache=False).transform(images)
 

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-FEATURE_VERSION = "2"
+FEATURE_VERSION = "3"  # 3: files decoded by load_model_image (as at prediction time)
 
 
 @dataclass(frozen=True)
@@ -320,8 +320,8 @@ def _cache_file(sha: str) -> Path:
 
 
 def _features_of_item(item, use_cache: bool, on_error: str) -> np.ndarray:
-    from hematoscope.classical.segment import WORK_SIZE
-    from hematoscope.data.images import ImageError, load_image
+    from hematoscope.classical.bundle import classical_preprocess
+    from hematoscope.data.images import ImageError, load_model_image
 
     if isinstance(item, np.ndarray):
         return cell_features(item)
@@ -335,7 +335,8 @@ def _features_of_item(item, use_cache: bool, on_error: str) -> np.ndarray:
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed
     try:
-        vec = cell_features(load_image(data, draft_size=WORK_SIZE))
+        # the one decoding of every path: training features = prediction features
+        vec = cell_features(load_model_image(data, classical_preprocess()))
     except ImageError as exc:
         if on_error == "raise":
             raise ImageError(exc.reason, str(item) if isinstance(item, (str, Path)) else None) from None

@@ -37,8 +37,9 @@ def user_errors() -> Iterator[None]:
 
 #: ``--tta`` for commands that run a bundle on images.
 TtaOption = Annotated[Optional[int], typer.Option(
-    "--tta", help="Flip/rot90 views averaged per image: 1, 2, 4 or 8 (default: the bundle's own setting). "
-                  "More views are proportionally slower and flag unknown cell types better.")]
+    "--tta", help="Flip/rot90 views averaged per image: 1, 2, 4 or 8 (default: the bundle's own setting, the "
+                  "adaptive cascade when fitted: 1 view, 8 for uncertain cells). More views are proportionally "
+                  "slower and flag unknown cell types better.")]
 
 
 def apply_tta(bundle, views: int | None) -> None:

@@ -48,11 +48,12 @@ def segment_cmd(
 ) -> None:
     """Segment the centre cell and write a debug overlay of the nucleus and cell contours."""
     from hematoscope import _io
+    from hematoscope.classical.bundle import classical_preprocess
     from hematoscope.classical.segment import overlay_png, segment_cell
-    from hematoscope.data.images import load_image
+    from hematoscope.data.images import load_model_image
 
     with user_errors():
-        seg = segment_cell(load_image(image))
+        seg = segment_cell(load_model_image(image, classical_preprocess()))  # as classical bundles see it
         _io.write_bytes(out, overlay_png(seg))
     c = console()
     if seg.ok:
@@ -74,13 +75,13 @@ def explain_cmd(
     """Top contributing features (SHAP), a LIME superpixel map and the global importance plot."""
     from hematoscope import _io
     from hematoscope.bundle.base import load_bundle
-    from hematoscope.data.images import load_image
+    from hematoscope.data.images import load_model_image
     from hematoscope.explain.lime import bundle_predict_fn, explain_image
     from hematoscope.explain.shap import explain_features, importance_png
 
     with user_errors():
         bundle = load_bundle(bundle_path)
-        img = load_image(image)
+        img = load_model_image(image, bundle.preprocess)  # the pixels `predict` classifies
         pred = bundle.predict_arrays([img], [str(image)])
         label = pred.predicted[0]
         rows = explain_features(bundle, img, label=label, top=top)

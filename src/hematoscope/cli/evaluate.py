@@ -64,6 +64,10 @@ def evaluate_cmd(
         c.print(f"  {key.replace('_', ' ')}: {report[key]:.4f}")
     if report["accuracy_answered"] is not None:
         c.print(f"  abstained: {report['abstained']:.1%}; accuracy on the rest: {report['accuracy_answered']:.4f}")
+    if report.get("slow_share") is not None:
+        c.print(f"  views: cascade, {report['slow_share']:.1%} of images took the slow path")
+    elif report.get("views"):
+        c.print(f"  views: {report['views']}")
     per_class = Table("class", "precision", "recall", "F1", "support")
     for lab, d in report["per_class"].items():
         per_class.add_row(lab, f"{d['precision']:.3f}", f"{d['recall']:.3f}", f"{d['f1']:.3f}", str(d["support"]))

@@ -57,6 +57,8 @@ def predict(
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
+        import numpy as np
+
         from hematoscope.bundle import load_bundle
         from hematoscope.models.default import default_bundle_path
         from hematoscope.predict.pipeline import predict_sources
@@ -78,6 +80,7 @@ def predict(
         n_images = sum(isinstance(i, ImageSource) for i in items)
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
         diff, skipped, shown = empty_differential(bundle.labels), [], []
+        views_used: dict[int, int] = {}
         start = time.perf_counter()
         try:
             batches = predict_sources(bundle, items, batch_size=batch_size, workers=workers)
@@ -85,6 +88,9 @@ def predict(
                               description=f"classifying {n_images} images"):
                 diff = merge_differentials(diff, pred.differential())
                 skipped.extend(pred.skipped)
+                if pred.views is not None:
+                    for v, n in zip(*np.unique(pred.views, return_counts=True)):
+                        views_used[int(v)] = views_used.get(int(v), 0) + int(n)
                 if writer:
                     writer.add(pred)
                 elif sum(map(len, shown)) < SHOWN_ROWS:
@@ -111,6 +117,13 @@ def predict(
             err_console().print(f"... and {len(skipped) - 50} more unreadable files"
                                 + (f" (all listed in {out})" if out else ""))
     done = diff.classified + diff.abstained
+    if bundle.uses_cascade and done:
+        rule = bundle.config.cascade
+        slow = sum(n for v, n in views_used.items() if v == rule.slow_views)
+        out_console.print(f"views: cascade, {slow / done:.1%} of cells took the slow path ({rule.slow_views} views; "
+                          f"the others {rule.fast_views})", highlight=False)
+    elif views_used:
+        out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)

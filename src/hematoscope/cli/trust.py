@@ -22,27 +22,38 @@ def fit_cmd(
     method: Annotated[Optional[str], typer.Option(help=f"OOD score: {', '.join(METHODS)} "
                                                        "(default: knn_energy when the model has features).")] = None,
     target_tpr: Annotated[float, typer.Option("--target-tpr", help="Fraction of in-distribution val images the OOD "
-                                                                   "flag accepts.")] = 0.95,
+                                                                   "flag accepts at least.")] = 0.95,
+    target_answered: Annotated[float, typer.Option(
+        "--target-answered", help="Fraction of val images answered (OOD flag and abstain rule together) by every "
+                                  "view count; 0 = OOD threshold at --target-tpr only.")] = 0.95,
     abstain_min_confidence: Annotated[Optional[float], typer.Option(
         "--abstain-below", help="Abstain below this calibrated confidence (default: Chow's rule, 0.75).")] = None,
     max_train: Annotated[int, typer.Option("--max-train", help="At most this many train images fit the OOD score.")] = 5000,
     seed: Annotated[int, typer.Option(help="Seed of the train subset (and of the split when DATA is a folder).")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save to this path instead of over BUNDLE.")] = None,
-    tta: TtaOption = None,
+    tta: Annotated[Optional[int], typer.Option(
+        "--tta", help="Make this many fixed views the bundle's default instead of the cascade (trust is still "
+                      "fitted for every view count).")] = None,
+    cascade: Annotated[bool, typer.Option("--cascade/--no-cascade", help="Fit the adaptive-view cascade and make "
+                                          "it the default (bundles with views).")] = True,
 ) -> None:
-    """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split.
-
-    With --tta the bundle is saved with that many test-time views, since its thresholds fit them.
+    """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split,
+    for every view count (1, 2, 4, 8) and the cascade, from one pass of the model over all 8
+    views of the train and val images.
     """
     from hematoscope.bundle.base import load_bundle
     from hematoscope.data.readers import read_dataset
+    from hematoscope.models.preprocess import TTA_VIEWS
     from hematoscope.trust.fit import fit_trust_on_table, resave_bundle
 
     if method is not None and method not in METHODS:
         raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
+    if tta is not None and tta not in TTA_VIEWS:
+        raise typer.BadParameter(f"choose one of {', '.join(map(str, TTA_VIEWS))}", param_hint="--tta")
     with user_errors():
         bundle = load_bundle(bundle_path)
-        apply_tta(bundle, tta)
+        if tta is not None and tta != 1 and not bundle.supports_tta:
+            raise ValueError(f"{bundle.kind!r} bundles do not support test-time views")
         table = read_dataset(data)
         if "split" not in table.columns:
             from hematoscope.data.splits import make_split
@@ -51,17 +62,38 @@ def fit_cmd(
                                 "images must not have been used to train the bundle.")
             table = make_split(table, seed=seed)
         report = fit_trust_on_table(bundle, table, max_train=max_train, seed=seed, target_tpr=target_tpr,
-                                    method=method, abstain_min_confidence=abstain_min_confidence)
+                                    target_answered=target_answered or None,
+                                    method=method, abstain_min_confidence=abstain_min_confidence,
+                                    default_views=tta, cascade=cascade and tta is None)
         target = resave_bundle(bundle, out or bundle_path)
-    cal = report["calibration"]
     c = console()
-    c.print(f"temperature {cal['temperature']:.3f}: ECE {cal['ece_before']:.4f} → {cal['ece_after']:.4f} "
-            f"(val, n={cal['n']})")
-    c.print(f"OOD {report['ood_method']}: threshold {report['ood_threshold']:.4g}, accepts "
-            f"{report['val_ood_accept_rate']:.1%} of val (fitted on {report['n_train']} train images)")
-    acc = report["val_accuracy_accepted"]
-    c.print(f"abstain below confidence {report['abstain_threshold']:.3f} ({report['abstain_rule']}): val coverage "
-            f"{report['val_coverage']:.1%}, accuracy answered {'n/a' if acc is None else f'{acc:.2%}'}")
+    base = report["base"]
+    bank = report["bank_views"]
+    c.print(f"OOD {base['ood_method']} fitted on {report['n_train']} train images "
+            f"({bank} view{'s' if bank > 1 else ''}); each view count's threshold accepts at least {target_tpr:.0%} "
+            f"of val (n={report['n_val']})"
+            + (f" and answers {target_answered:.0%} of it with the abstain rule" if target_answered else "")
+            + f"; abstain below confidence {base['abstain_threshold']:.3f} ({base['abstain_rule']})", highlight=False)
+    for v, entry in sorted(report["views"].items(), key=lambda kv: int(kv[0])):
+        trust = bundle.config.view_trust[v]
+        acc = entry["accuracy_answered"]
+        ood = "" if trust.ood_threshold is None else f", OOD threshold {trust.ood_threshold:.4g}"
+        default = " (default)" if int(v) == report["default_views"] and not bundle.uses_cascade else ""
+        c.print(f"{v} view{'s' if int(v) > 1 else ''}{default}: temperature {trust.temperature:.3f}{ood}, ECE "
+                f"{entry['ece_before']:.4f} → {entry['ece_after']:.4f}; val: answered {entry['answered']:.1%}, "
+                f"accuracy {entry['accuracy']:.2%}, on the answered {'n/a' if acc is None else f'{acc:.2%}'}",
+                highlight=False)
+    if report["cascade"] is not None:
+        rule, val = report["cascade"], report["cascade"]["val"]
+        gate = f"confidence < {rule['min_confidence']:.4g}" + (
+            f" or OOD score > {rule['max_ood']:.4g}" if rule["max_ood"] is not None else "")
+        c.print(f"cascade (default): {rule['fast_views']} view, {rule['slow_views']} views when {gate}: "
+                f"{val['slow_share']:.1%} of val took the slow path; accuracy {val['accuracy']:.2%}, answered "
+                f"{1 - val['abstained']:.1%} (accuracy {val['accuracy_answered']:.2%}); agrees with "
+                f"{val.get('reference_views', rule['slow_views'])} views on "
+                f"{val.get('agreement_with_reference', 1.0):.1%} of val", highlight=False)
+    else:
+        c.print(f"default: {report['default_views']} fixed view{'s' if report['default_views'] > 1 else ''}")
     c.print(f"saved {target}")
 
 

@@ -61,7 +61,10 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         calibrated probabilities, so ``ece`` is after temperature scaling) plus ``label_map``
         (data class → evaluation class), ``merged`` (bundle class → evaluation class where they
         differ), ``unknown_classes`` ({data class: count} not scored), ``skipped`` (unreadable
-        files with reasons), ``abstained`` / ``accuracy_answered`` (the bundle's abstain rule).
+        files with reasons), ``abstained`` / ``accuracy_answered`` (the bundle's abstain rule),
+        ``views`` (the view mode: ``"cascade"`` or a count) and ``slow_share`` (the share of
+        images the cascade ran with all views), and ``predictions`` (one record per scored image:
+        source, truth, prediction, confidence, abstain, OOD score, views).
 
     Raises:
         ValueError: no image of ``table`` has a class the bundle knows, or none is readable.
@@ -105,6 +108,13 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         "skipped": [{"source": s.source, "reason": s.reason} for s in pred.skipped],
         "abstained": float(1 - answered.mean()),
         "accuracy_answered": float((y_pred == y_true)[answered].mean()) if answered.any() else None,
+        "views": bundle.view_mode,
+        "slow_share": (pred.share_with_views(bundle.config.cascade.slow_views)
+                       if bundle.uses_cascade and pred.views is not None else None),
+        "predictions": [{"truth": space[t], **{k: r[k] for k in ("source", "prediction", "confidence", "abstain",
+                                                                  "abstain_reason", "ood_score")},
+                         **({"views": r["views"]} if "views" in r else {})}
+                        for t, r in zip(y_true, pred.records(1))],
     })
     if plots_dir is not None:
         plot_confusion_matrix(np.array(report["confusion_matrix"]), space, Path(plots_dir) / "confusion_matrix.png")

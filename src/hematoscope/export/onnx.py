@@ -209,12 +209,12 @@ def _parity_inputs(bundle: "Bundle") -> tuple[np.ndarray, str]:
 
 
 def _preprocessed(bundle: "Bundle", paths: Iterable[Path | str]) -> np.ndarray:
-    from hematoscope.data.images import ImageError, load_image
+    from hematoscope.data.images import ImageError, load_model_image
 
     images = []
     for p in paths:
         try:
-            images.append(load_image(p))
+            images.append(load_model_image(p, bundle.preprocess))
         except ImageError:
             continue  # a bad calibration file is not a reason to fail the export
     if not images:
@@ -296,7 +296,7 @@ def _check_int8(bundle: "Bundle", fp32_path: Path, int8_path: Path, validation, 
         items = [ImageSource(str(p), Path(p)) for p in table["path"]]
         truth = dict(zip(table["path"].astype(str), table.get("canonical", table["label"])))
         pred32, pred8, names = [], [], []
-        for batch in decode_batches(items, bundle.preprocess, batch_size=64, draft=False):
+        for batch in decode_batches(items, bundle.preprocess, batch_size=64):
             if not batch.images:
                 continue
             x = bundle.preprocess(batch.images)

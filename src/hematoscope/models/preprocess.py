@@ -106,6 +106,30 @@ class Preprocess:
             im = im.crop((left, top, left + self.size, top + self.size))
         return np.asarray(im, dtype=np.uint8)
 
+    @property
+    def decode_size(self) -> int:
+        """Smallest image side the resize needs: a JPEG may be DCT-scaled down to it on decoding."""
+        return round(self.size / self.crop_pct) if self.resize == "shorter_crop" else self.size
+
+    def early_resizer(self):
+        """A resize that may run before this preprocessing (e.g. in a decoding thread) without
+        changing the model input, or None when there is none:
+
+        - ``"squash"``, or ``"shorter_crop"`` without cropping: the resize itself (a second
+          application leaves a size x size image as it is);
+        - ``"shorter_crop"`` with a centre crop: resize the shorter side and crop a square of that
+          side, leaving the final crop to the model. Two centre crops compose exactly when the
+          margin of the second is even; otherwise there is no early resize.
+        """
+        if self.resize == "squash" or self.crop_pct == 1.0:
+            return self.resize_image
+        short = round(self.size / self.crop_pct)
+        if (short - self.size) % 2:
+            return None
+        from dataclasses import replace
+
+        return replace(self, size=short, crop_pct=1.0).resize_image
+
     def canonicalise(self, x: np.ndarray) -> np.ndarray:
         """Colour canonicalisation of a float batch (N, H, W, 3) in [0, 1]; returns a new array
         (training applies it to augmented batches, so both paths share this one function)."""

@@ -1,8 +1,9 @@
 """Pipelined prediction: decode images in worker threads while the model runs.
 
-A pool of threads reads, decodes (:func:`hematoscope.data.images.load_image`, with JPEG DCT
-scaling when the model input is much smaller than the file) and resizes images to the model's
-input size; the calling thread runs the model on one batch while the next batches decode.
+A pool of threads reads and decodes images with
+:func:`hematoscope.data.images.load_model_image` (the one decoding every path uses: JPEG DCT
+scaling down to the model's size, then the resize that leaves the model input unchanged); the
+calling thread runs the model on one batch while the next batches decode.
 Pillow and ONNX Runtime / torch release the GIL for their heavy work, so threads overlap well.
 At most ``prefetch + 1`` batches are in flight, so memory stays flat however many images there
 are. Results come back in input order; unreadable files become
@@ -14,7 +15,7 @@ import os
 import zipfile
 import zlib
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -23,7 +24,7 @@ import numpy as np
 
 from hematoscope.bundle.prediction import Prediction, SkippedFile
 from hematoscope.data.archive import UnsafeArchiveError
-from hematoscope.data.images import ImageError, load_image
+from hematoscope.data.images import ImageError, load_model_image
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
 
@@ -50,29 +51,14 @@ def default_workers() -> int:
 
 
 def worker_resizer(preprocess: Preprocess) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The resize that workers may apply before the model's own preprocessing, or None.
-
-    Bundles always apply their full :class:`Preprocess` in ``forward``; resizing early in a
-    worker is only an optimisation, allowed when the model's preprocessing then gives exactly
-    the pixels it would have given on the original image:
-
-    - ``"squash"``, or ``"shorter_crop"`` without cropping: the resize itself (a second
-      application leaves a size x size image as it is);
-    - ``"shorter_crop"`` with a centre crop: resize the shorter side and crop a square of that
-      side, leaving the final crop to the model. Two centre crops compose exactly when the
-      margin of the second is even; otherwise there is no early resize.
-    """
-    if preprocess.resize == "squash" or preprocess.crop_pct == 1.0:
-        return preprocess.resize_image
-    short = round(preprocess.size / preprocess.crop_pct)
-    if (short - preprocess.size) % 2:
-        return None
-    return replace(preprocess, size=short, crop_pct=1.0).resize_image
+    """The resize that workers may apply before the model's own preprocessing, or None (see
+    :meth:`~hematoscope.models.preprocess.Preprocess.early_resizer`)."""
+    return preprocess.early_resizer()
 
 
 def draft_size_for(preprocess: Preprocess) -> int:
     """Smallest image side the model's resize needs: JPEGs may be DCT-scaled down to it."""
-    return round(preprocess.size / preprocess.crop_pct) if preprocess.resize == "shorter_crop" else preprocess.size
+    return preprocess.decode_size
 
 
 def decode_batches(
@@ -81,7 +67,6 @@ def decode_batches(
     *,
     batch_size: int = 64,
     workers: int | None = None,
-    draft: bool = True,
     prefetch: int = 2,
 ) -> Iterator[DecodedBatch]:
     """Decode ``items`` in a thread pool, ``batch_size`` at a time, in order.
@@ -89,12 +74,9 @@ def decode_batches(
     Args:
         items: output of :func:`~hematoscope.predict.sources.expand_paths` (any iterable; it is
             consumed lazily).
-        preprocess: the model's input spec; images are resized to its size in the workers when
-            that is safe (see :func:`worker_resizer`).
+        preprocess: the model's input spec (decoded with :func:`load_model_image`).
         batch_size: items per batch (skipped items count towards it).
         workers: decode threads (default: one per CPU).
-        draft: allow JPEG DCT scaling down to the model's input size (much faster decoding of
-            large files; pixels differ slightly from a full decode followed by the resize).
         prefetch: batches decoded ahead of the one being consumed.
 
     Yields:
@@ -104,8 +86,6 @@ def decode_batches(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     from concurrent.futures import ThreadPoolExecutor
 
-    resize = worker_resizer(preprocess)
-    draft_size = draft_size_for(preprocess) if draft else None
     archives = ArchiveReader()
     pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="hematoscope-decode")
 
@@ -114,8 +94,7 @@ def decode_batches(
             return item
         try:
             data: Path | bytes = item.path if item.member is None else archives.read(item)
-            image = load_image(data, draft_size=draft_size)
-            return resize(image) if resize else image
+            return load_model_image(data, preprocess)
         except ImageError as exc:
             return SkippedFile(item.name, exc.reason)
         except (UnsafeArchiveError, zipfile.BadZipFile, zlib.error, OSError) as exc:
@@ -154,10 +133,9 @@ def predict_sources(
     *,
     batch_size: int = 64,
     workers: int | None = None,
-    draft: bool = True,
 ) -> Iterator[Prediction]:
     """Classify expanded sources batch by batch (see :func:`iter_predictions`)."""
-    for batch in decode_batches(items, bundle.preprocess, batch_size=batch_size, workers=workers, draft=draft):
+    for batch in decode_batches(items, bundle.preprocess, batch_size=batch_size, workers=workers):
         pred = bundle.predict_arrays(batch.images, batch.sources)
         pred.skipped = list(batch.skipped)
         yield pred
@@ -169,7 +147,6 @@ def iter_predictions(
     *,
     batch_size: int = 64,
     workers: int | None = None,
-    draft: bool = True,
 ) -> Iterator[Prediction]:
     """Classify files, folders, globs and zips, yielding one :class:`Prediction` per batch.
 
@@ -182,13 +159,12 @@ def iter_predictions(
             :func:`~hematoscope.predict.sources.expand_paths`).
         batch_size: images per model call.
         workers: decode threads (default: one per CPU).
-        draft: allow JPEG DCT scaling when the model input is much smaller than the file.
 
     Yields:
         Per batch, a Prediction whose ``skipped`` lists the unreadable files of that batch
         (and inputs with nothing to classify: an empty folder, a hostile or broken zip).
     """
-    yield from predict_sources(bundle, expand_paths(paths), batch_size=batch_size, workers=workers, draft=draft)
+    yield from predict_sources(bundle, expand_paths(paths), batch_size=batch_size, workers=workers)
 
 
 def predict_paths(
@@ -197,9 +173,8 @@ def predict_paths(
     *,
     batch_size: int = 64,
     workers: int | None = None,
-    draft: bool = True,
 ) -> Prediction:
     """Classify files, folders, globs and zips into one :class:`Prediction` (results in input
     order; unreadable files in ``Prediction.skipped``). Arguments as :func:`iter_predictions`."""
-    parts = list(iter_predictions(bundle, paths, batch_size=batch_size, workers=workers, draft=draft))
+    parts = list(iter_predictions(bundle, paths, batch_size=batch_size, workers=workers))
     return Prediction.concat(parts, bundle.labels)

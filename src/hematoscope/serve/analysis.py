@@ -221,7 +221,8 @@ def _batches(sizes: list[tuple[int, int]], *, max_images: int, max_pixels: int) 
 def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,
                  max_pixels: int, explain_max: int, max_request_pixels: int | None = None,
                  budget: PixelBudget | None = None, batch_pixels: int | None = None,
-                 batch_size: int = BATCH_IMAGES) -> tuple[list[StoredItem], dict]:
+                 batch_size: int = BATCH_IMAGES, classify=None,
+                 cpu_slots: threading.Semaphore | None = None) -> tuple[list[StoredItem], dict]:
     """Classify uploaded images with one model, decoding them batch by batch.
 
     Image sizes are read from the headers first, so an upload that would decode to more than
@@ -242,6 +243,10 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
         batch_pixels: most pixels decoded at once by this request (default: the budget's
             capacity, or no bound without a budget).
         batch_size: most images per batch.
+        classify: ``(images, names) -> Prediction``, the model call (default: the bundle's
+            ``predict_arrays``; the server passes its batcher, which joins other requests' images).
+        cpu_slots: held while decoding and while making thumbnails and explanations (not while
+            waiting for the model), so that at most that many threads do such work at once.
 
     Returns:
         (items in upload order, the batch's differential count as a dict).
@@ -251,7 +256,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
         UploadError: no image in the upload can be read.
     """
     from hematoscope.bundle import Prediction, SkippedFile
-    from hematoscope.data.images import ImageError, image_size, is_image_file, load_image
+    from hematoscope.data.images import ImageError, image_size, is_image_file, load_model_image
 
     items: list[StoredItem] = []
     sizes: list[tuple[int, int]] = []  # (position, pixels) of the files that look decodable
@@ -283,24 +288,30 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     if batch_pixels is None:
         batch_pixels = budget.capacity if budget is not None else max(total, 1)
+    classify = classify or model.bundle.predict_arrays
+    slots = cpu_slots if cpu_slots is not None else nullcontext()
     preds: list[Prediction] = []
     explained = 0
     for batch in _batches(sizes, max_images=batch_size, max_pixels=batch_pixels):
         reserved = sum(px for _, px in batch)
         with budget.reserve(reserved) if budget is not None else nullcontext():
             images, positions = [], []
-            for pos, _ in batch:
-                try:
-                    images.append(load_image(uploads[pos].data, max_pixels=max_pixels))
-                    positions.append(pos)
-                except ImageError as exc:
-                    fail(pos, exc.reason)
+            with slots:
+                for pos, _ in batch:
+                    try:
+                        images.append(load_model_image(uploads[pos].data, model.bundle.preprocess,
+                                                       max_pixels=max_pixels))
+                        positions.append(pos)
+                    except ImageError as exc:
+                        fail(pos, exc.reason)
             if not images:
                 continue
-            pred = model.bundle.predict_arrays(images, [uploads[p].name for p in positions])
+            pred = classify(images, [uploads[p].name for p in positions])
             predicted = pred.probs.argmax(1).tolist()
             n_explain = max(0, min(len(images), explain_max - explained)) if explain else 0
-            overlays = _explain(model, images[:n_explain], predicted[:n_explain]) if n_explain else []
+            with slots:
+                overlays = _explain(model, images[:n_explain], predicted[:n_explain]) if n_explain else []
+                thumbnails = [_thumbnail(im) for im in images]
             explained += n_explain
             for n, (pos, record, top) in enumerate(zip(positions, pred.records(top_k), pred.top_k(top_k))):
                 overlay, explanation = overlays[n] if n < len(overlays) else (None, None)
@@ -312,9 +323,10 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
                     "abstain_reason": record["abstain_reason"] or None,
                     "ood_score": record["ood_score"],
                     "ood_flag": record["ood_flag"],
+                    "views": record.get("views"),
                     "explanation": explanation,
                 }
-                items[pos].thumbnail = _thumbnail(images[n])
+                items[pos].thumbnail = thumbnails[n]
                 items[pos].heatmap = overlay
             preds.append(pred)
             del images  # the batch's pixels go before the next reservation

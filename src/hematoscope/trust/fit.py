@@ -134,40 +134,51 @@ def fit_trust(
     }
     bundle.metrics["calibration"] = calibration
     bundle.metrics["trust"] = trust
+    # one view count's settings: per-view entries and a cascade fitted before no longer apply
+    bundle.config.view_trust, bundle.config.view_trust_of, bundle.config.cascade = {}, None, None
+    bundle._mode_scorers, bundle._warned = {}, set()
     return {"calibration": calibration, "ood": bundle.config.ood, **trust}
 
 
 def bundle_outputs(bundle: "Bundle", paths: Sequence[str], *, batch_size: int = 64,
                    description: str = "scoring") -> tuple["ModelOutput", np.ndarray]:
-    """Run ``bundle.forward`` over image files.
+    """Run ``bundle.forward`` (its ``config.tta`` views) over image files, decoded as on every
+    other path (:func:`~hematoscope.data.images.load_model_image`).
 
     Returns:
         The concatenated outputs of the readable files and their indices into ``paths``
         (unreadable files are left out).
     """
-    from hematoscope.bundle.base import ModelOutput
-    from hematoscope.data.images import ImageError, load_image
-    from hematoscope.progress import track
+    views = bundle.config.tta if bundle.supports_tta else 1
+    out, kept = bundle_view_outputs(bundle, paths, views=views, batch_size=batch_size, description=description)
+    return out.averaged(views), kept
 
-    logits, features, kept = [], [], []
-    starts = range(0, len(paths), batch_size)
-    for start in track(starts, total=len(starts), description=description):
-        images = []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                images.append(load_image(paths[i]))
-                kept.append(i)
-            except ImageError:
-                continue
-        if images:
-            out = bundle.forward(images)
-            logits.append(out.logits)
-            features.append(out.features)
+
+def bundle_view_outputs(bundle: "Bundle", paths: Sequence[str], *, views: int | None = None, batch_size: int = 64,
+                        description: str = "scoring"):
+    """Every test-time view's raw outputs over image files (default: all the bundle can
+    average), decoded in threads with :func:`~hematoscope.data.images.load_model_image`.
+
+    Returns:
+        (:class:`~hematoscope.trust.views.ViewOutputs` of the readable files, their indices into
+        ``paths``).
+    """
+    from hematoscope.predict.pipeline import decode_batches
+    from hematoscope.predict.sources import ImageSource
+    from hematoscope.progress import track
+    from hematoscope.trust.views import ViewOutputs, max_views, view_outputs
+
+    views = max_views(bundle) if views is None else views
+    items = [ImageSource(str(i), Path(p)) for i, p in enumerate(paths)]
+    parts, kept = [], []
+    batches = decode_batches(items, bundle.preprocess, batch_size=batch_size)
+    for batch in track(batches, total=-(-len(items) // batch_size), description=description):
+        if batch.images:
+            parts.append(view_outputs(bundle, batch.images, views))
+            kept.extend(int(s) for s in batch.sources)
     if not kept:
-        return ModelOutput(np.zeros((0, len(bundle.labels)), np.float32), None), np.zeros(0, int)
-    has_features = all(f is not None for f in features)
-    return (ModelOutput(np.concatenate(logits), np.concatenate(features) if has_features else None),
-            np.asarray(kept, int))
+        return ViewOutputs(np.zeros((views, 0, len(bundle.labels)), np.float32), None), np.zeros(0, int)
+    return ViewOutputs.concat(parts), np.asarray(kept, int)
 
 
 def table_targets(bundle: "Bundle", table) -> np.ndarray:
@@ -183,8 +194,9 @@ def table_targets(bundle: "Bundle", table) -> np.ndarray:
 
 def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: int = 0,
                        batch_size: int = 64, **fit_kwargs) -> dict[str, Any]:
-    """:func:`fit_trust` from a samples table: runs the bundle over its ``train`` and ``val``
-    rows (a ``split`` column is required) and fits on the outputs.
+    """Trust for every view count (and the cascade) from a samples table, in one pass: every
+    test-time view of the ``train`` and ``val`` rows (a ``split`` column is required) is run
+    once, and :func:`hematoscope.trust.views.fit_view_trust` fits on the outputs.
 
     Args:
         bundle: any bundle kind.
@@ -194,11 +206,18 @@ def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: 
             run through the model to fit the OOD scorer.
         seed: seed of that subset.
         batch_size: images per forward pass.
-        **fit_kwargs: passed to :func:`fit_trust` (target_tpr, method, abstain_min_confidence ...).
+        **fit_kwargs: passed to ``fit_view_trust`` (views, default_views, cascade, target_tpr,
+            method, abstain_min_confidence ...).
+
+    Returns:
+        ``fit_view_trust``'s report plus the bundle-wide ``fit_trust`` keys of the default view
+        count (``calibration``, ``ood_method`` ...), ``n_train`` and ``n_val``.
 
     Raises:
         ValueError: no ``split`` column, or no usable train/val rows.
     """
+    from hematoscope.trust.views import fit_view_trust, max_views
+
     if "split" not in table.columns:
         raise ValueError("the data needs a 'split' column with train and val rows "
                          "(make one with `hematoscope data split`)")
@@ -213,9 +232,12 @@ def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: 
 
             rows, _ = train_test_split(rows, train_size=max_train, random_state=seed, stratify=targets[rows])
         paths = [str(p) for p in table["path"].to_numpy()[rows]]
-        out, kept = bundle_outputs(bundle, paths, batch_size=batch_size, description=f"{name} images")
+        views = max(fit_kwargs.get("views") or [max_views(bundle)])
+        out, kept = bundle_view_outputs(bundle, paths, views=views, batch_size=batch_size,
+                                        description=f"{name} images, {views} view{'s' if views > 1 else ''}")
         parts[name] = (out, targets[rows][kept])
-    report = fit_trust(bundle, train=parts["train"], val=parts["val"], **fit_kwargs)
+    report = fit_view_trust(bundle, train=parts["train"], val=parts["val"], **fit_kwargs)
+    report.update({k: v for k, v in report["base"].items() if k not in report})
     report["n_train"], report["n_val"] = len(parts["train"][1]), len(parts["val"][1])
     return report
 

@@ -117,6 +117,25 @@ class OODScorer:
         """Fitted arrays, saved in ``ood.safetensors``."""
         return {}
 
+    def view_params(self, features: np.ndarray | None, labels: np.ndarray, logits: np.ndarray, *,
+                    temperature: float = 1.0) -> dict[str, float]:
+        """Parameters to refit for outputs of another view count (the same training images as
+        :meth:`fit` saw, averaged over a different number of test-time views), keeping the fitted
+        arrays; {} when nothing depends on the view count. See :meth:`set_params`."""
+        return {}
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Set parameters from :meth:`view_params` (on a copy that shares the fitted arrays).
+
+        Raises:
+            ScorerError: a parameter this scorer does not have.
+        """
+        unknown = set(params) - set(self.params())
+        if unknown:
+            raise ScorerError(f"the {self.name} scorer has no parameters {sorted(unknown)}")
+        for key, value in params.items():
+            setattr(self, key, value)
+
     def _load_state(self, arrays: dict[str, np.ndarray]) -> None:
         for key in self.array_names:
             setattr(self, key + "_", arrays[key])
@@ -307,8 +326,7 @@ class KNNEnergyScorer(KNNScorer):
         if logits is None:
             raise ScorerError("the knn_energy scorer needs the training logits")
         n = len(self._features(features))
-        held = np.zeros(n, bool)
-        held[np.random.default_rng(self.seed).choice(n, max(1, n // 5), replace=False)] = True
+        held = self._held_out(n)
         if n - held.sum() < self.k:
             raise ScorerError(f"knn_energy scorer needs more than {self.k} training features, got {n}")
         super().fit(np.asarray(features)[~held])
@@ -316,6 +334,27 @@ class KNNEnergyScorer(KNNScorer):
         energy = EnergyScorer().score(logits=np.asarray(logits)[held])
         self.norm = (*_center_scale(knn), *_center_scale(energy))
         return self
+
+    def _held_out(self, n: int) -> np.ndarray:
+        held = np.zeros(n, bool)
+        held[np.random.default_rng(self.seed).choice(n, max(1, n // 5), replace=False)] = True
+        return held
+
+    def view_params(self, features, labels, logits, *, temperature: float = 1.0):
+        """The standardisation refitted on the same held-out fifth of the training images (the
+        same rows :meth:`fit` drew), with their outputs for another view count."""
+        held = self._held_out(len(features))
+        knn = KNNScorer.score(self, features=np.asarray(features)[held])
+        energy = EnergyScorer().score(logits=np.asarray(logits)[held])
+        kc, ks, ec, es = (*_center_scale(knn), *_center_scale(energy))
+        return {"knn_center": kc, "knn_scale": ks, "energy_center": ec, "energy_scale": es}
+
+    def set_params(self, params):
+        names = ("knn_center", "knn_scale", "energy_center", "energy_scale")
+        unknown = set(params) - set(names)
+        if unknown:
+            raise ScorerError(f"the knn_energy scorer has no parameters {sorted(unknown)}")
+        self.norm = tuple(params.get(k, v) for k, v in zip(names, self.norm))
 
     def score(self, *, features, logits):
         if None in self.norm:
@@ -369,6 +408,9 @@ class MaxSoftmaxScorer(OODScorer):
         from hematoscope.trust.calibration import softmax
 
         return 1.0 - softmax(logits, self.temperature).max(1)
+
+    def view_params(self, features, labels, logits, *, temperature: float = 1.0):
+        return {"temperature": float(temperature)}
 
     def params(self):
         return {"temperature": self.temperature}
