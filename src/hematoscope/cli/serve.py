@@ -27,7 +27,18 @@ def serve(
     max_decoded_megapixels: Annotated[Optional[float], typer.Option(
         help="Most decoded pixels the server holds at once over all requests (bounds memory: ~3-7 bytes per "
              "pixel). [default: 200]")] = None,
-    workers: Annotated[int, typer.Option(envvar="HEMATOSCOPE_WORKERS", help="Inference worker threads.")] = 2,
+    workers: Annotated[int, typer.Option(envvar="HEMATOSCOPE_WORKERS", help="Threads that decode images and make "
+                                         "thumbnails and explanations at once.")] = 2,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Most images per model call; concurrent requests share calls. [default: 64]")] = None,
+    batch_wait_ms: Annotated[Optional[float], typer.Option(
+        "--batch-wait-ms", help="How long a model call waits for other requests to join it. [default: 5]")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(
+        "--max-concurrent",
+        help="Analyses in progress at once; as many more may wait, then 503. [default: 64]")] = None,
+    max_queued_images: Annotated[Optional[int], typer.Option(
+        "--max-queued-images", help="Most images waiting for the model; beyond it 503 with Retry-After. "
+                                    "[default: 1024]")] = None,
     allowed_host: Annotated[Optional[list[str]], typer.Option(
         "--allowed-host", help="Host name clients use to reach the server, besides localhost and the --host "
                                "address; repeat for several ('*.lab.example' for subdomains, '*' for any).")] = None,
@@ -50,7 +61,9 @@ def serve(
 
         # Options left out fall back to HEMATOSCOPE_* environment variables, then to the defaults.
         optional = {"max_request_megapixels": max_request_megapixels, "max_decoded_megapixels": max_decoded_megapixels,
-                    "allowed_hosts": allowed_host, "allowed_origins": allowed_origin, "retention_days": retention_days}
+                    "allowed_hosts": allowed_host, "allowed_origins": allowed_origin, "retention_days": retention_days,
+                    "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "max_concurrent": max_concurrent,
+                    "max_queued_images": max_queued_images}
         settings = Settings(models=model or [], host=host, port=port, token=token, db=db, max_upload_mb=max_upload_mb,
                             workers=workers, **{k: v for k, v in optional.items() if v is not None})
         app = create_app(settings)

@@ -41,9 +41,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Inference and database work run in this bounded pool, never on the event loop.
-        app.state.limiter = anyio.CapacityLimiter(settings.workers)
-        yield
+        import threading
+
+        from hematoscope.serve.batching import ModelBatcher
+
+        # Analyses run in this bounded pool of threads, never on the event loop; at most
+        # `workers` of them decode or explain at once; the model runs in one batching thread per
+        # model, on the images of every request waiting for it.
+        app.state.limiter = anyio.CapacityLimiter(settings.max_concurrent)
+        app.state.cpu_slots = threading.BoundedSemaphore(settings.workers)
+        for served_model in served.values():
+            served_model.batcher = ModelBatcher(served_model.bundle, max_batch=settings.batch_size,
+                                                max_wait_s=settings.batch_wait_ms / 1000,
+                                                max_queue=settings.max_queued_images)
+            await served_model.batcher.start()
+        try:
+            yield
+        finally:
+            for served_model in served.values():
+                await served_model.batcher.stop()
 
     app = FastAPI(
         title="hematoscope",

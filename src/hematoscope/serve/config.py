@@ -50,7 +50,14 @@ class Settings(BaseSettings):
             request decodes its images batch by batch within this budget (waiting for it when
             other requests hold it). At least ``max_image_pixels``.
         max_files: most images per request (a zip counts its members).
-        workers: size of the inference thread pool.
+        workers: threads that decode images, make thumbnails and explanations at once (the model
+            itself runs in one batching thread per served model).
+        max_concurrent: analyses in progress at once (decoding, waiting for the model, storing);
+            as many again may wait for a place, further requests get 503 with Retry-After.
+        batch_size: most images per model call; concurrent requests share a call.
+        batch_wait_ms: how long the first request of a model batch waits for others to join.
+        max_queued_images: most images waiting for the model; a request that would pass it gets
+            503 with Retry-After.
         gradcam_max: Grad-CAM is computed for at most this many images per request.
         allowed_hosts: host names the server answers to besides ``localhost``, ``127.0.0.1``,
             ``[::1]`` and a specific ``host`` it listens on (``Host`` header; 400 otherwise).
@@ -76,6 +83,10 @@ class Settings(BaseSettings):
     max_decoded_megapixels: float = Field(default=200.0, gt=0)
     max_files: int = Field(default=2000, gt=0)
     workers: int = Field(default=2, ge=1, le=64)
+    max_concurrent: int = Field(default=64, ge=1, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    max_queued_images: int = Field(default=1024, ge=1)
     gradcam_max: int = Field(default=500, ge=0)
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

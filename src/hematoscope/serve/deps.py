@@ -30,6 +30,8 @@ class ServedModel:
     id: str
     _explainer: Any = field(default=None, repr=False)
     _explainer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Gathers concurrent requests' images into model batches (set when the app starts).
+    batcher: Any = field(default=None, repr=False)
 
     @property
     def version(self) -> str:

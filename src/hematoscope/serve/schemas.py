@@ -38,6 +38,9 @@ class Health(BaseModel):
     version: str
     models: list[str]
     analyses: int | None = Field(description="analyses stored; null unless the caller may read the history")
+    batching: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="per served model: model calls, images, requests, largest and mean batch, "
+                                  "refused requests (only for a caller who may read the history)")
 
 
 class TopClass(BaseModel):
@@ -83,6 +86,8 @@ class ItemResult(BaseModel):
     abstain_reason: str | None = None
     ood_score: float | None = None
     ood_flag: bool = False
+    views: int | None = Field(default=None, description="test-time views the answer was computed from (the "
+                              "adaptive cascade uses more for uncertain cells)")
     thumbnail: str | None = Field(default=None, description="JPEG data URL")
     heatmap: str | None = Field(default=None, description="PNG data URL of the explanation overlay")
     explanation: Explanation | None = None

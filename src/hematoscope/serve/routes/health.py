@@ -17,10 +17,12 @@ async def health(request: Request, models: ModelsDep, store: StoreDep) -> Health
     is null."""
     from hematoscope import __version__
 
+    batching = None
     try:
         require_token(request)
     except HTTPException:
         total = None
     else:
         _, total = await anyio.to_thread.run_sync(lambda: store.list(limit=1))
-    return Health(status="ok", version=__version__, models=list(models), analyses=total)
+        batching = {name: m.batcher.stats.to_dict() for name, m in models.items() if m.batcher is not None}
+    return Health(status="ok", version=__version__, models=list(models), analyses=total, batching=batching)

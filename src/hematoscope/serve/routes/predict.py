@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.from_thread
 import anyio.to_thread
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile, status
 
 from hematoscope.serve.analysis import UploadError, UploadTooLarge, expand_uploads, run_analysis
+from hematoscope.serve.batching import Overloaded
 from hematoscope.serve.deps import ModelsDep, SettingsDep, StoreDep, pick_model, require_token
 from hematoscope.serve.routes.analyses import analysis_response
 from hematoscope.serve.schemas import Analysis
@@ -17,6 +19,8 @@ router = APIRouter(prefix="/predict", tags=["predict"], dependencies=[Depends(re
 @router.post("", response_model=Analysis, responses={
     413: {"description": "upload larger than the configured limit, or its images hold more pixels than allowed"},
     422: {"description": "unsafe zip, too many files, or no readable image"},
+    503: {"description": "the server is busy (too many images waiting for the model): retry after Retry-After "
+                         "seconds"},
 })
 async def predict(
     request: Request,
@@ -35,16 +39,27 @@ async def predict(
     of them can be read.
     """
     served = pick_model(models, model)
-    # Each of the `workers` concurrent analyses may hold its share of the server's decode budget.
+    limiter = request.app.state.limiter
+    if limiter.borrowed_tokens >= limiter.total_tokens and limiter.statistics().tasks_waiting >= limiter.total_tokens:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is busy: too many analyses waiting; "
+                            "try again shortly", headers={"Retry-After": "1"})
+    # Each of the `workers` concurrent decoders may hold its share of the server's decode budget.
     batch_pixels = max(settings.max_image_pixels, settings.max_decoded_pixels // settings.workers)
     raw = [(f.filename or f"upload_{i}", await f.read()) for i, f in enumerate(files)]
+    batcher = served.batcher
+
+    def model_call(images, names):
+        # from this worker thread to the event loop, where the batcher joins other requests' images
+        return anyio.from_thread.run(batcher.predict, images, names)
 
     def classify():
         uploads = expand_uploads(raw, max_files=settings.max_files,
                                  max_unpacked_bytes=8 * settings.max_upload_bytes)
         return run_analysis(served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
                             explain_max=settings.gradcam_max, max_request_pixels=settings.max_request_pixels,
-                            budget=request.app.state.pixel_budget, batch_pixels=batch_pixels)
+                            budget=request.app.state.pixel_budget, batch_pixels=batch_pixels,
+                            classify=model_call if batcher is not None else None,
+                            cpu_slots=request.app.state.cpu_slots)
 
     def save(items, differential):
         analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items)
@@ -53,7 +68,10 @@ async def predict(
         return store.get(analysis_id)
 
     try:
-        items, differential = await anyio.to_thread.run_sync(classify, limiter=request.app.state.limiter)
+        items, differential = await anyio.to_thread.run_sync(classify, limiter=limiter)
+    except Overloaded as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc),
+                            headers={"Retry-After": str(exc.retry_after)}) from None
     except UploadTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except UploadError as exc:
