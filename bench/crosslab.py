@@ -14,7 +14,8 @@ and a test half; nothing of a test cell is ever adapted on or labelled.
    OOD reference refitted); timed;
 3. few labels: k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from
    the own-lab half, a logistic-regression head on the adapted model's features (the
-   `fewshot fit --backbone BUNDLE` recipe), REPEATS draws; the rest of the own-lab half is not used.
+   `fewshot fit --backbone BUNDLE` recipe) and on `fewshot fit`'s default features (the shipped
+   SimCLR Lite0, 8 views), REPEATS draws; the rest of the own-lab half is not used.
 
 Macro-F1 is over LISC's 5 classes; a prediction of a class LISC lacks (e.g. immature
 granulocyte) counts as an error. Abstained cells are scored by their top-1 like the others and
@@ -119,18 +120,23 @@ def features_of(bundle, paths, batch_size: int = 64) -> np.ndarray:
 
 
 def markdown_table(results: dict) -> str:
-    """The README / docs table of every entry in crosslab.json."""
-    rows = ["| model | LISC as is | abstained | after `adapt` | abstained | 1 label/class | 5 | 10 | 20 | PBC test "
-            "accuracy / macro-F1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """The README / docs tables of every entry in crosslab.json."""
+    def shots(f: dict) -> list[str]:
+        return [f"{f[k]['macro_f1_mean']:.3f} ± {f[k]['macro_f1_sd']:.3f}" if k in f else "—"
+                for k in ("1", "5", "10", "20")]
+
+    rows = ["| model | LISC as is | abstained | after `adapt` | abstained | PBC test accuracy / macro-F1 |",
+            "|---|---|---|---|---|---|"]
+    few = ["| features | 1 label/class | 5 | 10 | 20 |", "|---|---|---|---|---|"]
     for key, r in results.items():
-        z, a, f = r["zero_shot"]["test_half"], r["adapted"]["test_half"], r["few_labels_adapted"]
-        shots = [f"{f[k]['macro_f1_mean']:.3f} ± {f[k]['macro_f1_sd']:.3f}" if k in f else "—"
-                 for k in ("1", "5", "10", "20")]
-        pbc = r.get("pbc_test")
-        rows.append(f"| {key} ({r['tta']} view{'s' if r['tta'] > 1 else ''}) | {z['macro_f1']:.3f} | "
-                    f"{z['abstained']:.0%} | {a['macro_f1']:.3f} | {a['abstained']:.0%} | " + " | ".join(shots)
-                    + (f" | {pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else " | — |"))
-    return "\n".join(rows)
+        z, a, pbc = r["zero_shot"]["test_half"], r["adapted"]["test_half"], r.get("pbc_test")
+        rows.append(f"| {key} | {z['macro_f1']:.3f} | {z['abstained']:.0%} | {a['macro_f1']:.3f} | "
+                    f"{a['abstained']:.0%} | " + (f"{pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else "— |"))
+        few.append(f"| {key}, adapted | " + " | ".join(shots(r["few_labels_adapted"])) + " |")
+        if "few_labels_fewshot_default" in r:
+            f = r["few_labels_fewshot_default"]
+            few.append(f"| {f['backbone']} | " + " | ".join(shots(f)) + " |")
+    return "\n".join(rows) + "\n\nFew labels (macro-F1, mean ± sd over 5 draws):\n\n" + "\n".join(few)
 
 
 def main() -> None:
@@ -148,6 +154,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tta", type=int, help="test-time views (default: the bundle's own)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fewshot-backbone", default="efficientnet_lite0",
+                    help="also draw few labels on these features ('' = skip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
@@ -194,6 +202,14 @@ def main() -> None:
     shots = [int(s) for s in args.shots.split(",")]
     result["few_labels_adapted"] = few_labels(features, table, own, test, shots, args.repeats, args.seed)
     logging.info("few labels: %s", result["few_labels_adapted"])
+    if args.fewshot_backbone:  # the `fewshot fit` default features (shipped SimCLR Lite0, 8 views)
+        from hematoscope.fewshot.features import load_extractor
+
+        extracted = load_extractor(args.fewshot_backbone, tta=8).extract(paths, progress=False)
+        result["few_labels_fewshot_default"] = {
+            "backbone": f"{args.fewshot_backbone} (fewshot default weights), 8 views",
+            **few_labels(extracted.features, table, own, test, shots, args.repeats, args.seed)}
+        logging.info("few labels, fewshot features: %s", result["few_labels_fewshot_default"])
 
     if args.pbc_split.is_file():
         from hematoscope.data.splits import load_split
