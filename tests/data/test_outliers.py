@@ -66,12 +66,13 @@ def _planted_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
-    """``data check --outliers --outlier-cut 8 --json`` run once on the planted folder (the
-    user's cut: a score of 8; real cells of the shipped model stay below 7.5 on PBC)."""
+    """``data check --outliers --outlier-cut top:20 --json`` run once on the planted folder (the
+    user's cut: the highest-scoring 20 %, 6 of 30 images; the shipped model ranks the 6 planted
+    images above the 24 real cells)."""
     tmp = tmp_path_factory.mktemp("outliers")
     root, planted = _planted_folder(tmp)
     report = tmp / "report.json"
-    res = CliRunner().invoke(app, ["data", "check", str(root), "--outliers", "--outlier-cut", "8",
+    res = CliRunner().invoke(app, ["data", "check", str(root), "--outliers", "--outlier-cut", "top:20",
                                    "--json", str(report), "--workers", "1"], env={"COLUMNS": "200"})
     return root, planted, report, res
 
@@ -81,23 +82,29 @@ def test_data_check_flags_the_planted_images(checked):
     assert res.exit_code == 0, res.output
     data = json.loads(report.read_text())
     o = data["outliers"]
-    assert o["cut"] == "8" and o["threshold"] == 8.0 and o["views"] == 1 and o["model"] == "hematoscope-pbc-lite0"
+    from hematoscope.models.default import load_default_bundle
+
+    assert o["cut"] == "top:20" and o["views"] == 1 and o["model"] == load_default_bundle().name
+    scores = sorted((r["score"] for r in o["ranked"]), reverse=True)
+    assert scores[6] - 1e-5 <= o["threshold"] <= scores[5] + 1e-5  # (ranked scores are rounded)
     assert o["n_scored"] == 30 and len(o["ranked"]) == 30
     assert sorted(o["flagged"]) == planted  # every planted image, no real cell
     assert [r["score"] for r in o["ranked"]] == sorted((r["score"] for r in o["ranked"]), reverse=True)
     assert data["summary"]["outliers_flagged"] == 6
-    assert "outliers: 6 of 30 images past the cut 8" in " ".join(res.output.split())
+    assert "outliers: 6 of 30 images past the cut top:20" in " ".join(res.output.split())
 
 
 def test_default_cut(checked, tmp_path):
-    """mad:4 on 30 images: every planted one, and at most one real cell (the bundled
-    erythroblast ERB_101733 scores 7.0, in the top 0.1 % of real PBC cells)."""
+    """mad:4 on 30 images flags no real cell and the planted images the current default model
+    separates clearly (flat colour, stripes, text, a photo); it misses noise and fractal
+    textures (docs/datasets.md: the cross-lab model ranks them lower than the previous one)."""
     root, planted, _, _ = checked
     report = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["data", "check", str(root), "--outliers", "--json", str(report), "--workers", "1"])
     assert res.exit_code == 0, res.output
     o = json.loads(report.read_text())["outliers"]
-    assert o["cut"] == "mad:4" and set(planted) <= set(o["flagged"]) and len(o["flagged"]) <= len(planted) + 1
+    clear = {p for p in planted if p.endswith(("flat.png", "stripes.png", "text.png", "holiday.jpg"))}
+    assert o["cut"] == "mad:4" and clear <= set(o["flagged"]) <= set(planted)
 
 
 def test_data_split_excludes_the_flagged_images(checked, tmp_path):
