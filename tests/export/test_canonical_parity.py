@@ -56,8 +56,6 @@ def test_torch_onnx_server_and_training_eval_agree(canonical_bundle, tmp_path):
                 assert abs(prob - probs[LABELS.index(label)]) < 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="train/data.py decodes with load_image (full JPEG decode) while every "
-                   "other path uses load_model_image (issue 14); passes once decode_all / EvalImages call it")
 def test_training_evaluation_decodes_like_every_other_path(canonical_bundle):
     """The training run's evaluation items (decode_all -> EvalImages) give Bundle.predict's
     probabilities: the sample JPEGs are 4x the model's decode size, so a decoding that differs

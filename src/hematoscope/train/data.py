@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hematoscope.data.images import ImageError, load_image
+from hematoscope.data.images import ImageError, load_model_image
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.progress import track
 from hematoscope.train.config import TrainConfig
@@ -88,14 +88,15 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
 
 # --- decoding -------------------------------------------------------------------------------
 def decode_all(paths: Sequence[str], spec: Preprocess, *, description: str) -> tuple[np.ndarray, list[int], list]:
-    """Decode and resize images with ``spec.resize_image`` using two threads.
+    """Decode (``load_model_image``: the decoding every other path uses) and resize images with
+    ``spec.resize_image`` using two threads.
 
     Returns:
         (images uint8 (N_ok, S, S, 3), indices of the decoded paths, [(path, reason)] skipped).
     """
     def one(path: str):
         try:
-            return spec.resize_image(load_image(path))
+            return spec.resize_image(load_model_image(path, spec))
         except ImageError as exc:
             return exc
 
@@ -143,7 +144,7 @@ class TrainImages(Dataset):
     def _image(self, i: int) -> np.ndarray:
         if self.images is not None:
             return self.images[i]
-        return self.cache_spec.resize_image(load_image(self.paths[i], draft_size=self.pre_size))
+        return self.cache_spec.resize_image(load_model_image(self.paths[i], self.cache_spec))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         # ShareSampler yields epoch * len + i: an item's random crop and degradations are drawn
@@ -196,7 +197,7 @@ class EvalImages(Dataset):
         if self.resized is not None:
             x = self.preprocess.normalize(self.resized[i][None])[0]
         else:
-            x = self.preprocess([load_image(self.paths[i])])[0]
+            x = self.preprocess([load_model_image(self.paths[i], self.preprocess)])[0]
         return torch.from_numpy(x), int(self.targets[i])
 
 
@@ -389,7 +390,8 @@ class CellDataModule(L.LightningDataModule):
         if self.train.images is not None:
             crops = self.eval_dataset("train").resized[pick]
         else:
-            crops = np.stack([self.preprocess.resize_image(load_image(self.train.paths[i])) for i in pick])
+            crops = np.stack([self.preprocess.resize_image(load_model_image(self.train.paths[i], self.preprocess))
+                              for i in pick])
         return colour_reference(crops)
 
     def _shared_colour_reference(self, max_images: int) -> list[float]:
