@@ -1,12 +1,13 @@
 """Bounded load check of ``hematoscope serve`` on loopback only.
 
 Starts the real server (``hematoscope serve`` in a subprocess, 127.0.0.1, a free port, its own
-history database) and runs N concurrent clients that each send M predict requests of one
-bundled sample image. Reports errors and latency percentiles; writes
+history database) and runs N concurrent clients that each send M predict requests of one image
+(cycling through the 24 bundled PBC samples). Reports errors, latency percentiles, images/s, how
+the server batched the requests (from /api/health) and what else was running; writes
 bench/results/load_test.json.
 
 Usage:
-    nice -n 10 python bench/load_test.py [--clients 50] [--requests 20] [--model BUNDLE]
+    nice -n 10 python bench/load_test.py [--clients 50] [--requests 20] [--model BUNDLE] [--tta N]
 
 Without --model it serves the shipped default model, or, when that is not installed, a tiny
 untrained EfficientNet-Lite0 bundle (64 px input) and says so in the results.
@@ -53,8 +54,9 @@ def _pick_model(explicit: str | None, workdir: Path) -> tuple[Path, str]:
     return bundle.save(workdir / "tiny_bundle"), "tiny (default model not installed)"
 
 
-async def _client(http, url: str, image: bytes, n: int, latencies: list, statuses: list) -> None:
+async def _client(http, url: str, images: list[bytes], offset: int, n: int, latencies: list, statuses: list) -> None:
     for i in range(n):
+        image = images[(offset + i) % len(images)]
         start = time.perf_counter()
         try:
             r = await http.post(url, files={"files": ("cell.jpg", image, "image/jpeg")})
@@ -65,7 +67,7 @@ async def _client(http, url: str, image: bytes, n: int, latencies: list, statuse
         latencies.append(time.perf_counter() - start)
 
 
-async def _run_load(base: str, image: bytes, clients: int, requests: int) -> tuple[list, list, float]:
+async def _run_load(base: str, images: list[bytes], clients: int, requests: int) -> tuple[list, list, float]:
     import httpx
 
     latencies: list[float] = []
@@ -73,8 +75,8 @@ async def _run_load(base: str, image: bytes, clients: int, requests: int) -> tup
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*[_client(http, f"{base}/api/predict", image, requests, latencies, statuses)
-                               for _ in range(clients)])
+        await asyncio.gather(*[_client(http, f"{base}/api/predict", images, c, requests, latencies, statuses)
+                               for c in range(clients)])
         wall = time.perf_counter() - start
     return latencies, statuses, wall
 
@@ -84,7 +86,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=20, help="requests per client")
     parser.add_argument("--model", help="bundle to serve (default: shipped model, else a tiny one)")
-    parser.add_argument("--workers", type=int, default=2, help="server inference threads")
+    parser.add_argument("--workers", type=int, default=2, help="server decode/thumbnail threads")
+    parser.add_argument("--tta", type=int, default=None,
+                        help="serve a copy of the model with this many fixed views (default: its own setting)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -94,8 +98,24 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="hematoscope-load-"))
     model, model_note = _pick_model(args.model, workdir)
-    image_path = sample_paths()[0]
-    image = image_path.read_bytes()
+    if args.tta is not None:
+        from hematoscope import load_bundle
+        from hematoscope.trust.fit import resave_bundle
+
+        b = load_bundle(model)
+        b.set_tta(args.tta)
+        b.config.cascade = None
+        import shutil
+
+        shutil.copytree(model, workdir / "fixed_views")
+        model = resave_bundle(b, workdir / "fixed_views")
+        model_note += f", {args.tta} fixed views"
+    paths = sample_paths()
+    images = [p.read_bytes() for p in paths]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from predict_speed import other_processes
+
+    others = other_processes()
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HEMATOSCOPE_HOME": str(workdir / "home"), "HEMATOSCOPE_CACHE": str(workdir / "cache")}
@@ -116,11 +136,12 @@ def main() -> None:
                     raise SystemExit(f"server did not start; see {workdir / 'server.log'}")
                 time.sleep(0.3)
         # One warm-up request so the first client does not pay for lazy initialisation.
-        httpx.post(f"{base}/api/predict", files={"files": ("cell.jpg", image, "image/jpeg")}, timeout=300)
+        httpx.post(f"{base}/api/predict", files={"files": ("cell.jpg", images[0], "image/jpeg")}, timeout=300)
         load_before = os.getloadavg()[0]
-        latencies, statuses, wall = asyncio.run(_run_load(base, image, args.clients, args.requests))
+        latencies, statuses, wall = asyncio.run(_run_load(base, images, args.clients, args.requests))
         load_after = os.getloadavg()[0]
-        stored = httpx.get(f"{base}/api/health", timeout=30).json()["analyses"] - 1
+        health_after = httpx.get(f"{base}/api/health", timeout=30).json()
+        stored = health_after["analyses"] - 1
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -131,7 +152,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": health["models"][0],
         "model_source": model_note,
-        "image": f"{image_path.parent.name}/{image_path.name} ({len(image)} bytes)",
+        "images": f"{len(images)} bundled PBC samples, one per request in turn "
+                  f"({min(map(len, images))}-{max(map(len, images))} bytes)",
         "clients": args.clients,
         "requests_per_client": args.requests,
         "requests": len(statuses),
@@ -142,9 +164,12 @@ def main() -> None:
                        "p99": round(float(np.percentile(ms, 99)), 1), "max": round(float(ms.max()), 1),
                        "mean": round(float(ms.mean()), 1)},
         "throughput_rps": round(len(statuses) / wall, 2),
+        "images_per_s": round(len(statuses) / wall, 1),
         "wall_s": round(wall, 1),
         "server_workers": args.workers,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), loopback 127.0.0.1",
+        "batching": health_after.get("batching"),
+        "other_processes": others,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, loopback 127.0.0.1",
         "load_average_1min": {"before": round(load_before, 1), "after": round(load_after, 1)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

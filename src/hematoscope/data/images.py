@@ -94,8 +94,8 @@ def load_image(
 #: How ``load_model_image`` decodes JPEGs: with DCT scaling ("draft" mode) down to the model's
 #: decode size when the file is at least twice as large. Measured with bench/decode_modes.py on
 #: 400 PBC validation images re-encoded at 512 px: the same 8-view accuracy either way and 1-view
-#: accuracy within one image, at two thirds of the decode time; the PBC copy itself (256 px)
-#: decodes identically either way for a 128 px model with crop 0.89. Every path decodes this way.
+#: accuracy within one image, decoding 1.5-2x faster; the PBC copy itself (256 px) decodes
+#: identically either way for a 128 px model with crop 0.89. Every path decodes this way.
 DRAFT_DECODE = True
 
 
