@@ -58,3 +58,21 @@ def test_newer_schema_is_refused(tmp_path):
         con.execute("PRAGMA user_version = 99")
     with pytest.raises(StorageError, match="upgrade hematoscope"):
         HistoryStore(path)
+
+
+def test_writes_are_not_checkpointed_one_by_one(tmp_path):
+    """An idle connection held by the store keeps SQLite from checkpointing the WAL into the file
+    (with its fsyncs) every time a write's connection closes; the data stays readable after close."""
+    from hematoscope.serve.storage import HistoryStore, StoredItem
+
+    db = tmp_path / "h.sqlite3"
+    store = HistoryStore(db)
+    model = {"name": "m", "kind": "neural", "id": "x", "version": "1"}
+    ids = [store.add_analysis(model, ["a", "b"], {}, [StoredItem("c.jpg", "0" * 64, {"prediction": "a"}, b"j")])
+           for _ in range(3)]
+    wal = db.with_name(db.name + "-wal")
+    assert wal.exists() and wal.stat().st_size > 0  # the writes are in the WAL, not yet checkpointed
+    store.close()
+    again = HistoryStore(db)
+    assert [again.get(i).items[0].result["prediction"] for i in ids] == ["a", "a", "a"]
+    again.close()

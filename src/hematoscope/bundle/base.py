@@ -349,14 +349,17 @@ class Bundle(ABC):
         """The OOD scorer with ``trust``'s per-view parameters (shares the fitted arrays)."""
         if not trust.ood_params or self.ood is None:
             return self.ood
-        key = (trust.views, tuple(sorted(trust.ood_params.items())))
-        if key not in self._mode_scorers:
+        key = (id(self.ood), trust.views, tuple(sorted(trust.ood_params.items())))
+        scorer = self._mode_scorers.get(key)
+        if scorer is None:
             import copy
 
-            scorer = copy.copy(self.ood)
+            scorer = copy.copy(self.ood)  # shares the fitted arrays (and their float32 copy, once made)
             scorer.set_params(trust.ood_params)
-            self._mode_scorers = {key: scorer}  # one cached variant per view count in use
-        return self._mode_scorers[key]
+            if len(self._mode_scorers) >= 8:  # a few view counts in use; never grows without bound
+                self._mode_scorers.clear()
+            self._mode_scorers[key] = scorer
+        return scorer
 
     def predict(
         self,

@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for served_model in served.values():
                 await served_model.batcher.stop()
+            store.close()
 
     app = FastAPI(
         title="hematoscope",

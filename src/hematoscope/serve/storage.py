@@ -119,6 +119,19 @@ class HistoryStore:
                 if statement.strip():
                     con.execute(statement)
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # Held open, unused, while the store lives: when the last connection to a WAL database
+        # closes, SQLite checkpoints the WAL into the file (with its fsyncs), which made every
+        # write (one connection each) cost ~20 ms and capped the server near 45 analyses/s. WAL
+        # checkpoints now happen at SQLite's usual size mark, and explicitly after deletions.
+        # (otherwise unused, so any thread may close it)
+        self._keeper: sqlite3.Connection | None = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        self._keeper.execute("PRAGMA user_version").fetchone()  # a connection opens the file on first use
+
+    def close(self) -> None:
+        """Close the store's idle connection (the last close checkpoints the WAL)."""
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)

@@ -273,7 +273,7 @@ class KNNScorer(OODScorer):
         super().__init__()
         self.k, self.max_train, self.seed = int(k), int(max_train), int(seed)
         self.bank_: np.ndarray | None = None
-        self._bank32: tuple[np.ndarray, np.ndarray] | None = None  # (bank_, its float32 copy)
+        self._bank32_box: dict = {}  # {"of": bank_, "bank": its float32 copy}, shared by shallow copies
 
     def fit(self, features, labels=None, logits=None):
         x = self._features(features)
@@ -287,11 +287,17 @@ class KNNScorer(OODScorer):
     def score(self, *, features, logits=None):
         self._check_fitted()
         x = self._features(features).astype(np.float32)
-        if self._bank32 is None or self._bank32[0] is not self.bank_:  # convert once, not per batch
-            self._bank32 = (self.bank_, self.bank_.astype(np.float32))
-        sims = x @ self._bank32[1].T
+        sims = x @ self.bank32().T
         kth = -np.partition(-sims, self.k - 1, axis=1)[:, self.k - 1]
         return (1.0 - kth).astype(np.float64)
+
+    def bank32(self) -> np.ndarray:
+        """The bank as float32, converted once per fitted bank and shared by shallow copies
+        (the per-view-count variants of a bundle's scorer)."""
+        cache = self.__dict__.setdefault("_bank32_box", {})  # the same dict in every copy.copy
+        if cache.get("of") is not self.bank_:
+            cache["of"], cache["bank"] = self.bank_, self.bank_.astype(np.float32)
+        return cache["bank"]
 
     def params(self):
         return {"k": self.k, "max_train": self.max_train, "seed": self.seed}
