@@ -423,7 +423,8 @@ class Bundle(ABC):
         n = len(probs)
         if self.ood is not None and trust.ood_threshold is not None:
             scorer = self._scorer_for(trust)
-            score = np.asarray(scorer.score(features=out.features, logits=out.logits), dtype=np.float64)
+            with single_blas_thread():
+                score = np.asarray(scorer.score(features=out.features, logits=out.logits), dtype=np.float64)
             flag = score > float(trust.ood_threshold)
         else:
             score, flag = np.full(n, np.nan), np.zeros(n, bool)
@@ -479,6 +480,25 @@ class Bundle(ABC):
             "adapted_to": (f"{a['source']} ({a['images']} images)" if (a := self.config.adaptation) else None),
             "path": str(self.path) if self.path else None,
         }
+
+
+_BLAS = None
+
+
+def single_blas_thread():
+    """Context manager: BLAS (OpenBLAS, MKL ...) runs on one thread inside it.
+
+    The OOD scores' matrix products are small (a batch against a few thousand stored features);
+    with one BLAS thread per core, OpenBLAS's idle threads kept spinning after each product and
+    took the cores from ONNX Runtime and the image decoders (the cascade ran 292 images/s at 6.6 ms
+    of CPU per image, 350-400 at 4.4-5.0 with one BLAS thread; bench/predict_speed.py).
+    """
+    global _BLAS
+    from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
+
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def load_bundle(path: Path | str) -> Bundle:
