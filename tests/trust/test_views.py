@@ -214,8 +214,11 @@ def test_old_bundle_without_per_view_trust_loads_and_falls_back(fitted, tmp_path
     assert t.fallback is not None and "no trust fitted for" in t.fallback and "trust fit" in t.fallback
     assert t.temperature == raw["temperature"] and t.ood_threshold == raw["ood"]["threshold"]
     assert any("no trust fitted" in r.message for r in caplog.records)
-    old.set_tta(other)
+    old.set_tta(other)  # as `predict --tta N` does: the settings are still those fitted for raw["tta"]
+    assert old.trust_for().fallback is not None and old.trust_for().temperature == raw["temperature"]
     assert len(old.predict_arrays([np.zeros((20, 20, 3), np.uint8)], ["x"])) == 1  # still predicts
+    old.set_tta(raw["tta"])
+    assert old.trust_for().fallback is None
 
 
 def test_refitting_the_bundle_wide_trust_alone_retires_the_per_view_entries(fitted):

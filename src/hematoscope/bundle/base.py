@@ -229,6 +229,9 @@ class Bundle(ABC):
         self.ood = None  # an OOD scorer from hematoscope.trust, or None
         #: Fixed view count forced by set_tta (None: the bundle's default, the cascade when fitted).
         self._forced_views: int | None = None
+        #: The view count the bundle-wide trust settings were fitted for (set_tta changes
+        #: config.tta, not this; fitting trust does).
+        self.trust_views: int = config.tta
         self._mode_scorers: dict = {}
         self._warned: set = set()
 
@@ -326,16 +329,17 @@ class Bundle(ABC):
         """
         cfg = self.config
         views = int(cfg.tta if views is None else views)
+        fitted_for = self.trust_views
         ood_threshold = None if cfg.ood is None else cfg.ood.get("threshold")
         entry = cfg.view_trust.get(str(views))
         why = None
         if entry is not None and cfg.view_trust_of not in (None, cfg.trust_fingerprint()):
             why = ("its per-view trust was fitted before the bundle-wide trust was refitted (e.g. by adapt); "
-                   f"using the bundle-wide settings (fitted for {cfg.tta} views)")
-        elif entry is None and views != cfg.tta:
-            fitted = sorted(int(k) for k in cfg.view_trust) or [cfg.tta]
-            why = (f"it has no trust fitted for {views} views (fitted: {', '.join(map(str, fitted))}); using the "
-                   f"settings fitted for {cfg.tta} views, so more or fewer cells than intended may be set "
+                   f"using the bundle-wide settings (fitted for {_views(fitted_for)})")
+        elif entry is None and views != fitted_for:
+            fitted = sorted(int(k) for k in cfg.view_trust) or [fitted_for]
+            why = (f"it has no trust fitted for {_views(views)} (fitted: {', '.join(map(str, fitted))}); using the "
+                   f"settings fitted for {_views(fitted_for)}, so more or fewer cells than intended may be set "
                    "aside. Fit them with `hematoscope trust fit BUNDLE SPLIT`")
         if entry is None or why is not None:
             if why is not None and views not in self._warned:
@@ -483,6 +487,10 @@ class Bundle(ABC):
 
 
 _BLAS = None
+
+
+def _views(n: int) -> str:
+    return f"{n} view" + ("s" if n != 1 else "")
 
 
 def single_blas_thread():

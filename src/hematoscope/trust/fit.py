@@ -137,6 +137,7 @@ def fit_trust(
     # one view count's settings: per-view entries and a cascade fitted before no longer apply
     bundle.config.view_trust, bundle.config.view_trust_of, bundle.config.cascade = {}, None, None
     bundle._mode_scorers, bundle._warned = {}, set()
+    bundle.trust_views = bundle.config.tta  # what these settings were fitted for
     return {"calibration": calibration, "ood": bundle.config.ood, **trust}
 
 

@@ -226,6 +226,7 @@ def fit_view_trust(
     cfg.view_trust_of = cfg.trust_fingerprint()
     cfg.cascade = None
     bundle._forced_views, bundle._mode_scorers, bundle._warned = None, {}, set()
+    bundle.trust_views = default_views
     bundle.metrics.setdefault("calibration", {}).update(
         {"temperature": chosen.temperature, "views": default_views, "ece_before": chosen.val["ece_before"],
          "ece_after": chosen.val["ece_after"]})
