@@ -321,8 +321,9 @@ class BundleFeatureExtractor(FeatureExtractor):
             bundle.set_tta(self.views)
 
     def describe(self) -> dict[str, Any]:
+        # by name and content, not by local path (a saved few-shot bundle carries a copy anyway)
         return {"type": "bundle", "name": self.bundle.name, "kind": self.bundle.kind,
-                "path": str(self.bundle.path) if self.bundle.path else None, "views": self.views}
+                "identity": self.identity, "views": self.views}
 
     @property
     def active_backend(self) -> str:
