@@ -59,6 +59,10 @@ class FeatureError(ValueError):
     """A backbone specification cannot be turned into a feature extractor."""
 
 
+#: How files are decoded (part of the cache key): ``load_model_image``, the decoding every
+#: prediction path uses, so a few-shot bundle sees the same pixels when fitted and when predicting.
+_DECODE = "load_model_image"
+
 #: ``--backbone default``: the model shipped with the package (a neural bundle).
 DEFAULT_BUNDLE_ALIAS = "default"
 BACKENDS = ("auto", "torch", "onnx")
@@ -125,10 +129,10 @@ class FeatureExtractor:
 
     @property
     def cache_key(self) -> str:
-        """Hash of everything that changes the features: backbone identity, preprocess, views."""
-        # 1 and 8 views keep the keys they had when the switch was a bool (tta off / on)
-        views: bool | int = self.tta if self.views in (1, max(TTA_VIEWS)) else self.views
-        text = json.dumps({"id": self.identity, "pre": self.preprocess.to_dict(), "tta": views}, sort_keys=True)
+        """Hash of everything that changes the features: backbone identity, preprocess, views,
+        decoding."""
+        text = json.dumps({"id": self.identity, "pre": self.preprocess.to_dict(), "views": self.views,
+                           "decode": _DECODE}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def describe(self) -> dict[str, Any]:
@@ -150,7 +154,7 @@ class FeatureExtractor:
         Files are identified in the cache by the sha256 of their bytes, so renamed or copied
         files hit the cache too. Unreadable files are skipped and reported.
         """
-        from hematoscope.data.images import ImageError, load_image
+        from hematoscope.data.images import ImageError, load_model_image
         from hematoscope.progress import track
 
         store = FeatureCache(self.cache_key) if cache else None
@@ -174,7 +178,7 @@ class FeatureExtractor:
                 if hashes[i] in found:
                     continue
                 try:
-                    decoded.append(load_image(blobs[i], draft_size=self.preprocess.size))
+                    decoded.append(load_model_image(blobs[i], self.preprocess))  # as predict decodes
                     todo.append(i)
                 except ImageError as exc:
                     skipped.append(SkippedFile(chunk[i], exc.reason))
