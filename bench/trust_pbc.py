@@ -228,7 +228,7 @@ def part_c(args, cache_root: Path) -> dict:
     ood_paths = ood_sets(cache_root, list(val["path"]), args.n_ood, args.seed)
     in_scores = bundle.ood.score(features=out.features, logits=out.logits)
     res = {
-        "bundle": str(path), "name": bundle.name, "split_file": str(split_file), "val_images": int(len(y)),
+        "bundle": path.name, "name": bundle.name, "split_file": split_file.name, "val_images": int(len(y)),
         "ood_fitted_by_this_bench": fitted_here, "ood_config": bundle.config.ood,
         "abstain_threshold": bundle.config.abstain_threshold,
         "val_accuracy": float(correct.mean()),
