@@ -40,19 +40,10 @@ CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
 
 def read_lisc(root: Path):
-    """LISC as a samples table with the cell group in ``patient``."""
-    import pandas as pd
-
+    """LISC as a samples table with the cell group in ``patient`` (the ``lisc`` reader)."""
     from hematoscope.data.readers import read_dataset
 
-    try:
-        return read_dataset(root, reader="lisc")
-    except ValueError:  # a package without the lisc reader: class folders + groups.csv
-        table = read_dataset(root, reader="folder")
-        groups = pd.read_csv(root / "groups.csv")
-        by_path = {str((root / p).resolve()): g for p, g in zip(groups["path"], groups["group"])}
-        table["patient"] = [by_path.get(str(Path(p).resolve())) for p in table["path"]]
-        return table
+    return read_dataset(root, reader="lisc")
 
 
 def content_hash(paths) -> str:

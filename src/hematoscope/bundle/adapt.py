@@ -60,14 +60,19 @@ def _content_hash(digests: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def decode_images(items: Iterable) -> tuple[list[np.ndarray], list[str], list[SkippedFile]]:
+def decode_images(items: Iterable, preprocess=None) -> tuple[list[np.ndarray], list[str], list[SkippedFile]]:
     """Decode paths, encoded bytes, ``(name, bytes)`` pairs or RGB uint8 arrays; a
     :class:`SkippedFile` among them is passed through to the skipped list.
+
+    ``preprocess`` (a model's): decode files as every prediction path does for that model.
 
     Returns:
         (arrays, per-image sha256 of the file bytes or array, skipped).
     """
-    from hematoscope.data.images import ImageError, load_image
+    from hematoscope.data.images import ImageError, load_image, load_model_image
+
+    def decode(data: bytes) -> np.ndarray:  # as the model's own paths decode, when it is known
+        return load_image(data) if preprocess is None else load_model_image(data, preprocess)
 
     arrays, digests, skipped = [], [], []
     for i, item in enumerate(items):
@@ -90,7 +95,7 @@ def decode_images(items: Iterable) -> tuple[list[np.ndarray], list[str], list[Sk
                 skipped.append(SkippedFile(name, f"cannot read ({exc.strerror or exc})"))
                 continue
         try:
-            arrays.append(load_image(data))
+            arrays.append(decode(data))
         except ImageError as exc:
             skipped.append(SkippedFile(name, exc.reason))
             continue
@@ -152,7 +157,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     start = time.perf_counter()
     if not 0 < target_tpr < 1:
         raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
-    arrays, digests, skipped = decode_images(images)
+    arrays, digests, skipped = decode_images(images, bundle.preprocess)
     if len(arrays) < MIN_IMAGES:
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
                           f"{len(arrays)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
