@@ -234,6 +234,8 @@ class Bundle(ABC):
         self.trust_views: int = config.tta
         self._mode_scorers: dict = {}
         self._warned: set = set()
+        #: 1.0 for the classes answers may name, 0.0 for the others (None: every label).
+        self._answerable: np.ndarray | None = None
 
     # --- what a kind provides ----------------------------------------------------------
     @abstractmethod
@@ -294,6 +296,38 @@ class Bundle(ABC):
             raise BundleError(f"test-time views must be one of {TTA_VIEWS}; got {views}")
         self.config.tta = views
         self._forced_views = views
+
+    def restrict_classes(self, classes: Sequence[str] | None) -> None:
+        """Answer only among ``classes`` from now on (None: all of :attr:`labels` again).
+
+        For a lab whose crops can only hold some of the classes (e.g. white cells for a 5-part
+        differential, where an immature granulocyte, erythroblast or platelet answer is
+        certainly wrong): the calibrated probabilities are renormalised over ``classes`` before
+        the abstain rule, and the other classes get probability 0. The OOD flag is unchanged
+        (it asks whether an image is unlike the training data, whatever the answer may be).
+        Not saved with the bundle.
+
+        Raises:
+            BundleError: a name that is not one of the bundle's labels, or fewer than 2 classes.
+        """
+        if classes is None:
+            self._answerable = None
+            return
+        wanted = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
+        unknown = [c for c in wanted if c not in self.labels]
+        if unknown:
+            raise BundleError(f"not classes of {self.name!r}: {', '.join(unknown)}; "
+                              f"its classes are {', '.join(self.labels)}")
+        if len(wanted) < 2:
+            raise BundleError(f"restricting answers needs at least 2 classes, got {wanted}")
+        self._answerable = np.array([float(c in wanted) for c in self.labels])
+
+    @property
+    def answerable_classes(self) -> list[str]:
+        """The classes answers may name (:meth:`restrict_classes`)."""
+        if self._answerable is None:
+            return list(self.labels)
+        return [c for c, keep in zip(self.labels, self._answerable) if keep]
 
     @property
     def uses_cascade(self) -> bool:
@@ -424,6 +458,9 @@ class Bundle(ABC):
 
         trust = self.trust_for(views)
         probs = softmax(out.logits, trust.temperature)
+        if self._answerable is not None:
+            probs = probs * self._answerable
+            probs /= np.maximum(probs.sum(1, keepdims=True), np.finfo(np.float64).tiny)
         n = len(probs)
         if self.ood is not None and trust.ood_threshold is not None:
             scorer = self._scorer_for(trust)
@@ -478,6 +515,7 @@ class Bundle(ABC):
             "abstain_threshold": self.config.abstain_threshold,
             "ood": self.config.ood,
             "views": self.view_mode,
+            "answerable_classes": self.answerable_classes if self._answerable is not None else None,
             "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),
             "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
             "hematoscope_version": self.config.hematoscope_version,

@@ -32,6 +32,10 @@ def predict(
                                                            help="Abstain when the top probability is below "
                                                            "this (default: the bundle's own threshold).")] = None,
     tta: TtaOption = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Answer only among these classes, "
+                                                   "comma-separated (e.g. a 5-part white-cell differential: "
+                                                   "basophil,eosinophil,lymphocyte,monocyte,neutrophil); "
+                                                   "default: all the model's classes.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process) or ray (Ray Data: a local "
                                         "instance, or the cluster at --address; see docs/scale.md).")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (--engine ray), "
@@ -52,7 +56,7 @@ def predict(
         raise fail(f"--engine must be local or ray; got {engine!r}")
     if engine == "ray":
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
-                            backend=backend, abstain_below=abstain_below, tta=tta, address=address,
+                            backend=backend, abstain_below=abstain_below, tta=tta, classes=classes, address=address,
                             shard_dir=shard_dir, actors=actors)
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
@@ -76,6 +80,8 @@ def predict(
         if abstain_below is not None:
             bundle.config.abstain_threshold = abstain_below
         apply_tta(bundle, tta)
+        if classes:
+            bundle.restrict_classes(classes.split(","))
         items = expand_paths(paths)
         n_images = sum(isinstance(i, ImageSource) for i in items)
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
@@ -124,6 +130,8 @@ def predict(
                           f"the others {rule.fast_views})", highlight=False)
     elif views_used:
         out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
+    if classes:
+        out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}", highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)
@@ -131,7 +139,8 @@ def predict(
         raise typer.Exit(1)
 
 
-def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, address,
+def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, classes,
+                 address,
                  shard_dir, actors) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
@@ -158,6 +167,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
+                         classes=classes.split(",") if classes else None,
                          report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:

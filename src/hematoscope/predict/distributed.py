@@ -241,10 +241,11 @@ def _assigned_cpus() -> int:
 
 
 def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
-                       backend: str = "auto", threads: int | None = None) -> "Bundle":
+                       backend: str = "auto", threads: int | None = None,
+                       classes: Sequence[str] | None = None) -> "Bundle":
     """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
-    is None, the backend, test-time views and abstain threshold applied; an ONNX session (or
-    torch) limited to ``threads`` intra-op threads."""
+    is None, the backend, test-time views, abstain threshold and answerable classes applied; an
+    ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
     from hematoscope.models.default import default_bundle_path
 
@@ -265,6 +266,8 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
         bundle.config.abstain_threshold = abstain_below
     if tta is not None:
         bundle.set_tta(tta)
+    if classes:
+        bundle.restrict_classes(classes)
     return bundle
 
 
@@ -276,9 +279,11 @@ class BundlePredictor:
     """
 
     def __init__(self, model: str | None = None, *, tta: int | None = None, abstain_below: float | None = None,
-                 backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None):
+                 backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None,
+                 classes: Sequence[str] | None = None):
         cpus = _assigned_cpus()
-        self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus)
+        self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus,
+                                         classes=classes)
         self.batch_size = batch_size
         self.workers = decode_threads or cpus + 1
         self.inputs = _Inputs()
@@ -290,7 +295,7 @@ class BundlePredictor:
 def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, tta: int | None = None,
                     abstain_below: float | None = None, backend: str = "auto", batch_size: int = 64,
                     actors: int | None = None, cpus_per_actor: float = 1, decode_threads: int | None = None,
-                    ) -> "ray.data.Dataset":
+                    classes: Sequence[str] | None = None) -> "ray.data.Dataset":
     """Classify the images a Ray Dataset names; lazy, like every Ray Data transform.
 
     Args:
@@ -298,7 +303,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
             pyarrow's filesystems read: ``s3://``, ``gs://``, ``hdfs://``), optionally
             ``source`` (the name in outputs), ``member`` (zip member) and ``reason``.
         model: bundle directory or zip, readable on every node (default: the shipped model).
-        tta, abstain_below, backend: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes: as ``hematoscope predict``.
         batch_size: images per model call.
         actors: size of the actor pool (default: the cluster's CPUs / ``cpus_per_actor``).
         cpus_per_actor: CPUs reserved per actor (its model session's threads).
@@ -316,7 +321,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
         BundlePredictor, batch_format="pyarrow", batch_size=4 * batch_size, num_cpus=cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(model=None if model is None else str(model), tta=tta, abstain_below=abstain_below,
-                                   backend=backend, batch_size=batch_size, decode_threads=decode_threads),
+                                   backend=backend, batch_size=batch_size, decode_threads=decode_threads,
+                                   classes=None if classes is None else list(classes)),
     )
 
 
@@ -503,6 +509,7 @@ def run_job(
     tta: int | None = None,
     abstain_below: float | None = None,
     backend: str = "auto",
+    classes: Sequence[str] | None = None,
     report: str | Path | None = None,
     top_k: int = 3,
     num_cpus: int | None = None,
@@ -521,7 +528,7 @@ def run_job(
         address: Ray cluster to join (``ray start --head`` prints it); None: a local instance.
         shard_rows: rows per shard (fixed when the job is created).
         batch_size, actors, cpus_per_actor, decode_threads: see :func:`predict_dataset`.
-        tta, abstain_below, backend, top_k: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, top_k: as ``hematoscope predict``.
         report: write the per-image ``.csv`` / ``.json`` report (as local predict) here.
         num_cpus: CPUs of a local instance (default: all).
         on_shard: called as ``on_shard(shard, rows)`` after each shard is written.
@@ -536,10 +543,10 @@ def run_job(
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend)
+    bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes)
     spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
             "shard_rows": shard_rows, "labels": bundle.labels, "tta": tta, "abstain_below": abstain_below,
-            "backend": backend}
+            "backend": backend, **({"classes": list(classes)} if classes else {})}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
     done_before = job["shards"] - len(pending)
@@ -549,6 +556,7 @@ def run_job(
         started = connect(address, num_cpus=num_cpus)
         try:
             _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
+                        classes=classes,
                         batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
                         decode_threads=decode_threads, on_shard=on_shard)
         finally:
