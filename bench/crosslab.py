@@ -12,13 +12,16 @@ and a test half; nothing of a test cell is ever adapted on or labelled.
 1. as is (zero-shot): the bundle on the test half (and on all of LISC);
 2. after `adapt` on ADAPT_IMAGES unlabelled crops of the own-lab half (BatchNorm statistics +
    OOD reference refitted); timed;
-3. few labels: k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from
-   the own-lab half, a logistic-regression head on the adapted model's features (the
-   `fewshot fit --backbone BUNDLE` recipe) and on `fewshot fit`'s default features (the shipped
-   SimCLR Lite0, 8 views), REPEATS draws; the rest of the own-lab half is not used.
+3. few labels: the `fewshot bench` protocol with `fewshot fit`'s default head (svm+self) and lr:
+   k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from the
+   own-lab half, the rest of that half as unlabelled images for self-training, REPEATS draws;
+   features of the adapted model, of the model as is (both `--views` views, default 8) and of
+   `fewshot fit`'s default timm backbone (the shipped SimCLR Lite0).
 
 Macro-F1 is over LISC's 5 classes; a prediction of a class LISC lacks (e.g. immature
-granulocyte) counts as an error. Abstained cells are scored by their top-1 like the others and
+granulocyte) counts as an error. "5-part" repeats 1 and 2 with answers restricted to LISC's
+classes (`predict --classes`, `Bundle.restrict_classes`), as a lab doing a white-cell
+differential would run it. Abstained cells are scored by their top-1 like the others and
 the abstain rate is reported beside. Results merge into bench/results/crosslab.json under --key.
 """
 from __future__ import annotations
@@ -73,41 +76,23 @@ def score(y_true: list[str], pred, *, n: int | None = None) -> dict:
     }
 
 
-def few_labels(features: np.ndarray, table, own, test, shots, repeats: int, seed: int) -> dict:
-    """Group-aware draws: per class k groups of the own-lab half, one crop each; head on features."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
+def few_labels(extractor, table, own, test, shots, repeats: int, seed: int, heads) -> dict:
+    """The `fewshot bench` protocol on a lab's own half: k labelled cells per class (k different
+    groups, one crop each) drawn from the own-lab half, the rest of it as unlabelled images for
+    self-training heads, scored on the test half; macro-F1 over LISC's classes."""
+    from hematoscope.fewshot.bench import run_benchmark
 
-    from hematoscope.fewshot.heads import make_head
-
-    y = table["canonical"].to_numpy()
-    groups = table["patient"].to_numpy()
-    out = {}
-    for k in shots:
-        f1s, bals, seconds = [], [], []
-        for r in range(repeats):
-            rng = np.random.default_rng(seed * 1000 + 17 * k + r)
-            picked = []
-            for c in CLASSES:
-                cand = np.flatnonzero(own & (y == c))
-                cell_groups = rng.permutation(sorted(set(groups[cand])))[:k]
-                picked += [int(rng.choice(cand[groups[cand] == g])) for g in cell_groups]
-            start = time.perf_counter()
-            head = make_head("lr").fit(features[picked], y[picked])
-            seconds.append(time.perf_counter() - start)
-            pred = head.predict(features[test])
-            f1s.append(f1_score(y[test], pred, labels=CLASSES, average="macro", zero_division=0))
-            bals.append(balanced_accuracy_score(y[test], pred))
-        out[str(k)] = {"macro_f1_mean": round(float(np.mean(f1s)), 4), "macro_f1_sd": round(float(np.std(f1s)), 4),
-                       "balanced_accuracy_mean": round(float(np.mean(bals)), 4),
-                       "fit_seconds": round(float(np.mean(seconds)), 2), "draws": repeats}
+    res = run_benchmark(table[own].reset_index(drop=True), extractor, test=table[test].reset_index(drop=True),
+                        shots=shots, heads=heads, repeats=repeats, seed=seed, max_pool_per_class=None,
+                        group_by="patient", progress=False)
+    out = {"features": extractor.describe(), "views": res["views"], "extract_seconds": res["extract_seconds"],
+           "n_test": res["n_test"], "heads": {}}
+    for row in res["results"]:
+        out["heads"].setdefault(row["head"], {})[str(row["shots"])] = {
+            "macro_f1_mean": round(row["macro_f1_mean"], 4), "macro_f1_sd": round(row["macro_f1_sd"], 4),
+            "balanced_accuracy_mean": round(row["balanced_accuracy_mean"], 4),
+            "fit_seconds": round(row["fit_seconds_mean"], 2), "draws": repeats}
     return out
-
-
-def features_of(bundle, paths, batch_size: int = 64) -> np.ndarray:
-    from hematoscope.data.images import load_image
-
-    return np.concatenate([bundle.forward([load_image(p) for p in paths[i:i + batch_size]]).features
-                           for i in range(0, len(paths), batch_size)])
 
 
 def markdown_table(results: dict) -> str:
@@ -116,18 +101,26 @@ def markdown_table(results: dict) -> str:
         return [f"{f[k]['macro_f1_mean']:.3f} ± {f[k]['macro_f1_sd']:.3f}" if k in f else "—"
                 for k in ("1", "5", "10", "20")]
 
-    rows = ["| model | LISC as is | abstained | after `adapt` | abstained | PBC test accuracy / macro-F1 |",
-            "|---|---|---|---|---|---|"]
-    few = ["| features | 1 label/class | 5 | 10 | 20 |", "|---|---|---|---|---|"]
+    rows = ["| model | LISC as is | abstained | after `adapt` | abstained | 5-part (`--classes`): as is / adapted "
+            "| PBC test accuracy / macro-F1 |", "|---|---|---|---|---|---|---|"]
+    few = ["| model | features | head | 1 cell/class | 5 | 10 | 20 |", "|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         z, a, pbc = r["zero_shot"]["test_half"], r["adapted"]["test_half"], r.get("pbc_test")
+        five = (f"{r['zero_shot']['test_half_5part']['macro_f1']:.3f} / "
+                f"{r['adapted']['test_half_5part']['macro_f1']:.3f}" if "test_half_5part" in r["zero_shot"] else "—")
         rows.append(f"| {key} | {z['macro_f1']:.3f} | {z['abstained']:.0%} | {a['macro_f1']:.3f} | "
-                    f"{a['abstained']:.0%} | " + (f"{pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else "— |"))
-        few.append(f"| {key}, adapted | " + " | ".join(shots(r["few_labels_adapted"])) + " |")
-        if "few_labels_fewshot_default" in r:
-            f = r["few_labels_fewshot_default"]
-            few.append(f"| {f['backbone']} | " + " | ".join(shots(f)) + " |")
-    return "\n".join(rows) + "\n\nFew labels (macro-F1, mean ± sd over 5 draws):\n\n" + "\n".join(few)
+                    f"{a['abstained']:.0%} | {five} | " + (f"{pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else "— |"))
+        if "few_labels" in r:
+            for name, f in r["few_labels"].items():
+                for head, by_shots in f["heads"].items():
+                    few.append(f"| {key} | {name}, {f['views']} views | {head} | " + " | ".join(shots(by_shots)) + " |")
+        else:  # entries of 2026-11-29 and before: a logistic-regression head, 1 view
+            few.append(f"| {key} | adapted model, 1 view | lr | " + " | ".join(shots(r["few_labels_adapted"])) + " |")
+            if "few_labels_fewshot_default" in r:
+                f = r["few_labels_fewshot_default"]
+                few.append(f"| {key} | {f['backbone']} | lr | " + " | ".join(shots(f)) + " |")
+    return ("\n".join(rows) + "\n\nFew labels (macro-F1 on the test half, mean ± sd over 5 draws):\n\n"
+            + "\n".join(few))
 
 
 def main() -> None:
@@ -145,8 +138,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tta", type=int, help="test-time views (default: the bundle's own)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heads", default="svm+self,lr", help="few-label heads (`fewshot bench --heads`)")
+    ap.add_argument("--views", type=int, default=8, help="views per image of the few-label features")
     ap.add_argument("--fewshot-backbone", default="efficientnet_lite0",
-                    help="also draw few labels on these features ('' = skip)")
+                    help="also draw few labels on these timm features ('' = skip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
@@ -177,7 +172,15 @@ def main() -> None:
     def run(b, idx):
         return score([y[i] for i in np.flatnonzero(idx)], b.predict([paths[i] for i in np.flatnonzero(idx)]))
 
-    result["zero_shot"] = {"test_half": run(bundle, test), "all": run(bundle, np.ones(len(y), bool))}
+    def run_5part(b, idx):  # answers restricted to LISC's classes, as a lab doing a 5-part differential would
+        b.restrict_classes(CLASSES)
+        try:
+            return run(b, idx)
+        finally:
+            b.restrict_classes(None)
+
+    result["zero_shot"] = {"test_half": run(bundle, test), "all": run(bundle, np.ones(len(y), bool)),
+                           "test_half_5part": run_5part(bundle, test)}
     logging.info("zero-shot: %s", result["zero_shot"]["test_half"])
 
     rng = np.random.default_rng(args.seed)
@@ -186,21 +189,23 @@ def main() -> None:
     adapted, report = adapt_bundle(bundle, [paths[i] for i in adapt_rows], source="LISC own-lab half")
     adapt_seconds = time.perf_counter() - start
     result["adapted"] = {"images": report.images, "seconds": round(adapt_seconds, 1),
-                         "accepted_before": report.accepted_before, "test_half": run(adapted, test)}
+                         "accepted_before": report.accepted_before, "test_half": run(adapted, test),
+                         "test_half_5part": run_5part(adapted, test)}
     logging.info("adapted (%.0f s): %s", adapt_seconds, result["adapted"]["test_half"])
 
-    features = features_of(adapted, paths)
-    shots = [int(s) for s in args.shots.split(",")]
-    result["few_labels_adapted"] = few_labels(features, table, own, test, shots, args.repeats, args.seed)
-    logging.info("few labels: %s", result["few_labels_adapted"])
-    if args.fewshot_backbone:  # the `fewshot fit` default features (shipped SimCLR Lite0, 8 views)
-        from hematoscope.fewshot.features import load_extractor
+    from hematoscope.fewshot.features import load_extractor
 
-        extracted = load_extractor(args.fewshot_backbone, tta=8).extract(paths, progress=False)
-        result["few_labels_fewshot_default"] = {
-            "backbone": f"{args.fewshot_backbone} (fewshot default weights), 8 views",
-            **few_labels(extracted.features, table, own, test, shots, args.repeats, args.seed)}
-        logging.info("few labels, fewshot features: %s", result["few_labels_fewshot_default"])
+    shots, heads = [int(k) for k in args.shots.split(",")], args.heads.split(",")
+    result["few_labels"] = {}
+    backbones = {"adapted model": lambda: load_extractor(bundle=adapted, tta=args.views),
+                 "model as is": lambda: load_extractor(bundle=bundle, tta=args.views)}
+    if args.fewshot_backbone:  # `fewshot fit`'s own default features (the shipped SimCLR Lite0)
+        label = ("SimCLR Lite0 (`fewshot fit` default)" if args.fewshot_backbone == "efficientnet_lite0"
+                 else args.fewshot_backbone)
+        backbones[label] = lambda: load_extractor(args.fewshot_backbone, tta=args.views)
+    for name, make in backbones.items():
+        result["few_labels"][name] = few_labels(make(), table, own, test, shots, args.repeats, args.seed, heads)
+        logging.info("few labels, %s: %s", name, result["few_labels"][name]["heads"])
 
     if args.pbc_split.is_file():
         from hematoscope.data.splits import load_split
