@@ -204,7 +204,7 @@ def part_c(args, cache_root: Path) -> dict:
     if not split_file.exists():
         raise SystemExit(f"no split file for the default model at {split_file}; pass --default-split")
     table = load_split(split_file, verify=False)
-    cache = cache_root / "default_model"
+    cache = cache_root / f"default_model_{bundle.name}"  # outputs of another shipped model must not be reused
     cache.mkdir(parents=True, exist_ok=True)
     fitted_here = False
     if bundle.config.ood is None or args.tta != shipped_views:
@@ -327,7 +327,7 @@ def main() -> None:
     def merge(update) -> dict:
         """Re-read the file right before writing: runs of this script may overlap."""
         results = json.loads(out_file.read_text()) if out_file.exists() else {}
-        results.update({"dataset": "PBC (Acevedo 2020), /work/shared/data/pbc",
+        results.update({"dataset": "PBC (Acevedo 2020), ../shared/data/pbc",
                         "split": f"own stratified 80/10/10, make_split seed {args.seed}",
                         "machine": "2 CPU cores (shared with other jobs for the older entries)"})
         update(results)
