@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hematoscope import _io
+from hematoscope._registry import Registry
 from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction, SkippedFile
 from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
 
@@ -180,37 +181,21 @@ class ModelOutput:
     features: np.ndarray | None = None
 
 
-_KINDS: dict[str, type["Bundle"]] = {}
-#: Modules that define the built-in kinds, imported on demand by load_bundle.
-_KIND_MODULES = {
+#: Bundle classes by kind; the built-in kinds' modules are imported on demand by load_bundle.
+_KINDS: Registry[type["Bundle"]] = Registry("bundle kind", error=BundleError, lazy={
     "neural": "hematoscope.bundle.neural",
     "fewshot": "hematoscope.fewshot.bundle",
     "classical": "hematoscope.classical.bundle",
-}
+})
 
 
 def register_bundle_kind(kind: str) -> Callable[[type["Bundle"]], type["Bundle"]]:
     """Class decorator: make ``load_bundle`` build this class for ``config.kind == kind``."""
-
-    def deco(cls: type[Bundle]) -> type[Bundle]:
-        if kind in _KINDS and _KINDS[kind] is not cls:
-            raise ValueError(f"bundle kind {kind!r} is already registered by {_KINDS[kind].__name__}")
-        cls.kind = kind
-        _KINDS[kind] = cls
-        return cls
-
-    return deco
+    return _KINDS.register(kind, kind=kind)
 
 
 def bundle_class(kind: str) -> type["Bundle"]:
-    if kind not in _KINDS and kind in _KIND_MODULES:
-        import importlib
-
-        importlib.import_module(_KIND_MODULES[kind])
-    try:
-        return _KINDS[kind]
-    except KeyError:
-        raise BundleError(f"unknown bundle kind {kind!r}; known: {sorted(set(_KINDS) | set(_KIND_MODULES))}") from None
+    return _KINDS.get(kind)
 
 
 class Bundle(ABC):

@@ -10,8 +10,6 @@ from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, 
 
 trust_app = typer.Typer(help="Trust: calibration, out-of-distribution detection, abstention.", no_args_is_help=True)
 
-METHODS = ("knn_energy", "mahalanobis", "knn", "energy", "max_softmax")
-
 
 @trust_app.command("fit")
 def fit_cmd(
@@ -19,8 +17,9 @@ def fit_cmd(
     data: Annotated[Path, typer.Argument(metavar="DATA_OR_SPLIT",
                                          help="Split CSV (uses its train and val rows), or a dataset folder "
                                               "(split here with --seed; its val part must not have been trained on).")],
-    method: Annotated[Optional[str], typer.Option(help=f"OOD score: {', '.join(METHODS)} "
-                                                       "(default: knn_energy when the model has features).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="OOD score: a registered method (hematoscope.trust.list_scorers(): knn_energy, mahalanobis, knn, "
+             "isolation_forest ...; default: knn_energy when the model has features).")] = None,
     target_tpr: Annotated[float, typer.Option("--target-tpr", help="Fraction of in-distribution val images the OOD "
                                                                    "flag accepts at least.")] = 0.95,
     target_answered: Annotated[float, typer.Option(
@@ -45,9 +44,10 @@ def fit_cmd(
     from hematoscope.data.readers import read_dataset
     from hematoscope.models.preprocess import TTA_VIEWS
     from hematoscope.trust.fit import fit_trust_on_table, resave_bundle
+    from hematoscope.trust.scorers import list_scorers
 
-    if method is not None and method not in METHODS:
-        raise typer.BadParameter(f"choose one of {', '.join(METHODS)}", param_hint="--method")
+    if method is not None and method not in list_scorers():
+        raise typer.BadParameter(f"choose one of {', '.join(list_scorers())}", param_hint="--method")
     if tta is not None and tta not in TTA_VIEWS:
         raise typer.BadParameter(f"choose one of {', '.join(map(str, TTA_VIEWS))}", param_hint="--tta")
     with user_errors():

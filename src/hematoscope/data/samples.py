@@ -6,12 +6,26 @@
 - ``patient``: patient / slide id when the dataset has one, else ``None``
 - ``dataset``: the reader name that produced the row
 Split files add ``split`` (train / val / test or fold_k) and ``sha256``.
+
+This module owns the table: how it is built (:func:`make_table`), read from whatever a caller
+was given (:func:`as_table`), which class each row belongs to (:func:`class_column`,
+:func:`class_names`) and which rows belong together (:func:`resolve_group_by`,
+:func:`group_keys`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 COLUMNS = ["path", "label", "canonical", "patient", "dataset"]
+
+
+class DatasetError(ValueError):
+    """A dataset path is missing, has the wrong layout, or no reader fits it."""
 
 
 def make_table(rows: Iterable[Mapping], dataset: str):
@@ -35,3 +49,65 @@ def make_table(rows: Iterable[Mapping], dataset: str):
     df = df.astype({"canonical": object, "patient": object})
     df = df.where(df.notna(), None)
     return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def as_table(source: "pd.DataFrame | Path | str", reader: str | None = None) -> "pd.DataFrame":
+    """``source`` itself when it is already a samples table, else the dataset or split file at
+    that path, read by :func:`hematoscope.data.readers.read_dataset` (with ``reader``).
+
+    Raises:
+        DatasetError: the path cannot be read as a dataset.
+    """
+    if hasattr(source, "columns"):
+        return source
+    from hematoscope.data.readers import read_dataset
+
+    return read_dataset(source, reader=reader)
+
+
+def class_column(table: "pd.DataFrame") -> "np.ndarray":
+    """Per row, the class it belongs to: the canonical taxonomy name where the taxonomy knows the
+    label, else the dataset's own label (so unmapped classes stay distinct rather than merge)."""
+    import numpy as np
+
+    labels = table["label"].astype(str).to_numpy(dtype=object)
+    if "canonical" not in table:
+        return labels
+    canon = table["canonical"].to_numpy(dtype=object)
+    return np.array([c if isinstance(c, str) and c else lab for c, lab in zip(canon, labels)], dtype=object)
+
+
+def class_names(table: "pd.DataFrame") -> list[str]:
+    """The table's classes (:func:`class_column`), sorted: a model's output order."""
+    return sorted(set(class_column(table).tolist()))
+
+
+def resolve_group_by(table: "pd.DataFrame", group_by: str | None = "auto") -> str | None:
+    """The column that groups ``table``'s rows, or None.
+
+    ``"auto"``: ``"patient"`` when that column has at least one id, else None. ``None`` or
+    ``"none"``: no grouping. Any other name must be a column of the table.
+
+    Raises:
+        ValueError: a named column that the table does not have.
+    """
+    if group_by is None or str(group_by).lower() == "none":
+        return None
+    if group_by == "auto":
+        return "patient" if "patient" in table and table["patient"].notna().any() else None
+    if group_by not in table:
+        raise ValueError(f"cannot group by {group_by!r}: no such column (columns: {list(table.columns)})")
+    return group_by
+
+
+def group_keys(table: "pd.DataFrame", group_by: str | None) -> "np.ndarray | None":
+    """Per row a group key: ``dataset|id`` (ids of different datasets never collide); a row
+    without an id is its own group (keyed by its path). None when ``group_by`` is None."""
+    import numpy as np
+    import pandas as pd
+
+    if group_by is None:
+        return None
+    ds = table["dataset"] if "dataset" in table else pd.Series([""] * len(table), index=table.index)
+    return np.array([f"row:{p}" if pd.isna(g) else f"id:{d}|{g}"
+                     for g, d, p in zip(table[group_by], ds, table["path"])], dtype=object)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hematoscope._io import file_sha256
-from hematoscope.data.readers import DatasetError
-from hematoscope.data.samples import COLUMNS
+from hematoscope.data.samples import COLUMNS, DatasetError
 
 SPLIT_COLUMNS = COLUMNS + ["split", "sha256"]
 

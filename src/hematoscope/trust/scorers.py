@@ -16,34 +16,30 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from hematoscope._registry import Registry
+
 #: File inside a bundle that holds a scorer's arrays.
 OOD_FILE = "ood.safetensors"
-
-_SCORERS: dict[str, type["OODScorer"]] = {}
-#: Scorers registered by other packages, imported on first use (so a bundle config naming them loads).
-_SCORER_MODULES = {"isolation_forest": "hematoscope.classical.anomaly"}
 
 
 class ScorerError(ValueError):
     """A scorer is unknown, unfitted, or was given the wrong inputs."""
 
 
+#: Scorers by name; those of other packages are imported on first use (so a bundle config naming
+#: them loads).
+SCORERS: Registry[type["OODScorer"]] = Registry("OOD method", error=ScorerError,
+                                                lazy={"isolation_forest": "hematoscope.classical.anomaly"})
+
+
 def register_scorer(name: str) -> Callable[[type["OODScorer"]], type["OODScorer"]]:
     """Class decorator: make a scorer available under ``name`` (duplicates are an error)."""
-
-    def deco(cls: type[OODScorer]) -> type[OODScorer]:
-        if name in _SCORERS and _SCORERS[name] is not cls:
-            raise ScorerError(f"OOD scorer {name!r} is already registered by {_SCORERS[name].__name__}")
-        cls.name = name
-        _SCORERS[name] = cls
-        return cls
-
-    return deco
+    return SCORERS.register(name, name=name)
 
 
 def list_scorers() -> list[str]:
     """Names of the registered scorers (including those of other packages, imported on use)."""
-    return sorted(set(_SCORERS) | set(_SCORER_MODULES))
+    return SCORERS.names()
 
 
 def get_scorer(name: str) -> type["OODScorer"]:
@@ -52,14 +48,7 @@ def get_scorer(name: str) -> type["OODScorer"]:
     Raises:
         ScorerError: no scorer has that name.
     """
-    if name not in _SCORERS and name in _SCORER_MODULES:
-        import importlib
-
-        importlib.import_module(_SCORER_MODULES[name])
-    try:
-        return _SCORERS[name]
-    except KeyError:
-        raise ScorerError(f"unknown OOD method {name!r}; known: {list_scorers()}") from None
+    return SCORERS.get(name)
 
 
 def load_scorer(config_ood: dict[str, Any], directory: Path | str) -> "OODScorer":

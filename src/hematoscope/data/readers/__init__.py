@@ -8,26 +8,17 @@ A reader turns a dataset in its published layout into a samples table
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
+from hematoscope._registry import Registry
+from hematoscope.data.samples import DatasetError
 
-class Reader(Protocol):
-    name: str
-
-    def __call__(self, root: Path):  # -> pandas.DataFrame
-        ...
-
-
-_READERS: dict[str, Callable] = {}
-#: Modules holding the built-in readers, imported lazily and in this order for auto-detection.
+#: Modules holding the built-in readers (each registers the reader of its own name), imported
+#: when first needed, in this order for auto-detection.
 _BUILTIN_MODULES = ["folder", "csv", "pbc", "matek", "raabin", "cnmc", "lisc", "bccd", "bloodmnist", "hida"]
-_loaded = False
-
-
-class DatasetError(ValueError):
-    """A dataset path is missing, has the wrong layout, or no reader fits it."""
+READERS: Registry[Callable] = Registry("reader", error=DatasetError,
+                                       lazy={m: f"hematoscope.data.readers.{m}" for m in _BUILTIN_MODULES})
 
 
 def register_reader(name: str, *, detect: Callable[[Path], bool] | None = None):
@@ -36,42 +27,20 @@ def register_reader(name: str, *, detect: Callable[[Path], bool] | None = None):
     ``detect(root)`` (optional) says whether a folder looks like this dataset's layout; used by
     :func:`detect_reader`. Duplicate names are an error, never a silent overwrite.
     """
-
-    def deco(fn: Callable) -> Callable:
-        if name in _READERS:
-            raise ValueError(f"reader {name!r} is already registered")
-        fn.reader_name = name
-        fn.detect = detect
-        _READERS[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"hematoscope.data.readers.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"hematoscope.data.readers.{mod}":
-                raise
+    return READERS.register(name, reader_name=name, detect=detect)
 
 
 def list_readers() -> list[str]:
-    _load_builtins()
-    return sorted(_READERS)
+    return READERS.names()
 
 
 def get_reader(name: str) -> Callable:
-    _load_builtins()
-    try:
-        return _READERS[name]
-    except KeyError:
-        raise DatasetError(f"unknown reader {name!r}; known: {', '.join(sorted(_READERS))}") from None
+    """The reader registered under ``name``.
+
+    Raises:
+        DatasetError: no reader has that name.
+    """
+    return READERS.get(name)
 
 
 def detect_reader(root: Path) -> str:
@@ -79,11 +48,11 @@ def detect_reader(root: Path) -> str:
 
     Falls back to ``folder`` for folders and ``csv`` for other files.
     """
-    _load_builtins()
+    READERS.load_all()
     root = Path(root)
-    for name in _BUILTIN_MODULES + sorted(set(_READERS) - set(_BUILTIN_MODULES)):
-        fn = _READERS.get(name)
-        if fn is not None and name not in ("folder", "csv") and fn.detect is not None and fn.detect(root):
+    for name in _BUILTIN_MODULES + sorted(set(READERS.names()) - set(_BUILTIN_MODULES)):
+        fn = READERS.get(name)
+        if name not in ("folder", "csv") and fn.detect is not None and fn.detect(root):
             return name
     return "folder" if root.is_dir() else "csv"
 
