@@ -59,12 +59,13 @@ def test_bundle_reproduces_validation_metrics(finished_run):
 
 def test_eval_transform_is_the_bundle_preprocess_and_train_transform_is_random(synthetic_root, tmp_path):
     from hematoscope.data.readers import read_dataset
+    from hematoscope.data.samples import class_column
     from hematoscope.data.splits import make_split
-    from hematoscope.train.data import CellDataModule, TrainImages, class_names, eval_preprocess
+    from hematoscope.train.data import CellDataModule, TrainImages, eval_preprocess
 
     config = tiny_config(synthetic_root, tmp_path / "r", limit_per_class=3)
     table = make_split(read_dataset(synthetic_root), val=0.34, test=0.0, seed=0)
-    table = table.assign(cls=class_names(table)).groupby("cls").head(3).reset_index(drop=True)
+    table = table.assign(cls=class_column(table)).groupby("cls").head(3).reset_index(drop=True)
     labels = sorted(set(table["cls"]))
     data = CellDataModule(table, labels, config, eval_preprocess(config))
     data.setup()

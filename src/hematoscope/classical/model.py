@@ -31,13 +31,6 @@ class TrainResult:
     report: dict = field(default_factory=dict)
 
 
-def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-sample weights ``n / (n_classes * count(class))`` (scikit-learn's "balanced")."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    per_class = len(y) / (n_classes * np.maximum(counts, 1))
-    return per_class[y]
-
-
 def fit_booster(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int, *,
                 feature_names: list[str], seed: int = 0, max_rounds: int = 2000, early_stopping: int = 25,
                 params: dict | None = None):
@@ -47,10 +40,13 @@ def fit_booster(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
         The ``xgboost.Booster`` truncated to its best iteration.
     """
     import xgboost as xgb
+    from sklearn.utils.class_weight import compute_sample_weight
 
     p = {**DEFAULT_XGB_PARAMS, **(params or {}), "num_class": n_classes, "seed": seed}
-    dtrain = xgb.DMatrix(x_train, label=y_train, weight=class_weights(y_train, n_classes), feature_names=feature_names)
-    dval = xgb.DMatrix(x_val, label=y_val, weight=class_weights(y_val, n_classes), feature_names=feature_names)
+    dtrain = xgb.DMatrix(x_train, label=y_train, weight=compute_sample_weight("balanced", y_train),
+                         feature_names=feature_names)
+    dval = xgb.DMatrix(x_val, label=y_val, weight=compute_sample_weight("balanced", y_val),
+                       feature_names=feature_names)
     booster = xgb.train(p, dtrain, num_boost_round=max_rounds, evals=[(dval, "val")],
                         early_stopping_rounds=early_stopping, verbose_eval=False)
     return booster[: booster.best_iteration + 1]
@@ -84,6 +80,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     from hematoscope.bundle.base import BundleConfig, ModelOutput
     from hematoscope.classical.bundle import ClassicalBundle, classical_preprocess
     from hematoscope.classical.features import FEATURE_NAMES, FEATURE_VERSION, ClassicalFeatures
+    from hematoscope.data.samples import class_column, class_names
     from hematoscope.taxonomy import TAXONOMY_VERSION
     from hematoscope.trust import fit_trust
 
@@ -93,8 +90,8 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
         from hematoscope.data.splits import make_split
 
         df = make_split(table, val=val, test=0.0, seed=seed)
-    names = [c if c is not None else lab for c, lab in zip(df["canonical"], df["label"])]
-    labels = sorted(set(names))
+    names = class_column(df).tolist()
+    labels = class_names(df)
     if len(labels) < 2:
         raise ValueError(f"need at least 2 classes to train; found {labels}")
     y = np.array([labels.index(n) for n in names])

@@ -69,7 +69,7 @@ def embed(
 
         from hematoscope import _io
         from hematoscope.data.readers import read_dataset
-        from hematoscope.fewshot.bench import class_column
+        from hematoscope.data.samples import class_column
         from hematoscope.fewshot.embed import plot_embedding, umap_coordinates
         from hematoscope.fewshot.features import load_extractor
 

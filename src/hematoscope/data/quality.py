@@ -95,15 +95,13 @@ def check_dataset(
     Raises:
         DatasetError: the path cannot be read as a dataset.
     """
-    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.samples import as_table
     from hematoscope.progress import track
     from hematoscope.taxonomy import unmapped_labels
 
     start = time.perf_counter()
-    if isinstance(root_or_table, (str, Path)):
-        source, table = str(root_or_table), read_dataset(root_or_table, reader=reader)
-    else:
-        source, table = "<table>", root_or_table
+    source = "<table>" if hasattr(root_or_table, "columns") else str(root_or_table)
+    table = as_table(root_or_table, reader=reader)
     paths, labels = list(table["path"]), [str(x) for x in table["label"]]
     infos = list(track(_inspect_all(paths, workers), total=len(paths), description="checking images", enabled=progress))
 

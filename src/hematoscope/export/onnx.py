@@ -303,11 +303,12 @@ def _check_int8(bundle: "Bundle", fp32_path: Path, int8_path: Path, validation, 
     fp32, int8 = OnnxRunner(fp32_path), OnnxRunner(int8_path)
     if validation is not None:
         table = _validation_table(validation)
+        from hematoscope.data.samples import class_column
         from hematoscope.predict.pipeline import decode_batches
         from hematoscope.predict.sources import ImageSource
 
         items = [ImageSource(str(p), Path(p)) for p in table["path"]]
-        truth = dict(zip(table["path"].astype(str), table.get("canonical", table["label"])))
+        truth = dict(zip(table["path"].astype(str), class_column(table)))
         pred32, pred8, names = [], [], []
         for batch in decode_batches(items, bundle.preprocess, batch_size=64):
             if not batch.images:
@@ -337,14 +338,9 @@ def _check_int8(bundle: "Bundle", fp32_path: Path, int8_path: Path, validation, 
 
 
 def _validation_table(validation) -> "pd.DataFrame":
-    import pandas as pd
+    from hematoscope.data.samples import as_table
 
-    if isinstance(validation, pd.DataFrame):
-        table = validation
-    else:
-        from hematoscope.data.readers import read_dataset
-
-        table = read_dataset(validation)
+    table = as_table(validation)
     if "split" in table.columns and (table["split"] == "val").any():
         table = table[table["split"] == "val"]
     if table.empty:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hematoscope.data.samples import class_column, group_keys, resolve_group_by
 from hematoscope.fewshot.heads import HeadSpec
 from hematoscope.fewshot.shots import sample_shots
 
@@ -62,45 +63,6 @@ def match_classes(train_classes: Sequence[str], test_classes: Sequence[str]) -> 
             tr_map.setdefault(a, a)
             te_map[b] = tr_map[a]
     return ClassMatch(tr_map, te_map, [a for a in train if a not in tr_map], [b for b in test if b not in te_map])
-
-
-def class_column(table) -> np.ndarray:
-    """Per row: the canonical class name where the taxonomy knows the label, else the label."""
-    labels = table["label"].astype(str).to_numpy(dtype=object)
-    if "canonical" not in table:
-        return labels
-    canon = table["canonical"].to_numpy(dtype=object)
-    return np.array([c if isinstance(c, str) and c else lab for c, lab in zip(canon, labels)], dtype=object)
-
-
-def resolve_group_by(table, group_by: str | None = "auto") -> str | None:
-    """The column that groups ``table``'s rows, or None.
-
-    ``"auto"``: ``"patient"`` when that column has at least one id, else None. ``None`` or
-    ``"none"``: no grouping. Any other name must be a column of the table.
-
-    Raises:
-        ValueError: a named column that the table does not have.
-    """
-    if group_by is None or str(group_by).lower() == "none":
-        return None
-    if group_by == "auto":
-        return "patient" if "patient" in table and table["patient"].notna().any() else None
-    if group_by not in table:
-        raise ValueError(f"cannot group by {group_by!r}: no such column (columns: {list(table.columns)})")
-    return group_by
-
-
-def group_keys(table, group_by: str | None) -> np.ndarray | None:
-    """Per row a group key: ``dataset|id`` (ids of different datasets never collide); a row
-    without an id is its own group (keyed by its path). None when ``group_by`` is None."""
-    import pandas as pd
-
-    if group_by is None:
-        return None
-    ds = table["dataset"] if "dataset" in table else pd.Series([""] * len(table), index=table.index)
-    return np.array([f"row:{p}" if pd.isna(g) else f"id:{d}|{g}"
-                     for g, d, p in zip(table[group_by], ds, table["path"])], dtype=object)
 
 
 def holdout_split(table, *, test_fraction: float = 0.2, max_test: int | None = 2000, seed: int = 0,

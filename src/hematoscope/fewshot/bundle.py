@@ -241,7 +241,7 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     Raises:
         ValueError: no readable images, or fewer than two classes.
     """
-    from hematoscope.fewshot.bench import class_column, group_keys, resolve_group_by
+    from hematoscope.data.samples import class_column, group_keys, resolve_group_by
     from hematoscope.fewshot.shots import sample_shots
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)

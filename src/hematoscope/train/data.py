@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hematoscope.data.images import ImageError, load_model_image
+from hematoscope.data.samples import class_column
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.progress import track
 from hematoscope.train.config import TrainConfig
@@ -35,11 +36,6 @@ class TrainDataError(ValueError):
 
 
 # --- the run's split ----------------------------------------------------------------------
-def class_names(table) -> list[str]:
-    """Per-row class name: the canonical taxonomy name, or the dataset's own label when unmapped."""
-    return [c if c else lab for c, lab in zip(table["canonical"], table["label"])]
-
-
 def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
     """The table the run trains on, with ``split`` in {train, val}, saved as ``RUN_DIR/split.csv``.
 
@@ -61,7 +57,7 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         table = load_split(split_file)
     else:
         table = read_dataset(config.data, reader=config.reader)
-        table = table.assign(cls=class_names(table))
+        table = table.assign(cls=class_column(table))
         if config.limit_per_class:
             rng = np.random.default_rng(config.seed)
             keep = [i for _, idx in sorted(table.groupby("cls").indices.items())
@@ -73,7 +69,7 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         table = table[table["split"].isin(["train", "val"])]
         save_split(table, split_file)
         table = load_split(split_file, verify=False)
-    table = table.assign(cls=class_names(table)).reset_index(drop=True)
+    table = table.assign(cls=class_column(table)).reset_index(drop=True)
     train_classes = set(table.loc[table["split"] == "train", "cls"])
     val_classes = set(table.loc[table["split"] == "val", "cls"])
     if not train_classes or not val_classes:

@@ -182,9 +182,9 @@ def _image_paths(source) -> list[str]:
 
 def _in_distribution_table(data) -> "pd.DataFrame":
     """A samples table; for a split file only its ``test`` rows (held out from training)."""
-    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.samples import as_table
 
-    table = data if hasattr(data, "columns") else read_dataset(data)
+    table = as_table(data)
     if "split" in table.columns and (table["split"] == "test").any():
         table = table[table["split"] == "test"]
     return table.reset_index(drop=True)
@@ -220,6 +220,7 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
         ``{"score", "ood": ood_metrics(...), "at_threshold": {"in_accept_rate", "ood_flag_rate"},
         "risk_coverage": ..., "ece", "n_in", "n_ood", "skipped", "abstain"}``.
     """
+    from hematoscope.data.samples import class_column
     from hematoscope.taxonomy import TAXONOMY
     from hematoscope.trust.calibration import expected_calibration_error, reliability_curve
 
@@ -233,7 +234,7 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
     in_scores = in_pred.ood_score if fitted else 1 - in_pred.confidence
     ood_scores = ood_pred.ood_score if fitted else 1 - ood_pred.confidence
 
-    canon = table["canonical"] if "canonical" in table.columns else table["label"]
+    canon = class_column(table)
     truth = [TAXONOMY.match(str(canon[i]), bundle.labels) if canon[i] is not None else None for i in in_kept]
     known = np.array([t is not None for t in truth])
     if not known.any():

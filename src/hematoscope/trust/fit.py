@@ -185,9 +185,10 @@ def bundle_view_outputs(bundle: "Bundle", paths: Sequence[str], *, views: int | 
 def table_targets(bundle: "Bundle", table) -> np.ndarray:
     """Class index in ``bundle.labels`` of each row (its canonical label or an ancestor); -1
     when the row's label is not one of the bundle's classes."""
+    from hematoscope.data.samples import class_column
     from hematoscope.taxonomy import TAXONOMY
 
-    col = table["canonical"] if "canonical" in table.columns else table["label"]
+    col = class_column(table)
     index = {lab: i for i, lab in enumerate(bundle.labels)}
     return np.array([index.get(TAXONOMY.match(str(c), bundle.labels) if c is not None else None, -1)
                      for c in col], dtype=np.int64)
