@@ -50,7 +50,8 @@ def readable(path: str) -> bool:
 def make_pbc_split(data: Path, out: Path):
     """The 80/10/10 split described in the module docstring, saved to ``out``."""
     from hematoscope.data.readers import read_dataset
-    from hematoscope.data.splits import file_sha256, make_split, save_split
+    from hematoscope._io import file_sha256
+    from hematoscope.data.splits import make_split, save_split
     from hematoscope.samples import sample_paths
 
     table = read_dataset(data, reader="pbc")
@@ -82,7 +83,8 @@ def main() -> None:
     import torch
 
     from hematoscope import load_bundle
-    from hematoscope.data.splits import file_sha256, load_split
+    from hematoscope._io import file_sha256
+    from hematoscope.data.splits import load_split
     from hematoscope.train import TrainConfig, resume, train
 
     split_file = args.run_dir.parent / f"{args.run_dir.name}-split.csv"

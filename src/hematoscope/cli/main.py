@@ -42,13 +42,7 @@ def main(
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"hematoscope.cli.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"hematoscope.cli.{_name}":
-            raise
-        continue  # command group not built yet
-    _mod.register(app)
+    importlib.import_module(f"hematoscope.cli.{_name}").register(app)
 
 
 def run() -> None:

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from hematoscope import _io
+from hematoscope.bundle.neural import ONNX_FILE
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from hematoscope.bundle.base import Bundle
 
-ONNX_FILE = "model.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "features")
 DEFAULT_OPSET = 17

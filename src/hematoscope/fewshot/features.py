@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hematoscope import _io
+from hematoscope.bundle.neural import ONNX_FILE
 from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.models.backbones import SSL_PBC_WEIGHTS
 from hematoscope.models.preprocess import TTA_VIEWS, Preprocess, dihedral_views
@@ -98,10 +99,6 @@ class FeatureSet:
     ok: np.ndarray
     skipped: list[SkippedFile] = field(default_factory=list)
     computed: int = 0
-
-
-def file_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class FeatureExtractor:
@@ -171,7 +168,7 @@ class FeatureExtractor:
                     blobs[i] = Path(p).read_bytes()
                 except OSError as exc:
                     skipped.append(SkippedFile(p, f"cannot read ({exc.strerror})"))
-            hashes = {i: file_sha256(b) for i, b in blobs.items()}
+            hashes = {i: hashlib.sha256(b).hexdigest() for i, b in blobs.items()}
             found = store.get(list(hashes.values())) if store else {}
             todo, decoded = [], []
             for i in sorted(blobs):
@@ -339,7 +336,7 @@ class BundleFeatureExtractor(FeatureExtractor):
         """The ONNX model that computes the features (the bundle's own, or its checked copy),
         or None when PyTorch runs it."""
         b = self._runner()
-        return Path(b.directory) / "model.onnx" if b.kind == "neural" and _neural_has_onnx(b) else None
+        return Path(b.directory) / ONNX_FILE if b.kind == "neural" and _neural_has_onnx(b) else None
 
     def _runner(self):
         """The bundle that computes features: this one, or its ONNX copy in the feature cache."""
@@ -379,7 +376,7 @@ def _dihedral(image: np.ndarray, v: int) -> np.ndarray:
 
 def _neural_has_onnx(bundle) -> bool:
     directory = getattr(bundle, "directory", None)
-    return bundle.backend in ("auto", "onnx") and directory is not None and (Path(directory) / "model.onnx").is_file()
+    return bundle.backend in ("auto", "onnx") and directory is not None and (Path(directory) / ONNX_FILE).is_file()
 
 
 def _onnx_copy(bundle, identity: str, *, required: bool):
@@ -390,7 +387,7 @@ def _onnx_copy(bundle, identity: str, *, required: bool):
     from hematoscope.paths import cache_dir
 
     target = cache_dir("features", "bundles") / hashlib.sha256(identity.encode()).hexdigest()[:24]
-    if not (target / "model.onnx").is_file():
+    if not (target / ONNX_FILE).is_file():
         import copy
 
         try:  # a copy: exporting saves and records into the bundle it is given

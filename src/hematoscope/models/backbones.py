@@ -17,9 +17,7 @@ missing one fails at once with :class:`WeightsError`: loading a model never touc
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 DEFAULT_ARCH = "efficientnet_lite0"
 OFFLINE_WEIGHTS = "imagenet-offline"
@@ -61,17 +59,6 @@ def offline_hub_architecture(arch: str) -> str:
             "its config.json, e.g. the 'architecture' of that hub model), or cache the definition once while "
             f"online: hf download {repo} config.json")
     return f"local-dir:{Path(cached).parent}"
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the project needs to rebuild a backbone: its timm name and where weights came from."""
-
-    arch: str = DEFAULT_ARCH
-    weights: str | None = OFFLINE_WEIGHTS
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "weights": self.weights}
 
 
 def offline_lite0_state_dict() -> dict:

@@ -98,17 +98,9 @@ def explanation_method(model: ServedModel) -> str:
     """What the server can show to explain this model's predictions."""
     if model.bundle.kind == "neural":
         return "grad-cam"
-    if model.bundle.kind == "classical" and _segment_cell() is not None:
+    if model.bundle.kind == "classical":
         return "segmentation"
     return "none"
-
-
-def _segment_cell():
-    try:
-        from hematoscope.classical.segment import segment_cell
-    except ImportError:
-        return None
-    return segment_cell
 
 
 def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
@@ -140,16 +132,14 @@ def _segmentation_explanation(bundle, image: np.ndarray, label: str) -> tuple[by
     from PIL import Image
     from skimage.segmentation import mark_boundaries
 
+    from hematoscope.classical.segment import segment_cell
+    from hematoscope.explain.shap import explain_features
+
     explanation: dict[str, Any] = {"method": "segmentation", "target": label,
                                    "note": "outlines: cell and nucleus as measured; features: SHAP contributions"}
-    try:
-        from hematoscope.explain.shap import explain_features
-    except ImportError:
-        explain_features = None
-    if explain_features is not None:
-        explanation["features"] = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
-                                   for f in explain_features(bundle, image, label=label, top=5)]
-    seg = _segment_cell()(image)
+    explanation["features"] = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
+                               for f in explain_features(bundle, image, label=label, top=5)]
+    seg = segment_cell(image)
     if not seg.ok:
         explanation["note"] = f"segmentation failed: {seg.reason}"
         return None, explanation

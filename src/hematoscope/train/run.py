@@ -268,11 +268,8 @@ def _final_metrics(bundle: NeuralBundle, data: CellDataModule, val_out: ModelOut
     metrics = {"split": "val (run split.csv)", **classification_metrics(val_y, probs.argmax(1), probs, bundle.labels)}
     if not config.fit_trust:
         return metrics
-    try:
-        from hematoscope.trust import fit_trust
-    except ImportError as exc:
-        log.warning("trust fitting skipped: hematoscope.trust.fit_trust is not available (%s)", exc)
-        return metrics
+    from hematoscope.trust import fit_trust
+
     train_out, train_y = outputs(bundle, data.eval_dataset("train"), config.batch_size)
     report = fit_trust(bundle, train=(train_out, train_y), val=(val_out, val_y))
     metrics["ece_before"] = report["calibration"]["ece_before"]

@@ -35,7 +35,7 @@ def read_bloodmnist(root: Path):
     """BloodMNIST (MedMNIST) .npz (28-224 px); images are materialised as PNGs in the cache."""
     import numpy as np
 
-    from hematoscope.data.splits import file_sha256
+    from hematoscope._io import file_sha256
     from hematoscope.paths import cache_dir
 
     root = Path(root)
