@@ -6,7 +6,7 @@ on a stratified 2,000-image subset of the held-out 20 %. Usage:
     nice -n 10 .venv/bin/python bench/fewshot_pbc.py --name lite0 [--tta] [--weights W.safetensors]
     .venv/bin/python bench/fewshot_pbc.py --plot     # combine saved runs into curve + table
 
-Writes bench/results/fewshot_pbc_<name>.json (and with --plot fewshot_pbc_curve.png, table.md).
+Writes bench/results/fewshot_pbc_<name>.json (and with --plot fewshot_pbc_curve.png; the tables are printed).
 """
 from __future__ import annotations
 
@@ -44,9 +44,7 @@ def main() -> None:
                 for p in sorted(RESULTS.glob("fewshot_pbc_*.json"))}
         drawn = args.runs.split(",") if args.runs else list(runs)
         plot_curve({k: runs[k] for k in drawn}, RESULTS / "fewshot_pbc_curve.png")
-        text = "\n\n".join(f"### {name}\n{results_table(r)}" for name, r in runs.items())
-        (RESULTS / "fewshot_pbc_table.md").write_text(text + "\n")
-        print(text)
+        print("\n\n".join(f"### {name}\n{results_table(r)}" for name, r in runs.items()))
         return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -64,6 +62,7 @@ def main() -> None:
                         max_pool_per_class=args.pool_per_class, progress=True)
     res["wall_seconds"] = round(time.time() - t0, 1)
     res["name"] = args.name
+    res["skipped_files"] = [os.path.relpath(p, PBC) for p in res["skipped_files"]]  # no machine paths in results
     _io.write_json(RESULTS / f"fewshot_pbc_{args.name}.json", res)
     print(results_table(res))
     print(f"wall {res['wall_seconds']} s; n_test {res['n_test']}; skipped {res['skipped_files']}")

@@ -1,8 +1,8 @@
 """Short CPU SimCLR/DINO run on the unlabelled PBC *train part* (the same fixed split as
 bench/fewshot_pbc.py, so no test image is seen, even unlabelled). Run with `nice -n 10`:
 
-    nice -n 10 .venv/bin/python bench/ssl_pbc.py --minutes 10 --out /work/runs/ssl_lite0.safetensors
-    nice -n 10 .venv/bin/python bench/fewshot_pbc.py --name ssl10 --weights /work/runs/ssl_lite0.safetensors
+    nice -n 10 .venv/bin/python bench/ssl_pbc.py --minutes 10 --out ../runs/ssl_lite0.safetensors
+    nice -n 10 .venv/bin/python bench/fewshot_pbc.py --name ssl10 --weights ../runs/ssl_lite0.safetensors
 
 Writes bench/results/ssl_pbc.json (steps, loss trend, time); the weights stay out of git.
 """

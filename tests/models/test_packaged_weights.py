@@ -22,3 +22,15 @@ def test_packaged_ssl_weights_load_into_lite0_and_differ_from_imagenet():
 def test_unknown_packaged_name_is_a_clear_error():
     with pytest.raises(WeightsError, match="no packaged weights"):
         packaged_weights_file("hematoscope-nothing")
+
+
+def test_weights_reference_names_a_local_file_by_name_and_content(tmp_path):
+    from hematoscope.models.backbones import weights_reference
+
+    assert weights_reference(None) is None
+    for named in (OFFLINE_WEIGHTS, SSL_PBC_WEIGHTS, "https://example.org/w.safetensors", "hf-hub:org/model"):
+        assert weights_reference(named) == named
+    local = tmp_path / "ssl.safetensors"
+    local.write_bytes(b"weights")
+    ref = weights_reference(local)
+    assert ref.startswith("ssl.safetensors (sha256:") and str(tmp_path) not in ref

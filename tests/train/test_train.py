@@ -26,7 +26,7 @@ def finished_run(synthetic_root, tmp_path_factory):
     return train(tiny_config(synthetic_root, tmp_path_factory.mktemp("run") / "run"))
 
 
-def test_training_produces_a_loadable_bundle_and_run_files(finished_run):
+def test_training_produces_a_loadable_bundle_and_run_files(finished_run, synthetic_root):
     run = finished_run.run_dir
     for name in ("train_config.json", "split.csv", "metrics.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
                  "bundle/model.safetensors", "bundle/config.json", "bundle/README.md"):
@@ -43,6 +43,8 @@ def test_training_produces_a_loadable_bundle_and_run_files(finished_run):
     assert bundle.config.ood is not None and bundle.config.temperature != 1.0  # trust was fitted
     assert bundle.config.training["epochs_completed"] == 2
     assert bundle.config.training["split_file_sha256"]
+    config_text = (run / "bundle" / "config.json").read_text()  # data and run by name, not by this machine's paths
+    assert str(synthetic_root) not in config_text and str(run.parent) not in config_text
     assert finished_run.epochs_completed == 2 and finished_run.images_per_second > 0
 
 

@@ -273,7 +273,7 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     datasets = sorted({str(d) for d in table["dataset"]}) if "dataset" in table else []
     training = {"method": "frozen features + head", "labels_per_class": labels_per_class, "seed": seed,
                 "group_by": group_col, "unlabelled_per_class": unlabelled_per_class if unlabelled is not None else None,
-                "short_classes": draw.short, "skipped": [s.source for s in fs.skipped]}
+                "short_classes": draw.short, "skipped": [Path(s.source).name for s in fs.skipped]}
     bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=spec, name=name or f"fewshot-{spec.label}",
                                training=training, data_sources=datasets, unlabelled=unlabelled)
     report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),

@@ -3,8 +3,8 @@
 Three kinds of backbone give features:
 
 - the offline ImageNet EfficientNet-Lite0 (no network needed), pooled as the mean and standard
-  deviation of its last intermediate stages (measured better for few labels than the pooled
-  head, see FINDINGS),
+  deviation of its last intermediate stages (better for few labels than the pooled head: balanced
+  accuracy 0.73 / 0.88 against 0.65 / 0.82 at 10 / 50 labels per class in an early PBC measurement),
 - any timm model with weights from a local file, a URL or the Hugging Face hub (e.g. DinoBloom
   or DINOv2 ViTs), pooled by the model itself or as mean+std of intermediates,
 - a hematoscope bundle: its penultimate-layer features (``bundle.forward(images).features``),
@@ -477,7 +477,8 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         preprocess = Preprocess(size=size or DEFAULT_SIZE, resize="squash",
                                 mean=tuple(cfg.get("mean", Preprocess().mean)),
                                 std=tuple(cfg.get("std", Preprocess().std)))
-    source = {"arch": arch, "weights": weights, "weights_id": weights_id, "model_kwargs": model_kwargs}
+    source = {"arch": arch, "weights": Path(weights).name if weights_id != weights else weights,  # not a local path
+              "weights_id": weights_id, "model_kwargs": model_kwargs}
     kw = json.dumps(model_kwargs, sort_keys=True) if model_kwargs else ""
     return TimmFeatureExtractor(model, preprocess, f"timm:{arch}{kw}|w={weights_id}", pooling=pooling,
                                 layers=layers, source=source, tta=view_count(tta), batch_size=batch_size,

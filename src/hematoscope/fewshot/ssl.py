@@ -132,7 +132,7 @@ class _Rot90:
 
 
 class TwoViewImages(torch.utils.data.Dataset):
-    """Unlabelled image files → two random augmented views each (SimCLR recipe from FINDINGS:
+    """Unlabelled image files → two random augmented views each (the SimCLR recipe measured on PBC:
     random resized crop with area 0.3-1, flips + rot90, colour jitter with hue, 20 % greyscale).
     Unreadable files are replaced by another random file."""
 

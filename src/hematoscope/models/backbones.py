@@ -99,6 +99,17 @@ def packaged_weights_file(name: str) -> Path:
     return path
 
 
+def weights_reference(weights: str | Path | None) -> str | None:
+    """What a bundle records about where backbone weights came from, without naming the layout of
+    the machine that trained it: named weights, URLs and hub ids as given, a local file by its
+    name and content hash (``ssl.safetensors (sha256:0123456789abcdef)``)."""
+    if weights is None or str(weights) in (OFFLINE_WEIGHTS, *PACKAGED_WEIGHTS) or not Path(weights).is_file():
+        return None if weights is None else str(weights)
+    from hematoscope._io import file_sha256
+
+    return f"{Path(weights).name} (sha256:{file_sha256(weights)[:16]})"
+
+
 def read_state_dict(path: Path | str) -> dict:
     """A state dict from a local safetensors or torch file; never unpickles arbitrary objects."""
     import torch

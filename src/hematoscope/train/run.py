@@ -27,6 +27,7 @@ import torch
 from hematoscope import _io
 from hematoscope.bundle.base import ModelOutput
 from hematoscope.bundle.neural import NeuralBundle
+from hematoscope.models.backbones import weights_reference
 from hematoscope.train.config import TrainConfig
 from hematoscope.train.data import SPLIT_FILE, CellDataModule, EvalImages, eval_preprocess, prepare_split
 from hematoscope.train.module import AtomicCheckpointIO, CellClassifier
@@ -152,7 +153,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
                                  weights=None if resume else config.weights, name=config.name or run_dir.name,
                                  dtype=config.weights_dtype, drop_rate=config.drop_rate)
-    bundle.config.model["weights_source"] = config.weights
+    bundle.config.model["weights_source"] = weights_reference(config.weights)
     module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
     trainer.log_every_n_steps = max(1, min(50, data.steps_per_epoch()))
     threads = torch.get_num_threads()
@@ -185,7 +186,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     bundle.config.training = {
         "recipe": "supervised fine-tuning (hematoscope train)",
         # names, not paths: a bundle never records the layout of the machine that trained it
-        "config": {**config.model_dump(mode="json"), "data": Path(config.data).name, "out": run_dir.name},
+        "config": {**config.model_dump(mode="json"), "data": Path(config.data).name, "out": run_dir.name,
+                   "weights": weights_reference(config.weights)},
         "best_checkpoint_epoch": int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1,
         "epochs_completed": completed,
         "train_images": int(len(data.train.targets)),
