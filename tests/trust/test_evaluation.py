@@ -86,7 +86,7 @@ def test_trust_cli_fit_eval_make_ood_on_tiny_neural_bundle(tiny_neural_bundle, s
     assert 0 <= report["ood"]["auroc"] <= 1 and "AUROC" in res.output
 
     res = runner.invoke(app, ["trust", "fit", str(bundle_dir), str(split), "--method", "bogus"])
-    assert res.exit_code == 2
+    assert res.exit_code == 2 and "isolation_forest" in res.output  # every registered scorer is offered
     res = runner.invoke(app, ["trust", "eval", str(tmp_path / "nope"), str(split), "--ood", str(tmp_path / "ood"),
                               "--out", str(tmp_path / "e2")])
     assert res.exit_code == 2 and "no bundle" in res.output
