@@ -66,7 +66,7 @@ def main() -> None:
     logits = bundle.logits_of(x)
     t_predict = time.perf_counter() - t0
     pred = logits.argmax(1)
-    ood_flag = bundle.ood.score(features=x, logits=logits) > bundle.config.ood["threshold"]
+    ood_flag = bundle.ood.score(features=x, logits=logits) > bundle.config.ood.threshold
 
     out = {
         "dataset": "PBC (Acevedo 2020), shared copy (../shared/data/pbc)",

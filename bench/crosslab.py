@@ -150,7 +150,7 @@ def main() -> None:
     from hematoscope import load_bundle
     from hematoscope.bundle.adapt import adapt_bundle
     from hematoscope.data.splits import make_split
-    from hematoscope.models.default import default_bundle_path
+    from hematoscope.bundle.default import default_bundle_path
 
     bundle = load_bundle(default_bundle_path() if args.bundle == "default" else args.bundle)
     if args.tta:

@@ -45,7 +45,7 @@ def main() -> None:
     from hematoscope import load_bundle
     from hematoscope.data.images import load_image
     from hematoscope.data.readers import read_dataset
-    from hematoscope.models.default import default_bundle_path
+    from hematoscope.bundle.default import default_bundle_path
     from hematoscope.trust.fit import table_targets
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

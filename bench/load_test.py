@@ -41,7 +41,7 @@ def _free_port() -> int:
 def _pick_model(explicit: str | None, workdir: Path) -> tuple[Path, str]:
     if explicit:
         return Path(explicit), "given"
-    from hematoscope.models.default import DEFAULT_MODEL_DIR
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
 
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
         return DEFAULT_MODEL_DIR, "default"
@@ -99,16 +99,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="hematoscope-load-"))
     model, model_note = _pick_model(args.model, workdir)
     if args.tta is not None:
-        from hematoscope import load_bundle
-        from hematoscope.trust.fit import resave_bundle
-
-        b = load_bundle(model)
-        b.set_tta(args.tta)
-        b.config.cascade = None
         import shutil
 
+        from hematoscope import load_bundle
+
         shutil.copytree(model, workdir / "fixed_views")
-        model = resave_bundle(b, workdir / "fixed_views")
+        b = load_bundle(workdir / "fixed_views")
+        b.set_tta(args.tta)
+        b.config.cascade = None
+        model = b.save(workdir / "fixed_views")  # saved back home: its model.onnx stays
         model_note += f", {args.tta} fixed views"
     paths = sample_paths()
     images = [p.read_bytes() for p in paths]

@@ -14,7 +14,7 @@ scraped in by mistake:
   (tissue, not blood-cell crops), the hardest kind here.
 
 Every image is scored once with the shipped default model's OOD score through the public
-library path of the CLI (``hematoscope.data.outliers.screen_outliers``, 1 test-time view); the
+library path of the CLI (``hematoscope.trust.outliers.screen_outliers``, 1 test-time view); the
 share of planted images flagged and of real cells flagged is reported for the default cut and,
 from the same scores, for other cuts, with the AUROC per planted kind. Nothing is written into
 the PBC folder. Two draws (seeds 0 and 1) by default, about 15 s each on 2 shared cores. Usage:
@@ -110,9 +110,9 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
 def run_once(seed: int, n_real: int, cut: str, views: int) -> dict:
     """One draw: a seeded PBC subset with seeded planted images, scored once."""
     from hematoscope.bundle import load_bundle
-    from hematoscope.data.outliers import parse_cut, screen_outliers
+    from hematoscope.trust.outliers import parse_cut, screen_outliers
     from hematoscope.data.readers import read_dataset
-    from hematoscope.models.default import default_bundle_path
+    from hematoscope.bundle.default import default_bundle_path
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pbc-outliers-") as tmp:
@@ -142,7 +142,7 @@ def run_once(seed: int, n_real: int, cut: str, views: int) -> dict:
                 "planted_flagged_by_kind": {k: round(float((v > threshold).mean()), 4) for k, v in by_kind.items()}}
 
     all_scores = np.array(list(scored.values()))
-    cuts = {c: rates(parse_cut(c).threshold(all_scores, bundle.config.ood.get("threshold")))
+    cuts = {c: rates(parse_cut(c).threshold(all_scores, bundle.config.ood.threshold))
             for c in dict.fromkeys((cut, *OTHER_CUTS))}
     worst_real = sorted(((s, p) for p, s in scored.items() if p not in kinds), reverse=True)[:5]
     lowest_planted = sorted((scored[p], kinds[p]) for p in kinds if p in scored)[:5]
@@ -160,7 +160,7 @@ def run_once(seed: int, n_real: int, cut: str, views: int) -> dict:
                          for s, p in worst_real],
         "lowest_planted": [{"kind": k, "score": round(s, 3)} for s, k in lowest_planted],
         "unscored": len(report.unscored),
-        "model": {"name": bundle.name, "ood_method": bundle.config.ood.get("method"), "views": report.views},
+        "model": {"name": bundle.name, "ood_method": bundle.config.ood.method, "views": report.views},
         "seconds": {"screen": round(screen_seconds, 1), "total": round(time.perf_counter() - t0, 1),
                     "images_per_second": round(len(scored) / screen_seconds, 1)},
     }
@@ -176,7 +176,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from hematoscope import _io
-    from hematoscope.data.outliers import DEFAULT_CUT
+    from hematoscope.trust.outliers import DEFAULT_CUT
 
     if not (PBC / "basophil").is_dir():
         raise SystemExit(f"PBC images not found at {PBC} (set HEMATOSCOPE_PBC)")

@@ -198,9 +198,10 @@ def main() -> None:
 
     from hematoscope import load_bundle
     from hematoscope.data.readers import read_dataset
-    from hematoscope.export.onnx import OnnxRunner, export_onnx, physical_cores
-    from hematoscope.models.default import default_bundle_path
-    from hematoscope.predict.sources import ImageSource
+    from hematoscope.bundle.neural_onnx import OnnxRunner, physical_cores
+    from hematoscope.export.onnx import export_onnx
+    from hematoscope.bundle.default import default_bundle_path
+    from hematoscope.data.sources import ImageSource
     from hematoscope.trust.fit import table_targets
 
     load_before = os.getloadavg()

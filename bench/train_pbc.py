@@ -147,9 +147,9 @@ def main() -> None:
                           **{k: v for k, v in test.items() if k not in ("labels", "unknown_classes", "predictions")},
                           "val": headline(val_metrics), "calibration": val_metrics.get("calibration"),
                           "trust": val_metrics.get("trust")}
-        bundle.config.training["split_file_sha256_full"] = results["split_file_sha256"]
-        bundle.config.training["reproduce"] = "python bench/train_pbc.py --ship"
-        bundle.config.model["dtype"] = "float16"
+        bundle.config.training.split_file_sha256_full = results["split_file_sha256"]
+        bundle.config.training.reproduce = "python bench/train_pbc.py --ship"
+        bundle.config.model.dtype = "float16"
         bundle.save(DEFAULT_MODEL)
         size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
         print(f"shipped {DEFAULT_MODEL} ({size / 1e6:.1f} MB)")

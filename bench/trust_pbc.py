@@ -148,7 +148,7 @@ def part_a(args, cache_root: Path) -> dict:
         "known_classes": bundle.labels,
         "train_images": int(len(outs["train"][1])), "val_images": int(len(outs["val"][1])),
         "test_known_images": int(len(test_y)), "left_out_images": int(len(outs["left_out"][0].logits)),
-        "epochs": args.epochs, "train_seconds": t_train or bundle.config.training.get("train_seconds_this_session"), "tta_views": args.tta,
+        "epochs": args.epochs, "train_seconds": t_train or getattr(bundle.config.training, "train_seconds_this_session", None), "tta_views": args.tta,
         "test_accuracy_known": float(correct.mean()),
         "test_ece_uncalibrated": expected_calibration_error(probs, test_y),
         "scorers": {},
@@ -190,7 +190,7 @@ def part_c(args, cache_root: Path) -> dict:
     """The shipped default model on its own validation split."""
     from hematoscope.bundle.base import load_bundle
     from hematoscope.data.splits import load_split
-    from hematoscope.models.default import default_bundle_path
+    from hematoscope.bundle.default import default_bundle_path
     from hematoscope.trust import fit_trust_on_table, ood_metrics, reliability_curve, risk_coverage, table_targets
     from hematoscope.trust.calibration import expected_calibration_error, softmax
     from hematoscope.trust.evaluation import plot_reliability, plot_risk_coverage
@@ -229,7 +229,7 @@ def part_c(args, cache_root: Path) -> dict:
     in_scores = bundle.ood.score(features=out.features, logits=out.logits)
     res = {
         "bundle": path.name, "name": bundle.name, "split_file": split_file.name, "val_images": int(len(y)),
-        "ood_fitted_by_this_bench": fitted_here, "ood_config": bundle.config.ood,
+        "ood_fitted_by_this_bench": fitted_here, "ood_config": bundle.config.ood.model_dump(),
         "abstain_threshold": bundle.config.abstain_threshold,
         "val_accuracy": float(correct.mean()),
         "val_accuracy_at_90_coverage": rc["accuracy_at_90_coverage"],
@@ -262,18 +262,17 @@ def part_card(args) -> dict:
     shows them): own-val selective accuracy and OOD AUROCs with its shipped view count, and the
     left-out-class AUROC of a model trained with the same recipe without one class."""
     from hematoscope.bundle.base import load_bundle
-    from hematoscope.models.default import default_bundle_path
-    from hematoscope.trust.fit import resave_bundle
+    from hematoscope.bundle.default import default_bundle_path
 
     results = json.loads((RESULTS / "trust_pbc.json").read_text())
     path = default_bundle_path()
     bundle = load_bundle(path)
     views = bundle.config.tta
     own = results["default_model" + ("" if views == 1 else f"_tta{views}")]
-    if own["ood_config"]["method"] != bundle.config.ood["method"] or own["temperature"] != bundle.config.temperature:
+    if own["ood_config"]["method"] != bundle.config.ood.method or own["temperature"] != bundle.config.temperature:
         raise SystemExit("trust_pbc.json does not describe the shipped bundle's trust settings; rerun --part c")
     left_key = _left_out_key(args, views)
-    left = results["left_out_class"][left_key]["scorers"][bundle.config.ood["method"]]
+    left = results["left_out_class"][left_key]["scorers"][bundle.config.ood.method]
     card = {
         "val_accuracy_at_90_coverage": own["val_accuracy_at_90_coverage"],
         "test_accuracy_at_90_coverage": own["test_accuracy_at_coverage"]["0.9"],
@@ -284,7 +283,7 @@ def part_card(args) -> dict:
                       f"trained by the same recipe without {args.leave_out} ({left_key})",
     }
     bundle.metrics.update(card)
-    resave_bundle(bundle, path)
+    bundle.save(path)  # only config, metrics and card change
     return card
 
 

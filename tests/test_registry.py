@@ -30,15 +30,15 @@ def test_duplicate_name_and_unknown_name_raise_the_registry_error():
 
 def test_lazy_entries_are_listed_and_imported_on_lookup():
     # hematoscope.classical.anomaly registers the isolation_forest scorer when imported
-    from hematoscope.trust.scorers import SCORERS
+    from hematoscope.bundle.ood import SCORERS
 
     assert "isolation_forest" in SCORERS.names()
     assert SCORERS.get("isolation_forest").name == "isolation_forest"
 
 
-@pytest.mark.parametrize("registry", ["hematoscope.bundle.base:_KINDS", "hematoscope.trust.scorers:SCORERS",
-                                      "hematoscope.data.readers:READERS"])
-def test_the_three_registries_share_the_helper(registry):
+@pytest.mark.parametrize("registry", ["hematoscope.bundle.base:_KINDS", "hematoscope.bundle.ood:SCORERS",
+                                      "hematoscope.data.readers:READERS", "hematoscope.bundle.base:_EXPLAINERS"])
+def test_the_registries_share_the_helper(registry):
     import importlib
 
     module, name = registry.split(":")

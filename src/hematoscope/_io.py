@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextmanager
@@ -65,6 +65,43 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def updated_dir(path: Path | str, *, remove: Iterable[str] = (), last: Iterable[str] = ()) -> Iterator[Path]:
+    """Build a directory's new content under a temporary name, then bring ``path`` up to date.
+
+    A new directory is swapped into place whole (as :func:`atomic_dir`). Into an existing one,
+    only the files whose bytes changed are moved, each atomically (the names in ``last`` after
+    the others), so unchanged files keep their bytes, inode and mtime; the top-level names in
+    ``remove`` that the new content lacks are deleted; every other file is left alone.
+    """
+    import filecmp
+
+    path = Path(path)
+    if not path.is_dir():
+        with atomic_dir(path) as tmp:
+            yield tmp
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        last, new_names = set(last), {f.name for f in tmp.iterdir()}
+        for f in sorted((f for f in tmp.rglob("*") if f.is_file()), key=lambda f: (f.name in last, str(f))):
+            target = path / f.relative_to(tmp)
+            if target.is_file() and filecmp.cmp(f, target, shallow=False):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(f, 0o666 & ~_umask())
+            os.replace(f, target)
+        for name in set(remove) - new_names:
+            stale = path / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def file_sha256(path: Path | str) -> str:

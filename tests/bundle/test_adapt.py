@@ -53,7 +53,7 @@ def test_adapt_changes_batchnorm_statistics_and_ood_and_nothing_else(trusted_bun
     a, b = adapted.config, trusted_bundle.config
     assert (a.labels, a.preprocess, a.temperature, a.abstain_threshold, a.tta) == \
            (b.labels, b.preprocess, b.temperature, b.abstain_threshold, b.tta)
-    assert a.ood["method"] == b.ood["method"] and a.ood["threshold"] != b.ood["threshold"]
+    assert a.ood.method == b.ood.method and a.ood.threshold != b.ood.threshold
     assert a.adaptation["images"] == len(lab_images) == report.images
     assert a.adaptation["source"] == "lab-x" and len(a.adaptation["images_sha256"]) == 64
     assert a.adaptation["statistics"]["batchnorm_layers"] > 10
@@ -141,6 +141,6 @@ def test_batchnorm_mix_is_chosen_by_lowest_entropy_and_applied(trusted_bundle, l
 
 
 def test_default_names_the_shipped_model():
-    from hematoscope.models.default import load_default_bundle
+    from hematoscope.bundle.default import load_default_bundle
 
     assert load_bundle("default").config == load_default_bundle().config

@@ -52,7 +52,7 @@ def test_fp16_weights_are_smaller_and_close(tmp_path):
     torch.manual_seed(2)
     bundle = NeuralBundle.create(["neutrophil", "lymphocyte"], preprocess=Preprocess(size=32), weights=None)
     bundle.save(tmp_path / "f32")
-    bundle.config.model["dtype"] = "float16"
+    bundle.config.model.dtype = "float16"
     bundle.save(tmp_path / "f16")
     size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
     assert size("f16") < 0.6 * size("f32")
@@ -108,7 +108,7 @@ def test_local_safetensors_weights_path_loads(tmp_path):
     for k, v in state.items():
         if not k.startswith("classifier."):
             assert torch.equal(own[k], v), k
-    assert bundle.config.model["weights_source"] == str(tmp_path / "w.safetensors")
+    assert bundle.config.model.weights_source == str(tmp_path / "w.safetensors")
 
 
 def test_backend_choice(tiny_neural_bundle, monkeypatch):
@@ -128,6 +128,6 @@ def test_backend_choice(tiny_neural_bundle, monkeypatch):
 def test_other_timm_architectures(arch, tmp_path):
     bundle = NeuralBundle.create(["neutrophil", "lymphocyte"], arch=arch, preprocess=Preprocess(size=32), weights=None)
     out = bundle.forward(_images(2))
-    assert out.logits.shape == (2, 2) and out.features.shape == (2, bundle.config.model["num_features"])
+    assert out.logits.shape == (2, 2) and out.features.shape == (2, bundle.config.model.num_features)
     again = load_bundle(bundle.save(tmp_path / "b"))
     np.testing.assert_array_equal(again.forward(_images(2)).logits, out.logits)

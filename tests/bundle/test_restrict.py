@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from hematoscope.bundle import BundleError, load_bundle
 from hematoscope.cli.main import app
-from hematoscope.models.default import default_bundle_path
+from hematoscope.bundle.default import default_bundle_path
 from hematoscope.samples import sample_paths
 
 WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]

@@ -42,7 +42,7 @@ def _not_cells(size=128) -> dict[str, np.ndarray]:
 def test_round_trip_identical(tiny_classical_bundle, pbc_subset, tmp_path):
     bundle = load_bundle(tiny_classical_bundle)
     assert bundle.kind == "classical" and len(bundle.labels) == 8
-    assert bundle.config.ood["method"] == "isolation_forest"
+    assert bundle.config.ood.method == "isolation_forest"
     files = _real_images(pbc_subset, 1)
     first = bundle.predict(files)
     zipped = bundle.save(tmp_path / "b.zip")

@@ -62,7 +62,8 @@ def test_heatmap_lands_on_the_cell(preprocess):
     yy, xx = np.mgrid[:90, :60]
     cell = (yy - 50) ** 2 + (xx - 25) ** 2 < 15 ** 2
     image[cell] = (120, 40, 170)  # a purple "cell" off centre
-    bundle = SimpleNamespace(net=_stain_detector(), preprocess=preprocess, kind="neural")
+    net = _stain_detector()
+    bundle = SimpleNamespace(torch_module=lambda: net, preprocess=preprocess, kind="neural", labels=["a", "b"])
     heat = gradcam(bundle, image, class_index=0)
     assert heat.shape == (90, 60)
     assert heat[cell].mean() > 0.5 > 0.1 > heat[~cell & ((yy - 50) ** 2 + (xx - 25) ** 2 > 22 ** 2)].mean()
@@ -80,5 +81,10 @@ def test_overlay_png(cell_image):
 
 
 def test_kinds_without_network_are_refused():
+    from hematoscope.bundle import BundleError
+
+    def no_network():
+        raise BundleError("'classical' bundles have no torch network")
+
     with pytest.raises(ExplainNotAvailable, match="not available for 'classical'"):
-        GradCamExplainer(SimpleNamespace(kind="classical", preprocess=Preprocess(size=32)))
+        GradCamExplainer(SimpleNamespace(kind="classical", preprocess=Preprocess(size=32), torch_module=no_network))

@@ -9,7 +9,8 @@ def test_chunked_runs_give_the_whole_batch_result(tmp_path):
 
     from hematoscope import load_bundle
     from hematoscope.bundle.neural import NeuralBundle
-    from hematoscope.export.onnx import OnnxRunner, export_onnx
+    from hematoscope.bundle.neural_onnx import OnnxRunner
+    from hematoscope.export.onnx import export_onnx
     from hematoscope.models.preprocess import Preprocess
 
     torch.manual_seed(0)

@@ -23,8 +23,8 @@ def fitted(synthetic_root, lite0_extractor, tmp_path_factory):
 
 def test_fit_draws_exact_counts_and_calibrates(fitted):
     bundle, report, path = fitted
-    assert report["n_train"] == 40 and set(bundle.config.training["per_class"].values()) == {5}
-    assert bundle.config.ood is not None and bundle.config.ood["method"] == "knn"
+    assert report["n_train"] == 40 and set(bundle.config.training.per_class.values()) == {5}
+    assert bundle.config.ood is not None and bundle.config.ood.method == "knn"
     assert bundle.config.temperature > 0 and 0 < bundle.config.abstain_threshold <= 1
     assert 0 <= report["val_balanced_accuracy"] <= 1 and bundle.metrics["n_val"] == 8 * 7
     cfg = json.loads((path / "config.json").read_text())
@@ -123,7 +123,7 @@ def test_self_training_head_on_a_bundle_backbone_with_its_views_and_groups(tiny_
     bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=2, val_per_class=2, head="svm+self",
                                         unlabelled_per_class=3, progress=False)
     assert report["group_by"] == "patient" and report["n_train"] == 16 and report["n_train_groups"] == 16
-    assert report["n_unlabelled"] == 8 * 3 and bundle.config.model["views"] == 2
+    assert report["n_unlabelled"] == 8 * 3 and bundle.config.model.views == 2
     path = bundle.save(tmp_path / "fs")
     assert (path / BACKBONE_DIR / "model.onnx").is_file()
     from safetensors.numpy import load_file
@@ -138,7 +138,7 @@ def test_self_training_head_on_a_bundle_backbone_with_its_views_and_groups(tiny_
 
 def test_default_alias_is_the_shipped_model():
     from hematoscope.fewshot.features import BundleFeatureExtractor
-    from hematoscope.models.default import DefaultModelMissing, default_bundle_path, load_default_bundle
+    from hematoscope.bundle.default import DefaultModelMissing, default_bundle_path, load_default_bundle
 
     try:
         shipped = load_default_bundle()

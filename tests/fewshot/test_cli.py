@@ -70,7 +70,7 @@ def test_fewshot_defaults_are_the_recipe_and_options_reach_the_library(small_syn
 
 
 def test_fewshot_fit_on_the_default_model(small_synthetic, tmp_path):
-    from hematoscope.models.default import DEFAULT_MODEL_DIR
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         pytest.skip("the package has no default model")

@@ -111,7 +111,7 @@ def test_bundle_backbone_uses_its_own_view_count_unless_told(tiny_neural_bundle,
     two = bundle.forward(imgs).features
     assert not np.allclose(single, eight, atol=1e-4)
     own = load_extractor(tiny_neural_bundle, bundle=bundle)  # saved with 2 views: 2 views
-    assert own.views == 2 and own.tta
+    assert own.views == 2
     np.testing.assert_allclose(own.embed_arrays(imgs), two, rtol=1e-4, atol=1e-4)
     for tta, expected in [(False, single), (True, eight), (8, eight), (1, single)]:
         ext = load_extractor(tiny_neural_bundle, bundle=load_bundle(tiny_neural_bundle), tta=tta)

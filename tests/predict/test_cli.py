@@ -49,7 +49,7 @@ def test_exit_codes(runner, tiny_neural_bundle, messy_folder, tmp_path, monkeypa
         zf.writestr("../evil.jpg", b"x")
     res = runner.invoke(app, ["predict", "-m", str(tiny_neural_bundle), str(evil)], env={"COLUMNS": "200"})
     assert res.exit_code == 1 and "path traversal" in res.output  # reported; nothing else to classify
-    import hematoscope.models.default as default
+    import hematoscope.bundle.default as default
 
     monkeypatch.setattr(default, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
     res = runner.invoke(app, ["predict", str(messy_folder)])

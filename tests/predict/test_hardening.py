@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.cli.main import app
-from hematoscope.predict.sources import ImageSource, expand_paths
+from hematoscope.data.sources import ImageSource, expand_paths
 
 
 @pytest.fixture

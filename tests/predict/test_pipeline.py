@@ -9,10 +9,9 @@ import pytest
 
 from hematoscope import load_bundle
 from hematoscope.bundle.prediction import SkippedFile
+from hematoscope.data.sources import ImageSource, expand_paths
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.predict import decode_batches, iter_predictions, predict_paths, predict_sources
-from hematoscope.predict.pipeline import worker_resizer
-from hematoscope.predict.sources import ImageSource, expand_paths
 from hematoscope.samples import sample_paths
 
 BAD_REASONS = {"truncated.jpg": "truncated file", "empty.png": "empty file",
@@ -50,7 +49,7 @@ def test_streaming_yields_one_prediction_per_batch(colour_bundle, messy_folder):
                                  Preprocess(size=30, resize="shorter_crop", crop_pct=0.75, interpolation="bicubic")])
 def test_resizing_in_workers_gives_the_model_the_same_pixels(pre, images):
     rng = np.random.default_rng(0)
-    resize = worker_resizer(pre)
+    resize = pre.early_resizer()
     assert resize is not None
     for h, w in [(256, 258), (257, 300), (90, 61), (145, 144), (301, 256)]:
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -58,7 +57,7 @@ def test_resizing_in_workers_gives_the_model_the_same_pixels(pre, images):
 
 
 def test_no_early_resize_when_crops_would_not_compose():
-    assert worker_resizer(Preprocess(size=32, resize="shorter_crop", crop_pct=32 / 37)) is None
+    assert Preprocess(size=32, resize="shorter_crop", crop_pct=32 / 37).early_resizer() is None
 
 
 def test_same_results_as_bundle_predict(tiny_neural_bundle):

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from hematoscope.bundle.prediction import SkippedFile
-from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
+from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths
 
 
 def _names(items):

@@ -29,7 +29,7 @@ def _display(label: str) -> str:
 def server_url(tiny_neural_bundle, tmp_path):
     import uvicorn
 
-    from hematoscope.models.default import DEFAULT_MODEL_DIR
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
     from hematoscope.serve.app import create_app
     from hematoscope.serve.config import Settings
 

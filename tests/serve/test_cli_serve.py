@@ -14,7 +14,7 @@ def test_missing_bundle_is_a_clear_error(tmp_path):
 
 
 def test_no_default_model_is_a_clear_error(tmp_path, monkeypatch):
-    import hematoscope.models.default as default
+    import hematoscope.bundle.default as default
 
     monkeypatch.setattr(default, "DEFAULT_MODEL_DIR", tmp_path / "not_installed")
     result = CliRunner().invoke(app, ["serve", "--db", str(tmp_path / "h.db")])

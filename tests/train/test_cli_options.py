@@ -23,8 +23,8 @@ def test_limit_per_class(synthetic_root, tmp_path):
     per_class = split.groupby("label").size()
     assert len(per_class) == 8 and (per_class == 5).all(), per_class.to_dict()
     assert json.loads((run / "train_config.json").read_text())["limit_per_class"] == 5
-    assert load_bundle(run / "bundle").config.training["train_images"] + \
-        load_bundle(run / "bundle").config.training["val_images"] == 40
+    assert load_bundle(run / "bundle").config.training.train_images + \
+        load_bundle(run / "bundle").config.training.val_images == 40
 
 
 def test_options_reach_the_run(synthetic_root, tmp_path):

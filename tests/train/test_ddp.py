@@ -50,8 +50,8 @@ def test_two_process_run_gives_one_bundle_scored_on_the_whole_validation_set(syn
     assert proc.stdout.count("bundle:") == 1  # rank 0 alone reports (and writes)
 
     bundle = load_bundle(run / "bundle")
-    assert bundle.config.training["world_size"] == 2
-    assert bundle.config.training["config"]["devices"] == "2"
+    assert bundle.config.training.world_size == 2
+    assert bundle.config.training.config["devices"] == "2"
     assert bundle.config.ood is not None and bundle.config.temperature != 1.0  # trust fitted by rank 0
     assert len(list((run / "logs" / "csv").glob("version_*"))) == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -101,8 +101,8 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(synthetic_roo
     # it went on from the checkpoint: the epochs done before the kill were not trained again
     assert "epoch 2/2" in resumed.stderr and "epoch 1/2" not in resumed.stderr
     bundle = load_bundle(run / "bundle")
-    assert bundle.config.training["epochs_completed"] == 2
-    assert bundle.config.training["world_size"] == 2
+    assert bundle.config.training.epochs_completed == 2
+    assert bundle.config.training.world_size == 2
 
 
 def test_share_sampler_gives_every_process_the_same_number_of_steps_and_a_seeded_order():

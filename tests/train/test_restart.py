@@ -44,7 +44,7 @@ def test_resume_starts_a_run_killed_before_its_first_checkpoint_over(synthetic_r
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run / "logs" / "csv").glob("version_*"))) == 1  # the dead attempt's logs are gone
     bundle = load_bundle(run / "bundle")
-    assert bundle.config.training["epochs_completed"] == 1
+    assert bundle.config.training.epochs_completed == 1
 
 
 def test_resume_of_a_folder_that_is_no_run_is_still_an_error(tmp_path):

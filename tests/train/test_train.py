@@ -41,8 +41,8 @@ def test_training_produces_a_loadable_bundle_and_run_files(finished_run, synthet
     assert bundle.labels == sorted(bundle.labels) and "immature_granulocyte" in bundle.labels
     assert bundle.preprocess.size == 32 and bundle.preprocess.resize == "shorter_crop"
     assert bundle.config.ood is not None and bundle.config.temperature != 1.0  # trust was fitted
-    assert bundle.config.training["epochs_completed"] == 2
-    assert bundle.config.training["split_file_sha256"]
+    assert bundle.config.training.epochs_completed == 2
+    assert bundle.config.training.split_file_sha256
     config_text = (run / "bundle" / "config.json").read_text()  # data and run by name, not by this machine's paths
     assert str(synthetic_root) not in config_text and str(run.parent) not in config_text
     assert finished_run.epochs_completed == 2 and finished_run.images_per_second > 0
@@ -173,7 +173,7 @@ def test_resume_after_kill_9_of_a_training_process(synthetic_root, tmp_path):
     assert not (run / "bundle").exists()
     done = subprocess.run([*cmd[:3], "train", "--resume", str(run)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert load_bundle(run / "bundle").config.training["epochs_completed"] == 3
+    assert load_bundle(run / "bundle").config.training.epochs_completed == 3
 
 
 def test_training_on_real_pbc_images(pbc_subset, tmp_path):

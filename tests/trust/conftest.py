@@ -42,7 +42,7 @@ class ToyBundle(Bundle):
     def forward(self, images):
         f = colour_features(images)
         logits = -20 * ((f[:, None, :] - self.centroids[None]) ** 2).sum(-1) * 50
-        return ModelOutput(logits, f if self.config.model["features"] else None)
+        return ModelOutput(logits, f if self.config.model.features else None)
 
     def _save_weights(self, directory: Path) -> None:
         from safetensors.numpy import save_file

@@ -43,7 +43,7 @@ def _hand_built_bundle(cascade: CascadeRule | None) -> tuple[NeuralBundle, Quadr
     bundle = NeuralBundle(config)
     from hematoscope.trust import load_scorer
 
-    bundle.ood = load_scorer(config.ood, ".")
+    bundle.ood = load_scorer(config.ood.model_dump(), ".")
     runner = QuadrantRunner()
     bundle._runner = runner
     return bundle, runner
@@ -223,11 +223,11 @@ def test_old_bundle_without_per_view_trust_loads_and_falls_back(fitted, tmp_path
 
 def test_refitting_the_bundle_wide_trust_alone_retires_the_per_view_entries(fitted):
     _, loaded, _, _, _ = fitted
-    loaded.config.ood = {**loaded.config.ood, "threshold": loaded.config.ood["threshold"] + 1.0}  # as adapt does
+    loaded.config.ood = {**loaded.config.ood.model_dump(), "threshold": loaded.config.ood.threshold + 1.0}  # as adapt does
     assert not loaded.uses_cascade
     t = loaded.trust_for(1)
     assert t.fallback is not None and "refitted" in t.fallback
-    assert t.ood_threshold == loaded.config.ood["threshold"]
+    assert t.ood_threshold == loaded.config.ood.threshold
 
 
 def test_ood_threshold_answers_the_target_share_with_the_abstain_rule():

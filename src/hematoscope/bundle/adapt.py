@@ -116,14 +116,11 @@ def _copy(bundle: "Bundle") -> "Bundle":
     import weakref
 
     tmp = Path(tempfile.mkdtemp(prefix="hematoscope-adapt-"))
-    origin = bundle.path
     try:
         copy = load_bundle(bundle.save(tmp / "bundle"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        bundle.path = origin  # save() points a bundle at where it was saved; the original stays put
     weakref.finalize(copy, shutil.rmtree, tmp, ignore_errors=True)
     copy.config.tta = bundle.config.tta
     return copy
@@ -171,13 +168,13 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     held = np.zeros(len(arrays), bool)
     held[np.random.default_rng(seed).choice(len(arrays), max(10, len(arrays) // 5), replace=False)] = True
     if bundle.config.ood is not None:
-        from hematoscope.trust.scorers import get_scorer
+        from hematoscope.bundle.ood import get_scorer
 
-        threshold = float(bundle.config.ood["threshold"])
+        threshold = float(bundle.config.ood.threshold)
         report.ood_threshold_before = threshold
         report.accepted_before = float(np.mean(bundle.ood.score(features=before.features, logits=before.logits)
                                                <= threshold))
-        method = bundle.config.ood["method"]
+        method = bundle.config.ood.method
         cls = get_scorer(method)
         temperature = bundle.config.temperature
         scorer = cls(temperature=temperature) if method == "max_softmax" else cls()

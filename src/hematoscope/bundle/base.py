@@ -6,93 +6,42 @@ Layout (every kind)::
     metrics.json       metrics with the split they were measured on
     README.md          model card generated from config + metrics
     <weights>          kind-specific: model.safetensors, head.safetensors, xgboost.json ...
-    ood.safetensors    optional out-of-distribution scorer state (see hematoscope.trust)
+    ood.safetensors    optional out-of-distribution scorer state (see :mod:`.ood`)
 
 ``load_bundle`` reads ``config.json``, checks ``format_version`` and dispatches on ``kind`` to
 the class registered with :func:`register_bundle_kind`. Downstream code (predict, evaluate,
-serve, export) only ever talks to :class:`Bundle`.
+serve, export, trust, explain) only ever talks to :class:`Bundle`, and asks it what it can do
+(views, backends, explanations, a torch network) instead of asking its kind.
+:meth:`Bundle.save` is the one way to disk.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hematoscope import _io
 from hematoscope._registry import Registry
-from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction, SkippedFile
-from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
+from hematoscope.bundle.config import (DEFAULT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS,  # noqa: F401
+                                       BundleConfig, CascadeRule, ViewTrust)
+from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction
+from hematoscope.models.preprocess import TTA_VIEWS
+
+if TYPE_CHECKING:
+    from hematoscope.data.decode import DecodedBatch
+    from hematoscope.data.sources import ImageSource, SkippedFile
 
 log = logging.getLogger("hematoscope")
-
-FORMAT_VERSION = 1
-#: The name that stands for the package's shipped model wherever a bundle path is asked for.
-DEFAULT_NAME = "default"
-#: Older format versions this code can still read (upgraded in memory on load).
-READABLE_FORMAT_VERSIONS = (1,)
-INTENDED_USE = (
-    "Research and decision support for classifying single peripheral-blood cell crops. "
-    "Not a medical device: every result must be reviewed by a qualified person."
-)
 
 
 class BundleError(ValueError):
     """A bundle directory is missing, malformed or from an incompatible version."""
-
-
-class ViewTrust(BaseModel):
-    """Trust settings fitted for one number of test-time views (``BundleConfig.view_trust``).
-
-    Averaging more views changes the logits and features, so a temperature or threshold fitted
-    for 8 views is wrong for 1: each view count has its own, fitted on the same validation images.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(gt=0)
-    abstain_threshold: float = Field(ge=0, le=1)
-    #: OOD flag threshold for this many views (None: the bundle has no OOD scorer).
-    ood_threshold: float | None = None
-    #: Scorer parameters refitted for this many views (e.g. knn_energy's standardisation),
-    #: merged over ``BundleConfig.ood``; the scorer's arrays are shared by every view count.
-    ood_params: dict[str, float] = Field(default_factory=dict)
-    #: What the fit measured on validation data (n, accepted share, accuracy ...).
-    val: dict[str, Any] = Field(default_factory=dict)
-
-
-class CascadeRule(BaseModel):
-    """Adaptive views: every cell gets ``fast_views``; a cell whose fast answer is uncertain
-    (calibrated confidence below ``min_confidence`` or OOD score above ``max_ood``) is run again
-    with ``slow_views`` and answered from those. A fast OOD score above ``reject_ood`` is flagged
-    at once (no validation cell that high was accepted by the slow path). Fitted on validation
-    data by :func:`hematoscope.trust.views.fit_cascade`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    fast_views: int = 1
-    slow_views: int = 8
-    #: Above 1 (e.g. 1.01): every cell takes the slow path.
-    min_confidence: float = Field(ge=0)
-    max_ood: float | None = None
-    reject_ood: float | None = None
-    #: What the fit measured on validation data (slow share, agreement with slow_views ...).
-    val: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("fast_views", "slow_views")
-    @classmethod
-    def _known_view_count(cls, value: int) -> int:
-        if value not in TTA_VIEWS:
-            raise ValueError(f"view counts must be one of {TTA_VIEWS}; got {value}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -108,70 +57,6 @@ class TrustSettings:
     fallback: str | None = None
 
 
-class BundleConfig(BaseModel):
-    """Everything needed to rebuild a model and use it, written by the code that trained it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: int = FORMAT_VERSION
-    kind: str
-    name: str = "unnamed"
-    hematoscope_version: str = ""
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    labels: list[str] = Field(min_length=2, description="canonical class names in output index order")
-    taxonomy_version: str = ""
-    preprocess: dict[str, Any]
-    #: Kind-specific model description (architecture, backbone reference, head type ...).
-    model: dict[str, Any] = Field(default_factory=dict)
-    #: Softmax temperature fitted on validation data (1.0 = uncalibrated).
-    temperature: float = Field(default=1.0, gt=0)
-    #: Abstain when the calibrated top-1 probability is below this value.
-    abstain_threshold: float = Field(default=0.0, ge=0, le=1)
-    #: Flip/rot90 views averaged per image (1, 2, 4 or 8): more views cost proportionally more
-    #: time and give fewer confident mistakes and better unknown-cell flags. Temperature, OOD
-    #: and abstain thresholds are fitted with the value set here.
-    tta: int = 1
-    #: Out-of-distribution scorer: {"method": ..., "threshold": ..., ...}; None = not fitted.
-    ood: dict[str, Any] | None = None
-    #: Trust fitted per view count ({"1": ViewTrust, "8": ...}, by `hematoscope trust fit`); the
-    #: top-level temperature / abstain_threshold / ood threshold equal the entry for ``tta``.
-    #: Empty (bundles fitted before per-view trust): the top-level settings serve every view count.
-    view_trust: dict[str, ViewTrust] = Field(default_factory=dict)
-    #: Fingerprint of the top-level trust settings ``view_trust`` was fitted with: when something
-    #: refits them alone (e.g. ``adapt``), the per-view entries are stale and not used.
-    view_trust_of: str | None = None
-    #: Adaptive views, the default way to predict when set (``--tta N`` forces N fixed views).
-    cascade: CascadeRule | None = None
-    #: Set by :func:`hematoscope.bundle.adapt.adapt_bundle`: the lab's images it was adapted on
-    #: (name, count, content hash) and what changed; None = as trained.
-    adaptation: dict[str, Any] | None = None
-    #: How it was trained: recipe, data sources and fingerprint, split, seed, time.
-    training: dict[str, Any] = Field(default_factory=dict)
-    intended_use: str = INTENDED_USE
-    data_sources: list[str] = Field(default_factory=list)
-    changelog: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("tta")
-    @classmethod
-    def _known_view_count(cls, value: int) -> int:
-        if value not in TTA_VIEWS:
-            raise ValueError(f"tta must be one of {TTA_VIEWS}; got {value}")
-        return value
-
-    @field_validator("view_trust")
-    @classmethod
-    def _known_view_keys(cls, value: dict) -> dict:
-        bad = sorted(k for k in value if k not in {str(v) for v in TTA_VIEWS})
-        if bad:
-            raise ValueError(f"view_trust keys must be view counts {TTA_VIEWS}; got {bad}")
-        return value
-
-    def trust_fingerprint(self) -> str:
-        """Hash of the top-level trust settings (temperature, abstain threshold, OOD config)."""
-        text = json.dumps([self.temperature, self.abstain_threshold, self.ood], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 @dataclass
 class ModelOutput:
     """Raw model output for a batch: ``logits`` (N, C) and optional ``features`` (N, D)
@@ -181,12 +66,85 @@ class ModelOutput:
     features: np.ndarray | None = None
 
 
+@dataclass
+class ViewOutputs:
+    """Raw outputs of the first V test-time views of N images: ``logits`` (V, N, C) and
+    ``features`` (V, N, D) or None. View 0 is the image itself."""
+
+    logits: np.ndarray
+    features: np.ndarray | None = None
+
+    @property
+    def views(self) -> int:
+        return int(self.logits.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[1])
+
+    def averaged(self, n: int) -> ModelOutput:
+        """Outputs averaged over the first ``n`` views (what a bundle with ``tta = n`` gives).
+
+        Raises:
+            ValueError: fewer than ``n`` views were computed.
+        """
+        if not 1 <= n <= self.views:
+            raise ValueError(f"{n} views asked for, {self.views} computed")
+
+        def avg(a: np.ndarray) -> np.ndarray:
+            return np.asarray(a[0] if n == 1 else np.mean(a[:n], axis=0), dtype=np.float32)
+
+        return ModelOutput(avg(self.logits), None if self.features is None else avg(self.features))
+
+    def take(self, index: np.ndarray) -> "ViewOutputs":
+        return ViewOutputs(self.logits[:, index], None if self.features is None else self.features[:, index])
+
+    @classmethod
+    def concat(cls, parts: Sequence["ViewOutputs"]) -> "ViewOutputs":
+        has_features = all(p.features is not None for p in parts)
+        return cls(np.concatenate([p.logits for p in parts], axis=1),
+                   np.concatenate([p.features for p in parts], axis=1) if has_features else None)
+
+
+def cascade_gate(confidence: np.ndarray, ood_score: np.ndarray, *, min_confidence: float,
+                 max_ood: float | None, reject_ood: float | None) -> np.ndarray:
+    """Cells whose fast answer is uncertain: confidence below ``min_confidence`` or OOD score
+    above ``max_ood``, except those already past ``reject_ood`` (flagged without more views)."""
+    with np.errstate(invalid="ignore"):
+        uncertain = confidence < min_confidence
+        if max_ood is not None:
+            uncertain |= ood_score > max_ood
+        if reject_ood is not None:
+            uncertain &= ~(ood_score > reject_ood)
+    return uncertain
+
+
+def calibrated_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``, in float64."""
+    from scipy.special import softmax
+
+    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
 #: Bundle classes by kind; the built-in kinds' modules are imported on demand by load_bundle.
 _KINDS: Registry[type["Bundle"]] = Registry("bundle kind", error=BundleError, lazy={
     "neural": "hematoscope.bundle.neural",
     "fewshot": "hematoscope.fewshot.bundle",
     "classical": "hematoscope.classical.bundle",
 })
+
+
+#: Explainer factories by method; the built-in ones' modules are imported on first use.
+_EXPLAINERS: Registry[Callable[["Bundle"], Any]] = Registry("explanation method", error=BundleError, lazy={
+    "grad-cam": "hematoscope.explain.gradcam",
+    "segmentation": "hematoscope.classical.explain",
+})
+
+
+def register_explainer(method: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``factory(bundle) -> explainer`` for ``method``; an explainer's
+    ``explain(images, classes, *, max_side=None)`` returns one
+    :class:`~hematoscope.bundle.prediction.Explanation` per image."""
+    return _EXPLAINERS.register(method)
 
 
 def register_bundle_kind(kind: str) -> Callable[[type["Bundle"]], type["Bundle"]]:
@@ -205,13 +163,19 @@ class Bundle(ABC):
     kind: ClassVar[str] = ""
     #: Whether :meth:`forward` averages ``config.tta`` test-time views.
     supports_tta: ClassVar[bool] = False
+    #: How this kind's answers can be explained, best first (see :meth:`explainer`).
+    explanation_methods: ClassVar[tuple[str, ...]] = ()
+    #: Inference backends the kind can switch between (see :meth:`use_backend`).
+    backends: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: BundleConfig, metrics: dict | None = None, path: Path | None = None):
         self.config = config
         self.metrics = metrics or {}
         self.path = path
-        self.preprocess = Preprocess.from_dict(config.preprocess)
-        self.ood = None  # an OOD scorer from hematoscope.trust, or None
+        #: The directory its files were read from (a zip's unpacked copy); None when not loaded.
+        self.directory: Path | None = None
+        self.preprocess = config.preprocess
+        self.ood = None  # a fitted scorer from hematoscope.bundle.ood, or None
         #: Fixed view count forced by set_tta (None: the bundle's default, the cascade when fitted).
         self._forced_views: int | None = None
         #: The view count the bundle-wide trust settings were fitted for (set_tta changes
@@ -236,9 +200,62 @@ class Bundle(ABC):
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "Bundle":
         """Rebuild the bundle from ``config`` and the weight files in ``directory``."""
 
-    def forward_views(self, images: Sequence[np.ndarray], views: int = 8):
-        """Raw outputs of each of the first ``views`` test-time views (kinds with views)."""
-        raise BundleError(f"{self.kind!r} bundles do not support test-time views")
+    def forward_views(self, images: Sequence[np.ndarray], views: int = 1) -> ViewOutputs:
+        """Raw outputs of each of the first ``views`` test-time views, not averaged (view 0 = the
+        image itself). Kinds without views give their one view.
+
+        Raises:
+            BundleError: more views than the kind has (see :attr:`max_views`).
+        """
+        if views != 1:
+            raise BundleError(f"{self.kind!r} bundles do not support test-time views (asked for {views})")
+        out = self.forward(images)
+        return ViewOutputs(out.logits[None], None if out.features is None else out.features[None])
+
+    def explainer(self, method: str | None = None):
+        """An explainer of this bundle's answers: ``explain(images, classes, *, max_side=None)``
+        gives one :class:`~hematoscope.bundle.prediction.Explanation` per image (Grad-CAM for
+        networks, outlines and SHAP on named features for classical bundles). Callers ask for it
+        instead of asking which kind the bundle is.
+
+        Args:
+            method: one of :attr:`explanation_methods`; None = the first.
+
+        Raises:
+            BundleError: the kind has no (such) explanation.
+            ImportError: the method's libraries are not installed.
+        """
+        if not self.explanation_methods:
+            raise BundleError(f"explanations are not available for {self.kind!r} models")
+        method = method or self.explanation_methods[0]
+        if method not in self.explanation_methods:
+            raise BundleError(f"{self.kind!r} bundles explain with {list(self.explanation_methods)}, not {method!r}")
+        return _EXPLAINERS.get(method)(self)
+
+    def use_backend(self, backend: str | None, *, threads: int | None = None) -> None:
+        """Run inference with ``backend`` (one of :attr:`backends`, ``"auto"``, or None for the
+        environment's choice) on ``threads`` intra-op threads. Kinds with one way to run accept
+        only ``"auto"`` and None.
+
+        Raises:
+            BundleError: the kind cannot run on ``backend``.
+        """
+        if backend not in (None, "auto"):
+            raise BundleError(f"{self.kind!r} bundles have no {backend!r} backend")
+
+    @property
+    def active_backend(self) -> str:
+        """What runs inference now: a backend of :attr:`backends`, else the kind's own engine
+        (named by the kind)."""
+        return self.kind
+
+    def torch_module(self):
+        """The torch network (``images -> (logits, features)``) for export and Grad-CAM.
+
+        Raises:
+            BundleError: the kind has no torch network.
+        """
+        raise BundleError(f"{self.kind!r} bundles have no torch network")
 
     def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
                           mix: float | None = None) -> dict:
@@ -268,6 +285,11 @@ class Bundle(ABC):
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def max_views(self) -> int:
+        """Most test-time views this bundle can average (8 for kinds with views, else 1)."""
+        return max(TTA_VIEWS) if self.supports_tta else 1
 
     def set_tta(self, views: int) -> None:
         """Average ``views`` flip/rot90 views per image from now on (1 = off).
@@ -349,7 +371,7 @@ class Bundle(ABC):
         cfg = self.config
         views = int(cfg.tta if views is None else views)
         fitted_for = self.trust_views
-        ood_threshold = None if cfg.ood is None else cfg.ood.get("threshold")
+        ood_threshold = None if cfg.ood is None else cfg.ood.threshold
         entry = cfg.view_trust.get(str(views))
         why = None
         if entry is not None and cfg.view_trust_of not in (None, cfg.trust_fingerprint()):
@@ -390,38 +412,46 @@ class Bundle(ABC):
         *,
         sources: Sequence[str] | None = None,
         batch_size: int = 64,
+        workers: int | None = None,
     ) -> Prediction:
         """Classify images given as arrays, paths or encoded bytes.
 
         Files and bytes are decoded with :func:`~hematoscope.data.images.load_model_image`, as on
-        every other path (CLI, server, evaluate, trust fit). Unreadable inputs are listed in
-        ``Prediction.skipped`` with their reason; the others are answered. Probabilities are
-        temperature-calibrated; abstention combines the confidence threshold and the OOD flag.
+        every other path (CLI, server, evaluate, trust fit), in threads while the model runs
+        (:meth:`iter_predictions`). Unreadable inputs are listed in ``Prediction.skipped`` with
+        their reason; the others are answered. Probabilities are temperature-calibrated;
+        abstention combines the confidence threshold and the OOD flag.
         """
-        from hematoscope.data.images import ImageError, load_model_image
+        items = image_sources(images, sources)
+        parts = list(self.iter_predictions(items, batch_size=batch_size, workers=workers))
+        return Prediction.concat(parts, self.labels)
 
-        items = list(images)
-        names = list(sources) if sources is not None else [
-            str(x) if isinstance(x, (str, Path)) else f"image_{i}" for i, x in enumerate(items)
-        ]
-        if len(names) != len(items):
-            raise ValueError(f"{len(items)} images but {len(names)} source names")
-        arrays, kept, skipped = [], [], []
-        for item, name in zip(items, names):
-            if isinstance(item, np.ndarray):
-                arrays.append(item)
-                kept.append(name)
-                continue
-            try:
-                arrays.append(load_model_image(item, self.preprocess))
-                kept.append(name)
-            except ImageError as exc:
-                skipped.append(SkippedFile(name, exc.reason))
-        parts = [self.predict_arrays(arrays[i:i + batch_size], kept[i:i + batch_size])
-                 for i in range(0, len(arrays), batch_size)]
-        pred = Prediction.concat(parts, self.labels)
-        pred.skipped = skipped
-        return pred
+    def iter_batches(self, items: Iterable["ImageSource | SkippedFile"], *, batch_size: int = 64,
+                     workers: int | None = None) -> Iterator["DecodedBatch"]:
+        """``items`` decoded for this bundle, batch by batch, in threads ahead of the consumer
+        (:func:`hematoscope.data.decode.decode_batches`): the one decode-and-run loop."""
+        from hematoscope.data.decode import decode_batches
+
+        return decode_batches(items, self.preprocess, batch_size=batch_size, workers=workers)
+
+    def iter_predictions(self, items: Iterable["ImageSource | SkippedFile"], *, batch_size: int = 64,
+                         workers: int | None = None) -> Iterator[Prediction]:
+        """One :class:`Prediction` per batch of ``items`` (see :func:`image_sources` and
+        :func:`~hematoscope.data.sources.expand_paths`), its ``skipped`` listing the batch's
+        unreadable inputs. Memory stays flat however many images there are."""
+        for batch in self.iter_batches(items, batch_size=batch_size, workers=workers):
+            pred = self.predict_arrays(batch.images, batch.sources)
+            pred.skipped = list(batch.skipped)
+            yield pred
+
+    def iter_view_outputs(self, items: Iterable["ImageSource | SkippedFile"], *, views: int = 1,
+                          batch_size: int = 64, workers: int | None = None
+                          ) -> Iterator[tuple["DecodedBatch", ViewOutputs]]:
+        """Raw outputs of the first ``views`` test-time views (:meth:`forward_views`) for each
+        batch of ``items`` that has readable images, with the batch."""
+        for batch in self.iter_batches(items, batch_size=batch_size, workers=workers):
+            if batch.images:
+                yield batch, self.forward_views(batch.images, views)
 
     def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> Prediction:
         """Classify one batch of decoded RGB uint8 arrays."""
@@ -432,17 +462,13 @@ class Bundle(ABC):
 
     def calibrated_probs(self, logits: np.ndarray, views: int | None = None) -> np.ndarray:
         """Temperature-scaled probabilities, with the temperature fitted for ``views`` views."""
-        from hematoscope.trust.calibration import softmax
-
-        return softmax(logits, self.trust_for(views).temperature)
+        return calibrated_softmax(logits, self.trust_for(views).temperature)
 
     def decide(self, out: ModelOutput, sources: Sequence[str], views: int | None = None) -> Prediction:
         """Turn raw outputs of ``views`` averaged views (default ``config.tta``) into calibrated
         probabilities, OOD flags and abstain decisions, with the trust fitted for that view count."""
-        from hematoscope.trust.calibration import softmax
-
         trust = self.trust_for(views)
-        probs = softmax(out.logits, trust.temperature)
+        probs = calibrated_softmax(out.logits, trust.temperature)
         if self._answerable is not None:
             probs = probs * self._answerable
             probs /= np.maximum(probs.sum(1, keepdims=True), np.finfo(np.float64).tiny)
@@ -460,24 +486,62 @@ class Bundle(ABC):
                           views=np.full(n, trust.views, dtype=np.int8))
 
     # --- persistence -------------------------------------------------------------------
+    #: Top-level files (or folders) a kind may write besides config.json, metrics.json,
+    #: README.md and ood.safetensors: :meth:`save` removes those the bundle no longer has.
+    weight_files: ClassVar[tuple[str, ...]] = ()
+
     def save(self, path: Path | str) -> Path:
-        """Write the bundle atomically to a directory, or to a ``.zip`` when ``path`` ends so."""
+        """Write the bundle to a directory, or to a ``.zip`` when ``path`` ends so; returns ``path``.
+
+        This is the one way a bundle reaches disk (training, few-shot, trust fitting, adaptation
+        and ONNX export all use it). A new directory or a zip is written whole and atomically.
+        Into an existing directory only the files whose bytes changed are replaced, each
+        atomically, ``config.json`` last: after a trust refit ``model.safetensors`` keeps its
+        bytes and its mtime. Files of the format that the bundle no longer has (an OOD scorer it
+        dropped, an ONNX export that no longer matches its weights) are removed; files the
+        format does not know are left alone. Saving back where the bundle was loaded from keeps
+        what it does not write itself (e.g. ``model.onnx``), zip included.
+
+        The bundle object does not change: ``path`` still names where it was loaded from (load the
+        saved copy to work with that).
+        """
         from hematoscope import __version__
+        from hematoscope.bundle.ood import OOD_FILE
 
         path = Path(path)
         self.config.hematoscope_version = __version__
+        kept = self._kept_files(path)
         if path.suffix.lower() == ".zip":
             with _io.atomic_path(path, ".zip") as tmp_zip, _tmp_dir() as d:
                 self._write_files(d)
+                written = {f.relative_to(d).as_posix(): f for f in d.rglob("*") if f.is_file()}
                 with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as zf:
-                    for f in sorted(d.rglob("*")):
-                        if f.is_file():
-                            zf.write(f, f.relative_to(d).as_posix())
+                    for name, f in sorted({**kept, **written}.items()):
+                        zf.write(f, name)
             return path
-        with _io.atomic_dir(path) as d:
+        managed = {"config.json", "metrics.json", "README.md", OOD_FILE, *self.weight_files}
+        with _io.updated_dir(path, remove=managed - set(kept), last=("config.json",)) as d:
             self._write_files(d)
-        self.path = path
         return path
+
+    def _home(self, target: Path) -> Path | None:
+        """The directory the bundle's files were read from, when ``target`` is where it was
+        loaded from (that directory, or the zip it was unpacked from); else None."""
+        if self.directory is None:
+            return None
+        same = [p for p in (self.directory, self.path) if p is not None and Path(p).resolve() == target.resolve()]
+        return Path(self.directory) if same else None
+
+    def _kept_files(self, target: Path) -> dict[str, Path]:
+        """Files ``save(target)`` keeps without writing them (name -> where they are now): saving
+        back home, the files of the bundle's directory that are not the format's own."""
+        from hematoscope.bundle.ood import OOD_FILE
+
+        home = self._home(target)
+        if home is None:
+            return {}
+        own = {"config.json", "metrics.json", "README.md", OOD_FILE, *self.weight_files}
+        return {f.name: f for f in home.iterdir() if f.is_file() and f.name not in own}
 
     def _write_files(self, d: Path) -> None:
         self._save_weights(d)
@@ -498,7 +562,7 @@ class Bundle(ABC):
             "input_size": self.preprocess.size,
             "temperature": self.config.temperature,
             "abstain_threshold": self.config.abstain_threshold,
-            "ood": self.config.ood,
+            "ood": None if self.config.ood is None else self.config.ood.model_dump(mode="json"),
             "views": self.view_mode,
             "answerable_classes": self.answerable_classes if self._answerable is not None else None,
             "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),
@@ -510,6 +574,24 @@ class Bundle(ABC):
 
 
 _BLAS = None
+
+
+def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list["ImageSource | SkippedFile"]:
+    """Arrays, paths, encoded bytes (or ready :class:`~hematoscope.data.sources.ImageSource`
+    items) as decode-loop items, named by ``names``, else by their path or ``image_<i>``."""
+    from hematoscope.data.sources import ImageSource, SkippedFile
+
+    items = list(images)
+    if names is not None and len(names) != len(items):
+        raise ValueError(f"{len(items)} images but {len(names)} source names")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, (ImageSource, SkippedFile)):
+            out.append(item)
+            continue
+        name = names[i] if names is not None else str(item) if isinstance(item, (str, Path)) else f"image_{i}"
+        out.append(ImageSource(name, Path(item)) if isinstance(item, (str, Path)) else ImageSource(name, data=item))
+    return out
 
 
 def _views(n: int) -> str:
@@ -541,7 +623,7 @@ def load_bundle(path: Path | str) -> Bundle:
             each with a message that says what to do.
     """
     if str(path) == DEFAULT_NAME and not Path(path).exists():
-        from hematoscope.models.default import default_bundle_path
+        from hematoscope.bundle.default import default_bundle_path
 
         path = default_bundle_path()
     path = Path(path)
@@ -583,11 +665,11 @@ def _load_dir(directory: Path, origin: Path) -> Bundle:
     metrics_file = directory / "metrics.json"
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
     bundle = bundle_class(config.kind)._load_weights(config, directory, metrics)
-    bundle.path = origin
+    bundle.path, bundle.directory = origin, directory
     if config.ood is not None:
-        from hematoscope.trust import load_scorer
+        from hematoscope.bundle.ood import load_scorer
 
-        bundle.ood = load_scorer(config.ood, directory)
+        bundle.ood = load_scorer(config.ood.model_dump(), directory)
     return bundle
 
 

@@ -2,7 +2,7 @@
 
 Files: ``model.safetensors`` holds the timm model's own state dict (so it is also a valid
 ``weights=`` file for :func:`hematoscope.models.backbones.create_backbone`); fp16 on disk when
-``config.model["dtype"] == "float16"``, always float32 in memory. An optional ``model.onnx``
+``config.model.dtype == "float16"``, always float32 in memory. An optional ``model.onnx``
 (written by ``hematoscope export``) is used for inference when the backend allows it.
 
 Backends (``backend=`` argument, or the ``HEMATOSCOPE_BACKEND`` environment variable):
@@ -22,7 +22,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from hematoscope.bundle.base import Bundle, BundleConfig, BundleError, ModelOutput, register_bundle_kind
+from hematoscope import _io
+from hematoscope.bundle.base import (Bundle, BundleConfig, BundleError, ModelOutput, ViewOutputs, calibrated_softmax,
+                                    cascade_gate, register_bundle_kind)
+from hematoscope.bundle.neural_onnx import ONNX_FILE
 from hematoscope.models.backbones import DEFAULT_ARCH, OFFLINE_WEIGHTS, create_backbone
 from hematoscope.models.preprocess import Preprocess, dihedral_views
 
@@ -32,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hematoscope")
 
 WEIGHTS_FILE = "model.safetensors"
-ONNX_FILE = "model.onnx"
 BACKEND_ENV = "HEMATOSCOPE_BACKEND"
 BACKENDS = ("auto", "torch", "onnx")
 WEIGHT_DTYPES = ("float32", "float16")
@@ -80,6 +82,9 @@ class NeuralBundle(Bundle):
     """
 
     supports_tta = True
+    weight_files = (WEIGHTS_FILE, ONNX_FILE)
+    explanation_methods = ("grad-cam",)
+    backends = ("torch", "onnx")
 
     def __init__(self, config: BundleConfig, net: "ClassifierNet | None" = None, metrics: dict | None = None,
                  path: Path | None = None, *, directory: Path | None = None, backend: str | None = None):
@@ -96,12 +101,16 @@ class NeuralBundle(Bundle):
         if self._net is None:
             from hematoscope.bundle.neural_torch import ClassifierNet
 
-            net = ClassifierNet(create_backbone(self.config.model["arch"], num_classes=len(self.config.labels),
+            net = ClassifierNet(create_backbone(self.config.model.arch, num_classes=len(self.config.labels),
                                                 weights=None))
             if self._weights_file is not None:
                 _load_state(net, self._weights_file, self.config)
             self._net = net
         return self._net
+
+    def torch_module(self) -> "ClassifierNet":
+        """The torch network (see :attr:`net`)."""
+        return self.net
 
     @net.setter
     def net(self, value: "ClassifierNet") -> None:
@@ -144,10 +153,34 @@ class NeuralBundle(Bundle):
         return cls(config, ClassifierNet(model), backend=backend)
 
     # --- inference ---------------------------------------------------------------------
-    def use_backend(self, backend: str | None) -> None:
-        """Switch the inference backend (``"auto"``, ``"torch"``, ``"onnx"``; None = environment)."""
+    def use_backend(self, backend: str | None, *, threads: int | None = None) -> None:
+        """Switch the inference backend (``"auto"``, ``"torch"``, ``"onnx"``; None = environment)
+        and get it ready, so an unusable one fails here rather than at the first batch.
+
+        Args:
+            backend: the backend.
+            threads: intra-op threads for it (None: ONNX Runtime's default of the physical cores;
+                torch keeps its own setting).
+
+        Raises:
+            BundleError: unknown backend, or ``"onnx"`` without ``model.onnx``.
+        """
         self.backend = resolve_backend(backend)
         self._runner = None
+        if threads and self._uses_onnx():  # one session sized to the caller's CPUs
+            from hematoscope.bundle.neural_onnx import OnnxRunner
+
+            self._runner = OnnxRunner(self.directory / ONNX_FILE, threads=threads)
+        elif threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.runner  # noqa: B018 (built now: fail early)
+
+    @property
+    def active_backend(self) -> str:
+        """``"onnx"`` or ``"torch"``: what runs the network with the chosen backend."""
+        return "onnx" if self._uses_onnx() else "torch"
 
     def _has_onnx(self) -> bool:
         return self.directory is not None and (self.directory / ONNX_FILE).is_file()
@@ -163,7 +196,7 @@ class NeuralBundle(Bundle):
         """The inference runner for the chosen backend (built on first use)."""
         if self._runner is None:
             if self._uses_onnx():
-                from hematoscope.export.onnx import OnnxRunner
+                from hematoscope.bundle.neural_onnx import OnnxRunner
 
                 self._runner = OnnxRunner(self.directory / ONNX_FILE)
             else:
@@ -177,7 +210,7 @@ class NeuralBundle(Bundle):
         x = self.preprocess(images)
         if len(x) == 0:
             return ModelOutput(np.zeros((0, len(self.labels)), np.float32),
-                               np.zeros((0, self.config.model.get("num_features", 0)), np.float32))
+                               np.zeros((0, self.config.model.num_features or 0), np.float32))
         return self.forward_tensor(x)
 
     def forward_tensor(self, x: np.ndarray) -> ModelOutput:
@@ -187,11 +220,9 @@ class NeuralBundle(Bundle):
         logits = _average([o[0] for o in outs])
         return ModelOutput(logits, None if outs[0][1] is None else _average([o[1] for o in outs]))
 
-    def forward_views(self, images: Sequence[np.ndarray], views: int = 8):
+    def forward_views(self, images: Sequence[np.ndarray], views: int = 8) -> ViewOutputs:
         """Every one of the first ``views`` views' raw outputs, not averaged
-        (:class:`~hematoscope.trust.views.ViewOutputs`, view 0 = the image itself)."""
-        from hematoscope.trust.views import ViewOutputs
-
+        (:class:`~hematoscope.bundle.base.ViewOutputs`, view 0 = the image itself)."""
         x = np.ascontiguousarray(self.preprocess(images), dtype=np.float32)
         outs = [self.runner.run(v) for v in dihedral_views(x, views)]
         feats = None if outs[0][1] is None else np.stack([o[1] for o in outs])
@@ -212,8 +243,6 @@ class NeuralBundle(Bundle):
         The slow answers equal those of ``forward_tensor`` with ``slow_views`` views (the fast
         views' outputs are reused, not recomputed).
         """
-        from hematoscope.trust.views import cascade_gate
-
         rule = self.config.cascade
         x = np.ascontiguousarray(x, dtype=np.float32)
         fast_outs = [self.runner.run(v) for v in dihedral_views(x, rule.fast_views)]
@@ -263,40 +292,54 @@ class NeuralBundle(Bundle):
 
         entropy = {}
         if mix is None:
+            from scipy.special import entr  # -p log p, 0 at p = 0
+
             runner = TorchRunner(self.net)
             for m in MIX_GRID:
                 use(m)
                 logits = np.concatenate([runner.run(x.numpy())[0] for x in batches])
-                p = np.exp(logits - logits.max(1, keepdims=True))
-                p /= p.sum(1, keepdims=True)
-                entropy[m] = float(-(p * np.log(np.clip(p, 1e-12, None))).sum(1).mean())
+                entropy[m] = float(entr(calibrated_softmax(logits)).sum(1).mean())
             mix = min(entropy, key=entropy.get)
         if not 0 <= mix <= 1:
             raise BundleError(f"mix must be in [0, 1]; got {mix}")
         use(mix)
         self.directory, self._runner = None, None
-        self.config.model.pop("onnx", None)
+        self.config.model.clear("onnx")
         return {"method": f"AdaBN (BatchNorm running mean/variance re-estimated, mixed {mix:g} new : "
                           f"{1 - mix:g} trained)", "batchnorm_layers": layers, "mix": mix,
                 "mix_chosen_by": "lowest mean prediction entropy" if entropy else "user",
                 "mean_entropy_by_mix": {f"{m:g}": round(e, 4) for m, e in entropy.items()}}
 
     # --- persistence -------------------------------------------------------------------
+    def _kept_files(self, target: Path) -> dict[str, Path]:
+        """Saved back home, the exported ``model.onnx`` stays (trust does not change the raw
+        outputs); anywhere else it is not carried (an export is checked where it is made)."""
+        kept = super()._kept_files(target)
+        if self._home(target) is not None and self._has_onnx():
+            kept[ONNX_FILE] = self.directory / ONNX_FILE
+        return kept
+
     def _save_weights(self, directory: Path) -> None:
+        if self._net is None and self._weights_file is not None:
+            # never built (ONNX Runtime ran it): the file read at load is the state, byte for byte
+            _io.write_bytes(directory / WEIGHTS_FILE, self._weights_file.read_bytes())
+            return
         from safetensors.torch import save_file
 
-        from hematoscope.bundle.neural_torch import DTYPES
+        from hematoscope.bundle.neural_torch import DTYPES, same_state
 
-        dtype = DTYPES[self.config.model.get("dtype", "float32")]
+        dtype = DTYPES[self.config.model.dtype]
         state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
                  for k, v in self.net.model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "arch": self.config.model["arch"]})
+        metadata = {"format": "pt", "arch": self.config.model.arch}
+        if self._weights_file is not None and same_state(self._weights_file, state, metadata):
+            # unchanged since load: keep the file's bytes (safetensors orders metadata keys at random)
+            _io.write_bytes(directory / WEIGHTS_FILE, self._weights_file.read_bytes())
+            return
+        save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
 
     @classmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "NeuralBundle":
-        for key in ("arch",):
-            if key not in config.model:
-                raise BundleError(f"{directory}/config.json: model.{key} is missing")
         weights_file = directory / WEIGHTS_FILE
         if not weights_file.is_file():
             raise BundleError(f"{directory} has no {WEIGHTS_FILE}")
@@ -319,5 +362,5 @@ def _load_state(net: "ClassifierNet", weights_file: Path, config: BundleConfig) 
     try:
         net.model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BundleError(f"{weights_file} does not match architecture {config.model['arch']!r} "
+        raise BundleError(f"{weights_file} does not match architecture {config.model.arch!r} "
                           f"with {len(config.labels)} classes: {str(exc)[:300]}") from None

@@ -65,3 +65,17 @@ def batchnorm_statistics(net: nn.Module) -> dict[str, torch.Tensor]:
     """The running mean and variance buffers of every BatchNorm layer (live tensors)."""
     return {f"{name}.{stat}": getattr(m, stat) for name, m in net.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) for stat in ("running_mean", "running_var")}
+
+
+def same_state(path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether the safetensors file at ``path`` holds exactly ``state`` (names, dtypes, values)
+    and ``metadata``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}) != metadata or set(f.keys()) != set(state):
+                return False
+            return all(torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype for k, v in state.items())
+    except (OSError, RuntimeError, ValueError):  # missing or unreadable: write it anew
+        return False

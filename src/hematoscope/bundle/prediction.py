@@ -7,17 +7,30 @@ from typing import Sequence
 
 import numpy as np
 
+from hematoscope.data.sources import SkippedFile  # part of every Prediction
+
 #: Abstention reasons, in the words shown to a lab user.
 LOW_CONFIDENCE = "low confidence"
 UNLIKE_TRAINING = "unlike training data"
 
 
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file that could not be classified, and why."""
+@dataclass
+class Explanation:
+    """Why a bundle answered ``target`` for one image, by ``method`` (see
+    :meth:`~hematoscope.bundle.Bundle.explainer`): ``png`` a picture to show (a heatmap or
+    outlines drawn on the image) or None, ``features`` named-feature contributions or None."""
 
-    source: str
-    reason: str
+    method: str
+    target: str
+    note: str
+    png: bytes | None = None
+    features: list[dict] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"method": self.method, "target": self.target, "note": self.note}
+        if self.features is not None:
+            out["features"] = self.features
+        return out
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hematoscope.trust.scorers import OODScorer, ScorerError, register_scorer
+from hematoscope.bundle.ood import OODScorer, ScorerError, register_scorer
 
 
 @register_scorer("isolation_forest")

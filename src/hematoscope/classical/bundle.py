@@ -43,12 +43,14 @@ class ClassicalBundle(Bundle):
         metrics: metrics dict.
     """
 
+    explanation_methods = ("segmentation",)
+
     def __init__(self, config: BundleConfig, booster, metrics: dict | None = None, path: Path | None = None):
         super().__init__(config, metrics, path)
         from hematoscope.classical.features import FEATURE_NAMES, FEATURE_VERSION
 
-        version = config.model.get("feature_version")
-        if version != FEATURE_VERSION or config.model.get("feature_names") != FEATURE_NAMES:
+        version = config.model.feature_version
+        if version != FEATURE_VERSION or config.model.feature_names != FEATURE_NAMES:
             raise BundleError(
                 f"classical bundle {config.name!r} was trained on feature set v{version}; this hematoscope "
                 f"computes v{FEATURE_VERSION} ({len(FEATURE_NAMES)} features): retrain it with "
@@ -57,7 +59,13 @@ class ClassicalBundle(Bundle):
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self.config.model["feature_names"])
+        return list(self.config.model.feature_names)
+
+    def feature_unit(self, name: str) -> str:
+        """The unit of feature ``name`` (for explanations)."""
+        from hematoscope.classical.features import feature_spec
+
+        return feature_spec(name).unit
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The (N, D) feature matrix of RGB uint8 images, each first resized by the bundle's
@@ -73,9 +81,10 @@ class ClassicalBundle(Bundle):
         import xgboost as xgb
 
         margin = self.booster.predict(xgb.DMatrix(features, feature_names=self.feature_names), output_margin=True)
+        from scipy.special import log_softmax
+
         margin = margin.reshape(len(features), len(self.labels)).astype(np.float64)
-        margin -= margin.max(1, keepdims=True)
-        return (margin - np.log(np.exp(margin).sum(1, keepdims=True))).astype(np.float32)
+        return log_softmax(margin, axis=1).astype(np.float32)
 
     def forward(self, images: Sequence[np.ndarray]) -> ModelOutput:
         feats = self.features(images)

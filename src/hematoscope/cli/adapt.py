@@ -40,7 +40,7 @@ def adapt(
         from hematoscope.bundle import load_bundle
         from hematoscope.bundle.adapt import adapt_bundle
         from hematoscope.predict.report import skipped_table
-        from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
+        from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths
 
         original = load_bundle(bundle_path)
         archives = ArchiveReader()
@@ -57,7 +57,7 @@ def adapt(
         label = source or Path(paths[0].rstrip("/")).name
         adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr,
                                        mix=mix)
-        had_onnx = "onnx" in original.config.model
+        had_onnx = original.config.model.onnx is not None
         saved = adapted.save(out)
         if onnx and had_onnx and out.suffix.lower() != ".zip":
             from hematoscope.export.onnx import export_onnx

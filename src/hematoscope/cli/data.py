@@ -50,7 +50,7 @@ def split_cmd(
     with user_errors():
         table = read_dataset(path, reader=reader)
         if exclude_outliers is not None:
-            from hematoscope.data.outliers import exclude, flagged_paths
+            from hematoscope.trust.outliers import exclude, flagged_paths
 
             flagged = flagged_paths(exclude_outliers)
             table, dropped = exclude(table, flagged)
@@ -101,15 +101,15 @@ def check_cmd(
     with user_errors():
         cut = None
         if outliers:
-            from hematoscope.data.outliers import parse_cut
+            from hematoscope.trust.outliers import parse_cut
 
             cut = parse_cut(outlier_cut)  # a malformed cut fails before the long check
         report = check_dataset(path, reader=reader, workers=workers, near_threshold=near)
         if cut is not None:
             from hematoscope.bundle import load_bundle
-            from hematoscope.data.outliers import screen_outliers
+            from hematoscope.trust.outliers import screen_outliers
             from hematoscope.data.readers import read_dataset
-            from hematoscope.models.default import default_bundle_path
+            from hematoscope.bundle.default import default_bundle_path
 
             bundle = load_bundle(outlier_model if outlier_model is not None else default_bundle_path())
             table = read_dataset(path, reader=reader)

@@ -21,7 +21,7 @@ def demo(
         from rich.table import Table
 
         from hematoscope.bundle import load_bundle
-        from hematoscope.models.default import default_bundle_path
+        from hematoscope.bundle.default import default_bundle_path
         from hematoscope.predict.pipeline import predict_paths
         from hematoscope.predict.report import differential_table, write_csv, write_json
         from hematoscope.samples import sample_paths, samples_dir

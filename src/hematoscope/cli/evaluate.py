@@ -38,7 +38,7 @@ def evaluate_cmd(
         from hematoscope.evaluate import evaluate_bundle
 
         if bundle_path == "default":
-            from hematoscope.models.default import default_bundle_path
+            from hematoscope.bundle.default import default_bundle_path
 
             bundle_path = str(default_bundle_path())
         bundle = load_bundle(bundle_path)

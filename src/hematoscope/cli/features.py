@@ -43,7 +43,7 @@ def features(
             np.save(d / "features.npy", fs.features)
             index.to_csv(d / "index.csv", index=False)
             _io.write_json(d / "extractor.json", {"extractor": ext.describe(), "identity": ext.identity,
-                                                  "preprocess": ext.preprocess.to_dict(), "tta": tta,
+                                                  "preprocess": ext.preprocess.to_dict(), "views": ext.views,
                                                   "skipped": [s.__dict__ for s in fs.skipped]})
     console().print(f"{len(index)} feature vectors of dimension {fs.features.shape[1] if len(index) else 0} → "
                     f"{out} ({fs.computed} computed, {len(index) - fs.computed} from cache)")

@@ -40,7 +40,7 @@ def _extractor(backbone: str, weights: str | None, size: int, tta: bool | None, 
     n = views if views is not None else tta
     if n is None and not (backbone == DEFAULT_BUNDLE_ALIAS or is_bundle_path(backbone)):
         n = RECIPE_VIEWS
-    return load_extractor(backbone, weights=weights, size=size, tta=n, backend=backend)
+    return load_extractor(backbone, weights=weights, size=size, views=n, backend=backend)
 
 
 def _check_views(views: int | None) -> None:

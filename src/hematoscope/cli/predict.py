@@ -64,17 +64,16 @@ def predict(
         import numpy as np
 
         from hematoscope.bundle import load_bundle
-        from hematoscope.models.default import default_bundle_path
+        from hematoscope.bundle.default import default_bundle_path
         from hematoscope.predict.pipeline import predict_sources
         from hematoscope.predict.report import (ReportWriter, differential_table, empty_differential,
                                                 merge_differentials, predictions_table, skipped_table)
-        from hematoscope.predict.sources import ImageSource, expand_paths
+        from hematoscope.data.sources import ImageSource, expand_paths
         from hematoscope.progress import track
 
         bundle = load_bundle(model if model is not None else default_bundle_path())
-        if hasattr(bundle, "use_backend"):
-            bundle.use_backend(backend)
-            _ = bundle.runner  # fail now, not after the first batch, when the backend is unusable
+        if backend in (None, "auto") or backend in bundle.backends:
+            bundle.use_backend(backend)  # fails now, not after the first batch, when the backend is unusable
         elif backend == "onnx":
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         if abstain_below is not None:

@@ -43,8 +43,8 @@ def fit_cmd(
     from hematoscope.bundle.base import load_bundle
     from hematoscope.data.readers import read_dataset
     from hematoscope.models.preprocess import TTA_VIEWS
-    from hematoscope.trust.fit import fit_trust_on_table, resave_bundle
-    from hematoscope.trust.scorers import list_scorers
+    from hematoscope.bundle.ood import list_scorers
+    from hematoscope.trust.fit import fit_trust_on_table
 
     if method is not None and method not in list_scorers():
         raise typer.BadParameter(f"choose one of {', '.join(list_scorers())}", param_hint="--method")
@@ -65,7 +65,7 @@ def fit_cmd(
                                     target_answered=target_answered or None,
                                     method=method, abstain_min_confidence=abstain_min_confidence,
                                     default_views=tta, cascade=cascade and tta is None)
-        target = resave_bundle(bundle, out or bundle_path)
+        target = bundle.save(out or bundle_path)  # in place: only config, metrics and card change
     c = console()
     base = report["base"]
     bank = report["bank_views"]

@@ -39,7 +39,7 @@ class QualityReport:
     sizes: dict[str, int]  # "WxH" → count, most common first
     imbalance_ratio: float | None  # largest / smallest class
     seconds: float = field(default=0.0)
-    #: The outlier screen (:meth:`hematoscope.data.outliers.OutlierReport.to_dict`), when asked for.
+    #: The outlier screen (:meth:`hematoscope.trust.outliers.OutlierReport.to_dict`), when asked for.
     outliers: dict | None = field(default=None)
 
     @property

@@ -84,10 +84,11 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         raise ValueError(f"none of the data's classes {sorted(set(truths))} is known to bundle "
                          f"{bundle.name!r} ({bundle.labels})")
     paths = [str(table["path"].iloc[i]) for i in rows]
-    chunk = max(batch_size, 512)
-    parts = [bundle.predict(paths[i:i + chunk], batch_size=batch_size)
-             for i in track(range(0, len(paths), chunk), description="evaluating")]
+    from hematoscope.bundle.base import image_sources
     from hematoscope.bundle.prediction import Prediction
+
+    batches = bundle.iter_predictions(image_sources(paths), batch_size=batch_size)  # decoded while the model runs
+    parts = list(track(batches, total=-(-len(paths) // batch_size), description="evaluating"))
 
     pred = Prediction.concat(parts, bundle.labels)
     truth_of = {p: matched[i] for p, i in zip(paths, rows)}

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hematoscope.bundle.base import BundleError, register_explainer
+from hematoscope.bundle.prediction import Explanation
 from hematoscope.models.preprocess import Preprocess
 
 
@@ -59,10 +61,14 @@ class GradCamExplainer:
     """
 
     def __init__(self, bundle):
-        net = getattr(bundle, "net", None)
+        try:
+            net = bundle.torch_module()
+        except BundleError:
+            net = None
         if not isinstance(net, torch.nn.Module):
             raise ExplainNotAvailable(f"Grad-CAM is not available for {bundle.kind!r} bundles "
                                       "(it needs a neural network)")
+        self.labels = list(bundle.labels)
         self.preprocess: Preprocess = bundle.preprocess
         self._net = copy.deepcopy(net).float().eval()
         self._layer = target_layer(self._net)
@@ -98,6 +104,17 @@ class GradCamExplainer:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in indices])
         return [_to_image_geometry(np.clip(m, 0, 1).astype(np.float32), self.preprocess, im.shape[:2])
                 for m, im in zip(maps, images)]
+
+
+    def explain(self, images: Sequence[np.ndarray], class_indices: Sequence[int], *,
+                max_side: int | None = None) -> list[Explanation]:
+        """The heatmap of each image's class drawn over it (PNG, longer side at most ``max_side``)."""
+        return [Explanation("grad-cam", self.labels[c], "Grad-CAM: regions that raised the score of the predicted class",
+                            png=overlay_png(im, heat, max_side=max_side))
+                for im, heat, c in zip(images, self(images, class_indices), class_indices)]
+
+
+register_explainer("grad-cam")(GradCamExplainer)
 
 
 class _LogitsOnly(nn.Module):

@@ -76,8 +76,6 @@ def explain_features(bundle, image: np.ndarray, *, label: str | None = None, top
     Raises:
         ValueError: not a classical bundle, or ``label`` is not one of its classes.
     """
-    from hematoscope.classical.features import feature_spec
-
     _check_classical(bundle)
     feats = bundle.features([image])
     if label is None:
@@ -89,7 +87,7 @@ def explain_features(bundle, image: np.ndarray, *, label: str | None = None, top
     contrib = feature_contributions(bundle, feats).values[0, :, cls]
     order = np.argsort(-np.abs(contrib))[:top]
     return [FeatureContribution(bundle.feature_names[i], float(feats[0, i]) if np.isfinite(feats[0, i]) else None,
-                                feature_spec(bundle.feature_names[i]).unit, float(contrib[i])) for i in order]
+                                bundle.feature_unit(bundle.feature_names[i]), float(contrib[i])) for i in order]
 
 
 def global_importance(bundle, top: int = 25) -> list[tuple[str, float]]:
@@ -108,13 +106,11 @@ def importance_png(bundle, top: int = 25) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hematoscope.classical.features import feature_spec
-
     rows = global_importance(bundle, top)[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2))
     total = sum(v for _, v in global_importance(bundle, top=10**6)) or 1.0
     ax.barh(range(len(rows)), [v / total for _, v in rows], color="#4c72b0")
-    ax.set_yticks(range(len(rows)), [f"{k} [{feature_spec(k).unit}]" for k, _ in rows], fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{k} [{bundle.feature_unit(k)}]" for k, _ in rows], fontsize=8)
     ax.set_xlabel("share of total gain")
     ax.set_title(f"{bundle.name}: top {len(rows)} features (XGBoost gain)")
     fig.tight_layout()

@@ -1,18 +1,17 @@
-"""ONNX export of neural bundles and the ONNX Runtime inference backend.
+"""ONNX export of neural bundles, checked against PyTorch before anything is written.
 
 :func:`export_onnx` writes ``model.onnx`` into a bundle: a dynamic-batch graph with two outputs,
 ``logits`` and the pooled ``features`` (so out-of-distribution scoring works the same as with
 torch). Before anything is written it checks parity on real cell images: for float32 the
 calibrated probabilities may differ from PyTorch's by at most 1e-4, for int8 the top-1 class must
 agree with float32 on at least ``min_agreement`` of the images. The result is recorded in
-``config.model["onnx"]``.
+``config.model.onnx``.
 
-:class:`OnnxRunner` is the backend :class:`~hematoscope.bundle.neural.NeuralBundle` uses when
-the bundle has ``model.onnx``: one ONNX Runtime session, created once, reused for every batch.
+The runner that executes ``model.onnx`` at prediction time lives with the bundle
+(:class:`hematoscope.bundle.neural_onnx.OnnxRunner`), beside the torch runner.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from hematoscope import _io
-from hematoscope.bundle.neural import ONNX_FILE
+from hematoscope.bundle.neural_onnx import ONNX_FILE, OnnxRunner
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,66 +41,6 @@ _CALIBRATION_BATCH = 16
 
 class ExportError(ValueError):
     """The bundle cannot be exported, or the exported model failed its parity check."""
-
-
-def physical_cores() -> int:
-    """CPU cores this process may use, not counting hyper-threads (ONNX Runtime runs best with
-    one thread per physical core)."""
-    import psutil
-
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        allowed = physical
-    return max(1, min(physical, allowed))
-
-
-class OnnxRunner:
-    """An ONNX Runtime session for a hematoscope model, created once and reused.
-
-    Thread-safe: several threads (e.g. web requests) may call :meth:`run` at once.
-
-    Args:
-        path: the ``.onnx`` file.
-        threads: intra-op threads (default: the physical cores this process may use).
-    """
-
-    #: Images per ONNX Runtime call: larger batches are run in chunks of this many. On the 2-core
-    #: machine a Lite0 at 128 px ran 1.8 ms/image in chunks of 8 against 2.7 at 64 (bench/predict_speed.py).
-    CHUNK = 8
-
-    def __init__(self, path: Path | str, threads: int | None = None, chunk: int | None = None):
-        import onnxruntime as ort
-
-        self.chunk = chunk or self.CHUNK
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ExportError(f"no ONNX model at {self.path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or physical_cores()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning worker threads would steal the CPU from the image decoders between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Float32 NCHW batch → (logits (N, C), features (N, D) or None when the graph has none),
-        computed ``chunk`` images at a time."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        parts = [self.session.run(None, {self.input_name: x[i:i + self.chunk]})
-                 for i in range(0, max(len(x), 1), self.chunk)]
-        if len(parts) == 1:
-            outputs = parts[0]
-        else:
-            outputs = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
-        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
 
 @dataclass
@@ -152,16 +91,19 @@ def export_onnx(
         min_agreement: with ``quantize``, refuse when int8/float32 top-1 agreement is below this.
 
     Returns:
-        The :class:`ExportReport` (also stored in ``config.model["onnx"]``).
+        The :class:`ExportReport` (also stored in ``config.model.onnx``).
 
     Raises:
         ExportError: not a neural bundle, no place to write, bad arguments, or the exported
             model failed its parity check (nothing is written then).
     """
     start = time.perf_counter()
-    net = getattr(bundle, "net", None)
-    if net is None:
-        raise ExportError(f"only neural bundles can be exported to ONNX; this one is {bundle.kind!r}")
+    from hematoscope.bundle.base import BundleError
+
+    try:
+        bundle.torch_module()
+    except BundleError:
+        raise ExportError(f"only neural bundles can be exported to ONNX; this one is {bundle.kind!r}") from None
     if quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"quantize must be None or one of {QUANTIZATIONS}; got {quantize!r}")
     if opset < 17:
@@ -185,12 +127,16 @@ def export_onnx(
             _check_int8(bundle, fp32_path, final, validation, parity_x, parity_source, min_agreement, report)
             report.precision = "int8"
 
+        report.size_bytes = final.stat().st_size
+        _record(bundle, report)
         if out_dir is not None:
-            bundle.save(target)
+            bundle.save(target)  # the copy, without the old bundle's model.onnx
         _io.write_bytes(target / ONNX_FILE, final.read_bytes())
-    report.size_bytes = (target / ONNX_FILE).stat().st_size
+        if out_dir is None:
+            bundle.save(target)  # config and card only: the weights' bytes are unchanged, model.onnx is kept
     report.seconds = round(time.perf_counter() - start, 2)
-    _record(bundle, target, report)
+    if bundle.directory is not None and Path(bundle.directory) == target:
+        bundle.use_backend(bundle.backend)  # pick up the new model.onnx on the next forward
     return report
 
 
@@ -198,7 +144,7 @@ def export_onnx(
 def _target_dir(bundle: "Bundle", out_dir: Path | str | None) -> Path:
     if out_dir is not None:
         return Path(out_dir)
-    directory = getattr(bundle, "directory", None)
+    directory = bundle.directory
     if bundle.path is None or directory is None or not Path(bundle.path).is_dir():
         where = "was loaded from a .zip" if bundle.path is not None else "has not been saved"
         raise ExportError(f"this bundle {where}: give an output directory (--out DIR) for the exported copy")
@@ -241,7 +187,7 @@ def _torch_export(bundle: "Bundle", path: Path, example: np.ndarray, opset: int)
     import onnx
     import torch
 
-    net = bundle.net.eval()
+    net = bundle.torch_module().eval()
     batch = {0: "batch"}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The TorchScript exporter needs no extra package (the dynamo one needs onnxscript).
@@ -264,9 +210,9 @@ def _torch_export(bundle: "Bundle", path: Path, example: np.ndarray, opset: int)
 
 
 def _check_fp32_parity(bundle: "Bundle", path: Path, x: np.ndarray) -> float:
-    from hematoscope.bundle.neural import TorchRunner
+    from hematoscope.bundle.neural_torch import TorchRunner
 
-    ref_logits, ref_feats = TorchRunner(bundle.net).run(x)
+    ref_logits, ref_feats = TorchRunner(bundle.torch_module()).run(x)
     runner = OnnxRunner(path)
     logits, feats = runner.run(x)
     single, _ = runner.run(x[:1])  # the batch axis really is dynamic
@@ -304,13 +250,12 @@ def _check_int8(bundle: "Bundle", fp32_path: Path, int8_path: Path, validation, 
     if validation is not None:
         table = _validation_table(validation)
         from hematoscope.data.samples import class_column
-        from hematoscope.predict.pipeline import decode_batches
-        from hematoscope.predict.sources import ImageSource
+        from hematoscope.data.sources import ImageSource
 
         items = [ImageSource(str(p), Path(p)) for p in table["path"]]
         truth = dict(zip(table["path"].astype(str), class_column(table)))
         pred32, pred8, names = [], [], []
-        for batch in decode_batches(items, bundle.preprocess, batch_size=64):
+        for batch in bundle.iter_batches(items, batch_size=64):
             if not batch.images:
                 continue
             x = bundle.preprocess(batch.images)
@@ -348,20 +293,14 @@ def _validation_table(validation) -> "pd.DataFrame":
     return table
 
 
-def _record(bundle: "Bundle", target: Path, report: ExportReport) -> None:
-    """Write the ONNX facts into config.json (and the model card) of the target bundle."""
-    from hematoscope.bundle.card import model_card
-
-    bundle.config.model["onnx"] = {
+def _record(bundle: "Bundle", report: ExportReport) -> None:
+    """The ONNX facts, into the bundle's config (saved with it, shown in its model card)."""
+    bundle.config.model.onnx = {
         "file": ONNX_FILE, "opset": report.opset, "precision": report.precision,
         "parity": {k: v for k, v in report.to_dict().items()
                    if k in ("parity_images", "parity_source", "max_prob_diff", "top1_agreement",
                             "agreement_images", "agreement_source", "accuracy")},
     }
-    _io.write_json(target / "config.json", bundle.config.model_dump(mode="json"))
-    _io.write_text(target / "README.md", model_card(bundle))
-    if getattr(bundle, "directory", None) is not None and Path(bundle.directory) == target:
-        bundle.use_backend(bundle.backend)  # pick up the new model.onnx on the next forward
 
 
 def _json(obj: Any) -> str:
@@ -370,5 +309,4 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-__all__ = ["DEFAULT_MIN_AGREEMENT", "ExportError", "ExportReport", "FP32_TOLERANCE", "ONNX_FILE", "OnnxRunner",
-           "export_onnx", "physical_cores"]
+__all__ = ["DEFAULT_MIN_AGREEMENT", "ExportError", "ExportReport", "FP32_TOLERANCE", "export_onnx"]

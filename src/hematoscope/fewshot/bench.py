@@ -260,7 +260,7 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
     short = {str("all" if s is None else s): sh for (s, r), (_, sh) in draws.items() if sh and r == 0}
     return {
         "extractor": extractor.describe(), "extractor_identity": extractor.identity,
-        "preprocess": extractor.preprocess.to_dict(), "tta": extractor.tta, "views": extractor.views,
+        "preprocess": extractor.preprocess.to_dict(), "views": extractor.views,
         "backend": getattr(extractor, "active_backend", None),
         "repeats": repeats, "seed": seed, "test_source": test_source, "max_pool_per_class": max_pool_per_class,
         "group_by": group_col, "n_pool_dropped_overlap": int(overlap.sum()),
@@ -275,7 +275,7 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
 
 
 def _cores() -> int:
-    from hematoscope.export.onnx import physical_cores
+    from hematoscope.bundle.neural_onnx import physical_cores
 
     return physical_cores()
 

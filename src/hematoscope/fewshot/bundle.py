@@ -102,7 +102,7 @@ class FewShotBundle(Bundle):
         config = BundleConfig(
             kind="fewshot", name=name, labels=labels, taxonomy_version=TAXONOMY_VERSION,
             preprocess=extractor.preprocess.to_dict(),
-            model={"backbone": extractor.describe(), "tta": extractor.tta, "views": extractor.views,
+            model={"backbone": extractor.describe(), "views": extractor.views,
                    "head": spec.to_dict(),
                    "feature_dim": int(np.shape(features)[1]), "extractor_identity": extractor.identity},
             training={**(training or {}), "n_train": int((targets >= 0).sum()),
@@ -144,7 +144,7 @@ class FewShotBundle(Bundle):
             arrays["transduction"] = trans
         with _io.atomic_path(directory / HEAD_FILE, ".safetensors") as tmp:
             save_file(arrays, str(tmp))
-        backbone = self.config.model["backbone"]
+        backbone = self.config.model.backbone
         if backbone["type"] == "bundle":
             self.extractor.bundle.save(directory / BACKBONE_DIR)
             onnx = self.extractor.onnx_file()  # the backbone's checked ONNX model travels with it
@@ -163,23 +163,21 @@ class FewShotBundle(Bundle):
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "FewShotBundle":
         from safetensors.numpy import load_file
 
-        from hematoscope.models.preprocess import Preprocess
-
         m = config.model
-        backbone, tta = m["backbone"], int(m.get("views", 8 if m.get("tta") else 1))
+        backbone, views = m.backbone, m.view_count
         if backbone["type"] == "bundle":
-            extractor = load_extractor(directory / BACKBONE_DIR, tta=tta)
+            extractor = load_extractor(directory / BACKBONE_DIR, views=views)
         elif backbone["type"] == "timm":
             named = backbone.get("weights") in _NAMED_WEIGHTS
             weights = backbone["weights"] if named else directory / BACKBONE_FILE
-            extractor = load_extractor(backbone["arch"], weights=weights, tta=tta,
-                                       preprocess=Preprocess.from_dict(config.preprocess),
+            extractor = load_extractor(backbone["arch"], weights=weights, views=views,
+                                       preprocess=config.preprocess,
                                        pooling=backbone.get("pooling"), layers=backbone.get("layers", 4),
                                        model_kwargs=backbone.get("model_kwargs"))
         else:
             raise BundleError(f"unknown few-shot backbone type {backbone['type']!r}")
         arrays = load_file(str(directory / HEAD_FILE))
-        spec = HeadSpec.from_dict(m["head"])
+        spec = HeadSpec.from_dict(m.head)
         if spec.self_training is not None and "transduction" in arrays:
             head = _fit_head(spec, arrays["features"], arrays["transduction"], replay=True)
         else:
@@ -277,12 +275,12 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=spec, name=name or f"fewshot-{spec.label}",
                                training=training, data_sources=datasets, unlabelled=unlabelled)
     report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),
-                              "head_fit_seconds": bundle.config.training["head_fit_seconds"],
+                              "head_fit_seconds": bundle.config.training.head_fit_seconds,
                               "short_classes": draw.short, "group_by": group_col,
-                              "n_unlabelled": bundle.config.training["n_unlabelled"]}
+                              "n_unlabelled": bundle.config.training.n_unlabelled}
     if groups is not None:
         report["n_train_groups"] = int(len(set(groups[draw.indices][fs.ok])))
-        bundle.config.training["n_train_groups"] = report["n_train_groups"]
+        bundle.config.training.n_train_groups = report["n_train_groups"]
 
     counts = {c: int((y_all[val_idx] == c).sum()) for c in bundle.labels}
     if min(counts.values()) < 5:
@@ -298,7 +296,7 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     method = ood_method if len(y_train) >= 10 else "mahalanobis"
     trust = fit_trust(bundle, train=(bundle.outputs(fs.features), y_train),
                       val=(bundle.outputs(vfs.features[keep]), y_val[keep]), method=method)
-    bundle.config.training["val_labels_per_class"] = n_val
+    bundle.config.training.val_labels_per_class = n_val
     val_pred = np.asarray(bundle.labels)[bundle.logits_from_features(vfs.features[keep]).argmax(1)]
     from sklearn.metrics import balanced_accuracy_score
 

@@ -112,17 +112,12 @@ class FeatureExtractor:
         images_embedded: running count of images sent through the backbone (for tests/logs).
     """
 
-    def __init__(self, preprocess: Preprocess, identity: str, *, tta: bool | int = False, batch_size: int = 32):
+    def __init__(self, preprocess: Preprocess, identity: str, *, views: int = 1, batch_size: int = 32):
         self.preprocess = preprocess
         self.identity = identity
-        self.views = view_count(tta)
+        self.views = view_count(views)
         self.batch_size = batch_size
         self.images_embedded = 0
-
-    @property
-    def tta(self) -> bool:
-        """Whether more than one view is averaged."""
-        return self.views > 1
 
     @property
     def cache_key(self) -> str:
@@ -146,52 +141,56 @@ class FeatureExtractor:
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
 
     def extract(self, paths: Sequence[str | Path], *, cache: bool = True, progress: bool = True) -> FeatureSet:
-        """Features for image files, streamed batch by batch (only one batch of images in memory).
+        """Features for image files, streamed batch by batch (a few batches of images in memory).
 
         Files are identified in the cache by the sha256 of their bytes, so renamed or copied
-        files hit the cache too. Unreadable files are skipped and reported.
+        files hit the cache too; the others are decoded in threads while the backbone runs
+        (:func:`hematoscope.data.decode.decode_batches`, the decoding every prediction path
+        uses). Unreadable files are skipped and reported.
         """
-        from hematoscope.data.images import ImageError, load_model_image
+        from hematoscope.data.decode import decode_batches
+        from hematoscope.data.sources import ImageSource
         from hematoscope.progress import track
 
         store = FeatureCache(self.cache_key) if cache else None
-        rows: list[np.ndarray] = []
-        ok = np.zeros(len(paths), bool)
+        paths = [str(p) for p in paths]
+        found: dict[int, np.ndarray] = {}  # input index -> feature vector
+        hashes: dict[int, str] = {}
         skipped: list[SkippedFile] = []
+
+        def cache_misses():
+            chunks = range(0, len(paths), self.batch_size)
+            for start in track(chunks, len(chunks), "features", enabled=progress):
+                blobs: dict[int, bytes] = {}
+                for i in range(start, min(start + self.batch_size, len(paths))):
+                    try:
+                        blobs[i] = Path(paths[i]).read_bytes()
+                    except OSError as exc:
+                        skipped.append(SkippedFile(paths[i], f"cannot read ({exc.strerror})"))
+                hashes.update({i: hashlib.sha256(b).hexdigest() for i, b in blobs.items()})
+                hits = store.get([hashes[i] for i in blobs]) if store else {}
+                for i, blob in blobs.items():
+                    if hashes[i] in hits:
+                        found[i] = hits[hashes[i]]
+                    else:
+                        yield ImageSource(str(i), data=blob)
+
         computed = 0
-        chunks = range(0, len(paths), self.batch_size)
-        for start in track(chunks, len(chunks), "features", enabled=progress):
-            chunk = [str(p) for p in paths[start:start + self.batch_size]]
-            blobs: dict[int, bytes] = {}
-            for i, p in enumerate(chunk):
-                try:
-                    blobs[i] = Path(p).read_bytes()
-                except OSError as exc:
-                    skipped.append(SkippedFile(p, f"cannot read ({exc.strerror})"))
-            hashes = {i: hashlib.sha256(b).hexdigest() for i, b in blobs.items()}
-            found = store.get(list(hashes.values())) if store else {}
-            todo, decoded = [], []
-            for i in sorted(blobs):
-                if hashes[i] in found:
-                    continue
-                try:
-                    decoded.append(load_model_image(blobs[i], self.preprocess))  # as predict decodes
-                    todo.append(i)
-                except ImageError as exc:
-                    skipped.append(SkippedFile(chunk[i], exc.reason))
-            if todo:
-                new = self.embed_arrays(decoded)
-                computed += len(todo)
-                fresh = {hashes[i]: v for i, v in zip(todo, new)}
-                if store:
-                    store.put(fresh)
-                found = {**found, **fresh}
-            for i in sorted(blobs):
-                if hashes[i] in found:
-                    ok[start + i] = True
-                    rows.append(found[hashes[i]])
+        for batch in decode_batches(cache_misses(), self.preprocess, batch_size=self.batch_size):
+            skipped.extend(SkippedFile(paths[int(s.source)], s.reason) for s in batch.skipped)
+            if not batch.images:
+                continue
+            new = self.embed_arrays(batch.images)
+            computed += len(new)
+            fresh = {int(name): v for name, v in zip(batch.sources, new)}
+            found.update(fresh)
+            if store:
+                store.put({hashes[i]: v for i, v in fresh.items()})
         if store:
             store.close()
+        ok = np.zeros(len(paths), bool)
+        ok[list(found)] = True
+        rows = [found[i] for i in sorted(found)]
         feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
         return FeatureSet(feats, ok, skipped, computed)
 
@@ -207,7 +206,7 @@ class TimmFeatureExtractor(FeatureExtractor):
             feature maps, concatenated) or ``"pooled"`` (the model's own pooled features).
         layers: how many trailing intermediate blocks ``"meanstd"`` uses.
         source: JSON-able description (arch, weights reference) kept for bundles.
-        tta: views per image (False/True = 1/8, or 1, 2, 4, 8).
+        views: flip/rot90 views averaged per image (1, 2, 4 or 8).
         batch_size: images per forward pass (each view is a separate pass of this size).
         backend: ``"onnx"`` (network + pooling exported once to the feature cache, checked against
             PyTorch, run by ONNX Runtime: several times faster on a CPU), ``"torch"``, or
@@ -215,14 +214,14 @@ class TimmFeatureExtractor(FeatureExtractor):
     """
 
     def __init__(self, model, preprocess: Preprocess, identity: str, *, pooling: str = "meanstd",
-                 layers: int = DEFAULT_LAYERS, source: dict | None = None, tta: bool | int = False,
+                 layers: int = DEFAULT_LAYERS, source: dict | None = None, views: int = 1,
                  batch_size: int = 32, backend: str = "auto"):
         if pooling not in ("meanstd", "pooled"):
             raise FeatureError(f"pooling must be 'meanstd' or 'pooled'; got {pooling!r}")
         if backend not in BACKENDS:
             raise FeatureError(f"backend must be one of {BACKENDS}; got {backend!r}")
         super().__init__(preprocess, f"{identity}|pool={pooling}:{layers if pooling == 'meanstd' else ''}",
-                         tta=tta, batch_size=batch_size)
+                         views=views, batch_size=batch_size)
         self.model = model.eval()
         self.pooling = pooling
         self.layers = layers
@@ -304,22 +303,20 @@ class BundleFeatureExtractor(FeatureExtractor):
     Args:
         bundle: the loaded bundle (its identity and saved copy stay this one).
         identity: cache identity (see ``_bundle_identity``).
-        tta: views per image; None = the bundle's own ``config.tta``.
+        views: flip/rot90 views averaged per image; None = the bundle's own ``config.tta``.
         batch_size: images per forward pass.
         backend: ``"auto"``, ``"torch"`` or ``"onnx"``.
     """
 
-    def __init__(self, bundle, identity: str, *, tta: bool | int | None = None, batch_size: int = 32,
+    def __init__(self, bundle, identity: str, *, views: int | None = None, batch_size: int = 32,
                  backend: str = "auto"):
         if backend not in BACKENDS:
             raise FeatureError(f"backend must be one of {BACKENDS}; got {backend!r}")
-        super().__init__(bundle.preprocess, identity, tta=view_count(tta, default=int(bundle.config.tta)),
+        super().__init__(bundle.preprocess, identity, views=bundle.config.tta if views is None else views,
                          batch_size=batch_size)
-        self.bundle = bundle
+        self.bundle = bundle  # never changed: views and backend are chosen per call
         self.backend = backend
         self._runner_bundle = None
-        if bundle.supports_tta:  # the bundle averages views itself; ours decide how many
-            bundle.set_tta(self.views)
 
     def describe(self) -> dict[str, Any]:
         # by name and content, not by local path (a saved few-shot bundle carries a copy anyway)
@@ -328,36 +325,35 @@ class BundleFeatureExtractor(FeatureExtractor):
 
     @property
     def active_backend(self) -> str:
-        b = self._runner()
-        uses = getattr(b, "_uses_onnx", None)
-        return "onnx" if uses is not None and uses() else "torch" if b.kind == "neural" else b.kind
+        return self._runner().active_backend
 
     def onnx_file(self) -> Path | None:
         """The ONNX model that computes the features (the bundle's own, or its checked copy),
         or None when PyTorch runs it."""
         b = self._runner()
-        return Path(b.directory) / ONNX_FILE if b.kind == "neural" and _neural_has_onnx(b) else None
+        return Path(b.directory) / ONNX_FILE if _neural_has_onnx(b) else None
 
     def _runner(self):
-        """The bundle that computes features: this one, or its ONNX copy in the feature cache."""
+        """The bundle that computes features: this one, a torch-run view of it, or its ONNX copy
+        in the feature cache (the bundle given is never changed)."""
         if self._runner_bundle is not None:
             return self._runner_bundle
         b = self.bundle
-        if b.kind == "neural":
+        if "onnx" in b.backends:
             if self.backend == "torch":
+                import copy
+
+                b = copy.copy(b)  # shares the network and config; only the backend differs
                 b.use_backend("torch")
             elif not _neural_has_onnx(b):
                 b = _onnx_copy(b, self.identity, required=self.backend == "onnx")
-                b.set_tta(self.views)
         self._runner_bundle = b
         return b
 
     def _embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         b = self._runner()
-        if hasattr(b, "forward_tensor"):  # neural: preprocess once, the bundle averages its views
-            out = b.forward_tensor(self.preprocess(images))
-        elif self.views == 1 or b.supports_tta:
-            out = b.forward(list(images))
+        if self.views <= b.max_views:  # the bundle runs the views (preprocessing once)
+            out = b.forward_views(list(images), self.views).averaged(self.views)
         else:  # views of the original images, each preprocessed by the bundle itself
             outs = [b.forward([_dihedral(im, v) for im in images]) for v in range(self.views)]
             out = outs[0]
@@ -375,8 +371,12 @@ def _dihedral(image: np.ndarray, v: int) -> np.ndarray:
 
 
 def _neural_has_onnx(bundle) -> bool:
-    directory = getattr(bundle, "directory", None)
-    return bundle.backend in ("auto", "onnx") and directory is not None and (Path(directory) / ONNX_FILE).is_file()
+    from hematoscope.bundle.base import BundleError
+
+    try:
+        return "onnx" in bundle.backends and bundle.active_backend == "onnx"
+    except BundleError:  # backend "onnx" asked for, no model.onnx
+        return False
 
 
 def _onnx_copy(bundle, identity: str, *, required: bool):
@@ -407,7 +407,8 @@ def is_bundle_path(backbone: str | Path) -> bool:
 
 
 def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str | Path | None = None,
-                   size: int | None = None, tta: bool | int | None = None, pooling: str | None = None,
+                   size: int | None = None, views: int | None = None, tta: bool | int | None = None,
+                   pooling: str | None = None,
                    layers: int = DEFAULT_LAYERS, batch_size: int = 32, preprocess: Preprocess | None = None,
                    model_kwargs: dict | None = None, bundle=None, backend: str = "auto") -> FeatureExtractor:
     """Build a feature extractor from a timm name or a bundle path.
@@ -422,8 +423,9 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
             local .safetensors/.pth file, an https URL, ``"hf-hub:..."`` or ``"timm"`` (timm's own
             pretrained weights; needs internet). Required for other architectures.
         size: model input side (default 224; a bundle keeps its own preprocessing).
-        tta: views averaged per image: True (8) / False (1), or 1, 2, 4, 8; None = the
-            backbone's own (a bundle's ``config.tta``, 1 for timm models).
+        views: flip/rot90 views averaged per image (1, 2, 4 or 8); None = the backbone's own
+            (a bundle's ``config.tta``, 1 for timm models).
+        tta: the older spelling of ``views``, also as a switch (True = 8, False = 1).
         pooling: ``"meanstd"`` or ``"pooled"``; default meanstd for CNNs, pooled otherwise.
         layers: intermediate blocks pooled by ``"meanstd"``.
         batch_size: images per forward pass.
@@ -439,8 +441,12 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         WeightsError: the weights cannot be read or do not fit the architecture.
         DefaultModelMissing: ``"default"`` asked for, but the package has no default model.
     """
+    if tta is not None:
+        views = view_count(tta) if views is None else views
+    if views is not None:
+        views = view_count(views)
     if str(backbone) == DEFAULT_BUNDLE_ALIAS and bundle is None:
-        from hematoscope.models.default import default_bundle_path
+        from hematoscope.bundle.default import default_bundle_path
 
         backbone = default_bundle_path()
     if bundle is not None or is_bundle_path(backbone):
@@ -449,7 +455,7 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         if bundle is None:
             bundle = load_bundle(backbone)
         ident = _bundle_identity(bundle)
-        return BundleFeatureExtractor(bundle, ident, tta=tta, batch_size=batch_size, backend=backend)
+        return BundleFeatureExtractor(bundle, ident, views=views, batch_size=batch_size, backend=backend)
 
     from hematoscope.models.backbones import PACKAGED_WEIGHTS, create_backbone, packaged_weights_file
 
@@ -481,7 +487,7 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
               "weights_id": weights_id, "model_kwargs": model_kwargs}
     kw = json.dumps(model_kwargs, sort_keys=True) if model_kwargs else ""
     return TimmFeatureExtractor(model, preprocess, f"timm:{arch}{kw}|w={weights_id}", pooling=pooling,
-                                layers=layers, source=source, tta=view_count(tta), batch_size=batch_size,
+                                layers=layers, source=source, views=view_count(views), batch_size=batch_size,
                                 backend=backend)
 
 

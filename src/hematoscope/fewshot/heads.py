@@ -23,7 +23,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from hematoscope.trust.calibration import softmax
-from hematoscope.trust.scorers import l2_normalize
+from hematoscope.bundle.ood import l2_normalize
 
 HEAD_NAMES = ("lr", "svm", "svm-rbf", "knn", "proto")
 TRANSFORMS = ("standard", "power", "none")

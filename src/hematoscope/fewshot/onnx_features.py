@@ -4,7 +4,7 @@ Eager PyTorch on a 2-core CPU is the bottleneck of few-label work with test-time
 forward passes per image at 224 px). The same network, pooling included (mean and standard
 deviation over space of the last intermediate blocks, or the model's own pooled output), is
 exported once to an ONNX file in the feature cache (``cache_dir("features", "onnx")``, named by
-the extractor's cache key) and run by ONNX Runtime (:class:`hematoscope.export.onnx.OnnxRunner`).
+the extractor's cache key) and run by ONNX Runtime (:class:`hematoscope.bundle.neural_onnx.OnnxRunner`).
 
 Before a new file is used its features are compared with PyTorch's on real cell images (the
 bundled PBC samples): cosine similarity >= :data:`MIN_COSINE` for every image and a largest
@@ -108,7 +108,7 @@ def export_features_onnx(extractor: "TimmFeatureExtractor", path: Path | None = 
 
     import torch
 
-    from hematoscope.export.onnx import OnnxRunner
+    from hematoscope.bundle.neural_onnx import OnnxRunner
 
     path = path or onnx_path(extractor)
     if path.is_file():
@@ -140,7 +140,7 @@ class OnnxFeatureRunner:
     """Runs an exported feature network with ONNX Runtime: float32 NCHW → (N, D) features."""
 
     def __init__(self, path: Path | str, threads: int | None = None):
-        from hematoscope.export.onnx import OnnxRunner
+        from hematoscope.bundle.neural_onnx import OnnxRunner
 
         self.path = Path(path)
         self._runner = OnnxRunner(self.path, threads=threads)

@@ -6,14 +6,9 @@ decoder that overlaps reading and decoding with inference.
     >>> pred = predict_paths(load_bundle("my_bundle"), ["slide_01/", "more.zip"])  # doctest: +SKIP
     >>> pred.differential().to_dict()  # doctest: +SKIP
 """
-from hematoscope.predict.pipeline import (
-    DecodedBatch,
-    decode_batches,
-    iter_predictions,
-    predict_paths,
-    predict_sources,
-)
-from hematoscope.predict.sources import ImageSource, expand_paths
+from hematoscope.data.decode import DecodedBatch, decode_batches
+from hematoscope.data.sources import ImageSource, expand_paths
+from hematoscope.predict.pipeline import iter_predictions, predict_paths, predict_sources
 
 __all__ = ["DecodedBatch", "ImageSource", "decode_batches", "expand_paths", "iter_predictions",
            "predict_paths", "predict_sources"]

@@ -102,7 +102,7 @@ class _Inputs:
               reasons: Sequence[str | None]) -> list:
         from concurrent.futures import ThreadPoolExecutor
 
-        from hematoscope.predict.sources import ImageSource
+        from hematoscope.data.sources import ImageSource
 
         out: list = []
         remote: list[int] = []
@@ -124,7 +124,7 @@ class _Inputs:
 
     def _member(self, source: str, path: str, member: str):
         from hematoscope.data.archive import UnsafeArchiveError, open_zip, safe_members
-        from hematoscope.predict.sources import ImageSource
+        from hematoscope.data.sources import ImageSource
 
         if path not in self._zips:
             if len(self._zips) >= self.MAX_ZIPS:
@@ -144,7 +144,7 @@ class _Inputs:
     def _fetch(self, source: str, uri: str, i: int):
         from pyarrow import fs
 
-        from hematoscope.predict.sources import ImageSource
+        from hematoscope.data.sources import ImageSource
 
         try:
             filesystem, path = fs.FileSystem.from_uri(uri)
@@ -247,21 +247,11 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
     is None, the backend, test-time views, abstain threshold and answerable classes applied; an
     ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
-    from hematoscope.models.default import default_bundle_path
+    from hematoscope.bundle.default import default_bundle_path
 
     bundle = load_bundle(model if model is not None else default_bundle_path())
-    if hasattr(bundle, "use_backend"):
-        bundle.use_backend(backend)
-        if threads:
-            if bundle._uses_onnx():  # one session sized to this actor's CPUs, not the machine's cores
-                from hematoscope.bundle.neural import ONNX_FILE
-                from hematoscope.export.onnx import OnnxRunner
-
-                bundle._runner = OnnxRunner(bundle.directory / ONNX_FILE, threads=threads)
-            else:
-                import torch
-
-                torch.set_num_threads(threads)
+    if backend in (None, "auto") or backend in bundle.backends:
+        bundle.use_backend(backend, threads=threads)  # sized to this actor's CPUs, not the machine's cores
     if abstain_below is not None:
         bundle.config.abstain_threshold = abstain_below
     if tta is not None:
@@ -341,7 +331,7 @@ def _manifest_chunks(inputs: Sequence[str | Path], chunk: int) -> Iterator[dict[
     if len(inputs) == 1 and is_manifest(inputs[0]):
         yield from _list_chunks(str(inputs[0]), chunk)
         return
-    from hematoscope.predict.sources import expand_paths
+    from hematoscope.data.sources import expand_paths
 
     rows: dict[str, list] = {"source": [], "path": [], "member": [], "reason": []}
     for item in expand_paths(inputs):

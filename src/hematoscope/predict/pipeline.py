@@ -1,130 +1,24 @@
-"""Pipelined prediction: decode images in worker threads while the model runs.
+"""Pipelined prediction over files, folders, globs and zips.
 
-A pool of threads reads and decodes images with
-:func:`hematoscope.data.images.load_model_image` (the one decoding every path uses: JPEG DCT
-scaling down to the model's size, then the resize that leaves the model input unchanged); the
-calling thread runs the model on one batch while the next batches decode.
-Pillow and ONNX Runtime / torch release the GIL for their heavy work, so threads overlap well.
-At most ``prefetch + 1`` batches are in flight, so memory stays flat however many images there
-are. Results come back in input order; unreadable files become
-:class:`~hematoscope.bundle.prediction.SkippedFile` records and the run goes on.
+The decoding runs in worker threads while the model runs (:func:`hematoscope.data.decode.decode_batches`,
+through :meth:`hematoscope.bundle.Bundle.iter_predictions`); this module adds the expansion of
+what the user named (:func:`~hematoscope.data.sources.expand_paths`). Results come back in
+input order; unreadable files become :class:`~hematoscope.data.sources.SkippedFile` records and
+the run goes on.
 """
 from __future__ import annotations
 
-import os
-import zipfile
-import zlib
-from collections import deque
-from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import numpy as np
-
-from hematoscope.bundle.prediction import Prediction, SkippedFile
-from hematoscope.data.archive import UnsafeArchiveError
-from hematoscope.data.images import ImageError, load_model_image
-from hematoscope.models.preprocess import Preprocess
-from hematoscope.predict.sources import ArchiveReader, ImageSource, expand_paths
+from hematoscope.bundle.prediction import Prediction
+from hematoscope.data.decode import DecodedBatch, decode_batches
+from hematoscope.data.sources import ImageSource, SkippedFile, expand_paths
 
 if TYPE_CHECKING:
     from hematoscope.bundle.base import Bundle
 
-
-@dataclass
-class DecodedBatch:
-    """A batch of decoded RGB uint8 images with their source names, and the files of the same
-    stretch of input that could not be read."""
-
-    images: list[np.ndarray]
-    sources: list[str]
-    skipped: list[SkippedFile] = field(default_factory=list)
-
-
-def default_workers() -> int:
-    """Decode threads: one per CPU this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def worker_resizer(preprocess: Preprocess) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The resize that workers may apply before the model's own preprocessing, or None (see
-    :meth:`~hematoscope.models.preprocess.Preprocess.early_resizer`)."""
-    return preprocess.early_resizer()
-
-
-def draft_size_for(preprocess: Preprocess) -> int:
-    """Smallest image side the model's resize needs: JPEGs may be DCT-scaled down to it."""
-    return preprocess.decode_size
-
-
-def decode_batches(
-    items: Iterable[ImageSource | SkippedFile],
-    preprocess: Preprocess,
-    *,
-    batch_size: int = 64,
-    workers: int | None = None,
-    prefetch: int = 2,
-) -> Iterator[DecodedBatch]:
-    """Decode ``items`` in a thread pool, ``batch_size`` at a time, in order.
-
-    Args:
-        items: output of :func:`~hematoscope.predict.sources.expand_paths` (any iterable; it is
-            consumed lazily).
-        preprocess: the model's input spec (decoded with :func:`load_model_image`).
-        batch_size: items per batch (skipped items count towards it).
-        workers: decode threads (default: one per CPU).
-        prefetch: batches decoded ahead of the one being consumed.
-
-    Yields:
-        :class:`DecodedBatch` objects, in input order.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    from concurrent.futures import ThreadPoolExecutor
-
-    archives = ArchiveReader()
-    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="hematoscope-decode")
-
-    def decode(item: ImageSource | SkippedFile) -> np.ndarray | SkippedFile:
-        if isinstance(item, SkippedFile):
-            return item
-        try:
-            data: Path | bytes = item.path if item.member is None else archives.read(item)
-            return load_model_image(data, preprocess)
-        except ImageError as exc:
-            return SkippedFile(item.name, exc.reason)
-        except (UnsafeArchiveError, zipfile.BadZipFile, zlib.error, OSError) as exc:
-            return SkippedFile(item.name, f"cannot read from archive ({exc})")
-
-    def collect(chunk: list, futures: list) -> DecodedBatch:
-        batch = DecodedBatch([], [])
-        for item, fut in zip(chunk, futures):
-            result = fut.result()
-            if isinstance(result, SkippedFile):
-                batch.skipped.append(result)
-            else:
-                batch.images.append(result)
-                batch.sources.append(item.name)
-        return batch
-
-    iterator = iter(items)
-    pending: deque[tuple[list, list]] = deque()
-    try:
-        while True:
-            chunk = list(islice(iterator, batch_size))
-            if chunk:
-                pending.append((chunk, [pool.submit(decode, it) for it in chunk]))
-            if pending and (not chunk or len(pending) > prefetch):
-                yield collect(*pending.popleft())
-            elif not chunk:
-                break
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        archives.close()
+__all__ = ["DecodedBatch", "decode_batches", "iter_predictions", "predict_paths", "predict_sources"]
 
 
 def predict_sources(
@@ -134,11 +28,8 @@ def predict_sources(
     batch_size: int = 64,
     workers: int | None = None,
 ) -> Iterator[Prediction]:
-    """Classify expanded sources batch by batch (see :func:`iter_predictions`)."""
-    for batch in decode_batches(items, bundle.preprocess, batch_size=batch_size, workers=workers):
-        pred = bundle.predict_arrays(batch.images, batch.sources)
-        pred.skipped = list(batch.skipped)
-        yield pred
+    """Classify expanded sources batch by batch (:meth:`~hematoscope.bundle.Bundle.iter_predictions`)."""
+    return bundle.iter_predictions(items, batch_size=batch_size, workers=workers)
 
 
 def iter_predictions(
@@ -156,7 +47,7 @@ def iter_predictions(
     Args:
         bundle: any loaded bundle.
         paths: files, folders, glob patterns or zip files (see
-            :func:`~hematoscope.predict.sources.expand_paths`).
+            :func:`~hematoscope.data.sources.expand_paths`).
         batch_size: images per model call.
         workers: decode threads (default: one per CPU).
 

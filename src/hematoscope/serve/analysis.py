@@ -96,60 +96,22 @@ def _thumbnail(image: np.ndarray) -> bytes:
 
 def explanation_method(model: ServedModel) -> str:
     """What the server can show to explain this model's predictions."""
-    if model.bundle.kind == "neural":
-        return "grad-cam"
-    if model.bundle.kind == "classical":
-        return "segmentation"
-    return "none"
+    methods = model.bundle.explanation_methods
+    return methods[0] if methods else "none"
 
 
 def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
              ) -> list[tuple[bytes | None, dict[str, Any]]]:
     """(overlay PNG or None, explanation dict) per image."""
-    method = explanation_method(model)
-    labels = model.bundle.labels
-    if method == "grad-cam":
-        from hematoscope.explain.gradcam import overlay_png
-
-        explainer = model.explainer()
-        out = []
-        for i in range(0, len(images), EXPLAIN_BATCH):
-            chunk, classes = images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH]
-            for im, heat, c in zip(chunk, explainer(chunk, classes), classes):
-                out.append((overlay_png(im, heat, max_side=HEATMAP_SIDE),
-                            {"method": method, "target": labels[c],
-                             "note": "Grad-CAM: regions that raised the score of the predicted class"}))
-        return out
-    if method == "segmentation":
-        return [_segmentation_explanation(model.bundle, im, labels[c]) for im, c in zip(images, predicted)]
-    return [(None, {"method": "none", "note": f"explanations are not available for {model.bundle.kind!r} models"})
-            for _ in images]
-
-
-def _segmentation_explanation(bundle, image: np.ndarray, label: str) -> tuple[bytes | None, dict[str, Any]]:
-    """Nucleus and cell outlines drawn on the image (the masks the classical features are
-    measured on) and the features that pushed the model towards ``label`` (TreeSHAP)."""
-    from PIL import Image
-    from skimage.segmentation import mark_boundaries
-
-    from hematoscope.classical.segment import segment_cell
-    from hematoscope.explain.shap import explain_features
-
-    explanation: dict[str, Any] = {"method": "segmentation", "target": label,
-                                   "note": "outlines: cell and nucleus as measured; features: SHAP contributions"}
-    explanation["features"] = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
-                               for f in explain_features(bundle, image, label=label, top=5)]
-    seg = segment_cell(image)
-    if not seg.ok:
-        explanation["note"] = f"segmentation failed: {seg.reason}"
-        return None, explanation
-    regions = seg.cell.astype(np.int32) + seg.nucleus.astype(np.int32)
-    drawn = mark_boundaries(seg.image, regions, color=(1, 0.85, 0), mode="thick")
-    im = Image.fromarray((drawn * 255).round().astype(np.uint8))
-    im.thumbnail((HEATMAP_SIDE, HEATMAP_SIDE))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return buf.getvalue(), explanation
+    explainer = model.explainer()
+    if explainer is None:
+        return [(None, {"method": "none", "note": f"explanations are not available for {model.bundle.kind!r} models"})
+                for _ in images]
+    out = []
+    for i in range(0, len(images), EXPLAIN_BATCH):
+        for e in explainer.explain(images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH], max_side=HEATMAP_SIDE):
+            out.append((e.png, e.to_dict()))
+    return out
 
 
 class PixelBudget:

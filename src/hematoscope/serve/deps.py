@@ -42,16 +42,13 @@ class ServedModel:
         return {"name": self.name, "kind": self.bundle.kind, "id": self.id, "version": self.version}
 
     def explainer(self):
-        """The Grad-CAM explainer of a neural bundle, built on first use.
-
-        Raises:
-            ExplainNotAvailable: the bundle's kind has no Grad-CAM.
-        """
-        from hematoscope.explain.gradcam import GradCamExplainer
-
+        """The bundle's explainer (:meth:`~hematoscope.bundle.Bundle.explainer`), built on first
+        use; None when its kind has none."""
+        if not self.bundle.explanation_methods:
+            return None
         with self._explainer_lock:
             if self._explainer is None:
-                self._explainer = GradCamExplainer(self.bundle)
+                self._explainer = self.bundle.explainer()
             return self._explainer
 
 
@@ -69,7 +66,7 @@ def load_models(paths: list[Path]) -> dict[str, ServedModel]:
     from hematoscope.bundle import load_bundle
 
     if not paths:
-        from hematoscope.models.default import default_bundle_path
+        from hematoscope.bundle.default import default_bundle_path
 
         try:
             paths = [default_bundle_path()]

@@ -20,11 +20,10 @@ class CalibrationError(ValueError):
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(1, keepdims=True)
+    """Row-wise softmax of ``logits / temperature`` in float64 (what a bundle calibrates with)."""
+    from hematoscope.bundle.base import calibrated_softmax
+
+    return calibrated_softmax(logits, temperature)
 
 
 def _check(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,10 +41,10 @@ def _check(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true classes under ``softmax(logits / temperature)``."""
     logits, y = _check(logits, y)
+    from scipy.special import logsumexp
+
     z = logits / temperature
-    m = z.max(1, keepdims=True)
-    log_norm = np.log(np.exp(z - m).sum(1)) + m[:, 0]
-    return float(np.mean(log_norm - z[np.arange(len(y)), y]))
+    return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(y)), y]))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -245,7 +245,7 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
     rc = risk_coverage(probs.max(1), correct)
     accepted = ~in_pred.abstain[known]
     report = {
-        "score": f"bundle OOD scorer {bundle.config.ood['method']}" if fitted else "1 - calibrated confidence "
+        "score": f"bundle OOD scorer {bundle.config.ood.method}" if fitted else "1 - calibrated confidence "
                  "(no OOD scorer fitted)",
         "ood": ood_metrics(in_scores, ood_scores),
         "at_threshold": {
@@ -271,7 +271,7 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
         d = Path(plots_dir)
         d.mkdir(parents=True, exist_ok=True)
         plot_score_histograms(in_scores, {"OOD data": ood_scores}, d / "ood_scores.png",
-                              threshold=bundle.config.ood["threshold"] if fitted else None, title=report["score"])
+                              threshold=bundle.config.ood.threshold if fitted else None, title=report["score"])
         plot_risk_coverage({bundle.name: rc}, d / "risk_coverage.png")
         plot_reliability({bundle.name: reliability_curve(probs, y)}, d / "reliability.png")
         write_json(d / "trust_eval.json", report)

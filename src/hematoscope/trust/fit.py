@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hematoscope.trust.calibration import (expected_calibration_error, fit_temperature, nll, softmax)
-from hematoscope.trust.scorers import ScorerError, get_scorer
+from hematoscope.bundle.ood import ScorerError, get_scorer
 
 if TYPE_CHECKING:
     from hematoscope.bundle.base import Bundle, ModelOutput
@@ -138,7 +138,7 @@ def fit_trust(
     bundle.config.view_trust, bundle.config.view_trust_of, bundle.config.cascade = {}, None, None
     bundle._mode_scorers, bundle._warned = {}, set()
     bundle.trust_views = bundle.config.tta  # what these settings were fitted for
-    return {"calibration": calibration, "ood": bundle.config.ood, **trust}
+    return {"calibration": calibration, "ood": bundle.config.ood.model_dump(), **trust}
 
 
 def bundle_outputs(bundle: "Bundle", paths: Sequence[str], *, batch_size: int = 64,
@@ -161,22 +161,20 @@ def bundle_view_outputs(bundle: "Bundle", paths: Sequence[str], *, views: int | 
     average), decoded in threads with :func:`~hematoscope.data.images.load_model_image`.
 
     Returns:
-        (:class:`~hematoscope.trust.views.ViewOutputs` of the readable files, their indices into
+        (:class:`~hematoscope.bundle.base.ViewOutputs` of the readable files, their indices into
         ``paths``).
     """
-    from hematoscope.predict.pipeline import decode_batches
-    from hematoscope.predict.sources import ImageSource
+    from hematoscope.bundle.base import ViewOutputs
+    from hematoscope.data.sources import ImageSource
     from hematoscope.progress import track
-    from hematoscope.trust.views import ViewOutputs, max_views, view_outputs
 
-    views = max_views(bundle) if views is None else views
+    views = bundle.max_views if views is None else views
     items = [ImageSource(str(i), Path(p)) for i, p in enumerate(paths)]
     parts, kept = [], []
-    batches = decode_batches(items, bundle.preprocess, batch_size=batch_size)
-    for batch in track(batches, total=-(-len(items) // batch_size), description=description):
-        if batch.images:
-            parts.append(view_outputs(bundle, batch.images, views))
-            kept.extend(int(s) for s in batch.sources)
+    batches = bundle.iter_view_outputs(items, views=views, batch_size=batch_size)  # decoded while the model runs
+    for batch, out in track(batches, total=-(-len(items) // batch_size), description=description):
+        parts.append(out)
+        kept.extend(int(s) for s in batch.sources)
     if not kept:
         return ViewOutputs(np.zeros((views, 0, len(bundle.labels)), np.float32), None), np.zeros(0, int)
     return ViewOutputs.concat(parts), np.asarray(kept, int)
@@ -218,7 +216,7 @@ def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: 
     Raises:
         ValueError: no ``split`` column, or no usable train/val rows.
     """
-    from hematoscope.trust.views import fit_view_trust, max_views
+    from hematoscope.trust.views import fit_view_trust
 
     if "split" not in table.columns:
         raise ValueError("the data needs a 'split' column with train and val rows "
@@ -234,7 +232,7 @@ def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: 
 
             rows, _ = train_test_split(rows, train_size=max_train, random_state=seed, stratify=targets[rows])
         paths = [str(p) for p in table["path"].to_numpy()[rows]]
-        views = max(fit_kwargs.get("views") or [max_views(bundle)])
+        views = max(fit_kwargs.get("views") or [bundle.max_views])
         out, kept = bundle_view_outputs(bundle, paths, views=views, batch_size=batch_size,
                                         description=f"{name} images, {views} view{'s' if views > 1 else ''}")
         parts[name] = (out, targets[rows][kept])
@@ -242,38 +240,3 @@ def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: 
     report.update({k: v for k, v in report["base"].items() if k not in report})
     report["n_train"], report["n_val"] = len(parts["train"][1]), len(parts["val"][1])
     return report
-
-
-def resave_bundle(bundle: "Bundle", path: Path | str) -> Path:
-    """Save ``bundle`` over the bundle at ``path`` atomically, keeping files that ``save`` does
-    not write itself (e.g. an exported ``model.onnx``, whose raw outputs trust does not change)."""
-    from hematoscope import _io
-
-    path = Path(path)
-    if path.suffix.lower() == ".zip" or not path.is_dir():
-        if path.suffix.lower() == ".zip" and path.exists():
-            import tempfile
-            import zipfile
-
-            from hematoscope.data.archive import iter_zip_files
-
-            with _io.atomic_path(path, ".zip") as tmp_zip, tempfile.TemporaryDirectory() as td:
-                bundle._write_files(Path(td))
-                written = {f.relative_to(td).as_posix(): f for f in Path(td).rglob("*") if f.is_file()}
-                with zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_DEFLATED) as zf:
-                    for name, f in sorted(written.items()):
-                        zf.write(f, name)
-                    for name, data in iter_zip_files(path):
-                        if name not in written:
-                            zf.writestr(name, data)
-            return path
-        return bundle.save(path)
-    import shutil
-
-    with _io.atomic_dir(path) as d:
-        bundle._write_files(d)
-        for f in path.iterdir():
-            if f.is_file() and not (d / f.name).exists():
-                shutil.copy2(f, d / f.name)
-    bundle.path = path
-    return path

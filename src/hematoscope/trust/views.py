@@ -23,77 +23,23 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from hematoscope.bundle.base import ViewOutputs, cascade_gate
 from hematoscope.models.preprocess import TTA_VIEWS
 
 if TYPE_CHECKING:
-    from hematoscope.bundle.base import Bundle, CascadeRule, ModelOutput
+    from hematoscope.bundle.base import Bundle, CascadeRule
     from hematoscope.bundle.prediction import Prediction
 
 
-@dataclass
-class ViewOutputs:
-    """Raw outputs of the first V test-time views of N images: ``logits`` (V, N, C) and
-    ``features`` (V, N, D) or None. View 0 is the image itself."""
-
-    logits: np.ndarray
-    features: np.ndarray | None = None
-
-    @property
-    def views(self) -> int:
-        return int(self.logits.shape[0])
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[1])
-
-    def averaged(self, n: int) -> "ModelOutput":
-        """Outputs averaged over the first ``n`` views (what a bundle with ``tta = n`` gives).
-
-        Raises:
-            ValueError: fewer than ``n`` views were computed.
-        """
-        from hematoscope.bundle.base import ModelOutput
-
-        if not 1 <= n <= self.views:
-            raise ValueError(f"{n} views asked for, {self.views} computed")
-
-        def avg(a: np.ndarray) -> np.ndarray:
-            return np.asarray(a[0] if n == 1 else np.mean(a[:n], axis=0), dtype=np.float32)
-
-        return ModelOutput(avg(self.logits), None if self.features is None else avg(self.features))
-
-    def take(self, index: np.ndarray) -> "ViewOutputs":
-        return ViewOutputs(self.logits[:, index], None if self.features is None else self.features[:, index])
-
-    @classmethod
-    def concat(cls, parts: Sequence["ViewOutputs"]) -> "ViewOutputs":
-        has_features = all(p.features is not None for p in parts)
-        return cls(np.concatenate([p.logits for p in parts], axis=1),
-                   np.concatenate([p.features for p in parts], axis=1) if has_features else None)
-
-
 def max_views(bundle: "Bundle") -> int:
-    """Most test-time views ``bundle`` can average (8 for kinds with views, else 1)."""
-    return max(TTA_VIEWS) if bundle.supports_tta else 1
+    """Most test-time views ``bundle`` can average (:attr:`~hematoscope.bundle.Bundle.max_views`)."""
+    return bundle.max_views
 
 
 def view_outputs(bundle: "Bundle", images: Sequence[np.ndarray], views: int | None = None) -> ViewOutputs:
     """Every view's raw outputs for decoded images: ``views`` (default: all the bundle can
-    average) for kinds with test-time views, one otherwise."""
-    views = max_views(bundle) if views is None else views
-    if views > 1:
-        return bundle.forward_views(images, views)
-    from hematoscope.bundle.base import BundleError
-
-    if views != 1:
-        raise BundleError(f"views must be at least 1; got {views}")
-    saved = bundle.config.tta
-    if bundle.supports_tta:
-        bundle.config.tta = 1
-    try:
-        out = bundle.forward(images)
-    finally:
-        bundle.config.tta = saved
-    return ViewOutputs(out.logits[None], None if out.features is None else out.features[None])
+    average); see :meth:`~hematoscope.bundle.Bundle.forward_views`."""
+    return bundle.forward_views(images, bundle.max_views if views is None else views)
 
 
 # --- fitting ------------------------------------------------------------------------------
@@ -286,19 +232,6 @@ def cascade_decisions(fast: "Prediction", slow: "Prediction", *, min_confidence:
     pred = np.where(take_slow, slow.probs.argmax(1), fast.probs.argmax(1))
     abstained = np.where(take_slow, slow.abstain, fast.abstain)
     return take_slow, pred, abstained
-
-
-def cascade_gate(confidence: np.ndarray, ood_score: np.ndarray, *, min_confidence: float,
-                 max_ood: float | None, reject_ood: float | None) -> np.ndarray:
-    """Cells whose fast answer is uncertain: confidence below ``min_confidence`` or OOD score
-    above ``max_ood``, except those already past ``reject_ood`` (flagged without more views)."""
-    with np.errstate(invalid="ignore"):
-        uncertain = confidence < min_confidence
-        if max_ood is not None:
-            uncertain |= ood_score > max_ood
-        if reject_ood is not None:
-            uncertain &= ~(ood_score > reject_ood)
-    return uncertain
 
 
 def fit_cascade(fast: "Prediction", slow: "Prediction | dict[int, Prediction]", y: np.ndarray, *,

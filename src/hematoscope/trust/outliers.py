@@ -171,15 +171,14 @@ def screen_outliers(
     """
     import time
 
-    from hematoscope.predict.pipeline import predict_sources
-    from hematoscope.predict.sources import ImageSource
+    from hematoscope.data.sources import ImageSource
     from hematoscope.progress import track
 
     start = time.perf_counter()
     cut = cut if isinstance(cut, Cut) else parse_cut(cut)
     if bundle is None:
         from hematoscope.bundle import load_bundle
-        from hematoscope.models.default import default_bundle_path
+        from hematoscope.bundle.default import default_bundle_path
 
         bundle = load_bundle(default_bundle_path())
     if bundle.ood is None or bundle.config.ood is None:
@@ -195,13 +194,13 @@ def screen_outliers(
     items = [ImageSource(p, Path(p)) for p in paths]
     score_of: dict[str, float] = {}
     unscored = []
-    batches = predict_sources(bundle, items, batch_size=batch_size, workers=workers)
+    batches = bundle.iter_predictions(items, batch_size=batch_size, workers=workers)
     for pred in track(batches, total=-(-len(items) // batch_size), description="scoring images", enabled=progress):
         score_of.update(zip(pred.sources, pred.ood_score.tolist()))
         unscored.extend({"path": s.source, "reason": s.reason} for s in pred.skipped)
     scored = [p for p in paths if p in score_of and np.isfinite(score_of[p])]
     scores = np.array([score_of[p] for p in scored], dtype=np.float64)
-    threshold = cut.threshold(scores, bundle.config.ood.get("threshold"))
+    threshold = cut.threshold(scores, bundle.config.ood.threshold)
     order = np.argsort(-scores, kind="stable")
     ranked = [{"path": scored[i], "label": label_of[scored[i]], "score": round(float(scores[i]), 6),
                "flagged": bool(scores[i] > threshold)} for i in order]
@@ -216,7 +215,7 @@ def screen_outliers(
         "max": float(scores.max()) if len(scores) else nan,
     }
     return OutlierReport(
-        method=f"{bundle.config.ood.get('method', 'ood')} score of the bundle",
+        method=f"{bundle.config.ood.method} score of the bundle",
         model=bundle.name, views=int(bundle.config.tta), cut=cut.text, threshold=float(threshold),
         n_scored=len(scored), scores_summary={k: round(v, 6) for k, v in summary.items()}, ranked=ranked,
         unscored=unscored, seconds=round(time.perf_counter() - start, 2),

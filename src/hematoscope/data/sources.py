@@ -9,20 +9,22 @@ Files the user named explicitly are always attempted, so a named text file or a 
 reported with its reason; files met while walking a folder or matching a glob are taken only
 when they look like images or zips. Nothing is dropped silently: a folder or zip without images,
 a zip inside a zip, an unreadable zip and a hostile one (path traversal, links, bomb) each come
-back as a :class:`~hematoscope.bundle.prediction.SkippedFile` with the reason, and every other
+back as a :class:`SkippedFile` with the reason, and every other
 input is still classified.
 """
 from __future__ import annotations
 
 import glob
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from hematoscope.bundle.prediction import SkippedFile
 from hematoscope.data.archive import UnsafeArchiveError, ZipMember, open_zip, read_member, safe_members
 from hematoscope.data.images import is_image_file
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _GLOB_CHARS = frozenset("*?[")
 #: Folders written by macOS into zips: resource forks with image extensions, never images.
@@ -30,12 +32,22 @@ _ZIP_JUNK_PREFIXES = ("__MACOSX/",)
 
 
 @dataclass(frozen=True)
+class SkippedFile:
+    """An input that could not be classified, and why."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ImageSource:
-    """One image to classify: a file on disk, or a member of a zip file at ``path``."""
+    """One image to classify: a file on disk, a member of a zip file at ``path``, or an image
+    already in memory (``data``: encoded bytes, or a decoded RGB uint8 array taken as it is)."""
 
     name: str
-    path: Path
+    path: Path | None = None
     member: ZipMember | None = None
+    data: "bytes | np.ndarray | None" = field(default=None, compare=False, repr=False)
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[ImageSource | SkippedFile]:

@@ -3,7 +3,8 @@
 Each scorer is registered by name (``@register_scorer``), fitted on in-distribution training
 outputs, and persisted as plain arrays in ``ood.safetensors`` plus the JSON-able
 :meth:`OODScorer.config` that a bundle stores in ``BundleConfig.ood``. The decision threshold is
-chosen later on validation data (:func:`hematoscope.trust.fit_trust`).
+chosen later on validation data (:func:`hematoscope.trust.fit_trust`). The scorers live with the
+bundle, which loads and runs them at prediction time; :mod:`hematoscope.trust` fits them.
 
 Feature scorers (``mahalanobis``, ``knn``) use penultimate-layer features, L2-normalised first
 so that the image's overall feature magnitude does not dominate; logit scorers (``energy``,
@@ -379,9 +380,9 @@ class EnergyScorer(OODScorer):
         self.temperature = float(temperature)
 
     def score(self, *, features=None, logits):
-        z = np.asarray(logits, dtype=np.float64) / self.temperature
-        m = z.max(1)
-        return -self.temperature * (m + np.log(np.exp(z - m[:, None]).sum(1)))
+        from scipy.special import logsumexp
+
+        return -self.temperature * logsumexp(np.asarray(logits, dtype=np.float64) / self.temperature, axis=1)
 
     def params(self):
         return {"temperature": self.temperature}
@@ -400,9 +401,9 @@ class MaxSoftmaxScorer(OODScorer):
         self.temperature = float(temperature)
 
     def score(self, *, features=None, logits):
-        from hematoscope.trust.calibration import softmax
+        from scipy.special import softmax
 
-        return 1.0 - softmax(logits, self.temperature).max(1)
+        return 1.0 - softmax(np.asarray(logits, dtype=np.float64) / self.temperature, axis=1).max(1)
 
     def view_params(self, features, labels, logits, *, temperature: float = 1.0):
         return {"temperature": float(temperature)}

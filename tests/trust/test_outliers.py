@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hematoscope.cli.main import app
-from hematoscope.data.outliers import OutlierError, flagged_paths, parse_cut, robust_center_spread
+from hematoscope.trust.outliers import OutlierError, flagged_paths, parse_cut, robust_center_spread
 
 
 def test_parse_cut():
@@ -82,7 +82,7 @@ def test_data_check_flags_the_planted_images(checked):
     assert res.exit_code == 0, res.output
     data = json.loads(report.read_text())
     o = data["outliers"]
-    from hematoscope.models.default import load_default_bundle
+    from hematoscope.bundle.default import load_default_bundle
 
     assert o["cut"] == "top:20" and o["views"] == 1 and o["model"] == load_default_bundle().name
     scores = sorted((r["score"] for r in o["ranked"]), reverse=True)

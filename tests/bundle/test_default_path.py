@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hematoscope.models import default
+from hematoscope.bundle import default
 
 
 def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch):
@@ -17,7 +17,7 @@ def test_shipped_model_is_small_and_documented():
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size <= 25e6
     bundle = default.load_default_bundle()
-    assert bundle.kind == "neural" and bundle.config.model["dtype"] == "float16"
+    assert bundle.kind == "neural" and bundle.config.model.dtype == "float16"
     assert bundle.config.ood is not None and bundle.config.temperature > 0
     assert bundle.metrics["split"].startswith("test") and bundle.metrics["accuracy"] > 0.95
     card = (path / "README.md").read_text()

@@ -1,0 +1,255 @@
+"""The bundle's ``config.json`` schema: :class:`BundleConfig` and its typed sections.
+
+Every section is a pydantic model. The kind-specific ones (``model``, ``ood``, ``training``) name
+the fields this version reads and keep any others they are given (written by another version or
+kind), and write back exactly the keys they were given: an old bundle's config round-trips
+unchanged, so fingerprints of it (the server's model id, the few-shot feature cache) stay put.
+``preprocess`` is the model's own input spec, :class:`~hematoscope.models.preprocess.Preprocess`.
+The ``model`` section is chosen by ``kind`` (:data:`MODEL_SECTIONS`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Any, Union
+
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, SerializeAsAny, ValidationInfo,
+                      field_validator, model_serializer)
+
+from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
+
+FORMAT_VERSION = 1
+#: The name that stands for the package's shipped model wherever a bundle path is asked for.
+DEFAULT_NAME = "default"
+#: Older format versions this code can still read (upgraded in memory on load).
+READABLE_FORMAT_VERSIONS = (1,)
+INTENDED_USE = (
+    "Research and decision support for classifying single peripheral-blood cell crops. "
+    "Not a medical device: every result must be reviewed by a qualified person."
+)
+
+#: A number written as it was read (an int stays an int, so a re-written config hashes the same).
+Number = Union[int, float]
+
+
+def _as_preprocess(value: Any) -> Preprocess:
+    return value if isinstance(value, Preprocess) else Preprocess.from_dict(dict(value))
+
+
+PreprocessField = Annotated[Preprocess, PlainValidator(_as_preprocess), PlainSerializer(lambda p: p.to_dict())]
+
+
+class Section(BaseModel):
+    """A typed config section that keeps the keys it does not declare and writes back only the
+    keys it was given (see the module docstring)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_serializer(mode="wrap")
+    def _given_keys_only(self, handler):
+        data = handler(self)
+        given = self.model_fields_set | set(self.model_extra or {})
+        return {k: v for k, v in data.items() if k in given}
+
+    def clear(self, name: str) -> None:
+        """Forget field ``name`` (back to its default, and no longer written)."""
+        if name in type(self).model_fields:
+            setattr(self, name, type(self).model_fields[name].get_default(call_default_factory=True))
+            self.__pydantic_fields_set__.discard(name)
+        elif self.model_extra is not None:
+            self.model_extra.pop(name, None)
+
+
+class ModelSection(Section):
+    """``config.model`` of a kind that declares no fields of its own."""
+
+
+class NeuralModel(ModelSection):
+    """``config.model`` of a neural bundle."""
+
+    #: timm architecture name.
+    arch: str
+    #: Width of the pooled features the network returns.
+    num_features: int | None = None
+    #: Where the backbone's starting weights came from (None: random).
+    weights_source: str | None = None
+    #: On-disk weight dtype.
+    dtype: str = "float32"
+    #: What ``hematoscope export`` wrote and how it compared with PyTorch (None: not exported).
+    onnx: dict[str, Any] | None = None
+
+
+class FewShotModel(ModelSection):
+    """``config.model`` of a few-shot bundle."""
+
+    #: The frozen feature extractor (``type`` "timm" or "bundle" and its description).
+    backbone: dict[str, Any]
+    #: Flip/rot90 views averaged per image. Bundles written before the count was an int have
+    #: only the switch ``tta`` (True = 8 views); see :attr:`view_count`.
+    views: int | None = None
+    tta: bool | None = None
+    #: The head's recipe (name, transform, pca ...).
+    head: dict[str, Any] = Field(default_factory=dict)
+    feature_dim: int | None = None
+    extractor_identity: str | None = None
+
+    @property
+    def view_count(self) -> int:
+        return int(self.views) if self.views is not None else 8 if self.tta else 1
+
+
+class ClassicalModel(ModelSection):
+    """``config.model`` of a classical bundle."""
+
+    type: str = "xgboost"
+    #: Version of the named feature set and the feature names in column order.
+    feature_version: str | None = None
+    feature_names: list[str] = Field(default_factory=list)
+
+
+#: The ``model`` section of each built-in kind.
+MODEL_SECTIONS: dict[str, type[ModelSection]] = {"neural": NeuralModel, "fewshot": FewShotModel,
+                                                 "classical": ClassicalModel}
+
+
+class OODConfig(Section):
+    """``config.ood``: the fitted out-of-distribution scorer. Its own parameters (k, centres and
+    scales ...) are kept as further keys and handed to the scorer on load."""
+
+    #: Registered scorer name (:func:`hematoscope.bundle.ood.list_scorers`).
+    method: str
+    #: Flag an image when its score is above this (None: scores only).
+    threshold: Number | None = None
+    #: Share of in-distribution validation images the threshold accepts.
+    target_tpr: Number | None = None
+
+
+class TrainingRecord(Section):
+    """``config.training``: how the bundle was made. Learners record what they need (the
+    training run's config, split fingerprint, seeds, times ...) as further keys."""
+
+    #: Which learner and recipe made the bundle.
+    recipe: str | None = None
+
+
+class ViewTrust(BaseModel):
+    """Trust settings fitted for one number of test-time views (``BundleConfig.view_trust``).
+
+    Averaging more views changes the logits and features, so a temperature or threshold fitted
+    for 8 views is wrong for 1: each view count has its own, fitted on the same validation images.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(gt=0)
+    abstain_threshold: float = Field(ge=0, le=1)
+    #: OOD flag threshold for this many views (None: the bundle has no OOD scorer).
+    ood_threshold: float | None = None
+    #: Scorer parameters refitted for this many views (e.g. knn_energy's standardisation),
+    #: merged over ``BundleConfig.ood``; the scorer's arrays are shared by every view count.
+    ood_params: dict[str, float] = Field(default_factory=dict)
+    #: What the fit measured on validation data (n, accepted share, accuracy ...).
+    val: dict[str, Any] = Field(default_factory=dict)
+
+
+class CascadeRule(BaseModel):
+    """Adaptive views: every cell gets ``fast_views``; a cell whose fast answer is uncertain
+    (calibrated confidence below ``min_confidence`` or OOD score above ``max_ood``) is run again
+    with ``slow_views`` and answered from those. A fast OOD score above ``reject_ood`` is flagged
+    at once (no validation cell that high was accepted by the slow path). Fitted on validation
+    data by :func:`hematoscope.trust.views.fit_cascade`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fast_views: int = 1
+    slow_views: int = 8
+    #: Above 1 (e.g. 1.01): every cell takes the slow path.
+    min_confidence: float = Field(ge=0)
+    max_ood: float | None = None
+    reject_ood: float | None = None
+    #: What the fit measured on validation data (slow share, agreement with slow_views ...).
+    val: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("fast_views", "slow_views")
+    @classmethod
+    def _known_view_count(cls, value: int) -> int:
+        if value not in TTA_VIEWS:
+            raise ValueError(f"view counts must be one of {TTA_VIEWS}; got {value}")
+        return value
+
+
+class BundleConfig(BaseModel):
+    """Everything needed to rebuild a model and use it, written by the code that trained it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    format_version: int = FORMAT_VERSION
+    kind: str
+    name: str = "unnamed"
+    hematoscope_version: str = ""
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    labels: list[str] = Field(min_length=2, description="canonical class names in output index order")
+    taxonomy_version: str = ""
+    #: The model's input spec (a :class:`~hematoscope.models.preprocess.Preprocess`, validated
+    #: by it; written as its ``to_dict()``).
+    preprocess: PreprocessField
+    #: Kind-specific model description: :class:`NeuralModel`, :class:`FewShotModel`,
+    #: :class:`ClassicalModel`, or a plain :class:`ModelSection` for other kinds.
+    model: SerializeAsAny[ModelSection] = Field(default_factory=ModelSection)
+    #: Softmax temperature fitted on validation data (1.0 = uncalibrated).
+    temperature: float = Field(default=1.0, gt=0)
+    #: Abstain when the calibrated top-1 probability is below this value.
+    abstain_threshold: float = Field(default=0.0, ge=0, le=1)
+    #: Flip/rot90 views averaged per image (1, 2, 4 or 8): more views cost proportionally more
+    #: time and give fewer confident mistakes and better unknown-cell flags. Temperature, OOD
+    #: and abstain thresholds are fitted with the value set here.
+    tta: int = 1
+    #: Out-of-distribution scorer (method, threshold and the scorer's own parameters); None = not fitted.
+    ood: OODConfig | None = None
+    #: Trust fitted per view count ({"1": ViewTrust, "8": ...}, by `hematoscope trust fit`); the
+    #: top-level temperature / abstain_threshold / ood threshold equal the entry for ``tta``.
+    #: Empty (bundles fitted before per-view trust): the top-level settings serve every view count.
+    view_trust: dict[str, ViewTrust] = Field(default_factory=dict)
+    #: Fingerprint of the top-level trust settings ``view_trust`` was fitted with: when something
+    #: refits them alone (e.g. ``adapt``), the per-view entries are stale and not used.
+    view_trust_of: str | None = None
+    #: Adaptive views, the default way to predict when set (``--tta N`` forces N fixed views).
+    cascade: CascadeRule | None = None
+    #: Set by :func:`hematoscope.bundle.adapt.adapt_bundle`: the lab's images it was adapted on
+    #: (name, count, content hash) and what changed; None = as trained.
+    adaptation: dict[str, Any] | None = None
+    #: How it was trained: recipe, data sources and fingerprint, split, seed, time.
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
+    intended_use: str = INTENDED_USE
+    data_sources: list[str] = Field(default_factory=list)
+    changelog: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("tta")
+    @classmethod
+    def _known_view_count(cls, value: int) -> int:
+        if value not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {TTA_VIEWS}; got {value}")
+        return value
+
+    @field_validator("view_trust")
+    @classmethod
+    def _known_view_keys(cls, value: dict) -> dict:
+        bad = sorted(k for k in value if k not in {str(v) for v in TTA_VIEWS})
+        if bad:
+            raise ValueError(f"view_trust keys must be view counts {TTA_VIEWS}; got {bad}")
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _kind_model_section(cls, value: Any, info: ValidationInfo) -> Any:
+        """``model`` validated by the section of ``kind`` (unknown kinds keep a plain section)."""
+        if isinstance(value, dict):
+            return MODEL_SECTIONS.get(info.data.get("kind"), ModelSection).model_validate(value)
+        return value
+
+    def trust_fingerprint(self) -> str:
+        """Hash of the top-level trust settings (temperature, abstain threshold, OOD config)."""
+        ood = None if self.ood is None else self.ood.model_dump(mode="json")
+        text = json.dumps([self.temperature, self.abstain_threshold, ood], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,52 @@
+"""How a classical bundle explains an answer: the cell and nucleus outlines its features were
+measured on, drawn on the image, and the named features that pushed the trees towards the
+answer (TreeSHAP, :mod:`hematoscope.explain.shap`). Registered as the ``segmentation`` explainer
+(:meth:`hematoscope.bundle.Bundle.explainer`)."""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+
+from hematoscope.bundle.base import register_explainer
+from hematoscope.bundle.prediction import Explanation
+
+
+@register_explainer("segmentation")
+class SegmentationExplainer:
+    """Outlines plus the top SHAP feature contributions, per image."""
+
+    #: Feature rows shown per image.
+    TOP = 5
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+
+    def explain(self, images: Sequence[np.ndarray], class_indices: Sequence[int], *,
+                max_side: int | None = None) -> list[Explanation]:
+        return [self._one(im, self.bundle.labels[c], max_side) for im, c in zip(images, class_indices)]
+
+    def _one(self, image: np.ndarray, label: str, max_side: int | None) -> Explanation:
+        from PIL import Image
+        from skimage.segmentation import mark_boundaries
+
+        from hematoscope.classical.segment import segment_cell
+        from hematoscope.explain.shap import explain_features
+
+        out = Explanation("segmentation", label, "outlines: cell and nucleus as measured; features: SHAP contributions")
+        out.features = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
+                        for f in explain_features(self.bundle, image, label=label, top=self.TOP)]
+        seg = segment_cell(image)
+        if not seg.ok:
+            out.note = f"segmentation failed: {seg.reason}"
+            return out
+        regions = seg.cell.astype(np.int32) + seg.nucleus.astype(np.int32)
+        drawn = mark_boundaries(seg.image, regions, color=(1, 0.85, 0), mode="thick")
+        im = Image.fromarray((drawn * 255).round().astype(np.uint8))
+        if max_side:
+            im.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+        out.png = buf.getvalue()
+        return out

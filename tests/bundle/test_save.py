@@ -1,0 +1,63 @@
+"""Bundle.save, the one way a bundle reaches disk: only changed files are rewritten, files of the
+format the bundle no longer has are removed, and the bundle object is left as it was."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+
+from hematoscope import load_bundle
+from hematoscope.trust import fit_trust
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _stat(path):
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, path.read_bytes()
+
+
+def test_trust_refit_rewrites_config_not_weights(tiny_neural_bundle, tmp_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_neural_bundle, path)
+    (path / "notes.txt").write_text("kept")
+    weights, config = _stat(path / "model.safetensors"), (path / "config.json").read_bytes()
+    bundle = load_bundle(path)
+    y = np.arange(24) % len(bundle.labels)
+    fit_trust(bundle, train=(bundle.forward(_images(24, 0)), y), val=(bundle.forward(_images(24, 1)), y),
+              method="energy")
+    assert bundle.save(path) == path
+    assert _stat(path / "model.safetensors") == weights  # same bytes, same file: not rewritten
+    assert (path / "config.json").read_bytes() != config
+    assert load_bundle(path).config.ood.method == "energy"
+    assert (path / "notes.txt").read_text() == "kept"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
+
+
+def test_save_elsewhere_does_not_rebind_and_drops_stale_format_files(tiny_neural_bundle, tmp_path):
+    bundle = load_bundle(tiny_neural_bundle)
+    target = tmp_path / "copy"
+    target.mkdir()
+    (target / "ood.safetensors").write_bytes(b"stale scorer")  # the bundle has no scorer
+    (target / "model.onnx").write_bytes(b"stale export")  # exported from other weights
+    bundle.save(target)
+    assert bundle.path == tiny_neural_bundle
+    assert not (target / "ood.safetensors").exists() and not (target / "model.onnx").exists()
+    assert (target / "model.safetensors").read_bytes() == (tiny_neural_bundle / "model.safetensors").read_bytes()
+
+
+def test_onnx_export_in_place_adds_the_graph_and_keeps_the_weights_file(tiny_neural_bundle, tmp_path):
+    from hematoscope.export.onnx import export_onnx
+
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_neural_bundle, path)
+    weights = _stat(path / "model.safetensors")
+    export_onnx(load_bundle(path))
+    assert _stat(path / "model.safetensors") == weights
+    again = load_bundle(path)
+    assert again.config.model.onnx["file"] == "model.onnx" and (path / "model.onnx").is_file()
+    again.save(path)  # saving back home keeps the export
+    assert (path / "model.onnx").is_file()
