@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-from hematoscope.data.samples import DatasetError, as_table, class_column, class_names, group_keys, make_table, \
-    resolve_group_by
+from hematoscope.data.readers import as_table
+from hematoscope.data.samples import DatasetError, class_column, class_names, group_keys, make_table, resolve_group_by
 
 
 def _table():

@@ -95,7 +95,7 @@ def check_dataset(
     Raises:
         DatasetError: the path cannot be read as a dataset.
     """
-    from hematoscope.data.samples import as_table
+    from hematoscope.data.readers import as_table
     from hematoscope.progress import track
     from hematoscope.taxonomy import unmapped_labels
 

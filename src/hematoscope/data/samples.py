@@ -8,13 +8,12 @@
 Split files add ``split`` (train / val / test or fold_k) and ``sha256``.
 
 This module owns the table: how it is built (:func:`make_table`), read from whatever a caller
-was given (:func:`as_table`), which class each row belongs to (:func:`class_column`,
+was given (:func:`hematoscope.data.readers.as_table`), which class each row belongs to (:func:`class_column`,
 :func:`class_names`) and which rows belong together (:func:`resolve_group_by`,
 :func:`group_keys`).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 if TYPE_CHECKING:
@@ -49,20 +48,6 @@ def make_table(rows: Iterable[Mapping], dataset: str):
     df = df.astype({"canonical": object, "patient": object})
     df = df.where(df.notna(), None)
     return df.sort_values("path", kind="stable").reset_index(drop=True)
-
-
-def as_table(source: "pd.DataFrame | Path | str", reader: str | None = None) -> "pd.DataFrame":
-    """``source`` itself when it is already a samples table, else the dataset or split file at
-    that path, read by :func:`hematoscope.data.readers.read_dataset` (with ``reader``).
-
-    Raises:
-        DatasetError: the path cannot be read as a dataset.
-    """
-    if hasattr(source, "columns"):
-        return source
-    from hematoscope.data.readers import read_dataset
-
-    return read_dataset(source, reader=reader)
 
 
 def class_column(table: "pd.DataFrame") -> "np.ndarray":

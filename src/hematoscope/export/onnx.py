@@ -283,7 +283,7 @@ def _check_int8(bundle: "Bundle", fp32_path: Path, int8_path: Path, validation, 
 
 
 def _validation_table(validation) -> "pd.DataFrame":
-    from hematoscope.data.samples import as_table
+    from hematoscope.data.readers import as_table
 
     table = as_table(validation)
     if "split" in table.columns and (table["split"] == "val").any():

@@ -182,7 +182,7 @@ def _image_paths(source) -> list[str]:
 
 def _in_distribution_table(data) -> "pd.DataFrame":
     """A samples table; for a split file only its ``test`` rows (held out from training)."""
-    from hematoscope.data.samples import as_table
+    from hematoscope.data.readers import as_table
 
     table = as_table(data)
     if "split" in table.columns and (table["split"] == "test").any():

@@ -9,10 +9,13 @@ A reader turns a dataset in its published layout into a samples table
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from hematoscope._registry import Registry
 from hematoscope.data.samples import DatasetError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Modules holding the built-in readers (each registers the reader of its own name), imported
 #: when first needed, in this order for auto-detection.
@@ -77,3 +80,16 @@ def read_dataset(source: Path | str, reader: str | None = None):
         reader = "csv"
     name = reader or detect_reader(source)
     return get_reader(name)(source)
+
+
+def as_table(source: "pd.DataFrame | Path | str", reader: str | None = None) -> "pd.DataFrame":
+    """``source`` itself when it is already a samples table, else the dataset or split file at
+    that path, read by :func:`read_dataset` (with ``reader``). It lives with the readers so
+    that the samples module, which the readers build on, does not import them back.
+
+    Raises:
+        DatasetError: the path cannot be read as a dataset.
+    """
+    if hasattr(source, "columns"):
+        return source
+    return read_dataset(source, reader=reader)
