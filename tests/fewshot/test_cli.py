@@ -78,8 +78,9 @@ def test_fewshot_fit_on_the_default_model(small_synthetic, tmp_path):
                 "--out", tmp_path / "b"])
     shipped = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert cfg["model"]["backbone"]["type"] == "bundle" and cfg["model"]["views"] == shipped["tta"]
-    assert cfg["preprocess"] == shipped["preprocess"] and f"{shipped['tta']} view" in out
+    # the recipe's 8 views, not the shipped model's own 1 (with its cascade)
+    assert cfg["model"]["backbone"]["type"] == "bundle" and cfg["model"]["views"] == 8 != shipped["tta"]
+    assert cfg["preprocess"] == shipped["preprocess"] and "8 views" in out
     assert (tmp_path / "b" / "backbone" / "model.onnx").is_file()
 
 
