@@ -75,3 +75,4 @@ def test_ray_actors_load_the_same_restriction():
     b = load_for_inference(None, tta=1, classes=WHITE)
     assert b.answerable_classes == [c for c in b.labels if c in WHITE]
     assert b.describe()["answerable_classes"] == b.answerable_classes
+

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
             site is refused with 403 (cross-site request forgery guard).
         retention_days: analyses older than this are deleted (at start-up and after each new
             analysis); None keeps them until deleted.
+        classes: answer only among these classes with every served model (e.g. the five white
+            cells of a 5-part differential); empty = all of each model's classes.
     """
 
     model_config = SettingsConfigDict(env_prefix="HEMATOSCOPE_", extra="ignore")
@@ -91,8 +93,9 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     retention_days: float | None = Field(default=None, gt=0)
+    classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "classes", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         """``HEMATOSCOPE_ALLOWED_HOSTS=a.example,b.example`` as well as a list."""

@@ -57,11 +57,13 @@ def model_fingerprint(bundle) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_models(paths: list[Path]) -> dict[str, ServedModel]:
+def load_models(paths: list[Path], *, classes: list[str] | None = None) -> dict[str, ServedModel]:
     """Load every bundle once; the first is the default. With no paths, the shipped model.
+    With ``classes``, every model answers only among them (:meth:`Bundle.restrict_classes`).
 
     Raises:
-        ServeError: nothing to serve, or a bundle that cannot be loaded (the message says which).
+        ServeError: nothing to serve, a bundle that cannot be loaded, or one without all of
+            ``classes`` (the message says which).
     """
     from hematoscope.bundle import load_bundle
 
@@ -78,6 +80,11 @@ def load_models(paths: list[Path]) -> dict[str, ServedModel]:
             bundle = load_bundle(path)
         except (ValueError, FileNotFoundError) as exc:
             raise ServeError(f"cannot serve {path}: {exc}") from None
+        if classes:
+            try:
+                bundle.restrict_classes(classes)
+            except ValueError as exc:
+                raise ServeError(f"cannot serve {path} with --classes: {exc}") from None
         name, n = bundle.name, 2
         while name in models:  # two bundles with one name stay addressable
             name, n = f"{bundle.name}-{n}", n + 1

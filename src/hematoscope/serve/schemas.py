@@ -26,6 +26,8 @@ class ModelInfo(ModelRef):
     explanation: str = Field(description='"grad-cam", "segmentation" or "none"')
     adapted_to: str | None = Field(None, description="the lab images this model was adapted to (hematoscope "
                                    "adapt): source name and image count; null = as trained")
+    answerable_classes: list[str] | None = Field(None, description="the classes answers may name (hematoscope "
+                                                 "serve --classes); null = all of labels")
 
 
 class ModelList(BaseModel):
