@@ -276,7 +276,9 @@ class NeuralBundle(Bundle):
         trained, 0.59 with mix 1, 0.65 with mix 0.25, the lowest-entropy choice), a model trained
         without it gains (0.34 → 0.53 with mix 1): the entropy tells the two apart. An exported
         ``model.onnx`` no longer matches, so inference falls back to torch until exported again."""
-        import torch
+        from hematoscope._extras import require
+
+        torch = require("torch", "timm", extra="train", purpose="adapting a neural bundle (BatchNorm statistics)")
 
         from hematoscope.bundle.neural_torch import TorchRunner, adapt_batchnorm, batchnorm_statistics
 

@@ -3,8 +3,14 @@ imports torch (it costs seconds of start-up). Re-exported by :mod:`hematoscope.b
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import nn
+
+from hematoscope._extras import require
+
+require("torch", extra="train", purpose="a neural bundle's PyTorch network (used when the bundle has no model.onnx, "
+        "with backend 'torch', and by adapt, export and Grad-CAM)")
+
+import torch  # noqa: E402 - needs the extra checked above
+from torch import nn  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 

@@ -95,8 +95,9 @@ class ClassicalBundle(Bundle):
 
     @classmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "ClassicalBundle":
-        import xgboost as xgb
+        from hematoscope._extras import require
 
+        xgb = require("xgboost", "skimage", extra="classical", purpose="a classical bundle")
         path = Path(directory) / MODEL_FILE
         if not path.exists():
             raise BundleError(f"{directory} has no {MODEL_FILE}: the classical bundle is incomplete")

@@ -31,12 +31,15 @@ class SegmentationExplainer:
         from PIL import Image
         from skimage.segmentation import mark_boundaries
 
+        from hematoscope._extras import available
         from hematoscope.classical.segment import segment_cell
-        from hematoscope.explain.shap import explain_features
 
         out = Explanation("segmentation", label, "outlines: cell and nucleus as measured; features: SHAP contributions")
-        out.features = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
-                        for f in explain_features(self.bundle, image, label=label, top=self.TOP)]
+        if available("shap"):  # the contributions need the explain extra; the outlines only the classical one
+            from hematoscope.explain.shap import explain_features
+
+            out.features = [{"name": f.name, "value": f.value, "unit": f.unit, "contribution": f.contribution}
+                            for f in explain_features(self.bundle, image, label=label, top=self.TOP)]
         seg = segment_cell(image)
         if not seg.ok:
             out.note = f"segmentation failed: {seg.reason}"

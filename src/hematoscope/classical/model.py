@@ -76,7 +76,11 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
 
     Raises:
         ValueError: fewer than 2 classes, or a class with no training/validation image.
+        MissingExtraError: scikit-image or XGBoost is not installed.
     """
+    from hematoscope._extras import require
+
+    require("xgboost", "skimage", extra="classical", purpose="classical training")  # before hours of features
     from hematoscope.bundle.base import BundleConfig, ModelOutput
     from hematoscope.classical.bundle import ClassicalBundle, classical_preprocess
     from hematoscope.classical.features import FEATURE_NAMES, FEATURE_VERSION, ClassicalFeatures

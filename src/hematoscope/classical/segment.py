@@ -98,8 +98,13 @@ def segment_cell(image: np.ndarray) -> Segmentation:
 
     Raises:
         ValueError: ``image`` is not an RGB uint8 array.
+        MissingExtraError: scikit-image is not installed.
     """
     from scipy import ndimage as ndi
+
+    from hematoscope._extras import require
+
+    require("skimage", extra="classical", purpose="cell segmentation")
     from skimage import filters, measure, morphology, segmentation
 
     work, scale = to_work_scale(image)

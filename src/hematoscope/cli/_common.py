@@ -27,12 +27,18 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's typed errors (ValueError family, FileNotFoundError) into a clean
-    one-line message and exit code 2 instead of a traceback."""
+    """Turn the library's typed errors (ValueError family, FileNotFoundError, a missing optional
+    extra) into a clean one-line message and exit code 2 instead of a traceback."""
+    from hematoscope._extras import MissingExtraError
+
     try:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         raise fail(str(exc)) from None
+    except MissingExtraError as exc:  # "pip install 'hematoscope[train]'": brackets are not markup here
+        from rich.markup import escape
+
+        raise fail(escape(str(exc))) from None
 
 
 #: ``--tta`` for commands that run a bundle on images.

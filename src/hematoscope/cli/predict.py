@@ -148,14 +148,9 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
             raise fail("--engine ray writes Parquet shards: give --out FILE (shards next to it) or --shard-dir DIR")
         shard_dir = out.with_name(out.stem + ".shards")
     with user_errors():
-        from hematoscope.predict.distributed import MissingExtraError, require_distributed
+        from hematoscope.predict.distributed import require_distributed
 
-        try:
-            require_distributed()
-        except MissingExtraError as exc:
-            from rich.markup import escape
-
-            raise fail(escape(str(exc))) from None
+        require_distributed()
         from hematoscope.predict.distributed import run_job
         from hematoscope.predict.report import differential_table, skipped_table
 

@@ -15,12 +15,17 @@ import threading
 from typing import Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from hematoscope.bundle.base import BundleError, register_explainer
-from hematoscope.bundle.prediction import Explanation
-from hematoscope.models.preprocess import Preprocess
+from hematoscope._extras import require
+
+require("torch", "pytorch_grad_cam", "timm", extra="explain", purpose="Grad-CAM")
+
+import torch  # noqa: E402 - the imports below need the extra checked above
+from torch import nn  # noqa: E402
+
+from hematoscope.bundle.base import BundleError, register_explainer  # noqa: E402
+from hematoscope.bundle.prediction import Explanation  # noqa: E402
+from hematoscope.models.preprocess import Preprocess  # noqa: E402
 
 
 class ExplainNotAvailable(ValueError):

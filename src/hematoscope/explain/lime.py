@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from hematoscope._extras import require
+
 PredictFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
@@ -49,6 +51,7 @@ def explain_image(predict_fn: PredictFn, image: np.ndarray, label: int | None = 
     Raises:
         ValueError: ``image`` is not RGB uint8, or ``label`` is out of range.
     """
+    require("lime", "skimage", extra="explain", purpose="LIME")
     from lime import lime_image
     from lime.wrappers.scikit_image import SegmentationAlgorithm
 

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from hematoscope._extras import require
+
 
 class FeatureContribution(NamedTuple):
     """One row of an explanation: feature ``name``, its ``value`` for the image (None when missing,
@@ -51,7 +53,7 @@ def feature_contributions(bundle, features: np.ndarray) -> Contributions:
     Raises:
         ValueError: not a classical bundle.
     """
-    import shap
+    shap = require("shap", extra="explain", purpose="SHAP explanations")
 
     _check_classical(bundle)
     explainer = shap.TreeExplainer(bundle.booster)

@@ -96,7 +96,11 @@ def export_onnx(
     Raises:
         ExportError: not a neural bundle, no place to write, bad arguments, or the exported
             model failed its parity check (nothing is written then).
+        MissingExtraError: torch or onnx is not installed (the ``train`` extra).
     """
+    from hematoscope._extras import require
+
+    require("torch", "onnx", extra="train", purpose="ONNX export")
     start = time.perf_counter()
     from hematoscope.bundle.base import BundleError
 

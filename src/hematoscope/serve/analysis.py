@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from hematoscope._extras import MissingExtraError, install_hint
 from hematoscope.serve.deps import ServedModel
 from hematoscope.serve.storage import StoredItem
 
@@ -103,10 +104,14 @@ def explanation_method(model: ServedModel) -> str:
 def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
              ) -> list[tuple[bytes | None, dict[str, Any]]]:
     """(overlay PNG or None, explanation dict) per image."""
-    explainer = model.explainer()
+    note = f"explanations are not available for {model.bundle.kind!r} models"
+    try:
+        explainer = model.explainer()
+    except MissingExtraError as exc:  # e.g. Grad-CAM without the explain extra: answers as usual, no heatmap
+        explainer = None
+        note = f"explanations need the optional '{exc.extra}' extra on the server: {install_hint(exc.extra)}"
     if explainer is None:
-        return [(None, {"method": "none", "note": f"explanations are not available for {model.bundle.kind!r} models"})
-                for _ in images]
+        return [(None, {"method": "none", "note": note}) for _ in images]
     out = []
     for i in range(0, len(images), EXPLAIN_BATCH):
         for e in explainer.explain(images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH], max_side=HEATMAP_SIDE):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 def train(config: TrainConfig, **kwargs) -> "RunResult":
     """Run training; see :func:`hematoscope.train.run.train`."""
+    _require_train()
     from hematoscope.train.run import train as _train
 
     return _train(config, **kwargs)
@@ -25,9 +26,16 @@ def train(config: TrainConfig, **kwargs) -> "RunResult":
 
 def resume(run_dir, **kwargs) -> "RunResult":
     """Continue a killed or stopped run; see :func:`hematoscope.train.run.resume`."""
+    _require_train()
     from hematoscope.train.run import resume as _resume
 
     return _resume(run_dir, **kwargs)
+
+
+def _require_train() -> None:
+    from hematoscope._extras import require
+
+    require("torch", "torchvision", "lightning", "timm", "skimage", extra="train", purpose="training")
 
 
 __all__ = ["TrainConfig", "train", "resume"]
