@@ -17,7 +17,7 @@ def umap_coordinates(features: np.ndarray, *, n_neighbors: int = 15, min_dist: f
     """
     from hematoscope._extras import require
 
-    umap = require("umap", extra="research", purpose="UMAP embeddings")
+    umap = require("umap", extra="research", purpose="a UMAP embedding")
     if len(features) < 4:
         raise ValueError(f"UMAP needs at least 4 images; got {len(features)}")
     reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(features) - 1), min_dist=min_dist, metric="cosine",
