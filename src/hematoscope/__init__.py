@@ -1,7 +1,10 @@
 """hematoscope: classify microscope images of single blood cells.
 
 The top-level package stays light: heavy libraries (torch, sklearn, xgboost, fastapi) are
-imported only inside the modules that use them, so ``hematoscope --help`` is fast.
+imported only inside the modules that use them, so ``hematoscope --help`` is fast. The base
+install predicts, evaluates and serves on ONNX Runtime; torch and the training, classical,
+explanation, research and Ray libraries are optional extras, and code that needs one calls
+:func:`hematoscope._extras.require`, which names the extra to install when it is missing.
 """
 from __future__ import annotations
 

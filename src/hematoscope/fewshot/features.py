@@ -457,8 +457,11 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         ident = _bundle_identity(bundle)
         return BundleFeatureExtractor(bundle, ident, views=views, batch_size=batch_size, backend=backend)
 
+    from hematoscope._extras import require
     from hematoscope.models.backbones import PACKAGED_WEIGHTS, create_backbone, packaged_weights_file
 
+    require("torch", "timm", extra="train", purpose=f"the PyTorch backbone {backbone!r} (a bundle backbone such as "
+            "'default' runs on ONNX Runtime without it)")
     backbone = str(backbone)
     if backbone.startswith("hf-hub:"):
         arch, weights = backbone, backbone
