@@ -154,3 +154,15 @@ def test_pyproject_extras_match_the_code_and_keep_the_base_small():
         everything |= names(reqs)
     assert set(EXTRA_DISTRIBUTIONS) <= everything
     assert "hematoscope[all]" in extras["dev"]  # setup.sh --dev: the tests need every extra
+
+
+def test_the_torch_backend_with_threads_names_the_extra(monkeypatch):
+    """A Ray actor sizes its torch backend with use_backend(threads=): without torch it names the extra."""
+    from hematoscope._extras import MissingExtraError
+    from hematoscope.bundle import load_bundle
+    from hematoscope.bundle.default import default_bundle_path
+
+    bundle = load_bundle(default_bundle_path())
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingExtraError, match=r"hematoscope\[train\]"):
+        bundle.use_backend("torch", threads=1)

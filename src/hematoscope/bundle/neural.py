@@ -172,9 +172,9 @@ class NeuralBundle(Bundle):
 
             self._runner = OnnxRunner(self.directory / ONNX_FILE, threads=threads)
         elif threads:
-            import torch
+            from hematoscope._extras import require
 
-            torch.set_num_threads(threads)
+            require("torch", extra="train", purpose="running a bundle with PyTorch").set_num_threads(threads)
         self.runner  # noqa: B018 (built now: fail early)
 
     @property
