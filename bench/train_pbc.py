@@ -77,7 +77,11 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
+    ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (train "
+                    "--frozen-bn); a pilot raised LISC macro-F1 0.42 -> 0.47 and PBC val 0.73 -> 0.82")
+    ap.add_argument("--name", default="hematoscope-pbc-lite0-crosslab", help="bundle name")
     args = ap.parse_args()
+    recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     import torch
@@ -97,8 +101,8 @@ def main() -> None:
     timing = {}
     if not bundle_dir.exists():
         start = time.monotonic()
-        config = TrainConfig(data=str(split_file), out=str(args.run_dir), name="hematoscope-pbc-lite0-crosslab",
-                             epochs=args.epochs, **RECIPE)
+        config = TrainConfig(data=str(split_file), out=str(args.run_dir), name=args.name,
+                             epochs=args.epochs, **recipe)
         done_before = (args.run_dir / "checkpoints" / "last.ckpt").exists()
         result = resume(args.run_dir) if done_before else train(config)
         timing = {"wall_minutes": round((time.monotonic() - start) / 60, 1),
@@ -125,7 +129,7 @@ def main() -> None:
         "data": "PBC (Acevedo 2020), shared copy; split seed 0, 80/10/10, duplicates grouped",
         "split_file_sha256": file_sha256(split_file),
         "split_sizes": {k: int(v) for k, v in table.groupby("split").size().items()},
-        "recipe": {**RECIPE, "epochs": timing.get("epochs", args.epochs)},
+        "recipe": {**recipe, "epochs": timing.get("epochs", args.epochs)},
         "val": headline(val_metrics),
         "val_calibrated_ece": val_metrics.get("ece_after"),
         "temperature": val_metrics.get("temperature"),
@@ -148,7 +152,8 @@ def main() -> None:
                           "val": headline(val_metrics), "calibration": val_metrics.get("calibration"),
                           "trust": val_metrics.get("trust")}
         bundle.config.training.split_file_sha256_full = results["split_file_sha256"]
-        bundle.config.training.reproduce = "python bench/train_pbc.py --ship"
+        bundle.config.training.reproduce = "python bench/train_pbc.py --ship" + (
+            f" --frozen-bn --name {args.name} --epochs {timing.get('epochs', args.epochs)}" if args.frozen_bn else "")
         bundle.config.model.dtype = "float16"
         bundle.save(DEFAULT_MODEL)
         size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
