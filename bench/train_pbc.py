@@ -77,8 +77,8 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
-    ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (train "
-                    "--frozen-bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
+    ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (TrainConfig "
+                    "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
     ap.add_argument("--name", default="hematoscope-pbc-lite0-crosslab", help="bundle name")
     args = ap.parse_args()
     recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
