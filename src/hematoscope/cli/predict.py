@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, fail, user_errors
+from hematoscope.cli._common import TtaOption, console, err_console, fail, user_errors
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Per-image rows printed when no --out file is given.
@@ -63,24 +63,16 @@ def predict(
     with user_errors():
         import numpy as np
 
-        from hematoscope.bundle import load_bundle
-        from hematoscope.bundle.default import default_bundle_path
-        from hematoscope.predict.pipeline import predict_sources
+        from hematoscope.predict.pipeline import load_for_inference, predict_sources
         from hematoscope.predict.report import (ReportWriter, differential_table, empty_differential,
                                                 merge_differentials, predictions_table, skipped_table)
         from hematoscope.data.sources import ImageSource, expand_paths
         from hematoscope.progress import track
 
-        bundle = load_bundle(model if model is not None else default_bundle_path())
-        if backend in (None, "auto") or backend in bundle.backends:
-            bundle.use_backend(backend)  # fails now, not after the first batch, when the backend is unusable
-        elif backend == "onnx":
+        bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
+                                    classes=classes.split(",") if classes else None)
+        if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
-        if abstain_below is not None:
-            bundle.config.abstain_threshold = abstain_below
-        apply_tta(bundle, tta)
-        if classes:
-            bundle.restrict_classes(classes.split(","))
         items = expand_paths(paths)
         n_images = sum(isinstance(i, ImageSource) for i in items)
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None

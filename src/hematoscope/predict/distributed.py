@@ -37,6 +37,7 @@ import numpy as np
 from hematoscope import _io
 from hematoscope._extras import MissingExtraError, require  # noqa: F401 - MissingExtraError: public here too
 from hematoscope.bundle.prediction import DifferentialCount, Prediction, SkippedFile
+from hematoscope.predict.pipeline import load_for_inference  # noqa: F401 - the actors' loader, public here too
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -228,27 +229,6 @@ def _assigned_cpus() -> int:
     except Exception:  # not inside a Ray worker
         cpus = 1
     return max(1, int(round(cpus)))
-
-
-def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
-                       backend: str = "auto", threads: int | None = None,
-                       classes: Sequence[str] | None = None) -> "Bundle":
-    """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
-    is None, the backend, test-time views, abstain threshold and answerable classes applied; an
-    ONNX session (or torch) limited to ``threads`` intra-op threads."""
-    from hematoscope.bundle import load_bundle
-    from hematoscope.bundle.default import default_bundle_path
-
-    bundle = load_bundle(model if model is not None else default_bundle_path())
-    if backend in (None, "auto") or backend in bundle.backends:
-        bundle.use_backend(backend, threads=threads)  # sized to this actor's CPUs, not the machine's cores
-    if abstain_below is not None:
-        bundle.config.abstain_threshold = abstain_below
-    if tta is not None:
-        bundle.set_tta(tta)
-    if classes:
-        bundle.restrict_classes(classes)
-    return bundle
 
 
 class BundlePredictor:

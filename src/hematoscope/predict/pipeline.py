@@ -9,7 +9,7 @@ the run goes on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from hematoscope.bundle.prediction import Prediction
 from hematoscope.data.decode import DecodedBatch, decode_batches
@@ -18,7 +18,8 @@ from hematoscope.data.sources import ImageSource, SkippedFile, expand_paths
 if TYPE_CHECKING:
     from hematoscope.bundle.base import Bundle
 
-__all__ = ["DecodedBatch", "decode_batches", "iter_predictions", "predict_paths", "predict_sources"]
+__all__ = ["DecodedBatch", "decode_batches", "iter_predictions", "load_for_inference", "predict_paths",
+           "predict_sources"]
 
 
 def predict_sources(
@@ -69,3 +70,25 @@ def predict_paths(
     order; unreadable files in ``Prediction.skipped``). Arguments as :func:`iter_predictions`."""
     parts = list(iter_predictions(bundle, paths, batch_size=batch_size, workers=workers))
     return Prediction.concat(parts, bundle.labels)
+
+
+def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
+                       backend: str = "auto", threads: int | None = None,
+                       classes: Sequence[str] | None = None) -> "Bundle":
+    """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
+    is None, the backend, test-time views, abstain threshold and answerable classes applied; an
+    ONNX session (or torch) limited to ``threads`` intra-op threads."""
+    from hematoscope.bundle import load_bundle
+    from hematoscope.bundle.default import default_bundle_path
+
+    bundle = load_bundle(model if model is not None else default_bundle_path())
+    if backend in (None, "auto") or backend in bundle.backends:
+        # ready now (an unusable backend fails here, not at the first batch); threads: e.g. a Ray actor's CPUs
+        bundle.use_backend(backend, threads=threads)
+    if abstain_below is not None:
+        bundle.config.abstain_threshold = abstain_below
+    if tta is not None:
+        bundle.set_tta(tta)
+    if classes:
+        bundle.restrict_classes(classes)
+    return bundle
