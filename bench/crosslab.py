@@ -27,7 +27,6 @@ the abstain rate is reported beside. Results merge into bench/results/crosslab.j
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -47,13 +46,6 @@ def read_lisc(root: Path):
     from hematoscope.data.readers import read_dataset
 
     return read_dataset(root, reader="lisc")
-
-
-def content_hash(paths) -> str:
-    h = hashlib.sha256()
-    for d in sorted(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths):
-        h.update(d.encode())
-    return h.hexdigest()
 
 
 def score(y_true: list[str], pred, *, n: int | None = None) -> dict:
@@ -148,7 +140,8 @@ def main() -> None:
     import torch
 
     from hematoscope import load_bundle
-    from hematoscope.bundle.adapt import adapt_bundle
+    from hematoscope._io import file_sha256
+    from hematoscope.bundle.adapt import adapt_bundle, content_hash
     from hematoscope.data.splits import make_split
     from hematoscope.bundle.default import default_bundle_path
 
@@ -165,7 +158,7 @@ def main() -> None:
                  own.sum(), test.sum())
     result = {"bundle": bundle.name, "tta": bundle.config.tta,
               "lisc": {"name": "LISC (Rezatofighi 2011) white-cell crops", "images": len(table),
-                       "groups": int(table["patient"].nunique()), "sha256": content_hash(paths),
+                       "groups": int(table["patient"].nunique()), "sha256": content_hash(file_sha256(p) for p in paths),
                        "split": f"make_split(test=0.5, group_by=patient, seed={args.seed})",
                        "own_lab_half": int(own.sum()), "test_half": int(test.sum())}}
 

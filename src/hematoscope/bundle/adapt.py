@@ -51,7 +51,7 @@ class AdaptReport:
     seconds: float = 0.0
 
 
-def _content_hash(digests: Iterable[str]) -> str:
+def content_hash(digests: Iterable[str]) -> str:
     """One sha256 over the sorted per-image digests: the same set of images gives the same hash
     whatever their order or file names."""
     h = hashlib.sha256()
@@ -158,7 +158,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     if len(arrays) < MIN_IMAGES:
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
                           f"{len(arrays)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
-    report = AdaptReport(images=len(arrays), sha256=_content_hash(digests), skipped=skipped)
+    report = AdaptReport(images=len(arrays), sha256=content_hash(digests), skipped=skipped)
 
     adapted = _copy(bundle)
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
