@@ -37,11 +37,7 @@ def evaluate_cmd(
         from hematoscope.data.readers import read_dataset
         from hematoscope.evaluate import evaluate_bundle
 
-        if bundle_path == "default":
-            from hematoscope.bundle.default import default_bundle_path
-
-            bundle_path = str(default_bundle_path())
-        bundle = load_bundle(bundle_path)
+        bundle = load_bundle(bundle_path)  # "default": the shipped model
         apply_tta(bundle, tta)
         table = read_dataset(data, reader=reader)
         if "split" in table:
