@@ -9,6 +9,8 @@ import pytest
 
 #: The real PBC images (read-only); tests that need them skip when this folder is absent.
 PBC_ROOT = Path(os.environ.get("HEMATOSCOPE_PBC", Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc"))
+#: LISC, the other lab's white-cell crops (read-only; a validation set, never trained on).
+LISC_ROOT = Path(os.environ.get("HEMATOSCOPE_LISC", Path(__file__).resolve().parents[2] / "shared" / "data" / "lisc"))
 
 
 def pytest_configure(config):
@@ -26,6 +28,13 @@ def pbc_root() -> Path:
     if not (PBC_ROOT / "basophil").is_dir():
         pytest.skip(f"real PBC images not found at {PBC_ROOT} (set HEMATOSCOPE_PBC to their folder)")
     return PBC_ROOT
+
+
+@pytest.fixture(scope="session")
+def lisc_root() -> Path:
+    if not (LISC_ROOT / "groups.csv").is_file():
+        pytest.skip(f"LISC crops not found at {LISC_ROOT} (set HEMATOSCOPE_LISC to their folder)")
+    return LISC_ROOT
 
 
 @pytest.fixture(scope="session")

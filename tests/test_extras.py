@@ -97,7 +97,7 @@ def test_the_server_answers_without_any_extra_and_names_the_explain_extra(tmp_pa
     """
     res = _run_without_extras(code, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (f"EXPLANATION grad-cam explanations need the optional 'explain' extra on the server: "
+    assert (f"EXPLANATION none explanations need the optional 'explain' extra on the server: "
             f"{install_hint('explain')} None") in res.stdout
     assert "IMPORTED []" in res.stdout
 

@@ -144,3 +144,88 @@ def test_default_names_the_shipped_model():
     from hematoscope.bundle.default import load_default_bundle
 
     assert load_bundle("default").config == load_default_bundle().config
+
+
+WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+def test_tuning_changes_the_backbone_only_and_is_recorded_and_seeded(trusted_bundle, lab_images, tmp_path):
+    from hematoscope.bundle.neural_torch import batchnorm_statistics
+
+    plain, _ = adapt_bundle(trusted_bundle, lab_images, mix=1.0)
+    tuned, report = adapt_bundle(trusted_bundle, lab_images, mix=1.0, classes=WHITE, tune_epochs=3)
+    again, _ = adapt_bundle(trusted_bundle, lab_images, mix=1.0, classes=WHITE, tune_epochs=3)
+    before, after = plain.net.model.state_dict(), tuned.net.model.state_dict()
+    head = {k for k in before if k.startswith("classifier.")}
+    assert head and all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in head)
+    for k, v in batchnorm_statistics(tuned.net).items():  # statistics as adapted, not re-learnt
+        np.testing.assert_array_equal(v.numpy(), batchnorm_statistics(plain.net)[k].numpy())
+    moved = [k for k in set(before) - head - _bn_keys(before) if not np.array_equal(before[k].numpy(), after[k].numpy())]
+    assert len(moved) > 10
+    for k, v in again.net.model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), after[k].numpy())  # seeded
+    losses = report.tuning["loss_by_epoch"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    a = tuned.config.adaptation
+    assert a["classes"] == WHITE and a["tuning"]["epochs"] == 3 and plain.config.adaptation["tuning"] is None
+    card = (tuned.save(tmp_path / "tuned") / "README.md").read_text()
+    assert "tuned on these images without labels" in card and "neutrophil" in card
+
+
+@pytest.mark.slow
+def test_tuning_on_another_labs_unlabelled_cells_raises_macro_f1_on_held_out_cells(lisc_root):
+    """The shipped model, adapted to 100 unlabelled LISC crops with and without tuning, scored on
+    200 crops of other LISC cells (split by cell)."""
+    from sklearn.metrics import f1_score
+
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split
+
+    table = make_split(read_dataset(lisc_root, reader="lisc"), val=0.0, test=0.5, seed=0, group_by="patient")
+    own = table[table["split"] == "train"].sample(100, random_state=0)
+    test = table[table["split"] == "test"].sample(200, random_state=0)
+    assert not set(own["patient"]) & set(test["patient"])
+    default = load_bundle("default")
+    scores = {}
+    for epochs in (0, 4):
+        adapted, _ = adapt_bundle(default, list(own["path"]), classes=WHITE, tune_epochs=epochs)
+        adapted.set_tta(1)
+        pred = adapted.predict(list(test["path"]))
+        scores[epochs] = f1_score(list(test["canonical"]), [adapted.labels[i] for i in pred.probs.argmax(1)],
+                                  labels=WHITE, average="macro")
+    assert scores[4] >= scores[0] + 0.05, scores  # measured: 0.737 -> 0.816
+
+
+@pytest.mark.parametrize("classes", [["neutrophil"], ["neutrophil", "megakaryocyte"]])
+def test_bad_lab_classes_are_refused(trusted_bundle, lab_images, classes):
+    with pytest.raises(BundleError, match="classes must be at least 2 of"):
+        adapt_bundle(trusted_bundle, lab_images, classes=classes, tune_epochs=1)
+
+
+def test_cli_adapt_tune_with_classes(trusted_bundle, synthetic_root, tmp_path):
+    from hematoscope.cli.main import app
+
+    (tmp_path / "lab").mkdir()
+    for i, p in enumerate(sorted(synthetic_root.rglob("*.png"))[:60]):
+        (tmp_path / "lab" / f"{i}.png").write_bytes(p.read_bytes())
+    res = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "lab"), "--out",
+                                   str(tmp_path / "ad"), "--tune", "--tune-epochs", "2", "--classes", ",".join(WHITE)])
+    assert res.exit_code == 0, res.output
+    assert "tuned 2 epochs among basophil" in res.output and f"--classes {','.join(WHITE)}" in res.output
+    adapted = load_bundle(tmp_path / "ad")
+    assert adapted.config.adaptation["tuning"]["epochs"] == 2
+    assert adapted.answerable_classes == WHITE  # the lab's classes are its default answers
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "lab"), "--model", str(tmp_path / "ad"), "--out",
+                                   str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert "answers restricted to: basophil" in res.output and "adapted to" in res.output
+    import pandas as pd
+    assert set(pd.read_csv(tmp_path / "p.csv")["prediction"]) <= set(WHITE)
+    adapted.restrict_classes(adapted.labels)
+    assert adapted.answerable_classes == adapted.labels
+
+
+def test_a_kind_without_a_network_cannot_be_tuned(tiny_classical_bundle, lab_images):
+    classical = load_bundle(tiny_classical_bundle)
+    with pytest.raises(BundleError, match="cannot be tuned"):
+        adapt_bundle(classical, lab_images, tune_epochs=1)

@@ -46,6 +46,23 @@ def test_restricted_probabilities_are_the_renormalised_subset(bundle):
     assert bundle.answerable_classes == bundle.labels
 
 
+def test_calibrated_probs_follow_the_restriction_too(bundle):
+    """Explainers (LIME) and other callers of calibrated_probs see the answers predict gives."""
+    from hematoscope.data.images import load_image
+
+    images = [load_image(p) for p in sample_paths()[:6]]
+    logits = bundle.forward(images).logits
+    bundle.restrict_classes(WHITE)
+    try:
+        probs = bundle.calibrated_probs(logits)
+        decided = bundle.predict_arrays(images, [str(i) for i in range(6)]).probs
+    finally:
+        bundle.restrict_classes(None)
+    keep = np.array([c in WHITE for c in bundle.labels])
+    assert np.all(probs[:, ~keep] == 0) and not np.all(bundle.calibrated_probs(logits)[:, ~keep] == 0)
+    np.testing.assert_allclose(probs, decided, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_class_lists_are_refused(bundle):
     with pytest.raises(BundleError, match="not classes of .*: blast; its classes are"):
         bundle.restrict_classes(["neutrophil", "blast"])

@@ -8,7 +8,7 @@ import torch
 from hematoscope.data.images import load_image
 from hematoscope.models.preprocess import Preprocess, colour_percentiles, colour_reference
 from hematoscope.train import TrainConfig
-from hematoscope.train.data import batch_stain_jitter, degrade
+from hematoscope.train.data import batch_random_conv, batch_stain_jitter, degrade
 
 ALL_ON = dict(blur_prob=1.0, resample_prob=1.0, jpeg_prob=1.0, bars_prob=1.0)
 
@@ -59,6 +59,24 @@ def test_batch_stain_jitter_keeps_range_and_is_seeded(cells, kw):
     # one draw per image: the images do not all move the same way
     shift = (a - x).mean((2, 3))
     assert float(shift.std(0).max()) > 1e-4
+
+
+def test_random_conv_keeps_shape_and_range_is_seeded_and_off_by_default(cells):
+    x = torch.from_numpy(cells).permute(0, 3, 1, 2).float() / 255
+    torch.manual_seed(2)
+    a = batch_random_conv(x, 1.0)
+    torch.manual_seed(2)
+    b = batch_random_conv(x, 1.0)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    torch.testing.assert_close(a, b)
+    assert bool(((a - x).abs().mean((1, 2, 3)) > 1e-3).all())  # every image filtered at prob 1
+    torch.testing.assert_close(batch_random_conv(x, 0.0), x)
+    torch.manual_seed(2)
+    half = batch_random_conv(x, 0.5)
+    changed = (half - x).abs().mean((1, 2, 3)) > 1e-6
+    assert 0 < int(changed.sum()) < len(x)  # a share, not all or nothing
+    torch.testing.assert_close(half[~changed], x[~changed])
 
 
 def test_stain_jitter_with_zero_strength_is_identity(cells):

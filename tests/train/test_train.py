@@ -204,6 +204,42 @@ def test_frozen_bn_keeps_batchnorm_statistics_while_weights_learn(synthetic_root
     assert not torch.equal(trained[convs[0]], fresh[convs[0]])
 
 
+def test_mixstyle_acts_in_training_only_and_leaves_no_hook_behind(synthetic_root, tmp_path):
+    import torch
+
+    from hematoscope.bundle.neural import NeuralBundle
+    from hematoscope.models.preprocess import Preprocess
+    from hematoscope.train.module import CellClassifier
+
+    cfg = tiny_config(synthetic_root, tmp_path / "run", mixstyle=1.0)
+    torch.manual_seed(0)
+    bundle = NeuralBundle.create(["a", "b"], weights=None)
+    module = CellClassifier(bundle.net, cfg, Preprocess(size=32), np.array([4, 4]))
+    x = torch.randn(6, 3, 32, 32)
+    bundle.net.eval()
+    plain = bundle.net(x)[0]
+    module.on_fit_start()
+    torch.testing.assert_close(bundle.net(x)[0], plain)  # eval mode: untouched
+    bundle.net.train()
+    for m in bundle.net.modules():  # batch statistics would differ anyway: compare in eval-BN
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    torch.manual_seed(1)
+    mixed = bundle.net(x)[0]
+    assert not torch.allclose(mixed, plain, atol=1e-5)
+    module.on_fit_end()
+    torch.testing.assert_close(bundle.net(x)[0], plain)  # hooks removed: the saved model is the plain one
+
+
+def test_mixstyle_and_random_conv_train_a_loadable_bundle(synthetic_root, tmp_path):
+    result = train(tiny_config(synthetic_root, tmp_path / "run", epochs=1, mixstyle=0.5, random_conv=0.5,
+                               fit_trust=False))
+    bundle = load_bundle(result.bundle_path)
+    recorded = bundle.config.training.model_dump()["config"]
+    assert recorded["mixstyle"] == 0.5 and recorded["random_conv"] == 0.5
+    assert np.isfinite(bundle.predict(sorted(synthetic_root.rglob("*.png"))[:3]).probs).all()
+
+
 def _epoch_losses(run_dir) -> list[float]:
     """Per-epoch training losses from the run's CSV logs (all versions: a resume appends one)."""
     import pandas as pd

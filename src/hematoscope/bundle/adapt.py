@@ -1,7 +1,7 @@
 """Adapt a bundle to a new lab from that lab's unlabelled cell crops.
 
 Two things change, nothing else (labels, weights, preprocessing, temperature and abstain rule
-stay as trained):
+stay as trained), unless tuning is asked for (3):
 
 1. the model's normalisation statistics, where the kind has them (a neural bundle
    re-estimates every BatchNorm layer's running mean and variance on the new lab's images:
@@ -11,6 +11,10 @@ stay as trained):
    model's outputs for four fifths of the images and its threshold set so that ``target_tpr``
    of the held-out fifth is accepted. "Unlike training data" then means unlike *this lab's*
    cells.
+3. with ``tune_epochs`` > 0, the network itself (all but its classifier layer) is tuned on the
+   lab's crops without labels, towards confident and diverse answers among the classes the lab's
+   crops hold (``classes``; SHOT, Liang et al. 2020), through the kind's
+   :meth:`Bundle._tune_unlabelled` hook, before the OOD refit.
 
 The adapted bundle records what it was adapted on (name, image count, content hash) in
 ``config.adaptation`` and its model card.
@@ -22,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -44,6 +48,7 @@ class AdaptReport:
     sha256: str
     skipped: list[SkippedFile] = field(default_factory=list)
     statistics: dict = field(default_factory=dict)
+    tuning: dict = field(default_factory=dict)
     ood_threshold_before: float | None = None
     ood_threshold_after: float | None = None
     accepted_before: float | None = None
@@ -128,7 +133,8 @@ def _copy(bundle: "Bundle") -> "Bundle":
 
 def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed images", name: str | None = None,
                  target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0,
-                 mix: float | None = None) -> tuple["Bundle", AdaptReport]:
+                 mix: float | None = None, classes: Sequence[str] | None = None,
+                 tune_epochs: int = 0) -> tuple["Bundle", AdaptReport]:
     """A copy of ``bundle`` adapted to the lab that took ``images`` (unlabelled cell crops).
 
     Args:
@@ -142,18 +148,29 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         seed: seed of the held-out fifth.
         mix: share of the new lab's normalisation statistics (0 = as trained, 1 = the lab's
             own); None = the kind chooses (neural: the lowest mean prediction entropy).
+        classes: the classes the lab's crops can hold (e.g. the 5 white-cell types), recorded in
+            the bundle and used by tuning; None = all of the bundle's labels.
+        tune_epochs: epochs of tuning the network on the images (0 = none: only statistics and
+            the OOD part change).
 
     Returns:
         (adapted bundle, report). The input bundle is not changed.
 
     Raises:
-        BundleError: fewer than :data:`MIN_IMAGES` readable images.
+        BundleError: fewer than :data:`MIN_IMAGES` readable images, unknown or fewer than 2
+            ``classes``, or tuning asked of a kind that cannot be tuned.
     """
     import time
 
     start = time.perf_counter()
     if not 0 < target_tpr < 1:
         raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
+    if tune_epochs < 0:
+        raise ValueError(f"tune_epochs must be 0 or more; got {tune_epochs}")
+    lab_classes = list(bundle.labels) if classes is None else list(dict.fromkeys(classes))
+    unknown = [c for c in lab_classes if c not in bundle.labels]
+    if unknown or len(lab_classes) < 2:
+        raise BundleError(f"classes must be at least 2 of {', '.join(bundle.labels)}; got {', '.join(lab_classes)}")
     arrays, digests, skipped = decode_images(images, bundle.preprocess)
     if len(arrays) < MIN_IMAGES:
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
@@ -163,6 +180,9 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     adapted = _copy(bundle)
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
     report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size, mix=mix)
+    if tune_epochs:
+        report.tuning = adapted._tune_unlabelled(arrays, classes=[bundle.labels.index(c) for c in lab_classes],
+                                                 epochs=tune_epochs, seed=seed)
     after = _outputs(adapted, arrays, batch_size)
 
     held = np.zeros(len(arrays), bool)
@@ -190,6 +210,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         report.ood_threshold_after = scorer.threshold
         report.accepted_after = float(np.mean(scores <= scorer.threshold))
 
+    adapted.config.adaptation = {"classes": lab_classes}
+    adapted.restrict_classes(None)  # the lab's classes are the adapted bundle's default answers
     probs = adapted.calibrated_probs(after.logits)
     report.seconds = round(time.perf_counter() - start, 1)
     adapted.config.name = name or f"{bundle.name}-adapted"
@@ -201,6 +223,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         "skipped": len(skipped),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "statistics": report.statistics,
+        "classes": lab_classes,
+        "tuning": report.tuning or None,
         "ood_threshold_before": report.ood_threshold_before,
         "ood_threshold_after": report.ood_threshold_after,
         "held_out_accepted_after": report.accepted_after,

@@ -138,6 +138,9 @@ _EXPLAINERS: Registry[Callable[["Bundle"], Any]] = Registry("explanation method"
     "grad-cam": "hematoscope.explain.gradcam",
     "segmentation": "hematoscope.classical.explain",
 })
+#: The libraries each built-in method imports, checked without importing them
+#: (:attr:`Bundle.available_explanations`).
+_EXPLAINER_MODULES = {"grad-cam": ("torch", "timm", "pytorch_grad_cam"), "segmentation": ("skimage",)}
 
 
 def register_explainer(method: str) -> Callable[[Callable], Callable]:
@@ -185,6 +188,7 @@ class Bundle(ABC):
         self._warned: set = set()
         #: 1.0 for the classes answers may name, 0.0 for the others (None: every label).
         self._answerable: np.ndarray | None = None
+        self.restrict_classes(None)
 
     # --- what a kind provides ----------------------------------------------------------
     @abstractmethod
@@ -232,6 +236,14 @@ class Bundle(ABC):
             raise BundleError(f"{self.kind!r} bundles explain with {list(self.explanation_methods)}, not {method!r}")
         return _EXPLAINERS.get(method)(self)
 
+    @property
+    def available_explanations(self) -> list[str]:
+        """The :attr:`explanation_methods` whose libraries are installed here (cheap: nothing
+        is imported), e.g. none for a neural bundle on a base install without the explain extra."""
+        from hematoscope._extras import available
+
+        return [m for m in self.explanation_methods if available(*_EXPLAINER_MODULES.get(m, ()))]
+
     def use_backend(self, backend: str | None, *, threads: int | None = None) -> None:
         """Run inference with ``backend`` (one of :attr:`backends`, ``"auto"``, or None for the
         environment's choice) on ``threads`` intra-op threads. Kinds with one way to run accept
@@ -264,18 +276,27 @@ class Bundle(ABC):
         (JSON-able). Kinds without such statistics change nothing."""
         return {}
 
+    def _tune_unlabelled(self, images: Sequence[np.ndarray], *, classes: Sequence[int], epochs: int,
+                         seed: int = 0) -> dict:
+        """Tune the model on a new lab's unlabelled images, answers among ``classes`` (output
+        indices), in place; returns what was done (JSON-able)."""
+        raise BundleError(f"{self.kind!r} bundles cannot be tuned on unlabelled images; adapt without tuning")
+
     def adapt(self, images: Iterable, *, source: str = "unnamed images", name: str | None = None,
-              target_tpr: float = 0.95, mix: float | None = None) -> "Bundle":
+              target_tpr: float = 0.95, mix: float | None = None, classes: Sequence[str] | None = None,
+              tune_epochs: int = 0) -> "Bundle":
         """A copy of this bundle adapted to a new lab from its unlabelled cell crops (paths,
         bytes or arrays): normalisation statistics and the OOD reference and threshold are
-        refitted, nothing else. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
+        refitted, nothing else; with ``tune_epochs``, the network is also tuned on them among
+        ``classes``. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
 
         Raises:
-            BundleError: too few readable images.
+            BundleError: too few readable images, unknown classes, a kind that cannot be tuned.
         """
         from hematoscope.bundle.adapt import adapt_bundle
 
-        return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr, mix=mix)[0]
+        return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr, mix=mix,
+                            classes=classes, tune_epochs=tune_epochs)[0]
 
     # --- common behaviour ----------------------------------------------------------------
     @property
@@ -305,7 +326,8 @@ class Bundle(ABC):
         self._forced_views = views
 
     def restrict_classes(self, classes: Sequence[str] | None) -> None:
-        """Answer only among ``classes`` from now on (None: all of :attr:`labels` again).
+        """Answer only among ``classes`` from now on (None: the bundle's own default, all of
+        :attr:`labels` unless it was adapted to a lab whose crops hold fewer: ``adapt --classes``).
 
         For a lab whose crops can only hold some of the classes (e.g. white cells for a 5-part
         differential, where an immature granulocyte, erythroblast or platelet answer is
@@ -318,8 +340,10 @@ class Bundle(ABC):
             BundleError: a name that is not one of the bundle's labels, or fewer than 2 classes.
         """
         if classes is None:
-            self._answerable = None
-            return
+            classes = (self.config.adaptation or {}).get("classes")
+            if classes is None or set(classes) == set(self.labels):
+                self._answerable = None
+                return
         wanted = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
         unknown = [c for c in wanted if c not in self.labels]
         if unknown:
@@ -461,17 +485,21 @@ class Bundle(ABC):
         return self.decide(out, sources)
 
     def calibrated_probs(self, logits: np.ndarray, views: int | None = None) -> np.ndarray:
-        """Temperature-scaled probabilities, with the temperature fitted for ``views`` views."""
-        return calibrated_softmax(logits, self.trust_for(views).temperature)
+        """Temperature-scaled probabilities, with the temperature fitted for ``views`` views,
+        renormalised over the answerable classes (:meth:`restrict_classes`)."""
+        return self._answerable_only(calibrated_softmax(logits, self.trust_for(views).temperature))
+
+    def _answerable_only(self, probs: np.ndarray) -> np.ndarray:
+        if self._answerable is None:
+            return probs
+        probs = probs * self._answerable
+        return probs / np.maximum(probs.sum(1, keepdims=True), np.finfo(np.float64).tiny)
 
     def decide(self, out: ModelOutput, sources: Sequence[str], views: int | None = None) -> Prediction:
         """Turn raw outputs of ``views`` averaged views (default ``config.tta``) into calibrated
         probabilities, OOD flags and abstain decisions, with the trust fitted for that view count."""
         trust = self.trust_for(views)
-        probs = calibrated_softmax(out.logits, trust.temperature)
-        if self._answerable is not None:
-            probs = probs * self._answerable
-            probs /= np.maximum(probs.sum(1, keepdims=True), np.finfo(np.float64).tiny)
+        probs = self._answerable_only(calibrated_softmax(out.logits, trust.temperature))
         n = len(probs)
         if self.ood is not None and trust.ood_threshold is not None:
             scorer = self._scorer_for(trust)

@@ -20,8 +20,11 @@ def _adaptation_lines(a: dict | None) -> list[str]:
         f"Adapted from `{a.get('adapted_from')}` on {a.get('date')} to {a.get('images')} unlabelled images of "
         f"'{a.get('source')}' (content sha256 {a.get('images_sha256')}; {a.get('skipped', 0)} unreadable skipped).",
         f"- changed: {(a.get('statistics') or {}).get('method', 'no normalisation statistics')}; the out-of-distribution "
-        "reference and threshold were refitted on these images. Weights, labels, preprocessing, temperature and "
-        "abstain rule are as trained.",
+        "reference and threshold were refitted on these images.",
+        (f"- the network was tuned on these images without labels ({a['tuning'].get('method')}, "
+         f"{a['tuning'].get('epochs')} epochs) among {', '.join(a.get('classes') or [])}; labels, classifier layer, "
+         "preprocessing, temperature and abstain rule are as trained." if a.get("tuning") else
+         "- weights, labels, preprocessing, temperature and abstain rule are as trained."),
         f"- share of these images accepted as like the training data before adapting: {a.get('accepted_before')}",
         f"- answered with confidence after adapting: {a.get('answered_confidently')}",
         "- the metrics below were measured before adaptation, on the source lab's images.",

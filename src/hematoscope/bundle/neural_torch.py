@@ -67,6 +67,67 @@ def adapt_batchnorm(net: nn.Module, batches) -> int:
     return len(layers)
 
 
+def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int], *, epochs: int,
+                    lr: float = 1e-4, pseudo_label_weight: float = 0.3, batch_size: int = 32,
+                    seed: int = 0) -> list[float]:
+    """Source-free adaptation of ``net`` to one lab's unlabelled ``images`` (preprocessed, N x 3 x
+    H x W) by information maximisation with self-supervised pseudo-labels (SHOT, Liang et al.,
+    ICML 2020), over the lab's ``classes`` (output indices) only.
+
+    The classifier layer stays fixed and the BatchNorm statistics stay as they are (layers in
+    eval mode); the rest of the network learns to give each image a confident answer (low
+    entropy) while the answers over all images stay diverse (high entropy of the mean: no
+    collapse onto one class, the failure of entropy minimisation alone), plus a cross-entropy
+    towards labels from class centroids of the current features, renewed every epoch. Batches
+    are flipped and rotated by multiples of 90°. Returns the mean loss per epoch."""
+    import torch.nn.functional as F
+
+    head = set(map(id, net.model.get_classifier().parameters()))
+    params = [p for p in net.parameters() if id(p) not in head]
+    saved = [(p, p.requires_grad) for p in net.parameters()]
+    idx = torch.as_tensor(classes)
+    losses = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for p in net.parameters():
+            p.requires_grad_(id(p) not in head)
+        opt = torch.optim.Adam(params, lr=lr)
+        net.eval()  # BatchNorm keeps its (adapted) statistics; no dropout
+        try:
+            for _ in range(epochs):
+                with torch.no_grad():
+                    outs = [net(images[i:i + 128]) for i in range(0, len(images), 128)]
+                    probs = torch.cat([o[0] for o in outs])[:, idx].softmax(1)
+                    feats = F.normalize(torch.cat([o[1] for o in outs]), dim=1)
+                    centroids = F.normalize(probs.T @ feats, dim=1)
+                    for _ in range(2):  # k-means steps from the soft centroids
+                        target = (feats @ centroids.T).argmax(1)
+                        centroids = F.normalize(F.one_hot(target, len(classes)).float().T @ feats, dim=1)
+                    target = (feats @ centroids.T).argmax(1)
+                total, order = 0.0, torch.randperm(len(images))
+                for start in range(0, len(images), batch_size):
+                    batch = order[start:start + batch_size]
+                    x = images[batch]
+                    x = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, x.flip(3), x)
+                    x = torch.rot90(x, int(torch.randint(0, 4, ())), (2, 3))
+                    logits = net(x.contiguous(memory_format=torch.channels_last))[0][:, idx]
+                    p = logits.softmax(1)
+                    confident = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
+                    mean = p.mean(0)
+                    diverse = (mean * mean.clamp_min(1e-8).log()).sum()
+                    loss = confident + diverse + pseudo_label_weight * F.cross_entropy(logits, target[batch])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(batch)
+                losses.append(total / len(images))
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+            net.eval()
+    return losses
+
+
 def batchnorm_statistics(net: nn.Module) -> dict[str, torch.Tensor]:
     """The running mean and variance buffers of every BatchNorm layer (live tensors)."""
     return {f"{name}.{stat}": getattr(m, stat) for name, m in net.named_modules()

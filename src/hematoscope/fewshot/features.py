@@ -64,8 +64,6 @@ class FeatureError(ValueError):
 #: prediction path uses, so a few-shot bundle sees the same pixels when fitted and when predicting.
 _DECODE = "load_model_image"
 
-#: ``--backbone default``: the model shipped with the package (a neural bundle).
-DEFAULT_BUNDLE_ALIAS = "default"
 BACKENDS = ("auto", "torch", "onnx")
 
 
@@ -445,7 +443,9 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         views = view_count(tta) if views is None else views
     if views is not None:
         views = view_count(views)
-    if str(backbone) == DEFAULT_BUNDLE_ALIAS and bundle is None:
+    from hematoscope.bundle.config import DEFAULT_NAME  # ``--backbone default``: the shipped model
+
+    if str(backbone) == DEFAULT_NAME and bundle is None:
         from hematoscope.bundle.default import default_bundle_path
 
         backbone = default_bundle_path()

@@ -96,8 +96,9 @@ def _thumbnail(image: np.ndarray) -> bytes:
 
 
 def explanation_method(model: ServedModel) -> str:
-    """What the server can show to explain this model's predictions."""
-    methods = model.bundle.explanation_methods
+    """What the server can show to explain this model's predictions ("none" when the kind has
+    no explanation or its libraries are not installed on the server)."""
+    methods = model.bundle.available_explanations
     return methods[0] if methods else "none"
 
 

@@ -76,6 +76,11 @@ class TrainConfig(BaseModel):
                              "(crops cut at the edge of a field)")
     scale_jitter: float = Field(0.0, ge=0, lt=1, description="random crop side ± fraction before resizing; "
                                 "sides beyond the cached image are reflect-padded (the cell smaller in the frame)")
+    random_conv: float = Field(0.0, ge=0, le=1, description="share of crops filtered by a random 1-7 px "
+                               "convolution (RandConv: random colour mixing and texture)")
+    mixstyle: float = Field(0.0, ge=0, le=1, description="chance per batch of mixing feature statistics "
+                            "between images after the backbone's first three stages (MixStyle: synthesises "
+                            "new image styles inside the network; training only)")
 
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable, Sequence
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from hematoscope.data.images import ImageError, load_model_image
@@ -291,6 +293,26 @@ def batch_stain_jitter(x: torch.Tensor, *, hue: float = 0.0, gamma: float = 0.0,
         some = torch.rand(n, device=dev) < grey
         x[some] = (0.299 * x[some, :1] + 0.587 * x[some, 1:2] + 0.114 * x[some, 2:3]).expand(-1, 3, -1, -1)
     return x.clamp_(0, 1)
+
+
+def batch_random_conv(x: torch.Tensor, prob: float) -> torch.Tensor:
+    """Random convolutions (Xu et al., ICLR 2021), a single-source domain-generalisation
+    augmentation: a ``prob`` share of a float batch in [0, 1] (N, 3, H, W) is filtered by a random
+    1-7 px kernel (random colour mixing and local texture), blended with the image by a random
+    weight and stretched back to [0, 1]. The model then cannot lean on one lab's texture and
+    colour rendering."""
+    if not prob:
+        return x
+    x = x.clone()
+    for i in torch.nonzero(torch.rand(x.shape[0], device=x.device) < prob)[:, 0].tolist():
+        k = int(torch.randint(0, 4, ())) * 2 + 1
+        weight = torch.randn(3, 3, k, k, device=x.device, dtype=x.dtype) / math.sqrt(3 * k * k)
+        out = F.conv2d(F.pad(x[i:i + 1], [k // 2] * 4, mode="reflect"), weight)
+        a = float(torch.rand(()))
+        out = a * x[i:i + 1] + (1 - a) * out
+        lo, hi = out.amin(dim=(2, 3), keepdim=True), out.amax(dim=(2, 3), keepdim=True)
+        x[i:i + 1] = (out - lo) / (hi - lo).clamp_min(1e-6)
+    return x
 
 
 def batch_color_jitter(x: torch.Tensor, color: float, stain: float) -> torch.Tensor:

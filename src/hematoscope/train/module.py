@@ -12,7 +12,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from hematoscope.bundle.neural import ClassifierNet
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.train.config import TrainConfig
-from hematoscope.train.data import batch_color_jitter, batch_stain_jitter
+from hematoscope.train.data import batch_color_jitter, batch_random_conv, batch_stain_jitter
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,6 +59,7 @@ class CellClassifier(L.LightningModule):
         self.register_buffer("class_weight", weight, persistent=False)
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
+        self._mixstyle_hooks = []
 
     # --- data on the device ----------------------------------------------------------------
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,12 +70,37 @@ class CellClassifier(L.LightningModule):
         x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter)
         x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise,
                                grey=c.grey_prob)
+        x = batch_random_conv(x, c.random_conv)
         if self.preprocess.colour != "none":
             canon = self.preprocess.canonicalise(x.permute(0, 2, 3, 1).cpu().numpy())
             x = torch.from_numpy(canon).to(x.device).permute(0, 3, 1, 2)
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     # --- training ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.config.mixstyle:
+            blocks = getattr(self.net.model, "blocks", None)
+            if blocks is None:
+                raise ValueError(f"mixstyle needs a backbone with stages (.blocks); {self.config.arch} has none")
+            self._mixstyle_hooks = [b.register_forward_hook(self._mixstyle) for b in list(blocks)[:3]]
+
+    def on_fit_end(self) -> None:
+        for hook in self._mixstyle_hooks:
+            hook.remove()
+        self._mixstyle_hooks = []
+
+    def _mixstyle(self, module, inputs, x: torch.Tensor) -> torch.Tensor:
+        """MixStyle (Zhou et al., ICLR 2021): each image's channel means and spreads are mixed
+        with another image's, a Beta(0.1, 0.1) share, in a ``config.mixstyle`` share of batches."""
+        if not module.training or float(torch.rand(())) >= self.config.mixstyle or x.shape[0] < 2:
+            return x
+        mu = x.mean((2, 3), keepdim=True).detach()
+        sig = (x.var((2, 3), keepdim=True) + 1e-6).sqrt().detach()
+        lam = torch.distributions.Beta(0.1, 0.1).sample((x.shape[0], 1, 1, 1)).to(x)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        mu_mix, sig_mix = lam * mu + (1 - lam) * mu[perm], lam * sig + (1 - lam) * sig[perm]
+        return (x - mu) / sig * sig_mix + mu_mix
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.config.loss == "focal":
             return focal_loss(logits, y, gamma=self.config.focal_gamma, weight=self.class_weight,
