@@ -12,6 +12,8 @@ and a test half; nothing of a test cell is ever adapted on or labelled.
 1. as is (zero-shot): the bundle on the test half (and on all of LISC);
 2. after `adapt` on ADAPT_IMAGES unlabelled crops of the own-lab half (BatchNorm statistics +
    OOD reference refitted); timed;
+2b. after `adapt --tune --classes <LISC's 5>` on the same crops (the network also tuned on them
+   without labels, TUNE_EPOCHS epochs; it then answers among those classes); timed;
 3. few labels: the `fewshot bench` protocol with `fewshot fit`'s default head (svm+self) and lr:
    k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from the
    own-lab half, the rest of that half as unlabelled images for self-training, REPEATS draws;
@@ -94,14 +96,18 @@ def markdown_table(results: dict) -> str:
                 for k in ("1", "5", "10", "20")]
 
     rows = ["| model | LISC as is | abstained | after `adapt` | abstained | 5-part (`--classes`): as is / adapted "
-            "| PBC test accuracy / macro-F1 |", "|---|---|---|---|---|---|---|"]
+            "| after `adapt --tune --classes` | abstained | PBC test accuracy / macro-F1 |",
+            "|---|---|---|---|---|---|---|---|---|"]
     few = ["| model | features | head | 1 cell/class | 5 | 10 | 20 |", "|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         z, a, pbc = r["zero_shot"]["test_half"], r["adapted"]["test_half"], r.get("pbc_test")
         five = (f"{r['zero_shot']['test_half_5part']['macro_f1']:.3f} / "
                 f"{r['adapted']['test_half_5part']['macro_f1']:.3f}" if "test_half_5part" in r["zero_shot"] else "—")
+        t = r.get("adapted_tuned", {}).get("test_half")
+        tuned = f"{t['macro_f1']:.3f} | {t['abstained']:.0%}" if t else "— | —"
         rows.append(f"| {key} | {z['macro_f1']:.3f} | {z['abstained']:.0%} | {a['macro_f1']:.3f} | "
-                    f"{a['abstained']:.0%} | {five} | " + (f"{pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else "— |"))
+                    f"{a['abstained']:.0%} | {five} | {tuned} | "
+                    + (f"{pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else "— |"))
         if "few_labels" in r:
             for name, f in r["few_labels"].items():
                 for head, by_shots in f["heads"].items():
@@ -126,6 +132,8 @@ def main() -> None:
     ap.add_argument("--pbc-split", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab-split.csv",
                     help="split file of bench/train_pbc.py (its test rows are scored); skipped when absent")
     ap.add_argument("--adapt-images", type=int, default=300)
+    ap.add_argument("--tune-epochs", type=int, default=4, help="`adapt --tune` epochs (0 = skip that part)")
+    ap.add_argument("--skip-few-labels", action="store_true", help="keep the stored few-label results of --key")
     ap.add_argument("--shots", default="1,5,10,20")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tta", type=int, help="test-time views (default: the bundle's own)")
@@ -185,18 +193,27 @@ def main() -> None:
                          "accepted_before": report.accepted_before, "test_half": run(adapted, test),
                          "test_half_5part": run_5part(adapted, test)}
     logging.info("adapted (%.0f s): %s", adapt_seconds, result["adapted"]["test_half"])
+    if args.tune_epochs:  # `adapt --tune --classes <LISC's 5>`: answers among them by default
+        start = time.perf_counter()
+        tuned, report = adapt_bundle(bundle, [paths[i] for i in adapt_rows], source="LISC own-lab half",
+                                     classes=CLASSES, tune_epochs=args.tune_epochs)
+        result["adapted_tuned"] = {"images": report.images, "seconds": round(time.perf_counter() - start, 1),
+                                   "epochs": args.tune_epochs, "classes": CLASSES,
+                                   "loss_by_epoch": report.tuning["loss_by_epoch"], "test_half": run(tuned, test)}
+        logging.info("adapted + tuned: %s", result["adapted_tuned"])
 
     from hematoscope.fewshot.features import load_extractor
 
     shots, heads = [int(k) for k in args.shots.split(",")], args.heads.split(",")
-    result["few_labels"] = {}
+    if not args.skip_few_labels:
+        result["few_labels"] = {}
     backbones = {"adapted model": lambda: load_extractor(bundle=adapted, tta=args.views),
                  "model as is": lambda: load_extractor(bundle=bundle, tta=args.views)}
     if args.fewshot_backbone:  # `fewshot fit`'s own default features (the shipped SimCLR Lite0)
         label = ("SimCLR Lite0 (`fewshot fit` default)" if args.fewshot_backbone == "efficientnet_lite0"
                  else args.fewshot_backbone)
         backbones[label] = lambda: load_extractor(args.fewshot_backbone, tta=args.views)
-    for name, make in backbones.items():
+    for name, make in ({} if args.skip_few_labels else backbones).items():
         result["few_labels"][name] = few_labels(make(), table, own, test, shots, args.repeats, args.seed, heads)
         logging.info("few labels, %s: %s", name, result["few_labels"][name]["heads"])
 
@@ -220,7 +237,7 @@ def main() -> None:
     from hematoscope import _io
 
     merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    merged[key] = result
+    merged[key] = {**merged.get(key, {}), **result}  # parts not run this time (--skip-few-labels) are kept
     _io.write_text(RESULTS, json.dumps(merged, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -211,14 +211,16 @@ def test_cli_adapt_tune_with_classes(trusted_bundle, synthetic_root, tmp_path):
     res = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "lab"), "--out",
                                    str(tmp_path / "ad"), "--tune", "--tune-epochs", "2", "--classes", ",".join(WHITE)])
     assert res.exit_code == 0, res.output
-    assert "tuned 2 epochs among basophil" in res.output and f"--classes {','.join(WHITE)}" in res.output
+    out = " ".join(res.output.split())  # rich wraps long lines
+    assert "tuned 2 epochs among basophil" in out and f"--classes {','.join(WHITE)}" in out
     adapted = load_bundle(tmp_path / "ad")
     assert adapted.config.adaptation["tuning"]["epochs"] == 2
     assert adapted.answerable_classes == WHITE  # the lab's classes are its default answers
     res = CliRunner().invoke(app, ["predict", str(tmp_path / "lab"), "--model", str(tmp_path / "ad"), "--out",
                                    str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
-    assert "answers restricted to: basophil" in res.output and "adapted to" in res.output
+    out = " ".join(res.output.split())
+    assert "answers restricted to: basophil" in out and "adapted to" in out
     import pandas as pd
     assert set(pd.read_csv(tmp_path / "p.csv")["prediction"]) <= set(WHITE)
     adapted.restrict_classes(adapted.labels)
