@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--pbc-split", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab-split.csv",
                     help="split file of bench/train_pbc.py (its test rows are scored); skipped when absent")
     ap.add_argument("--adapt-images", type=int, default=300)
-    ap.add_argument("--tune-epochs", type=int, default=4, help="`adapt --tune` epochs (0 = skip that part)")
+    ap.add_argument("--tune-epochs", type=int, default=6, help="`adapt --tune` epochs (0 = skip that part)")
     ap.add_argument("--skip-few-labels", action="store_true", help="keep the stored few-label results of --key")
     ap.add_argument("--shots", default="1,5,10,20")
     ap.add_argument("--repeats", type=int, default=5)

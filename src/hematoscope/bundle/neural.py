@@ -315,9 +315,8 @@ class NeuralBundle(Bundle):
     def _tune_unlabelled(self, images: Sequence[np.ndarray], *, classes: Sequence[int], epochs: int,
                          seed: int = 0) -> dict:
         """SHOT-style tuning of the network (all but the classifier layer) on a lab's unlabelled
-        ``images``, answers among ``classes`` (:func:`~hematoscope.bundle.neural_torch.tune_unlabelled`).
-        On LISC (300 crops, the 5 white-cell classes, 4 epochs) it took the adapted default model
-        from macro-F1 0.65 to 0.88 on held-out cells."""
+        ``images``, answers among ``classes`` (:func:`~hematoscope.bundle.neural_torch.tune_unlabelled`);
+        docs/crosslab.md has what it does on LISC."""
         from hematoscope._extras import require
 
         torch = require("torch", "timm", extra="train", purpose="tuning a neural bundle on a lab's images")
@@ -328,8 +327,8 @@ class NeuralBundle(Bundle):
         losses = tune_unlabelled(self.net, x, list(classes), epochs=epochs, seed=seed)
         self.directory, self._runner = None, None
         self.config.model.clear("onnx")
-        return {"method": "SHOT information maximisation + centroid pseudo-labels (backbone tuned, classifier "
-                          "layer and BatchNorm statistics fixed)", "epochs": epochs,
+        return {"method": "SHOT information maximisation + centroid pseudo-labels (network and BatchNorm "
+                          "statistics tuned, classifier layer fixed)", "epochs": epochs,
                 "loss_by_epoch": [round(v, 4) for v in losses]}
 
     # --- persistence -------------------------------------------------------------------

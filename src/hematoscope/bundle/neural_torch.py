@@ -68,22 +68,23 @@ def adapt_batchnorm(net: nn.Module, batches) -> int:
 
 
 def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int], *, epochs: int,
-                    lr: float = 1e-4, pseudo_label_weight: float = 0.3, batch_size: int = 32,
+                    lr: float = 1e-4, pseudo_label_weight: float = 0.3, batch_size: int = 64,
                     seed: int = 0) -> list[float]:
     """Source-free adaptation of ``net`` to one lab's unlabelled ``images`` (preprocessed, N x 3 x
     H x W) by information maximisation with self-supervised pseudo-labels (SHOT, Liang et al.,
     ICML 2020), over the lab's ``classes`` (output indices) only.
 
-    The classifier layer stays fixed and the BatchNorm statistics stay as they are (layers in
-    eval mode); the rest of the network learns to give each image a confident answer (low
-    entropy) while the answers over all images stay diverse (high entropy of the mean: no
-    collapse onto one class, the failure of entropy minimisation alone), plus a cross-entropy
-    towards labels from class centroids of the current features, renewed every epoch. Batches
-    are flipped and rotated by multiples of 90°. Returns the mean loss per epoch."""
+    The classifier layer stays fixed; the rest of the network, BatchNorm statistics included
+    (layers in training mode from the adapted statistics, momentum 0.1), learns to give each image
+    a confident answer (low entropy) while the answers over all images stay diverse (high entropy
+    of the mean: no collapse onto one class, the failure of entropy minimisation alone), plus a
+    cross-entropy towards labels from class centroids of the current features, renewed every
+    epoch. Batches are flipped and rotated by multiples of 90°. Returns the mean loss per epoch."""
     import torch.nn.functional as F
 
     head = set(map(id, net.model.get_classifier().parameters()))
     params = [p for p in net.parameters() if id(p) not in head]
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(p, p.requires_grad) for p in net.parameters()]
     idx = torch.as_tensor(classes)
     losses = []
@@ -92,9 +93,9 @@ def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int]
         for p in net.parameters():
             p.requires_grad_(id(p) not in head)
         opt = torch.optim.Adam(params, lr=lr)
-        net.eval()  # BatchNorm keeps its (adapted) statistics; no dropout
         try:
             for _ in range(epochs):
+                net.eval()
                 with torch.no_grad():
                     outs = [net(images[i:i + 128]) for i in range(0, len(images), 128)]
                     probs = torch.cat([o[0] for o in outs])[:, idx].softmax(1)
@@ -104,9 +105,13 @@ def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int]
                         target = (feats @ centroids.T).argmax(1)
                         centroids = F.normalize(F.one_hot(target, len(classes)).float().T @ feats, dim=1)
                     target = (feats @ centroids.T).argmax(1)
+                for m in norms:  # the statistics follow the tuned features (no dropout elsewhere)
+                    m.train()
                 total, order = 0.0, torch.randperm(len(images))
                 for start in range(0, len(images), batch_size):
                     batch = order[start:start + batch_size]
+                    if len(batch) < 2:  # BatchNorm needs two images
+                        continue
                     x = images[batch]
                     x = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, x.flip(3), x)
                     x = torch.rot90(x, int(torch.randint(0, 4, ())), (2, 3))
