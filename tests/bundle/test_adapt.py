@@ -174,16 +174,16 @@ def test_tuning_changes_the_backbone_only_and_is_recorded_and_seeded(trusted_bun
 
 @pytest.mark.slow
 def test_tuning_on_another_labs_unlabelled_cells_raises_macro_f1_on_held_out_cells(lisc_root):
-    """The shipped model, adapted to 100 unlabelled LISC crops with and without tuning, scored on
-    200 crops of other LISC cells (split by cell)."""
+    """The shipped model, adapted to 300 unlabelled LISC crops with and without tuning, scored on
+    the crops of the other half of LISC's cells (split by cell)."""
     from sklearn.metrics import f1_score
 
     from hematoscope.data.readers import read_dataset
     from hematoscope.data.splits import make_split
 
     table = make_split(read_dataset(lisc_root, reader="lisc"), val=0.0, test=0.5, seed=0, group_by="patient")
-    own = table[table["split"] == "train"].sample(100, random_state=0)
-    test = table[table["split"] == "test"].sample(200, random_state=0)
+    own = table[table["split"] == "train"].sample(300, random_state=0)
+    test = table[table["split"] == "test"]
     assert not set(own["patient"]) & set(test["patient"])
     default = load_bundle("default")
     scores = {}
@@ -193,7 +193,7 @@ def test_tuning_on_another_labs_unlabelled_cells_raises_macro_f1_on_held_out_cel
         pred = adapted.predict(list(test["path"]))
         scores[epochs] = f1_score(list(test["canonical"]), [adapted.labels[i] for i in pred.probs.argmax(1)],
                                   labels=WHITE, average="macro")
-    assert scores[6] >= scores[0] + 0.05, scores
+    assert scores[6] >= scores[0] + 0.08, scores
 
 
 @pytest.mark.parametrize("classes", [["neutrophil"], ["neutrophil", "megakaryocyte"]])
@@ -212,7 +212,7 @@ def test_cli_adapt_tune_with_classes(trusted_bundle, synthetic_root, tmp_path):
                                    str(tmp_path / "ad"), "--tune", "--tune-epochs", "2", "--classes", ",".join(WHITE)])
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())  # rich wraps long lines
-    assert "tuned 2 epochs among basophil" in out and f"--classes {','.join(WHITE)}" in out
+    assert "tuned 2 epochs among basophil" in out and f"it answers among {', '.join(WHITE)}" in out
     adapted = load_bundle(tmp_path / "ad")
     assert adapted.config.adaptation["tuning"]["epochs"] == 2
     assert adapted.answerable_classes == WHITE  # the lab's classes are its default answers

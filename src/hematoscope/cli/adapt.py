@@ -85,8 +85,9 @@ def adapt(
                 f"{report.accepted_after:.1%} of held-out ones after", highlight=False)
     if report.tuning:
         c.print(f"tuned {report.tuning['epochs']} epochs among {', '.join(a['classes'])} (loss by epoch: "
-                f"{', '.join(f'{v:.3f}' for v in report.tuning['loss_by_epoch'])}); predict with "
-                f"--classes {','.join(a['classes'])}", highlight=False)
+                f"{', '.join(f'{v:.3f}' for v in report.tuning['loss_by_epoch'])})", highlight=False)
+    if a["classes"] != adapted.labels:
+        c.print(f"it answers among {', '.join(a['classes'])} (predict --classes changes that)", highlight=False)
     c.print(f"answered with confidence: {a['answered_confidently']:.1%}; bundle: {saved}", highlight=False)
 
 
