@@ -169,7 +169,7 @@ def test_tuning_changes_the_backbone_only_and_is_recorded_and_seeded(trusted_bun
     a = tuned.config.adaptation
     assert a["classes"] == WHITE and a["tuning"]["epochs"] == 3 and plain.config.adaptation["tuning"] is None
     card = (tuned.save(tmp_path / "tuned") / "README.md").read_text()
-    assert "tuned on these images without labels" in card and "neutrophil" in card
+    assert "tuned on these images without labels" in card and "answers among these by default" in card
 
 
 @pytest.mark.slow

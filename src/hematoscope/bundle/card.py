@@ -12,7 +12,11 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _adaptation_lines(a: dict | None) -> list[str]:
+def _pct(v) -> str:
+    return f"{v:.1%}" if isinstance(v, float) else str(v)
+
+
+def _adaptation_lines(a: dict | None, c) -> list[str]:
     if not a:
         return []
     return [
@@ -25,8 +29,10 @@ def _adaptation_lines(a: dict | None) -> list[str]:
          f"{a['tuning'].get('epochs')} epochs) among {', '.join(a.get('classes') or [])}; labels, classifier layer, "
          "preprocessing, temperature and abstain rule are as trained." if a.get("tuning") else
          "- weights, labels, preprocessing, temperature and abstain rule are as trained."),
-        f"- share of these images accepted as like the training data before adapting: {a.get('accepted_before')}",
-        f"- answered with confidence after adapting: {a.get('answered_confidently')}",
+        *([f"- the lab's crops hold {', '.join(a['classes'])}: the model answers among these by default "
+           "(`predict --classes` changes that)."] if a.get("classes") and len(a["classes"]) < len(c.labels) else []),
+        f"- share of these images accepted as like the training data before adapting: {_pct(a.get('accepted_before'))}",
+        f"- answered with confidence after adapting: {_pct(a.get('answered_confidently'))}",
         "- the metrics below were measured before adaptation, on the source lab's images.",
         "",
     ]
@@ -62,7 +68,7 @@ def model_card(bundle: "Bundle") -> str:
         *[f"- {k}: {_fmt(v)}" for k, v in c.training.model_dump().items() if not isinstance(v, (dict, list))],
         *([f"- data sources: {', '.join(c.data_sources)}"] if c.data_sources else []),
         "",
-        *_adaptation_lines(c.adaptation),
+        *_adaptation_lines(c.adaptation, c),
         "## Trust",
         f"- temperature: {c.temperature:.4f}",
         f"- abstain below calibrated confidence: {c.abstain_threshold:.3f}",
