@@ -17,8 +17,9 @@ and a test half; nothing of a test cell is ever adapted on or labelled.
 3. few labels: the `fewshot bench` protocol with `fewshot fit`'s default head (svm+self) and lr:
    k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from the
    own-lab half, the rest of that half as unlabelled images for self-training, REPEATS draws;
-   features of the adapted model, of the model as is (both `--views` views, default 8) and of
-   `fewshot fit`'s default timm backbone (the shipped SimCLR Lite0).
+   features of the adapted model, of the adapted + tuned one (2b), of the model as is (all
+   `--views` views, default 8) and of `fewshot fit`'s default timm backbone (the shipped SimCLR
+   Lite0); `--few-labels` picks which to run and keeps the stored results of the others.
 
 Macro-F1 is over LISC's 5 classes; a prediction of a class LISC lacks (e.g. immature
 granulocyte) counts as an error. "5-part" repeats 1 and 2 with answers restricted to LISC's
@@ -133,7 +134,8 @@ def main() -> None:
                     help="split file of bench/train_pbc.py (its test rows are scored); skipped when absent")
     ap.add_argument("--adapt-images", type=int, default=300)
     ap.add_argument("--tune-epochs", type=int, default=6, help="`adapt --tune` epochs (0 = skip that part)")
-    ap.add_argument("--skip-few-labels", action="store_true", help="keep the stored few-label results of --key")
+    ap.add_argument("--few-labels", default="all", help="few-label backbones to run: all, none, or names "
+                    "(e.g. 'adapted + tuned model'); the stored results of the others are kept")
     ap.add_argument("--shots", default="1,5,10,20")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tta", type=int, help="test-time views (default: the bundle's own)")
@@ -205,15 +207,23 @@ def main() -> None:
     from hematoscope.fewshot.features import load_extractor
 
     shots, heads = [int(k) for k in args.shots.split(",")], args.heads.split(",")
-    if not args.skip_few_labels:
-        result["few_labels"] = {}
     backbones = {"adapted model": lambda: load_extractor(bundle=adapted, tta=args.views),
                  "model as is": lambda: load_extractor(bundle=bundle, tta=args.views)}
+    if args.tune_epochs:
+        backbones["adapted + tuned model"] = lambda: load_extractor(bundle=tuned, tta=args.views)
     if args.fewshot_backbone:  # `fewshot fit`'s own default features (the shipped SimCLR Lite0)
         label = ("SimCLR Lite0 (`fewshot fit` default)" if args.fewshot_backbone == "efficientnet_lite0"
                  else args.fewshot_backbone)
         backbones[label] = lambda: load_extractor(args.fewshot_backbone, tta=args.views)
-    for name, make in ({} if args.skip_few_labels else backbones).items():
+    wanted = (set() if args.few_labels == "none" else set(backbones) if args.few_labels == "all"
+              else set(args.few_labels.split(",")))
+    if wanted - set(backbones):
+        raise SystemExit(f"--few-labels: unknown backbones {sorted(wanted - set(backbones))}; known: {sorted(backbones)}")
+    stored = json.loads(RESULTS.read_text()).get(key, {}) if RESULTS.is_file() else {}
+    result["few_labels"] = dict(stored.get("few_labels", {}))  # backbones not run this time are kept
+    for name, make in backbones.items():
+        if name not in wanted:
+            continue
         result["few_labels"][name] = few_labels(make(), table, own, test, shots, args.repeats, args.seed, heads)
         logging.info("few labels, %s: %s", name, result["few_labels"][name]["heads"])
 
@@ -237,7 +247,7 @@ def main() -> None:
     from hematoscope import _io
 
     merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    merged[key] = {**merged.get(key, {}), **result}  # parts not run this time (--skip-few-labels) are kept
+    merged[key] = {**merged.get(key, {}), **result}
     _io.write_text(RESULTS, json.dumps(merged, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
