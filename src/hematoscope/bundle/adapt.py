@@ -210,8 +210,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         report.ood_threshold_after = scorer.threshold
         report.accepted_after = float(np.mean(scores <= scorer.threshold))
 
-    adapted.config.adaptation = {"classes": lab_classes}
-    adapted.restrict_classes(None)  # the lab's classes are the adapted bundle's default answers
+    adapted.restrict_classes(lab_classes)  # as loading the saved bundle will (its default answers)
     probs = adapted.calibrated_probs(after.logits)
     report.seconds = round(time.perf_counter() - start, 1)
     adapted.config.name = name or f"{bundle.name}-adapted"
