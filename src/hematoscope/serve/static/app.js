@@ -89,7 +89,9 @@ async function loadModels() {
     select.replaceChildren(...body.data.map((m) => {
       const adapted = m.adapted_to ? `, adapted to ${m.adapted_to}` : "";
       const opt = new Option(`${m.name} (${m.kind}${adapted})`, m.name, m.default, m.default);
-      opt.title = `${m.labels.length} classes, explanation: ${m.explanation}`;
+      const among = m.answerable_classes && m.answerable_classes.length < m.labels.length
+        ? `; answers among ${m.answerable_classes.join(", ")}` : "";
+      opt.title = `${m.labels.length} classes, explanation: ${m.explanation}${among}`;
       return opt;
     }));
     if (!$("#status").textContent.startsWith("Classif")) setStatus("");
