@@ -113,7 +113,7 @@ def markdown_table(results: dict) -> str:
             for name, f in r["few_labels"].items():
                 for head, by_shots in f["heads"].items():
                     few.append(f"| {key} | {name}, {f['views']} views | {head} | " + " | ".join(shots(by_shots)) + " |")
-        else:  # entries of 2026-11-29 and before: a logistic-regression head, 1 view
+        elif "few_labels_adapted" in r:  # entries of 2026-11-29 and before: a logistic-regression head, 1 view
             few.append(f"| {key} | adapted model, 1 view | lr | " + " | ".join(shots(r["few_labels_adapted"])) + " |")
             if "few_labels_fewshot_default" in r:
                 f = r["few_labels_fewshot_default"]
