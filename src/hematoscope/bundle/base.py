@@ -534,7 +534,6 @@ class Bundle(ABC):
         saved copy to work with that).
         """
         from hematoscope import __version__
-        from hematoscope.bundle.ood import OOD_FILE
 
         path = Path(path)
         self.config.hematoscope_version = __version__
@@ -547,8 +546,7 @@ class Bundle(ABC):
                     for name, f in sorted({**kept, **written}.items()):
                         zf.write(f, name)
             return path
-        managed = {"config.json", "metrics.json", "README.md", OOD_FILE, *self.weight_files}
-        with _io.updated_dir(path, remove=managed - set(kept), last=("config.json",)) as d:
+        with _io.updated_dir(path, remove=self._format_files() - set(kept), last=("config.json",)) as d:
             self._write_files(d)
         return path
 
@@ -560,15 +558,19 @@ class Bundle(ABC):
         same = [p for p in (self.directory, self.path) if p is not None and Path(p).resolve() == target.resolve()]
         return Path(self.directory) if same else None
 
+    def _format_files(self) -> set[str]:
+        """The top-level files of the bundle format this kind may write."""
+        from hematoscope.bundle.ood import OOD_FILE
+
+        return {"config.json", "metrics.json", "README.md", OOD_FILE, *self.weight_files}
+
     def _kept_files(self, target: Path) -> dict[str, Path]:
         """Files ``save(target)`` keeps without writing them (name -> where they are now): saving
         back home, the files of the bundle's directory that are not the format's own."""
-        from hematoscope.bundle.ood import OOD_FILE
-
         home = self._home(target)
         if home is None:
             return {}
-        own = {"config.json", "metrics.json", "README.md", OOD_FILE, *self.weight_files}
+        own = self._format_files()
         return {f.name: f for f in home.iterdir() if f.is_file() and f.name not in own}
 
     def _write_files(self, d: Path) -> None:
