@@ -305,8 +305,7 @@ class NeuralBundle(Bundle):
         if not 0 <= mix <= 1:
             raise BundleError(f"mix must be in [0, 1]; got {mix}")
         use(mix)
-        self.directory, self._runner = None, None
-        self.config.model.clear("onnx")
+        self._network_changed()
         return {"method": f"AdaBN (BatchNorm running mean/variance re-estimated, mixed {mix:g} new : "
                           f"{1 - mix:g} trained)", "batchnorm_layers": layers, "mix": mix,
                 "mix_chosen_by": "lowest mean prediction entropy" if entropy else "user",
@@ -325,11 +324,16 @@ class NeuralBundle(Bundle):
 
         x = torch.from_numpy(np.concatenate([self.preprocess(images[i:i + 64]) for i in range(0, len(images), 64)]))
         losses = tune_unlabelled(self.net, x, list(classes), epochs=epochs, seed=seed)
-        self.directory, self._runner = None, None
-        self.config.model.clear("onnx")
+        self._network_changed()
         return {"method": "SHOT information maximisation + centroid pseudo-labels (network and BatchNorm "
                           "statistics tuned, classifier layer fixed)", "epochs": epochs,
                 "loss_by_epoch": [round(v, 4) for v in losses]}
+
+    def _network_changed(self) -> None:
+        """After the network was changed in memory: its directory's files (``model.onnx`` above
+        all) no longer match it, so inference runs it with torch until it is exported again."""
+        self.directory, self._runner = None, None
+        self.config.model.clear("onnx")
 
     # --- persistence -------------------------------------------------------------------
     def _kept_files(self, target: Path) -> dict[str, Path]:
