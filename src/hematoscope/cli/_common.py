@@ -52,3 +52,8 @@ def apply_tta(bundle, views: int | None) -> None:
     """Use ``views`` test-time views when given (a ValueError for kinds without them)."""
     if views is not None:
         bundle.set_tta(views)
+
+
+def class_list(text: str | None) -> list[str] | None:
+    """A ``--classes`` value (comma-separated, spaces allowed) as class names; None when not given."""
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, err_console, user_errors
+from hematoscope.cli._common import class_list, console, err_console, user_errors
 
 
 def adapt(
@@ -67,7 +67,7 @@ def adapt(
 
         label = source or Path(paths[0].rstrip("/")).name
         adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr,
-                                       mix=mix, classes=classes.split(",") if classes else None,
+                                       mix=mix, classes=class_list(classes),
                                        tune_epochs=tune_epochs if tune else 0)
         had_onnx = original.config.model.onnx is not None
         saved = adapted.save(out)

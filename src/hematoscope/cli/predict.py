@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import TtaOption, console, err_console, fail, user_errors
+from hematoscope.cli._common import TtaOption, class_list, console, err_console, fail, user_errors
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Per-image rows printed when no --out file is given.
@@ -70,7 +70,7 @@ def predict(
         from hematoscope.progress import track
 
         bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
-                                    classes=classes.split(",") if classes else None)
+                                    classes=class_list(classes))
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         items = expand_paths(paths)
@@ -154,7 +154,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
-                         classes=classes.split(",") if classes else None,
+                         classes=class_list(classes),
                          report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:
