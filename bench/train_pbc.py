@@ -79,9 +79,12 @@ def main() -> None:
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
     ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (TrainConfig "
                     "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
+    ap.add_argument("--norm", choices=("batch", "group"), default="batch",
+                    help="normalisation layers (TrainConfig norm): group = GroupNorm in place of BatchNorm")
     ap.add_argument("--name", default="hematoscope-pbc-lite0-crosslab", help="bundle name")
     args = ap.parse_args()
     recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
+    recipe = {**recipe, "norm": args.norm} if args.norm != "batch" else recipe
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     import torch
@@ -153,7 +156,9 @@ def main() -> None:
                           "trust": val_metrics.get("trust")}
         bundle.config.training.split_file_sha256_full = results["split_file_sha256"]
         bundle.config.training.reproduce = "python bench/train_pbc.py --ship" + (
-            f" --frozen-bn --name {args.name} --epochs {timing.get('epochs', args.epochs)}" if args.frozen_bn else "")
+            f"{' --frozen-bn' if args.frozen_bn else ''}{f' --norm {args.norm}' if args.norm != 'batch' else ''}"
+            f" --name {args.name} --epochs {timing.get('epochs', args.epochs)}"
+            if args.frozen_bn or args.norm != "batch" else "")
         bundle.config.model.dtype = "float16"
         bundle.save(DEFAULT_MODEL)
         size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())

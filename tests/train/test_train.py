@@ -240,6 +240,27 @@ def test_mixstyle_and_random_conv_train_a_loadable_bundle(synthetic_root, tmp_pa
     assert np.isfinite(bundle.predict(sorted(synthetic_root.rglob("*.png"))[:3]).probs).all()
 
 
+def test_group_norm_trains_a_bundle_that_reloads_and_exports_as_group_norm(synthetic_root, tmp_path):
+    from hematoscope.export.onnx import FP32_TOLERANCE, export_onnx
+
+    result = train(tiny_config(synthetic_root, tmp_path / "run", epochs=1, norm="group", fit_trust=False))
+    bundle = load_bundle(result.bundle_path)
+    assert bundle.config.model.norm == "group"
+    norms = {type(m).__name__ for m in bundle.net.modules() if "Norm" in type(m).__name__}
+    assert norms == {"GroupNormAct"}
+    images = sorted(synthetic_root.rglob("*.png"))[:6]
+    report = export_onnx(bundle, tmp_path / "exported")
+    assert report.max_prob_diff < FP32_TOLERANCE
+    exported = load_bundle(tmp_path / "exported")
+    exported.use_backend("onnx")
+    np.testing.assert_allclose(exported.predict(images).probs, bundle.predict(images).probs, atol=1e-4)
+
+
+def test_frozen_bn_with_group_norm_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="frozen_bn"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), norm="group", frozen_bn=True)
+
+
 def _epoch_losses(run_dir) -> list[float]:
     """Per-epoch training losses from the run's CSV logs (all versions: a resume appends one)."""
     import pandas as pd

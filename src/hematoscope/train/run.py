@@ -152,7 +152,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     preprocess = data.preprocess  # with the colour reference of the training images
     bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
                                  weights=None if resume else config.weights, name=config.name or run_dir.name,
-                                 dtype=config.weights_dtype, drop_rate=config.drop_rate)
+                                 dtype=config.weights_dtype, drop_rate=config.drop_rate, norm=config.norm)
     bundle.config.model.weights_source = weights_reference(config.weights)
     module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
     trainer.log_every_n_steps = max(1, min(50, data.steps_per_epoch()))
