@@ -231,3 +231,19 @@ def test_a_kind_without_a_network_cannot_be_tuned(tiny_classical_bundle, lab_ima
     classical = load_bundle(tiny_classical_bundle)
     with pytest.raises(BundleError, match="cannot be tuned"):
         adapt_bundle(classical, lab_images, tune_epochs=1)
+
+
+def test_a_group_norm_network_keeps_its_weights_and_only_refits_ood(lab_images):
+    import torch
+
+    from hematoscope.bundle.neural import NeuralBundle
+    from hematoscope.models.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    bundle = NeuralBundle.create(["lymphocyte", "monocyte", "neutrophil"], arch="test_efficientnet", weights=None,
+                                 preprocess=Preprocess(size=32), norm="group")
+    adapted, report = adapt_bundle(bundle, lab_images, source="lab-g")
+    before, after = bundle.net.state_dict(), adapted.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert report.statistics["batchnorm_layers"] == 0 and report.statistics["method"].startswith("none")
+    assert adapted.config.model.norm == "group"

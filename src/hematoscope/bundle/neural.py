@@ -283,9 +283,12 @@ class NeuralBundle(Bundle):
 
         from hematoscope.bundle.neural_torch import TorchRunner, adapt_batchnorm, batchnorm_statistics
 
+        trained = {k: v.clone() for k, v in batchnorm_statistics(self.net).items()}
+        if not trained:  # e.g. GroupNorm: statistics come from each image already
+            return {"method": "none (the network has no BatchNorm layers; its normalisation uses each image's "
+                              "own statistics)", "batchnorm_layers": 0}
         batches = [torch.from_numpy(self.preprocess(images[i:i + batch_size]))
                    for i in range(0, len(images), batch_size)]
-        trained = {k: v.clone() for k, v in batchnorm_statistics(self.net).items()}
         layers = adapt_batchnorm(self.net, batches)
         new = {k: v.clone() for k, v in batchnorm_statistics(self.net).items()}
 
