@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
     ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (TrainConfig "
                     "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
-    ap.add_argument("--norm", choices=("batch", "group"), default="batch",
+    ap.add_argument("--norm", choices=("batch", "group", "group_early"), default="batch",
                     help="normalisation layers (TrainConfig norm): group = GroupNorm in place of BatchNorm")
     ap.add_argument("--name", default="hematoscope-pbc-lite0-crosslab", help="bundle name")
     args = ap.parse_args()

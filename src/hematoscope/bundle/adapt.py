@@ -131,6 +131,13 @@ def _copy(bundle: "Bundle") -> "Bundle":
     return copy
 
 
+def held_out(n: int, seed: int) -> np.ndarray:
+    """Mask of the crops (a fifth, at least 10) that set the adapted OOD threshold."""
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(seed).choice(n, max(10, n // 5), replace=False)] = True
+    return held
+
+
 def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed images", name: str | None = None,
                  target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0,
                  mix: float | None = None, classes: Sequence[str] | None = None,
@@ -145,7 +152,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         name: the adapted bundle's name (default: ``<name>-adapted``).
         target_tpr: share of the new lab's held-out crops the OOD flag accepts.
         batch_size: images per forward pass.
-        seed: seed of the held-out fifth.
+        seed: seed of the held-out fifth (the crops the OOD threshold is set on, which tuning
+            does not see) and of tuning.
         mix: share of the new lab's normalisation statistics (0 = as trained, 1 = the lab's
             own); None = the kind chooses (neural: the lowest mean prediction entropy).
         classes: the classes the lab's crops can hold (e.g. the 5 white-cell types), recorded in
@@ -177,16 +185,19 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
                           f"{len(arrays)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
     report = AdaptReport(images=len(arrays), sha256=content_hash(digests), skipped=skipped)
 
+    # tuning never sees the crops the OOD threshold is set on: set on crops it trained on, the
+    # threshold would flag a lab's new cells far beyond the target rate
+    held = held_out(len(arrays), seed)
+
     adapted = _copy(bundle)
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
     report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size, mix=mix)
     if tune_epochs:
-        report.tuning = adapted._tune_unlabelled(arrays, classes=[bundle.labels.index(c) for c in lab_classes],
+        report.tuning = adapted._tune_unlabelled([a for a, h in zip(arrays, held) if not h],
+                                                 classes=[bundle.labels.index(c) for c in lab_classes],
                                                  epochs=tune_epochs, seed=seed)
+        report.tuning["images"] = int((~held).sum())
     after = _outputs(adapted, arrays, batch_size)
-
-    held = np.zeros(len(arrays), bool)
-    held[np.random.default_rng(seed).choice(len(arrays), max(10, len(arrays) // 5), replace=False)] = True
     if bundle.config.ood is not None:
         from hematoscope.bundle.ood import get_scorer
 

@@ -76,7 +76,7 @@ class NeuralModel(ModelSection):
     weights_source: str | None = None
     #: On-disk weight dtype.
     dtype: str = "float32"
-    #: Normalisation layers the network is built with ("batch" or "group", see models.backbones.NORMS).
+    #: Normalisation layers the network is built with (see models.backbones.NORMS).
     norm: str = "batch"
     #: What ``hematoscope export`` wrote and how it compared with PyTorch (None: not exported).
     onnx: dict[str, Any] | None = None

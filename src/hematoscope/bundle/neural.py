@@ -130,7 +130,7 @@ class NeuralBundle(Bundle):
             name: bundle name.
             dtype: on-disk weight dtype, ``"float32"`` or ``"float16"``.
             drop_rate: dropout before the classifier (training only).
-            norm: normalisation layers, "batch" or "group" (see models.backbones.NORMS).
+            norm: normalisation layers (see models.backbones.NORMS).
             backend: inference backend (see module docstring).
 
         Raises:

@@ -32,11 +32,16 @@ PACKAGED_WEIGHTS = {SSL_PBC_WEIGHTS: ("efficientnet_lite0", "lite0_simclr_pbc.sa
 
 
 #: Normalisation layers a backbone can be built with (``TrainConfig.norm``, ``config.model.norm``):
-#: "batch" as the architecture defines it, or "group": GroupNorm with 8 groups in place of every
-#: BatchNorm, whose statistics come from each image alone, so they do not shift with a lab's
-#: stain the way dataset statistics do (Tsutsui et al., ICASSP 2023). Pretrained BatchNorm scales
-#: and shifts carry over; its running statistics are dropped.
-NORMS = ("batch", "group")
+#: "batch" as the architecture defines it; "group": GroupNorm with 8 groups in place of every
+#: BatchNorm (statistics of each image alone, which do not shift with a lab's stain the way
+#: dataset statistics do; Tsutsui et al., ICASSP 2023), for networks trained from scratch: from
+#: BatchNorm-pretrained weights its pooled features start out nearly constant and fine-tuning
+#: does not recover (docs/crosslab.md); "group_early": GroupNorm in the stem and the first three
+#: stages only, BatchNorm deeper (as IBN-Net puts instance normalisation where style lives and
+#: keeps batch statistics where content does). Converted layers keep the pretrained scales and
+#: shifts; their running statistics are dropped.
+NORMS = ("batch", "group", "group_early")
+_EARLY_STAGES = 3
 
 
 class WeightsError(ValueError):
@@ -202,11 +207,37 @@ def _classifier_keys(model) -> list[str]:
 def _norm_layer(norm: str) -> dict:
     if norm not in NORMS:
         raise WeightsError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    if norm == "batch":
+    if norm != "group":
         return {}
     from timm.layers.norm_act import GroupNormAct
 
     return {"norm_layer": functools.partial(GroupNormAct, num_groups=8)}
+
+
+def _group_norm_early(model) -> None:
+    """GroupNorm (8 groups) in place of the BatchNorm layers of the stem and first stages."""
+    import torch.nn as nn
+    from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise WeightsError("norm group_early needs a network with a stem and stages (.blocks), e.g. EfficientNet")
+
+    def group(bn: BatchNormAct2d) -> GroupNormAct:
+        gn = GroupNormAct(bn.num_features, num_groups=8, eps=bn.eps, apply_act=False)
+        gn.act, gn.drop = bn.act, bn.drop
+        gn.weight.data.copy_(bn.weight.data)
+        gn.bias.data.copy_(bn.bias.data)
+        return gn
+
+    parents = [m for part in (getattr(model, "bn1", None), *list(blocks)[:_EARLY_STAGES]) if isinstance(part, nn.Module)
+               for m in part.modules()]
+    if isinstance(getattr(model, "bn1", None), BatchNormAct2d):
+        model.bn1 = group(model.bn1)
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                setattr(parent, name, group(child))
 
 
 def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: str | Path | None = OFFLINE_WEIGHTS,
@@ -240,6 +271,8 @@ def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: 
         if "Unknown model" in str(exc) or "Invalid model" in str(exc):
             raise WeightsError(f"unknown architecture {arch!r}; see timm.list_models()") from None
         raise
+    if norm == "group_early":
+        _group_norm_early(model)
     if weights is not None and not hub:
         load_weights_into(model, weights)
     return model

@@ -40,9 +40,8 @@ class TrainConfig(BaseModel):
     backbone_lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     freeze_epochs: int = Field(0, ge=0, description="train only the head for this many epochs first")
-    norm: Literal["batch", "group"] = Field("batch", description="normalisation layers: batch (as the "
-                                            "architecture defines them) or group (GroupNorm, 8 groups, in place of "
-                                            "every BatchNorm; statistics from each image alone)")
+    norm: Literal["batch", "group", "group_early"] = Field(
+        "batch", description="normalisation layers: batch (as the architecture defines them), group (GroupNorm, 8 groups, in place of every BatchNorm: for training from scratch) or group_early (GroupNorm in the stem and first three stages, BatchNorm deeper; see models.backbones.NORMS)")
     frozen_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics at their pretrained "
                             "values (layers in eval mode; their scale and shift still learn), a known guard "
                             "against shift between labs")
@@ -103,8 +102,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.frozen_bn and self.norm != "batch":
-            raise ValueError("frozen_bn keeps BatchNorm statistics; a network with norm: group has none")
+        if self.frozen_bn and self.norm == "group":
+            raise ValueError("frozen_bn keeps BatchNorm statistics; group-normalised layers have none")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
         return self
