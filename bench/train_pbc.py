@@ -81,10 +81,14 @@ def main() -> None:
                     "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
     ap.add_argument("--norm", choices=("batch", "group", "group_early"), default="batch",
                     help="normalisation layers (TrainConfig norm): group = GroupNorm in place of BatchNorm")
+    ap.add_argument("--weights", default=RECIPE["weights"],
+                    help="starting weights (TrainConfig weights): imagenet-offline, or hematoscope-simclr-pbc (the "
+                    "shipped SimCLR Lite0, self-supervised on PBC's training images)")
     ap.add_argument("--name", default="hematoscope-pbc-lite0-crosslab", help="bundle name")
     args = ap.parse_args()
     recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
     recipe = {**recipe, "norm": args.norm} if args.norm != "batch" else recipe
+    recipe = {**recipe, "weights": args.weights}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     import torch
@@ -157,8 +161,9 @@ def main() -> None:
         bundle.config.training.split_file_sha256_full = results["split_file_sha256"]
         bundle.config.training.reproduce = "python bench/train_pbc.py --ship" + (
             f"{' --frozen-bn' if args.frozen_bn else ''}{f' --norm {args.norm}' if args.norm != 'batch' else ''}"
+            f"{f' --weights {args.weights}' if args.weights != RECIPE['weights'] else ''}"
             f" --name {args.name} --epochs {timing.get('epochs', args.epochs)}"
-            if args.frozen_bn or args.norm != "batch" else "")
+            if args.frozen_bn or args.norm != "batch" or args.weights != RECIPE["weights"] else "")
         bundle.config.model.dtype = "float16"
         bundle.save(DEFAULT_MODEL)
         size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
