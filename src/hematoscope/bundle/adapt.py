@@ -174,10 +174,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
     if tune_epochs < 0:
         raise ValueError(f"tune_epochs must be 0 or more; got {tune_epochs}")
-    lab_classes = list(bundle.labels) if classes is None else list(dict.fromkeys(classes))
-    unknown = [c for c in lab_classes if c not in bundle.labels]
-    if unknown or len(lab_classes) < 2:
-        raise BundleError(f"classes must be at least 2 of {', '.join(bundle.labels)}; got {', '.join(lab_classes)}")
+    lab_classes = list(bundle.labels) if classes is None else bundle.class_subset(classes)
     arrays, digests, skipped = decode_images(images, bundle.preprocess)
     if len(arrays) < MIN_IMAGES:
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "

@@ -344,14 +344,23 @@ class Bundle(ABC):
             if classes is None or set(classes) == set(self.labels):
                 self._answerable = None
                 return
+        wanted = self.class_subset(classes)
+        self._answerable = np.array([float(c in wanted) for c in self.labels])
+
+    def class_subset(self, classes: Sequence[str]) -> list[str]:
+        """``classes`` stripped, without repeats, checked to be at least 2 of :attr:`labels`.
+
+        Raises:
+            BundleError: a name that is not one of the bundle's labels, or fewer than 2 classes.
+        """
         wanted = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
         unknown = [c for c in wanted if c not in self.labels]
         if unknown:
             raise BundleError(f"not classes of {self.name!r}: {', '.join(unknown)}; "
                               f"its classes are {', '.join(self.labels)}")
         if len(wanted) < 2:
-            raise BundleError(f"restricting answers needs at least 2 classes, got {wanted}")
-        self._answerable = np.array([float(c in wanted) for c in self.labels])
+            raise BundleError(f"a subset of classes needs at least 2 of {', '.join(self.labels)}; got {wanted}")
+        return wanted
 
     @property
     def answerable_classes(self) -> list[str]:
