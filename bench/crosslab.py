@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--pbc-split", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab-split.csv",
                     help="split file of bench/train_pbc.py (its test rows are scored); skipped when absent")
     ap.add_argument("--adapt-images", type=int, default=300)
-    ap.add_argument("--tune-epochs", type=int, default=6, help="`adapt --tune` epochs (0 = skip that part)")
+    ap.add_argument("--tune-epochs", type=int, default=8, help="`adapt --tune` epochs (0 = skip that part)")
     ap.add_argument("--few-labels", default="all", help="few-label backbones to run: all, none, or names "
                     "(e.g. 'adapted + tuned model'); the stored results of the others are kept")
     ap.add_argument("--shots", default="1,5,10,20")

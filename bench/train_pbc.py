@@ -1,7 +1,7 @@
 """Train the shipped default model on PBC with the library's own ``train()``, evaluate it on a
 held-out test split, and (with --ship) install its bundle into src/hematoscope/default_model/.
 
-    python bench/train_pbc.py --data ../shared/data/pbc --run-dir ../runs/pbc-lite0 --ship
+    python bench/train_pbc.py --data ../shared/data/pbc --run-dir ../runs/pbc-lite0-ssl --ship
 
 Split (seed 0, saved in RUN_DIR/../pbc_split.csv): 80 % train / 10 % val / 10 % test, stratified
 by class; byte-identical files are grouped so duplicates never straddle two sides; unreadable
@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "train_pbc.json"
 DEFAULT_MODEL = REPO / "src" / "hematoscope" / "default_model"
 
-#: The cross-lab recipe (docs/crosslab.md): Lite0, 128 px crops of 144 px, AdamW 3e-4 / 1e-3,
-#: batch 64, label smoothing 0.1, cosine; per-image colour canonicalisation in the bundle's
-#: preprocessing and domain randomisation (stain, hue, gamma, optics, camera, framing) in training.
-RECIPE = dict(arch="efficientnet_lite0", weights="imagenet-offline", size=128, crop_pct=128 / 144, batch_size=64,
+#: The cross-lab recipe (docs/crosslab.md): Lite0 from the shipped SimCLR weights (self-supervised
+#: on PBC's unlabelled images, from ImageNet), 128 px crops of 144 px, AdamW 3e-4 / 1e-3, batch 64,
+#: label smoothing 0.1, cosine; per-image colour canonicalisation in the bundle's preprocessing and
+#: domain randomisation (stain, hue, gamma, optics, camera, framing) in training.
+RECIPE = dict(arch="efficientnet_lite0", weights="hematoscope-simclr-pbc", size=128, crop_pct=128 / 144, batch_size=64,
               lr=1e-3, backbone_lr=3e-4, label_smoothing=0.1, schedule="cosine", augment="basic",
               colour_norm="percentile", color_jitter=0.2, stain_jitter=0.1, hue_jitter=0.05, gamma_jitter=0.25,
               hed_jitter=0.05, noise=0.03, grey_prob=0.1, blur_prob=0.3, resample_prob=0.3, jpeg_prob=0.3,
@@ -74,17 +75,17 @@ def make_pbc_split(data: Path, out: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pbc")
-    ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-crosslab")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-ssl")
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
     ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (TrainConfig "
                     "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
     ap.add_argument("--norm", choices=("batch", "group", "group_early"), default="batch",
                     help="normalisation layers (TrainConfig norm): group = GroupNorm in place of BatchNorm")
     ap.add_argument("--weights", default=RECIPE["weights"],
-                    help="starting weights (TrainConfig weights): imagenet-offline, or hematoscope-simclr-pbc (the "
-                    "shipped SimCLR Lite0, self-supervised on PBC's training images)")
-    ap.add_argument("--name", default="hematoscope-pbc-lite0-crosslab", help="bundle name")
+                    help="starting weights (TrainConfig weights): hematoscope-simclr-pbc (the shipped SimCLR Lite0, "
+                    "self-supervised on PBC's unlabelled images) or imagenet-offline (the recipe before 2026-11-29)")
+    ap.add_argument("--name", default="hematoscope-pbc-lite0-ssl", help="bundle name")
     args = ap.parse_args()
     recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
     recipe = {**recipe, "norm": args.norm} if args.norm != "batch" else recipe
