@@ -144,7 +144,8 @@ class NeuralBundle(Bundle):
         config = BundleConfig(
             kind="neural", name=name, labels=list(labels), preprocess=preprocess.to_dict(),
             model={"arch": arch, "num_features": _pooled_width(model),
-                   "weights_source": None if weights is None else str(weights), "dtype": dtype, "norm": norm},
+                   "weights_source": None if weights is None else str(weights), "dtype": dtype,
+                   **({} if norm == "batch" else {"norm": norm})},  # bundles without it read as "batch"
         )
         from hematoscope.taxonomy import TAXONOMY
 
