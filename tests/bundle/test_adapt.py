@@ -248,3 +248,18 @@ def test_a_group_norm_network_keeps_its_weights_and_only_refits_ood(lab_images):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert report.statistics["batchnorm_layers"] == 0 and report.statistics["method"].startswith("none")
     assert adapted.config.model.norm == "group"
+
+
+def test_adapting_the_default_model_drops_its_per_view_trust_and_cascade_without_warnings(lab_images, tmp_path,
+                                                                                          caplog):
+    default = load_bundle("default")
+    assert default.config.cascade is not None and default.config.view_trust
+    adapted, _ = adapt_bundle(default, lab_images, source="lab-c", classes=WHITE)
+    assert adapted.config.cascade is None and not adapted.config.view_trust
+    assert adapted.config.adaptation["per_view_trust_dropped"] and adapted.config.adaptation["views"] == 1
+    assert "were dropped: it runs 1 fixed view(s)" in (adapted.save(tmp_path / "lab") / "README.md").read_text()
+    with caplog.at_level("WARNING"):
+        again = load_bundle(tmp_path / "lab")
+        pred = again.predict(lab_images[:8])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    assert set(pred.views) == {1} and again.view_mode == "1"

@@ -216,6 +216,11 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         adapted.config.ood = scorer.config()
         report.ood_threshold_after = scorer.threshold
         report.accepted_after = float(np.mean(scores <= scorer.threshold))
+    # per-view trust and the cascade were fitted on the trained lab's labelled cells with the old
+    # network and OOD reference: they no longer apply (as when `trust fit` refits one view count)
+    dropped = bool(adapted.config.view_trust or adapted.config.cascade)
+    adapted.config.view_trust, adapted.config.view_trust_of, adapted.config.cascade = {}, None, None
+    adapted._mode_scorers, adapted._warned = {}, set()
 
     adapted.restrict_classes(lab_classes)  # as loading the saved bundle will (its default answers)
     probs = adapted.calibrated_probs(after.logits)
@@ -231,6 +236,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         "statistics": report.statistics,
         "classes": lab_classes,
         "tuning": report.tuning or None,
+        "views": adapted.config.tta,
+        "per_view_trust_dropped": dropped,
         "ood_threshold_before": report.ood_threshold_before,
         "ood_threshold_after": report.ood_threshold_after,
         "held_out_accepted_after": report.accepted_after,

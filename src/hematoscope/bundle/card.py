@@ -31,6 +31,9 @@ def _adaptation_lines(a: dict | None, c) -> list[str]:
          "- weights, labels, preprocessing, temperature and abstain rule are as trained."),
         *([f"- the lab's crops hold {', '.join(a['classes'])}: the model answers among these by default "
            "(`predict --classes` changes that)."] if a.get("classes") and len(a["classes"]) < len(c.labels) else []),
+        *([f"- its per-view trust and adaptive-view cascade (fitted on the source lab's labelled cells) were "
+           f"dropped: it runs {a.get('views', c.tta)} fixed view(s) until `hematoscope trust fit` on a labelled split "
+           "of this lab"] if a.get("per_view_trust_dropped") else []),
         f"- share of these images accepted as like the training data before adapting: {_pct(a.get('accepted_before'))}",
         f"- answered with confidence after adapting: {_pct(a.get('answered_confidently'))}",
         "- the metrics below were measured before adaptation, on the source lab's images.",
