@@ -218,9 +218,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         report.accepted_after = float(np.mean(scores <= scorer.threshold))
     # per-view trust and the cascade were fitted on the trained lab's labelled cells with the old
     # network and OOD reference: they no longer apply (as when `trust fit` refits one view count)
-    dropped = bool(adapted.config.view_trust or adapted.config.cascade)
-    adapted.config.view_trust, adapted.config.view_trust_of, adapted.config.cascade = {}, None, None
-    adapted._mode_scorers, adapted._warned = {}, set()
+    dropped = adapted._retire_view_trust()
 
     adapted.restrict_classes(lab_classes)  # as loading the saved bundle will (its default answers)
     probs = adapted.calibrated_probs(after.logits)

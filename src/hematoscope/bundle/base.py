@@ -347,6 +347,16 @@ class Bundle(ABC):
         wanted = self.class_subset(classes)
         self._answerable = np.array([float(c in wanted) for c in self.labels])
 
+    def _retire_view_trust(self) -> bool:
+        """Drop the per-view trust entries and the cascade once the bundle-wide trust settings (or
+        the network under them) changed: they were fitted with the old ones and no longer apply.
+        Returns whether there were any."""
+        cfg = self.config
+        had = bool(cfg.view_trust or cfg.cascade)
+        cfg.view_trust, cfg.view_trust_of, cfg.cascade = {}, None, None
+        self._mode_scorers, self._warned = {}, set()
+        return had
+
     def class_subset(self, classes: Sequence[str]) -> list[str]:
         """``classes`` stripped, without repeats, checked to be at least 2 of :attr:`labels`.
 

@@ -134,9 +134,7 @@ def fit_trust(
     }
     bundle.metrics["calibration"] = calibration
     bundle.metrics["trust"] = trust
-    # one view count's settings: per-view entries and a cascade fitted before no longer apply
-    bundle.config.view_trust, bundle.config.view_trust_of, bundle.config.cascade = {}, None, None
-    bundle._mode_scorers, bundle._warned = {}, set()
+    bundle._retire_view_trust()  # one view count's settings: earlier per-view entries no longer apply
     bundle.trust_views = bundle.config.tta  # what these settings were fitted for
     return {"calibration": calibration, "ood": bundle.config.ood.model_dump(), **trust}
 
