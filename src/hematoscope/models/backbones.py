@@ -42,6 +42,7 @@ PACKAGED_WEIGHTS = {SSL_PBC_WEIGHTS: ("efficientnet_lite0", "lite0_simclr_pbc.sa
 #: shifts; their running statistics are dropped.
 NORMS = ("batch", "group", "group_early")
 _EARLY_STAGES = 3
+_GROUPS = 8  # divides every channel count of the EfficientNet family
 
 
 class WeightsError(ValueError):
@@ -211,12 +212,11 @@ def _norm_layer(norm: str) -> dict:
         return {}
     from timm.layers.norm_act import GroupNormAct
 
-    return {"norm_layer": functools.partial(GroupNormAct, num_groups=8)}
+    return {"norm_layer": functools.partial(GroupNormAct, num_groups=_GROUPS)}
 
 
 def _group_norm_early(model) -> None:
-    """GroupNorm (8 groups) in place of the BatchNorm layers of the stem and first stages."""
-    import torch.nn as nn
+    """GroupNorm in place of the BatchNorm layers of the stem and first stages."""
     from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
 
     blocks = getattr(model, "blocks", None)
@@ -224,17 +224,15 @@ def _group_norm_early(model) -> None:
         raise WeightsError("norm group_early needs a network with a stem and stages (.blocks), e.g. EfficientNet")
 
     def group(bn: BatchNormAct2d) -> GroupNormAct:
-        gn = GroupNormAct(bn.num_features, num_groups=8, eps=bn.eps, apply_act=False)
+        gn = GroupNormAct(bn.num_features, num_groups=_GROUPS, eps=bn.eps, apply_act=False)
         gn.act, gn.drop = bn.act, bn.drop
         gn.weight.data.copy_(bn.weight.data)
         gn.bias.data.copy_(bn.bias.data)
         return gn
 
-    parents = [m for part in (getattr(model, "bn1", None), *list(blocks)[:_EARLY_STAGES]) if isinstance(part, nn.Module)
-               for m in part.modules()]
-    if isinstance(getattr(model, "bn1", None), BatchNormAct2d):
+    if isinstance(getattr(model, "bn1", None), BatchNormAct2d):  # the stem's
         model.bn1 = group(model.bn1)
-    for parent in parents:
+    for parent in [m for stage in list(blocks)[:_EARLY_STAGES] for m in stage.modules()]:
         for name, child in list(parent.named_children()):
             if isinstance(child, BatchNormAct2d):
                 setattr(parent, name, group(child))
