@@ -160,11 +160,10 @@ def main() -> None:
                           "val": headline(val_metrics), "calibration": val_metrics.get("calibration"),
                           "trust": val_metrics.get("trust")}
         bundle.config.training.split_file_sha256_full = results["split_file_sha256"]
-        bundle.config.training.reproduce = "python bench/train_pbc.py --ship" + (
-            f"{' --frozen-bn' if args.frozen_bn else ''}{f' --norm {args.norm}' if args.norm != 'batch' else ''}"
-            f"{f' --weights {args.weights}' if args.weights != RECIPE['weights'] else ''}"
-            f" --name {args.name} --epochs {timing.get('epochs', args.epochs)}"
-            if args.frozen_bn or args.norm != "batch" or args.weights != RECIPE["weights"] else "")
+        changes = ([" --frozen-bn"] * args.frozen_bn + [f" --norm {args.norm}"] * (args.norm != "batch")
+                   + [f" --weights {args.weights}"] * (args.weights != RECIPE["weights"]))
+        bundle.config.training.reproduce = "python bench/train_pbc.py --ship" + "".join(changes) + (
+            f" --name {args.name} --epochs {timing.get('epochs', args.epochs)}" if changes else "")
         bundle.config.model.dtype = "float16"
         bundle.save(DEFAULT_MODEL)
         size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
