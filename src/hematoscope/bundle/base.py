@@ -31,7 +31,7 @@ from hematoscope._registry import Registry
 from hematoscope.bundle.config import (DEFAULT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS,  # noqa: F401
                                        BundleConfig, CascadeRule, ViewTrust)
 from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction
-from hematoscope.models.preprocess import TTA_VIEWS
+from hematoscope.models.preprocess import TTA_VIEWS, centre_crop
 
 if TYPE_CHECKING:
     from hematoscope.data.decode import DecodedBatch
@@ -500,8 +500,57 @@ class Bundle(ABC):
         """Classify one batch of decoded RGB uint8 arrays."""
         if len(images) == 0:
             return Prediction.empty(self.labels)
-        out = self.forward(images)
-        return self.decide(out, sources)
+        if not self.reframes:
+            return self.decide(self.forward(images), sources)
+        views = self.config.tta
+        outs = self.forward_views(images, views)
+        return self._reframe(images, sources, outs, self.decide(outs.averaged(views), sources, views), views)[2]
+
+    @property
+    def reframes(self) -> bool:
+        """Whether predictions run the framing search (:class:`ReframeRule`, needs an OOD scorer)."""
+        return self.config.reframe is not None and self.ood is not None
+
+    def set_reframe(self, zooms: Sequence[float] | None) -> None:
+        """Turn the framing search on with these centre-crop shares (e.g. ``[0.85, 0.75, 0.6]``)
+        or off (None); saved with the bundle."""
+        from hematoscope.bundle.config import ReframeRule
+
+        self.config.reframe = None if zooms is None else ReframeRule(zooms=list(zooms))
+
+    def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], outs: ViewOutputs,
+                 pred: Prediction, views: int) -> tuple[list[np.ndarray], ViewOutputs, Prediction]:
+        """The framing search on one batch answered from ``views`` views: each image ``pred``
+        flags as unlike training data is run again on the rule's centre crops and keeps the
+        framing with the lowest OOD score. Returns the images as framed, their outputs and
+        ``pred`` updated (``framing`` filled in for every image)."""
+        pred.framing = np.ones(len(pred))
+        take = np.flatnonzero(pred.ood_flag) if self.reframes else np.zeros(0, np.int64)
+        if len(take) == 0:
+            return list(images), outs, pred
+        scorer = self._scorer_for(self.trust_for(views))
+        framed, best = list(images), outs.take(take)
+        score, share = pred.ood_score[take].copy(), np.ones(len(take))
+        for zoom in self.config.reframe.zooms:
+            crops = [centre_crop(images[i], zoom) for i in take]
+            tried = self.forward_views(crops, views)
+            mean = tried.averaged(views)
+            with single_blas_thread():
+                s = np.asarray(scorer.score(features=mean.features, logits=mean.logits), dtype=np.float64)
+            better = np.flatnonzero(s < score)
+            score[better], share[better] = s[better], zoom
+            best.logits[:, better] = tried.logits[:, better]
+            if best.features is not None:
+                best.features[:, better] = tried.features[:, better]
+            for j in better:
+                framed[take[j]] = crops[j]
+        pred.replace(take, self.decide(best.averaged(views), [sources[i] for i in take], views))
+        pred.framing[take] = share
+        outs = ViewOutputs(outs.logits.copy(), None if outs.features is None else outs.features.copy())
+        outs.logits[:, take] = best.logits
+        if outs.features is not None:
+            outs.features[:, take] = best.features
+        return framed, outs, pred
 
     def calibrated_probs(self, logits: np.ndarray, views: int | None = None) -> np.ndarray:
         """Temperature-scaled probabilities, with the temperature fitted for ``views`` views,

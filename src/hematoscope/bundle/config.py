@@ -181,6 +181,28 @@ class CascadeRule(BaseModel):
         return value
 
 
+class ReframeRule(BaseModel):
+    """Framing search: a cell flagged as unlike the training data on its whole crop is run again
+    on centre crops of ``zooms`` of the crop's side, and answered from the framing whose features
+    look most like the training data (the lowest OOD score, the whole crop included).
+
+    Other labs frame cells differently (a small lymphocyte in a frame full of red cells, a
+    different magnification); the framing search finds the one the model knows without a
+    segmentation. Cells like the training data are not touched, so it costs time only on
+    flagged cells. Measured in docs/crosslab.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zooms: list[float] = Field(min_length=1)
+
+    @field_validator("zooms")
+    @classmethod
+    def _centre_crops(cls, value: list[float]) -> list[float]:
+        if any(not 0.3 <= z < 1 for z in value) or len(set(value)) != len(value):
+            raise ValueError(f"zooms must be distinct shares of the side in [0.3, 1); got {value}")
+        return value
+
+
 class BundleConfig(BaseModel):
     """Everything needed to rebuild a model and use it, written by the code that trained it."""
 
@@ -218,6 +240,8 @@ class BundleConfig(BaseModel):
     view_trust_of: str | None = None
     #: Adaptive views, the default way to predict when set (``--tta N`` forces N fixed views).
     cascade: CascadeRule | None = None
+    #: Framing search for cells flagged as unlike the training data; None = whole crops only.
+    reframe: ReframeRule | None = None
     #: Set by :func:`hematoscope.bundle.adapt.adapt_bundle`: the lab's images it was adapted on
     #: (name, count, content hash) and what changed; None = as trained.
     adaptation: dict[str, Any] | None = None

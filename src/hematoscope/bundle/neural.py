@@ -232,39 +232,35 @@ class NeuralBundle(Bundle):
 
     def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str]):
         """Classify one batch of decoded images: with the cascade when the bundle has one (see
-        :meth:`predict_tensor_cascade`), else with ``config.tta`` views."""
+        :meth:`predict_cascade`), else with ``config.tta`` views."""
         if not self.uses_cascade or len(images) == 0:
             return super().predict_arrays(images, sources)
-        return self.predict_tensor_cascade(self.preprocess(images), sources)
+        return self.predict_cascade(images, sources)
 
-    def predict_tensor_cascade(self, x: np.ndarray, sources: Sequence[str]):
-        """The adaptive-view cascade on a preprocessed batch: ``fast_views`` for every image, the
-        remaining views of ``slow_views`` only for the images the rule finds uncertain; each
-        image is answered with the trust fitted for the views it got (``Prediction.views``).
+    def predict_cascade(self, images: Sequence[np.ndarray], sources: Sequence[str]):
+        """The adaptive-view cascade on a batch: ``fast_views`` for every image (and the framing
+        search, :meth:`_reframe`, for those it flags), the remaining views of ``slow_views`` only
+        for the images the rule finds uncertain; each image is answered with the trust fitted for
+        the views it got (``Prediction.views``).
 
         The slow answers equal those of ``forward_tensor`` with ``slow_views`` views (the fast
         views' outputs are reused, not recomputed).
         """
         rule = self.config.cascade
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        fast_outs = [self.runner.run(v) for v in dihedral_views(x, rule.fast_views)]
-        has_features = fast_outs[0][1] is not None
-        fast = self.decide(ModelOutput(_average([o[0] for o in fast_outs]),
-                                       _average([o[1] for o in fast_outs]) if has_features else None),
-                           sources, views=rule.fast_views)
+        fast_outs = self.forward_views(images, rule.fast_views)
+        fast = self.decide(fast_outs.averaged(rule.fast_views), sources, views=rule.fast_views)
+        if self.reframes:
+            images, fast_outs, fast = self._reframe(images, sources, fast_outs, fast, rule.fast_views)
         take = np.flatnonzero(cascade_gate(fast.confidence, fast.ood_score, min_confidence=rule.min_confidence,
                                            max_ood=rule.max_ood, reject_ood=rule.reject_ood))
         if len(take) == 0:
             return fast
-        rest = [self.runner.run(v) for v in dihedral_views(x[take], rule.slow_views)[rule.fast_views:]]
-        logits = _average([o[0][take] for o in fast_outs] + [o[0] for o in rest])
-        feats = _average([o[1][take] for o in fast_outs] + [o[1] for o in rest]) if has_features else None
-        slow = self.decide(ModelOutput(logits, feats), [sources[i] for i in take], views=rule.slow_views)
-        fast.probs = fast.probs.copy()
-        for name in ("probs", "ood_score", "ood_flag", "abstain", "views"):
-            getattr(fast, name)[take] = getattr(slow, name)
-        for j, i in enumerate(take):
-            fast.abstain_reason[i] = slow.abstain_reason[j]
+        x = np.ascontiguousarray(self.preprocess([images[i] for i in take]), dtype=np.float32)
+        rest = [self.runner.run(v) for v in dihedral_views(x, rule.slow_views)[rule.fast_views:]]
+        logits = _average(list(fast_outs.logits[:, take]) + [o[0] for o in rest])
+        feats = (_average(list(fast_outs.features[:, take]) + [o[1] for o in rest])
+                 if fast_outs.features is not None else None)
+        fast.replace(take, self.decide(ModelOutput(logits, feats), [sources[i] for i in take], views=rule.slow_views))
         return fast
 
     def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64,

@@ -52,6 +52,10 @@ class Prediction:
     #: (N,) test-time views each answer was computed from (the cascade mixes 1 and 8); None
     #: when not recorded.
     views: np.ndarray | None = None
+    #: (N,) share of each image's side the answer was computed from (1 = the whole crop; less
+    #: when the bundle's framing search, :class:`~hematoscope.bundle.config.ReframeRule`, chose
+    #: a centre crop); None when the bundle has no framing search.
+    framing: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -84,6 +88,8 @@ class Prediction:
             }
             if self.views is not None:
                 row["views"] = int(self.views[i])
+            if self.framing is not None:
+                row["framing"] = round(float(self.framing[i]), 3)
             for r, (lab, p) in enumerate(top, 1):
                 row[f"top{r}"] = lab
                 row[f"top{r}_prob"] = round(p, 6)
@@ -107,7 +113,18 @@ class Prediction:
         index = np.asarray(index, dtype=np.int64)
         return Prediction(self.labels, self.probs[index], [self.sources[i] for i in index], self.ood_score[index],
                           self.ood_flag[index], self.abstain[index], [self.abstain_reason[i] for i in index],
-                          [], None if self.views is None else self.views[index])
+                          [], None if self.views is None else self.views[index],
+                          None if self.framing is None else self.framing[index])
+
+    def replace(self, index: np.ndarray, other: "Prediction") -> None:
+        """Overwrite the images at ``index`` with ``other``'s answers for them (same order)."""
+        self.probs = self.probs.copy()
+        for name in ("probs", "ood_score", "ood_flag", "abstain", "views", "framing"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None and theirs is not None:
+                mine[index] = theirs
+        for j, i in enumerate(index):
+            self.abstain_reason[i] = other.abstain_reason[j]
 
     @classmethod
     def empty(cls, labels: Sequence[str]) -> "Prediction":
@@ -130,10 +147,16 @@ class Prediction:
             abstain=np.concatenate([p.abstain for p in parts]),
             abstain_reason=[r for p in parts for r in p.abstain_reason],
             skipped=[s for p in parts for s in p.skipped],
-            views=(np.concatenate([p.views for p in parts if p.views is not None])
-                   if all(p.views is not None or len(p) == 0 for p in parts) and any(p.views is not None for p in parts)
-                   else None),
+            views=_concat_optional([p.views for p in parts], parts),
+            framing=_concat_optional([p.framing for p in parts], parts),
         )
+
+
+def _concat_optional(arrays: list[np.ndarray | None], parts: Sequence[Prediction]) -> np.ndarray | None:
+    """A per-image column over ``parts``: None unless every non-empty part recorded it."""
+    if all(a is not None or len(p) == 0 for a, p in zip(arrays, parts)) and any(a is not None for a in arrays):
+        return np.concatenate([a for a in arrays if a is not None])
+    return None
 
 
 @dataclass

@@ -48,6 +48,14 @@ TtaOption = Annotated[Optional[int], typer.Option(
                   "slower and flag unknown cell types better.")]
 
 
+#: ``--reframe/--no-reframe`` for commands that run a bundle on images.
+ReframeOption = Annotated[Optional[bool], typer.Option(
+    "--reframe/--no-reframe", show_default=False,
+    help="Framing search: cells flagged as unlike the training data are tried again on centre crops "
+         "(default: the bundle's own setting; the shipped model has it on). --no-reframe answers every "
+         "cell from its whole crop.")]
+
+
 def apply_tta(bundle, views: int | None) -> None:
     """Use ``views`` test-time views when given (a ValueError for kinds without them)."""
     if views is not None:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import TtaOption, apply_tta, console, user_errors
+from hematoscope.cli._common import ReframeOption, TtaOption, apply_tta, console, user_errors
 
 
 def evaluate_cmd(
@@ -23,6 +23,7 @@ def evaluate_cmd(
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     tta: TtaOption = None,
+    reframe: ReframeOption = None,
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix and calibration.
 
@@ -39,6 +40,8 @@ def evaluate_cmd(
 
         bundle = load_bundle(bundle_path)  # "default": the shipped model
         apply_tta(bundle, tta)
+        if reframe is False:
+            bundle.set_reframe(None)
         table = read_dataset(data, reader=reader)
         if "split" in table:
             chosen = split or ("test" if (table["split"] == "test").any() else None)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import TtaOption, class_list, console, err_console, fail, user_errors
+from hematoscope.cli._common import ReframeOption, TtaOption, class_list, console, err_console, fail, user_errors
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Per-image rows printed when no --out file is given.
@@ -32,6 +32,7 @@ def predict(
                                                            help="Abstain when the top probability is below "
                                                            "this (default: the bundle's own threshold).")] = None,
     tta: TtaOption = None,
+    reframe: ReframeOption = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Answer only among these classes, "
                                                    "comma-separated (e.g. a 5-part white-cell differential: "
                                                    "basophil,eosinophil,lymphocyte,monocyte,neutrophil); "
@@ -57,7 +58,7 @@ def predict(
     if engine == "ray":
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
                             backend=backend, abstain_below=abstain_below, tta=tta, classes=classes, address=address,
-                            shard_dir=shard_dir, actors=actors)
+                            shard_dir=shard_dir, actors=actors, reframe=reframe)
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
@@ -70,7 +71,7 @@ def predict(
         from hematoscope.progress import track
 
         bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
-                                    classes=class_list(classes))
+                                    classes=class_list(classes), reframe=reframe)
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         items = expand_paths(paths)
@@ -78,6 +79,7 @@ def predict(
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
         diff, skipped, shown = empty_differential(bundle.labels), [], []
         views_used: dict[int, int] = {}
+        reframed = 0
         start = time.perf_counter()
         try:
             batches = predict_sources(bundle, items, batch_size=batch_size, workers=workers)
@@ -88,6 +90,8 @@ def predict(
                 if pred.views is not None:
                     for v, n in zip(*np.unique(pred.views, return_counts=True)):
                         views_used[int(v)] = views_used.get(int(v), 0) + int(n)
+                if pred.framing is not None:
+                    reframed += int(np.sum(pred.framing < 1))
                 if writer:
                     writer.add(pred)
                 elif sum(map(len, shown)) < SHOWN_ROWS:
@@ -121,6 +125,10 @@ def predict(
                           f"the others {rule.fast_views})", highlight=False)
     elif views_used:
         out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
+    if bundle.reframes and done:
+        out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data whole and "
+                          "were answered from a centre crop (column framing; --no-reframe to turn off)",
+                          highlight=False)
     if bundle.answerable_classes != bundle.labels:
         why = "" if classes else " (the classes the model was adapted to; --classes to change)"
         out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}{why}", highlight=False)
@@ -132,8 +140,7 @@ def predict(
 
 
 def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, classes,
-                 address,
-                 shard_dir, actors) -> None:
+                 address, shard_dir, actors, reframe) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
     if shard_dir is None:
@@ -154,7 +161,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
-                         classes=class_list(classes),
+                         classes=class_list(classes), reframe=reframe,
                          report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:

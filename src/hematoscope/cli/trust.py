@@ -35,6 +35,10 @@ def fit_cmd(
                       "fitted for every view count).")] = None,
     cascade: Annotated[bool, typer.Option("--cascade/--no-cascade", help="Fit the adaptive-view cascade and make "
                                           "it the default (bundles with views).")] = True,
+    reframe_zooms: Annotated[Optional[str], typer.Option(
+        "--reframe-zooms", help="Framing search for cells flagged as unlike the training data: centre-crop shares "
+                                "of the side to try, comma-separated (the shipped model: 0.85,0.75,0.6), or 'none' "
+                                "to turn it off (default: keep the bundle's).")] = None,
 ) -> None:
     """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split,
     for every view count (1, 2, 4, 8) and the cascade, from one pass of the model over all 8
@@ -50,8 +54,11 @@ def fit_cmd(
         raise typer.BadParameter(f"choose one of {', '.join(list_scorers())}", param_hint="--method")
     if tta is not None and tta not in TTA_VIEWS:
         raise typer.BadParameter(f"choose one of {', '.join(map(str, TTA_VIEWS))}", param_hint="--tta")
+    zooms = _zooms(reframe_zooms)
     with user_errors():
         bundle = load_bundle(bundle_path)
+        if reframe_zooms is not None:
+            bundle.set_reframe(zooms)
         if tta is not None and tta != 1 and not bundle.supports_tta:
             raise ValueError(f"{bundle.kind!r} bundles do not support test-time views")
         table = read_dataset(data)
@@ -94,7 +101,21 @@ def fit_cmd(
                 f"{val.get('agreement_with_reference', 1.0):.1%} of val", highlight=False)
     else:
         c.print(f"default: {report['default_views']} fixed view{'s' if report['default_views'] > 1 else ''}")
+    if bundle.config.reframe is not None:
+        c.print(f"framing search: cells flagged on the whole crop are tried at "
+                f"{', '.join(f'{z:g}' for z in bundle.config.reframe.zooms)} of the side", highlight=False)
     c.print(f"saved {target}")
+
+
+def _zooms(text: str | None) -> list[float] | None:
+    """A ``--reframe-zooms`` value as centre-crop shares; None for 'none' (or not given)."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    try:
+        return [float(z) for z in text.split(",") if z.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated numbers or 'none'; got {text!r}",
+                                 param_hint="--reframe-zooms") from None
 
 
 @trust_app.command("eval")

@@ -284,3 +284,11 @@ def dihedral_views(x: np.ndarray, n: int) -> list[np.ndarray]:
         rotated = np.rot90(x, k, axes=(2, 3))
         views += [rotated, rotated[..., ::-1]]
     return [np.ascontiguousarray(v) for v in views[:n]]
+
+
+def centre_crop(image: np.ndarray, share: float) -> np.ndarray:
+    """The centre of an HWC image, ``share`` of each side (at least 1 px), as a view."""
+    h, w = image.shape[:2]
+    ch, cw = max(1, round(h * share)), max(1, round(w * share))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return image[top:top + ch, left:left + cw]

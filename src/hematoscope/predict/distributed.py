@@ -56,7 +56,7 @@ SHARD_DIR = "shards"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 #: Result columns added to each input row.
 RESULT_COLUMNS = ("error", "prediction", "confidence", "abstain", "abstain_reason", "ood_score", "ood_flag", "views",
-                  "probs")
+                  "framing", "probs")
 _FORMAT = 1
 
 
@@ -75,7 +75,8 @@ def _result_schema() -> "pa.Schema":
 
     return pa.schema([("error", pa.string()), ("prediction", pa.string()), ("confidence", pa.float64()),
                       ("abstain", pa.bool_()), ("abstain_reason", pa.string()), ("ood_score", pa.float64()),
-                      ("ood_flag", pa.bool_()), ("views", pa.int32()), ("probs", pa.list_(pa.float64()))])
+                      ("ood_flag", pa.bool_()), ("views", pa.int32()), ("framing", pa.float64()),
+                      ("probs", pa.list_(pa.float64()))])
 
 
 class _Inputs:
@@ -207,6 +208,7 @@ def classify_table(bundle: "Bundle", table: "pa.Table", *, batch_size: int = 64,
         cols["ood_score"][i] = float(pred.ood_score[k])
         cols["ood_flag"][i] = bool(pred.ood_flag[k])
         cols["views"][i] = None if views is None else int(views[k])
+        cols["framing"][i] = None if pred.framing is None else float(pred.framing[k])
         cols["probs"][i] = [float(p) for p in probs]
     answered = len(pred) + len(pred.skipped)
     if answered != n or any(e is None and p is None for e, p in zip(cols["error"], cols["prediction"])):
@@ -240,10 +242,10 @@ class BundlePredictor:
 
     def __init__(self, model: str | None = None, *, tta: int | None = None, abstain_below: float | None = None,
                  backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None,
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, reframe: bool | None = None):
         cpus = _assigned_cpus()
         self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus,
-                                         classes=classes)
+                                         classes=classes, reframe=reframe)
         self.batch_size = batch_size
         self.workers = decode_threads or cpus + 1
         self.inputs = _Inputs()
@@ -255,7 +257,7 @@ class BundlePredictor:
 def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, tta: int | None = None,
                     abstain_below: float | None = None, backend: str = "auto", batch_size: int = 64,
                     actors: int | None = None, cpus_per_actor: float = 1, decode_threads: int | None = None,
-                    classes: Sequence[str] | None = None) -> "ray.data.Dataset":
+                    classes: Sequence[str] | None = None, reframe: bool | None = None) -> "ray.data.Dataset":
     """Classify the images a Ray Dataset names; lazy, like every Ray Data transform.
 
     Args:
@@ -263,7 +265,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
             pyarrow's filesystems read: ``s3://``, ``gs://``, ``hdfs://``), optionally
             ``source`` (the name in outputs), ``member`` (zip member) and ``reason``.
         model: bundle directory or zip, readable on every node (default: the shipped model).
-        tta, abstain_below, backend, classes: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe: as ``hematoscope predict``.
         batch_size: images per model call.
         actors: size of the actor pool (default: the cluster's CPUs / ``cpus_per_actor``).
         cpus_per_actor: CPUs reserved per actor (its model session's threads).
@@ -282,7 +284,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(model=None if model is None else str(model), tta=tta, abstain_below=abstain_below,
                                    backend=backend, batch_size=batch_size, decode_threads=decode_threads,
-                                   classes=None if classes is None else list(classes)),
+                                   classes=None if classes is None else list(classes), reframe=reframe),
     )
 
 
@@ -470,6 +472,7 @@ def run_job(
     abstain_below: float | None = None,
     backend: str = "auto",
     classes: Sequence[str] | None = None,
+    reframe: bool | None = None,
     report: str | Path | None = None,
     top_k: int = 3,
     num_cpus: int | None = None,
@@ -488,7 +491,7 @@ def run_job(
         address: Ray cluster to join (``ray start --head`` prints it); None: a local instance.
         shard_rows: rows per shard (fixed when the job is created).
         batch_size, actors, cpus_per_actor, decode_threads: see :func:`predict_dataset`.
-        tta, abstain_below, backend, classes, top_k: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, top_k: as ``hematoscope predict``.
         report: write the per-image ``.csv`` / ``.json`` report (as local predict) here.
         num_cpus: CPUs of a local instance (default: all).
         on_shard: called as ``on_shard(shard, rows)`` after each shard is written.
@@ -503,10 +506,12 @@ def run_job(
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes)
+    bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes,
+                                reframe=reframe)
     spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
             "shard_rows": shard_rows, "labels": bundle.labels, "tta": tta, "abstain_below": abstain_below,
-            "backend": backend, **({"classes": list(classes)} if classes else {})}
+            "backend": backend, **({"classes": list(classes)} if classes else {}),
+            **({"reframe": reframe} if reframe is not None else {})}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
     done_before = job["shards"] - len(pending)
@@ -516,7 +521,7 @@ def run_job(
         started = connect(address, num_cpus=num_cpus)
         try:
             _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
-                        classes=classes,
+                        classes=classes, reframe=reframe,
                         batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
                         decode_threads=decode_threads, on_shard=on_shard)
         finally:
@@ -593,7 +598,7 @@ def iter_shard_predictions(out_dir: str | Path, labels: Sequence[str], *, batch_
     for i in range(shards):
         table = pq.read_table(shard_path(out_dir, i))
         if carry is not None and carry.num_rows:
-            table = pa.concat_tables([carry, table])
+            table = pa.concat_tables([carry, table], promote_options="default")  # shards of an older version
         full = table.num_rows - table.num_rows % batch_size if i < shards - 1 else table.num_rows
         for s in range(0, full, batch_size):
             yield _prediction(table.slice(s, min(batch_size, full - s)), labels)
@@ -605,9 +610,10 @@ def _prediction(table: "pa.Table", labels: Sequence[str]) -> Prediction:
     ok = [i for i, e in enumerate(d["error"]) if e is None]
     probs = np.array([d["probs"][i] for i in ok], dtype=np.float64).reshape(len(ok), len(labels))
     extra = {}
-    views = d.get("views")
-    if ok and views is not None and all(views[i] is not None for i in ok):
-        extra["views"] = np.array([views[i] for i in ok], dtype=np.int64)
+    for column, dtype in (("views", np.int64), ("framing", np.float64)):
+        values = d.get(column)  # absent from shards written before the column existed
+        if ok and values is not None and all(values[i] is not None for i in ok):
+            extra[column] = np.array([values[i] for i in ok], dtype=dtype)
     return Prediction(
         labels=list(labels), probs=probs, sources=[d["source"][i] for i in ok],
         ood_score=np.array([d["ood_score"][i] for i in ok], dtype=np.float64),

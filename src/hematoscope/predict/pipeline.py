@@ -74,9 +74,10 @@ def predict_paths(
 
 def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
                        backend: str = "auto", threads: int | None = None,
-                       classes: Sequence[str] | None = None) -> "Bundle":
+                       classes: Sequence[str] | None = None, reframe: bool | None = None) -> "Bundle":
     """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
-    is None, the backend, test-time views, abstain threshold and answerable classes applied; an
+    is None, the backend, test-time views, abstain threshold, answerable classes and framing
+    search (``reframe=False`` turns the bundle's off; True keeps it) applied; an
     ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.default import default_bundle_path
@@ -91,4 +92,6 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
         bundle.set_tta(tta)
     if classes:
         bundle.restrict_classes(classes)
+    if reframe is False:
+        bundle.set_reframe(None)
     return bundle

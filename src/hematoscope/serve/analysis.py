@@ -282,6 +282,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
                     "ood_score": record["ood_score"],
                     "ood_flag": record["ood_flag"],
                     "views": record.get("views"),
+                    "framing": record.get("framing"),
                     "explanation": explanation,
                 }
                 items[pos].thumbnail = thumbnails[n]

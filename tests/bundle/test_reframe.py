@@ -1,0 +1,140 @@
+"""The framing search (ReframeRule): cells the default model flags as unlike its training data
+are answered from the centre crop that looks most like it; every other cell is untouched."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from hematoscope import load_bundle
+from hematoscope.bundle.config import ReframeRule
+from hematoscope.data.images import load_model_image
+from hematoscope.models.preprocess import centre_crop
+
+WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+@pytest.fixture(scope="module")
+def lisc_files(lisc_root):
+    """Six crops per class of the other lab: about half of them look unlike PBC to the model."""
+    return [p for c in WHITE for p in sorted((lisc_root / c).glob("*.jpg"))[:6]]
+
+
+@pytest.fixture(scope="module")
+def answers(lisc_files, pbc_subset):
+    """The default model's answers with and without the framing search, in its default mode (the
+    cascade) and with 1 fixed view (the cascade's fast pass, where the framing is chosen)."""
+    files = lisc_files + sorted(pbc_subset.rglob("*.jpg"))[::6]
+    bundle = load_bundle("default")
+    assert bundle.config.reframe is not None and bundle.reframes and bundle.config.cascade.fast_views == 1
+    got, zooms = {}, list(bundle.config.reframe.zooms)
+    for views in (None, 1):
+        if views:
+            bundle.set_tta(views)
+        got["on", views] = bundle.predict(files)
+        bundle.set_reframe(None)
+        got["off", views] = bundle.predict(files)
+        bundle.set_reframe(zooms)
+    bundle.set_reframe(None)
+    return files, got, bundle
+
+
+def test_only_flagged_cells_are_reframed_and_each_keeps_its_most_familiar_framing(answers):
+    files, got, _ = answers
+    on, off, on1, off1 = got["on", None], got["off", None], got["on", 1], got["off", 1]
+    assert off.framing is None and off1.framing is None
+    assert set(on.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6}
+    np.testing.assert_array_equal(on.framing, on1.framing)  # chosen on the 1-view pass in both modes
+    whole = on.framing == 1
+    assert not (~whole & ~off1.ood_flag).any(), "a cell that looked like training data was reframed"
+    np.testing.assert_array_equal(on.probs[whole], off.probs[whole])
+    reframed = np.flatnonzero(~whole)
+    assert len(reframed) >= 3, "some of the other lab's crops should be answered from a centre crop"
+    assert (on1.ood_score[reframed] < off1.ood_score[reframed]).all()
+    assert on1.ood_flag.sum() < off1.ood_flag.sum()
+
+
+def test_a_reframed_answer_is_the_answer_for_that_centre_crop(answers):
+    files, got, bundle = answers  # bundle: reframing off, 1 view
+    bundle.config.tta = 1
+    on = got["on", 1]
+    reframed = np.flatnonzero(on.framing < 1)[:4]
+    crops = [centre_crop(load_model_image(files[i], bundle.preprocess), float(on.framing[i])) for i in reframed]
+    direct = bundle.predict(crops)
+    np.testing.assert_allclose(direct.probs, on.probs[reframed], atol=1e-5)
+    np.testing.assert_allclose(direct.ood_score, on.ood_score[reframed], atol=1e-4)
+    assert list(direct.views) == list(on.views[reframed])
+
+
+def test_torch_onnx_and_the_server_reframe_alike(lisc_files, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hematoscope.bundle.default import default_bundle_path
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+
+    files = lisc_files[::3]
+    preds = {}
+    for backend in ("onnx", "torch"):
+        b = load_bundle("default")
+        b.use_backend(backend)
+        preds[backend] = b.predict(files)
+    np.testing.assert_array_equal(preds["onnx"].framing, preds["torch"].framing)
+    np.testing.assert_allclose(preds["onnx"].probs, preds["torch"].probs, atol=1e-4)
+    assert (preds["onnx"].framing < 1).any()
+    app = create_app(Settings(models=[default_bundle_path()], db=tmp_path / "h.sqlite3"))
+    with TestClient(app, base_url="http://localhost") as client:
+        r = client.post("/api/predict?top_k=8", files=[("files", (f.name, f.read_bytes(), "image/jpeg"))
+                                                        for f in files])
+    assert r.status_code == 200, r.text
+    labels = preds["onnx"].labels
+    for item, framing, probs in zip(r.json()["items"], preds["onnx"].framing, preds["onnx"].probs):
+        assert item["framing"] == pytest.approx(float(framing))
+        for t in item["top_k"]:
+            assert abs(t["prob"] - probs[labels.index(t["label"])]) < 1e-4
+
+
+def test_the_rule_is_validated_saved_and_needs_an_ood_scorer(tiny_neural_bundle, tmp_path):
+    for bad in ([], [1.0], [0.1], [0.8, 0.8]):
+        with pytest.raises(ValidationError):
+            ReframeRule(zooms=bad)
+    b = load_bundle(tiny_neural_bundle)
+    b.set_reframe([0.8, 0.6])
+    assert b.config.reframe.zooms == [0.8, 0.6] and not b.reframes  # no OOD scorer: nothing to compare
+    again = load_bundle(b.save(tmp_path / "b"))
+    assert again.config.reframe.zooms == [0.8, 0.6]
+    assert again.predict([np.full((40, 40, 3), 128, np.uint8)]).framing is None
+
+
+def test_cli_reports_the_framing_and_turns_it_off(lisc_files, tmp_path):
+    from hematoscope.cli.main import app
+
+    files = [str(f) for f in lisc_files[::3]]
+    on, off = tmp_path / "on.csv", tmp_path / "off.csv"
+    r = CliRunner().invoke(app, ["predict", *files, "--out", str(on)])
+    assert r.exit_code == 0, r.output
+    assert "framing search:" in r.output
+    r = CliRunner().invoke(app, ["predict", *files, "--out", str(off), "--no-reframe"])
+    assert r.exit_code == 0, r.output
+    a, b = pd.read_csv(on), pd.read_csv(off)
+    assert (a["framing"] < 1).any() and b["framing"].isna().all()
+    same = a["framing"] == 1
+    np.testing.assert_allclose(a.loc[same, "confidence"], b.loc[same, "confidence"], atol=1e-6)
+
+
+def test_trust_fit_sets_and_clears_the_rule(tiny_neural_bundle, synthetic_root, tmp_path):
+    from hematoscope.cli.main import app
+
+    out = tmp_path / "b"
+    r = CliRunner().invoke(app, ["trust", "fit", str(tiny_neural_bundle), str(synthetic_root), "--out", str(out),
+                                 "--reframe-zooms", "0.8,0.6", "--max-train", "50"])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(out).config.reframe.zooms == [0.8, 0.6] and "framing search" in r.output
+    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "none",
+                                 "--max-train", "50"])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(out).config.reframe is None
+    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "1.5"])
+    assert r.exit_code == 2 and "zooms" in r.output
