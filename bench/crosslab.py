@@ -68,6 +68,8 @@ def score(y_true: list[str], pred, *, n: int | None = None) -> dict:
         "flagged_unlike_training": round(float(flagged.mean()), 4),
         "accuracy_answered": round(float(correct[~abstain].mean()), 4) if (~abstain).any() else None,
         "predicted_other_classes": round(float(np.mean([p not in CLASSES for p in y_pred])), 4),
+        **({"answered_from_centre_crop": round(float(np.mean(pred.framing < 1)), 4)}
+           if pred.framing is not None else {}),
     }
 
 
@@ -106,7 +108,9 @@ def markdown_table(results: dict) -> str:
                 f"{r['adapted']['test_half_5part']['macro_f1']:.3f}" if "test_half_5part" in r["zero_shot"] else "—")
         t = r.get("adapted_tuned", {}).get("test_half")
         tuned = f"{t['macro_f1']:.3f} | {t['abstained']:.0%}" if t else "— | —"
-        rows.append(f"| {key} | {z['macro_f1']:.3f} | {z['abstained']:.0%} | {a['macro_f1']:.3f} | "
+        whole = r["zero_shot"].get("test_half_whole_crop")
+        as_is = f"{z['macro_f1']:.3f}" + (f" (whole crops: {whole['macro_f1']:.3f})" if whole else "")
+        rows.append(f"| {key} | {as_is} | {z['abstained']:.0%} | {a['macro_f1']:.3f} | "
                     f"{a['abstained']:.0%} | {five} | {tuned} | "
                     + (f"{pbc['accuracy']:.2%} / {pbc['macro_f1']:.3f} |" if pbc else "— |"))
         if "few_labels" in r:
@@ -185,6 +189,14 @@ def main() -> None:
     result["zero_shot"] = {"test_half": run(bundle, test), "all": run(bundle, np.ones(len(y), bool)),
                            "test_half_5part": run_5part(bundle, test)}
     logging.info("zero-shot: %s", result["zero_shot"]["test_half"])
+    if bundle.reframes:  # the same without the framing search (`predict --no-reframe`)
+        zooms = bundle.config.reframe.zooms
+        result["framing_search"] = zooms
+        bundle.set_reframe(None)
+        result["zero_shot"]["test_half_whole_crop"] = run(bundle, test)
+        result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
+        bundle.set_reframe(zooms)
+        logging.info("zero-shot, whole crops only: %s", result["zero_shot"]["test_half_whole_crop"])
 
     rng = np.random.default_rng(args.seed)
     adapt_rows = rng.permutation(np.flatnonzero(own))[:args.adapt_images]
@@ -232,15 +244,26 @@ def main() -> None:
 
         pbc = load_split(args.pbc_split)
         pbc = pbc[pbc["split"] == "test"].reset_index(drop=True)
-        pred = bundle.predict(list(pbc["path"]))
         from sklearn.metrics import f1_score
 
         truth = list(pbc["canonical"])
-        y_pred = [pred.labels[i] for i in pred.probs.argmax(1)]
-        result["pbc_test"] = {"n": len(truth), "split_file": args.pbc_split.name,
-                              "accuracy": round(float(np.mean(np.array(y_pred) == np.array(truth))), 4),
-                              "macro_f1": round(float(f1_score(truth, y_pred, average="macro")), 4),
-                              "abstained": round(float(np.mean(pred.abstain)), 4)}
+
+        def pbc_score(b) -> dict:
+            pred = b.predict(list(pbc["path"]))
+            y_pred = [pred.labels[i] for i in pred.probs.argmax(1)]
+            return {"n": len(truth), "split_file": args.pbc_split.name,
+                    "accuracy": round(float(np.mean(np.array(y_pred) == np.array(truth))), 4),
+                    "macro_f1": round(float(f1_score(truth, y_pred, average="macro")), 4),
+                    "abstained": round(float(np.mean(pred.abstain)), 4),
+                    **({"answered_from_centre_crop": round(float(np.mean(pred.framing < 1)), 4)}
+                       if pred.framing is not None else {})}
+
+        result["pbc_test"] = pbc_score(bundle)
+        if bundle.reframes:
+            zooms = bundle.config.reframe.zooms
+            bundle.set_reframe(None)
+            result["pbc_test_whole_crop"] = pbc_score(bundle)
+            bundle.set_reframe(zooms)
         logging.info("PBC test: %s", result["pbc_test"])
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
 

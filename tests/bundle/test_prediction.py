@@ -23,3 +23,19 @@ def test_differential_counts_abstentions_apart():
     assert d.counts == {"a": 1, "b": 0, "c": 1}
     assert d.abstained == 1 and d.skipped == 1 and d.total == 4
     assert d.percent()["a"] == 50.0
+
+
+def test_replace_take_and_concat_carry_views_and_framing():
+    p = _pred()
+    p.views, p.framing = np.array([1, 1, 1], np.int8), np.ones(3)
+    other = Prediction(["a", "b", "c"], np.array([[0.1, 0.8, 0.1]]), ["z"], np.array([2.5]), np.array([True]),
+                       np.array([True]), ["unlike training data"], [], np.array([4], np.int8), np.array([0.6]))
+    p.replace(np.array([2]), other)
+    assert p.predicted == ["a", "c", "b"] and p.abstain_reason[2] == "unlike training data"
+    assert p.views.tolist() == [1, 1, 4] and p.framing.tolist() == [1.0, 1.0, 0.6] and p.ood_flag.tolist()[2]
+    assert [r.get("framing") for r in p.records()[:3]] == [1.0, 1.0, 0.6]
+    assert p.take(np.array([2, 0])).framing.tolist() == [0.6, 1.0]
+    both = Prediction.concat([p, p.take(np.array([1]))])
+    assert both.framing.tolist() == [1.0, 1.0, 0.6, 1.0] and both.views.tolist() == [1, 1, 4, 1]
+    assert Prediction.concat([p, _pred()]).framing is None  # one part did not record it
+    assert "framing" not in _pred().records()[0]

@@ -43,21 +43,35 @@ def answers(lisc_files, pbc_subset):
 
 def test_only_flagged_cells_are_reframed_and_each_keeps_its_most_familiar_framing(answers):
     files, got, _ = answers
-    on, off, on1, off1 = got["on", None], got["off", None], got["on", 1], got["off", 1]
-    assert off.framing is None and off1.framing is None
-    assert set(on.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6}
-    np.testing.assert_array_equal(on.framing, on1.framing)  # chosen on the 1-view pass in both modes
-    whole = on.framing == 1
+    on1, off1 = got["on", 1], got["off", 1]
+    assert off1.framing is None and set(on1.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6}
+    whole = on1.framing == 1
     assert not (~whole & ~off1.ood_flag).any(), "a cell that looked like training data was reframed"
-    np.testing.assert_array_equal(on.probs[whole], off.probs[whole])
+    np.testing.assert_array_equal(on1.probs[whole], off1.probs[whole])
     reframed = np.flatnonzero(~whole)
     assert len(reframed) >= 3, "some of the other lab's crops should be answered from a centre crop"
     assert (on1.ood_score[reframed] < off1.ood_score[reframed]).all()
     assert on1.ood_flag.sum() < off1.ood_flag.sum()
 
 
+def test_the_cascade_searches_framings_of_flagged_cells_with_its_slow_views(answers):
+    files, got, bundle = answers
+    on, off, flagged_fast = got["on", None], got["off", None], got["off", 1].ood_flag
+    slow = load_bundle("default").config.cascade.slow_views
+    assert off.framing is None and set(on.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6}
+    assert (on.views[flagged_fast] == slow).all()  # every flagged cell takes the slow path
+    familiar = ~flagged_fast & ~off.ood_flag  # flagged neither by the fast pass nor by the slow one
+    assert familiar.any() and not (on.framing < 1)[familiar].any()
+    np.testing.assert_array_equal(on.probs[familiar], off.probs[familiar])
+    reframed = np.flatnonzero(on.framing < 1)[:4]
+    assert len(reframed) >= 2
+    bundle.config.tta = slow  # fixed slow views, whole crops: what the cascade computed for each framing
+    crops = [centre_crop(load_model_image(files[i], bundle.preprocess), float(on.framing[i])) for i in reframed]
+    np.testing.assert_allclose(bundle.predict(crops).probs, on.probs[reframed], atol=1e-5)
+
+
 def test_a_reframed_answer_is_the_answer_for_that_centre_crop(answers):
-    files, got, bundle = answers  # bundle: reframing off, 1 view
+    files, got, bundle = answers  # bundle: reframing off
     bundle.config.tta = 1
     on = got["on", 1]
     reframed = np.flatnonzero(on.framing < 1)[:4]
@@ -65,7 +79,7 @@ def test_a_reframed_answer_is_the_answer_for_that_centre_crop(answers):
     direct = bundle.predict(crops)
     np.testing.assert_allclose(direct.probs, on.probs[reframed], atol=1e-5)
     np.testing.assert_allclose(direct.ood_score, on.ood_score[reframed], atol=1e-4)
-    assert list(direct.views) == list(on.views[reframed])
+    assert (direct.views == 1).all() and (on.views[reframed] == 1).all()
 
 
 def test_torch_onnx_and_the_server_reframe_alike(lisc_files, tmp_path):
@@ -120,7 +134,8 @@ def test_cli_reports_the_framing_and_turns_it_off(lisc_files, tmp_path):
     assert r.exit_code == 0, r.output
     a, b = pd.read_csv(on), pd.read_csv(off)
     assert (a["framing"] < 1).any() and b["framing"].isna().all()
-    same = a["framing"] == 1
+    same = (a["framing"] == 1) & (a["views"] == b["views"])  # flagged cells take more views with the search
+    assert same.any()
     np.testing.assert_allclose(a.loc[same, "confidence"], b.loc[same, "confidence"], atol=1e-6)
 
 

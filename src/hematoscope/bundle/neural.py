@@ -238,10 +238,12 @@ class NeuralBundle(Bundle):
         return self.predict_cascade(images, sources)
 
     def predict_cascade(self, images: Sequence[np.ndarray], sources: Sequence[str]):
-        """The adaptive-view cascade on a batch: ``fast_views`` for every image (and the framing
-        search, :meth:`_reframe`, for those it flags), the remaining views of ``slow_views`` only
-        for the images the rule finds uncertain; each image is answered with the trust fitted for
-        the views it got (``Prediction.views``).
+        """The adaptive-view cascade on a batch: ``fast_views`` for every image, the remaining
+        views of ``slow_views`` only for the images the rule finds uncertain; each image is
+        answered with the trust fitted for the views it got (``Prediction.views``). With a
+        framing search (:meth:`_reframe`), every image the fast pass flags as unlike the training
+        data takes the slow path, where the search runs with ``slow_views`` views (the framing is
+        chosen on the steadier many-view OOD score).
 
         The slow answers equal those of ``forward_tensor`` with ``slow_views`` views (the fast
         views' outputs are reused, not recomputed).
@@ -249,18 +251,25 @@ class NeuralBundle(Bundle):
         rule = self.config.cascade
         fast_outs = self.forward_views(images, rule.fast_views)
         fast = self.decide(fast_outs.averaged(rule.fast_views), sources, views=rule.fast_views)
+        uncertain = cascade_gate(fast.confidence, fast.ood_score, min_confidence=rule.min_confidence,
+                                 max_ood=rule.max_ood, reject_ood=rule.reject_ood)
         if self.reframes:
-            images, fast_outs, fast = self._reframe(images, sources, fast_outs, fast, rule.fast_views)
-        take = np.flatnonzero(cascade_gate(fast.confidence, fast.ood_score, min_confidence=rule.min_confidence,
-                                           max_ood=rule.max_ood, reject_ood=rule.reject_ood))
+            uncertain |= fast.ood_flag
+            fast.framing = np.ones(len(fast))
+        take = np.flatnonzero(uncertain)
         if len(take) == 0:
             return fast
-        x = np.ascontiguousarray(self.preprocess([images[i] for i in take]), dtype=np.float32)
+        chosen, names = [images[i] for i in take], [sources[i] for i in take]
+        x = np.ascontiguousarray(self.preprocess(chosen), dtype=np.float32)
         rest = [self.runner.run(v) for v in dihedral_views(x, rule.slow_views)[rule.fast_views:]]
-        logits = _average(list(fast_outs.logits[:, take]) + [o[0] for o in rest])
-        feats = (_average(list(fast_outs.features[:, take]) + [o[1] for o in rest])
-                 if fast_outs.features is not None else None)
-        fast.replace(take, self.decide(ModelOutput(logits, feats), [sources[i] for i in take], views=rule.slow_views))
+        slow_outs = ViewOutputs(
+            np.concatenate([fast_outs.logits[:, take], np.stack([o[0] for o in rest])]),
+            None if fast_outs.features is None else np.concatenate([fast_outs.features[:, take],
+                                                                    np.stack([o[1] for o in rest])]))
+        slow = self.decide(slow_outs.averaged(rule.slow_views), names, views=rule.slow_views)
+        if self.reframes:
+            slow = self._reframe(chosen, names, slow_outs, slow, rule.slow_views)[2]
+        fast.replace(take, slow)
         return fast
 
     def _adapt_statistics(self, images: Sequence[np.ndarray], *, batch_size: int = 64,
