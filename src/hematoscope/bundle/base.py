@@ -503,8 +503,8 @@ class Bundle(ABC):
         if not self.reframes:
             return self.decide(self.forward(images), sources)
         views = self.config.tta
-        outs = self.forward_views(images, views)
-        return self._reframe(images, sources, outs, self.decide(outs.averaged(views), sources, views), views)[2]
+        return self._reframe(images, sources, self.decide(self.forward_views(images, views).averaged(views), sources,
+                                                          views), views)
 
     @property
     def reframes(self) -> bool:
@@ -518,39 +518,33 @@ class Bundle(ABC):
 
         self.config.reframe = None if zooms is None else ReframeRule(zooms=list(zooms))
 
-    def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], outs: ViewOutputs,
-                 pred: Prediction, views: int) -> tuple[list[np.ndarray], ViewOutputs, Prediction]:
+    def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], pred: Prediction,
+                 views: int) -> Prediction:
         """The framing search on one batch answered from ``views`` views: each image ``pred``
-        flags as unlike training data is run again on the rule's centre crops and keeps the
-        framing with the lowest OOD score. Returns the images as framed, their outputs and
-        ``pred`` updated (``framing`` filled in for every image)."""
+        flags as unlike training data is run again on the rule's centre crops and answered from
+        the framing with the lowest OOD score. Returns ``pred`` updated, ``framing`` filled in."""
         pred.framing = np.ones(len(pred))
         take = np.flatnonzero(pred.ood_flag) if self.reframes else np.zeros(0, np.int64)
         if len(take) == 0:
-            return list(images), outs, pred
-        scorer = self._scorer_for(self.trust_for(views))
-        framed, best = list(images), outs.take(take)
-        score, share = pred.ood_score[take].copy(), np.ones(len(take))
-        for zoom in self.config.reframe.zooms:
-            crops = [centre_crop(images[i], zoom) for i in take]
-            tried = self.forward_views(crops, views)
-            mean = tried.averaged(views)
-            with single_blas_thread():
-                s = np.asarray(scorer.score(features=mean.features, logits=mean.logits), dtype=np.float64)
-            better = np.flatnonzero(s < score)
-            score[better], share[better] = s[better], zoom
-            best.logits[:, better] = tried.logits[:, better]
-            if best.features is not None:
-                best.features[:, better] = tried.features[:, better]
-            for j in better:
-                framed[take[j]] = crops[j]
-        pred.replace(take, self.decide(best.averaged(views), [sources[i] for i in take], views))
-        pred.framing[take] = share
-        outs = ViewOutputs(outs.logits.copy(), None if outs.features is None else outs.features.copy())
-        outs.logits[:, take] = best.logits
-        if outs.features is not None:
-            outs.features[:, take] = best.features
-        return framed, outs, pred
+            return pred
+        zooms = np.asarray(self.config.reframe.zooms)
+        # every crop of every zoom in one batch: a few flagged cells per batch cost model calls, not pixels
+        tried = self.forward_views([centre_crop(images[i], z) for z in zooms for i in take], views)
+        mean = tried.averaged(views)
+        with single_blas_thread():
+            scores = np.asarray(self._scorer_for(self.trust_for(views)).score(features=mean.features,
+                                                                                logits=mean.logits), dtype=np.float64)
+        scores = scores.reshape(len(zooms), len(take))
+        best = scores.argmin(0)
+        rows = np.flatnonzero(scores[best, np.arange(len(take))] < pred.ood_score[take])
+        if len(rows) == 0:
+            return pred
+        pick = best[rows] * len(take) + rows
+        chosen = ViewOutputs(tried.logits[:, pick], None if tried.features is None else tried.features[:, pick])
+        index = take[rows]
+        pred.replace(index, self.decide(chosen.averaged(views), [sources[i] for i in index], views))
+        pred.framing[index] = zooms[best[rows]]
+        return pred
 
     def calibrated_probs(self, logits: np.ndarray, views: int | None = None) -> np.ndarray:
         """Temperature-scaled probabilities, with the temperature fitted for ``views`` views,

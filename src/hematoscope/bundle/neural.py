@@ -268,7 +268,7 @@ class NeuralBundle(Bundle):
                                                                     np.stack([o[1] for o in rest])]))
         slow = self.decide(slow_outs.averaged(rule.slow_views), names, views=rule.slow_views)
         if self.reframes:
-            slow = self._reframe(chosen, names, slow_outs, slow, rule.slow_views)[2]
+            slow = self._reframe(chosen, names, slow, rule.slow_views)
         fast.replace(take, slow)
         return fast
 
