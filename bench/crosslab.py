@@ -21,6 +21,9 @@ and a test half; nothing of a test cell is ever adapted on or labelled.
    `--views` views, default 8) and of `fewshot fit`'s default timm backbone (the shipped SimCLR
    Lite0); `--few-labels` picks which to run and keeps the stored results of the others.
 
+4. a lab that crops tighter than PBC, simulated on PBC's own test cells cut to their centre 50 %
+   and 40 %: as is, `adapt --framing keep` and `adapt` (which chooses the lab's framing).
+
 Macro-F1 is over LISC's 5 classes; a prediction of a class LISC lacks (e.g. immature
 granulocyte) counts as an error. "5-part" repeats 1 and 2 with answers restricted to LISC's
 classes (`predict --classes`, `Bundle.restrict_classes`), as a lab doing a white-cell
@@ -89,6 +92,37 @@ def few_labels(extractor, table, own, test, shots, repeats: int, seed: int, head
             "macro_f1_mean": round(row["macro_f1_mean"], 4), "macro_f1_sd": round(row["macro_f1_sd"], 4),
             "balanced_accuracy_mean": round(row["balanced_accuracy_mean"], 4),
             "fit_seconds": round(row["fit_seconds_mean"], 2), "draws": repeats}
+    return out
+
+
+def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
+    """A lab that crops tight around each cell, simulated on PBC's test cells cut to their centre
+    50 % / 40 % (the cell then fills most of the frame, as in the tight crops of other labs):
+    accuracy as is, after `adapt --framing keep` and after `adapt` (framing chosen), adapting on
+    ``n_adapt`` cells and scoring the others."""
+    from hematoscope.bundle.adapt import adapt_bundle
+    from hematoscope.data.images import load_model_image
+    from hematoscope.models.preprocess import centre_crop
+
+    order = np.random.default_rng(seed).permutation(len(pbc))
+    own, rest = order[:n_adapt], order[n_adapt:]
+    cells = [load_model_image(p, bundle.preprocess) for p in pbc["path"]]
+    truth = np.array(pbc["canonical"])[rest]
+    out = {"cells": f"PBC test split, {n_adapt} to adapt on, {len(rest)} scored"}
+
+    def scored(b, images) -> dict:
+        pred = b.predict(images)
+        return {"accuracy": round(float(np.mean(np.array(pred.predicted) == truth)), 4),
+                "abstained": round(float(np.mean(pred.abstain)), 4)}
+
+    for share in (0.5, 0.4):
+        lab_own = [centre_crop(cells[i], share) for i in own]
+        lab_rest = [centre_crop(cells[i], share) for i in rest]
+        kept, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}", framing=None)
+        framed, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}")
+        out[f"centre_{share:g}"] = {"as_is": scored(bundle, lab_rest), "adapted_framing_kept": scored(kept, lab_rest),
+                                    "adapted": {**scored(framed, lab_rest), "framing": framed.preprocess.framing}}
+        logging.info("tight framing %g: %s", share, out[f"centre_{share:g}"])
     return out
 
 
@@ -204,15 +238,19 @@ def main() -> None:
     adapted, report = adapt_bundle(bundle, [paths[i] for i in adapt_rows], source="LISC own-lab half")
     adapt_seconds = time.perf_counter() - start
     result["adapted"] = {"images": report.images, "seconds": round(adapt_seconds, 1),
-                         "accepted_before": report.accepted_before, "test_half": run(adapted, test),
-                         "test_half_5part": run_5part(adapted, test)}
+                         "accepted_before": report.accepted_before, "framing": report.framing or None,
+                         "test_half": run(adapted, test), "test_half_5part": run_5part(adapted, test)}
     logging.info("adapted (%.0f s): %s", adapt_seconds, result["adapted"]["test_half"])
+    if report.framing:  # the same without choosing the lab's framing (`adapt --framing keep`)
+        kept, _ = adapt_bundle(bundle, [paths[i] for i in adapt_rows], source="LISC own-lab half", framing=None)
+        result["adapted"]["test_half_framing_kept"] = run(kept, test)
     if args.tune_epochs:  # `adapt --tune --classes <LISC's 5>`: answers among them by default
         start = time.perf_counter()
         tuned, report = adapt_bundle(bundle, [paths[i] for i in adapt_rows], source="LISC own-lab half",
                                      classes=CLASSES, tune_epochs=args.tune_epochs)
         result["adapted_tuned"] = {"images": report.images, "seconds": round(time.perf_counter() - start, 1),
                                    "epochs": args.tune_epochs, "classes": CLASSES,
+                                   "framing": tuned.preprocess.framing,
                                    "loss_by_epoch": report.tuning["loss_by_epoch"], "test_half": run(tuned, test)}
         logging.info("adapted + tuned: %s", result["adapted_tuned"])
 
@@ -265,6 +303,7 @@ def main() -> None:
             result["pbc_test_whole_crop"] = pbc_score(bundle)
             bundle.set_reframe(zooms)
         logging.info("PBC test: %s", result["pbc_test"])
+        result["tight_framing"] = tight_framing(bundle, pbc, args.adapt_images, args.seed)
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
 
     from hematoscope import _io

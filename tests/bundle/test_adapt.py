@@ -1,6 +1,8 @@
 """adapt: a bundle re-fitted to a new lab's unlabelled crops (BatchNorm statistics + OOD), nothing else."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -263,3 +265,57 @@ def test_adapting_the_default_model_drops_its_per_view_trust_and_cascade_without
         pred = again.predict(lab_images[:8])
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
     assert set(pred.views) == {1} and again.view_mode == "1"
+
+
+@pytest.fixture(scope="module")
+def pbc_cells(pbc_root):
+    """64 real PBC test-like cells (8 per class) as the default model decodes them, with labels."""
+    from hematoscope.data.readers import read_dataset
+
+    from hematoscope.data.images import load_model_image
+
+    table = read_dataset(pbc_root)
+    table = table[~table["path"].map(lambda p: Path(p).name.startswith("."))].groupby("canonical").head(8)
+    default = load_bundle("default")
+
+    return [load_model_image(p, default.preprocess) for p in table["path"]], np.array(table["canonical"])
+
+
+def test_adapt_finds_a_tighter_labs_framing_and_keeps_a_like_labs(pbc_cells, tmp_path):
+    """A lab that crops tight around each cell (PBC cells cut to their centre 40 %): adapt pads
+    them back to about the size the model was trained on, and answers far better; PBC's own
+    framing is kept for PBC's cells."""
+    from hematoscope.models.preprocess import centre_crop
+
+    images, truth = pbc_cells
+    tight = [centre_crop(im, 0.4) for im in images]
+    default = load_bundle("default")
+    framed, report = adapt_bundle(default, tight, source="tight lab")
+    kept, _ = adapt_bundle(default, tight, source="tight lab", framing=None)
+    assert framed.preprocess.framing >= 1.5 and kept.preprocess.framing == 1.0
+    scores = report.framing["mean_ood_score"]
+    assert scores[f"{framed.preprocess.framing:g}"] == min(scores.values()) < scores["1"]
+
+    def accuracy(bundle):
+        return np.mean(np.array(bundle.predict(tight).predicted) == truth)
+
+    assert accuracy(framed) > accuracy(kept) + 0.15
+    again = load_bundle(framed.save(tmp_path / "tight"))
+    assert again.preprocess.framing == framed.preprocess.framing
+    np.testing.assert_allclose(again.predict(tight[:8]).probs, framed.predict(tight[:8]).probs, atol=1e-5)
+    assert "framing: the model sees a frame" in (tmp_path / "tight" / "README.md").read_text()
+    like, _ = adapt_bundle(default, images, source="PBC itself")
+    assert like.preprocess.framing == 1.0 and like.config.adaptation["framing"]["framing"] == 1.0
+
+
+def test_cli_adapt_sets_a_framing(trusted_bundle, synthetic_root, tmp_path):
+    from hematoscope.cli.main import app
+
+    out = tmp_path / "framed"
+    r = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(synthetic_root), "--out", str(out),
+                                 "--framing", "1.5", "--no-onnx"])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(out).preprocess.framing == 1.5 and "padded to 1.5×" in r.output
+    r = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(synthetic_root), "--out", str(out),
+                                 "--framing", "tight"])
+    assert r.exit_code == 2 and "--framing" in r.output

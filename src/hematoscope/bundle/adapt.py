@@ -1,7 +1,13 @@
 """Adapt a bundle to a new lab from that lab's unlabelled cell crops.
 
-Two things change, nothing else (labels, weights, preprocessing, temperature and abstain rule
-stay as trained), unless tuning is asked for (3):
+Three things change, nothing else (labels, weights, colour canonicalisation, temperature and
+abstain rule stay as trained), unless tuning is asked for (3):
+
+0. the framing (``Preprocess.framing``): the lab's crops are looked at whole, as centre crops and
+   padded into larger frames (:data:`FRAMINGS`); the framing under which they look most like the
+   training data (the lowest mean OOD score of the trained bundle) becomes the adapted bundle's.
+   A lab that crops tighter or looser than the training lab gets its cells at the size the
+   model knows; a lab that frames like it keeps 1;
 
 1. the model's normalisation statistics, where the kind has them (a neural bundle
    re-estimates every BatchNorm layer's running mean and variance on the new lab's images:
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 
 #: Fewer images than this give BatchNorm statistics and an OOD threshold too noisy to trust.
 MIN_IMAGES = 50
+#: Framings ``adapt`` tries on a lab's crops (shares of the side; see ``Preprocess.framing``).
+FRAMINGS = (0.6, 0.75, 0.85, 1.0, 1.25, 1.5, 2.0, 2.5)
 
 
 @dataclass
@@ -48,6 +56,7 @@ class AdaptReport:
     sha256: str
     skipped: list[SkippedFile] = field(default_factory=list)
     statistics: dict = field(default_factory=dict)
+    framing: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
     ood_threshold_before: float | None = None
     ood_threshold_after: float | None = None
@@ -131,6 +140,28 @@ def _copy(bundle: "Bundle") -> "Bundle":
     return copy
 
 
+def choose_framing(bundle: "Bundle", images: list[np.ndarray], batch_size: int,
+                   framings: Sequence[float] = FRAMINGS) -> dict:
+    """The framing (of ``framings``, relative to the bundle's own) under which ``images`` look
+    most like the bundle's training data: the lowest mean OOD score of ``bundle`` (its OOD scorer
+    as trained, 1 view); the bundle's own framing unless another is lower. ``bundle`` is left
+    with its own preprocessing. Returns ``{"framing": share, "mean_ood_score": {...}}``."""
+    from dataclasses import replace
+
+    own = bundle.preprocess
+    scores = {}
+    try:
+        for share in sorted(framings, key=lambda f: f != 1.0):  # the bundle's own first: it wins ties
+            bundle._use_preprocess(replace(own, framing=own.framing * share))
+            out = _outputs(bundle, images, batch_size)
+            scores[share] = float(np.mean(bundle.ood.score(features=out.features, logits=out.logits)))
+    finally:
+        bundle._use_preprocess(own)
+    best = min(scores, key=scores.get)
+    return {"framing": round(own.framing * best, 4), "chosen_by": "lowest mean OOD score of the trained bundle",
+            "mean_ood_score": {f"{k:g}": round(v, 4) for k, v in sorted(scores.items())}}
+
+
 def held_out(n: int, seed: int) -> np.ndarray:
     """Mask of the crops (a fifth, at least 10) that set the adapted OOD threshold."""
     held = np.zeros(n, bool)
@@ -141,7 +172,7 @@ def held_out(n: int, seed: int) -> np.ndarray:
 def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed images", name: str | None = None,
                  target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0,
                  mix: float | None = None, classes: Sequence[str] | None = None,
-                 tune_epochs: int = 0) -> tuple["Bundle", AdaptReport]:
+                 tune_epochs: int = 0, framing: float | str | None = "auto") -> tuple["Bundle", AdaptReport]:
     """A copy of ``bundle`` adapted to the lab that took ``images`` (unlabelled cell crops).
 
     Args:
@@ -159,6 +190,9 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
             the bundle and used by tuning; None = all of the bundle's labels.
         tune_epochs: epochs of tuning the network on the images (0 = none: only statistics and
             the OOD part change).
+        framing: ``"auto"`` chooses the lab's framing (:func:`choose_framing`; needs an OOD
+            scorer, else the bundle's is kept), a number sets it (``Preprocess.framing``), None
+            keeps the bundle's.
 
     Returns:
         (adapted bundle, report). The input bundle is not changed.
@@ -174,8 +208,11 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
     if tune_epochs < 0:
         raise ValueError(f"tune_epochs must be 0 or more; got {tune_epochs}")
+    if not (framing in (None, "auto") or isinstance(framing, (int, float))):
+        raise ValueError(f"framing must be 'auto', a number or None; got {framing!r}")
     lab_classes = list(bundle.labels) if classes is None else bundle.class_subset(classes)
-    arrays, digests, skipped = decode_images(images, bundle.preprocess)
+    items = list(images)  # decoded again if the framing changes what the decoder must keep
+    arrays, digests, skipped = decode_images(items, bundle.preprocess)
     if len(arrays) < MIN_IMAGES:
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
                           f"{len(arrays)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
@@ -188,6 +225,15 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     held = held_out(len(arrays), seed)
 
     adapted = _copy(bundle)
+    if framing == "auto" and bundle.ood is not None:
+        report.framing = choose_framing(adapted, arrays, batch_size)
+        framing = report.framing["framing"]
+    if framing not in (None, "auto") and float(framing) != bundle.preprocess.framing:
+        from dataclasses import replace
+
+        adapted._use_preprocess(replace(bundle.preprocess, framing=float(framing)))
+        report.framing.setdefault("framing", float(framing))
+        arrays, digests, skipped = decode_images(items, adapted.preprocess)
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
     report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size, mix=mix)
     if tune_epochs:
@@ -232,6 +278,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         "skipped": len(skipped),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "statistics": report.statistics,
+        "framing": report.framing or None,
         "classes": lab_classes,
         "tuning": report.tuning or None,
         "views": adapted.config.tta,

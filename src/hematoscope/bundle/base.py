@@ -284,11 +284,11 @@ class Bundle(ABC):
 
     def adapt(self, images: Iterable, *, source: str = "unnamed images", name: str | None = None,
               target_tpr: float = 0.95, mix: float | None = None, classes: Sequence[str] | None = None,
-              tune_epochs: int = 0) -> "Bundle":
+              tune_epochs: int = 0, framing: float | str | None = "auto") -> "Bundle":
         """A copy of this bundle adapted to a new lab from its unlabelled cell crops (paths,
-        bytes or arrays): normalisation statistics and the OOD reference and threshold are
-        refitted, nothing else; with ``tune_epochs``, the network is also tuned on them among
-        ``classes``. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
+        bytes or arrays): the framing chosen for them, normalisation statistics and the OOD
+        reference and threshold refitted, nothing else; with ``tune_epochs``, the network is also
+        tuned on them among ``classes``. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
 
         Raises:
             BundleError: too few readable images, unknown classes, a kind that cannot be tuned.
@@ -296,7 +296,7 @@ class Bundle(ABC):
         from hematoscope.bundle.adapt import adapt_bundle
 
         return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr, mix=mix,
-                            classes=classes, tune_epochs=tune_epochs)[0]
+                            classes=classes, tune_epochs=tune_epochs, framing=framing)[0]
 
     # --- common behaviour ----------------------------------------------------------------
     @property
@@ -505,6 +505,11 @@ class Bundle(ABC):
         views = self.config.tta
         return self._reframe(images, sources, self.decide(self.forward_views(images, views).averaged(views), sources,
                                                           views), views)
+
+    def _use_preprocess(self, preprocess) -> None:
+        """Make ``preprocess`` this bundle's input spec (config and the one its kind runs)."""
+        self.config.preprocess = preprocess
+        self.preprocess = preprocess
 
     @property
     def reframes(self) -> bool:

@@ -16,6 +16,11 @@ def _pct(v) -> str:
     return f"{v:.1%}" if isinstance(v, float) else str(v)
 
 
+def _framing(share: float) -> str:
+    return ("the whole" if share == 1 else f"the centre {share:.0%}" if share < 1
+            else f"a frame {share:g} times the size (padded with the border's colour)")
+
+
 def _adaptation_lines(a: dict | None, c) -> list[str]:
     if not a:
         return []
@@ -27,8 +32,10 @@ def _adaptation_lines(a: dict | None, c) -> list[str]:
         "reference and threshold were refitted on these images.",
         (f"- the network was tuned on these images without labels ({a['tuning'].get('method')}, "
          f"{a['tuning'].get('epochs')} epochs) among {', '.join(a.get('classes') or [])}; labels, classifier layer, "
-         "preprocessing, temperature and abstain rule are as trained." if a.get("tuning") else
-         "- weights, labels, preprocessing, temperature and abstain rule are as trained."),
+         "colour canonicalisation, temperature and abstain rule are as trained." if a.get("tuning") else
+         "- weights, labels, colour canonicalisation, temperature and abstain rule are as trained."),
+        *([f"- framing: the model sees {_framing(a['framing']['framing'])} of each crop (of the framings tried, "
+           "the one where these images look most like the training data)"] if a.get("framing") else []),
         *([f"- the lab's crops hold {', '.join(a['classes'])}: the model answers among these by default "
            "(`predict --classes` changes that)."] if a.get("classes") and len(a["classes"]) < len(c.labels) else []),
         *([f"- its per-view trust and adaptive-view cascade (fitted on the source lab's labelled cells) were "
@@ -63,6 +70,8 @@ def model_card(bundle: "Bundle") -> str:
         f"{bundle.preprocess.interpolation}), mean {list(bundle.preprocess.mean)}, std {list(bundle.preprocess.std)}.",
         *([f"Colour canonicalisation: {bundle.preprocess.colour} (each channel's 1st/99th percentiles mapped onto "
            f"{list(bundle.preprocess.colour_ref)})."] if bundle.preprocess.colour != "none" else []),
+        *([f"Framing: {_framing(bundle.preprocess.framing)} of each image, before resizing."]
+          if bundle.preprocess.framing != 1 else []),
         "",
         "## Model",
         *[f"- {k}: {_fmt(v)}" for k, v in c.model.model_dump().items()],

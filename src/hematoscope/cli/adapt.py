@@ -39,11 +39,17 @@ def adapt(
     tune_epochs: Annotated[int, typer.Option(min=1, max=50, help="Epochs of --tune over the crops.")] = 8,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the adapted model to ONNX when the "
                                        "original had model.onnx.")] = True,
+    framing: Annotated[str, typer.Option(
+        "--framing", help="auto: look at the crops whole, as centre crops and padded into larger frames, and keep "
+                          "the framing where they look most like the training data (a lab that crops tighter or "
+                          "looser than the training lab); keep: the bundle's; or a share of the side (0.75 = the "
+                          "centre 75 %, 2 = padded to twice the size).")] = "auto",
 ) -> None:
-    """Adapt BUNDLE to the lab that took IMAGES: re-estimate its normalisation (BatchNorm)
-    statistics and refit its out-of-distribution reference and threshold on those crops.
+    """Adapt BUNDLE to the lab that took IMAGES: choose the framing of its crops, re-estimate its
+    normalisation (BatchNorm) statistics and refit its out-of-distribution reference and
+    threshold on those crops.
 
-    Weights, labels, preprocessing, temperature and abstain rule stay as trained, unless --tune
+    Weights, labels, colour canonicalisation, temperature and abstain rule stay as trained, unless --tune
     also tunes the network on the crops (without labels). The new bundle records what it was
     adapted on (name, count, content hash). Unreadable images are listed and skipped.
     """
@@ -53,6 +59,13 @@ def adapt(
         from hematoscope.predict.report import skipped_table
         from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths
 
+        if framing not in ("auto", "keep"):
+            try:
+                framing_value: float | str | None = float(framing)
+            except ValueError:
+                raise typer.BadParameter(f"auto, keep or a number; got {framing!r}", param_hint="--framing") from None
+        else:
+            framing_value = None if framing == "keep" else "auto"
         original = load_bundle(bundle_path)
         archives = ArchiveReader()
 
@@ -68,7 +81,7 @@ def adapt(
         label = source or Path(paths[0].rstrip("/")).name
         adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr,
                                        mix=mix, classes=class_list(classes),
-                                       tune_epochs=tune_epochs if tune else 0)
+                                       tune_epochs=tune_epochs if tune else 0, framing=framing_value)
         had_onnx = original.config.model.onnx is not None
         saved = adapted.save(out)
         if onnx and had_onnx and out.suffix.lower() != ".zip":
@@ -84,6 +97,12 @@ def adapt(
     if report.accepted_before is not None:
         c.print(f"share of these cells accepted as like the training data: {report.accepted_before:.1%} before, "
                 f"{report.accepted_after:.1%} of held-out ones after", highlight=False)
+    if report.framing:
+        share = adapted.preprocess.framing
+        c.print("framing: " + ("whole crops, as trained" if share == 1 else f"the centre {share:.0%} of each crop"
+                               if share < 1 else f"each crop padded to {share:g}× its size")
+                + (" (of the framings tried, the one where these cells look most like the training data)"
+                   if "mean_ood_score" in report.framing else ""), highlight=False)
     if report.tuning:
         c.print(f"tuned {report.tuning['epochs']} epochs among {', '.join(a['classes'])} (loss by epoch: "
                 f"{', '.join(f'{v:.3f}' for v in report.tuning['loss_by_epoch'])})", highlight=False)

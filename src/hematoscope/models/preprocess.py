@@ -31,6 +31,10 @@ class Preprocess:
             differences while keeping the colour relations inside a cell.
         colour_ref: ``[lo_r, lo_g, lo_b, hi_r, hi_g, hi_b]`` in [0, 1], the reference
             percentiles (medians over the training images, see :func:`colour_reference`).
+        framing: share of each image's side the model sees, before resizing: 1 = the image as
+            it is, below 1 its centre (a lab that frames cells looser than training did), above 1
+            the image padded with its border's colour (a lab that crops tighter). Chosen per lab
+            by ``hematoscope adapt`` (:func:`reframe_image`).
     """
 
     size: int = 128
@@ -41,6 +45,7 @@ class Preprocess:
     interpolation: str = "bilinear"
     colour: str = "none"
     colour_ref: tuple[float, ...] | None = None
+    framing: float = 1.0
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -51,6 +56,9 @@ class Preprocess:
             raise ValueError(f"crop_pct must be in [0.1, 1]; got {self.crop_pct}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}; got {self.interpolation!r}")
+        if not 0.3 <= self.framing <= 3.0:
+            raise ValueError(f"framing must be in [0.3, 3]; got {self.framing}")
+        object.__setattr__(self, "framing", float(self.framing))
         if self.colour not in COLOUR_MODES:
             raise ValueError(f"colour must be one of {COLOUR_MODES}; got {self.colour!r}")
         if self.colour != "none":
@@ -71,6 +79,8 @@ class Preprocess:
             del d["colour"], d["colour_ref"]
         else:
             d["colour_ref"] = list(self.colour_ref)
+        if self.framing == 1.0:
+            del d["framing"]
         return d
 
     @classmethod
@@ -92,6 +102,8 @@ class Preprocess:
             "nearest": Image.Resampling.NEAREST,
             "area": Image.Resampling.BOX,
         }[self.interpolation]
+        if self.framing != 1.0:
+            image = reframe_image(image, self.framing)
         im = Image.fromarray(image)
         if self.resize == "squash":
             if im.size != (self.size, self.size):
@@ -113,7 +125,8 @@ class Preprocess:
     @property
     def decode_size(self) -> int:
         """Smallest image side the resize needs: a JPEG may be DCT-scaled down to it on decoding."""
-        return round(self.size / self.crop_pct) if self.resize == "shorter_crop" else self.size
+        side = self.size / self.crop_pct if self.resize == "shorter_crop" else self.size
+        return round(side / min(1.0, self.framing))
 
     def early_resizer(self):
         """A resize that may run before this preprocessing (e.g. in a decoding thread) without
@@ -125,6 +138,8 @@ class Preprocess:
           side, leaving the final crop to the model. Two centre crops compose exactly when the
           margin of the second is even; otherwise there is no early resize.
         """
+        if self.framing != 1.0:  # the framing needs the whole decoded image
+            return None
         if self.resize == "squash" or self.crop_pct == 1.0:
             return self.resize_image
         short = round(self.size / self.crop_pct)
@@ -292,3 +307,20 @@ def centre_crop(image: np.ndarray, share: float) -> np.ndarray:
     ch, cw = max(1, round(h * share)), max(1, round(w * share))
     top, left = (h - ch) // 2, (w - cw) // 2
     return image[top:top + ch, left:left + cw]
+
+
+def reframe_image(image: np.ndarray, share: float) -> np.ndarray:
+    """An HWC image seen at ``share`` of its side: below 1 its centre (:func:`centre_crop`),
+    above 1 the image in the middle of a frame ``share`` times its size, filled with the median
+    colour of its border pixels (the slide's background, where a crop has one)."""
+    if share == 1.0:
+        return image
+    if share < 1.0:
+        return centre_crop(image, share)
+    h, w = image.shape[:2]
+    ph, pw = round(h * (share - 1) / 2), round(w * (share - 1) / 2)
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    out = np.empty((h + 2 * ph, w + 2 * pw) + image.shape[2:], image.dtype)
+    out[:] = np.median(border, axis=0).astype(image.dtype)
+    out[ph:ph + h, pw:pw + w] = image
+    return out

@@ -1,0 +1,46 @@
+"""Preprocess.framing: the share of each image's side the model sees (a lab's framing)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hematoscope.models.preprocess import Preprocess, centre_crop, reframe_image
+
+
+def _image(h=90, w=70, seed=0):
+    rng = np.random.default_rng(seed)
+    im = np.full((h, w, 3), (220, 200, 190), np.uint8)  # a cream background, a "cell" in the middle third
+    top, left = h // 3, w // 3
+    im[top:2 * top, left:2 * left] = rng.integers(40, 160, (top, left, 3))
+    return im
+
+
+def test_reframe_crops_or_pads_with_the_border_colour():
+    im = _image()
+    assert reframe_image(im, 1.0) is im
+    np.testing.assert_array_equal(reframe_image(im, 0.5), centre_crop(im, 0.5))
+    big = reframe_image(im, 2.0)
+    assert big.shape == (180, 140, 3) and big.dtype == np.uint8
+    np.testing.assert_array_equal(big[45:135, 35:105], im)
+    assert (big[0, 0] == (220, 200, 190)).all() and (big[-1, -1] == (220, 200, 190)).all()
+
+
+def test_preprocess_applies_the_framing_before_resizing():
+    im = _image(120, 120)
+    plain = Preprocess(size=32, resize="squash")
+    framed = Preprocess(size=32, resize="squash", framing=0.5)
+    np.testing.assert_array_equal(framed([im]), plain([centre_crop(im, 0.5)]))
+    assert not np.allclose(framed([im]), plain([im]))
+    padded = Preprocess(size=32, resize="squash", framing=1.5)
+    np.testing.assert_array_equal(padded([im]), plain([reframe_image(im, 1.5)]))
+
+
+def test_framing_round_trips_and_changes_what_is_decoded():
+    p = Preprocess(size=128, resize="shorter_crop", crop_pct=128 / 144, framing=0.75)
+    assert Preprocess.from_dict(p.to_dict()) == p
+    assert "framing" not in Preprocess(size=128).to_dict()  # bundles without it keep their bytes
+    assert p.decode_size == 192 and p.early_resizer() is None  # the centre must keep its detail
+    assert Preprocess(size=128, framing=2.0).decode_size == 128
+    for bad in (0.1, 5.0):
+        with pytest.raises(ValueError, match="framing"):
+            Preprocess(framing=bad)
