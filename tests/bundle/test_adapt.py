@@ -55,6 +55,7 @@ def test_adapt_changes_batchnorm_statistics_and_ood_and_nothing_else(trusted_bun
     a, b = adapted.config, trusted_bundle.config
     assert (a.labels, a.preprocess, a.temperature, a.abstain_threshold, a.tta) == \
            (b.labels, b.preprocess, b.temperature, b.abstain_threshold, b.tta)
+    assert a.adaptation["framing"]["framing"] == 1.0  # the same cells, recoloured: framed as in training
     assert a.ood.method == b.ood.method and a.ood.threshold != b.ood.threshold
     assert a.adaptation["images"] == len(lab_images) == report.images
     assert a.adaptation["source"] == "lab-x" and len(a.adaptation["images_sha256"]) == 64
