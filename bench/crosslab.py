@@ -71,7 +71,7 @@ def score(y_true: list[str], pred, *, n: int | None = None) -> dict:
         "flagged_unlike_training": round(float(flagged.mean()), 4),
         "accuracy_answered": round(float(correct[~abstain].mean()), 4) if (~abstain).any() else None,
         "predicted_other_classes": round(float(np.mean([p not in CLASSES for p in y_pred])), 4),
-        **({"answered_from_centre_crop": round(float(np.mean(pred.framing < 1)), 4)}
+        **({"reframed": round(float(np.mean(pred.framing != 1)), 4)}
            if pred.framing is not None else {}),
     }
 
@@ -293,7 +293,7 @@ def main() -> None:
                     "accuracy": round(float(np.mean(np.array(y_pred) == np.array(truth))), 4),
                     "macro_f1": round(float(f1_score(truth, y_pred, average="macro")), 4),
                     "abstained": round(float(np.mean(pred.abstain)), 4),
-                    **({"answered_from_centre_crop": round(float(np.mean(pred.framing < 1)), 4)}
+                    **({"reframed": round(float(np.mean(pred.framing != 1)), 4)}
                        if pred.framing is not None else {})}
 
         result["pbc_test"] = pbc_score(bundle)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from hematoscope import load_bundle
 from hematoscope.bundle.config import ReframeRule
 from hematoscope.data.images import load_model_image
-from hematoscope.models.preprocess import centre_crop
+from hematoscope.models.preprocess import centre_crop, reframe_image
 
 WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
@@ -44,7 +44,7 @@ def answers(lisc_files, pbc_subset):
 def test_only_flagged_cells_are_reframed_and_each_keeps_its_most_familiar_framing(answers):
     files, got, _ = answers
     on1, off1 = got["on", 1], got["off", 1]
-    assert off1.framing is None and set(on1.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6}
+    assert off1.framing is None and set(on1.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6, 1.5, 2.0, 2.5}
     whole = on1.framing == 1
     assert not (~whole & ~off1.ood_flag).any(), "a cell that looked like training data was reframed"
     np.testing.assert_array_equal(on1.probs[whole], off1.probs[whole])
@@ -58,7 +58,7 @@ def test_the_cascade_searches_framings_of_flagged_cells_with_its_slow_views(answ
     files, got, bundle = answers
     on, off, flagged_fast = got["on", None], got["off", None], got["off", 1].ood_flag
     slow = load_bundle("default").config.cascade.slow_views
-    assert off.framing is None and set(on.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6}
+    assert off.framing is None and set(on.framing.tolist()) <= {1.0, 0.85, 0.75, 0.6, 1.5, 2.0, 2.5}
     assert (on.views[flagged_fast] == slow).all()  # every flagged cell takes the slow path
     familiar = ~flagged_fast & ~off.ood_flag  # flagged neither by the fast pass nor by the slow one
     assert familiar.any() and not (on.framing < 1)[familiar].any()
@@ -66,7 +66,7 @@ def test_the_cascade_searches_framings_of_flagged_cells_with_its_slow_views(answ
     reframed = np.flatnonzero(on.framing < 1)[:4]
     assert len(reframed) >= 2
     bundle.config.tta = slow  # fixed slow views, whole crops: what the cascade computed for each framing
-    crops = [centre_crop(load_model_image(files[i], bundle.preprocess), float(on.framing[i])) for i in reframed]
+    crops = [reframe_image(load_model_image(files[i], bundle.preprocess), float(on.framing[i])) for i in reframed]
     np.testing.assert_allclose(bundle.predict(crops).probs, on.probs[reframed], atol=1e-5)
 
 
@@ -75,7 +75,7 @@ def test_a_reframed_answer_is_the_answer_for_that_centre_crop(answers):
     bundle.config.tta = 1
     on = got["on", 1]
     reframed = np.flatnonzero(on.framing < 1)[:4]
-    crops = [centre_crop(load_model_image(files[i], bundle.preprocess), float(on.framing[i])) for i in reframed]
+    crops = [reframe_image(load_model_image(files[i], bundle.preprocess), float(on.framing[i])) for i in reframed]
     direct = bundle.predict(crops)
     np.testing.assert_allclose(direct.probs, on.probs[reframed], atol=1e-5)
     np.testing.assert_allclose(direct.ood_score, on.ood_score[reframed], atol=1e-4)
@@ -111,7 +111,7 @@ def test_torch_onnx_and_the_server_reframe_alike(lisc_files, tmp_path):
 
 
 def test_the_rule_is_validated_saved_and_needs_an_ood_scorer(tiny_neural_bundle, tmp_path):
-    for bad in ([], [1.0], [0.1], [0.8, 0.8]):
+    for bad in ([], [1.0], [0.1], [4.0], [0.8, 0.8]):
         with pytest.raises(ValidationError):
             ReframeRule(zooms=bad)
     b = load_bundle(tiny_neural_bundle)
@@ -151,5 +151,27 @@ def test_trust_fit_sets_and_clears_the_rule(tiny_neural_bundle, synthetic_root, 
                                  "--max-train", "50"])
     assert r.exit_code == 0, r.output
     assert load_bundle(out).config.reframe is None
-    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "1.5"])
+    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "0.8,1"])
     assert r.exit_code == 2 and "zooms" in r.output
+
+
+def test_cells_cropped_tight_are_answered_from_a_padded_frame_when_it_is_clearly_familiar(pbc_subset):
+    """Real PBC cells cut to their centre 40 % (as a lab that crops close around each cell): the
+    search pads some back into a larger frame, each only when that brings the OOD score well
+    under the threshold, and they are answered better than from the tight crop."""
+    from hematoscope.data.readers import read_dataset
+
+    table = read_dataset(pbc_subset)
+    bundle = load_bundle("default")
+    bundle.set_tta(1)
+    tight = [centre_crop(load_model_image(p, bundle.preprocess), 0.4) for p in table["path"]]
+    truth = np.array(table["canonical"])
+    on = bundle.predict(tight)
+    bundle.set_reframe(None)
+    off = bundle.predict(tight)
+    padded = on.framing > 1
+    assert padded.sum() >= 5
+    rule, threshold = load_bundle("default").config.reframe, bundle.trust_for(1).ood_threshold
+    assert (on.ood_score[padded] < threshold - rule.out_margin).all() and off.ood_flag[padded].all()
+    right_on, right_off = (np.array(on.predicted) == truth), (np.array(off.predicted) == truth)
+    assert right_on[padded].sum() > right_off[padded].sum() + 3

@@ -31,7 +31,7 @@ from hematoscope._registry import Registry
 from hematoscope.bundle.config import (DEFAULT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS,  # noqa: F401
                                        BundleConfig, CascadeRule, ViewTrust)
 from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction
-from hematoscope.models.preprocess import TTA_VIEWS, centre_crop
+from hematoscope.models.preprocess import TTA_VIEWS, reframe_image
 
 if TYPE_CHECKING:
     from hematoscope.data.decode import DecodedBatch
@@ -516,39 +516,59 @@ class Bundle(ABC):
         """Whether predictions run the framing search (:class:`ReframeRule`, needs an OOD scorer)."""
         return self.config.reframe is not None and self.ood is not None
 
-    def set_reframe(self, zooms: Sequence[float] | None) -> None:
-        """Turn the framing search on with these centre-crop shares (e.g. ``[0.85, 0.75, 0.6]``)
-        or off (None); saved with the bundle."""
+    def set_reframe(self, zooms: Sequence[float] | None, out_margin: float | None = None) -> None:
+        """Turn the framing search on with these framings (shares of the side: centre crops below
+        1, padded frames above, e.g. ``[0.85, 0.75, 0.6, 1.5, 2, 2.5]``) or off (None); saved
+        with the bundle. ``out_margin``: see :class:`ReframeRule` (default: the rule's)."""
         from hematoscope.bundle.config import ReframeRule
 
-        self.config.reframe = None if zooms is None else ReframeRule(zooms=list(zooms))
+        margin = {} if out_margin is None else {"out_margin": out_margin}
+        self.config.reframe = None if zooms is None else ReframeRule(zooms=list(zooms), **margin)
 
     def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], pred: Prediction,
                  views: int) -> Prediction:
-        """The framing search on one batch answered from ``views`` views: each image ``pred``
-        flags as unlike training data is run again on the rule's centre crops and answered from
-        the framing with the lowest OOD score. Returns ``pred`` updated, ``framing`` filled in."""
+        """The framing search (:class:`ReframeRule`) on one batch answered from ``views`` views:
+        each image ``pred`` flags as unlike training data is run again on the rule's centre crops
+        and answered from the framing with the lowest OOD score; one still flagged then tries the
+        padded framings, kept only ``out_margin`` under the threshold. Returns ``pred`` updated,
+        ``framing`` filled in."""
         pred.framing = np.ones(len(pred))
         take = np.flatnonzero(pred.ood_flag) if self.reframes else np.zeros(0, np.int64)
         if len(take) == 0:
             return pred
-        zooms = np.asarray(self.config.reframe.zooms)
-        # every crop of every zoom in one batch: a few flagged cells per batch cost model calls, not pixels
-        tried = self.forward_views([centre_crop(images[i], z) for z in zooms for i in take], views)
-        mean = tried.averaged(views)
-        with single_blas_thread():
-            scores = np.asarray(self._scorer_for(self.trust_for(views)).score(features=mean.features,
-                                                                                logits=mean.logits), dtype=np.float64)
-        scores = scores.reshape(len(zooms), len(take))
-        best = scores.argmin(0)
-        rows = np.flatnonzero(scores[best, np.arange(len(take))] < pred.ood_score[take])
-        if len(rows) == 0:
+        rule = self.config.reframe
+        trust = self.trust_for(views)
+        scorer = self._scorer_for(trust)
+        score, share = pred.ood_score.copy(), pred.framing
+        chosen: dict[int, ViewOutputs] = {}
+
+        def search(rows: np.ndarray, zooms: list[float], good_enough: float) -> None:
+            # every framing of every cell in one batch: a few flagged cells per batch cost model calls, not pixels
+            tried = self.forward_views([reframe_image(images[i], z) for z in zooms for i in rows], views)
+            mean = tried.averaged(views)
+            with single_blas_thread():
+                s = np.asarray(scorer.score(features=mean.features, logits=mean.logits), dtype=np.float64)
+            s = s.reshape(len(zooms), len(rows))
+            best = s.argmin(0)
+            for j, i in enumerate(rows):
+                if s[best[j], j] < min(score[i], good_enough):
+                    k = best[j] * len(rows) + j
+                    score[i], share[i] = s[best[j], j], zooms[best[j]]
+                    chosen[i] = ViewOutputs(tried.logits[:, k:k + 1],
+                                            None if tried.features is None else tried.features[:, k:k + 1])
+
+        closer = [z for z in rule.zooms if z < 1]
+        if closer:
+            search(take, closer, np.inf)
+        looser = [z for z in rule.zooms if z > 1]
+        still = np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
+        if looser and len(still):
+            search(still, looser, float(trust.ood_threshold) - rule.out_margin)
+        index = np.array(sorted(chosen), dtype=np.int64)
+        if len(index) == 0:
             return pred
-        pick = best[rows] * len(take) + rows
-        chosen = ViewOutputs(tried.logits[:, pick], None if tried.features is None else tried.features[:, pick])
-        index = take[rows]
-        pred.replace(index, self.decide(chosen.averaged(views), [sources[i] for i in index], views))
-        pred.framing[index] = zooms[best[rows]]
+        outs = ViewOutputs.concat([chosen[i] for i in index])
+        pred.replace(index, self.decide(outs.averaged(views), [sources[i] for i in index], views))
         return pred
 
     def calibrated_probs(self, logits: np.ndarray, views: int | None = None) -> np.ndarray:

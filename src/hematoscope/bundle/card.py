@@ -88,9 +88,10 @@ def model_card(bundle: "Bundle") -> str:
         f"- test-time views averaged per image: {c.tta}"
         + (" when a fixed view count is asked for" if c.cascade else ""),
         *_view_trust_lines(c),
-        *([f"- framing search: a cell flagged as unlike the training data on its whole crop is tried again on "
-           f"the centre {', '.join(f'{z:g}' for z in c.reframe.zooms)} of its side and answered from the framing "
-           "that looks most like the training data"] if c.reframe else []),
+        *([f"- framing search: a cell flagged as unlike the training data on its whole crop is tried again at "
+           f"{', '.join(f'{z:g}' for z in c.reframe.zooms)} of its side (below 1 its centre, above 1 padded) and "
+           "answered from the framing that looks most like the training data (a padded one only when it brings the "
+           f"OOD score {c.reframe.out_margin:g} under the threshold)"] if c.reframe else []),
         "",
         "## Metrics",
     ]

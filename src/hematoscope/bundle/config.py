@@ -183,23 +183,29 @@ class CascadeRule(BaseModel):
 
 class ReframeRule(BaseModel):
     """Framing search: a cell flagged as unlike the training data on its whole crop is run again
-    on centre crops of ``zooms`` of the crop's side, and answered from the framing whose features
-    look most like the training data (the lowest OOD score, the whole crop included).
+    on other framings of it (``Preprocess.framing`` shares: below 1 centre crops, above 1 the
+    crop padded into a larger frame) and answered from the one whose features look most like the
+    training data. Centre crops compete with the whole crop on the lowest OOD score; a padded
+    framing is tried only for a cell still flagged after that, and kept only when it brings the
+    score ``out_margin`` under the threshold (one cell's score is too noisy to move a cell from
+    another lab's loose framing into a tight one on a small difference).
 
-    Other labs frame cells differently (a small lymphocyte in a frame full of red cells, a
-    different magnification); the framing search finds the one the model knows without a
+    Other labs frame cells differently (a small lymphocyte in a frame full of red cells, a crop
+    cut close around the cell); the search finds the framing the model knows without a
     segmentation. Cells like the training data are not touched, so it costs time only on
     flagged cells. Measured in docs/crosslab.md."""
 
     model_config = ConfigDict(extra="forbid")
 
     zooms: list[float] = Field(min_length=1)
+    #: OOD-score units under the threshold a padded framing must reach to be kept.
+    out_margin: float = Field(default=2.0, ge=0)
 
     @field_validator("zooms")
     @classmethod
-    def _centre_crops(cls, value: list[float]) -> list[float]:
-        if any(not 0.3 <= z < 1 for z in value) or len(set(value)) != len(value):
-            raise ValueError(f"zooms must be distinct shares of the side in [0.3, 1); got {value}")
+    def _framings(cls, value: list[float]) -> list[float]:
+        if any(not 0.3 <= z <= 3 or z == 1 for z in value) or len(set(value)) != len(value):
+            raise ValueError(f"zooms must be distinct shares of the side in [0.3, 3], not 1; got {value}")
         return value
 
 

@@ -52,9 +52,10 @@ class Prediction:
     #: (N,) test-time views each answer was computed from (the cascade mixes 1 and 8); None
     #: when not recorded.
     views: np.ndarray | None = None
-    #: (N,) share of each image's side the answer was computed from (1 = the whole crop; less
-    #: when the bundle's framing search, :class:`~hematoscope.bundle.config.ReframeRule`, chose
-    #: a centre crop); None when the bundle has no framing search.
+    #: (N,) framing each answer was computed from, as a share of the image's side (1 = the whole
+    #: crop; below 1 a centre crop, above 1 the crop padded into a larger frame, when the
+    #: bundle's framing search, :class:`~hematoscope.bundle.config.ReframeRule`, chose one);
+    #: None when the bundle has no framing search.
     framing: np.ndarray | None = None
 
     def __len__(self) -> int:

@@ -51,7 +51,7 @@ TtaOption = Annotated[Optional[int], typer.Option(
 #: ``--reframe/--no-reframe`` for commands that run a bundle on images.
 ReframeOption = Annotated[Optional[bool], typer.Option(
     "--reframe/--no-reframe", show_default=False,
-    help="Framing search: cells flagged as unlike the training data are tried again on centre crops "
+    help="Framing search: cells flagged as unlike the training data are tried again on centre crops and padded frames "
          "(default: the bundle's own setting; the shipped model has it on). --no-reframe answers every "
          "cell from its whole crop.")]
 

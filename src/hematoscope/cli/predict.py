@@ -91,7 +91,7 @@ def predict(
                     for v, n in zip(*np.unique(pred.views, return_counts=True)):
                         views_used[int(v)] = views_used.get(int(v), 0) + int(n)
                 if pred.framing is not None:
-                    reframed += int(np.sum(pred.framing < 1))
+                    reframed += int(np.sum(pred.framing != 1))
                 if writer:
                     writer.add(pred)
                 elif sum(map(len, shown)) < SHOWN_ROWS:
@@ -127,7 +127,7 @@ def predict(
         out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
     if bundle.reframes and done:
         out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data whole and "
-                          "were answered from a centre crop (column framing; --no-reframe to turn off)",
+                          "were answered from another framing (column framing; --no-reframe to turn off)",
                           highlight=False)
     if bundle.answerable_classes != bundle.labels:
         why = "" if classes else " (the classes the model was adapted to; --classes to change)"

@@ -36,9 +36,13 @@ def fit_cmd(
     cascade: Annotated[bool, typer.Option("--cascade/--no-cascade", help="Fit the adaptive-view cascade and make "
                                           "it the default (bundles with views).")] = True,
     reframe_zooms: Annotated[Optional[str], typer.Option(
-        "--reframe-zooms", help="Framing search for cells flagged as unlike the training data: centre-crop shares "
-                                "of the side to try, comma-separated (the shipped model: 0.85,0.75,0.6), or 'none' "
-                                "to turn it off (default: keep the bundle's).")] = None,
+        "--reframe-zooms", help="Framing search for cells flagged as unlike the training data: shares of the side "
+                                "to try, comma-separated, below 1 centre crops, above 1 padded frames (the shipped "
+                                "model: 0.85,0.75,0.6,1.5,2,2.5), or 'none' to turn it off (default: keep the "
+                                "bundle's).")] = None,
+    reframe_margin: Annotated[Optional[float], typer.Option(
+        "--reframe-margin", min=0.0, help="With --reframe-zooms: how far under the OOD threshold a padded frame "
+                                          "must bring a cell to be kept (default 2.0).")] = None,
 ) -> None:
     """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split,
     for every view count (1, 2, 4, 8) and the cascade, from one pass of the model over all 8
@@ -58,7 +62,7 @@ def fit_cmd(
     with user_errors():
         bundle = load_bundle(bundle_path)
         if reframe_zooms is not None:
-            bundle.set_reframe(zooms)
+            bundle.set_reframe(zooms, reframe_margin)
         if tta is not None and tta != 1 and not bundle.supports_tta:
             raise ValueError(f"{bundle.kind!r} bundles do not support test-time views")
         table = read_dataset(data)

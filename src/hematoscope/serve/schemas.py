@@ -90,9 +90,10 @@ class ItemResult(BaseModel):
     ood_flag: bool = False
     views: int | None = Field(default=None, description="test-time views the answer was computed from (the "
                               "adaptive cascade uses more for uncertain cells)")
-    framing: float | None = Field(default=None, description="share of the crop's side the answer was computed "
-                                  "from: 1 = the whole crop, less when the framing search answered from a centre "
-                                  "crop (the whole crop looked unlike the training data)")
+    framing: float | None = Field(default=None, description="framing the answer was computed from, as a share "
+                                  "of the crop's side: 1 = the whole crop, below 1 a centre crop, above 1 the crop "
+                                  "padded into a larger frame (the framing search: the whole crop looked unlike the "
+                                  "training data)")
     thumbnail: str | None = Field(default=None, description="JPEG data URL")
     heatmap: str | None = Field(default=None, description="PNG data URL of the explanation overlay")
     explanation: Explanation | None = None

@@ -295,9 +295,10 @@ function renderCard(it) {
   if (it.ood_flag && it.abstain_reason !== "unlike training data") {
     badges.append(badge("unusual", "warn", `anomaly score ${it.ood_score}`));
   }
-  if (it.framing != null && it.framing < 1) {
-    badges.append(badge(`centre ${Math.round(it.framing * 100)} %`, "info",
-      "the whole crop looked unlike the training data; answered from its centre"));
+  if (it.framing != null && it.framing !== 1) {
+    const closer = it.framing < 1;
+    badges.append(badge(closer ? `centre ${Math.round(it.framing * 100)} %` : `padded ×${it.framing}`, "info",
+      `the whole crop looked unlike the training data; answered from ${closer ? "its centre" : "a larger frame"}`));
   }
   if (it.correction) badges.append(badge(`corrected: ${display(it.correction.label)}`, "ok"));
   const fill = node.querySelector(".conf-fill");
