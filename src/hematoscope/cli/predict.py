@@ -33,6 +33,11 @@ def predict(
                                                            "this (default: the bundle's own threshold).")] = None,
     tta: TtaOption = None,
     reframe: ReframeOption = None,
+    framing: Annotated[Optional[str], typer.Option(
+        "--framing", help="The share of each crop's side the model sees: a number (0.75 = the centre 75 %, 2 = the "
+                          "crop padded to twice its size, for crops cut close around the cell), or auto: the one "
+                          "under which up to 300 of this run's images look most like the training data (every "
+                          "answer then depends on the run's images). Default: the bundle's.")] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Answer only among these classes, "
                                                    "comma-separated (e.g. a 5-part white-cell differential: "
                                                    "basophil,eosinophil,lymphocyte,monocyte,neutrophil); "
@@ -55,10 +60,19 @@ def predict(
         raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if engine not in ("local", "ray"):
         raise fail(f"--engine must be local or ray; got {engine!r}")
+    framing_value = _framing(framing)
     if engine == "ray":
+        if framing_value == "auto":
+            with user_errors():
+                from hematoscope.data.sources import expand_paths
+                from hematoscope.predict.pipeline import choose_run_framing, load_for_inference
+
+                probe = load_for_inference(model, backend=backend, reframe=reframe)
+                framing_value = choose_run_framing(probe, expand_paths(paths))["framing"]
+            err_console().print(f"framing: {framing_value:g} of each crop's side (chosen on this run's images)")
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
                             backend=backend, abstain_below=abstain_below, tta=tta, classes=classes, address=address,
-                            shard_dir=shard_dir, actors=actors, reframe=reframe)
+                            shard_dir=shard_dir, actors=actors, reframe=reframe, framing=framing_value)
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
@@ -71,11 +85,17 @@ def predict(
         from hematoscope.progress import track
 
         bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
-                                    classes=class_list(classes), reframe=reframe)
+                                    classes=class_list(classes), reframe=reframe,
+                                    framing=None if framing_value == "auto" else framing_value)
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         items = expand_paths(paths)
         n_images = sum(isinstance(i, ImageSource) for i in items)
+        chosen = None
+        if framing_value == "auto":
+            from hematoscope.predict.pipeline import choose_run_framing
+
+            chosen = choose_run_framing(bundle, items)
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
         diff, skipped, shown = empty_differential(bundle.labels), [], []
         views_used: dict[int, int] = {}
@@ -125,6 +145,11 @@ def predict(
                           f"the others {rule.fast_views})", highlight=False)
     elif views_used:
         out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
+    if chosen is not None:
+        share = chosen["framing"]
+        out_console.print(f"framing: {share:g} of each crop's side (" + ("whole crops" if share == 1 else
+                          "centre crops" if share < 1 else "crops padded into larger frames")
+                          + f"; chosen on {chosen['images']} of this run's images)", highlight=False)
     if bundle.reframes and done:
         out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data whole and "
                           "were answered from another framing (column framing; --no-reframe to turn off)",
@@ -139,8 +164,21 @@ def predict(
         raise typer.Exit(1)
 
 
+def _framing(text: str | None) -> float | str | None:
+    """A ``--framing`` value: None, "auto" or a share of the side."""
+    if text is None or text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"auto or a number; got {text!r}", param_hint="--framing") from None
+    if not 0.3 <= value <= 3:
+        raise typer.BadParameter(f"a share of the side in [0.3, 3]; got {value:g}", param_hint="--framing")
+    return value
+
+
 def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, classes,
-                 address, shard_dir, actors, reframe) -> None:
+                 address, shard_dir, actors, reframe, framing) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
     if shard_dir is None:
@@ -161,7 +199,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
-                         classes=class_list(classes), reframe=reframe,
+                         classes=class_list(classes), reframe=reframe, framing=framing,
                          report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:

@@ -242,10 +242,10 @@ class BundlePredictor:
 
     def __init__(self, model: str | None = None, *, tta: int | None = None, abstain_below: float | None = None,
                  backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None,
-                 classes: Sequence[str] | None = None, reframe: bool | None = None):
+                 classes: Sequence[str] | None = None, reframe: bool | None = None, framing: float | None = None):
         cpus = _assigned_cpus()
         self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus,
-                                         classes=classes, reframe=reframe)
+                                         classes=classes, reframe=reframe, framing=framing)
         self.batch_size = batch_size
         self.workers = decode_threads or cpus + 1
         self.inputs = _Inputs()
@@ -257,7 +257,8 @@ class BundlePredictor:
 def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, tta: int | None = None,
                     abstain_below: float | None = None, backend: str = "auto", batch_size: int = 64,
                     actors: int | None = None, cpus_per_actor: float = 1, decode_threads: int | None = None,
-                    classes: Sequence[str] | None = None, reframe: bool | None = None) -> "ray.data.Dataset":
+                    classes: Sequence[str] | None = None, reframe: bool | None = None,
+                    framing: float | None = None) -> "ray.data.Dataset":
     """Classify the images a Ray Dataset names; lazy, like every Ray Data transform.
 
     Args:
@@ -265,7 +266,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
             pyarrow's filesystems read: ``s3://``, ``gs://``, ``hdfs://``), optionally
             ``source`` (the name in outputs), ``member`` (zip member) and ``reason``.
         model: bundle directory or zip, readable on every node (default: the shipped model).
-        tta, abstain_below, backend, classes, reframe: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, framing: as ``hematoscope predict``.
         batch_size: images per model call.
         actors: size of the actor pool (default: the cluster's CPUs / ``cpus_per_actor``).
         cpus_per_actor: CPUs reserved per actor (its model session's threads).
@@ -284,7 +285,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(model=None if model is None else str(model), tta=tta, abstain_below=abstain_below,
                                    backend=backend, batch_size=batch_size, decode_threads=decode_threads,
-                                   classes=None if classes is None else list(classes), reframe=reframe),
+                                   classes=None if classes is None else list(classes), reframe=reframe,
+                                   framing=framing),
     )
 
 
@@ -473,6 +475,7 @@ def run_job(
     backend: str = "auto",
     classes: Sequence[str] | None = None,
     reframe: bool | None = None,
+    framing: float | None = None,
     report: str | Path | None = None,
     top_k: int = 3,
     num_cpus: int | None = None,
@@ -491,7 +494,7 @@ def run_job(
         address: Ray cluster to join (``ray start --head`` prints it); None: a local instance.
         shard_rows: rows per shard (fixed when the job is created).
         batch_size, actors, cpus_per_actor, decode_threads: see :func:`predict_dataset`.
-        tta, abstain_below, backend, classes, reframe, top_k: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, framing, top_k: as ``hematoscope predict``.
         report: write the per-image ``.csv`` / ``.json`` report (as local predict) here.
         num_cpus: CPUs of a local instance (default: all).
         on_shard: called as ``on_shard(shard, rows)`` after each shard is written.
@@ -507,11 +510,12 @@ def run_job(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes,
-                                reframe=reframe)
+                                reframe=reframe, framing=framing)
     spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
             "shard_rows": shard_rows, "labels": bundle.labels, "tta": tta, "abstain_below": abstain_below,
             "backend": backend, **({"classes": list(classes)} if classes else {}),
-            **({"reframe": reframe} if reframe is not None else {})}
+            **({"reframe": reframe} if reframe is not None else {}),
+            **({"framing": framing} if framing is not None else {})}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
     done_before = job["shards"] - len(pending)
@@ -521,7 +525,7 @@ def run_job(
         started = connect(address, num_cpus=num_cpus)
         try:
             _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
-                        classes=classes, reframe=reframe,
+                        classes=classes, reframe=reframe, framing=framing,
                         batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
                         decode_threads=decode_threads, on_shard=on_shard)
         finally:

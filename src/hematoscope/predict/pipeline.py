@@ -74,10 +74,12 @@ def predict_paths(
 
 def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
                        backend: str = "auto", threads: int | None = None,
-                       classes: Sequence[str] | None = None, reframe: bool | None = None) -> "Bundle":
+                       classes: Sequence[str] | None = None, reframe: bool | None = None,
+                       framing: float | None = None) -> "Bundle":
     """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
-    is None, the backend, test-time views, abstain threshold, answerable classes and framing
-    search (``reframe=False`` turns the bundle's off; True keeps it) applied; an
+    is None, the backend, test-time views, abstain threshold, answerable classes, framing search
+    (``reframe=False`` turns the bundle's off; True keeps it) and framing (``Preprocess.framing``,
+    when given) applied; an
     ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.default import default_bundle_path
@@ -94,4 +96,35 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
         bundle.restrict_classes(classes)
     if reframe is False:
         bundle.set_reframe(None)
+    if framing is not None:
+        from dataclasses import replace
+
+        bundle._use_preprocess(replace(bundle.preprocess, framing=float(framing)))
     return bundle
+
+
+def choose_run_framing(bundle: "Bundle", items: Sequence[ImageSource | SkippedFile], *, sample: int = 300) -> dict:
+    """``predict --framing auto``: the framing (``adapt``'s candidates, relative to the bundle's
+    own) under which up to ``sample`` of the run's images, spread over it, look most like the
+    training data; the bundle keeps it for the run. Every answer of the run then depends on
+    that choice, not on the image alone.
+
+    Raises:
+        ValueError: the bundle has no OOD scorer, or no image is readable.
+    """
+    from dataclasses import replace
+
+    import numpy as np
+
+    from hematoscope.bundle.adapt import choose_framing
+
+    if bundle.ood is None:
+        raise ValueError(f"--framing auto compares OOD scores; {bundle.name!r} has no OOD scorer (hematoscope trust fit)")
+    sources = [i for i in items if isinstance(i, ImageSource)]
+    picked = [sources[int(k)] for k in np.unique(np.linspace(0, len(sources) - 1, min(sample, len(sources))).round())]
+    images = [im for batch in bundle.iter_batches(picked) for im in batch.images]
+    if not images:
+        raise ValueError("--framing auto needs readable images")
+    report = choose_framing(bundle, images, batch_size=64)
+    bundle._use_preprocess(replace(bundle.preprocess, framing=report["framing"]))
+    return {**report, "images": len(images)}
