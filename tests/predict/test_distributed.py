@@ -149,6 +149,18 @@ def test_predict_dataset_classifies_a_users_ray_dataset_and_a_csv_manifest(ray_l
     assert [s.source for s in result.skipped] == [str(tmp_path / "missing.jpg")]
 
 
+def test_ray_actors_use_the_framing_asked_for(ray_local, cells):
+    from hematoscope.predict.distributed import load_for_inference, predict_dataset
+
+    files = sorted(str(p) for p in cells.rglob("*.jpg") if p.parent.name != "broken")[:4]
+    ds = ray_local.data.from_items([{"path": f} for f in files])
+    out = predict_dataset(ds, tta=1, actors=1, framing=1.5).to_pandas()
+    local = load_for_inference(None, tta=1, framing=1.5)
+    assert local.preprocess.framing == 1.5
+    np.testing.assert_allclose(np.stack(out["probs"]), local.predict(files).probs, atol=1e-6)
+    assert not np.allclose(np.stack(out["probs"]), load_for_inference(None, tta=1).predict(files).probs, atol=1e-3)
+
+
 def test_a_missing_extra_is_named(monkeypatch, tmp_path):
     from hematoscope.predict.distributed import MissingExtraError, require_distributed
 
