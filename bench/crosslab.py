@@ -102,8 +102,6 @@ def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
     accuracy as is, with `predict --framing auto` (one framing chosen on the scored cells
     themselves), after `adapt --framing keep` and after `adapt` (framing chosen), adapting on
     ``n_adapt`` cells and scoring the others."""
-    from dataclasses import replace
-
     from hematoscope.bundle.adapt import adapt_bundle, choose_framing
     from hematoscope.data.images import load_model_image
     from hematoscope.models.preprocess import centre_crop
@@ -125,14 +123,14 @@ def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
         kept, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}", framing=None)
         framed, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}")
         as_is = scored(bundle, lab_rest)
-        own_preprocess = bundle.preprocess
+        own_framing = bundle.preprocess.framing
         step = max(1, len(lab_rest) // n_adapt)  # `predict --framing auto` looks at up to 300 of the run's cells
         run_framing = choose_framing(bundle, lab_rest[::step][:n_adapt], batch_size=64)["framing"]
-        bundle._use_preprocess(replace(own_preprocess, framing=run_framing))
+        bundle.set_framing(run_framing)
         try:
             framing_auto = {**scored(bundle, lab_rest), "framing": run_framing}
         finally:
-            bundle._use_preprocess(own_preprocess)
+            bundle.set_framing(own_framing)
         out[f"centre_{share:g}"] = {"as_is": as_is, "predict_framing_auto": framing_auto,
                                     "adapted_framing_kept": scored(kept, lab_rest),
                                     "adapted": {**scored(framed, lab_rest), "framing": framed.preprocess.framing}}

@@ -144,21 +144,19 @@ def choose_framing(bundle: "Bundle", images: list[np.ndarray], batch_size: int,
                    framings: Sequence[float] = FRAMINGS) -> dict:
     """The framing (of ``framings``, relative to the bundle's own) under which ``images`` look
     most like the bundle's training data: the lowest mean OOD score of ``bundle`` (its OOD scorer
-    as trained, 1 view); the bundle's own framing unless another is lower. ``bundle`` is left
-    with its own preprocessing. Returns ``{"framing": share, "mean_ood_score": {...}}``."""
-    from dataclasses import replace
-
-    own = bundle.preprocess
+    as trained, with its fixed view count); the bundle's own framing unless another is lower.
+    ``bundle`` is left with its own framing. Returns ``{"framing": share, "mean_ood_score": {...}}``."""
+    own = bundle.preprocess.framing
     scores = {}
     try:
         for share in sorted(framings, key=lambda f: f != 1.0):  # the bundle's own first: it wins ties
-            bundle._use_preprocess(replace(own, framing=own.framing * share))
+            bundle.set_framing(own * share)
             out = _outputs(bundle, images, batch_size)
             scores[share] = float(np.mean(bundle.ood.score(features=out.features, logits=out.logits)))
     finally:
-        bundle._use_preprocess(own)
+        bundle.set_framing(own)
     best = min(scores, key=scores.get)
-    return {"framing": round(own.framing * best, 4), "chosen_by": "lowest mean OOD score of the trained bundle",
+    return {"framing": round(own * best, 4), "chosen_by": "lowest mean OOD score of the trained bundle",
             "mean_ood_score": {f"{k:g}": round(v, 4) for k, v in sorted(scores.items())}}
 
 
@@ -229,9 +227,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         report.framing = choose_framing(adapted, arrays, batch_size)
         framing = report.framing["framing"]
     if framing not in (None, "auto") and float(framing) != bundle.preprocess.framing:
-        from dataclasses import replace
-
-        adapted._use_preprocess(replace(bundle.preprocess, framing=float(framing)))
+        adapted.set_framing(float(framing))
         report.framing.setdefault("framing", float(framing))
         arrays, digests, skipped = decode_images(items, adapted.preprocess)
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None

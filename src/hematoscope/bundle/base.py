@@ -506,10 +506,13 @@ class Bundle(ABC):
         return self._reframe(images, sources, self.decide(self.forward_views(images, views).averaged(views), sources,
                                                           views), views)
 
-    def _use_preprocess(self, preprocess) -> None:
-        """Make ``preprocess`` this bundle's input spec (config and the one its kind runs)."""
-        self.config.preprocess = preprocess
-        self.preprocess = preprocess
+    def set_framing(self, share: float) -> None:
+        """Make the model see ``share`` of each image's side (``Preprocess.framing``: below 1 the
+        centre, above 1 the image padded into a larger frame), in the config and the input spec
+        its kind runs; saved with the bundle."""
+        from dataclasses import replace
+
+        self.preprocess = self.config.preprocess = replace(self.preprocess, framing=float(share))
 
     @property
     def reframes(self) -> bool:
@@ -533,7 +536,7 @@ class Bundle(ABC):
         padded framings, kept only ``out_margin`` under the threshold. Returns ``pred`` updated,
         ``framing`` filled in."""
         pred.framing = np.ones(len(pred))
-        take = np.flatnonzero(pred.ood_flag) if self.reframes else np.zeros(0, np.int64)
+        take = np.flatnonzero(pred.ood_flag)
         if len(take) == 0:
             return pred
         rule = self.config.reframe

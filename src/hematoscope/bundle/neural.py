@@ -386,7 +386,8 @@ class NeuralBundle(Bundle):
 
 
 def _average(arrays: list[np.ndarray]) -> np.ndarray:
-    """Mean of per-view outputs, as float32 (the one averaging of forward_tensor and the cascade)."""
+    """Mean of per-view outputs, as float32: what `ViewOutputs.averaged` gives the cascade, so its slow
+    answers equal forward_tensor's."""
     return np.asarray(arrays[0] if len(arrays) == 1 else np.mean(arrays, axis=0), dtype=np.float32)
 
 

@@ -97,9 +97,7 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
     if reframe is False:
         bundle.set_reframe(None)
     if framing is not None:
-        from dataclasses import replace
-
-        bundle._use_preprocess(replace(bundle.preprocess, framing=float(framing)))
+        bundle.set_framing(framing)
     return bundle
 
 
@@ -112,8 +110,6 @@ def choose_run_framing(bundle: "Bundle", items: Sequence[ImageSource | SkippedFi
     Raises:
         ValueError: the bundle has no OOD scorer, or no image is readable.
     """
-    from dataclasses import replace
-
     import numpy as np
 
     from hematoscope.bundle.adapt import choose_framing
@@ -126,5 +122,5 @@ def choose_run_framing(bundle: "Bundle", items: Sequence[ImageSource | SkippedFi
     if not images:
         raise ValueError("--framing auto needs readable images")
     report = choose_framing(bundle, images, batch_size=64)
-    bundle._use_preprocess(replace(bundle.preprocess, framing=report["framing"]))
+    bundle.set_framing(report["framing"])
     return {**report, "images": len(images)}
