@@ -123,6 +123,11 @@ def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
         kept, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}", framing=None)
         framed, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}")
         as_is = scored(bundle, lab_rest)
+        rule = bundle.config.reframe
+        if rule is not None and rule.size_ref is not None:  # the search with centre crops only
+            bundle.config.reframe = rule.model_copy(update={"size_ref": None})
+            as_is["centre_crops_only"] = scored(bundle, lab_rest)
+            bundle.config.reframe = rule
         own_framing = bundle.preprocess.framing
         step = max(1, len(lab_rest) // n_adapt)  # `predict --framing auto` looks at up to 300 of the run's cells
         run_framing = choose_framing(bundle, lab_rest[::step][:n_adapt], batch_size=64)["framing"]
@@ -236,12 +241,12 @@ def main() -> None:
                            "test_half_5part": run_5part(bundle, test)}
     logging.info("zero-shot: %s", result["zero_shot"]["test_half"])
     if bundle.reframes:  # the same without the framing search (`predict --no-reframe`)
-        zooms = bundle.config.reframe.zooms
-        result["framing_search"] = zooms
+        rule = bundle.config.reframe
+        result["framing_search"] = rule.model_dump()
         bundle.set_reframe(None)
         result["zero_shot"]["test_half_whole_crop"] = run(bundle, test)
         result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
-        bundle.set_reframe(zooms)
+        bundle.config.reframe = rule
         logging.info("zero-shot, whole crops only: %s", result["zero_shot"]["test_half_whole_crop"])
 
     rng = np.random.default_rng(args.seed)
@@ -310,10 +315,10 @@ def main() -> None:
 
         result["pbc_test"] = pbc_score(bundle)
         if bundle.reframes:
-            zooms = bundle.config.reframe.zooms
+            rule = bundle.config.reframe
             bundle.set_reframe(None)
             result["pbc_test_whole_crop"] = pbc_score(bundle)
-            bundle.set_reframe(zooms)
+            bundle.config.reframe = rule
         logging.info("PBC test: %s", result["pbc_test"])
         result["tight_framing"] = tight_framing(bundle, pbc, args.adapt_images, args.seed)
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"

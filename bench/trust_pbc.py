@@ -247,16 +247,16 @@ def part_c(args, cache_root: Path) -> dict:
         o, _ = outputs_cached(bundle, paths, cache, f"ood_{kind}")
         res["ood"][kind] = ood_metrics(in_scores, bundle.ood.score(features=o.features, logits=o.logits))
     if bundle.reframes:  # it lowers the scores of flagged images: does it let non-cells or damaged cells through?
-        zooms = bundle.config.reframe.zooms
-        res["framing_search"] = {"zooms": zooms, "note": "share flagged by Bundle.predict, whole crops only / with "
-                                                         "the framing search", "flagged": {}}
+        rule = bundle.config.reframe
+        res["framing_search"] = {**rule.model_dump(), "note": "share flagged by Bundle.predict, whole crops only / "
+                                                              "with the framing search", "flagged": {}}
         for kind, paths in {"val (PBC)": list(val["path"]), **ood_paths}.items():
             flagged = {}
-            for name, z in (("whole_crop", None), ("framing_search", zooms)):
-                bundle.set_reframe(z)
+            for name, r in (("whole_crop", None), ("framing_search", rule)):
+                bundle.config.reframe = r
                 flagged[name] = round(float(np.mean(bundle.predict(paths).ood_flag)), 4)
             res["framing_search"]["flagged"][kind] = flagged
-        bundle.set_reframe(zooms)
+        bundle.config.reframe = rule
     nc = [res["ood"][k]["auroc"] for k in NOT_CELLS]
     res["non_cells_min_auroc"] = min(nc)
     res["corrupted_auroc"] = {k: res["ood"][k]["auroc"] for k in CORRUPTIONS}

@@ -149,6 +149,18 @@ def test_trust_fit_sets_and_clears_the_rule(tiny_neural_bundle, synthetic_root, 
                                  "--reframe-zooms", "0.8,0.6", "--max-train", "50"])
     assert r.exit_code == 0, r.output
     assert load_bundle(out).config.reframe.zooms == [0.8, 0.6] and "framing search" in r.output
+    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-size", "--max-train", "50"])
+    assert r.exit_code == 0, r.output
+    ref = load_bundle(out).config.reframe.size_ref
+    assert ref and "padded to their size" in r.output
+    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "0.7",
+                                 "--max-train", "50"])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(out).config.reframe.zooms == [0.7] and load_bundle(out).config.reframe.size_ref == ref
+    r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--no-reframe-size",
+                                 "--max-train", "50"])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(out).config.reframe.size_ref is None
     r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "none",
                                  "--max-train", "50"])
     assert r.exit_code == 0, r.output
@@ -179,6 +191,62 @@ def test_cells_cropped_tight_are_answered_from_a_padded_frame_when_it_is_clearly
     assert (on.ood_score[padded] < threshold - 2.0).all() and off.ood_flag[padded].all()
     right_on, right_off = (np.array(on.predicted) == truth), (np.array(off.predicted) == truth)
     assert right_on[padded].sum() > right_off[padded].sum() + 3
+
+
+def test_the_shipped_size_reference_pads_tight_crops_back_and_leaves_whole_crops_alone(pbc_subset):
+    """A lab that crops close around each cell (PBC cells cut to their centre 40 %): the shipped
+    rule's size reference sees the nucleus filling the frame and tries the crop padded to the size
+    the model knows; whole PBC crops never get a padded frame."""
+    from hematoscope.data.readers import read_dataset
+
+    table = read_dataset(pbc_subset)
+    bundle = load_bundle("default")
+    rule = bundle.config.reframe
+    assert rule.size_ref is not None and 0.02 < rule.size_ref < 0.15 and not any(z > 1 for z in rule.zooms)
+    cells = [load_model_image(p, bundle.preprocess) for p in table["path"]]
+    truth = np.array(table["canonical"])
+    tight = [centre_crop(c, 0.4) for c in cells]
+    on = bundle.predict(tight)
+    bundle.config.reframe = rule.model_copy(update={"size_ref": None})
+    off = bundle.predict(tight)
+    bundle.config.reframe = rule
+    padded = on.framing > 1
+    assert padded.sum() >= 5 and (on.framing[padded] >= rule.size_gate).all() and (on.framing <= 2.5).all()
+    assert (on.ood_score[padded] < off.ood_score[padded]).all()  # the padded frame won on the lowest score
+    right_on, right_off = (np.array(on.predicted) == truth), (np.array(off.predicted) == truth)
+    assert right_on.sum() > right_off.sum() + 5
+    assert (bundle.predict(cells).framing <= 1).all()
+
+
+def test_the_size_padding_does_not_let_generated_non_cells_through(tmp_path):
+    """Text on a dark ground reads as a frame full of stained nucleus, i.e. a very tight crop:
+    padded into a big frame it once looked like a cell. Frames stained beyond any cell crop are
+    not padded, so non-cells stay flagged as with the whole crop alone."""
+    from hematoscope.trust.ood_sets import make_ood_set
+
+    bundle = load_bundle("default")
+    bundle.set_tta(1)
+    for kind in ("text", "noise", "stripes"):
+        files = make_ood_set(kind, tmp_path / kind, n=40, seed=3, size=256)
+        pred = bundle.predict(files)
+        assert pred.ood_flag.mean() >= 0.95, kind
+        assert not (~pred.ood_flag & (pred.framing > 1)).any(), f"a padded {kind} image passed as a cell"
+
+
+def test_the_size_reference_is_measured_on_enough_stained_images(tiny_neural_bundle, pbc_subset, tmp_path):
+    b = load_bundle(tiny_neural_bundle)
+    cells = [load_model_image(p, b.preprocess) for p in sorted(pbc_subset.rglob("*.jpg"))]
+    with pytest.raises(ValueError, match="at least 50"):
+        b.set_reframe([0.8], size_images=cells[:10])
+    with pytest.raises(ValueError, match="no stained nuclei"):
+        b.set_reframe([0.8], size_images=[np.full((64, 64, 3), 230, np.uint8)] * 60)
+    b.set_reframe([0.8], size_images=(cells * 4)[:60])
+    ref = b.config.reframe.size_ref
+    assert ref == pytest.approx(float(np.median(b.preprocess.stained_share((cells * 4)[:60]))), abs=1e-5)
+    assert load_bundle(b.save(tmp_path / "b")).config.reframe.size_ref == ref
+    for bad in ({"size_ref": 0.0}, {"size_gate": 1.0}, {"size_gate": 3.0}):
+        with pytest.raises(ValidationError):
+            ReframeRule(zooms=[0.8], **bad)
 
 
 def test_predict_framing_auto_chooses_one_framing_for_a_tight_labs_folder(pbc_subset, tmp_path, tiny_neural_bundle):

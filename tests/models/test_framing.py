@@ -44,3 +44,20 @@ def test_framing_round_trips_and_changes_what_is_decoded():
     for bad in (0.1, 5.0):
         with pytest.raises(ValueError, match="framing"):
             Preprocess(framing=bad)
+
+
+def test_stained_share_grows_with_the_square_of_the_zoom_on_real_cells(pbc_subset):
+    """The framing search's size gauge: the share of stained-nucleus pixels in the model input."""
+    from hematoscope import load_bundle
+    from hematoscope.data.images import load_model_image
+
+    spec = load_bundle("default").preprocess
+    cells = [load_model_image(p, spec) for p in sorted(pbc_subset.rglob("*.jpg"))[:24]]
+    whole = spec.stained_share(cells)
+    half = spec.stained_share([centre_crop(c, 0.5) for c in cells])
+    assert whole.shape == (24,) and ((whole >= 0) & (whole <= 1)).all()
+    assert 0.02 < np.median(whole) < 0.15  # PBC: the cell in the middle third of its crop
+    ratio = np.median(half) / np.median(whole)
+    assert 2.5 < ratio < 5, ratio  # 4 for a cell whose nucleus stays inside the centre half
+    assert spec.stained_share([np.full((60, 60, 3), 235, np.uint8)]).tolist() == [0.0]
+    assert spec.stained_share([]).shape == (0,)

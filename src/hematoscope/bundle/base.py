@@ -140,6 +140,8 @@ _EXPLAINERS: Registry[Callable[["Bundle"], Any]] = Registry("explanation method"
 })
 #: The libraries each built-in method imports, checked without importing them
 #: (:attr:`Bundle.available_explanations`).
+#: Fewest training images a framing-search size reference is measured on.
+MIN_SIZE_IMAGES = 50
 _EXPLAINER_MODULES = {"grad-cam": ("torch", "timm", "pytorch_grad_cam"), "segmentation": ("skimage",)}
 
 
@@ -519,22 +521,40 @@ class Bundle(ABC):
         """Whether predictions run the framing search (:class:`ReframeRule`, needs an OOD scorer)."""
         return self.config.reframe is not None and self.ood is not None
 
-    def set_reframe(self, zooms: Sequence[float] | None, out_margin: float | None = None) -> None:
+    def set_reframe(self, zooms: Sequence[float] | None, out_margin: float | None = None, *,
+                    size_images: Sequence[np.ndarray] | None = None) -> None:
         """Turn the framing search on with these framings (shares of the side: centre crops below
         1, padded frames above, e.g. ``[0.85, 0.75, 0.6, 1.5, 2, 2.5]``) or off (None); saved
-        with the bundle. ``out_margin``: see :class:`ReframeRule` (default: the rule's)."""
+        with the bundle. ``out_margin``: see :class:`ReframeRule` (default: the rule's).
+        ``size_images``: decoded training images (a few hundred); their median stained share
+        becomes the rule's ``size_ref``, so tight crops also try a padded frame of their size."""
         from hematoscope.bundle.config import ReframeRule
 
-        margin = {} if out_margin is None else {"out_margin": out_margin}
-        self.config.reframe = None if zooms is None else ReframeRule(zooms=list(zooms), **margin)
+        if zooms is None:
+            self.config.reframe = None
+            return
+        extra = {} if out_margin is None else {"out_margin": out_margin}
+        if size_images is not None:
+            if len(size_images) < MIN_SIZE_IMAGES:
+                raise ValueError(f"the size reference needs at least {MIN_SIZE_IMAGES} training images, "
+                                 f"got {len(size_images)}")
+            ref = float(np.median(self.preprocess.stained_share(size_images)))
+            if ref <= 0:
+                raise ValueError("the size reference images hold no stained nuclei (dark purple pixels after "
+                                 "colour canonicalisation): are they stained blood-cell crops?")
+            extra["size_ref"] = round(ref, 5)
+        self.config.reframe = ReframeRule(zooms=list(zooms), **extra)
 
     def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], pred: Prediction,
                  views: int) -> Prediction:
         """The framing search (:class:`ReframeRule`) on one batch answered from ``views`` views:
         each image ``pred`` flags as unlike training data is run again on the rule's centre crops
-        and answered from the framing with the lowest OOD score; one still flagged then tries the
-        padded framings, kept only ``out_margin`` under the threshold. Returns ``pred`` updated,
-        ``framing`` filled in."""
+        and, when its stained share says the crop is framed tight (``size_ref``), on its crop
+        padded to the size the model knows; it is answered from the framing with the lowest OOD
+        score. One still flagged then tries the rule's padded framings, kept only ``out_margin``
+        under the threshold. Returns ``pred`` updated, ``framing`` filled in."""
+        from hematoscope.bundle.config import SIZE_PAD_MAX, SIZE_SHARE_MAX
+
         pred.framing = np.ones(len(pred))
         take = np.flatnonzero(pred.ood_flag)
         if len(take) == 0:
@@ -545,9 +565,10 @@ class Bundle(ABC):
         score, share = pred.ood_score.copy(), pred.framing
         chosen: dict[int, ViewOutputs] = {}
 
-        def search(rows: np.ndarray, zooms: list[float], good_enough: float) -> None:
+        def search(rows: np.ndarray, zooms: np.ndarray, good_enough: float) -> None:
+            """``zooms``: (framings, rows) shares, one column per cell."""
             # every framing of every cell in one batch: a few flagged cells per batch cost model calls, not pixels
-            tried = self.forward_views([reframe_image(images[i], z) for z in zooms for i in rows], views)
+            tried = self.forward_views([reframe_image(images[i], z) for zs in zooms for z, i in zip(zs, rows)], views)
             mean = tried.averaged(views)
             with single_blas_thread():
                 s = np.asarray(scorer.score(features=mean.features, logits=mean.logits), dtype=np.float64)
@@ -556,17 +577,26 @@ class Bundle(ABC):
             for j, i in enumerate(rows):
                 if s[best[j], j] < min(score[i], good_enough):
                     k = best[j] * len(rows) + j
-                    score[i], share[i] = s[best[j], j], zooms[best[j]]
+                    score[i], share[i] = s[best[j], j], zooms[best[j], j]
                     chosen[i] = ViewOutputs(tried.logits[:, k:k + 1],
                                             None if tried.features is None else tried.features[:, k:k + 1])
 
+        def each(zooms: list[float], rows: np.ndarray) -> np.ndarray:
+            return np.repeat(np.asarray(zooms, dtype=np.float64)[:, None], len(rows), axis=1)
+
         closer = [z for z in rule.zooms if z < 1]
         if closer:
-            search(take, closer, np.inf)
+            search(take, each(closer, take), np.inf)
+        if rule.size_ref is not None:
+            stained = self.preprocess.stained_share([images[i] for i in take])
+            tightness = np.sqrt(stained / rule.size_ref)
+            tight = (tightness >= rule.size_gate) & (stained <= SIZE_SHARE_MAX)
+            if tight.any():
+                search(take[tight], np.round(np.minimum(tightness[tight], SIZE_PAD_MAX), 2)[None, :], np.inf)
         looser = [z for z in rule.zooms if z > 1]
         still = np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
         if looser and len(still):
-            search(still, looser, float(trust.ood_threshold) - rule.out_margin)
+            search(still, each(looser, still), float(trust.ood_threshold) - rule.out_margin)
         index = np.array(sorted(chosen), dtype=np.int64)
         if len(index) == 0:
             return pred

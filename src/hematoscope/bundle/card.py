@@ -91,7 +91,10 @@ def model_card(bundle: "Bundle") -> str:
         *([f"- framing search: a cell flagged as unlike the training data on its whole crop is tried again at "
            f"{', '.join(f'{z:g}' for z in c.reframe.zooms)} of its side (below 1 its centre, above 1 padded) and "
            "answered from the framing that looks most like the training data (a padded one only when it brings the "
-           f"OOD score {c.reframe.out_margin:g} under the threshold)"] if c.reframe else []),
+           f"OOD score {c.reframe.out_margin:g} under the threshold)"
+           + (f"; a crop whose stained-nucleus share says it is framed {c.reframe.size_gate:g}x tighter than the "
+              f"training crops (median share {c.reframe.size_ref:.3f}) or more is also tried padded to their size"
+              if c.reframe.size_ref else "")] if c.reframe else []),
         "",
         "## Metrics",
     ]

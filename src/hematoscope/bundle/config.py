@@ -181,6 +181,13 @@ class CascadeRule(BaseModel):
         return value
 
 
+#: Largest padding the size estimate of :class:`ReframeRule` tries (a cell 2.5x tighter than PBC's).
+SIZE_PAD_MAX = 2.5
+#: A frame more stained than this is no cell crop (PBC cells cut to their centre 40 %: at most
+#: 0.72; generated text on a dark ground: 0.9 and more) and is not padded.
+SIZE_SHARE_MAX = 0.85
+
+
 class ReframeRule(BaseModel):
     """Framing search: a cell flagged as unlike the training data on its whole crop is run again
     on other framings of it (``Preprocess.framing`` shares: below 1 centre crops, above 1 the
@@ -200,6 +207,14 @@ class ReframeRule(BaseModel):
     zooms: list[float] = Field(min_length=1)
     #: OOD-score units under the threshold a padded framing must reach to be kept.
     out_margin: float = Field(default=2.0, ge=0)
+    #: Median stained-nucleus share of the training crops (``Preprocess.stained_share``), or None.
+    #: When set, a flagged cell whose share says its crop is framed ``size_gate`` times tighter
+    #: (``sqrt(share / size_ref)``) or more also tries its crop padded by that factor (at most
+    #: :data:`SIZE_PAD_MAX`; not a frame stained beyond :data:`SIZE_SHARE_MAX`), competing with
+    #: the other framings on the lowest OOD score: the cell's own size, not its noisy score, says
+    #: which way to look.
+    size_ref: float | None = Field(default=None, gt=0, le=1)
+    size_gate: float = Field(default=1.6, gt=1, le=SIZE_PAD_MAX)
 
     @field_validator("zooms")
     @classmethod

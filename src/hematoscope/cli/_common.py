@@ -44,15 +44,16 @@ def user_errors() -> Iterator[None]:
 #: ``--tta`` for commands that run a bundle on images.
 TtaOption = Annotated[Optional[int], typer.Option(
     "--tta", help="Flip/rot90 views averaged per image: 1, 2, 4 or 8 (default: the bundle's own setting, the "
-                  "adaptive cascade when fitted: 1 view, 8 for uncertain cells). More views are proportionally "
+                  "adaptive cascade when fitted: 1 view, more for uncertain or unfamiliar cells; 4 in the shipped model). More views are proportionally "
                   "slower and flag unknown cell types better.")]
 
 
 #: ``--reframe/--no-reframe`` for commands that run a bundle on images.
 ReframeOption = Annotated[Optional[bool], typer.Option(
     "--reframe/--no-reframe", show_default=False,
-    help="Framing search: cells flagged as unlike the training data are tried again on centre crops and padded frames "
-         "(default: the bundle's own setting; the shipped model has it on). --no-reframe answers every "
+    help="Framing search: cells flagged as unlike the training data are tried again on centre crops and, when "
+         "their crop looks framed tight, padded to the size the model knows (default: the bundle's own setting; "
+         "the shipped model has it on). --no-reframe answers every "
          "cell from its whole crop.")]
 
 

@@ -8,6 +8,9 @@ import typer
 
 from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, user_errors
 
+#: Train images the framing search's size reference is measured on (``--reframe-size``).
+SIZE_IMAGES = 1000
+
 trust_app = typer.Typer(help="Trust: calibration, out-of-distribution detection, abstention.", no_args_is_help=True)
 
 
@@ -38,11 +41,15 @@ def fit_cmd(
     reframe_zooms: Annotated[Optional[str], typer.Option(
         "--reframe-zooms", help="Framing search for cells flagged as unlike the training data: shares of the side "
                                 "to try, comma-separated, below 1 centre crops, above 1 padded frames (the shipped "
-                                "model: 0.85,0.75,0.6,1.5,2,2.5), or 'none' to turn it off (default: keep the "
+                                "model: 0.85,0.75,0.6; padded frames e.g. 1.5,2,2.5), or 'none' to turn it off (default: keep the "
                                 "bundle's).")] = None,
     reframe_margin: Annotated[Optional[float], typer.Option(
         "--reframe-margin", min=0.0, help="With --reframe-zooms: how far under the OOD threshold a padded frame "
                                           "must bring a cell to be kept (default 2.0).")] = None,
+    reframe_size: Annotated[Optional[bool], typer.Option(
+        "--reframe-size/--no-reframe-size", help="Framing search: measure the stained-nucleus share of up to "
+        f"{SIZE_IMAGES} train images, so a flagged crop framed much tighter than them also tries a padded frame of "
+        "its size (the shipped model has it), or drop that (default: keep the bundle's).")] = None,
 ) -> None:
     """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split,
     for every view count (1, 2, 4, 8) and the cascade, from one pass of the model over all 8
@@ -61,8 +68,11 @@ def fit_cmd(
     zooms = _zooms(reframe_zooms)
     with user_errors():
         bundle = load_bundle(bundle_path)
+        old_rule = bundle.config.reframe
         if reframe_zooms is not None:
             bundle.set_reframe(zooms, reframe_margin)
+            if zooms is not None and old_rule is not None and reframe_size is None:
+                bundle.config.reframe.size_ref = old_rule.size_ref
         if tta is not None and tta != 1 and not bundle.supports_tta:
             raise ValueError(f"{bundle.kind!r} bundles do not support test-time views")
         table = read_dataset(data)
@@ -72,6 +82,17 @@ def fit_cmd(
             err_console().print(f"[yellow]warning:[/] {data} has no split; making one (seed {seed}). Its val "
                                 "images must not have been used to train the bundle.")
             table = make_split(table, seed=seed)
+        if reframe_size is not None and bundle.config.reframe is None:
+            raise ValueError("--reframe-size/--no-reframe-size needs a framing search: give --reframe-zooms")
+        if reframe_size:
+            from hematoscope.data.images import load_model_image
+
+            train = table[table["split"] == "train"]
+            paths = train.sample(min(SIZE_IMAGES, len(train)), random_state=seed)["path"]
+            bundle.set_reframe(bundle.config.reframe.zooms, bundle.config.reframe.out_margin,
+                               size_images=[load_model_image(p, bundle.preprocess) for p in paths])
+        elif reframe_size is False:
+            bundle.config.reframe.size_ref = None
         report = fit_trust_on_table(bundle, table, max_train=max_train, seed=seed, target_tpr=target_tpr,
                                     target_answered=target_answered or None,
                                     method=method, abstain_min_confidence=abstain_min_confidence,
@@ -105,9 +126,12 @@ def fit_cmd(
                 f"{val.get('agreement_with_reference', 1.0):.1%} of val", highlight=False)
     else:
         c.print(f"default: {report['default_views']} fixed view{'s' if report['default_views'] > 1 else ''}")
-    if bundle.config.reframe is not None:
+    rule = bundle.config.reframe
+    if rule is not None:
         c.print(f"framing search: cells flagged on the whole crop are tried at "
-                f"{', '.join(f'{z:g}' for z in bundle.config.reframe.zooms)} of the side", highlight=False)
+                f"{', '.join(f'{z:g}' for z in rule.zooms)} of the side"
+                + (f", and padded to their size when framed {rule.size_gate:g}x tighter than the train images "
+                   f"(median stained share {rule.size_ref:.3f})" if rule.size_ref else ""), highlight=False)
     c.print(f"saved {target}")
 
 
