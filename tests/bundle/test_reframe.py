@@ -141,6 +141,18 @@ def test_cli_reports_the_framing_and_turns_it_off(lisc_files, tmp_path):
     np.testing.assert_allclose(a.loc[same, "confidence"], b.loc[same, "confidence"], atol=1e-6)
 
 
+def test_predict_points_a_run_of_another_labs_crops_to_framing_auto_and_adapt(lisc_files, pbc_subset):
+    from hematoscope.cli.main import app
+
+    r = CliRunner().invoke(app, ["predict", *map(str, lisc_files)])
+    assert r.exit_code == 0, r.output
+    assert "look unlike the training data and were not answered" in r.output and "hematoscope adapt default" in r.output
+    r = CliRunner().invoke(app, ["predict", *map(str, lisc_files), "--framing", "auto"])
+    assert r.exit_code == 0 and "not answered" not in r.output  # the user already chose a lab framing
+    r = CliRunner().invoke(app, ["predict", str(pbc_subset)])
+    assert r.exit_code == 0 and "not answered" not in r.output  # the training lab's own cells
+
+
 def test_trust_fit_sets_and_clears_the_rule(tiny_neural_bundle, synthetic_root, tmp_path):
     from hematoscope.cli.main import app
 

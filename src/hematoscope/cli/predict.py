@@ -11,6 +11,9 @@ import typer
 from hematoscope.cli._common import ReframeOption, TtaOption, class_list, console, err_console, fail, user_errors
 
 BACKENDS = ("auto", "torch", "onnx")
+#: A run where at least this share of at least this many cells look unlike the training data
+#: ends with a pointer to --framing auto and adapt (another lab's crops, most likely).
+LAB_HINT_SHARE, LAB_HINT_MIN = 0.2, 20
 #: Per-image rows printed when no --out file is given.
 SHOWN_ROWS = 30
 
@@ -157,6 +160,13 @@ def predict(
     if bundle.answerable_classes != bundle.labels:
         why = "" if classes else " (the classes the model was adapted to; --classes to change)"
         out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}{why}", highlight=False)
+    unlike = _unlike_share(diff, done)
+    if unlike >= LAB_HINT_SHARE and done >= LAB_HINT_MIN and chosen is None and bundle.config.adaptation is None:
+        err_console().print(
+            f"note: {unlike:.0%} of the cells look unlike the training data and were not answered. If they are "
+            "one lab's crops (its own microscope, stain or framing), try --framing auto, or adapt the model to a "
+            f"few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab (docs/crosslab.md).",
+            highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)
@@ -218,3 +228,9 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
 
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
+
+
+def _unlike_share(diff, done: int) -> float:
+    from hematoscope.bundle.prediction import UNLIKE_TRAINING
+
+    return diff.abstain_reasons.get(UNLIKE_TRAINING, 0) / done if done else 0.0
