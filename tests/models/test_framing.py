@@ -15,7 +15,7 @@ def _image(h=90, w=70, seed=0):
     return im
 
 
-def test_reframe_crops_or_pads_with_the_border_colour():
+def test_reframe_crops_or_pads_with_the_background_colour():
     im = _image()
     assert reframe_image(im, 1.0) is im
     np.testing.assert_array_equal(reframe_image(im, 0.5), centre_crop(im, 0.5))
@@ -61,3 +61,12 @@ def test_stained_share_grows_with_the_square_of_the_zoom_on_real_cells(pbc_subse
     assert 2.5 < ratio < 5, ratio  # 4 for a cell whose nucleus stays inside the centre half
     assert spec.stained_share([np.full((60, 60, 3), 235, np.uint8)]).tolist() == [0.0]
     assert spec.stained_share([]).shape == (0,)
+
+
+def test_a_crop_cut_through_the_cell_is_padded_with_the_background_not_the_cell():
+    im = _image(90, 90)
+    tight = centre_crop(im, 0.45)  # the "cell" reaches every edge but background remains in the corners
+    tight[:4], tight[-4:] = (90, 60, 140), (90, 60, 140)  # purple along the top and bottom edges
+    tight[:, :2] = (220, 200, 190)
+    big = reframe_image(tight, 2.0)
+    assert (big[0, 0] == (220, 200, 190)).all(), big[0, 0]

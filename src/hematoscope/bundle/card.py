@@ -18,7 +18,7 @@ def _pct(v) -> str:
 
 def _framing(share: float) -> str:
     return ("the whole" if share == 1 else f"the centre {share:.0%}" if share < 1
-            else f"a frame {share:g} times the size (padded with the border's colour)")
+            else f"a frame {share:g} times the size (padded with the image's white point, its background)")
 
 
 def _adaptation_lines(a: dict | None, c) -> list[str]:
