@@ -96,9 +96,29 @@ def few_labels(extractor, table, own, test, shots, repeats: int, seed: int, head
     return out
 
 
+def lisc_cut(bundle, paths: list[str], truth: list[str]) -> dict:
+    """LISC crops cut to their centre 60 % / 50 % (another lab's stain, framed tight), as is
+    with the shipped framing search and with its centre crops only (no size padding)."""
+    from hematoscope.data.images import load_model_image
+    from hematoscope.models.preprocess import centre_crop
+
+    cells = [load_model_image(p, bundle.preprocess) for p in paths]
+    rule, out = bundle.config.reframe, {}
+    for share in (0.6, 0.5):
+        cut = [centre_crop(c, share) for c in cells]
+        entry = {}
+        for name, r in (("as_is", rule), ("centre_crops_only", rule.model_copy(update={"size_ref": None}))):
+            bundle.config.reframe = r
+            entry[name] = score(truth, bundle.predict(cut))
+        bundle.config.reframe = rule
+        out[f"centre_{share:g}"] = entry
+        logging.info("LISC cut to %g: %s", share, {k: v["macro_f1"] for k, v in entry.items()})
+    return out
+
+
 def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
     """A lab that crops tight around each cell, simulated on PBC's test cells cut to their centre
-    50 % / 40 % (the cell then fills most of the frame, as in the tight crops of other labs):
+    50 % / 40 % / 30 % (the cell then fills most of the frame, as in the tight crops of other labs):
     accuracy as is, with `predict --framing auto` (one framing chosen on the scored cells
     themselves), after `adapt --framing keep` and after `adapt` (framing chosen), adapting on
     ``n_adapt`` cells and scoring the others."""
@@ -117,7 +137,7 @@ def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
         return {"accuracy": round(float(np.mean(np.array(pred.predicted) == truth)), 4),
                 "abstained": round(float(np.mean(pred.abstain)), 4)}
 
-    for share in (0.5, 0.4):
+    for share in (0.5, 0.4, 0.3):
         lab_own = [centre_crop(cells[i], share) for i in own]
         lab_rest = [centre_crop(cells[i], share) for i in rest]
         kept, _ = adapt_bundle(bundle, lab_own, source=f"PBC centre {share:.0%}", framing=None)
@@ -248,6 +268,9 @@ def main() -> None:
         result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
         bundle.config.reframe = rule
         logging.info("zero-shot, whole crops only: %s", result["zero_shot"]["test_half_whole_crop"])
+        if rule.size_ref is not None:  # another lab's stain, cut tight: does the size padding hold there?
+            result["zero_shot"]["test_half_cut"] = lisc_cut(bundle, [paths[i] for i in np.flatnonzero(test)],
+                                                            [y[i] for i in np.flatnonzero(test)])
 
     rng = np.random.default_rng(args.seed)
     adapt_rows = rng.permutation(np.flatnonzero(own))[:args.adapt_images]
