@@ -34,6 +34,7 @@ the abstain rate is reported beside. Results merge into bench/results/crosslab.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -96,6 +97,22 @@ def few_labels(extractor, table, own, test, shots, repeats: int, seed: int, head
     return out
 
 
+@contextlib.contextmanager
+def framing_rule(bundle, rule):
+    """``bundle`` answers with the framing-search ``rule`` (None: whole crops) inside the block."""
+    kept = bundle.config.reframe
+    bundle.config.reframe = rule
+    try:
+        yield
+    finally:
+        bundle.config.reframe = kept
+
+
+def centre_crops_only(rule):
+    """The framing-search ``rule`` without its size padding."""
+    return rule.model_copy(update={"size_ref": None})
+
+
 def lisc_cut(bundle, paths: list[str], truth: list[str]) -> dict:
     """LISC crops cut to their centre 60 % / 50 % (another lab's stain, framed tight), as is
     with the shipped framing search and with its centre crops only (no size padding)."""
@@ -103,14 +120,12 @@ def lisc_cut(bundle, paths: list[str], truth: list[str]) -> dict:
     from hematoscope.models.preprocess import centre_crop
 
     cells = [load_model_image(p, bundle.preprocess) for p in paths]
-    rule, out = bundle.config.reframe, {}
+    out = {}
     for share in (0.6, 0.5):
         cut = [centre_crop(c, share) for c in cells]
-        entry = {}
-        for name, r in (("as_is", rule), ("centre_crops_only", rule.model_copy(update={"size_ref": None}))):
-            bundle.config.reframe = r
-            entry[name] = score(truth, bundle.predict(cut))
-        bundle.config.reframe = rule
+        entry = {"as_is": score(truth, bundle.predict(cut))}
+        with framing_rule(bundle, centre_crops_only(bundle.config.reframe)):
+            entry["centre_crops_only"] = score(truth, bundle.predict(cut))
         out[f"centre_{share:g}"] = entry
         logging.info("LISC cut to %g: %s", share, {k: v["macro_f1"] for k, v in entry.items()})
     return out
@@ -145,9 +160,8 @@ def tight_framing(bundle, pbc, n_adapt: int, seed: int) -> dict:
         as_is = scored(bundle, lab_rest)
         rule = bundle.config.reframe
         if rule is not None and rule.size_ref is not None:  # the search with centre crops only
-            bundle.config.reframe = rule.model_copy(update={"size_ref": None})
-            as_is["centre_crops_only"] = scored(bundle, lab_rest)
-            bundle.config.reframe = rule
+            with framing_rule(bundle, centre_crops_only(rule)):
+                as_is["centre_crops_only"] = scored(bundle, lab_rest)
         own_framing = bundle.preprocess.framing
         step = max(1, len(lab_rest) // n_adapt)  # `predict --framing auto` looks at up to 300 of the run's cells
         run_framing = choose_framing(bundle, lab_rest[::step][:n_adapt], batch_size=64)["framing"]
@@ -263,10 +277,9 @@ def main() -> None:
     if bundle.reframes:  # the same without the framing search (`predict --no-reframe`)
         rule = bundle.config.reframe
         result["framing_search"] = rule.model_dump()
-        bundle.set_reframe(None)
-        result["zero_shot"]["test_half_whole_crop"] = run(bundle, test)
-        result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
-        bundle.config.reframe = rule
+        with framing_rule(bundle, None):
+            result["zero_shot"]["test_half_whole_crop"] = run(bundle, test)
+            result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
         logging.info("zero-shot, whole crops only: %s", result["zero_shot"]["test_half_whole_crop"])
         if rule.size_ref is not None:  # another lab's stain, cut tight: does the size padding hold there?
             result["zero_shot"]["test_half_cut"] = lisc_cut(bundle, [paths[i] for i in np.flatnonzero(test)],
@@ -338,10 +351,8 @@ def main() -> None:
 
         result["pbc_test"] = pbc_score(bundle)
         if bundle.reframes:
-            rule = bundle.config.reframe
-            bundle.set_reframe(None)
-            result["pbc_test_whole_crop"] = pbc_score(bundle)
-            bundle.config.reframe = rule
+            with framing_rule(bundle, None):
+                result["pbc_test_whole_crop"] = pbc_score(bundle)
         logging.info("PBC test: %s", result["pbc_test"])
         result["tight_framing"] = tight_framing(bundle, pbc, args.adapt_images, args.seed)
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"

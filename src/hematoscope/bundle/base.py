@@ -140,9 +140,9 @@ _EXPLAINERS: Registry[Callable[["Bundle"], Any]] = Registry("explanation method"
 })
 #: The libraries each built-in method imports, checked without importing them
 #: (:attr:`Bundle.available_explanations`).
+_EXPLAINER_MODULES = {"grad-cam": ("torch", "timm", "pytorch_grad_cam"), "segmentation": ("skimage",)}
 #: Fewest training images a framing-search size reference is measured on.
 MIN_SIZE_IMAGES = 50
-_EXPLAINER_MODULES = {"grad-cam": ("torch", "timm", "pytorch_grad_cam"), "segmentation": ("skimage",)}
 
 
 def register_explainer(method: str) -> Callable[[Callable], Callable]:
