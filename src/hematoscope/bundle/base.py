@@ -522,18 +522,21 @@ class Bundle(ABC):
         return self.config.reframe is not None and self.ood is not None
 
     def set_reframe(self, zooms: Sequence[float] | None, out_margin: float | None = None, *,
-                    size_images: Sequence[np.ndarray] | None = None) -> None:
+                    size_images: Sequence[np.ndarray] | None = None, size_ref: float | None = None) -> None:
         """Turn the framing search on with these framings (shares of the side: centre crops below
         1, padded frames above, e.g. ``[0.85, 0.75, 0.6, 1.5, 2, 2.5]``) or off (None); saved
         with the bundle. ``out_margin``: see :class:`ReframeRule` (default: the rule's).
         ``size_images``: decoded training images (a few hundred); their median stained share
-        becomes the rule's ``size_ref``, so tight crops also try a padded frame of their size."""
+        becomes the rule's ``size_ref``, so tight crops also try a padded frame of their size;
+        ``size_ref`` sets that reference directly (e.g. kept from a previous rule)."""
         from hematoscope.bundle.config import ReframeRule
 
         if zooms is None:
             self.config.reframe = None
             return
         extra = {} if out_margin is None else {"out_margin": out_margin}
+        if size_ref is not None:
+            extra["size_ref"] = size_ref
         if size_images is not None:
             if len(size_images) < MIN_SIZE_IMAGES:
                 raise ValueError(f"the size reference needs at least {MIN_SIZE_IMAGES} training images, "

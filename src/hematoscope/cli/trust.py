@@ -68,11 +68,6 @@ def fit_cmd(
     zooms = _zooms(reframe_zooms)
     with user_errors():
         bundle = load_bundle(bundle_path)
-        old_rule = bundle.config.reframe
-        if reframe_zooms is not None:
-            bundle.set_reframe(zooms, reframe_margin)
-            if zooms is not None and old_rule is not None and reframe_size is None:
-                bundle.config.reframe.size_ref = old_rule.size_ref
         if tta is not None and tta != 1 and not bundle.supports_tta:
             raise ValueError(f"{bundle.kind!r} bundles do not support test-time views")
         table = read_dataset(data)
@@ -82,17 +77,7 @@ def fit_cmd(
             err_console().print(f"[yellow]warning:[/] {data} has no split; making one (seed {seed}). Its val "
                                 "images must not have been used to train the bundle.")
             table = make_split(table, seed=seed)
-        if reframe_size is not None and bundle.config.reframe is None:
-            raise ValueError("--reframe-size/--no-reframe-size needs a framing search: give --reframe-zooms")
-        if reframe_size:
-            from hematoscope.data.images import load_model_image
-
-            train = table[table["split"] == "train"]
-            paths = train.sample(min(SIZE_IMAGES, len(train)), random_state=seed)["path"]
-            bundle.set_reframe(bundle.config.reframe.zooms, bundle.config.reframe.out_margin,
-                               size_images=[load_model_image(p, bundle.preprocess) for p in paths])
-        elif reframe_size is False:
-            bundle.config.reframe.size_ref = None
+        _set_reframe(bundle, table, reframe_zooms, zooms, reframe_margin, reframe_size, seed)
         report = fit_trust_on_table(bundle, table, max_train=max_train, seed=seed, target_tpr=target_tpr,
                                     target_answered=target_answered or None,
                                     method=method, abstain_min_confidence=abstain_min_confidence,
@@ -133,6 +118,28 @@ def fit_cmd(
                 + (f", and padded to their size when framed {rule.size_gate:g}x tighter than the train images "
                    f"(median stained share {rule.size_ref:.3f})" if rule.size_ref else ""), highlight=False)
     c.print(f"saved {target}")
+
+
+def _set_reframe(bundle, table, zooms_given: str | None, zooms: list[float] | None, margin: float | None,
+                 size: bool | None, seed: int) -> None:
+    """Apply the --reframe-* options in one step: new zooms (and margin) replace the rule's, the
+    size reference is measured (--reframe-size), dropped (--no-reframe-size) or kept as it was."""
+    rule = bundle.config.reframe
+    if zooms_given is None and size is None:
+        return
+    if zooms_given is None:
+        zooms, margin = rule.zooms if rule else None, rule.out_margin if rule else None
+    if size is not None and zooms is None:
+        raise ValueError("--reframe-size/--no-reframe-size needs a framing search: give --reframe-zooms")
+    size_images = None
+    if size:
+        from hematoscope.data.images import load_model_image
+
+        train = table[table["split"] == "train"]
+        paths = train.sample(min(SIZE_IMAGES, len(train)), random_state=seed)["path"]
+        size_images = [load_model_image(p, bundle.preprocess) for p in paths]
+    keep = rule.size_ref if size is None and rule is not None else None
+    bundle.set_reframe(zooms, margin, size_images=size_images, size_ref=keep)
 
 
 def _zooms(text: str | None) -> list[float] | None:
