@@ -289,3 +289,23 @@ def test_a_resumed_run_draws_the_same_batches_as_an_unbroken_one(synthetic_root,
     a, b = _epoch_losses(unbroken.run_dir), _epoch_losses(resumed.run_dir)
     assert len(a) == len(b) == 3
     np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_ema_ships_the_average_and_a_resumed_run_keeps_it(synthetic_root, tmp_path):
+    """With ``ema`` the bundle holds the moving average (not the last raw weights), and a run
+    killed mid-way resumes with its average, ending where an unbroken run ends."""
+    cfg = dict(epochs=2, ema=0.9, fit_trust=False)
+    unbroken = train(tiny_config(synthetic_root, tmp_path / "unbroken", **cfg))
+    last = torch.load(unbroken.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    shipped = load_bundle(unbroken.bundle_path).net.model.state_dict()
+    key = next(k for k in shipped if k.endswith("conv_stem.weight"))
+    raw, average = last["current_model_state"][f"net.model.{key}"], last["state_dict"][f"net.model.{key}"]
+    assert not torch.equal(raw, average)
+    best = torch.load(unbroken.best_checkpoint, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(shipped[key], best["state_dict"][f"net.model.{key}"])
+
+    with pytest.raises(_Crash):
+        train(tiny_config(synthetic_root, tmp_path / "crashed", **cfg), callbacks=[_CrashInSecondEpoch()])
+    resumed = load_bundle(resume(tmp_path / "crashed").bundle_path).net.model.state_dict()
+    for k, v in shipped.items():
+        torch.testing.assert_close(resumed[k], v, rtol=1e-4, atol=1e-5, msg=k)

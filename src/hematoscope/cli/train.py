@@ -33,6 +33,8 @@ def train_cmd(
                                                           help="Weight the loss by inverse class frequency.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="(default: 0.1)")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="cosine | onecycle | constant.")] = None,
+    ema: Annotated[Optional[float], typer.Option(help="Decay of an exponential moving average of the weights "
+                                                 "(e.g. 0.999), used for validation and the bundle (default: 0, off).")] = None,
     augment: Annotated[Optional[str], typer.Option(help="basic | randaugment | augmix.")] = None,
     early_stop: Annotated[Optional[int], typer.Option("--early-stop", metavar="PATIENCE",
                                                       help="Stop after PATIENCE epochs without val macro-F1 gain.")] = None,
@@ -66,7 +68,7 @@ def train_cmd(
             options = {k: v for k, v in dict(
                 data=str(data), out=str(out), reader=reader, arch=arch, size=size, epochs=epochs,
                 batch_size=batch_size, lr=lr, backbone_lr=backbone_lr, freeze_epochs=freeze_epochs, sampler=sampler,
-                loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, schedule=schedule,
+                loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, schedule=schedule, ema=ema,
                 augment=augment, early_stop=early_stop, seed=seed, devices=devices, num_nodes=num_nodes,
                 strategy=strategy, accelerator=accelerator,
                 limit_per_class=limit_per_class, workers=workers, name=name,

@@ -52,6 +52,9 @@ class TrainConfig(BaseModel):
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     sampler: Literal["none", "weighted"] = "none"
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights and "
+                       "BatchNorm statistics, updated every step (Lightning's EMAWeightAveraging): validation, the "
+                       "best checkpoint and the bundle use the average; 0 = off")
 
     # input canonicalisation (stored in the bundle's Preprocess: training, predict, ONNX and serve
     # all apply it)

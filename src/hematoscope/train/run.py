@@ -104,6 +104,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
                                                   enable_version_counter=False)
     epoch_log = _EpochLog()
     cbs = [best_cb, epoch_log, *(callbacks or [])]
+    if config.ema:
+        cbs.append(L.pytorch.callbacks.EMAWeightAveraging(decay=config.ema))
     if config.early_stop:
         cbs.append(L.pytorch.callbacks.EarlyStopping(monitor="val_macro_f1", mode="max", patience=config.early_stop))
     tty = sys.stderr.isatty()
