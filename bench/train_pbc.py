@@ -1,7 +1,7 @@
 """Train the shipped default model on PBC with the library's own ``train()``, evaluate it on a
 held-out test split, and (with --ship) install its bundle into src/hematoscope/default_model/.
 
-    python bench/train_pbc.py --data ../shared/data/pbc --run-dir ../runs/pbc-lite0-ssl-e20 --ship
+    python bench/train_pbc.py --data ../shared/data/pbc --run-dir ../runs/pbc-lite0-ssl-e24 --ship
 
 Split (seed 0, saved in RUN_DIR/../pbc_split.csv): 80 % train / 10 % val / 10 % test, stratified
 by class; byte-identical files are grouped so duplicates never straddle two sides; unreadable
@@ -93,8 +93,8 @@ def make_pbc_split(data: Path, out: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pbc")
-    ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-ssl-e20")
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-ssl-e24")
+    ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
     ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (TrainConfig "
                     "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--weights", default=RECIPE["weights"],
                     help="starting weights (TrainConfig weights): hematoscope-simclr-pbc (the shipped SimCLR Lite0, "
                     "self-supervised on PBC's unlabelled images) or imagenet-offline (the recipe before 2026-11-29)")
-    ap.add_argument("--name", default="hematoscope-pbc-lite0-ssl-e20", help="bundle name")
+    ap.add_argument("--name", default="hematoscope-pbc-lite0-ssl-e24", help="bundle name")
     args = ap.parse_args()
     recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
     recipe = {**recipe, "norm": args.norm} if args.norm != "batch" else recipe
