@@ -8,9 +8,6 @@ import typer
 
 from hematoscope.cli._common import TtaOption, apply_tta, console, err_console, user_errors
 
-#: Train images the framing search's size reference is measured on (``--reframe-size``).
-SIZE_IMAGES = 1000
-
 trust_app = typer.Typer(help="Trust: calibration, out-of-distribution detection, abstention.", no_args_is_help=True)
 
 
@@ -47,8 +44,8 @@ def fit_cmd(
         "--reframe-margin", min=0.0, help="With --reframe-zooms: how far under the OOD threshold a padded frame "
                                           "must bring a cell to be kept (default 2.0).")] = None,
     reframe_size: Annotated[Optional[bool], typer.Option(
-        "--reframe-size/--no-reframe-size", help="Framing search: measure the stained-nucleus share of up to "
-        f"{SIZE_IMAGES} train images, so a flagged crop framed much tighter than them also tries a padded frame of "
+        "--reframe-size/--no-reframe-size", help="Framing search: measure the stained-nucleus share of a seeded "
+        "sample of the train images, so a flagged crop framed much tighter than them also tries a padded frame of "
         "its size (the shipped model has it), or drop that (default: keep the bundle's).")] = None,
 ) -> None:
     """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split,
@@ -133,11 +130,9 @@ def _set_reframe(bundle, table, zooms_given: str | None, zooms: list[float] | No
         raise ValueError("--reframe-size/--no-reframe-size needs a framing search: give --reframe-zooms")
     size_images = None
     if size:
-        from hematoscope.data.images import load_model_image
+        from hematoscope.trust.fit import size_reference_images
 
-        train = table[table["split"] == "train"]
-        paths = train.sample(min(SIZE_IMAGES, len(train)), random_state=seed)["path"]
-        size_images = [load_model_image(p, bundle.preprocess) for p in paths]
+        size_images = size_reference_images(table, bundle.preprocess, seed=seed)
     keep = rule.size_ref if size is None and rule is not None else None
     bundle.set_reframe(zooms, margin, size_images=size_images, size_ref=keep)
 

@@ -149,13 +149,14 @@ class Preprocess:
 
         return replace(self, size=short, crop_pct=1.0).resize_image
 
-    def canonicalise(self, x: np.ndarray) -> np.ndarray:
+    def canonicalise(self, x: np.ndarray, percentiles: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Colour canonicalisation of a float batch (N, H, W, 3) in [0, 1]; returns a new array
-        (training applies it to augmented batches, so both paths share this one function)."""
+        (training applies it to augmented batches, so both paths share this one function).
+        ``percentiles``: the batch's :func:`colour_percentiles`, when the caller has them already."""
         if self.colour == "none":
             return x
         ref = np.asarray(self.colour_ref, dtype=np.float32)
-        lo, hi = colour_percentiles(x)
+        lo, hi = colour_percentiles(x) if percentiles is None else percentiles
         scale = (ref[3:] - ref[:3]) / np.maximum(hi - lo, 1.0 / 255)
         out = (x - lo[:, None, None, :]) * scale[:, None, None, :] + ref[:3]
         return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
@@ -169,7 +170,7 @@ class Preprocess:
             return np.zeros(0)
         x = np.stack([self.resize_image(im) for im in images]).astype(np.float32) * (1.0 / 255.0)
         lo, hi = colour_percentiles(x)
-        x = self.canonicalise(x)
+        x = self.canonicalise(x, (lo, hi))
         green, blue = x[..., 1], x[..., 2]
         share = ((green < NUCLEUS_GREEN) & (blue > green + NUCLEUS_BLUE_OVER_GREEN)).mean(axis=(1, 2))
         # a flat image has no contrast to stretch: canonicalisation maps it all onto the dark reference

@@ -238,3 +238,17 @@ def fit_trust_on_table(bundle: "Bundle", table, *, max_train: int = 5000, seed: 
     report.update({k: v for k, v in report["base"].items() if k not in report})
     report["n_train"], report["n_val"] = len(parts["train"][1]), len(parts["val"][1])
     return report
+
+
+#: Training images the framing search's size reference is measured on (``ReframeRule.size_ref``).
+SIZE_REFERENCE_IMAGES = 1000
+
+
+def size_reference_images(table, preprocess, n: int = SIZE_REFERENCE_IMAGES, seed: int = 0) -> list[np.ndarray]:
+    """``n`` training images of a split table (a seeded sample), decoded for ``preprocess``: what
+    :meth:`Bundle.set_reframe` measures the size reference on."""
+    from hematoscope.data.images import load_model_image
+
+    train = table[table["split"] == "train"]
+    paths = train.sample(min(n, len(train)), random_state=seed)["path"]
+    return [load_model_image(p, preprocess) for p in paths]
