@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -250,13 +251,15 @@ def part_c(args, cache_root: Path) -> dict:
         rule = bundle.config.reframe
         res["framing_search"] = {**rule.model_dump(), "note": "share flagged by Bundle.predict, whole crops only / "
                                                               "with the framing search", "flagged": {}}
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from crosslab import framing_rule
+
         for kind, paths in {"val (PBC)": list(val["path"]), **ood_paths}.items():
             flagged = {}
             for name, r in (("whole_crop", None), ("framing_search", rule)):
-                bundle.config.reframe = r
-                flagged[name] = round(float(np.mean(bundle.predict(paths).ood_flag)), 4)
+                with framing_rule(bundle, r):
+                    flagged[name] = round(float(np.mean(bundle.predict(paths).ood_flag)), 4)
             res["framing_search"]["flagged"][kind] = flagged
-        bundle.config.reframe = rule
     nc = [res["ood"][k]["auroc"] for k in NOT_CELLS]
     res["non_cells_min_auroc"] = min(nc)
     res["corrupted_auroc"] = {k: res["ood"][k]["auroc"] for k in CORRUPTIONS}
