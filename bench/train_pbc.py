@@ -91,10 +91,15 @@ def main() -> None:
                     help="starting weights (TrainConfig weights): hematoscope-simclr-pbc (the shipped SimCLR Lite0, "
                     "self-supervised on PBC's unlabelled images) or imagenet-offline (the recipe before 2026-11-29)")
     ap.add_argument("--name", default="hematoscope-pbc-lite0-ssl-e24", help="bundle name")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field (a TrainConfig field; VALUE as JSON), for experiments")
     args = ap.parse_args()
     recipe = {**RECIPE, "frozen_bn": True} if args.frozen_bn else RECIPE
     recipe = {**recipe, "norm": args.norm} if args.norm != "batch" else recipe
     recipe = {**recipe, "weights": args.weights}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        recipe = {**recipe, key: json.loads(value)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     import torch

@@ -8,7 +8,7 @@ import torch
 from hematoscope.data.images import load_image
 from hematoscope.models.preprocess import Preprocess, colour_percentiles, colour_reference
 from hematoscope.train import TrainConfig
-from hematoscope.train.data import batch_random_conv, batch_stain_jitter, degrade
+from hematoscope.train.data import batch_color_jitter, batch_random_conv, batch_stain_jitter, degrade
 
 ALL_ON = dict(blur_prob=1.0, resample_prob=1.0, jpeg_prob=1.0, bars_prob=1.0)
 
@@ -59,6 +59,24 @@ def test_batch_stain_jitter_keeps_range_and_is_seeded(cells, kw):
     # one draw per image: the images do not all move the same way
     shift = (a - x).mean((2, 3))
     assert float(shift.std(0).max()) > 1e-4
+
+
+def test_saturation_jitter_scales_colourfulness_both_ways_and_is_seeded(cells):
+    x = torch.from_numpy(cells).permute(0, 3, 1, 2).float() / 255
+    chroma = lambda t: (t.amax(1) - t.amin(1)).mean((1, 2))  # noqa: E731
+    ratios = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = batch_color_jitter(x.clone(), 0.0, 0.0, saturation=1.0)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(a, batch_color_jitter(x.clone(), 0.0, 0.0, saturation=1.0))
+        assert float(a.min()) >= 0 and float(a.max()) <= 1
+        ratios.append(chroma(a) / chroma(x))
+    ratios = torch.cat(ratios)
+    assert float(ratios.max()) > 1.3 and float(ratios.min()) < 0.75  # up to 2x more and 2x less saturated
+    assert config(saturation_jitter=1.0).saturation_jitter == 1.0 and config().saturation_jitter is None
+    with pytest.raises(ValueError):
+        config(saturation_jitter=-0.5)
 
 
 def test_random_conv_keeps_shape_and_range_is_seeded_and_off_by_default(cells):

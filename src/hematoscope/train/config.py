@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     # ops run batched before the canonicalisation, the others per image on the uint8 crop.
     augment: Literal["basic", "randaugment", "augmix"] = "basic"
     color_jitter: float = Field(0.1, ge=0, lt=1, description="brightness/contrast/saturation ± fraction")
+    saturation_jitter: float | None = Field(None, ge=0, le=3, description="per-pixel saturation scaled by a "
+                                            "factor log-uniform in [1/(1+value), 1+value] (another lab's paler or "
+                                            "stronger stain); default: the ± color_jitter fraction")
     stain_jitter: float = Field(0.03, ge=0, lt=1, description="per-channel (stain) scale/shift ± fraction")
     hue_jitter: float = Field(0.0, ge=0, le=0.5, description="hue rotation ± fraction of the colour circle")
     gamma_jitter: float = Field(0.0, ge=0, lt=1, description="gamma in exp(± value)")

@@ -315,9 +315,10 @@ def batch_random_conv(x: torch.Tensor, prob: float) -> torch.Tensor:
     return x
 
 
-def batch_color_jitter(x: torch.Tensor, color: float, stain: float) -> torch.Tensor:
-    """Random brightness, contrast, saturation (± ``color``) and per-channel stain scale/shift
-    (± ``stain``), one draw per image, on a float batch in [0, 1] (N, 3, H, W)."""
+def batch_color_jitter(x: torch.Tensor, color: float, stain: float, saturation: float | None = None) -> torch.Tensor:
+    """Random brightness, contrast, saturation (± ``color``, or with ``saturation`` a factor
+    log-uniform in [1/(1+saturation), 1+saturation]) and per-channel stain scale/shift (± ``stain``),
+    one draw per image, on a float batch in [0, 1] (N, 3, H, W)."""
     n = x.shape[0]
 
     def u(*shape):
@@ -327,8 +328,9 @@ def batch_color_jitter(x: torch.Tensor, color: float, stain: float) -> torch.Ten
         x = x * (1 + color * u(1))
         gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = gray.mean((2, 3), keepdim=True) + (x - gray.mean((2, 3), keepdim=True)) * (1 + color * u(1))
+    if color or saturation:
         gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = gray + (x - gray) * (1 + color * u(1))
+        x = gray + (x - gray) * (1 + color * u(1) if saturation is None else torch.exp(math.log1p(saturation) * u(1)))
     if stain:
         x = x * (1 + stain * u(3)) + stain * u(3)
     return x.clamp_(0, 1)

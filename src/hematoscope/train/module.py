@@ -67,7 +67,7 @@ class CellClassifier(L.LightningModule):
         Its draws are seeded by (seed, rank, global step), so a resumed run repeats them."""
         torch.manual_seed((self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
         c = self.config
-        x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter)
+        x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter, c.saturation_jitter)
         x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise,
                                grey=c.grey_prob)
         x = batch_random_conv(x, c.random_conv)
