@@ -148,7 +148,9 @@ def test_predict_points_a_run_of_another_labs_crops_to_framing_auto_and_adapt(li
 
     r = CliRunner().invoke(app, ["predict", *map(str, lisc_files)])
     assert r.exit_code == 0, r.output
-    assert "look unlike the training data and were not answered" in r.output and "hematoscope adapt default" in r.output
+    said = " ".join(r.output.split())  # the console wraps long lines
+    assert "look unlike the training data and were not answered" in said and "hematoscope adapt default" in said
+    assert "--recolour" in said
     r = CliRunner().invoke(app, ["predict", *map(str, lisc_files), "--framing", "auto"])
     assert r.exit_code == 0 and "not answered" not in r.output  # the user already chose a lab framing
     r = CliRunner().invoke(app, ["predict", str(pbc_subset)])
@@ -167,10 +169,14 @@ def test_trust_fit_sets_and_clears_the_rule(tiny_neural_bundle, synthetic_root, 
     assert r.exit_code == 0, r.output
     ref = load_bundle(out).config.reframe.size_ref
     assert ref and "padded to their size" in r.output
+    coloured = load_bundle(out)
+    coloured.set_recolour([("gamma", 1.4)])
+    coloured.save(out)
     r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--reframe-zooms", "0.7",
                                  "--max-train", "50"])
     assert r.exit_code == 0, r.output
     assert load_bundle(out).config.reframe.zooms == [0.7] and load_bundle(out).config.reframe.size_ref == ref
+    assert load_bundle(out).config.reframe.colours == [("gamma", 1.4)]  # new zooms keep the colour changes
     r = CliRunner().invoke(app, ["trust", "fit", str(out), str(synthetic_root), "--no-reframe-size",
                                  "--max-train", "50"])
     assert r.exit_code == 0, r.output
@@ -288,3 +294,60 @@ def test_predict_framing_auto_chooses_one_framing_for_a_tight_labs_folder(pbc_su
     assert r.exit_code == 2 and "--framing" in r.output
     r = CliRunner().invoke(app, ["predict", str(tmp_path / "lab"), "--framing", "auto", "-m", str(tiny_neural_bundle)])
     assert r.exit_code == 2 and "no OOD scorer" in r.output
+
+
+def test_the_colour_search_answers_more_of_another_labs_cells_and_leaves_familiar_ones(lisc_files, pbc_subset,
+                                                                                        tmp_path):
+    """``--recolour``: cells still flagged after the framings try the rule's colour changes at
+    every framing; a cell not flagged keeps its answer, a recoloured one is the answer for that look."""
+    from hematoscope.bundle.config import DEFAULT_RECOLOURS
+    from hematoscope.models.preprocess import recolour_image
+
+    files = lisc_files + sorted(pbc_subset.rglob("*.jpg"))[::6]
+    bundle = load_bundle("default")
+    bundle.set_tta(1)
+    plain = bundle.predict(files)
+    assert plain.recolour is None and "recolour" not in plain.records()[0]
+    bundle.set_recolour()
+    assert [tuple(c) for c in bundle.config.reframe.colours] == list(DEFAULT_RECOLOURS)
+    got = bundle.predict(files)
+    changed = got.recolour != ""
+    assert changed.sum() >= 2 and got.ood_flag.sum() < plain.ood_flag.sum()
+    assert plain.ood_flag[changed].all(), "only cells flagged after the framing search try colours"
+    assert (got.ood_score[changed] < plain.ood_score[changed]).all()
+    kept = ~plain.ood_flag
+    np.testing.assert_array_equal(got.probs[kept], plain.probs[kept])
+    assert set(got.recolour[changed]) <= {f"{k} {f:g}" for k, f in DEFAULT_RECOLOURS}
+    i = int(np.flatnonzero(changed)[0])
+    kind, factor = got.recolour[i].split()
+    look = reframe_image(recolour_image(load_model_image(files[i], bundle.preprocess), kind, float(factor)),
+                         float(got.framing[i]))
+    bundle.set_reframe(None)
+    np.testing.assert_allclose(bundle.predict([look]).probs[0], got.probs[i], atol=1e-5)
+    assert got.records()[i]["recolour"] == got.recolour[i]
+
+    again = load_bundle("default")
+    again.set_recolour()
+    saved = load_bundle(again.save(tmp_path / "b"))
+    assert saved.config.reframe.colours == again.config.reframe.colours
+    for bad in ([("saturation", 1.0)], [("gamma", 9.0)], [("gamma", 1.4), ("gamma", 1.4)], [("hue", 1.2)]):
+        with pytest.raises(ValidationError):
+            ReframeRule(zooms=[0.8], colours=bad)
+    bundle.set_reframe(None)
+    with pytest.raises(ValueError, match="framing search"):
+        bundle.set_recolour()
+
+
+def test_cli_recolour_writes_its_column_and_refuses_what_it_cannot_do(lisc_files, tmp_path):
+    from hematoscope.cli.main import app
+
+    files = [str(f) for f in lisc_files]
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(app, ["predict", *files, "--recolour", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "colour search:" in r.output
+    table = pd.read_csv(out, keep_default_na=False)
+    assert "recolour" in table and (table["recolour"] != "").any()
+    for extra, message in ((["--no-reframe"], "cannot go with --no-reframe"), (["--engine", "ray"], "local engine")):
+        r = CliRunner().invoke(app, ["predict", *files[:2], "--recolour", *extra])
+        assert r.exit_code != 0 and message in r.output

@@ -70,3 +70,20 @@ def test_a_crop_cut_through_the_cell_is_padded_with_the_background_not_the_cell(
     tight[:, :2] = (220, 200, 190)
     big = reframe_image(tight, 2.0)
     assert (big[0, 0] == (220, 200, 190)).all(), big[0, 0]
+
+
+def test_recolour_changes_what_the_colour_canonicalisation_keeps():
+    from hematoscope.models.preprocess import recolour_image
+
+    im = _image()
+    grey = np.repeat(im.mean(axis=2, keepdims=True).round().astype(np.uint8), 3, axis=2)
+    for kind, factor in (("saturation", 1.5), ("saturation", 0.5), ("gamma", 1.4), ("gamma", 0.7)):
+        out = recolour_image(im, kind, factor)
+        assert out.shape == im.shape and out.dtype == np.uint8 and not np.array_equal(out, im)
+        np.testing.assert_array_equal(recolour_image(grey, "saturation", factor), grey)  # no colour to scale
+    spread = lambda x: np.ptp(x.astype(int), axis=2).mean()  # noqa: E731
+    assert spread(recolour_image(im, "saturation", 2.0)) > 1.5 * spread(im)
+    assert recolour_image(im, "gamma", 1.4).astype(int).sum() < im.astype(int).sum()  # darker mid-tones
+    np.testing.assert_array_equal(recolour_image(im, "gamma", 1.0), im)
+    with pytest.raises(ValueError, match="unknown colour change"):
+        recolour_image(im, "hue", 1.2)

@@ -31,7 +31,7 @@ from hematoscope._registry import Registry
 from hematoscope.bundle.config import (DEFAULT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS,  # noqa: F401
                                        BundleConfig, CascadeRule, ViewTrust)
 from hematoscope.bundle.prediction import LOW_CONFIDENCE, UNLIKE_TRAINING, Prediction
-from hematoscope.models.preprocess import TTA_VIEWS, reframe_image
+from hematoscope.models.preprocess import TTA_VIEWS, recolour_image, reframe_image
 
 if TYPE_CHECKING:
     from hematoscope.data.decode import DecodedBatch
@@ -548,6 +548,22 @@ class Bundle(ABC):
             extra["size_ref"] = round(ref, 5)
         self.config.reframe = ReframeRule(zooms=list(zooms), **extra)
 
+    def set_recolour(self, colours: Sequence[tuple[str, float]] | None = None) -> None:
+        """Let the framing search also try colour changes (``ReframeRule.colours``; default
+        :data:`~hematoscope.bundle.config.DEFAULT_RECOLOURS`; ``[]`` turns them off) on cells
+        still flagged after the framings; saved with the bundle.
+
+        Raises:
+            ValueError: the bundle has no framing search (:meth:`set_reframe`, needs an OOD scorer).
+        """
+        if not self.reframes:
+            raise ValueError(f"colour changes are tried by the framing search, which {self.name!r} does not run "
+                             "(it needs an OOD scorer and Bundle.set_reframe)")
+        from hematoscope.bundle.config import DEFAULT_RECOLOURS, ReframeRule
+
+        colours = DEFAULT_RECOLOURS if colours is None else colours
+        self.config.reframe = ReframeRule(**{**self.config.reframe.model_dump(), "colours": list(colours)})
+
     def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], pred: Prediction,
                  views: int) -> Prediction:
         """The framing search (:class:`ReframeRule`) on one batch answered from ``views`` views:
@@ -555,23 +571,31 @@ class Bundle(ABC):
         and, when its stained share says the crop is framed tight (``size_ref``), on its crop
         padded to the size the model knows; it is answered from the framing with the lowest OOD
         score. One still flagged then tries the rule's padded framings, kept only ``out_margin``
-        under the threshold. Returns ``pred`` updated, ``framing`` filled in."""
+        under the threshold, and then the rule's colour changes at the whole crop, the centre crops
+        and its size's padded frame, each competing on the lowest OOD score. Returns ``pred``
+        updated, ``framing`` (and with colour changes ``recolour``) filled in."""
         from hematoscope.bundle.config import SIZE_PAD_MAX, SIZE_SHARE_MAX
 
+        rule = self.config.reframe
         pred.framing = np.ones(len(pred))
+        pred.recolour = np.full(len(pred), "", dtype=object) if rule.colours else None
         take = np.flatnonzero(pred.ood_flag)
         if len(take) == 0:
             return pred
-        rule = self.config.reframe
         trust = self.trust_for(views)
         scorer = self._scorer_for(trust)
         score, share = pred.ood_score.copy(), pred.framing
         chosen: dict[int, ViewOutputs] = {}
 
-        def search(rows: np.ndarray, zooms: np.ndarray, good_enough: float) -> None:
-            """``zooms``: (framings, rows) shares, one column per cell."""
+        def search(rows: np.ndarray, zooms: np.ndarray, good_enough: float,
+                   colours: Sequence[tuple[str, float] | None] | None = None) -> None:
+            """``zooms``: (framings, rows) shares, one column per cell; ``colours``: the colour
+            change of each framing row (None: the image's own colours)."""
+            colours = colours or [None] * len(zooms)
+            looks = [reframe_image(images[i] if c is None else recolour_image(images[i], *c), z)
+                     for zs, c in zip(zooms, colours) for z, i in zip(zs, rows)]
             # every framing of every cell in one batch: a few flagged cells per batch cost model calls, not pixels
-            tried = self.forward_views([reframe_image(images[i], z) for zs in zooms for z, i in zip(zs, rows)], views)
+            tried = self.forward_views(looks, views)
             mean = tried.averaged(views)
             with single_blas_thread():
                 s = np.asarray(scorer.score(features=mean.features, logits=mean.logits), dtype=np.float64)
@@ -581,6 +605,9 @@ class Bundle(ABC):
                 if s[best[j], j] < min(score[i], good_enough):
                     k = best[j] * len(rows) + j
                     score[i], share[i] = s[best[j], j], zooms[best[j], j]
+                    if pred.recolour is not None:
+                        c = colours[best[j]]
+                        pred.recolour[i] = "" if c is None else f"{c[0]} {c[1]:g}"
                     chosen[i] = ViewOutputs(tried.logits[:, k:k + 1],
                                             None if tried.features is None else tried.features[:, k:k + 1])
 
@@ -590,16 +617,27 @@ class Bundle(ABC):
         closer = [z for z in rule.zooms if z < 1]
         if closer:
             search(take, each(closer, take), np.inf)
+        pad = None  # per flagged cell, the padded frame of its size (1: framed as the training crops)
         if rule.size_ref is not None:
             stained = self.preprocess.stained_share([images[i] for i in take])
             tightness = np.sqrt(stained / rule.size_ref)
             tight = (tightness >= rule.size_gate) & (stained <= SIZE_SHARE_MAX)
+            pad = np.where(tight, np.round(np.minimum(tightness, SIZE_PAD_MAX), 2), 1.0)
             if tight.any():
-                search(take[tight], np.round(np.minimum(tightness[tight], SIZE_PAD_MAX), 2)[None, :], np.inf)
+                search(take[tight], pad[tight][None, :], np.inf)
         looser = [z for z in rule.zooms if z > 1]
         still = np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
         if looser and len(still):
             search(still, each(looser, still), float(trust.ood_threshold) - rule.out_margin)
+        still = np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
+        if rule.colours and len(still):
+            # each colour change at every framing tried: a stain and a framing difference come together
+            framed = [np.ones(len(still))] + [np.full(len(still), z) for z in closer]
+            if pad is not None and (pad[np.searchsorted(take, still)] != 1).any():
+                framed.append(pad[np.searchsorted(take, still)])
+            framed = np.stack(framed)
+            search(still, np.tile(framed, (len(rule.colours), 1)), np.inf,
+                   [tuple(c) for c in rule.colours for _ in framed])
         index = np.array(sorted(chosen), dtype=np.int64)
         if len(index) == 0:
             return pred

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, SerializeAsAny, ValidationInfo,
                       field_validator, model_serializer)
@@ -188,6 +188,11 @@ SIZE_PAD_MAX = 2.5
 SIZE_SHARE_MAX = 0.85
 
 
+#: The colour changes ``predict --recolour`` adds to the framing search (:class:`ReframeRule`
+#: ``colours``), chosen on LISC's own-lab half (docs/crosslab.md).
+DEFAULT_RECOLOURS = (("saturation", 1.5), ("saturation", 2.0), ("gamma", 1.4))
+
+
 class ReframeRule(BaseModel):
     """Framing search: a cell flagged as unlike the training data on its whole crop is run again
     on other framings of it (``Preprocess.framing`` shares: below 1 centre crops, above 1 the
@@ -215,12 +220,24 @@ class ReframeRule(BaseModel):
     #: which way to look.
     size_ref: float | None = Field(default=None, gt=0, le=1)
     size_gate: float = Field(default=1.6, gt=1, le=SIZE_PAD_MAX)
+    #: Colour changes (``recolour_image``: ``["saturation", 1.5]``, ``["gamma", 1.4]``) a cell
+    #: still flagged after the framings tries, on its whole crop and on the framing chosen so far,
+    #: competing on the lowest OOD score: stain and camera differences that the per-channel colour
+    #: canonicalisation leaves (saturation, gamma), the way the framings undo framing differences.
+    colours: list[tuple[Literal["saturation", "gamma"], float]] = Field(default_factory=list)
 
     @field_validator("zooms")
     @classmethod
     def _framings(cls, value: list[float]) -> list[float]:
         if any(not 0.3 <= z <= 3 or z == 1 for z in value) or len(set(value)) != len(value):
             raise ValueError(f"zooms must be distinct shares of the side in [0.3, 3], not 1; got {value}")
+        return value
+
+    @field_validator("colours")
+    @classmethod
+    def _colours(cls, value: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        if any(not 0.25 <= f <= 4 or f == 1 for _, f in value) or len(set(value)) != len(value):
+            raise ValueError(f"colour changes must be distinct factors in [0.25, 4], not 1; got {value}")
         return value
 
 

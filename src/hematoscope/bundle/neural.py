@@ -256,6 +256,7 @@ class NeuralBundle(Bundle):
         if self.reframes:
             uncertain |= fast.ood_flag
             fast.framing = np.ones(len(fast))
+            fast.recolour = np.full(len(fast), "", dtype=object) if self.config.reframe.colours else None
         take = np.flatnonzero(uncertain)
         if len(take) == 0:
             return fast

@@ -57,6 +57,10 @@ class Prediction:
     #: bundle's framing search, :class:`~hematoscope.bundle.config.ReframeRule`, chose one);
     #: None when the bundle has no framing search.
     framing: np.ndarray | None = None
+    #: (N,) colour change each answer was computed from (``"saturation 1.5"``; ``""`` for the
+    #: image's own colours), when the framing search tries colours (``ReframeRule.colours``);
+    #: else None.
+    recolour: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -91,6 +95,8 @@ class Prediction:
                 row["views"] = int(self.views[i])
             if self.framing is not None:
                 row["framing"] = round(float(self.framing[i]), 3)
+            if self.recolour is not None:
+                row["recolour"] = str(self.recolour[i])
             for r, (lab, p) in enumerate(top, 1):
                 row[f"top{r}"] = lab
                 row[f"top{r}_prob"] = round(p, 6)
@@ -115,12 +121,13 @@ class Prediction:
         return Prediction(self.labels, self.probs[index], [self.sources[i] for i in index], self.ood_score[index],
                           self.ood_flag[index], self.abstain[index], [self.abstain_reason[i] for i in index],
                           [], None if self.views is None else self.views[index],
-                          None if self.framing is None else self.framing[index])
+                          None if self.framing is None else self.framing[index],
+                          None if self.recolour is None else self.recolour[index])
 
     def replace(self, index: np.ndarray, other: "Prediction") -> None:
         """Overwrite the images at ``index`` with ``other``'s answers for them (same order)."""
         self.probs = self.probs.copy()
-        for name in ("probs", "ood_score", "ood_flag", "abstain", "views", "framing"):
+        for name in ("probs", "ood_score", "ood_flag", "abstain", "views", "framing", "recolour"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine is not None and theirs is not None:
                 mine[index] = theirs
@@ -150,6 +157,7 @@ class Prediction:
             skipped=[s for p in parts for s in p.skipped],
             views=_concat_optional([p.views for p in parts], parts),
             framing=_concat_optional([p.framing for p in parts], parts),
+            recolour=_concat_optional([p.recolour for p in parts], parts),
         )
 
 

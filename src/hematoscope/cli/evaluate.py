@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import ReframeOption, TtaOption, apply_tta, console, user_errors
+from hematoscope.cli._common import RecolourOption, ReframeOption, TtaOption, apply_tta, console, user_errors
 
 
 def evaluate_cmd(
@@ -24,6 +24,7 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     tta: TtaOption = None,
     reframe: ReframeOption = None,
+    recolour: RecolourOption = False,
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix and calibration.
 
@@ -37,11 +38,11 @@ def evaluate_cmd(
         from hematoscope.bundle import load_bundle
         from hematoscope.data.readers import read_dataset
         from hematoscope.evaluate import evaluate_bundle
+        from hematoscope.predict.pipeline import apply_search_options
 
         bundle = load_bundle(bundle_path)  # "default": the shipped model
         apply_tta(bundle, tta)
-        if reframe is False:
-            bundle.set_reframe(None)
+        apply_search_options(bundle, reframe=reframe, recolour=recolour)
         table = read_dataset(data, reader=reader)
         if "split" in table:
             chosen = split or ("test" if (table["split"] == "test").any() else None)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import ReframeOption, TtaOption, class_list, console, err_console, fail, user_errors
+from hematoscope.cli._common import RecolourOption, ReframeOption, TtaOption, class_list, console, err_console, fail, user_errors
 
 BACKENDS = ("auto", "torch", "onnx")
 #: A run where at least this share of at least this many cells look unlike the training data
@@ -36,6 +36,7 @@ def predict(
                                                            "this (default: the bundle's own threshold).")] = None,
     tta: TtaOption = None,
     reframe: ReframeOption = None,
+    recolour: RecolourOption = False,
     framing: Annotated[Optional[str], typer.Option(
         "--framing", help="The share of each crop's side the model sees: a number (0.75 = the centre 75 %, 2 = the "
                           "crop padded to twice its size, for crops cut close around the cell), or auto: the one "
@@ -65,6 +66,8 @@ def predict(
         raise fail(f"--engine must be local or ray; got {engine!r}")
     framing_value = _framing(framing)
     if engine == "ray":
+        if recolour:
+            raise fail("--recolour runs with the local engine; leave out --engine ray")
         if framing_value == "auto":
             with user_errors():
                 from hematoscope.data.sources import expand_paths
@@ -88,7 +91,7 @@ def predict(
         from hematoscope.progress import track
 
         bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
-                                    classes=class_list(classes), reframe=reframe,
+                                    classes=class_list(classes), reframe=reframe, recolour=recolour,
                                     framing=None if framing_value == "auto" else framing_value)
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
@@ -102,7 +105,7 @@ def predict(
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
         diff, skipped, shown = empty_differential(bundle.labels), [], []
         views_used: dict[int, int] = {}
-        reframed = 0
+        reframed = recoloured = 0
         start = time.perf_counter()
         try:
             batches = predict_sources(bundle, items, batch_size=batch_size, workers=workers)
@@ -115,6 +118,8 @@ def predict(
                         views_used[int(v)] = views_used.get(int(v), 0) + int(n)
                 if pred.framing is not None:
                     reframed += int(np.sum(pred.framing != 1))
+                if pred.recolour is not None:
+                    recoloured += int(np.sum(pred.recolour != ""))
                 if writer:
                     writer.add(pred)
                 elif sum(map(len, shown)) < SHOWN_ROWS:
@@ -157,6 +162,9 @@ def predict(
         out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data whole and "
                           "were answered from another framing (column framing; --no-reframe to turn off)",
                           highlight=False)
+        if bundle.config.reframe.colours:
+            out_console.print(f"colour search: {recoloured / done:.1%} of cells were answered with changed colours "
+                              "(column recolour)", highlight=False)
     if bundle.answerable_classes != bundle.labels:
         why = "" if classes else " (the classes the model was adapted to; --classes to change)"
         out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}{why}", highlight=False)
@@ -164,7 +172,9 @@ def predict(
     if unlike >= LAB_HINT_SHARE and done >= LAB_HINT_MIN and chosen is None and bundle.config.adaptation is None:
         err_console().print(
             f"note: {unlike:.0%} of the cells look unlike the training data and were not answered. If they are "
-            "one lab's crops (its own microscope, stain or framing), try --framing auto, or adapt the model to a "
+            "one lab's crops (its own microscope, stain or framing), try --framing auto"
+            + ("" if bundle.config.reframe is None or bundle.config.reframe.colours else " or --recolour")
+            + ", or adapt the model to a "
             f"few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab (docs/crosslab.md).",
             highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""

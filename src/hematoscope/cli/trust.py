@@ -135,6 +135,8 @@ def _set_reframe(bundle, table, zooms_given: str | None, zooms: list[float] | No
         size_images = size_reference_images(table, bundle.preprocess, seed=seed)
     keep = rule.size_ref if size is None and rule is not None else None
     bundle.set_reframe(zooms, margin, size_images=size_images, size_ref=keep)
+    if rule is not None and rule.colours and bundle.reframes:
+        bundle.set_recolour(rule.colours)
 
 
 def _zooms(text: str | None) -> list[float] | None:

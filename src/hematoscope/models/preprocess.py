@@ -332,6 +332,25 @@ def centre_crop(image: np.ndarray, share: float) -> np.ndarray:
     return image[top:top + ch, left:left + cw]
 
 
+#: Colour changes :func:`recolour_image` makes (the framing search's ``ReframeRule.colours``).
+RECOLOURS = ("saturation", "gamma")
+
+
+def recolour_image(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
+    """An HWC uint8 RGB image with its colour changed in a way the per-channel colour
+    canonicalisation cannot undo: ``saturation`` scales each pixel's distance from its grey
+    (channel mean) by ``factor``; ``gamma`` raises intensities in [0, 1] to ``factor``."""
+    x = image.astype(np.float32)
+    if kind == "saturation":
+        grey = x.mean(axis=-1, keepdims=True)
+        x = grey + factor * (x - grey)
+    elif kind == "gamma":
+        x = 255.0 * (x * (1.0 / 255.0)) ** factor
+    else:
+        raise ValueError(f"unknown colour change {kind!r}; expected one of {RECOLOURS}")
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def reframe_image(image: np.ndarray, share: float) -> np.ndarray:
     """An HWC image seen at ``share`` of its side: below 1 its centre (:func:`centre_crop`),
     above 1 the image in the middle of a frame ``share`` times its size, filled with the image's

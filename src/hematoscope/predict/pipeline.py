@@ -75,11 +75,11 @@ def predict_paths(
 def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
                        backend: str = "auto", threads: int | None = None,
                        classes: Sequence[str] | None = None, reframe: bool | None = None,
-                       framing: float | None = None) -> "Bundle":
+                       framing: float | None = None, recolour: bool = False) -> "Bundle":
     """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
     is None, the backend, test-time views, abstain threshold, answerable classes, framing search
-    (``reframe=False`` turns the bundle's off; True keeps it) and framing (``Preprocess.framing``,
-    when given) applied; an
+    (``reframe=False`` turns the bundle's off; True keeps it; ``recolour`` adds its colour
+    changes, :meth:`Bundle.set_recolour`) and framing (``Preprocess.framing``, when given) applied; an
     ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.default import default_bundle_path
@@ -94,11 +94,20 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
         bundle.set_tta(tta)
     if classes:
         bundle.restrict_classes(classes)
-    if reframe is False:
-        bundle.set_reframe(None)
+    apply_search_options(bundle, reframe=reframe, recolour=recolour)
     if framing is not None:
         bundle.set_framing(framing)
     return bundle
+
+
+def apply_search_options(bundle: "Bundle", *, reframe: bool | None, recolour: bool) -> None:
+    """``--no-reframe`` (``reframe=False``) and ``--recolour`` on a loaded bundle."""
+    if reframe is False:
+        if recolour:
+            raise ValueError("--recolour is part of the framing search: it cannot go with --no-reframe")
+        bundle.set_reframe(None)
+    if recolour:
+        bundle.set_recolour()
 
 
 def choose_run_framing(bundle: "Bundle", items: Sequence[ImageSource | SkippedFile], *, sample: int = 300) -> dict:

@@ -37,7 +37,7 @@ def empty_differential(labels: Sequence[str]) -> DifferentialCount:
 
 def csv_columns(top_k: int) -> list[str]:
     cols = ["source", "prediction", "confidence", "abstain", "abstain_reason", "ood_score", "ood_flag", "views",
-            "framing"]
+            "framing", "recolour"]
     for r in range(1, top_k + 1):
         cols += [f"top{r}", f"top{r}_prob"]
     return cols + ["error"]

@@ -283,6 +283,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
                     "ood_flag": record["ood_flag"],
                     "views": record.get("views"),
                     "framing": record.get("framing"),
+                    "recolour": record.get("recolour"),
                     "explanation": explanation,
                 }
                 items[pos].thumbnail = thumbnails[n]

@@ -94,6 +94,9 @@ class ItemResult(BaseModel):
                                   "of the crop's side: 1 = the whole crop, below 1 a centre crop, above 1 the crop "
                                   "padded into a larger frame (the framing search: the whole crop looked unlike the "
                                   "training data)")
+    recolour: str | None = Field(default=None, description="colour change the answer was computed from "
+                                 "(e.g. 'saturation 1.5'; empty: the image's own colours), when the bundle's framing "
+                                 "search tries colours")
     thumbnail: str | None = Field(default=None, description="JPEG data URL")
     heatmap: str | None = Field(default=None, description="PNG data URL of the explanation overlay")
     explanation: Explanation | None = None

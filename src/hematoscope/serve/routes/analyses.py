@@ -18,7 +18,7 @@ router = APIRouter(prefix="/analyses", tags=["analyses"], dependencies=[Depends(
 MAX_OFFSET = 2**63 - 1
 
 CSV_COLUMNS = ["index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
-               "ood_score", "ood_flag", "framing", "corrected_label", "correction_note", "error"]
+               "ood_score", "ood_flag", "framing", "recolour", "corrected_label", "correction_note", "error"]
 
 
 def analysis_response(a: StoredAnalysis) -> Analysis:
@@ -102,6 +102,7 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
             "abstain": res.get("abstain", ""), "abstain_reason": res.get("abstain_reason") or "",
             "ood_score": "" if res.get("ood_score") is None else res["ood_score"],
             "ood_flag": res.get("ood_flag", ""), "framing": "" if res.get("framing") is None else res["framing"],
+            "recolour": res.get("recolour") or "",
             "corrected_label": corr.get("label", ""),
             "correction_note": corr.get("note", ""), "error": res.get("error", ""),
         }))

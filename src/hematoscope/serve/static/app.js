@@ -300,6 +300,9 @@ function renderCard(it) {
     badges.append(badge(closer ? `centre ${Math.round(it.framing * 100)} %` : `padded ×${it.framing}`, "info",
       `the whole crop looked unlike the training data; answered from ${closer ? "its centre" : "a larger frame"}`));
   }
+  if (it.recolour) {
+    badges.append(badge(it.recolour, "info", "the cell looked unlike the training data in its own colours; answered with this colour change"));
+  }
   if (it.correction) badges.append(badge(`corrected: ${display(it.correction.label)}`, "ok"));
   const fill = node.querySelector(".conf-fill");
   fill.style.width = pct(it.confidence);
