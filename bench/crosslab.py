@@ -73,9 +73,14 @@ def score(y_true: list[str], pred, *, n: int | None = None) -> dict:
         "flagged_unlike_training": round(float(flagged.mean()), 4),
         "accuracy_answered": round(float(correct[~abstain].mean()), 4) if (~abstain).any() else None,
         "predicted_other_classes": round(float(np.mean([p not in CLASSES for p in y_pred])), 4),
-        **({"reframed": round(float(np.mean(pred.framing != 1)), 4)}
-           if pred.framing is not None else {}),
+        **search_shares(pred),
     }
+
+
+def search_shares(pred) -> dict:
+    """Shares of ``pred`` answered from another framing / with a colour change, where recorded."""
+    return {**({"reframed": round(float(np.mean(pred.framing != 1)), 4)} if pred.framing is not None else {}),
+            **({"recoloured": round(float(np.mean(pred.recolour != "")), 4)} if pred.recolour is not None else {})}
 
 
 def few_labels(extractor, table, own, test, shots, repeats: int, seed: int, heads) -> dict:
@@ -106,6 +111,13 @@ def framing_rule(bundle, rule):
         yield
     finally:
         bundle.config.reframe = kept
+
+
+def with_colours(rule):
+    """The framing-search ``rule`` with ``predict --recolour``'s colour changes."""
+    from hematoscope.bundle.config import DEFAULT_RECOLOURS, ReframeRule
+
+    return ReframeRule(**{**rule.model_dump(), "colours": list(DEFAULT_RECOLOURS)})
 
 
 def centre_crops_only(rule):
@@ -281,6 +293,12 @@ def main() -> None:
             result["zero_shot"]["test_half_whole_crop"] = run(bundle, test)
             result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
         logging.info("zero-shot, whole crops only: %s", result["zero_shot"]["test_half_whole_crop"])
+        with framing_rule(bundle, with_colours(rule)):  # `predict --recolour`
+            zs = result["zero_shot"]
+            zs["test_half_recolour"], zs["own_half_recolour"] = run(bundle, test), run(bundle, own)
+            zs["test_half_5part_recolour"] = run_5part(bundle, test)
+        zs["own_half"] = run(bundle, own)  # the half the colour changes were chosen on, without them
+        logging.info("zero-shot, --recolour: %s", result["zero_shot"]["test_half_recolour"])
         if rule.size_ref is not None:  # another lab's stain, cut tight: does the size padding hold there?
             result["zero_shot"]["test_half_cut"] = lisc_cut(bundle, [paths[i] for i in np.flatnonzero(test)],
                                                             [y[i] for i in np.flatnonzero(test)])
@@ -346,13 +364,14 @@ def main() -> None:
                     "accuracy": round(float(np.mean(np.array(y_pred) == np.array(truth))), 4),
                     "macro_f1": round(float(f1_score(truth, y_pred, average="macro")), 4),
                     "abstained": round(float(np.mean(pred.abstain)), 4),
-                    **({"reframed": round(float(np.mean(pred.framing != 1)), 4)}
-                       if pred.framing is not None else {})}
+                    **search_shares(pred)}
 
         result["pbc_test"] = pbc_score(bundle)
         if bundle.reframes:
             with framing_rule(bundle, None):
                 result["pbc_test_whole_crop"] = pbc_score(bundle)
+            with framing_rule(bundle, with_colours(bundle.config.reframe)):
+                result["pbc_test_recolour"] = pbc_score(bundle)
         logging.info("PBC test: %s", result["pbc_test"])
         result["tight_framing"] = tight_framing(bundle, pbc, args.adapt_images, args.seed)
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
