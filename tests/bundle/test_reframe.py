@@ -351,3 +351,22 @@ def test_cli_recolour_writes_its_column_and_refuses_what_it_cannot_do(lisc_files
     for extra, message in ((["--no-reframe"], "cannot go with --no-reframe"), (["--engine", "ray"], "local engine")):
         r = CliRunner().invoke(app, ["predict", *files[:2], "--recolour", *extra])
         assert r.exit_code != 0 and message in r.output
+
+
+def test_the_server_reports_the_colour_change_of_a_bundle_that_searches_colours(lisc_files, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+
+    bundle = load_bundle("default")
+    bundle.set_recolour()
+    saved = bundle.save(tmp_path / "coloured")
+    files = lisc_files[::2]
+    local = load_bundle(saved).predict(files)
+    assert (local.recolour != "").any()
+    app = create_app(Settings(models=[saved], db=tmp_path / "h.sqlite3"))
+    with TestClient(app, base_url="http://localhost") as client:
+        r = client.post("/api/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+    assert r.status_code == 200, r.text
+    assert [item["recolour"] or "" for item in r.json()["items"]] == list(local.recolour)
