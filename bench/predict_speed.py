@@ -241,12 +241,16 @@ def main() -> None:
     results: dict = {"end_to_end": {}}
     onnx = load_bundle(bundle_dir)
     assert onnx._uses_onnx()
-    for mode in ("cascade", 1, 2, 4, 8):
+    for mode in ("cascade", "cascade_recolour", 1, 2, 4, 8):
         onnx = load_bundle(bundle_dir)
-        if mode != "cascade":
+        if mode == "cascade_recolour":
+            if not onnx.reframes:
+                continue
+            onnx.set_recolour()  # `predict --recolour`
+        elif mode != "cascade":
             onnx.set_tta(mode)
         onnx.predict_arrays([np.zeros((64, 64, 3), np.uint8)], ["warm-up"])
-        key = f"onnx_{mode}" + ("" if mode == "cascade" else "_view" + ("s" if mode > 1 else ""))
+        key = f"onnx_{mode}" + ("" if isinstance(mode, str) else "_view" + ("s" if mode > 1 else ""))
         results["end_to_end"][key] = end_to_end(onnx, items, truth, batch_size=64)
         log(f"end to end {key}: {results['end_to_end'][key]}")
     if "torch" not in skip:
