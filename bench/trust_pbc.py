@@ -250,13 +250,14 @@ def part_c(args, cache_root: Path) -> dict:
     if bundle.reframes:  # it lowers the scores of flagged images: does it let non-cells or damaged cells through?
         rule = bundle.config.reframe
         res["framing_search"] = {**rule.model_dump(), "note": "share flagged by Bundle.predict, whole crops only / "
-                                                              "with the framing search", "flagged": {}}
+                                                              "with the framing search / with it and --recolour",
+                                 "flagged": {}}
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from crosslab import framing_rule
+        from crosslab import framing_rule, with_colours
 
         for kind, paths in {"val (PBC)": list(val["path"]), **ood_paths}.items():
             flagged = {}
-            for name, r in (("whole_crop", None), ("framing_search", rule)):
+            for name, r in (("whole_crop", None), ("framing_search", rule), ("recolour", with_colours(rule))):
                 with framing_rule(bundle, r):
                     flagged[name] = round(float(np.mean(bundle.predict(paths).ood_flag)), 4)
             res["framing_search"]["flagged"][kind] = flagged
