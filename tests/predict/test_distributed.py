@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from hematoscope.bundle.prediction import Prediction
 from hematoscope.cli.main import app
 from hematoscope.samples import sample_paths
 
@@ -216,3 +217,21 @@ def test_rows_keep_their_own_answers_whatever_their_names(tmp_path):
     assert out["error"][2] is None and out["error"][3] and out["prediction"][3] is None
     local = load_for_inference(None, tta=1).predict([good[0], good[1], good[0], good[1]])
     assert [out["prediction"][i] for i in (1, 2, 4, 5)] == local.predicted
+
+
+def test_ray_jobs_search_colours_like_local_predict(ray_local, lisc_root, tmp_path):
+    """``predict --engine ray --recolour``: actors run the colour search, its column reaches the
+    shards and the report as local predict writes it."""
+    from hematoscope.predict.distributed import iter_shard_predictions, load_for_inference, run_job
+
+    files = [str(p) for p in sorted((lisc_root / "lymphocyte").glob("*.jpg"))[:8]]
+    local = load_for_inference(None, tta=1, recolour=True).predict(files)
+    assert (local.recolour != "").any()
+    result = run_job(files, tmp_path / "job", tta=1, recolour=True, report=tmp_path / "r.csv")
+    shards = Prediction.concat(list(iter_shard_predictions(tmp_path / "job", local.labels)), local.labels)
+    assert list(shards.recolour) == list(local.recolour)
+    np.testing.assert_allclose(shards.probs, local.probs, atol=1e-6)
+    assert [r["recolour"] for r in _rows(result.report)] == list(local.recolour)
+    res = CliRunner().invoke(app, ["predict", *files[:2], "--engine", "ray", "--recolour", "--no-reframe",
+                                   "--out", str(tmp_path / "x.csv")])
+    assert res.exit_code != 0 and "cannot go with --no-reframe" in res.output

@@ -66,19 +66,18 @@ def predict(
         raise fail(f"--engine must be local or ray; got {engine!r}")
     framing_value = _framing(framing)
     if engine == "ray":
-        if recolour:
-            raise fail("--recolour runs with the local engine; leave out --engine ray")
         if framing_value == "auto":
             with user_errors():
                 from hematoscope.data.sources import expand_paths
                 from hematoscope.predict.pipeline import choose_run_framing, load_for_inference
 
-                probe = load_for_inference(model, backend=backend, reframe=reframe)
+                probe = load_for_inference(model, backend=backend, reframe=reframe, recolour=recolour)
                 framing_value = choose_run_framing(probe, expand_paths(paths))["framing"]
             err_console().print(f"framing: {framing_value:g} of each crop's side (chosen on this run's images)")
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
                             backend=backend, abstain_below=abstain_below, tta=tta, classes=classes, address=address,
-                            shard_dir=shard_dir, actors=actors, reframe=reframe, framing=framing_value)
+                            shard_dir=shard_dir, actors=actors, reframe=reframe, framing=framing_value,
+                            recolour=recolour)
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
@@ -198,7 +197,7 @@ def _framing(text: str | None) -> float | str | None:
 
 
 def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, classes,
-                 address, shard_dir, actors, reframe, framing) -> None:
+                 address, shard_dir, actors, reframe, framing, recolour) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
     if shard_dir is None:
@@ -219,7 +218,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
-                         classes=class_list(classes), reframe=reframe, framing=framing,
+                         classes=class_list(classes), reframe=reframe, framing=framing, recolour=recolour,
                          report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:

@@ -56,7 +56,7 @@ SHARD_DIR = "shards"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 #: Result columns added to each input row.
 RESULT_COLUMNS = ("error", "prediction", "confidence", "abstain", "abstain_reason", "ood_score", "ood_flag", "views",
-                  "framing", "probs")
+                  "framing", "recolour", "probs")
 _FORMAT = 1
 
 
@@ -76,6 +76,7 @@ def _result_schema() -> "pa.Schema":
     return pa.schema([("error", pa.string()), ("prediction", pa.string()), ("confidence", pa.float64()),
                       ("abstain", pa.bool_()), ("abstain_reason", pa.string()), ("ood_score", pa.float64()),
                       ("ood_flag", pa.bool_()), ("views", pa.int32()), ("framing", pa.float64()),
+                      ("recolour", pa.string()),
                       ("probs", pa.list_(pa.float64()))])
 
 
@@ -209,6 +210,7 @@ def classify_table(bundle: "Bundle", table: "pa.Table", *, batch_size: int = 64,
         cols["ood_flag"][i] = bool(pred.ood_flag[k])
         cols["views"][i] = None if views is None else int(views[k])
         cols["framing"][i] = None if pred.framing is None else float(pred.framing[k])
+        cols["recolour"][i] = None if pred.recolour is None else str(pred.recolour[k])
         cols["probs"][i] = [float(p) for p in probs]
     answered = len(pred) + len(pred.skipped)
     if answered != n or any(e is None and p is None for e, p in zip(cols["error"], cols["prediction"])):
@@ -242,10 +244,11 @@ class BundlePredictor:
 
     def __init__(self, model: str | None = None, *, tta: int | None = None, abstain_below: float | None = None,
                  backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None,
-                 classes: Sequence[str] | None = None, reframe: bool | None = None, framing: float | None = None):
+                 classes: Sequence[str] | None = None, reframe: bool | None = None, framing: float | None = None,
+                 recolour: bool = False):
         cpus = _assigned_cpus()
         self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus,
-                                         classes=classes, reframe=reframe, framing=framing)
+                                         classes=classes, reframe=reframe, framing=framing, recolour=recolour)
         self.batch_size = batch_size
         self.workers = decode_threads or cpus + 1
         self.inputs = _Inputs()
@@ -258,7 +261,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
                     abstain_below: float | None = None, backend: str = "auto", batch_size: int = 64,
                     actors: int | None = None, cpus_per_actor: float = 1, decode_threads: int | None = None,
                     classes: Sequence[str] | None = None, reframe: bool | None = None,
-                    framing: float | None = None) -> "ray.data.Dataset":
+                    framing: float | None = None, recolour: bool = False) -> "ray.data.Dataset":
     """Classify the images a Ray Dataset names; lazy, like every Ray Data transform.
 
     Args:
@@ -266,7 +269,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
             pyarrow's filesystems read: ``s3://``, ``gs://``, ``hdfs://``), optionally
             ``source`` (the name in outputs), ``member`` (zip member) and ``reason``.
         model: bundle directory or zip, readable on every node (default: the shipped model).
-        tta, abstain_below, backend, classes, reframe, framing: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, framing, recolour: as ``hematoscope predict``.
         batch_size: images per model call.
         actors: size of the actor pool (default: the cluster's CPUs / ``cpus_per_actor``).
         cpus_per_actor: CPUs reserved per actor (its model session's threads).
@@ -286,7 +289,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
         fn_constructor_kwargs=dict(model=None if model is None else str(model), tta=tta, abstain_below=abstain_below,
                                    backend=backend, batch_size=batch_size, decode_threads=decode_threads,
                                    classes=None if classes is None else list(classes), reframe=reframe,
-                                   framing=framing),
+                                   framing=framing, recolour=recolour),
     )
 
 
@@ -476,6 +479,7 @@ def run_job(
     classes: Sequence[str] | None = None,
     reframe: bool | None = None,
     framing: float | None = None,
+    recolour: bool = False,
     report: str | Path | None = None,
     top_k: int = 3,
     num_cpus: int | None = None,
@@ -494,7 +498,7 @@ def run_job(
         address: Ray cluster to join (``ray start --head`` prints it); None: a local instance.
         shard_rows: rows per shard (fixed when the job is created).
         batch_size, actors, cpus_per_actor, decode_threads: see :func:`predict_dataset`.
-        tta, abstain_below, backend, classes, reframe, framing, top_k: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, framing, recolour, top_k: as ``hematoscope predict``.
         report: write the per-image ``.csv`` / ``.json`` report (as local predict) here.
         num_cpus: CPUs of a local instance (default: all).
         on_shard: called as ``on_shard(shard, rows)`` after each shard is written.
@@ -510,12 +514,13 @@ def run_job(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes,
-                                reframe=reframe, framing=framing)
+                                reframe=reframe, framing=framing, recolour=recolour)
     spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
             "shard_rows": shard_rows, "labels": bundle.labels, "tta": tta, "abstain_below": abstain_below,
             "backend": backend, **({"classes": list(classes)} if classes else {}),
             **({"reframe": reframe} if reframe is not None else {}),
-            **({"framing": framing} if framing is not None else {})}
+            **({"framing": framing} if framing is not None else {}),
+            **({"recolour": True} if recolour else {})}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
     done_before = job["shards"] - len(pending)
@@ -525,7 +530,7 @@ def run_job(
         started = connect(address, num_cpus=num_cpus)
         try:
             _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
-                        classes=classes, reframe=reframe, framing=framing,
+                        classes=classes, reframe=reframe, framing=framing, recolour=recolour,
                         batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
                         decode_threads=decode_threads, on_shard=on_shard)
         finally:
@@ -614,7 +619,7 @@ def _prediction(table: "pa.Table", labels: Sequence[str]) -> Prediction:
     ok = [i for i, e in enumerate(d["error"]) if e is None]
     probs = np.array([d["probs"][i] for i in ok], dtype=np.float64).reshape(len(ok), len(labels))
     extra = {}
-    for column, dtype in (("views", np.int64), ("framing", np.float64)):
+    for column, dtype in (("views", np.int64), ("framing", np.float64), ("recolour", object)):
         values = d.get(column)  # absent from shards written before the column existed
         if ok and values is not None and all(values[i] is not None for i in ok):
             extra[column] = np.array([values[i] for i in ok], dtype=dtype)
