@@ -364,8 +364,13 @@ def test_the_server_reports_the_colour_change_of_a_bundle_that_searches_colours(
     files = lisc_files[::2]
     local = load_bundle(saved).predict(files)
     assert (local.recolour != "").any()
-    app = create_app(Settings(models=[saved], db=tmp_path / "h.sqlite3"))
-    with TestClient(app, base_url="http://localhost") as client:
+    # a bundle saved with colour changes, and the shipped one served with --recolour
+    for settings in (Settings(models=[saved], db=tmp_path / "h.sqlite3"),
+                     Settings(db=tmp_path / "h2.sqlite3", recolour=True)):
+        with TestClient(create_app(settings), base_url="http://localhost") as client:
+            r = client.post("/api/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+        assert r.status_code == 200, r.text
+        assert [item["recolour"] or "" for item in r.json()["items"]] == list(local.recolour)
+    with TestClient(create_app(Settings(db=tmp_path / "h3.sqlite3")), base_url="http://localhost") as client:
         r = client.post("/api/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
-    assert r.status_code == 200, r.text
-    assert [item["recolour"] or "" for item in r.json()["items"]] == list(local.recolour)
+    assert all(item["recolour"] is None for item in r.json()["items"])  # off unless asked for

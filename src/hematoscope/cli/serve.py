@@ -51,6 +51,9 @@ def serve(
         "--classes", help="Answer only among these classes, comma-separated, with every served model (e.g. "
                           "basophil,eosinophil,lymphocyte,monocyte,neutrophil for white-cell crops). "
                           "[default: all of each model's classes]")] = None,
+    recolour: Annotated[bool, typer.Option(
+        "--recolour", help="Models with a framing search (the shipped one) also try its colour changes on cells "
+                           "still flagged, as predict --recolour: for another lab's stain.")] = False,
 ) -> None:
     """Serve the web page (at /) and the REST API (docs at /docs) for classifying cell images.
 
@@ -67,7 +70,7 @@ def serve(
         optional = {"max_request_megapixels": max_request_megapixels, "max_decoded_megapixels": max_decoded_megapixels,
                     "allowed_hosts": allowed_host, "allowed_origins": allowed_origin, "retention_days": retention_days,
                     "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "max_concurrent": max_concurrent,
-                    "max_queued_images": max_queued_images, "classes": classes}
+                    "max_queued_images": max_queued_images, "classes": classes, "recolour": recolour or None}
         settings = Settings(models=model or [], host=host, port=port, token=token, db=db, max_upload_mb=max_upload_mb,
                             workers=workers, **{k: v for k, v in optional.items() if v is not None})
         app = create_app(settings)

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
             analysis); None keeps them until deleted.
         classes: answer only among these classes with every served model (e.g. the five white
             cells of a 5-part differential); empty = all of each model's classes.
+        recolour: served models with a framing search also try its colour changes
+            (``predict --recolour``, :meth:`Bundle.set_recolour`).
     """
 
     model_config = SettingsConfigDict(env_prefix="HEMATOSCOPE_", extra="ignore")
@@ -94,6 +96,7 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     retention_days: float | None = Field(default=None, gt=0)
     classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    recolour: bool = False
 
     @field_validator("allowed_hosts", "allowed_origins", "classes", mode="before")
     @classmethod

@@ -57,9 +57,12 @@ def model_fingerprint(bundle) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_models(paths: list[Path], *, classes: list[str] | None = None) -> dict[str, ServedModel]:
+def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour: bool = False
+                ) -> dict[str, ServedModel]:
     """Load every bundle once; the first is the default. With no paths, the shipped model.
-    With ``classes``, every model answers only among them (:meth:`Bundle.restrict_classes`).
+    With ``classes``, every model answers only among them (:meth:`Bundle.restrict_classes`);
+    with ``recolour``, those with a framing search also try its colour changes
+    (:meth:`Bundle.set_recolour`; the others are served as they are).
 
     Raises:
         ServeError: nothing to serve, a bundle that cannot be loaded, or one without all of
@@ -85,6 +88,8 @@ def load_models(paths: list[Path], *, classes: list[str] | None = None) -> dict[
                 bundle.restrict_classes(classes)
             except ValueError as exc:
                 raise ServeError(f"cannot serve {path} with --classes: {exc}") from None
+        if recolour and bundle.reframes:
+            bundle.set_recolour()
         name, n = bundle.name, 2
         while name in models:  # two bundles with one name stay addressable
             name, n = f"{bundle.name}-{n}", n + 1
