@@ -374,3 +374,22 @@ def test_the_server_reports_the_colour_change_of_a_bundle_that_searches_colours(
     with TestClient(create_app(Settings(db=tmp_path / "h3.sqlite3")), base_url="http://localhost") as client:
         r = client.post("/api/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
     assert all(item["recolour"] is None for item in r.json()["items"])  # off unless asked for
+
+
+def test_evaluate_recolour_scores_the_colour_search(lisc_files, tmp_path):
+    from hematoscope.cli.main import app
+
+    data = tmp_path / "cells"
+    for f in lisc_files:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / f.parent.name / f.name).symlink_to(f)
+    reports = {}
+    for extra in ([], ["--recolour"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        r = CliRunner().invoke(app, ["evaluate", "default", str(data), "--json", str(out), "--tta", "1", *extra])
+        assert r.exit_code == 0, r.output
+        reports[bool(extra)] = pd.read_json(out, typ="series")
+    assert reports[True]["n"] == reports[False]["n"] == len(lisc_files)
+    assert reports[True]["abstained"] < reports[False]["abstained"]  # the colour search answers more of them
+    r = CliRunner().invoke(app, ["evaluate", "default", str(data), "--recolour", "--no-reframe"])
+    assert r.exit_code != 0 and "cannot go with --no-reframe" in r.output
