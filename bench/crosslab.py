@@ -113,13 +113,6 @@ def framing_rule(bundle, rule):
         bundle.config.reframe = kept
 
 
-def with_colours(rule):
-    """The framing-search ``rule`` with ``predict --recolour``'s colour changes."""
-    from hematoscope.bundle.config import DEFAULT_RECOLOURS, ReframeRule
-
-    return ReframeRule(**{**rule.model_dump(), "colours": list(DEFAULT_RECOLOURS)})
-
-
 def centre_crops_only(rule):
     """The framing-search ``rule`` without its size padding."""
     return rule.model_copy(update={"size_ref": None})
@@ -293,7 +286,7 @@ def main() -> None:
             result["zero_shot"]["test_half_whole_crop"] = run(bundle, test)
             result["zero_shot"]["test_half_5part_whole_crop"] = run_5part(bundle, test)
         logging.info("zero-shot, whole crops only: %s", result["zero_shot"]["test_half_whole_crop"])
-        with framing_rule(bundle, with_colours(rule)):  # `predict --recolour`
+        with framing_rule(bundle, rule.with_colours()):  # `predict --recolour`
             zs = result["zero_shot"]
             zs["test_half_recolour"], zs["own_half_recolour"] = run(bundle, test), run(bundle, own)
             zs["test_half_5part_recolour"] = run_5part(bundle, test)
@@ -370,7 +363,7 @@ def main() -> None:
         if bundle.reframes:
             with framing_rule(bundle, None):
                 result["pbc_test_whole_crop"] = pbc_score(bundle)
-            with framing_rule(bundle, with_colours(bundle.config.reframe)):
+            with framing_rule(bundle, bundle.config.reframe.with_colours()):
                 result["pbc_test_recolour"] = pbc_score(bundle)
         logging.info("PBC test: %s", result["pbc_test"])
         result["tight_framing"] = tight_framing(bundle, pbc, args.adapt_images, args.seed)

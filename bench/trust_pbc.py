@@ -253,11 +253,11 @@ def part_c(args, cache_root: Path) -> dict:
                                                               "with the framing search / with it and --recolour",
                                  "flagged": {}}
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from crosslab import framing_rule, with_colours
+        from crosslab import framing_rule
 
         for kind, paths in {"val (PBC)": list(val["path"]), **ood_paths}.items():
             flagged = {}
-            for name, r in (("whole_crop", None), ("framing_search", rule), ("recolour", with_colours(rule))):
+            for name, r in (("whole_crop", None), ("framing_search", rule), ("recolour", rule.with_colours())):
                 with framing_rule(bundle, r):
                     flagged[name] = round(float(np.mean(bundle.predict(paths).ood_flag)), 4)
             res["framing_search"]["flagged"][kind] = flagged

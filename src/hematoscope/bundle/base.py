@@ -522,13 +522,15 @@ class Bundle(ABC):
         return self.config.reframe is not None and self.ood is not None
 
     def set_reframe(self, zooms: Sequence[float] | None, out_margin: float | None = None, *,
-                    size_images: Sequence[np.ndarray] | None = None, size_ref: float | None = None) -> None:
+                    size_images: Sequence[np.ndarray] | None = None, size_ref: float | None = None,
+                    colours: Sequence[tuple[str, float]] = ()) -> None:
         """Turn the framing search on with these framings (shares of the side: centre crops below
         1, padded frames above, e.g. ``[0.85, 0.75, 0.6, 1.5, 2, 2.5]``) or off (None); saved
         with the bundle. ``out_margin``: see :class:`ReframeRule` (default: the rule's).
         ``size_images``: decoded training images (a few hundred); their median stained share
         becomes the rule's ``size_ref``, so tight crops also try a padded frame of their size;
-        ``size_ref`` sets that reference directly (e.g. kept from a previous rule)."""
+        ``size_ref`` sets that reference directly (e.g. kept from a previous rule); ``colours``:
+        the rule's colour changes (:meth:`set_recolour`)."""
         from hematoscope.bundle.config import ReframeRule
 
         if zooms is None:
@@ -537,6 +539,8 @@ class Bundle(ABC):
         extra = {} if out_margin is None else {"out_margin": out_margin}
         if size_ref is not None:
             extra["size_ref"] = size_ref
+        if colours:
+            extra["colours"] = list(colours)
         if size_images is not None:
             if len(size_images) < MIN_SIZE_IMAGES:
                 raise ValueError(f"the size reference needs at least {MIN_SIZE_IMAGES} training images, "
@@ -559,10 +563,8 @@ class Bundle(ABC):
         if not self.reframes:
             raise ValueError(f"colour changes are tried by the framing search, which {self.name!r} does not run "
                              "(it needs an OOD scorer and Bundle.set_reframe)")
-        from hematoscope.bundle.config import DEFAULT_RECOLOURS, ReframeRule
-
-        colours = DEFAULT_RECOLOURS if colours is None else colours
-        self.config.reframe = ReframeRule(**{**self.config.reframe.model_dump(), "colours": list(colours)})
+        rule = self.config.reframe
+        self.config.reframe = rule.with_colours() if colours is None else rule.with_colours(colours)
 
     def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], pred: Prediction,
                  views: int) -> Prediction:

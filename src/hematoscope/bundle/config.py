@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
@@ -221,9 +222,10 @@ class ReframeRule(BaseModel):
     size_ref: float | None = Field(default=None, gt=0, le=1)
     size_gate: float = Field(default=1.6, gt=1, le=SIZE_PAD_MAX)
     #: Colour changes (``recolour_image``: ``["saturation", 1.5]``, ``["gamma", 1.4]``) a cell
-    #: still flagged after the framings tries, on its whole crop and on the framing chosen so far,
-    #: competing on the lowest OOD score: stain and camera differences that the per-channel colour
-    #: canonicalisation leaves (saturation, gamma), the way the framings undo framing differences.
+    #: still flagged after the framings tries at every framing it tried (whole crop, centre crops,
+    #: its size's padded frame), competing on the lowest OOD score: stain and camera differences
+    #: that the per-channel colour canonicalisation leaves (saturation, gamma), the way the
+    #: framings undo framing differences.
     colours: list[tuple[Literal["saturation", "gamma"], float]] = Field(default_factory=list)
 
     @field_validator("zooms")
@@ -239,6 +241,10 @@ class ReframeRule(BaseModel):
         if any(not 0.25 <= f <= 4 or f == 1 for _, f in value) or len(set(value)) != len(value):
             raise ValueError(f"colour changes must be distinct factors in [0.25, 4], not 1; got {value}")
         return value
+
+    def with_colours(self, colours: Sequence[tuple[str, float]] = DEFAULT_RECOLOURS) -> "ReframeRule":
+        """This rule with ``colours`` as its colour changes (validated; ``[]``: none)."""
+        return ReframeRule(**{**self.model_dump(), "colours": list(colours)})
 
 
 class BundleConfig(BaseModel):

@@ -120,7 +120,8 @@ def fit_cmd(
 def _set_reframe(bundle, table, zooms_given: str | None, zooms: list[float] | None, margin: float | None,
                  size: bool | None, seed: int) -> None:
     """Apply the --reframe-* options in one step: new zooms (and margin) replace the rule's, the
-    size reference is measured (--reframe-size), dropped (--no-reframe-size) or kept as it was."""
+    size reference is measured (--reframe-size), dropped (--no-reframe-size) or kept as it was;
+    the rule's colour changes are kept."""
     rule = bundle.config.reframe
     if zooms_given is None and size is None:
         return
@@ -134,9 +135,7 @@ def _set_reframe(bundle, table, zooms_given: str | None, zooms: list[float] | No
 
         size_images = size_reference_images(table, bundle.preprocess, seed=seed)
     keep = rule.size_ref if size is None and rule is not None else None
-    bundle.set_reframe(zooms, margin, size_images=size_images, size_ref=keep)
-    if rule is not None and rule.colours and bundle.reframes:
-        bundle.set_recolour(rule.colours)
+    bundle.set_reframe(zooms, margin, size_images=size_images, size_ref=keep, colours=rule.colours if rule else ())
 
 
 def _zooms(text: str | None) -> list[float] | None:
