@@ -16,6 +16,7 @@ serve, export, trust, explain) only ever talks to :class:`Bundle`, and asks it w
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import zipfile
@@ -566,6 +567,11 @@ class Bundle(ABC):
         rule = self.config.reframe
         self.config.reframe = rule.with_colours() if colours is None else rule.with_colours(colours)
 
+    def _mark_unsearched(self, pred: Prediction) -> None:
+        """``pred``'s framing-search columns before any search: whole crops in their own colours."""
+        pred.framing = np.ones(len(pred))
+        pred.recolour = np.full(len(pred), "", dtype=object) if self.config.reframe.colours else None
+
     def _reframe(self, images: Sequence[np.ndarray], sources: Sequence[str], pred: Prediction,
                  views: int) -> Prediction:
         """The framing search (:class:`ReframeRule`) on one batch answered from ``views`` views:
@@ -579,8 +585,7 @@ class Bundle(ABC):
         from hematoscope.bundle.config import SIZE_PAD_MAX, SIZE_SHARE_MAX
 
         rule = self.config.reframe
-        pred.framing = np.ones(len(pred))
-        pred.recolour = np.full(len(pred), "", dtype=object) if rule.colours else None
+        self._mark_unsearched(pred)
         take = np.flatnonzero(pred.ood_flag)
         if len(take) == 0:
             return pred
@@ -589,13 +594,20 @@ class Bundle(ABC):
         score, share = pred.ood_score.copy(), pred.framing
         chosen: dict[int, ViewOutputs] = {}
 
+        @functools.cache
+        def look(i: int, colour: tuple[str, float] | None) -> np.ndarray:
+            """Image ``i`` with ``colour`` changed: once per cell and change, however many framings try it."""
+            return images[i] if colour is None else recolour_image(images[i], *colour)
+
+        def still_flagged() -> np.ndarray:
+            return np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
+
         def search(rows: np.ndarray, zooms: np.ndarray, good_enough: float,
                    colours: Sequence[tuple[str, float] | None] | None = None) -> None:
             """``zooms``: (framings, rows) shares, one column per cell; ``colours``: the colour
             change of each framing row (None: the image's own colours)."""
             colours = colours or [None] * len(zooms)
-            looks = [reframe_image(images[i] if c is None else recolour_image(images[i], *c), z)
-                     for zs, c in zip(zooms, colours) for z, i in zip(zs, rows)]
+            looks = [reframe_image(look(int(i), c), z) for zs, c in zip(zooms, colours) for z, i in zip(zs, rows)]
             # every framing of every cell in one batch: a few flagged cells per batch cost model calls, not pixels
             tried = self.forward_views(looks, views)
             mean = tried.averaged(views)
@@ -628,15 +640,16 @@ class Bundle(ABC):
             if tight.any():
                 search(take[tight], pad[tight][None, :], np.inf)
         looser = [z for z in rule.zooms if z > 1]
-        still = np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
+        still = still_flagged()
         if looser and len(still):
             search(still, each(looser, still), float(trust.ood_threshold) - rule.out_margin)
-        still = np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)
+        still = still_flagged()
         if rule.colours and len(still):
             # each colour change at every framing tried: a stain and a framing difference come together
             framed = [np.ones(len(still))] + [np.full(len(still), z) for z in closer]
-            if pad is not None and (pad[np.searchsorted(take, still)] != 1).any():
-                framed.append(pad[np.searchsorted(take, still)])
+            own_pad = None if pad is None else pad[np.searchsorted(take, still)]
+            if own_pad is not None and (own_pad != 1).any():
+                framed.append(own_pad)
             framed = np.stack(framed)
             search(still, np.tile(framed, (len(rule.colours), 1)), np.inf,
                    [tuple(c) for c in rule.colours for _ in framed])

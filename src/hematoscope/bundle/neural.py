@@ -255,8 +255,7 @@ class NeuralBundle(Bundle):
                                  max_ood=rule.max_ood, reject_ood=rule.reject_ood)
         if self.reframes:
             uncertain |= fast.ood_flag
-            fast.framing = np.ones(len(fast))
-            fast.recolour = np.full(len(fast), "", dtype=object) if self.config.reframe.colours else None
+            self._mark_unsearched(fast)
         take = np.flatnonzero(uncertain)
         if len(take) == 0:
             return fast
