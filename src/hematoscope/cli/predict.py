@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import RecolourOption, ReframeOption, TtaOption, class_list, console, err_console, fail, user_errors
+from hematoscope.cli._common import (RecolourOption, ReframeOption, TtaOption, class_list, console, err_console,
+                                     fail, user_errors)
 
 BACKENDS = ("auto", "torch", "onnx")
 #: A run where at least this share of at least this many cells look unlike the training data
