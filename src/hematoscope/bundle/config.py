@@ -13,12 +13,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, SerializeAsAny, ValidationInfo,
                       field_validator, model_serializer)
 
-from hematoscope.models.preprocess import TTA_VIEWS, Preprocess
+from hematoscope.models.preprocess import TTA_VIEWS, Preprocess, Recolour
 
 FORMAT_VERSION = 1
 #: The name that stands for the package's shipped model wherever a bundle path is asked for.
@@ -226,7 +226,7 @@ class ReframeRule(BaseModel):
     #: its size's padded frame), competing on the lowest OOD score: stain and camera differences
     #: that the per-channel colour canonicalisation leaves (saturation, gamma), the way the
     #: framings undo framing differences.
-    colours: list[tuple[Literal["saturation", "gamma"], float]] = Field(default_factory=list)
+    colours: list[tuple[Recolour, float]] = Field(default_factory=list)
 
     @field_validator("zooms")
     @classmethod

@@ -3,7 +3,7 @@ and the web app all build their input from this one object, so they cannot drift
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
@@ -333,7 +333,8 @@ def centre_crop(image: np.ndarray, share: float) -> np.ndarray:
 
 
 #: Colour changes :func:`recolour_image` makes (the framing search's ``ReframeRule.colours``).
-RECOLOURS = ("saturation", "gamma")
+Recolour = Literal["saturation", "gamma"]
+RECOLOURS: tuple[str, ...] = get_args(Recolour)
 
 
 def recolour_image(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
