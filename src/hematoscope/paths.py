@@ -5,28 +5,27 @@ import os
 from pathlib import Path
 
 
-def cache_dir(*parts: str) -> Path:
-    """``$HEMATOSCOPE_CACHE`` or the platform user cache dir, with ``parts`` appended (created)."""
-    root = os.environ.get("HEMATOSCOPE_CACHE")
+def _user_dir(env: str, platform_dir: str, parts: tuple[str, ...]) -> Path:
+    """``$env`` or the platform's ``platform_dir`` (a :mod:`platformdirs` function name) for
+    hematoscope, with ``parts`` appended (created)."""
+    root = os.environ.get(env)
     if not root:
-        from platformdirs import user_cache_dir
+        import platformdirs
 
-        root = user_cache_dir("hematoscope")
+        root = getattr(platformdirs, platform_dir)("hematoscope")
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$HEMATOSCOPE_CACHE`` or the platform user cache dir, with ``parts`` appended (created)."""
+    return _user_dir("HEMATOSCOPE_CACHE", "user_cache_dir", parts)
 
 
 def data_dir(*parts: str) -> Path:
     """``$HEMATOSCOPE_HOME`` or the platform user data dir (history database, settings)."""
-    root = os.environ.get("HEMATOSCOPE_HOME")
-    if not root:
-        from platformdirs import user_data_dir
-
-        root = user_data_dir("hematoscope")
-    path = Path(root, *parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _user_dir("HEMATOSCOPE_HOME", "user_data_dir", parts)
 
 
 def default_data_root(explicit: Path | str | None = None) -> Path:
