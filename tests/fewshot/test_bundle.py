@@ -99,12 +99,55 @@ def test_file_weights_are_copied_and_bundle_backbones_nested(tiny_weights, tiny_
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_too_few_images_skip_trust_with_a_reason(synthetic_root, lite0_extractor):
+@pytest.mark.parametrize("labels_per_class, per_class", [(10, None), (1, 2)])
+def test_with_nothing_left_for_validation_trust_is_cross_fitted_on_the_labels(synthetic_root, lite0_extractor,
+                                                                               labels_per_class, per_class):
+    """A lab that labelled only the cells it trains on still gets an OOD flag (noise is not
+    answered) and a threshold set on distances of held-out labels, not zero-distance ones."""
     from hematoscope.data.readers import read_dataset
 
-    bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=10,
+    table = read_dataset(synthetic_root)
+    if per_class:
+        table = table.groupby("label").head(per_class).reset_index(drop=True)
+    bundle, report = fit_fewshot_bundle(table, lite0_extractor, labels_per_class=labels_per_class, head="proto",
+                                        progress=False)
+    assert bundle.config.ood is not None and bundle.ood.threshold > 0
+    assert ("cross-fitted" if labels_per_class > 1 else "leave-one-out") in report["trust"]["split"]
+    assert report["trust"]["val_ood_accept_rate"] == pytest.approx(0.95, abs=0.1)  # 8 images: 7 of 8 at least
+    if labels_per_class == 1:
+        assert bundle.config.temperature == 1.0
+    noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(4)]
+    assert bundle.predict(noise).abstain.all()
+    cells = read_dataset(synthetic_root)["path"].tolist()[1::7]
+    assert bundle.predict(cells).ood_flag.mean() < 0.5
+
+
+def test_one_label_per_class_with_validation_left_gets_a_working_flag(synthetic_root, lite0_extractor):
+    """1 label per class: the flag's neighbour is the nearest one (a 10th does not exist), so
+    cells are accepted and noise is not."""
+    from hematoscope.data.readers import read_dataset
+
+    bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=1,
                                         head="proto", progress=False)
-    assert bundle.config.ood is None and "too few images" in bundle.metrics["trust"]["skipped"]
+    assert report["trust"]["split"] == "val" and bundle.ood.k == 1
+    assert 0.85 <= report["trust"]["val_ood_accept_rate"] <= 1
+    noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(4)]
+    assert bundle.predict(noise).ood_flag.all()
+
+
+def test_rows_without_a_label_are_unlabelled_crops_never_drawn(synthetic_root, lite0_extractor):
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.samples import DatasetError, require_labels
+
+    table = read_dataset(synthetic_root)
+    blank = table.index[::3]
+    table.loc[blank, "label"], table.loc[blank, "canonical"] = None, None
+    bundle, report = fit_fewshot_bundle(table, lite0_extractor, labels_per_class=None, head="lr+self",
+                                        unlabelled_per_class=0, progress=False)
+    assert report["n_train"] + report["n_unlabelled"] <= len(table)
+    assert report["n_unlabelled"] == len(blank) and "None" not in bundle.labels and "nan" not in bundle.labels
+    with pytest.raises(DatasetError, match=f"{len(blank)} of {len(table)} images have no label"):
+        require_labels(table, "training")
 
 
 def test_self_training_head_on_a_bundle_backbone_with_its_views_and_groups(tiny_neural_bundle, synthetic_root,

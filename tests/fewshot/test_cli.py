@@ -40,6 +40,23 @@ def test_fewshot_fit_and_bench(small_synthetic, tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_fewshot_fit_takes_a_labs_unlabelled_crops_and_flags_without_a_validation_part(small_synthetic, tmp_path):
+    """All 4 labelled images per class are drawn: nothing is left for validation, the flag is
+    cross-fitted; --unlabelled folders feed the self-training head, a missing path is reported."""
+    from hematoscope.bundle import load_bundle
+    from hematoscope.data.synthetic import make_synthetic_dataset
+
+    crops = make_synthetic_dataset(tmp_path / "lab", n_per_class=2, size=32, seed=7)
+    out = " ".join(_run(["fewshot", "fit", small_synthetic, "--head", "lr+self", "--size", 32,
+                         "--unlabelled", crops, "--unlabelled", tmp_path / "missing", "--out", tmp_path / "b"]).split())
+    assert "missing: file not found" in out and "self-trained on 16 images without labels" in out
+    assert "cross-fitted on the 32 labelled images" in out
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.config.ood is not None and bundle.config.training.n_unlabelled == 16
+    noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(3)]
+    assert bundle.predict(noise).abstain.all()
+
+
 def test_fewshot_defaults_are_the_recipe_and_options_reach_the_library(small_synthetic, synthetic_root, tmp_path):
     """bench: svm+self, 8 views, ONNX Runtime, a 400-per-class pool, grouping when patient ids exist."""
     _run(["fewshot", "bench", small_synthetic, "--size", 32, "--shots", "1", "--repeats", 1,

@@ -84,7 +84,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     from hematoscope.bundle.base import BundleConfig, ModelOutput
     from hematoscope.classical.bundle import ClassicalBundle, classical_preprocess
     from hematoscope.classical.features import FEATURE_NAMES, FEATURE_VERSION, ClassicalFeatures
-    from hematoscope.data.samples import class_column, class_names
+    from hematoscope.data.samples import class_column, class_names, require_labels
     from hematoscope.taxonomy import TAXONOMY_VERSION
     from hematoscope.trust import fit_trust
 
@@ -94,6 +94,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
         from hematoscope.data.splits import make_split
 
         df = make_split(table, val=val, test=0.0, seed=seed)
+    require_labels(df, "training")
     names = class_column(df).tolist()
     labels = class_names(df)
     if len(labels) < 2:

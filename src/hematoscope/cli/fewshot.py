@@ -44,6 +44,32 @@ def _extractor(backbone: str, weights: str | None, size: int, tta: bool | None, 
                           backend=backend)
 
 
+def _add_unlabelled(table, paths: list[str]):
+    """``table`` with a row without label for each image file among ``paths``; what cannot be
+    used (missing paths, zip members) is reported on stderr."""
+    import pandas as pd
+
+    from hematoscope.cli._common import err_console
+    from hematoscope.data.samples import COLUMNS
+    from hematoscope.data.sources import ImageSource, SkippedFile, expand_paths
+
+    files, skipped = [], []
+    for item in expand_paths(paths):
+        if isinstance(item, ImageSource) and item.path is not None and item.member is None:
+            files.append(str(item.path))
+        elif isinstance(item, SkippedFile):
+            skipped.append(f"{item.source}: {item.reason}")
+        else:
+            skipped.append(f"{item.name}: zip members are not read here; unzip them first")
+    for line in skipped:
+        err_console().print(f"--unlabelled: skipped {line}", highlight=False)
+    if not files:
+        raise typer.BadParameter("no image file among these paths", param_hint="--unlabelled")
+    rows = pd.DataFrame({"path": files, "label": None, "canonical": None, "patient": None, "dataset": "unlabelled"},
+                        columns=COLUMNS)
+    return pd.concat([table, rows], ignore_index=True)
+
+
 def _check_views(views: int | None) -> None:
     from hematoscope.fewshot.features import view_count
 
@@ -68,6 +94,9 @@ def fit(
     views: ViewsOpt = None,
     unlabelled_per_class: Annotated[int, typer.Option("--unlabelled-per-class", min=0, help="+self heads: unused "
                                                       "images per class given without labels.")] = 400,
+    unlabelled: Annotated[Optional[list[str]], typer.Option(
+        "--unlabelled", help="The lab's own unlabelled crops (files, folders or globs; repeatable): +self heads "
+                             "learn from them too. Rows of a CSV with a blank label count as such.")] = None,
     group_by: GroupByOpt = "auto",
     backend: BackendOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the label draw.")] = 0,
@@ -89,6 +118,8 @@ def fit(
         spec = dataclasses.replace(HeadSpec.parse(head), transform=transform,
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         table = read_dataset(data)
+        if unlabelled:
+            table = _add_unlabelled(table, unlabelled)
         ext = _extractor(backbone, weights, size, tta, views, backend)
         bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=labels_per_class, head=spec, seed=seed,
                                             name=name, unlabelled_per_class=unlabelled_per_class or None,
@@ -98,12 +129,15 @@ def fit(
     c.print(f"fitted {spec.label} on {report['n_train']} images ({len(bundle.labels)} classes, "
             f"{ext.views} view{'s' if ext.views > 1 else ''}) in {report['head_fit_seconds']:.2f} s "
             f"(features {report['extract_seconds']:.1f} s) → {out}")
+    if report["n_unlabelled"]:
+        c.print(f"self-trained on {report['n_unlabelled']} images without labels")
     if report["short_classes"]:
         c.print(f"classes with fewer images than asked (all used): {report['short_classes']}")
     if "val_balanced_accuracy" in report:
         c.print(f"validation balanced accuracy {report['val_balanced_accuracy']:.3f}")
     else:
-        c.print(f"[yellow]{report['trust']['skipped']}[/]")
+        c.print(f"no labelled image left over for validation: calibration and the out-of-distribution threshold "
+                f"{report['trust']['split']}", highlight=False)
 
 
 @fewshot_app.command("bench")

@@ -62,6 +62,23 @@ def class_column(table: "pd.DataFrame") -> "np.ndarray":
     return np.array([c if isinstance(c, str) and c else lab for c, lab in zip(canon, labels)], dtype=object)
 
 
+def has_label(table: "pd.DataFrame") -> "np.ndarray":
+    """Per row, whether it has a label (a lab's unlabelled crops in a CSV have none: blank or
+    missing)."""
+    labels = table["label"]
+    return (labels.notna() & (labels.astype(str).str.strip() != "")).to_numpy()
+
+
+def require_labels(table: "pd.DataFrame", purpose: str) -> None:
+    """Raise :class:`DatasetError` when rows of ``table`` have no label, which ``purpose``
+    (e.g. "training") needs on every image."""
+    missing = ~has_label(table)
+    if missing.any():
+        example = table["path"].to_numpy()[missing][0]
+        raise DatasetError(f"{int(missing.sum())} of {len(table)} images have no label (e.g. {example}); {purpose} "
+                           "needs one on every image (fewshot fit takes unlabelled rows as unlabelled crops)")
+
+
 def class_names(table: "pd.DataFrame") -> list[str]:
     """The table's classes (:func:`class_column`), sorted: a model's output order."""
     return sorted(set(class_column(table).tolist()))

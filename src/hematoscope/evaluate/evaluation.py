@@ -69,9 +69,10 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
     Raises:
         ValueError: no image of ``table`` has a class the bundle knows, or none is readable.
     """
-    from hematoscope.data.samples import class_column
+    from hematoscope.data.samples import class_column, require_labels
     from hematoscope.evaluate.metrics import classification_metrics
 
+    require_labels(table, "evaluating")
     truths = class_column(table).tolist()
     space, merge = label_space(bundle.labels, set(truths))
     matched = [match_truth(t, space) for t in truths]

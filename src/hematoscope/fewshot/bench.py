@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hematoscope.data.samples import class_column, group_keys, resolve_group_by
+from hematoscope.data.samples import class_column, group_keys, require_labels, resolve_group_by
 from hematoscope.fewshot.heads import HeadSpec
 from hematoscope.fewshot.shots import sample_shots
 
@@ -180,6 +180,8 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
         pool = pool.reset_index(drop=True)
     if len(pool) == 0 or len(test) == 0:
         raise ValueError("the training pool or the test set is empty")
+    require_labels(pool, "fewshot bench")
+    require_labels(test, "fewshot bench")
     y_pool, y_test_raw = class_column(pool), class_column(test)
     match = match_classes(y_pool, y_test_raw)
     if not match.shared:

@@ -91,9 +91,8 @@ class FewShotBundle(Bundle):
             raise ValueError(f"labels {unknown} are not among {labels}")
         targets = np.array([index[str(v)] for v in y], np.int64)
         features = np.asarray(features, np.float32)
-        if spec.self_training is not None and unlabelled is not None and len(unlabelled):
-            features = np.concatenate([features, np.asarray(unlabelled, np.float32)])
-            targets = np.concatenate([targets, np.full(len(unlabelled), -1, np.int64)])
+        if spec.self_training is not None:
+            features, targets = _with_unlabelled(features, targets, unlabelled)
         t0 = time.perf_counter()
         pipeline = _fit_head(spec, features, targets)
         fit_seconds = time.perf_counter() - t0
@@ -116,11 +115,7 @@ class FewShotBundle(Bundle):
     # --- inference -----------------------------------------------------------------------
     def logits_from_features(self, features: np.ndarray) -> np.ndarray:
         """Log-probabilities (N, C) in ``labels`` order from backbone features."""
-        proba = self.head.predict_proba(np.asarray(features, np.float32))
-        full = np.full((len(proba), len(self.labels)), MIN_PROB)
-        full[:, self.head.classes_] = np.maximum(proba, MIN_PROB)
-        full /= full.sum(1, keepdims=True)
-        return np.log(full)
+        return _head_logits(self.head, features, len(self.labels))
 
     def forward(self, images: Sequence[np.ndarray]) -> ModelOutput:
         feats = self.extractor.embed_arrays(list(images))
@@ -224,10 +219,12 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     and calibrate it (temperature, OOD scorer, abstain threshold) on a disjoint validation draw.
 
     The validation draw (``val_per_class``, default between 10 and 50 matching the shots) comes
-    from the images not used for training; when fewer than 5 per class remain, trust fitting
-    is skipped and the reason recorded in ``metrics["trust"]``. A self-training head (e.g.
-    ``"svm+self"``) also gets up to ``unlabelled_per_class`` of the remaining images per class
-    (at most ``max_unlabelled`` in all), without labels.
+    from the labelled images not used for training; when fewer than 5 per class remain (a lab
+    that labelled just the cells it trains on), the trust is cross-fitted on the draw itself
+    (:func:`_crossfit_trust`). Rows without a label (a lab's own unlabelled crops) are never
+    drawn; a self-training head (e.g. ``"svm+self"``) gets them, and up to
+    ``unlabelled_per_class`` of the remaining labelled images per class, without labels (at
+    most ``max_unlabelled`` in all).
 
     With ``group_by`` (default: the ``patient`` column when it has ids, e.g. the crops of one
     cell) labels are drawn as different groups, one image each, and the validation images come
@@ -237,35 +234,43 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
         (bundle, report) where report holds counts, timings and the trust report.
 
     Raises:
-        ValueError: no readable images, or fewer than two classes.
+        ValueError: no labelled or no readable images, or fewer than two classes.
     """
-    from hematoscope.data.samples import class_column, group_keys, resolve_group_by
+    from hematoscope.data.samples import class_column, group_keys, has_label, resolve_group_by
     from hematoscope.fewshot.shots import sample_shots
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
     y_all = class_column(table)
     paths = table["path"].astype(str).to_numpy()
+    labelled = has_label(table)
+    if not labelled.any():
+        raise ValueError("no row has a label: a few-shot head needs labelled images")
     group_col = resolve_group_by(table, group_by)
     groups = group_keys(table, group_col)
-    draw = sample_shots(y_all, labels_per_class, seed=seed, groups=groups)
-    rest = np.setdiff1d(np.arange(len(table)), draw.indices)
+    rows = np.flatnonzero(labelled)  # drawing, validation and leftovers are among labelled rows only
+    draw = sample_shots(y_all[rows], labels_per_class, seed=seed, groups=None if groups is None else groups[rows])
+    drawn = rows[draw.indices]
+    rest = np.setdiff1d(rows, drawn)
     if groups is not None:  # other images of a drawn group are neither validation nor unlabelled
-        rest = rest[~np.isin(groups[rest], groups[draw.indices])]
+        rest = rest[~np.isin(groups[rest], groups[drawn])]
     n_val = val_per_class or int(min(50, max(10, labels_per_class or 50)))
     val_idx = rest[sample_shots(y_all[rest], n_val, seed=seed + 1,
                                 groups=None if groups is None else groups[rest]).indices]
     t0 = time.perf_counter()
-    fs = extractor.extract(list(paths[draw.indices]), progress=progress)
+    fs = extractor.extract(list(paths[drawn]), progress=progress)
     if len(fs.features) == 0:
         raise ValueError("none of the drawn training images could be read")
-    y_train = y_all[draw.indices][fs.ok]
+    y_train = y_all[drawn][fs.ok]
     unlabelled = None
     if spec.self_training is not None:
         free = np.setdiff1d(rest, val_idx)
         if groups is not None:
             free = free[~np.isin(groups[free], groups[val_idx])]
-        free = free[sample_shots(y_all[free], unlabelled_per_class, seed=seed + 2).indices]
-        free = np.random.default_rng(seed + 2).permutation(free)[:max_unlabelled]
+        free = free[sample_shots(y_all[free], unlabelled_per_class, seed=seed + 2).indices] \
+            if unlabelled_per_class != 0 else free[:0]
+        # the user's unlabelled rows (e.g. the lab's own crops) come first
+        free = np.concatenate([np.flatnonzero(~labelled), np.random.default_rng(seed + 2).permutation(free)])
+        free = free[:max_unlabelled]
         unlabelled = extractor.extract(list(paths[np.sort(free)]), progress=progress).features
     extract_seconds = time.perf_counter() - t0
     datasets = sorted({str(d) for d in table["dataset"]}) if "dataset" in table else []
@@ -279,23 +284,22 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
                               "short_classes": draw.short, "group_by": group_col,
                               "n_unlabelled": bundle.config.training.n_unlabelled}
     if groups is not None:
-        report["n_train_groups"] = int(len(set(groups[draw.indices][fs.ok])))
+        report["n_train_groups"] = int(len(set(groups[drawn][fs.ok])))
         bundle.config.training.n_train_groups = report["n_train_groups"]
 
     counts = {c: int((y_all[val_idx] == c).sum()) for c in bundle.labels}
-    if min(counts.values()) < 5:
-        reason = f"too few images left for a validation part ({counts}); trust not fitted"
-        bundle.metrics["trust"] = {"skipped": reason}
-        report["trust"] = {"skipped": reason}
+    if min(counts.values()) < 5:  # the lab labelled only what it drew: trust from the draw itself
+        report["trust"] = _crossfit_trust(bundle, spec, fs.features, y_train, unlabelled, seed=seed,
+                                          groups=None if groups is None else groups[drawn][fs.ok])
         return bundle, report
     vfs = extractor.extract(list(paths[val_idx]), progress=progress)
     y_val = y_all[val_idx][vfs.ok]
     keep = np.isin(y_val, bundle.labels)
     from hematoscope.trust import fit_trust
 
-    method = ood_method if len(y_train) >= 10 else "mahalanobis"
     trust = fit_trust(bundle, train=(bundle.outputs(fs.features), y_train),
-                      val=(bundle.outputs(vfs.features[keep]), y_val[keep]), method=method)
+                      val=(bundle.outputs(vfs.features[keep]), y_val[keep]), method=ood_method,
+                      scorer_params={"k": knn_k(len(y_train))} if ood_method == "knn" else None)
     bundle.config.training.val_labels_per_class = n_val
     val_pred = np.asarray(bundle.labels)[bundle.logits_from_features(vfs.features[keep]).argmax(1)]
     from sklearn.metrics import balanced_accuracy_score
@@ -306,3 +310,79 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     report["trust"] = trust
     report["val_balanced_accuracy"] = bundle.metrics["val_balanced_accuracy"]
     return bundle, report
+
+
+def knn_k(n_reference: int) -> int:
+    """The neighbour whose distance is a few-shot head's OOD score: the 10th as for a trained
+    model once there are 50 labelled images, fewer below (the nearest among 8)."""
+    return int(min(10, max(1, n_reference // 5)))
+
+
+#: Folds of the cross-fitted trust (fewer when a class has fewer labels).
+CROSSFIT_FOLDS = 5
+
+
+def _crossfit_trust(bundle: FewShotBundle, spec: HeadSpec, features: np.ndarray, y: np.ndarray,
+                    unlabelled: np.ndarray | None, *, seed: int, groups: np.ndarray | None) -> dict:
+    """Temperature, OOD scorer and threshold of ``bundle`` when no labelled image is left over
+    for validation: each labelled image is seen out of fold, by a head and an OOD scorer fitted
+    on the other folds (k = 5, or the smallest class's count; by ``groups`` when given), so the
+    temperature is fitted on answers to images the head did not learn and the threshold on
+    distances to references that do not hold the image. The head and scorer kept are those of
+    all the labels: a new image's reference holds a fold more, so the threshold errs towards
+    accepting. With a single label in some class there is nothing to hold out: the temperature
+    stays 1 and the threshold comes from leave-one-out distances among all the labels. The OOD
+    score is the distance to the k-th nearest labelled image (``knn``), k = 10 or fewer, so
+    that every held-out image has k references (:func:`knn_k`)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    from hematoscope.bundle.ood import get_scorer
+    from hematoscope.trust import fit_trust
+
+    targets = np.array([bundle.labels.index(v) for v in y])
+    k = int(min(CROSSFIT_FOLDS, np.bincount(targets, minlength=len(bundle.labels)).min()))
+    logits = bundle.logits_from_features(features)  # replaced out of fold below when k >= 2
+    scores = np.empty(len(y))
+    if k >= 2:
+        splitter = (StratifiedGroupKFold(k, shuffle=True, random_state=seed) if groups is not None
+                    else StratifiedKFold(k, shuffle=True, random_state=seed))
+        folds = splitter.split(features, targets, groups)
+    else:
+        folds = ((np.setdiff1d(np.arange(len(y)), [i]), np.array([i])) for i in range(len(y)))
+    folds = list(folds)
+    params = {"k": knn_k(min(len(f) for f, _ in folds))}
+    for fit_idx, held in folds:
+        if k >= 2:
+            extra = unlabelled if unlabelled is not None and spec.self_training is not None else None
+            head = _fit_head(spec, *_with_unlabelled(features[fit_idx], targets[fit_idx], extra))
+            logits[held] = _head_logits(head, features[held], len(bundle.labels))
+            fit_logits = _head_logits(head, features[fit_idx], len(bundle.labels))
+        else:
+            fit_logits = logits[fit_idx]
+        scorer = get_scorer("knn")(**params).fit(features[fit_idx], targets[fit_idx], fit_logits)
+        scores[held] = scorer.score(features=features[held], logits=logits[held])
+    how = f"cross-fitted on the {len(y)} labelled images ({k} folds)" if k >= 2 else \
+        f"leave-one-out OOD distances among the {len(y)} labelled images (a class has 1 label; temperature 1)"
+    out = ModelOutput(logits, features)
+    trust = fit_trust(bundle, train=(bundle.outputs(features), y), val=(out, y), method="knn", val_scores=scores,
+                      val_name=how, scorer_params=params)
+    if k < 2:
+        bundle.config.temperature = 1.0
+        bundle.metrics["calibration"]["temperature"] = 1.0
+    return trust
+
+
+def _with_unlabelled(features: np.ndarray, targets: np.ndarray, unlabelled: np.ndarray | None):
+    if unlabelled is None or not len(unlabelled):
+        return features, targets
+    return (np.concatenate([features, np.asarray(unlabelled, np.float32)]),
+            np.concatenate([targets, np.full(len(unlabelled), -1, np.int64)]))
+
+
+def _head_logits(head, features: np.ndarray, n_classes: int) -> np.ndarray:
+    """Log-probabilities (N, n_classes) of a fitted head; classes it never saw get MIN_PROB."""
+    proba = head.predict_proba(np.asarray(features, np.float32))
+    full = np.full((len(proba), n_classes), MIN_PROB)
+    full[:, head.classes_] = np.maximum(proba, MIN_PROB)
+    full /= full.sum(1, keepdims=True)
+    return np.log(full)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from hematoscope.data.images import ImageError, load_model_image
-from hematoscope.data.samples import class_column
+from hematoscope.data.samples import class_column, require_labels
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.progress import track
 from hematoscope.train.config import TrainConfig
@@ -59,6 +59,7 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         table = load_split(split_file)
     else:
         table = read_dataset(config.data, reader=config.reader)
+        require_labels(table, "training")
         table = table.assign(cls=class_column(table))
         if config.limit_per_class:
             rng = np.random.default_rng(config.seed)

@@ -48,6 +48,9 @@ def fit_trust(
     method: str | None = None,
     abstain_min_confidence: float | None = None,
     abstain_cost: float = DEFAULT_ABSTAIN_COST,
+    val_scores: np.ndarray | None = None,
+    val_name: str = "val",
+    scorer_params: dict | None = None,
 ) -> dict[str, Any]:
     """Calibrate a bundle and give it an OOD scorer and an abstain threshold, in place.
 
@@ -71,6 +74,10 @@ def fit_trust(
         method: a registered scorer name (:func:`hematoscope.trust.list_scorers`).
         abstain_min_confidence: fixed abstain threshold in [0, 1] instead of Chow's rule.
         abstain_cost: cost of one abstention relative to one error, in (0, 1).
+        val_scores: OOD scores of ``val`` computed elsewhere, for when ``val`` is ``train`` seen
+            out of fold (cross-fitting): each score from a scorer fitted without that image.
+        val_name: what ``val`` is, recorded in the metrics.
+        scorer_params: keyword arguments of the OOD scorer (e.g. ``{"k": 3}`` for ``knn``).
 
     Returns:
         A JSON-able report: temperature, ECE/NLL before and after, OOD config, validation
@@ -91,7 +98,7 @@ def fit_trust(
     temperature = fit_temperature(val_out.logits, val_y)
     probs_before, probs_after = softmax(val_out.logits), softmax(val_out.logits, temperature)
     calibration = {
-        "split": "val",
+        "split": val_name,
         "n": int(len(val_y)),
         "temperature": temperature,
         "ece_before": expected_calibration_error(probs_before, val_y),
@@ -105,9 +112,12 @@ def fit_trust(
     if cls.needs_features and (train_out.features is None or val_out.features is None):
         raise ScorerError(f"OOD method {method!r} needs penultimate features, which this "
                           f"{bundle.kind} bundle does not give; use 'energy' or 'max_softmax'")
-    scorer = cls(temperature=temperature) if method == "max_softmax" else cls()
+    scorer = cls(temperature=temperature) if method == "max_softmax" else cls(**(scorer_params or {}))
     scorer.fit(train_out.features, train_y, train_out.logits)
-    val_scores = scorer.score(features=val_out.features, logits=val_out.logits)
+    if val_scores is None:
+        val_scores = scorer.score(features=val_out.features, logits=val_out.logits)
+    elif len(val_scores) != len(val_y):
+        raise ValueError(f"val_scores has {len(val_scores)} scores for {len(val_y)} validation images")
     scorer.threshold = float(np.quantile(val_scores, target_tpr))
     scorer.target_tpr = float(target_tpr)
 
@@ -122,7 +132,7 @@ def fit_trust(
     accepted = ~(flagged | low)
     correct = probs_after.argmax(1) == val_y
     trust = {
-        "split": "val",
+        "split": val_name,
         "ood_method": method,
         "ood_threshold": scorer.threshold,
         "val_ood_accept_rate": float(np.mean(~flagged)),
