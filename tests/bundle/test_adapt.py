@@ -110,9 +110,19 @@ def test_cli_adapt_writes_a_bundle_the_predict_command_uses(trusted_bundle, synt
     assert res.exit_code == 0, res.output
     assert "60 images" in res.output and "broken.jpg" in res.output
     adapted = load_bundle(tmp_path / "ad")
-    assert adapted.config.adaptation["source"] == "lab" and adapted.name == "tiny-test-adapted"
+    assert adapted.config.adaptation["source"] == "lab" and adapted.name == "ad"  # as the web app lists it
     res = runner.invoke(app, ["predict", str(tmp_path / "lab"), "--model", str(tmp_path / "ad")])
     assert res.exit_code == 0, res.output
+    # the lab's model is not replaced by accident; with --overwrite it is, leaving no file of the old one
+    before = (tmp_path / "ad" / "config.json").read_bytes()
+    res = runner.invoke(app, ["fewshot", "fit", str(synthetic_root), "-n", "2", "--head", "lr", "--size", "32",
+                              "--out", str(tmp_path / "ad")])
+    assert res.exit_code == 2 and "already holds a model bundle" in " ".join(res.output.replace("│", " ").split())
+    assert (tmp_path / "ad" / "config.json").read_bytes() == before
+    res = runner.invoke(app, ["fewshot", "fit", str(synthetic_root), "-n", "2", "--head", "lr", "--size", "32",
+                              "--out", str(tmp_path / "ad"), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert load_bundle(tmp_path / "ad").kind == "fewshot" and not (tmp_path / "ad" / "model.safetensors").exists()
 
 
 def test_cli_adapt_refuses_a_folder_without_enough_images(trusted_bundle, tmp_path):

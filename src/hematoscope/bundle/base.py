@@ -162,6 +162,16 @@ def bundle_class(kind: str) -> type["Bundle"]:
     return _KINDS.get(kind)
 
 
+def _other_kind_files(directory: Path, kind: str) -> set[str]:
+    """The weight files of the bundle of another kind than ``kind`` that ``directory`` holds
+    (none when it holds no bundle, one of ``kind``, or one this version cannot read)."""
+    try:
+        other = json.loads((directory / "config.json").read_text()).get("kind")
+        return set(bundle_class(other).weight_files) if other and other != kind else set()
+    except (OSError, ValueError, AttributeError, BundleError):
+        return set()
+
+
 class Bundle(ABC):
     """A trained classifier plus everything needed to use it. Subclasses implement
     :meth:`forward`, :meth:`_save_weights` and :meth:`_load_weights`."""
@@ -703,7 +713,8 @@ class Bundle(ABC):
         atomically, ``config.json`` last: after a trust refit ``model.safetensors`` keeps its
         bytes and its mtime. Files of the format that the bundle no longer has (an OOD scorer it
         dropped, an ONNX export that no longer matches its weights) are removed; files the
-        format does not know are left alone. Saving back where the bundle was loaded from keeps
+        format does not know are left alone; over a bundle of another kind, that kind's files go too.
+        Saving back where the bundle was loaded from keeps
         what it does not write itself (e.g. ``model.onnx``), zip included.
 
         The bundle object does not change: ``path`` still names where it was loaded from (load the
@@ -722,7 +733,8 @@ class Bundle(ABC):
                     for name, f in sorted({**kept, **written}.items()):
                         zf.write(f, name)
             return path
-        with _io.updated_dir(path, remove=self._format_files() - set(kept), last=("config.json",)) as d:
+        remove = (self._format_files() | _other_kind_files(path, self.kind)) - set(kept)
+        with _io.updated_dir(path, remove=remove, last=("config.json",)) as d:
             self._write_files(d)
         return path
 

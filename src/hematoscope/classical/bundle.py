@@ -44,6 +44,7 @@ class ClassicalBundle(Bundle):
     """
 
     explanation_methods = ("segmentation",)
+    weight_files = (MODEL_FILE,)
 
     def __init__(self, config: BundleConfig, booster, metrics: dict | None = None, path: Path | None = None):
         super().__init__(config, metrics, path)

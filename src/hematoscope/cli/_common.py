@@ -74,3 +74,25 @@ def apply_tta(bundle, views: int | None) -> None:
 def class_list(text: str | None) -> list[str] | None:
     """A ``--classes`` value (comma-separated, spaces allowed) as class names; None when not given."""
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the bundle that --out already holds.")]
+
+
+def check_out(out, overwrite: bool) -> None:
+    """Refuse to write a new bundle over one that ``out`` already holds (a lab's adapted or
+    few-shot model is easily named alike) unless ``overwrite``."""
+    from pathlib import Path
+
+    out = Path(out)
+    held = out.is_file() if out.suffix.lower() == ".zip" else (out / "config.json").is_file()
+    if held and not overwrite:
+        raise typer.BadParameter(f"{out} already holds a model bundle; choose another --out, or pass --overwrite "
+                                 "to replace it", param_hint="--out")
+
+
+def bundle_name(out) -> str:
+    """A new bundle's default name: its --out folder's (or zip's) name, as the lab chose it."""
+    from pathlib import Path
+
+    return Path(out).stem if Path(out).suffix.lower() == ".zip" else Path(out).name

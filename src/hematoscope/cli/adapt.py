@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import class_list, console, err_console, user_errors
+from hematoscope.cli._common import OverwriteOption, bundle_name, check_out, class_list, console, err_console, user_errors
 
 
 def adapt(
@@ -17,7 +17,7 @@ def adapt(
                                                     "(a few hundred, no labels needed).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the adapted bundle (directory or "
                                       ".zip).")],
-    name: Annotated[Optional[str], typer.Option(help="Name of the adapted bundle (default: <name>-adapted).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of the adapted bundle, as the web app lists it (default: --out's name).")] = None,
     source: Annotated[Optional[str], typer.Option(help="What the images are, recorded in the bundle "
                                                   "(default: the first IMAGES argument's name).")] = None,
     target_tpr: Annotated[float, typer.Option("--accept", min=0.5, max=0.999,
@@ -44,6 +44,7 @@ def adapt(
                           "the framing where they look most like the training data (a lab that crops tighter or "
                           "looser than the training lab); keep: the bundle's; or a share of the side (0.75 = the "
                           "centre 75 %, 2 = padded to twice the size).")] = "auto",
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Adapt BUNDLE to the lab that took IMAGES: choose the framing of its crops, re-estimate its
     normalisation (BatchNorm) statistics and refit its out-of-distribution reference and
@@ -66,6 +67,7 @@ def adapt(
                 raise typer.BadParameter(f"auto, keep or a number; got {framing!r}", param_hint="--framing") from None
         else:
             framing_value = None if framing == "keep" else "auto"
+        check_out(out, overwrite)
         original = load_bundle(bundle_path)
         archives = ArchiveReader()
 
@@ -79,7 +81,7 @@ def adapt(
                     yield item
 
         label = source or Path(paths[0].rstrip("/")).name
-        adapted, report = adapt_bundle(original, items(), source=label, name=name, target_tpr=target_tpr,
+        adapted, report = adapt_bundle(original, items(), source=label, name=name or bundle_name(out), target_tpr=target_tpr,
                                        mix=mix, classes=class_list(classes),
                                        tune_epochs=tune_epochs if tune else 0, framing=framing_value)
         had_onnx = original.config.model.onnx is not None

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, user_errors
+from hematoscope.cli._common import OverwriteOption, bundle_name, check_out, console, user_errors
 from hematoscope.cli.features import SizeOpt, WeightsOpt
 
 fewshot_app = typer.Typer(help="Few labels: heads on frozen backbone features.", no_args_is_help=True)
@@ -100,7 +100,8 @@ def fit(
     group_by: GroupByOpt = "auto",
     backend: BackendOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the label draw.")] = 0,
-    name: Annotated[Optional[str], typer.Option("--name", help="Bundle name.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Bundle name (default: --out's name).")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Fit a head on frozen features of a few labels per class and save it as a bundle.
 
@@ -115,6 +116,7 @@ def fit(
         import dataclasses
 
         _check_views(views)
+        check_out(out, overwrite)
         spec = dataclasses.replace(HeadSpec.parse(head), transform=transform,
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         table = read_dataset(data)
@@ -122,7 +124,7 @@ def fit(
             table = _add_unlabelled(table, unlabelled)
         ext = _extractor(backbone, weights, size, tta, views, backend)
         bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=labels_per_class, head=spec, seed=seed,
-                                            name=name, unlabelled_per_class=unlabelled_per_class or None,
+                                            name=name or bundle_name(out), unlabelled_per_class=unlabelled_per_class or None,
                                             group_by=group_by)
         bundle.save(out)
     c = console()

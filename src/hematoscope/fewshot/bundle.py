@@ -52,6 +52,8 @@ class FewShotBundle(Bundle):
         train_features, train_targets: what the head was fitted on (kept for refit at load).
     """
 
+    weight_files = (HEAD_FILE, BACKBONE_FILE, BACKBONE_DIR)
+
     def __init__(self, config: BundleConfig, extractor: FeatureExtractor, head, train_features: np.ndarray,
                  train_targets: np.ndarray, metrics: dict | None = None, path: Path | None = None):
         super().__init__(config, metrics, path)
