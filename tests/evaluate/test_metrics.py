@@ -45,7 +45,16 @@ def test_agrees_with_sklearn_on_random_predictions():
 
 def test_classes_absent_from_the_data_do_not_drag_macro_f1_down():
     m = classification_metrics([0, 0, 1, 1], [0, 0, 1, 1], None, ["a", "b", "c", "d"])
-    assert m["macro_f1"] == 1.0 and m["per_class"]["c"]["support"] == 0
+    assert m["macro_f1"] == 1.0 and m["per_class"]["c"]["support"] == 0 and m["predicted_other_classes"] == 0
+
+
+def test_answers_of_a_class_the_data_lacks_are_errors_of_the_true_class_only():
+    """White cells called platelets: recall of the white cells drops; no F1 of 0 for platelets."""
+    y, pred = [0, 0, 1, 1], [0, 2, 1, 1]
+    m = classification_metrics(y, pred, None, ["a", "b", "platelet"])
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, labels=[0, 1], average="macro"))
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1) / 2) and m["predicted_other_classes"] == 0.25
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1) / 2)
 
 
 def test_bad_input_is_a_clear_error():

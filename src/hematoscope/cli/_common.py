@@ -57,6 +57,9 @@ ReframeOption = Annotated[Optional[bool], typer.Option(
          "cell from its whole crop.")]
 
 #: ``--recolour`` for commands that run a bundle on images.
+ClassesOption = Annotated[Optional[str], typer.Option(
+    "--classes", help="Answer only among these classes, comma-separated (e.g. a 5-part white-cell differential: "
+                      "basophil,eosinophil,lymphocyte,monocyte,neutrophil); default: all the model's classes.")]
 RecolourOption = Annotated[bool, typer.Option(
     "--recolour", help="Framing search with colours: cells still flagged after the framings are also tried with "
                        "stronger saturation and a darker gamma, at every framing, and answered from the look most "

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import RecolourOption, ReframeOption, TtaOption, apply_tta, console, user_errors
+from hematoscope.cli._common import (ClassesOption, RecolourOption, ReframeOption, TtaOption, apply_tta, class_list,
+                                     console, user_errors)
 
 
 def evaluate_cmd(
@@ -25,6 +26,7 @@ def evaluate_cmd(
     tta: TtaOption = None,
     reframe: ReframeOption = None,
     recolour: RecolourOption = False,
+    classes: ClassesOption = None,
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix and calibration.
 
@@ -43,6 +45,8 @@ def evaluate_cmd(
         bundle = load_bundle(bundle_path)  # "default": the shipped model
         apply_tta(bundle, tta)
         apply_search_options(bundle, reframe=reframe, recolour=recolour)
+        if classes:
+            bundle.restrict_classes(class_list(classes))
         table = read_dataset(data, reader=reader)
         if "split" in table:
             chosen = split or ("test" if (table["split"] == "test").any() else None)
@@ -62,6 +66,8 @@ def evaluate_cmd(
     c.print(f"[bold]{bundle.name}[/] on {data}: {report['n']} images scored")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
         c.print(f"  {key.replace('_', ' ')}: {report[key]:.4f}")
+    if report.get("predicted_other_classes"):
+        c.print(f"  answers naming a class DATA does not have: {report['predicted_other_classes']:.1%} (errors)")
     if report["accuracy_answered"] is not None:
         c.print(f"  abstained: {report['abstained']:.1%}; accuracy on the rest: {report['accuracy_answered']:.4f}")
     if report.get("slow_share") is not None:

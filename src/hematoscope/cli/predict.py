@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import (RecolourOption, ReframeOption, TtaOption, class_list, console, err_console,
-                                     fail, user_errors)
+from hematoscope.cli._common import (ClassesOption, RecolourOption, ReframeOption, TtaOption, class_list, console,
+                                     err_console, fail, user_errors)
 
 BACKENDS = ("auto", "torch", "onnx")
 #: A run where at least this share of at least this many cells look unlike the training data
@@ -43,10 +43,7 @@ def predict(
                           "crop padded to twice its size, for crops cut close around the cell), or auto: the one "
                           "under which up to 300 of this run's images look most like the training data (every "
                           "answer then depends on the run's images). Default: the bundle's.")] = None,
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Answer only among these classes, "
-                                                   "comma-separated (e.g. a 5-part white-cell differential: "
-                                                   "basophil,eosinophil,lymphocyte,monocyte,neutrophil); "
-                                                   "default: all the model's classes.")] = None,
+    classes: ClassesOption = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process) or ray (Ray Data: a local "
                                         "instance, or the cluster at --address; see docs/scale.md).")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (--engine ray), "
