@@ -33,8 +33,9 @@ class MissingExtraError(ImportError):
 
 
 def install_hint(extra: str) -> str:
-    """The command that installs ``extra`` (quoted for shells that expand brackets)."""
-    return f"pip install 'hematoscope[{extra}]'"
+    """The commands that install ``extra``: into a source checkout (the project is not on a
+    package index) and from a built package (quoted for shells that expand brackets)."""
+    return f"bash scripts/setup.sh --extras {extra} (in a source checkout; or pip install 'hematoscope[{extra}]')"
 
 
 def require(*modules: str, extra: str, purpose: str | None = None) -> ModuleType:

@@ -86,6 +86,13 @@ def test_predict_cli_classes(tmp_path):
     assert bad.exit_code != 0 and "blast" in bad.output
 
 
+def test_classes_are_named_as_in_a_labs_folders(bundle):
+    """Plurals, capitals and the taxonomy's synonyms name the bundle's classes, as folder labels do."""
+    assert bundle.class_subset(["Neutrophils", "LYMPHOCYTE", "lymphocyte "]) == ["neutrophil", "lymphocyte"]
+    with pytest.raises(BundleError, match="banana"):
+        bundle.class_subset(["neutrophil", "banana"])
+
+
 def test_ray_actors_load_the_same_restriction():
     from hematoscope.predict.distributed import load_for_inference
 

@@ -371,12 +371,21 @@ class Bundle(ABC):
         return had
 
     def class_subset(self, classes: Sequence[str]) -> list[str]:
-        """``classes`` stripped, without repeats, checked to be at least 2 of :attr:`labels`.
+        """``classes`` stripped, without repeats, checked to be at least 2 of :attr:`labels`; a
+        taxonomy synonym, display name or other case of a label stands for it ("Neutrophils").
 
         Raises:
             BundleError: a name that is not one of the bundle's labels, or fewer than 2 classes.
         """
-        wanted = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
+        from hematoscope.taxonomy import TAXONOMY
+
+        def label_of(name: str) -> str:
+            if name in self.labels:
+                return name
+            canonical = TAXONOMY.canonical(None, name)
+            return canonical if canonical in self.labels else name
+
+        wanted = list(dict.fromkeys(label_of(c.strip()) for c in classes if c.strip()))
         unknown = [c for c in wanted if c not in self.labels]
         if unknown:
             raise BundleError(f"not classes of {self.name!r}: {', '.join(unknown)}; "

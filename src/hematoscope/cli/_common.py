@@ -44,8 +44,8 @@ def user_errors() -> Iterator[None]:
 #: ``--tta`` for commands that run a bundle on images.
 TtaOption = Annotated[Optional[int], typer.Option(
     "--tta", help="Flip/rot90 views averaged per image: 1, 2, 4 or 8 (default: the bundle's own setting, the "
-                  "adaptive cascade when fitted: 1 view, more for uncertain or unfamiliar cells; 4 in the shipped model). More views are proportionally "
-                  "slower and flag unknown cell types better.")]
+                  "adaptive cascade when fitted: 1 view, more for uncertain or unfamiliar cells; 2 in the shipped model). "
+                  "More views are proportionally slower and flag unknown cell types better.")]
 
 
 #: ``--reframe/--no-reframe`` for commands that run a bundle on images.
