@@ -130,6 +130,7 @@ def test_one_label_per_class_with_validation_left_gets_a_working_flag(synthetic_
     bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=1,
                                         head="proto", progress=False)
     assert report["trust"]["split"] == "val" and bundle.ood.k == 1
+    assert bundle.view_mode == str(lite0_extractor.views)  # what predict / evaluate report: the backbone's views
     assert 0.85 <= report["trust"]["val_ood_accept_rate"] <= 1
     noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(4)]
     assert bundle.predict(noise).ood_flag.all()

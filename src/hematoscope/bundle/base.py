@@ -422,7 +422,13 @@ class Bundle(ABC):
     @property
     def view_mode(self) -> str:
         """``"cascade"`` or the fixed number of views, as text (for reports)."""
-        return "cascade" if self.uses_cascade else str(self.config.tta)
+        return "cascade" if self.uses_cascade else str(self.views_per_image)
+
+    @property
+    def views_per_image(self) -> int:
+        """Views each image is seen in when no cascade runs (a kind whose features are averaged
+        over views elsewhere says so)."""
+        return self.config.tta
 
     def trust_for(self, views: int | None = None) -> TrustSettings:
         """Temperature, abstain threshold and OOD threshold for ``views`` test-time views

@@ -149,7 +149,7 @@ def predict(
         out_console.print(f"views: cascade, {slow / done:.1%} of cells took the slow path ({rule.slow_views} views; "
                           f"the others {rule.fast_views})", highlight=False)
     elif views_used:
-        out_console.print(f"views: {bundle.config.tta} per cell", highlight=False)
+        out_console.print(f"views: {bundle.views_per_image} per cell", highlight=False)
     if chosen is not None:
         share = chosen["framing"]
         out_console.print(f"framing: {share:g} of each crop's side (" + ("whole crops" if share == 1 else

@@ -114,6 +114,10 @@ class FewShotBundle(Bundle):
         )
         return cls(config, extractor, pipeline, features, targets)
 
+    @property
+    def views_per_image(self) -> int:
+        return self.extractor.views  # the backbone's features are averaged over its views
+
     # --- inference -----------------------------------------------------------------------
     def logits_from_features(self, features: np.ndarray) -> np.ndarray:
         """Log-probabilities (N, C) in ``labels`` order from backbone features."""
