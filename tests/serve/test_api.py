@@ -143,6 +143,8 @@ class TestPredict:
         info = {m["name"]: m for m in c.get("/api/models").json()["data"]}
         assert info["tiny-test"]["adapted_to"] is None
         assert info["tiny-test-adapted"]["adapted_to"] == "lab-x (120 images)"
+        assert info["tiny-test-adapted"]["metrics_of"].startswith("the model before adaptation")
+        assert info["tiny-test"]["metrics_of"] == "this model"
         r = c.post("/api/predict?model=tiny-test-adapted", files=_files(("a.jpg", sample_files[0].read_bytes())))
         assert r.status_code == 200 and r.json()["model"]["name"] == "tiny-test-adapted"
 

@@ -800,6 +800,8 @@ class Bundle(ABC):
             "answerable_classes": self.answerable_classes if self._answerable is not None else None,
             "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),
             "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
+            # adapt keeps the trained model's test metrics: they are not the adapted model's
+            "metrics_of": "the model before adaptation (its own test data)" if self.config.adaptation else "this model",
             "hematoscope_version": self.config.hematoscope_version,
             "adapted_to": (f"{a['source']} ({a['images']} images)" if (a := self.config.adaptation) else None),
             "path": str(self.path) if self.path else None,

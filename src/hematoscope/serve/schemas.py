@@ -23,6 +23,8 @@ class ModelInfo(ModelRef):
     abstain_threshold: float
     ood: dict[str, Any] | None
     metrics: dict[str, Any]
+    metrics_of: str = Field("this model", description='"this model", or for an adapted one "the model before '
+                            'adaptation (its own test data)": adapt does not measure accuracy (it has no labels)')
     explanation: str = Field(description='"grad-cam", "segmentation" or "none"')
     adapted_to: str | None = Field(None, description="the lab images this model was adapted to (hematoscope "
                                    "adapt): source name and image count; null = as trained")
