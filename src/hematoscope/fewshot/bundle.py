@@ -357,16 +357,12 @@ def _crossfit_trust(bundle: FewShotBundle, spec: HeadSpec, features: np.ndarray,
         folds = ((np.setdiff1d(np.arange(len(y)), [i]), np.array([i])) for i in range(len(y)))
     folds = list(folds)
     params = {"k": knn_k(min(len(f) for f, _ in folds))}
+    extra = unlabelled if spec.self_training is not None else None
     for fit_idx, held in folds:
         if k >= 2:
-            extra = unlabelled if unlabelled is not None and spec.self_training is not None else None
             head = _fit_head(spec, *_with_unlabelled(features[fit_idx], targets[fit_idx], extra))
             logits[held] = _head_logits(head, features[held], len(bundle.labels))
-            fit_logits = _head_logits(head, features[fit_idx], len(bundle.labels))
-        else:
-            fit_logits = logits[fit_idx]
-        scorer = get_scorer("knn")(**params).fit(features[fit_idx], targets[fit_idx], fit_logits)
-        scores[held] = scorer.score(features=features[held], logits=logits[held])
+        scores[held] = get_scorer("knn")(**params).fit(features[fit_idx]).score(features=features[held])
     how = f"cross-fitted on the {len(y)} labelled images ({k} folds)" if k >= 2 else \
         f"leave-one-out OOD distances among the {len(y)} labelled images (a class has 1 label; temperature 1)"
     out = ModelOutput(logits, features)
