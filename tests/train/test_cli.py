@@ -27,6 +27,16 @@ def test_train_missing_data_is_a_clean_error(tmp_path):
     assert not (tmp_path / "r" / "bundle").exists()
 
 
+def test_train_on_rows_without_labels_is_refused_and_leaves_no_run_folder(synthetic_root, tmp_path):
+    files = sorted(synthetic_root.rglob("*.png"))[:20]
+    (tmp_path / "half.csv").write_text("path,label\n" + "".join(
+        f"{p},{p.parent.name if i % 2 else ''}\n" for i, p in enumerate(files)))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "half.csv"), "--out", str(tmp_path / "r"),
+                                      "--epochs", "1"])
+    assert result.exit_code == 2 and "10 of 20 images have no label" in _flat(result.output)
+    assert not (tmp_path / "r").exists()
+
+
 def _flat(text: str) -> str:
     """Console output with rich's line wrapping undone."""
     return " ".join(text.split())

@@ -136,10 +136,16 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         elif not resume and (run_dir / CONFIG_FILE).exists():
             raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
                               "(a run stopped before its first checkpoint starts over) or choose another --out")
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         L.seed_everything(config.seed, workers=True, verbose=False)
-        table, labels = prepare_split(config, run_dir,
-                                      resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
+        try:
+            table, labels = prepare_split(config, run_dir,
+                                          resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
+        except BaseException:  # bad data: no empty run directory left behind to block the next try
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+            raise
         if not resume:
             _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
         if world > 1:
