@@ -98,7 +98,9 @@ def predict(
         if framing_value == "auto":
             from hematoscope.predict.pipeline import choose_run_framing
 
+            t0 = time.perf_counter()
             chosen = choose_run_framing(bundle, items)
+            chosen["seconds"] = time.perf_counter() - t0
         writer = ReportWriter(out, bundle.labels, top_k=top_k, model=bundle.describe()) if out else None
         diff, skipped, shown = empty_differential(bundle.labels), [], []
         views_used: dict[int, int] = {}
@@ -154,7 +156,8 @@ def predict(
         share = chosen["framing"]
         out_console.print(f"framing: {share:g} of each crop's side (" + ("whole crops" if share == 1 else
                           "centre crops" if share < 1 else "crops padded into larger frames")
-                          + f"; chosen on {chosen['images']} of this run's images)", highlight=False)
+                          + f"; chosen on {chosen['images']} of this run's images in {chosen['seconds']:.1f} s, "
+                          "before classifying)", highlight=False)
     if bundle.reframes and done:
         out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data whole and "
                           "were answered from another framing (column framing; --no-reframe to turn off)",
