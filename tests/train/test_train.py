@@ -129,6 +129,23 @@ def test_resume_after_a_crash_matches_an_unbroken_run(synthetic_root, tmp_path, 
         torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_a_split_made_for_training_keeps_each_cells_crops_on_one_side(synthetic_root, tmp_path):
+    """Crops of one cell (a patient id) never straddle train and val: validation stays honest."""
+    import pandas as pd
+
+    from hematoscope.train.data import SPLIT_FILE, prepare_split
+
+    files = sorted(synthetic_root.rglob("*.png"))
+    pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files],
+                  "patient": [f"{p.parent.name}-{i // 3}" for i, p in enumerate(files)]}).to_csv(
+        tmp_path / "cells.csv", index=False)
+    (tmp_path / "run").mkdir()
+    prepare_split(tiny_config(tmp_path / "cells.csv", tmp_path / "run"), tmp_path / "run")
+    split = pd.read_csv(tmp_path / "run" / SPLIT_FILE)
+    assert set(split["split"]) == {"train", "val"}
+    assert (split.groupby("patient")["split"].nunique() == 1).all()
+
+
 def test_nothing_to_resume_is_a_clear_error(tmp_path):
     with pytest.raises(RunDirError, match="not a training run"):
         resume(tmp_path)

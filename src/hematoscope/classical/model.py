@@ -58,7 +58,8 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
 
     Uses the table's ``split`` column when it has one (``train`` rows train, ``val`` rows stop
     early and fit the anomaly threshold, others are ignored); otherwise a stratified ``val``
-    fraction is split off with :func:`hematoscope.data.splits.make_split`. Unreadable images are
+    fraction is split off with :func:`hematoscope.data.splits.make_split`, by group when the
+    table's ``patient`` column has ids (crops of one cell stay on one side). Unreadable images are
     left out and counted.
 
     Args:
@@ -84,7 +85,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     from hematoscope.bundle.base import BundleConfig, ModelOutput
     from hematoscope.classical.bundle import ClassicalBundle, classical_preprocess
     from hematoscope.classical.features import FEATURE_NAMES, FEATURE_VERSION, ClassicalFeatures
-    from hematoscope.data.samples import class_column, class_names, require_labels
+    from hematoscope.data.samples import class_column, class_names, require_labels, resolve_group_by
     from hematoscope.taxonomy import TAXONOMY_VERSION
     from hematoscope.trust import fit_trust
 
@@ -93,7 +94,7 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     else:
         from hematoscope.data.splits import make_split
 
-        df = make_split(table, val=val, test=0.0, seed=seed)
+        df = make_split(table, val=val, test=0.0, seed=seed, group_by=resolve_group_by(table))
     require_labels(df, "training")
     names = class_column(df).tolist()
     labels = class_names(df)

@@ -91,7 +91,8 @@ class TrainConfig(BaseModel):
                             "new image styles inside the network; training only)")
 
     # run control
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split (split by patient / cell group "
+                                "when DATA has group ids)")
     limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class (quick runs)")
     early_stop: int | None = Field(None, ge=1, description="patience in epochs on val macro-F1; None = off")
     seed: int = 0

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from hematoscope.data.images import ImageError, load_model_image
-from hematoscope.data.samples import class_column, require_labels
+from hematoscope.data.samples import class_column, require_labels, resolve_group_by
 from hematoscope.models.preprocess import Preprocess
 from hematoscope.progress import track
 from hematoscope.train.config import TrainConfig
@@ -68,7 +68,9 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
             table = table.iloc[sorted(keep)]
         table = table.drop(columns="cls")
         if "split" not in table:
-            table = make_split(table, val=config.val_fraction, test=0.0, seed=config.seed)
+            # crops of one cell or patient (a ``patient`` column with ids) never straddle train and val
+            table = make_split(table, val=config.val_fraction, test=0.0, seed=config.seed,
+                               group_by=resolve_group_by(table))
         table = table[table["split"].isin(["train", "val"])]
         save_split(table, split_file)
         table = load_split(split_file, verify=False)
