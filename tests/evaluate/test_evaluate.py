@@ -96,6 +96,25 @@ def test_cli_evaluate_with_ood_images(tiny_neural_bundle, synthetic_root, tmp_pa
     assert report["ood"]["n_ood"] == 6 and report["ood"]["n_in"] == 96
 
 
+def test_a_split_file_without_test_rows_is_not_scored_whole(tiny_neural_bundle, synthetic_root, tmp_path):
+    """A training run's split.csv holds only the rows that trained or tuned the model: scoring
+    them all by default would report training accuracy; a part must be named."""
+    import pandas as pd
+
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split, save_split
+
+    save_split(make_split(read_dataset(synthetic_root), val=0.25, test=0.0, seed=0), tmp_path / "split.csv")
+    refused = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(tmp_path / "split.csv")])
+    assert refused.exit_code == 2 and "has no test rows" in _flat(refused.output.replace("│", " "))
+    for part, n in (("val", 24), ("all", 96)):
+        r = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(tmp_path / "split.csv"), "--split", part,
+                                     "--json", str(tmp_path / f"{part}.json")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / f"{part}.json").read_text())["n"] == n
+    assert len(pd.read_csv(tmp_path / "split.csv")) == 96
+
+
 def _flat(text: str) -> str:
     """Console output with rich's line wrapping undone."""
     return " ".join(text.split())

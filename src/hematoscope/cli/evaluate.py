@@ -19,8 +19,9 @@ def evaluate_cmd(
                                                                   "diagram PNGs into this folder.")] = None,
     ood: Annotated[Optional[Path], typer.Option("--ood", help="Images unlike the training data: also measure "
                                                               "out-of-distribution detection.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Rows of a split CSV to use (default: test when present, "
-                                                      "else all).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Rows of a split CSV to use: test, val, train or all "
+                                                      "(default: test; a split file without test rows needs "
+                                                      "one named).")] = None,
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     tta: TtaOption = None,
@@ -49,8 +50,12 @@ def evaluate_cmd(
             bundle.restrict_classes(class_list(classes))
         table = read_dataset(data, reader=reader)
         if "split" in table:
-            chosen = split or ("test" if (table["split"] == "test").any() else None)
-            if chosen is not None:
+            if split is None and not (table["split"] == "test").any():
+                # e.g. a training run's split.csv: its rows trained (train) or tuned (val) the model
+                raise typer.BadParameter(f"{data} has no test rows (its parts: {', '.join(sorted(set(table['split'])))}"
+                                         "); name the rows to score: --split val, or --split all", param_hint="--split")
+            chosen = split or "test"
+            if chosen != "all":
                 table = table[table["split"] == chosen].reset_index(drop=True)
                 if table.empty:
                     raise ValueError(f"{data} has no rows with split {chosen!r}")
