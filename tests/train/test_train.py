@@ -146,6 +146,24 @@ def test_a_split_made_for_training_keeps_each_cells_crops_on_one_side(synthetic_
     assert (split.groupby("patient")["split"].nunique() == 1).all()
 
 
+def test_a_kfold_split_file_trains_the_fold_it_is_told(synthetic_root, tmp_path):
+    import pandas as pd
+
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import kfold_split, save_split
+    from hematoscope.train.data import SPLIT_FILE, prepare_split
+
+    save_split(kfold_split(read_dataset(synthetic_root), k=4, seed=0), tmp_path / "folds.csv")
+    folds = pd.read_csv(tmp_path / "folds.csv")
+    with pytest.raises(ValueError, match="pick the fold that validates with --fold 0..3"):
+        prepare_split(tiny_config(tmp_path / "folds.csv", tmp_path / "a"), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    prepare_split(tiny_config(tmp_path / "folds.csv", tmp_path / "b", fold=2), tmp_path / "b")
+    split = pd.read_csv(tmp_path / "b" / SPLIT_FILE)
+    assert set(split.loc[split["split"] == "val", "path"]) == set(folds.loc[folds["split"] == "fold_2", "path"])
+    assert len(split) == len(folds)
+
+
 def test_nothing_to_resume_is_a_clear_error(tmp_path):
     with pytest.raises(RunDirError, match="not a training run"):
         resume(tmp_path)

@@ -53,11 +53,13 @@ def fit_booster(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
 
 
 def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, name: str = "classical",
-                    target_tpr: float = 0.95, params: dict | None = None, progress: bool = False) -> TrainResult:
+                    target_tpr: float = 0.95, params: dict | None = None, progress: bool = False,
+                    fold: int | None = None) -> TrainResult:
     """Train a classical bundle on a samples table.
 
     Uses the table's ``split`` column when it has one (``train`` rows train, ``val`` rows stop
-    early and fit the anomaly threshold, others are ignored); otherwise a stratified ``val``
+    early and fit the anomaly threshold, others are ignored; of a k-fold file, ``fold`` is val
+    and the other folds train: :func:`~hematoscope.data.splits.train_val_rows`); otherwise a stratified ``val``
     fraction is split off with :func:`hematoscope.data.splits.make_split`, by group when the
     table's ``patient`` column has ids (crops of one cell stay on one side). Unreadable images are
     left out and counted.
@@ -89,11 +91,10 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     from hematoscope.taxonomy import TAXONOMY_VERSION
     from hematoscope.trust import fit_trust
 
-    if "split" in table.columns and {"train", "val"} <= set(table["split"]):
-        df = table[table["split"].isin(["train", "val"])].reset_index(drop=True)
-    else:
-        from hematoscope.data.splits import make_split
+    from hematoscope.data.splits import make_split, train_val_rows
 
+    df = train_val_rows(table, fold=fold)
+    if df is None:
         df = make_split(table, val=val, test=0.0, seed=seed, group_by=resolve_group_by(table))
     require_labels(df, "training")
     names = class_column(df).tolist()

@@ -21,6 +21,8 @@ def train_cmd(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Feature-extraction processes.")] = 2,
     name: Annotated[str, typer.Option(help="Bundle name.")] = "classical",
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
+    fold: Annotated[Optional[int], typer.Option(min=0, help="Of a k-fold split file: the fold that validates "
+                                                "(the others train).")] = None,
 ) -> None:
     """Extract features, train class-weighted XGBoost with early stopping, fit the anomaly flag."""
     from hematoscope.classical.model import train_classical
@@ -28,7 +30,7 @@ def train_cmd(
 
     with user_errors():
         table = read_dataset(data, reader=reader)
-        result = train_classical(table, val=val, seed=seed, n_jobs=jobs, name=name, progress=True)
+        result = train_classical(table, val=val, seed=seed, n_jobs=jobs, name=name, progress=True, fold=fold)
         result.bundle.save(out)
     r = result.report
     c = console()

@@ -49,6 +49,8 @@ def train_cmd(
     limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", help="At most N images per class.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes (default: 0).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Bundle name (default: the run directory's name).")] = None,
+    fold: Annotated[Optional[int], typer.Option(min=0, help="Of a k-fold split file: the fold that validates (the "
+                                                "others train).")] = None,
 ) -> None:
     """Fine-tune a CNN (PyTorch Lightning) and save the best checkpoint as a model bundle in RUN_DIR/bundle."""
     import logging
@@ -71,7 +73,7 @@ def train_cmd(
                 loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, schedule=schedule, ema=ema,
                 augment=augment, early_stop=early_stop, seed=seed, devices=devices, num_nodes=num_nodes,
                 strategy=strategy, accelerator=accelerator,
-                limit_per_class=limit_per_class, workers=workers, name=name,
+                limit_per_class=limit_per_class, workers=workers, name=name, fold=fold,
             ).items() if v is not None}
             if weights is not None:
                 options["weights"] = None if weights.lower() == "none" else weights

@@ -131,6 +131,36 @@ def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
     return df
 
 
+def train_val_rows(table, *, fold: int | None = None):
+    """The rows of a split table that train (``train``) and validate (``val``) a model: as they
+    are, or for a k-fold split file (``fold_0`` ..), ``fold_<fold>`` as val and the other folds
+    as train. None when the table has no ``split`` column (the caller splits it).
+
+    Raises:
+        ValueError: a k-fold table without ``fold``, ``fold`` on a table without folds or out of
+            range, or no train / val rows.
+    """
+    if "split" not in table:
+        if fold is not None:
+            raise ValueError("--fold needs a k-fold split file (hematoscope data split --kfold K)")
+        return None
+    parts = set(table["split"])
+    folds = sorted(p for p in parts if str(p).startswith("fold_"))
+    if folds:
+        if fold is None:
+            raise ValueError(f"a k-fold split file ({', '.join(folds)}): pick the fold that validates with --fold "
+                             f"0..{len(folds) - 1} (the others train)")
+        if f"fold_{fold}" not in parts:
+            raise ValueError(f"no fold_{fold} in this split file (folds: {', '.join(folds)})")
+        return table.assign(split=["val" if p == f"fold_{fold}" else "train" for p in table["split"]])
+    if fold is not None:
+        raise ValueError(f"--fold needs a k-fold split file; this one has {', '.join(sorted(map(str, parts)))}")
+    rows = table[table["split"].isin(["train", "val"])]
+    if not {"train", "val"} <= set(rows["split"]):
+        raise ValueError(f"a split file to train from needs train and val rows; it has {', '.join(sorted(map(str, parts)))}")
+    return rows.reset_index(drop=True)
+
+
 def save_split(df, path: Path | str) -> Path:
     """Write ``df`` (with a ``split`` column) as a split CSV, hashing every file (atomic write).
 

@@ -93,6 +93,8 @@ class TrainConfig(BaseModel):
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split (split by patient / cell group "
                                 "when DATA has group ids)")
+    fold: int | None = Field(None, ge=0, description="of a k-fold split file: the fold that validates (the "
+                             "others train)")
     limit_per_class: int | None = Field(None, ge=1, description="use at most N images per class (quick runs)")
     early_stop: int | None = Field(None, ge=1, description="patience in epochs on val macro-F1; None = off")
     seed: int = 0

@@ -52,7 +52,7 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         TrainDataError: no training or validation rows, or a validation class unseen in training.
     """
     from hematoscope.data.readers import read_dataset
-    from hematoscope.data.splits import load_split, make_split, save_split
+    from hematoscope.data.splits import load_split, make_split, save_split, train_val_rows
 
     split_file = run_dir / SPLIT_FILE
     if resume:
@@ -67,11 +67,10 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
                     for i in rng.permutation(idx)[:config.limit_per_class]]
             table = table.iloc[sorted(keep)]
         table = table.drop(columns="cls")
-        if "split" not in table:
-            # crops of one cell or patient (a ``patient`` column with ids) never straddle train and val
-            table = make_split(table, val=config.val_fraction, test=0.0, seed=config.seed,
-                               group_by=resolve_group_by(table))
-        table = table[table["split"].isin(["train", "val"])]
+        split = train_val_rows(table, fold=config.fold)
+        # crops of one cell or patient (a ``patient`` column with ids) never straddle train and val
+        table = split if split is not None else make_split(table, val=config.val_fraction, test=0.0, seed=config.seed,
+                                                           group_by=resolve_group_by(table))
         save_split(table, split_file)
         table = load_split(split_file, verify=False)
     table = table.assign(cls=class_column(table)).reset_index(drop=True)
