@@ -49,7 +49,8 @@ class Settings(BaseSettings):
         max_decoded_megapixels: most decoded pixels held at once by the whole server; each
             request decodes its images batch by batch within this budget (waiting for it when
             other requests hold it). At least ``max_image_pixels``.
-        max_files: most images per request (a zip counts its members).
+        max_files: most images per request (a zip counts its members); separate file parts stop
+            at 1000 before this applies (the multipart parser's own limit).
         workers: threads that decode images, make thumbnails and explanations at once (the model
             itself runs in one batching thread per served model).
         max_concurrent: analyses in progress at once (decoding, waiting for the model, storing);
