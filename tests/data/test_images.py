@@ -194,3 +194,30 @@ def test_non_raster_formats_are_refused(tmp_path):
     with pytest.raises(ImageError) as err:
         load_image(eps)
     assert err.value.reason == "not an image or unknown format"
+
+
+def test_numpy_images_in_other_layouts_become_rgb_uint8():
+    from hematoscope.data.images import rgb_array
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(rgb_array(rgb / 255.0), rgb)
+    np.testing.assert_array_equal(rgb_array(rgb.astype(np.uint16) * 257), rgb)
+    np.testing.assert_array_equal(rgb_array(rgb[:, :, 0]), np.repeat(rgb[:, :, :1], 3, axis=2))
+    rgba = np.dstack([rgb, np.zeros((6, 5), np.uint8)])
+    rgba[0, 0, 3] = 255
+    out = rgb_array(rgba)  # transparent is white, opaque keeps its colour
+    assert (out[1:] == 255).all() and (out[0, 0] == rgb[0, 0]).all()
+    with pytest.raises(ValueError, match="channels-first"):
+        rgb_array(rgb.transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        rgb_array(np.full((4, 4, 3), np.nan))
+
+
+def test_bundle_answers_a_float_or_grey_array_as_its_uint8_image():
+    from hematoscope import load_bundle
+    from hematoscope.samples import sample_paths
+
+    bundle = load_bundle("default")
+    image = load_image(sample_paths()[0])
+    a, b = bundle.predict([image, image[:, :, 1]]), bundle.predict([image / 255.0, image[:, :, 1:2] / 255.0])
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)

@@ -813,7 +813,12 @@ _BLAS = None
 
 def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list["ImageSource | SkippedFile"]:
     """Arrays, paths, encoded bytes (or ready :class:`~hematoscope.data.sources.ImageSource`
-    items) as decode-loop items, named by ``names``, else by their path or ``image_<i>``."""
+    items) as decode-loop items, named by ``names``, else by their path or ``image_<i>``.
+    Arrays in another layout than RGB uint8 are converted (:func:`~hematoscope.data.images.rgb_array`).
+
+    Raises:
+        ValueError: an array that is not an image, or ``names`` of another length."""
+    from hematoscope.data.images import rgb_array
     from hematoscope.data.sources import ImageSource, SkippedFile
 
     items = list(images)
@@ -825,7 +830,10 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
             out.append(item)
             continue
         name = names[i] if names is not None else str(item) if isinstance(item, (str, Path)) else f"image_{i}"
-        out.append(ImageSource(name, Path(item)) if isinstance(item, (str, Path)) else ImageSource(name, data=item))
+        if isinstance(item, (str, Path)):
+            out.append(ImageSource(name, Path(item)))
+        else:
+            out.append(ImageSource(name, data=rgb_array(item) if isinstance(item, np.ndarray) else item))
     return out
 
 

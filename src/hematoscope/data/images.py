@@ -178,6 +178,42 @@ def _read_bytes(src: Path | str | bytes | BinaryIO, name: str | None) -> bytes:
     return data
 
 
+def rgb_array(image: np.ndarray) -> np.ndarray:
+    """A numpy image as the HWC RGB uint8 array the models take: greys (HxW or HxWx1) are
+    repeated into 3 channels, alpha is composited on white (as for files), floats in [0, 1]
+    are scaled to 0-255, 16-bit values by their range's 255/65535.
+
+    Raises:
+        ValueError: a layout that is not an image (e.g. channels first: transpose it to HWC).
+    """
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array of shape {a.shape} looks channels-first; pass it as (height, width, "
+                         "channels), e.g. array.transpose(1, 2, 0)")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"image array of shape {a.shape}: expected (height, width) or (height, width, 1, 3 or 4)")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("image array holds NaN or infinite values")
+        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255).round().astype(np.uint8)
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float32) * (255 / 65535)).round().astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"image array of dtype {a.dtype}: expected uint8, uint16, float or bool")
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:
+        alpha = a[:, :, 3:].astype(np.float32) / 255.0
+        a = (a[:, :, :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
 def _to_rgb_array(im) -> np.ndarray:
     """Any PIL mode → RGB uint8. 16/32-bit greys are rescaled by their own range, alpha is
     composited on white (a transparent slide background is white, not black)."""
