@@ -40,3 +40,14 @@ def test_train_on_rows_without_labels_is_refused_and_leaves_no_run_folder(synthe
 def _flat(text: str) -> str:
     """Console output with rich's line wrapping undone."""
     return " ".join(text.split())
+
+
+def test_a_stopped_training_says_how_to_resume(synthetic_root, tmp_path, monkeypatch):
+    import hematoscope.train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hematoscope.train, "train", interrupted)
+    result = CliRunner().invoke(app, ["train", str(synthetic_root), "--out", str(tmp_path / "r"), "--epochs", "1"])
+    assert result.exit_code == 130 and f"hematoscope train --resume {tmp_path / 'r'}" in _flat(result.output)

@@ -63,7 +63,7 @@ def train_cmd(
         if resume is not None:
             from hematoscope.train import resume as resume_run
 
-            result = resume_run(resume)
+            result = _interruptible(lambda: resume_run(resume), resume)
         else:
             if data is None or out is None:
                 raise ValueError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
@@ -80,7 +80,7 @@ def train_cmd(
             cfg = TrainConfig.from_yaml(config, **options) if config else TrainConfig.model_validate(options)
             from hematoscope.train import train
 
-            result = train(cfg)
+            result = _interruptible(lambda: train(cfg), Path(cfg.out))
     if result is None:  # another process of a multi-process run: rank 0 reports
         return
     m = result.metrics
@@ -93,6 +93,21 @@ def train_cmd(
     if result.skipped:
         c.print(f"[yellow]{len(result.skipped)} unreadable image(s) skipped[/] (listed in the log)")
     c.print(f"bundle: {result.bundle_path}")
+
+
+def _interruptible(run, run_dir: Path):
+    """``run()``; stopped by Ctrl-C (Lightning exits with code 1 after its graceful shutdown),
+    it says how to go on, and exits with 130."""
+    from hematoscope.cli._common import err_console
+
+    try:
+        return run()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        err_console().print(f"training stopped; go on from the last checkpoint with: hematoscope train --resume "
+                            f"{run_dir}", highlight=False)
+        raise typer.Exit(130) from None
 
 
 def register(app: typer.Typer) -> None:
