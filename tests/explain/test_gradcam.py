@@ -42,6 +42,21 @@ def test_heatmap_shape_range_and_class_dependence(tiny_bundle, cell_image):
     np.testing.assert_allclose(gradcam(tiny_bundle, cell_image), explainer([cell_image], [predicted])[0], atol=1e-4)
 
 
+def test_classes_by_name_images_by_path_and_the_predicted_class_by_default(tiny_bundle, cell_image):
+    from hematoscope.samples import sample_paths
+
+    explainer = GradCamExplainer(tiny_bundle)
+    by_name = explainer([str(sample_paths()[0])], [tiny_bundle.labels[1]])[0]
+    np.testing.assert_allclose(by_name, explainer([cell_image], [1])[0], atol=1e-5)
+    [default] = explainer.explain([cell_image])
+    predicted = tiny_bundle.labels[int(tiny_bundle.predict([cell_image]).probs.argmax())]
+    assert default.target == predicted and "the predicted class" in default.note
+    [other] = explainer.explain([cell_image], [tiny_bundle.labels[1]])
+    assert other.target == tiny_bundle.labels[1] and f"class {tiny_bundle.labels[1]}" in other.note
+    with pytest.raises(ValueError, match="not a class"):
+        explainer([cell_image], ["banana"])
+
+
 def _stain_detector() -> nn.Module:
     """Class 0 = "how much purple stain", class 1 = its opposite. Purple pixels have low green,
     so a 1x1 convolution on -green (after ImageNet normalisation) detects them."""

@@ -79,24 +79,30 @@ class GradCamExplainer:
         self._layer = target_layer(self._net)
         self._lock = threading.Lock()
 
-    def __call__(self, images: Sequence[np.ndarray], class_indices: Sequence[int | None] | None = None
+    def __call__(self, images: Sequence, class_indices: Sequence[int | str | None] | None = None
                  ) -> list[np.ndarray]:
-        """Heatmaps for RGB uint8 images of any size.
+        """Heatmaps for images of any size.
 
         Args:
-            images: the images.
-            class_indices: the class explained for each image; None (or None entries) = the
-                class the network predicts.
+            images: RGB arrays (other numpy layouts converted), file paths or encoded bytes.
+            class_indices: the class explained for each image, as an index or a name; None (or
+                None entries) = the class the network predicts.
 
         Returns:
             one float32 (H, W) array in [0, 1] per image, aligned with the image's own pixels.
+
+        Raises:
+            ValueError: a class that is not one of the bundle's, or a count that does not match.
         """
+        return self._maps(_as_arrays(images), class_indices)[0]
+
+    def _maps(self, images: list[np.ndarray], class_indices) -> tuple[list[np.ndarray], list[int]]:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         if len(images) == 0:
-            return []
-        indices = list(class_indices) if class_indices is not None else [None] * len(images)
+            return [], []
+        indices = [self._class_index(c) for c in class_indices] if class_indices is not None else [None] * len(images)
         if len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(indices)} class indices")
         x = torch.from_numpy(self.preprocess(images))
@@ -108,18 +114,44 @@ class GradCamExplainer:
                 indices = [p if i is None else i for i, p in zip(indices, predicted)]
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in indices])
         return [_to_image_geometry(np.clip(m, 0, 1).astype(np.float32), self.preprocess, im.shape[:2])
-                for m, im in zip(maps, images)]
+                for m, im in zip(maps, images)], indices
 
+    def _class_index(self, c: int | str | None) -> int | None:
+        if c is None:
+            return None
+        if isinstance(c, str):
+            if c not in self.labels:
+                raise ValueError(f"{c!r} is not a class of this bundle ({', '.join(self.labels)})")
+            return self.labels.index(c)
+        if not 0 <= int(c) < len(self.labels):
+            raise ValueError(f"class index {c} out of range 0..{len(self.labels) - 1}")
+        return int(c)
 
-    def explain(self, images: Sequence[np.ndarray], class_indices: Sequence[int], *,
+    def explain(self, images: Sequence, class_indices: Sequence[int | str | None] | None = None, *,
                 max_side: int | None = None) -> list[Explanation]:
-        """The heatmap of each image's class drawn over it (PNG, longer side at most ``max_side``)."""
-        return [Explanation("grad-cam", self.labels[c], "Grad-CAM: regions that raised the score of the predicted class",
-                            png=overlay_png(im, heat, max_side=max_side))
-                for im, heat, c in zip(images, self(images, class_indices), class_indices)]
+        """The heatmap of each image's class (default: the predicted one) drawn over it (PNG,
+        longer side at most ``max_side``); a map that is zero everywhere says so."""
+        arrays = _as_arrays(images)
+        maps, indices = self._maps(arrays, class_indices)
+        asked = list(class_indices) if class_indices is not None else [None] * len(arrays)
+        out = []
+        for im, heat, c, wanted in zip(arrays, maps, indices, asked):
+            which = "the predicted class" if wanted is None else f"class {self.labels[c]}"
+            note = f"Grad-CAM: regions that raised the score of {which}"
+            if not heat.any():
+                note += " (none did: the map is empty, nothing to show for this image)"
+            out.append(Explanation("grad-cam", self.labels[c], note, png=overlay_png(im, heat, max_side=max_side)))
+        return out
 
 
 register_explainer("grad-cam")(GradCamExplainer)
+
+
+def _as_arrays(images: Sequence) -> list[np.ndarray]:
+    """RGB uint8 arrays from arrays of any image layout, file paths or encoded bytes."""
+    from hematoscope.data.images import load_image, rgb_array
+
+    return [rgb_array(im) if isinstance(im, np.ndarray) else load_image(im) for im in images]
 
 
 class _LogitsOnly(nn.Module):
