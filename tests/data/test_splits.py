@@ -129,3 +129,37 @@ def test_cli_split_and_kfold(synthetic_root, tmp_path):
     assert load_split(tmp_path / "k.csv")["split"].nunique() == 4
     res = runner.invoke(app, ["data", "split", str(tmp_path / "nope"), "--out", str(out)])
     assert res.exit_code == 2 and "does not exist" in " ".join(res.output.split())
+
+
+def test_copies_of_an_image_never_straddle_the_split(tmp_path):
+    """A `data check` report's duplicates stay on one side, grouped or not; its unreadable files
+    are left out. Copies are planted on purpose so that a plain split spreads them."""
+    import json
+    import shutil
+
+    root = make_synthetic_dataset(tmp_path / "d", classes=["a", "b"], n_per_class=40, size=16, seed=3)
+    files = sorted(root.rglob("*.png"))
+    for i, f in enumerate(files[:12]):  # 12 byte-identical copies
+        shutil.copy(f, f.parent / f"copy_{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"not an image")
+    report = tmp_path / "check.json"
+    assert CliRunner().invoke(app, ["data", "check", str(root), "--json", str(report), "--near", "0"]).exit_code == 0
+    clusters = [c for c in json.loads(report.read_text())["exact_duplicates"]]
+    assert len(clusters) == 12
+    plain = make_split(read_dataset(root), val=0.25, test=0.25, seed=0)
+    side = dict(zip(plain["path"], plain["split"]))
+    assert any(len({side[p] for p in c["paths"]}) > 1 for c in clusters)  # the plain split spreads copies
+    every = sorted(root.rglob("*.png"))  # as a CSV with a cell id per pair of crops: copies under other ids
+    pd.DataFrame({"path": [str(p) for p in every], "label": [p.parent.name for p in every],
+                  "patient": [f"cell{i // 2}" for i in range(len(every))]}).to_csv(tmp_path / "cells.csv", index=False)
+    for data, extra in ((root, []), (tmp_path / "cells.csv", ["--group-by", "patient"])):
+        out = tmp_path / f"split{len(extra)}.csv"
+        res = CliRunner().invoke(app, ["data", "split", str(data), "--out", str(out), "--val", "0.25", "--test", "0.25",
+                                       "--check", str(report), *extra])
+        assert res.exit_code == 0, res.output
+        df = load_split(out)
+        side = dict(zip(df["path"], df["split"]))
+        assert all(len({side[p] for p in c["paths"]}) == 1 for c in clusters)
+        assert not any(p.endswith("broken.png") for p in df["path"]) and len(df) == 92
+        if extra:
+            assert (df.groupby("patient")["split"].nunique() == 1).all() and "groups merged" in " ".join(res.output.split())

@@ -40,6 +40,10 @@ def split_cmd(
     exclude_outliers: Annotated[Optional[Path], typer.Option(
         "--exclude-outliers", metavar="REPORT",
         help="Leave out the images flagged in a `data check --outliers --json REPORT` report.")] = None,
+    check: Annotated[Optional[Path], typer.Option(
+        "--check", metavar="REPORT",
+        help="A `data check --json REPORT` report of the same data: its unreadable files are left out and its "
+             "exact and near duplicates kept on one side (a copy of a training image is never a test image).")] = None,
 ) -> None:
     """Make a stratified, reproducible split file (with each file's sha256)."""
     from rich.table import Table
@@ -59,7 +63,23 @@ def split_cmd(
             if flagged and not dropped:
                 err_console().print(f"[yellow]warning:[/] none of the flagged images is in {path}: was the report "
                                     "made for another dataset?")
-        if kfold is not None:
+        if check is not None:
+            import json
+            import os
+
+            from hematoscope.data.splits import duplicate_clusters, split_keeping_together
+
+            report = json.loads(check.read_text())
+            bad = {os.path.abspath(u["path"]) for u in report.get("unreadable", [])}
+            keep = [os.path.abspath(p) not in bad for p in table["path"]]
+            clusters = duplicate_clusters(report)
+            fractions = {} if kfold is not None else {"val": val, "test": test}
+            df, moved = split_keeping_together(table[keep].reset_index(drop=True), clusters, group_by=group_by,
+                                               kfold=kfold, seed=seed, **fractions)
+            console().print(f"{check}: left out {len(keep) - sum(keep)} unreadable files; {len(clusters)} clusters of "
+                            f"copies kept on one side ({moved} {'groups merged' if group_by else 'images moved'})",
+                            highlight=False)
+        elif kfold is not None:
             df = kfold_split(table, k=kfold, seed=seed, group_by=group_by)
         else:
             df = make_split(table, val=val, test=test, seed=seed, group_by=group_by)

@@ -131,6 +131,84 @@ def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
     return df
 
 
+def duplicate_clusters(report: dict) -> list[list[str]]:
+    """Clusters of paths that are copies of one image, from a ``data check --json`` report: its
+    byte-identical groups and near-duplicate pairs, joined where they share a file."""
+    parent: dict[str, str] = {}
+
+    def root(p: str) -> str:
+        while parent.setdefault(p, p) != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    links = [d["paths"] for d in report.get("exact_duplicates", [])]
+    links += [[d["a"], d["b"]] for d in report.get("near_duplicates", [])]
+    for paths in links:
+        for other in paths[1:]:
+            parent[root(os.path.abspath(other))] = root(os.path.abspath(paths[0]))
+    clusters: dict[str, list[str]] = {}
+    for p in list(parent):
+        clusters.setdefault(root(p), []).append(p)
+    return sorted(sorted(c) for c in clusters.values() if len(c) > 1)
+
+
+def split_keeping_together(table, clusters: list[list[str]], *, group_by: str | None = None, kfold: int | None = None,
+                           **split_kwargs):
+    """:func:`make_split` (or :func:`kfold_split` with ``kfold``) with every cluster of
+    ``clusters`` (paths of copies of one image, :func:`duplicate_clusters`) on one side, so
+    a copy of a training image is never a test image.
+
+    With ``group_by`` the groups that share a cluster are merged before splitting (the same
+    cell under two ids stays whole); without, each cluster that the split spread is moved to
+    the part most of it is in (train first on a tie).
+
+    Returns:
+        (the split table, the number of images moved or groups merged).
+    """
+    import numpy as np
+
+    paths = [os.path.abspath(p) for p in table["path"]]
+    cluster_of = {p: i for i, c in enumerate(clusters) for p in c}
+    split = (lambda t, g: kfold_split(t, k=kfold, group_by=g, **split_kwargs)) if kfold else \
+        (lambda t, g: make_split(t, group_by=g, **split_kwargs))
+    groups = _groups(table, group_by)
+    if groups is not None:
+        parent: dict[str, str] = {}
+
+        def root(k: str) -> str:
+            while parent.setdefault(k, k) != k:
+                k = parent[k]
+            return k
+
+        members: dict[int, list[str]] = {}
+        for g, p in zip(groups, paths):
+            if p in cluster_of:
+                members.setdefault(cluster_of[p], []).append(str(g))
+        for keys in members.values():
+            for k in keys[1:]:
+                a, b = sorted((root(keys[0]), root(k)))
+                parent[b] = a
+        n = sum(root(k) != k for k in list(parent))
+        t = table.assign(_together=[root(str(g)) if str(g) in parent else str(g) for g in groups])
+        return split(t, "_together").drop(columns="_together"), n
+    df = split(table, None)
+    where = {os.path.abspath(p): i for i, p in enumerate(df["path"])}
+    order = {part: k for k, part in enumerate(["train", "val", "test"] + [f"fold_{i}" for i in range(kfold or 0)])}
+    parts = df["split"].to_numpy(dtype=object)
+    moved = 0
+    for c in clusters:
+        rows = [where[p] for p in c if p in where]
+        sides = [parts[r] for r in rows]
+        if len(set(sides)) > 1:
+            counts = {s: sides.count(s) for s in set(sides)}
+            keep = min(counts, key=lambda s: (-counts[s], order.get(s, 99)))
+            moved += sum(s != keep for s in sides)
+            parts[rows] = keep
+    df["split"] = parts
+    return df, moved
+
+
 def train_val_rows(table, *, fold: int | None = None):
     """The rows of a split table that train (``train``) and validate (``val``) a model: as they
     are, or for a k-fold split file (``fold_0`` ..), ``fold_<fold>`` as val and the other folds
