@@ -292,3 +292,41 @@ def test_serve_options_and_environment(tiny_neural_bundle, tmp_path, monkeypatch
     res = CliRunner().invoke(app, ["serve", "-m", str(tiny_neural_bundle), "--db", str(tmp_path / "h.db"),
                                    "--allowed-origin", "https://x.example/path"])
     assert res.exit_code == 2 and "allowed origin" in " ".join(res.output.split())
+
+
+def test_a_body_that_stalls_mid_upload_gets_408_and_a_finished_one_no_limit():
+    """A client that sends part of a body and then nothing is answered 408 once the body timeout
+    passes (the connection is freed); once the body is complete, waiting on receive (as a
+    streaming response does for a disconnect) is not timed."""
+    import anyio
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+
+    from hematoscope.serve.app import _UploadLimit
+
+    async def echo(scope, receive, send):
+        body = await Request(scope, receive).body()
+        await PlainTextResponse(f"{len(body)} bytes")(scope, receive, send)
+
+    def scope():
+        return {"type": "http", "method": "POST", "path": "/api/predict", "headers": [], "query_string": b""}
+
+    async def run(messages, pause_after):
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await anyio.sleep(pause_after)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await _UploadLimit(echo, max_bytes=10**6, max_mb=1, body_timeout_s=0.2)(scope(), receive, send)
+        return sent
+
+    stalled = anyio.run(run, [{"type": "http.request", "body": b"abc", "more_body": True}], 30)
+    assert stalled[0]["status"] == 408 and b"no part of the request body arrived" in stalled[1]["body"]
+    done = anyio.run(run, [{"type": "http.request", "body": b"abc", "more_body": False}], 30)
+    assert done[0]["status"] == 200 and done[1]["body"] == b"3 bytes"

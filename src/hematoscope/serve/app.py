@@ -6,9 +6,11 @@ from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, FastAPI
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hematoscope.serve.analysis import PixelBudget
 from hematoscope.serve.config import Settings, normalise_origin
@@ -73,9 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pixel_budget = PixelBudget(settings.max_decoded_pixels)
 
     # The last added runs first: Host check, then the cross-site guard, then the size limit.
-    app.add_middleware(_UploadLimit, max_bytes=settings.max_upload_bytes, max_mb=settings.max_upload_mb)
+    app.add_middleware(_UploadLimit, max_bytes=settings.max_upload_bytes, max_mb=settings.max_upload_mb,
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(_SameOriginGuard, allowed_origins=settings.allowed_origins)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts(), www_redirect=False)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        if isinstance(exc.__cause__, _BodyTimeout):  # FastAPI reports a body it could not read as a 400
+            return _body_timeout_response(settings.body_timeout_s)
+        return await http_exception_handler(request, exc)
 
     api = APIRouter(prefix="/api")
     for module in (predict, models, analyses, health):
@@ -90,24 +99,59 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+class _BodyTimeout(Exception):
+    """The client sent no part of its request body for ``body_timeout_s``."""
+
+
 class _UploadLimit:
     """Refuse a request whose declared size is over the limit before reading it, with a message
-    that names the limit. (The API routes' ``max_body_size`` also stops bodies sent without a
-    Content-Length once they pass the limit.)"""
+    that names the limit, and one whose body stalls (a client that sends the headers and part of
+    a body, then nothing: it would hold a connection and a worker) with 408. (The API routes'
+    ``max_body_size`` also stops bodies sent without a Content-Length once they pass the limit.)"""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_mb: float):
-        self.app, self.max_bytes, self.max_mb = app, max_bytes, max_mb
+    def __init__(self, app: ASGIApp, max_bytes: int, max_mb: float, body_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.max_mb, self.timeout = app, max_bytes, max_mb, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = JSONResponse(status_code=413, content={
-                    "detail": f"upload is {int(length) / 2**20:.1f} MB, more than the {self.max_mb:g} MB limit "
-                              "(server option --max-upload-mb)"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse(status_code=413, content={
+                "detail": f"upload is {int(length) / 2**20:.1f} MB, more than the {self.max_mb:g} MB limit "
+                          "(server option --max-upload-mb)"})
+            await response(scope, receive, send)
+            return
+        started, body_done = False, False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # e.g. waiting for a disconnect while a response streams: no limit
+                return await receive()
+            try:
+                with anyio.fail_after(self.timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTimeout from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracked_send)
+        except _BodyTimeout:
+            if not started:
+                await _body_timeout_response(self.timeout)(scope, receive, send)
+
+
+def _body_timeout_response(seconds: float) -> JSONResponse:
+    return JSONResponse(status_code=408, content={"detail": f"no part of the request body arrived for {seconds:g} s"},
+                        headers={"Connection": "close"})
 
 
 #: Methods that change state: the cross-site guard checks them (reads stay open to links).

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
             ``Authorization: Bearer <token>`` (health then shows the history count only with it).
         db: SQLite history file; None = ``hematoscope.paths.data_dir()/history.sqlite3``.
         max_upload_mb: largest accepted request body (413 above it).
+        body_timeout_s: longest wait for the next part of a request body; a client that stalls
+            mid-upload gets 408 and its connection is freed.
         max_image_pixels: largest accepted image (per-file error, 422 when nothing is left).
         max_request_megapixels: most decoded pixels in one request, all images together, read
             from the image headers before anything is decoded (413 above it).
@@ -83,6 +85,7 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     db: Path | None = None
     max_upload_mb: float = Field(default=64.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
     max_image_pixels: int = Field(default=25_000_000, gt=0)
     max_request_megapixels: float = Field(default=500.0, gt=0)
     max_decoded_megapixels: float = Field(default=200.0, gt=0)
