@@ -93,8 +93,11 @@ def fit_cmd(
         acc = entry["accuracy_answered"]
         ood = "" if trust.ood_threshold is None else f", OOD threshold {trust.ood_threshold:.4g}"
         default = " (default)" if int(v) == report["default_views"] and not bundle.uses_cascade else ""
+        why = "" if "ood_accepted" not in entry else (
+            f" (set aside: {1 - entry['ood_accepted']:.1%} unlike the training data, "
+            f"{entry.get('low_confidence', 0):.1%} below confidence {trust.abstain_threshold:.2f})")
         c.print(f"{v} view{'s' if int(v) > 1 else ''}{default}: temperature {trust.temperature:.3f}{ood}, ECE "
-                f"{entry['ece_before']:.4f} → {entry['ece_after']:.4f}; val: answered {entry['answered']:.1%}, "
+                f"{entry['ece_before']:.4f} → {entry['ece_after']:.4f}; val: answered {entry['answered']:.1%}{why}, "
                 f"accuracy {entry['accuracy']:.2%}, on the answered {'n/a' if acc is None else f'{acc:.2%}'}",
                 highlight=False)
     if report["cascade"] is not None:
