@@ -37,6 +37,12 @@ def test_train_on_rows_without_labels_is_refused_and_leaves_no_run_folder(synthe
     assert not (tmp_path / "r").exists()
 
 
+def test_an_option_out_of_range_is_named_in_one_line(synthetic_root, tmp_path):
+    result = CliRunner().invoke(app, ["train", str(synthetic_root), "--out", str(tmp_path / "r"), "--size", "0"])
+    assert result.exit_code == 2 and "size: Input should be greater than or equal to 8" in _flat(result.output)
+    assert "pydantic.dev" not in result.output and not (tmp_path / "r").exists()
+
+
 def _flat(text: str) -> str:
     """Console output with rich's line wrapping undone."""
     return " ".join(text.split())

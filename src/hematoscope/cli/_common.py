@@ -34,11 +34,20 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(_message(exc)) from None
     except MissingExtraError as exc:  # "pip install 'hematoscope[train]'": brackets are not markup here
         from rich.markup import escape
 
         raise fail(escape(str(exc))) from None
+
+
+def _message(exc: BaseException) -> str:
+    """``exc`` in one line per problem; a settings model's validation error as "option: what is
+    wrong" without pydantic's documentation links."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ == "ValidationError" and callable(errors):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in errors())
+    return str(exc)
 
 
 #: ``--tta`` for commands that run a bundle on images.
