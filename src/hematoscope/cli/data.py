@@ -51,7 +51,10 @@ def split_cmd(
     from hematoscope.data.readers import read_dataset
     from hematoscope.data.splits import kfold_split, make_split, save_split
 
-    with user_errors():
+    import warnings
+
+    with user_errors(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         table = read_dataset(path, reader=reader)
         if exclude_outliers is not None:
             from hematoscope.trust.outliers import exclude, flagged_paths
@@ -84,6 +87,8 @@ def split_cmd(
         else:
             df = make_split(table, val=val, test=test, seed=seed, group_by=group_by)
         save_split(df, out)
+    for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
+        err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
     counts = df.groupby(["label", "split"]).size().unstack(fill_value=0)
     summary = Table("label", *counts.columns, title=f"{len(df)} images → {out}")
     for label, row in counts.iterrows():
