@@ -127,6 +127,8 @@ def test_cli_train_segment_explain(pbc_subset, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "ex" / "features.json").read_text())
     assert len(report["features"]) == 5 and report["predicted"] in load_bundle(out).labels
+    answer = load_bundle(out).predict([str(img)])
+    assert report["abstain"] == bool(answer.abstain[0]) and report["abstain_reason"] == answer.abstain_reason[0]
     assert Image.open(tmp_path / "ex" / "lime.png").mode == "RGB"
     res = runner.invoke(app, ["classical", "segment", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 2

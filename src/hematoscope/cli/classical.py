@@ -91,13 +91,14 @@ def explain_cmd(
         out.mkdir(parents=True, exist_ok=True)
         _io.write_json(out / "features.json", {
             "image": str(image), "predicted": label, "confidence": float(pred.confidence[0]),
-            "ood_flag": bool(pred.ood_flag[0]), "contribution_space": "XGBoost margin (log-odds) of the predicted class",
+            "ood_flag": bool(pred.ood_flag[0]), "abstain": bool(pred.abstain[0]),
+            "abstain_reason": pred.abstain_reason[0], "contribution_space": "XGBoost margin (log-odds) of the predicted class",
             "features": [r._asdict() for r in rows]})
         _io.write_bytes(out / "lime.png", png)
         _io.write_bytes(out / "importance.png", importance_png(bundle))
     c = console()
-    c.print(f"{image.name}: {label} ({pred.confidence[0]:.1%})" + (" [yellow]unlike training[/]" if pred.ood_flag[0]
-                                                                   else ""))
+    c.print(f"{image.name}: {label} ({pred.confidence[0]:.1%})"
+            + (f" [yellow]set aside: {pred.abstain_reason[0]}[/]" if pred.abstain[0] else ""))
     for r in rows:
         value = "missing" if r.value is None else f"{r.value:.4g} {r.unit}"
         c.print(f"  {r.contribution:+.3f}  {r.name} = {value}")
