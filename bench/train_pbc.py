@@ -91,6 +91,8 @@ def main() -> None:
                     help="starting weights (TrainConfig weights): hematoscope-simclr-pbc (the shipped SimCLR Lite0, "
                     "self-supervised on PBC's unlabelled images) or imagenet-offline (the recipe before 2026-11-29)")
     ap.add_argument("--name", default="hematoscope-pbc-lite0-ssl-e24", help="bundle name")
+    ap.add_argument("--load", default="idle", help="what else ran on the machine during the run, recorded with "
+                    "the timings (e.g. 'idle', 'shared with a CI run')")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field (a TrainConfig field; VALUE as JSON), for experiments")
     args = ap.parse_args()
@@ -158,7 +160,7 @@ def main() -> None:
         "labels": test["labels"],
         **timing,
         "test_images_per_second_predict": round(test["n"] / test_seconds, 1),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, shared with other jobs",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {args.load}",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
