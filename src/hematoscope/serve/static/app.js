@@ -257,7 +257,11 @@ function anomalyText(score) {
   if (score === null || score === undefined) return "";
   const model = state.models.find((m) => m.name === state.analysis.model.name);
   const threshold = model && model.ood ? Number(model.ood.threshold) : NaN;
-  return threshold > 0 ? ` · anomaly ${(score / threshold).toFixed(2)}× limit` : ` · anomaly ${score.toFixed(2)}`;
+  if (!(threshold > 0)) return ` · anomaly score ${score.toFixed(2)}`;
+  // the score is standardised (it can be negative): below the flag's limit, only "how close" matters
+  const share = score / threshold;
+  return share <= 0.5 ? " · looks like the training data" : share < 1 ? ` · unusual: ${Math.round(share * 100)} % of the flag limit`
+    : ` · unusual: ${share.toFixed(1)}× the flag limit`;
 }
 
 function renderCard(it) {
@@ -288,8 +292,20 @@ function renderCard(it) {
   source.textContent = it.source.split("/").pop();
   source.title = it.source;
   const label = node.querySelector(".pred-label");
-  label.textContent = display(it.prediction);
-  label.style.color = colorOf(it.prediction);
+  if (it.correction) {  // the lab's answer leads; the model's stays visible beside it
+    label.textContent = display(it.correction.label);
+    label.style.color = colorOf(it.correction.label);
+    label.append(Object.assign(document.createElement("span"), {
+      className: "model-guess", textContent: ` (model: ${display(it.prediction)})` }));
+  } else if (it.abstain) {  // not an answer: it is not counted, so it must not read like one
+    label.textContent = "Set aside";
+    label.classList.add("set-aside");
+    label.append(Object.assign(document.createElement("span"), {
+      className: "model-guess", textContent: ` · not counted; best guess ${display(it.prediction)}` }));
+  } else {
+    label.textContent = display(it.prediction);
+    label.style.color = colorOf(it.prediction);
+  }
   const badges = node.querySelector(".badges");
   if (it.abstain) badges.append(badge(it.abstain_reason || "abstained", "warn", "not counted in the differential"));
   if (it.ood_flag && it.abstain_reason !== "unlike training data") {
@@ -327,11 +343,24 @@ function renderCard(it) {
     }));
   }
   const select = node.querySelector(".correct-select");
-  select.append(new Option("— as predicted —", ""));
+  select.append(new Option(it.abstain ? "— not counted —" : "— as predicted —", ""));
   for (const lab of a.labels) select.append(new Option(display(lab), lab));
   select.value = it.correction ? it.correction.label : "";
   select.setAttribute("aria-label", `Correct label for ${it.source}`);
-  select.addEventListener("change", () => saveCorrection(it.index, select.value || null));
+  // Arrow keys on a closed select fire "change" at every step: from the keyboard a choice is
+  // saved with Enter or on leaving the box, not on each arrow press.
+  let keyed = false, saved = false;
+  const commit = () => {
+    const chosen = select.value || null;
+    if (saved || chosen === (it.correction ? it.correction.label : null)) return;
+    saved = true;
+    saveCorrection(it.index, chosen);
+  };
+  select.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); commit(); } else if (e.key !== "Tab" && e.key !== "Shift") keyed = true;
+  });
+  select.addEventListener("change", () => { if (!keyed) commit(); });
+  select.addEventListener("blur", () => { if (keyed) commit(); });
   return node;
 }
 
@@ -355,7 +384,8 @@ async function saveCorrection(index, label) {
     state.heatOverride = heat;
     renderGrid();
     document.querySelector(`.card[data-index="${index}"] .correct-select`)?.focus();
-    setStatus(label ? `Saved: image ${index + 1} is ${display(label)}.` : `Correction removed for image ${index + 1}.`, "ok");
+    const name = (a.items[index] && a.items[index].source || `image ${index + 1}`).split("/").pop();
+    setStatus(label ? `Saved: ${name} is ${display(label)}.` : `Correction removed for ${name}.`, "ok");
   } catch (err) {
     setStatus(`Could not save the correction: ${err.message}`, "error");
   }
