@@ -42,7 +42,7 @@ async function api(path, options = {}) {
       detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
     } catch (_) { /* not JSON */ }
     if (response.status === 401) detail = "this server needs an API token: enter it at the top right";
-    const err = new Error(`${response.status}: ${detail}`);
+    const err = new Error(detail);  // the server's words; the status code stays on err.status
     err.status = response.status;
     throw err;
   }
@@ -128,7 +128,9 @@ async function upload(files) {
     setStatus(`Classified ${n} image${n === 1 ? "" : "s"}` +
               (analysis.n_errors ? `; ${analysis.n_errors} file(s) could not be read.` : "."), "ok");
   } catch (err) {
-    setStatus(`Upload failed: ${err.message}`, "error");
+    // the results still on screen are the previous analysis: say so, not only that this one failed
+    const before = state.analysis ? " The results below are from your previous analysis." : "";
+    setStatus(`Nothing was classified: ${err.message}.${before}`, "error");
   } finally {
     $("#dropzone").classList.remove("busy");
     $("#file-input").value = "";
