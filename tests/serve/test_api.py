@@ -269,6 +269,8 @@ class TestHistory:
         assert [row["prediction"] for row in rows[:3]] == [it["prediction"] for it in a["items"][:3]]
         assert rows[3]["error"] and rows[3]["prediction"] == ""
         assert rows[0]["sha256"] == a["items"][0]["sha256"]
+        assert {(row["analysis_id"], row["analysed_at"], row["model"]) for row in rows} == \
+            {(a["id"], a["created"], a["model"]["name"])}
 
     def test_corrections(self, client, sample_files):
         a = self._post(client, sample_files)

@@ -18,7 +18,8 @@ router = APIRouter(prefix="/analyses", tags=["analyses"], dependencies=[Depends(
 MAX_OFFSET = 2**63 - 1
 
 CSV_COLUMNS = ["index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
-               "ood_score", "ood_flag", "framing", "recolour", "corrected_label", "correction_note", "error"]
+               "ood_score", "ood_flag", "framing", "recolour", "corrected_label", "correction_note", "error",
+               "analysis_id", "analysed_at", "model"]
 
 
 def analysis_response(a: StoredAnalysis) -> Analysis:
@@ -105,6 +106,8 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
             "recolour": res.get("recolour") or "",
             "corrected_label": corr.get("label", ""),
             "correction_note": corr.get("note", ""), "error": res.get("error", ""),
+            # a row that leaves the file (pasted into a lab sheet) still says where it came from
+            "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", ""),
         }))
     filename = f"hematoscope-{a.created[:10]}-{a.id[:8]}.csv"
     return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
