@@ -50,8 +50,22 @@ def demo(
     c.print(differential_table(pred.differential(), title="Differential count"))
     c.print(f"{correct}/{len(pred)} sample cells classified correctly"
             + (f"; results written to {out}" if out else ""), highlight=False)
-    c.print("Next: [bold]hematoscope predict YOUR_FOLDER --out preds.csv[/] or [bold]hematoscope serve[/] "
-            "for the web app.")
+    cmd = _command_name()
+    c.print(f"Next: [bold]{cmd} predict YOUR_FOLDER --out preds.csv[/] or [bold]{cmd} serve[/] for the web app.")
+
+
+def _command_name() -> str:
+    """How to call hematoscope again: its name when it is on PATH, else the path it was run by
+    (e.g. .venv/bin/hematoscope after setup, before the venv is activated)."""
+    import os
+    import shutil
+    import sys
+
+    here = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    on_path = shutil.which("hematoscope")
+    if not here.endswith("hematoscope") or (on_path is not None and os.path.realpath(on_path) == here):
+        return "hematoscope"  # on PATH, or not run as the console script (python -m, tests)
+    return sys.argv[0]
 
 
 def register(app: typer.Typer) -> None:
