@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import (ClassesOption, RecolourOption, ReframeOption, TtaOption, apply_tta, class_list,
-                                     console, user_errors)
+from hematoscope.cli._common import (ClassesOption, RecolourOption, ReframeOption, TtaOption, class_list, console,
+                                     user_errors)
 
 
 def evaluate_cmd(
@@ -38,16 +38,13 @@ def evaluate_cmd(
 
     with user_errors():
         from hematoscope import _io
-        from hematoscope.bundle import load_bundle
         from hematoscope.data.readers import read_dataset
         from hematoscope.evaluate import evaluate_bundle
-        from hematoscope.predict.pipeline import apply_search_options
+        from hematoscope.predict.pipeline import load_for_inference
 
-        bundle = load_bundle(bundle_path)  # "default": the shipped model
-        apply_tta(bundle, tta)
-        apply_search_options(bundle, reframe=reframe, recolour=recolour)
-        if classes:
-            bundle.restrict_classes(class_list(classes))
+        # "default": the shipped model; the options as `predict` applies them
+        bundle = load_for_inference(str(bundle_path), tta=tta, classes=class_list(classes), reframe=reframe,
+                                    recolour=recolour)
         table = read_dataset(data, reader=reader)
         if "split" in table:
             if split is None and not (table["split"] == "test").any():

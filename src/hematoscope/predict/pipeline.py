@@ -94,20 +94,15 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
         bundle.set_tta(tta)
     if classes:
         bundle.restrict_classes(classes)
-    apply_search_options(bundle, reframe=reframe, recolour=recolour)
-    if framing is not None:
-        bundle.set_framing(framing)
-    return bundle
-
-
-def apply_search_options(bundle: "Bundle", *, reframe: bool | None, recolour: bool) -> None:
-    """``--no-reframe`` (``reframe=False``) and ``--recolour`` on a loaded bundle."""
     if reframe is False:
         if recolour:
             raise ValueError("--recolour is part of the framing search: it cannot go with --no-reframe")
         bundle.set_reframe(None)
     if recolour:
         bundle.set_recolour()
+    if framing is not None:
+        bundle.set_framing(framing)
+    return bundle
 
 
 def choose_run_framing(bundle: "Bundle", items: Sequence[ImageSource | SkippedFile], *, sample: int = 300) -> dict:
