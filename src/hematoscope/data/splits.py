@@ -134,23 +134,31 @@ def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
 def duplicate_clusters(report: dict) -> list[list[str]]:
     """Clusters of paths that are copies of one image, from a ``data check --json`` report: its
     byte-identical groups and near-duplicate pairs, joined where they share a file."""
-    parent: dict[str, str] = {}
-
-    def root(p: str) -> str:
-        while parent.setdefault(p, p) != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
     links = [d["paths"] for d in report.get("exact_duplicates", [])]
     links += [[d["a"], d["b"]] for d in report.get("near_duplicates", [])]
-    for paths in links:
-        for other in paths[1:]:
-            parent[root(os.path.abspath(other))] = root(os.path.abspath(paths[0]))
     clusters: dict[str, list[str]] = {}
-    for p in list(parent):
-        clusters.setdefault(root(p), []).append(p)
+    for p, rep in _components([os.path.abspath(p) for p in paths] for paths in links).items():
+        clusters.setdefault(rep, []).append(p)
     return sorted(sorted(c) for c in clusters.values() if len(c) > 1)
+
+
+def _components(links) -> dict[str, str]:
+    """Each key named in ``links`` (sequences of keys that belong together) mapped to its
+    connected component's representative, the smallest key of the component."""
+    parent: dict[str, str] = {}
+
+    def root(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for keys in links:
+        keys = list(keys)
+        for k in keys[1:]:
+            a, b = sorted((root(keys[0]), root(k)))
+            parent[b] = a
+    return {k: root(k) for k in list(parent)}
 
 
 def split_keeping_together(table, clusters: list[list[str]], *, group_by: str | None = None, kfold: int | None = None,
@@ -166,31 +174,19 @@ def split_keeping_together(table, clusters: list[list[str]], *, group_by: str | 
     Returns:
         (the split table, the number of images moved or groups merged).
     """
-    import numpy as np
-
     paths = [os.path.abspath(p) for p in table["path"]]
     cluster_of = {p: i for i, c in enumerate(clusters) for p in c}
     split = (lambda t, g: kfold_split(t, k=kfold, group_by=g, **split_kwargs)) if kfold else \
         (lambda t, g: make_split(t, group_by=g, **split_kwargs))
     groups = _groups(table, group_by)
     if groups is not None:
-        parent: dict[str, str] = {}
-
-        def root(k: str) -> str:
-            while parent.setdefault(k, k) != k:
-                k = parent[k]
-            return k
-
         members: dict[int, list[str]] = {}
         for g, p in zip(groups, paths):
             if p in cluster_of:
                 members.setdefault(cluster_of[p], []).append(str(g))
-        for keys in members.values():
-            for k in keys[1:]:
-                a, b = sorted((root(keys[0]), root(k)))
-                parent[b] = a
-        n = sum(root(k) != k for k in list(parent))
-        t = table.assign(_together=[root(str(g)) if str(g) in parent else str(g) for g in groups])
+        merged = _components(members.values())
+        n = sum(rep != k for k, rep in merged.items())
+        t = table.assign(_together=[merged.get(str(g), str(g)) for g in groups])
         return split(t, "_together").drop(columns="_together"), n
     df = split(table, None)
     where = {os.path.abspath(p): i for i, p in enumerate(df["path"])}
