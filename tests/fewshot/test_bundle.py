@@ -114,8 +114,9 @@ def test_with_nothing_left_for_validation_trust_is_cross_fitted_on_the_labels(sy
     assert bundle.config.ood is not None and bundle.ood.threshold > 0
     assert ("cross-fitted" if labels_per_class > 1 else "leave-one-out") in report["trust"]["split"]
     assert report["trust"]["val_ood_accept_rate"] == pytest.approx(0.95, abs=0.1)  # 8 images: 7 of 8 at least
-    if labels_per_class == 1:
-        assert bundle.config.temperature == 1.0
+    if labels_per_class == 1:  # no held-out answer to fit a temperature on; the report agrees
+        assert bundle.config.temperature == 1.0 == bundle.metrics["calibration"]["temperature"]
+        assert bundle.metrics["calibration"]["ece_after"] == pytest.approx(bundle.metrics["calibration"]["ece_before"])
     noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(4)]
     assert bundle.predict(noise).abstain.all()
     cells = read_dataset(synthetic_root)["path"].tolist()[1::7]

@@ -29,6 +29,24 @@ def test_fit_trust_sets_bundle_and_accepts_target_fraction(toy, kit):
     assert held_out.differential().to_dict()  # abstentions counted apart, not as a class
 
 
+def test_a_fixed_temperature_is_kept_and_the_report_is_computed_with_it(toy):
+    """For validation logits no temperature can be fitted on (a head's own training images),
+    the caller fixes it; ECE and accuracy on accepted cells must then use that value."""
+    from hematoscope.trust.calibration import expected_calibration_error, softmax
+
+    bundle, train, val, _ = toy
+    val_out = bundle.forward(val[0])
+    report = fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]), temperature=1.0)
+    assert bundle.config.temperature == 1.0 == report["calibration"]["temperature"]
+    assert report["calibration"]["ece_after"] == pytest.approx(report["calibration"]["ece_before"])
+    assert report["calibration"]["ece_after"] == pytest.approx(
+        expected_calibration_error(softmax(val_out.logits), np.asarray(val[1])))
+    fitted = fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]))["calibration"]["temperature"]
+    assert fitted != pytest.approx(1.0, abs=1e-3)  # the toy model is miscalibrated: a fit would move it
+    with pytest.raises(ValueError, match="temperature"):
+        fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]), temperature=0.0)
+
+
 def test_threshold_and_scorer_persist_through_save_and_load(toy, kit, tmp_path):
     bundle, train, val, test = toy
     fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), method="knn")

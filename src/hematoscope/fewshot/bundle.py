@@ -366,12 +366,9 @@ def _crossfit_trust(bundle: FewShotBundle, spec: HeadSpec, features: np.ndarray,
     how = f"cross-fitted on the {len(y)} labelled images ({k} folds)" if k >= 2 else \
         f"leave-one-out OOD distances among the {len(y)} labelled images (a class has 1 label; temperature 1)"
     out = ModelOutput(logits, features)
-    trust = fit_trust(bundle, train=(bundle.outputs(features), y), val=(out, y), method="knn", val_scores=scores,
-                      val_name=how, scorer_params=params)
-    if k < 2:
-        bundle.config.temperature = 1.0
-        bundle.metrics["calibration"]["temperature"] = 1.0
-    return trust
+    # with k < 2 the logits are the head's own training images', on which no temperature fits
+    return fit_trust(bundle, train=(bundle.outputs(features), y), val=(out, y), method="knn", val_scores=scores,
+                     val_name=how, scorer_params=params, temperature=None if k >= 2 else 1.0)
 
 
 def _with_unlabelled(features: np.ndarray, targets: np.ndarray, unlabelled: np.ndarray | None):

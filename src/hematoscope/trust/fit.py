@@ -51,10 +51,12 @@ def fit_trust(
     val_scores: np.ndarray | None = None,
     val_name: str = "val",
     scorer_params: dict | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """Calibrate a bundle and give it an OOD scorer and an abstain threshold, in place.
 
-    1. Temperature: fitted on the validation logits (NLL); ECE before/after is recorded.
+    1. Temperature: fitted on the validation logits (NLL), or ``temperature`` when given;
+       ECE before/after is recorded.
     2. OOD scorer ``method`` (default ``knn_energy`` when the model gives features, else
        ``energy``) fitted on the training outputs; its threshold is the ``target_tpr``
        quantile of the validation scores, so that fraction of in-distribution images is accepted.
@@ -78,6 +80,8 @@ def fit_trust(
             out of fold (cross-fitting): each score from a scorer fitted without that image.
         val_name: what ``val`` is, recorded in the metrics.
         scorer_params: keyword arguments of the OOD scorer (e.g. ``{"k": 3}`` for ``knn``).
+        temperature: a fixed temperature (> 0), for validation logits it cannot be fitted on
+            (e.g. the training images' own, seen in fold).
 
     Returns:
         A JSON-able report: temperature, ECE/NLL before and after, OOD config, validation
@@ -92,10 +96,12 @@ def fit_trust(
         raise ValueError(f"abstain_cost must be in (0, 1), got {abstain_cost}")
     if abstain_min_confidence is not None and not 0 <= abstain_min_confidence <= 1:
         raise ValueError(f"abstain_min_confidence must be in [0, 1], got {abstain_min_confidence}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     (train_out, train_y), (val_out, val_y) = train, val
     train_y, val_y = class_indices(bundle, train_y), class_indices(bundle, val_y)
 
-    temperature = fit_temperature(val_out.logits, val_y)
+    temperature = fit_temperature(val_out.logits, val_y) if temperature is None else float(temperature)
     probs_before, probs_after = softmax(val_out.logits), softmax(val_out.logits, temperature)
     calibration = {
         "split": val_name,
