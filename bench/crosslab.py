@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--shots", default="1,5,10,20")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tta", type=int, help="test-time views (default: the bundle's own)")
+    ap.add_argument("--ood-accept", type=float, help="move the OOD flag to accept this share of the bundle's "
+                    "validation cells (`predict --ood-accept`; adapt sets its own threshold)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heads", default="svm+self,lr", help="few-label heads (`fewshot bench --heads`)")
     ap.add_argument("--views", type=int, default=8, help="views per image of the few-label features")
@@ -252,6 +254,8 @@ def main() -> None:
     bundle = load_bundle(default_bundle_path() if args.bundle == "default" else args.bundle)
     if args.tta:
         bundle.set_tta(args.tta)
+    if args.ood_accept is not None:
+        bundle.set_ood_accept(args.ood_accept)
     key = args.key or bundle.name
     table = make_split(read_lisc(args.lisc), val=0.0, test=0.5, seed=args.seed, group_by="patient")
     table = table.reset_index(drop=True)
@@ -261,6 +265,7 @@ def main() -> None:
     logging.info("LISC: %d crops, %d groups; own-lab half %d, test half %d", len(table), table["patient"].nunique(),
                  own.sum(), test.sum())
     result = {"bundle": bundle.name, "tta": bundle.config.tta,
+              **({"ood_accept": args.ood_accept} if args.ood_accept is not None else {}),
               "lisc": {"name": "LISC (Rezatofighi 2011) white-cell crops", "images": len(table),
                        "groups": int(table["patient"].nunique()), "sha256": content_hash(file_sha256(p) for p in paths),
                        "split": f"make_split(test=0.5, group_by=patient, seed={args.seed})",

@@ -255,11 +255,17 @@ def part_c(args, cache_root: Path) -> dict:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from crosslab import framing_rule
 
+        settings = [("whole_crop", None, None), ("framing_search", rule, None), ("recolour", rule.with_colours(), None)]
+        if args.ood_accept is not None:  # the flag moved after fitting (`predict --ood-accept`)
+            res["framing_search"]["note"] += f"; *_ood_accept: the flag moved to accept {args.ood_accept:g}"
+            settings += [(f"{name}_ood_accept", r, args.ood_accept) for name, r, _ in settings[1:]]
         for kind, paths in {"val (PBC)": list(val["path"]), **ood_paths}.items():
             flagged = {}
-            for name, r in (("whole_crop", None), ("framing_search", rule), ("recolour", rule.with_colours())):
+            for name, r, accept in settings:
+                bundle.set_ood_accept(accept)
                 with framing_rule(bundle, r):
                     flagged[name] = round(float(np.mean(bundle.predict(paths).ood_flag)), 4)
+            bundle.set_ood_accept(None)
             res["framing_search"]["flagged"][kind] = flagged
     nc = [res["ood"][k]["auroc"] for k in NOT_CELLS]
     res["non_cells_min_auroc"] = min(nc)
@@ -325,6 +331,8 @@ def main() -> None:
     ap.add_argument("--default-split", default=None, help="split CSV of the default model (default: BUNDLE/split.csv)")
     ap.add_argument("--tta", type=int, default=1, help="flip/rot90 views averaged per image (1, 2, 4, 8)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ood-accept", type=float, help="(c) also measure what the flag moved to accept this share of "
+                    "the validation cells lets through")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -77,6 +77,22 @@ def test_adapted_bundle_round_trips_and_card_says_so(trusted_bundle, lab_images,
     assert "Adapted to a new lab" in card and "lab-x" in card and adapted.config.adaptation["images_sha256"] in card
 
 
+def test_adapt_sets_the_flag_anew_and_stores_the_labs_levels(trusted_bundle, lab_images):
+    """A flag moved on the trained bundle does not carry over: adapt's threshold is set on the lab's
+    own held-out crops, and its levels (from those crops) let the lab move it again."""
+    import copy
+
+    loose = copy.deepcopy(trusted_bundle)
+    loose.set_ood_accept(0.99)
+    adapted, report = adapt_bundle(loose, lab_images, source="lab-x", mix=1.0)
+    assert adapted.config.ood_accept is None and adapted.trust_for().ood_threshold == report.ood_threshold_after
+    levels = adapted.config.ood.accept_levels
+    assert levels["0.95"] == pytest.approx(report.ood_threshold_after)  # adapt's default target: 95 %
+    assert list(levels.values()) == sorted(levels.values())
+    adapted.set_ood_accept(0.8)
+    assert adapted.trust_for().ood_threshold == levels["0.8"]
+
+
 def test_content_hash_ignores_order_and_names(trusted_bundle, lab_images):
     _, r1 = adapt_bundle(trusted_bundle, lab_images)
     _, r2 = adapt_bundle(trusted_bundle, lab_images[::-1])

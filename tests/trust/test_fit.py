@@ -47,6 +47,19 @@ def test_a_fixed_temperature_is_kept_and_the_report_is_computed_with_it(toy):
         fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]), temperature=0.0)
 
 
+def test_a_bundle_without_views_can_move_its_flag_to_a_stored_share(toy):
+    """Kinds without per-view trust (classical, few-shot) keep their levels with the OOD config."""
+    bundle, train, val, _ = toy
+    val_out = bundle.forward(val[0])
+    fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]))
+    scores = bundle.ood.score(features=val_out.features, logits=val_out.logits)
+    bundle.set_ood_accept(0.8)
+    assert bundle.trust_for().ood_threshold == bundle.config.ood.accept_levels["0.8"] < bundle.config.ood.threshold
+    assert np.mean(bundle.predict(val[0]).ood_flag) == pytest.approx(np.mean(scores > np.quantile(scores, 0.8)))
+    fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]))
+    assert bundle.config.ood_accept is None  # a refit sets the operating point anew
+
+
 def test_threshold_and_scorer_persist_through_save_and_load(toy, kit, tmp_path):
     bundle, train, val, test = toy
     fit_trust(bundle, train=outputs(bundle, train), val=outputs(bundle, val), method="knn")

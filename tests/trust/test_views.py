@@ -307,3 +307,40 @@ def test_trust_fit_cli_fits_every_view_count_and_the_cascade_in_one_pass(tiny_ne
     fixed = load_bundle(bundle_dir)
     assert fixed.config.tta == 2 and not fixed.uses_cascade
     assert fixed.config.temperature == fixed.config.view_trust["2"].temperature
+
+
+def test_ood_accept_moves_every_view_counts_flag_to_the_stored_share(fitted, tmp_path):
+    """The operating point is chosen after fitting, without the training data: each view count
+    accepts the asked share of the cells its thresholds were fitted on, and it is saved."""
+    from hematoscope.bundle.ood import OOD_ACCEPT_LEVELS
+
+    _, saved, val, y, _ = fitted
+    loaded = load_bundle(saved.path)  # fresh: other tests change the module's copy
+    names = [str(i) for i in range(len(y))]
+    assert set(loaded.config.ood.accept_levels) == {str(q) for q in OOD_ACCEPT_LEVELS}
+    flagged = {}
+    for share in (0.8, 0.99):
+        loaded.set_ood_accept(share)
+        for v in (1, 8):
+            pred = loaded.decide(val.averaged(v), names, views=v)
+            assert np.mean(~pred.ood_flag) == pytest.approx(share, abs=1 / len(y) + 1e-9)
+            flagged[share, v] = pred.ood_flag
+    for v in (1, 8):
+        assert not (flagged[0.99, v] & ~flagged[0.8, v]).any()  # looser flags a subset
+    reloaded = load_bundle(loaded.save(tmp_path / "loose"))
+    assert reloaded.config.ood_accept == 0.99 and reloaded.describe()["ood_accept"] == 0.99
+    np.testing.assert_array_equal(reloaded.decide(val.averaged(1), names, views=1).ood_flag, flagged[0.99, 1])
+    reloaded.set_ood_accept(None)
+    assert reloaded.trust_for(1).ood_threshold == reloaded.config.view_trust["1"].ood_threshold
+
+
+def test_ood_accept_refuses_unknown_shares_and_bundles_fitted_before_levels(fitted):
+    from hematoscope.bundle.base import BundleError
+
+    bundle = load_bundle(fitted[1].path)
+    with pytest.raises(BundleError, match="0.8, 0.9, 0.95, 0.975"):
+        bundle.set_ood_accept(0.97)
+    bundle.config.view_trust["1"].ood_accept_levels = {}  # as a bundle fitted before the levels were stored
+    with pytest.raises(BundleError, match="trust fit"):
+        bundle.set_ood_accept(0.99)
+    assert bundle.config.ood_accept is None

@@ -237,7 +237,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
                                                  epochs=tune_epochs, seed=seed)
     after = _outputs(adapted, arrays, batch_size)
     if bundle.config.ood is not None:
-        from hematoscope.bundle.ood import get_scorer
+        from hematoscope.bundle.ood import accept_levels, get_scorer
 
         threshold = float(bundle.config.ood.threshold)
         report.ood_threshold_before = threshold
@@ -254,7 +254,9 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
                               logits=after.logits[held])
         scorer.threshold = float(np.quantile(scores, target_tpr))
         scorer.target_tpr = float(target_tpr)
+        scorer.accept_levels = accept_levels(scores)
         adapted.ood = scorer
+        adapted.config.ood_accept = None  # the refit threshold is the lab's new operating point
         adapted.config.ood = scorer.config()
         report.ood_threshold_after = scorer.threshold
         report.accepted_after = float(np.mean(scores <= scorer.threshold))

@@ -457,9 +457,52 @@ class Bundle(ABC):
             if why is not None and views not in self._warned:
                 self._warned.add(views)
                 log.warning("bundle %r: %s", self.name, why)
-            return TrustSettings(views, cfg.temperature, cfg.abstain_threshold, ood_threshold, {}, why)
-        return TrustSettings(views, entry.temperature, entry.abstain_threshold, entry.ood_threshold,
+            levels = {} if cfg.ood is None else cfg.ood.accept_levels or {}
+            return TrustSettings(views, cfg.temperature, cfg.abstain_threshold,
+                                 self._accept_threshold(levels, ood_threshold), {}, why)
+        return TrustSettings(views, entry.temperature, entry.abstain_threshold,
+                             self._accept_threshold(entry.ood_accept_levels, entry.ood_threshold),
                              dict(entry.ood_params))
+
+    def _accept_threshold(self, levels: dict[str, float], fitted: float | None) -> float | None:
+        accept = self.config.ood_accept
+        if accept is None or fitted is None:
+            return fitted
+        if str(accept) not in levels:  # checked by set_ood_accept; a hand-edited config can still lack it
+            raise BundleError(f"bundle {self.name!r} has no OOD threshold stored for accepting {accept:g} of its "
+                              "validation cells; refit its trust (`hematoscope trust fit`) or unset ood_accept")
+        return float(levels[str(accept)])
+
+    def set_ood_accept(self, share: float | None) -> None:
+        """Move the OOD flag's operating point: from now on it accepts ``share`` of the cells
+        the bundle's trust was fitted on (one of ``OOD_ACCEPT_LEVELS``), for every view count,
+        with thresholds stored at fitting time, so no training data is needed; None = as fitted.
+        Looser answers more of another lab's cells and lets more damaged cells through; saved
+        with the bundle.
+
+        Raises:
+            BundleError: the bundle has no OOD flag, or was fitted before thresholds per share were
+                stored (refit with ``hematoscope trust fit``), or ``share`` is not a stored level.
+        """
+        from hematoscope.bundle.ood import OOD_ACCEPT_LEVELS
+
+        cfg = self.config
+        if share is None:
+            cfg.ood_accept = None
+            return
+        share = float(share)
+        if share not in OOD_ACCEPT_LEVELS:
+            raise BundleError(f"the OOD flag can be set to accept {', '.join(map(str, OOD_ACCEPT_LEVELS))} of the "
+                              f"validation cells, not {share:g}")
+        if self.ood is None or cfg.ood is None or cfg.ood.threshold is None:
+            raise BundleError(f"bundle {self.name!r} has no OOD flag to set (hematoscope trust fit)")
+        current = cfg.view_trust_of == cfg.trust_fingerprint()
+        stores = [cfg.ood.accept_levels or {}]
+        stores += [e.ood_accept_levels for e in cfg.view_trust.values()] if current else []
+        if any(str(share) not in levels for levels in stores):
+            raise BundleError(f"bundle {self.name!r} was fitted before OOD thresholds per accepted share were stored; "
+                              "refit its trust (`hematoscope trust fit BUNDLE SPLIT`) to move its operating point")
+        cfg.ood_accept = share
 
     def _scorer_for(self, trust: TrustSettings):
         """The OOD scorer with ``trust``'s per-view parameters (shares the fitted arrays)."""
@@ -796,6 +839,7 @@ class Bundle(ABC):
             "temperature": self.config.temperature,
             "abstain_threshold": self.config.abstain_threshold,
             "ood": None if self.config.ood is None else self.config.ood.model_dump(mode="json"),
+            "ood_accept": self.config.ood_accept,
             "views": self.view_mode,
             "answerable_classes": self.answerable_classes if self._answerable is not None else None,
             "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),

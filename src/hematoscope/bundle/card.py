@@ -84,7 +84,9 @@ def model_card(bundle: "Bundle") -> str:
         "## Trust",
         f"- temperature: {c.temperature:.4f}",
         f"- abstain below calibrated confidence: {c.abstain_threshold:.3f}",
-        f"- out-of-distribution scorer: {c.ood.model_dump() if c.ood else 'none fitted'}",
+        f"- out-of-distribution scorer: "
+        f"{ {k: v for k, v in c.ood.model_dump().items() if k != 'accept_levels'} if c.ood else 'none fitted'}",
+        *_operating_point_lines(c),
         f"- test-time views averaged per image: {c.tta}"
         + (" when a fixed view count is asked for" if c.cascade else ""),
         *_view_trust_lines(c),
@@ -125,6 +127,17 @@ def model_card(bundle: "Bundle") -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _operating_point_lines(c) -> list[str]:
+    """Where the OOD flag is set and where it can be moved (``--ood-accept``)."""
+    levels = c.ood.accept_levels if c.ood else None
+    if not levels:
+        return []
+    shares = ", ".join(f"{float(q):.1%}" for q in levels)
+    now = f"moved after fitting to accept {c.ood_accept:.1%}" if c.ood_accept is not None else "as fitted"
+    return [f"- out-of-distribution flag: {now}; `--ood-accept` moves it to accept {shares} of the validation "
+            "images (thresholds stored per view count)"]
 
 
 def _view_trust_lines(c) -> list[str]:

@@ -126,6 +126,9 @@ class OODConfig(Section):
     threshold: Number | None = None
     #: Share of in-distribution validation images the threshold accepts.
     target_tpr: Number | None = None
+    #: Thresholds accepting each share of the validation images the threshold was chosen on
+    #: (:func:`hematoscope.bundle.ood.accept_levels`; absent in bundles fitted before them).
+    accept_levels: dict[str, float] | None = None
 
 
 class TrainingRecord(Section):
@@ -152,6 +155,9 @@ class ViewTrust(BaseModel):
     #: Scorer parameters refitted for this many views (e.g. knn_energy's standardisation),
     #: merged over ``BundleConfig.ood``; the scorer's arrays are shared by every view count.
     ood_params: dict[str, float] = Field(default_factory=dict)
+    #: OOD thresholds accepting each share of this view count's validation cells
+    #: (:func:`hematoscope.bundle.ood.accept_levels`; empty: not stored).
+    ood_accept_levels: dict[str, float] = Field(default_factory=dict)
     #: What the fit measured on validation data (n, accepted share, accuracy ...).
     val: dict[str, Any] = Field(default_factory=dict)
 
@@ -286,6 +292,9 @@ class BundleConfig(BaseModel):
     cascade: CascadeRule | None = None
     #: Framing search for cells flagged as unlike the training data; None = whole crops only.
     reframe: ReframeRule | None = None
+    #: Operating point of the OOD flag chosen after fitting: the share of the validation cells
+    #: it accepts, one of ``OOD_ACCEPT_LEVELS`` (:meth:`Bundle.set_ood_accept`); None = as fitted.
+    ood_accept: float | None = None
     #: Set by :func:`hematoscope.bundle.adapt.adapt_bundle`: the lab's images it was adapted on
     #: (name, count, content hash) and what changed; None = as trained.
     adaptation: dict[str, Any] | None = None
@@ -300,6 +309,15 @@ class BundleConfig(BaseModel):
     def _known_view_count(cls, value: int) -> int:
         if value not in TTA_VIEWS:
             raise ValueError(f"tta must be one of {TTA_VIEWS}; got {value}")
+        return value
+
+    @field_validator("ood_accept")
+    @classmethod
+    def _known_accept_level(cls, value: float | None) -> float | None:
+        from hematoscope.bundle.ood import OOD_ACCEPT_LEVELS
+
+        if value is not None and value not in OOD_ACCEPT_LEVELS:
+            raise ValueError(f"ood_accept must be one of {OOD_ACCEPT_LEVELS}; got {value}")
         return value
 
     @field_validator("view_trust")

@@ -22,6 +22,21 @@ from hematoscope._registry import Registry
 #: File inside a bundle that holds a scorer's arrays.
 OOD_FILE = "ood.safetensors"
 
+#: Shares of the validation cells a flag may be set to accept after fitting (``--ood-accept``):
+#: each fit stores the threshold for every one, so a lab can move the operating point without
+#: the training data.
+OOD_ACCEPT_LEVELS = (0.8, 0.9, 0.95, 0.975, 0.99)
+
+
+def accept_levels(scores: np.ndarray) -> dict[str, float]:
+    """{share: threshold accepting that share of ``scores``} for :data:`OOD_ACCEPT_LEVELS`, the
+    form ``BundleConfig.ood`` and ``ViewTrust`` store (keys as JSON-stable text)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    if not len(scores):
+        return {}
+    return {str(q): float(np.quantile(scores, q)) for q in OOD_ACCEPT_LEVELS}
+
 
 class ScorerError(ValueError):
     """A scorer is unknown, unfitted, or was given the wrong inputs."""
@@ -89,6 +104,8 @@ class OODScorer:
     def __init__(self) -> None:
         self.threshold: float | None = None
         self.target_tpr: float | None = None
+        #: :func:`accept_levels` of the scores the threshold was chosen on (None: not stored).
+        self.accept_levels: dict[str, float] | None = None
 
     # --- per-scorer -------------------------------------------------------------------
     def fit(self, features: np.ndarray | None, labels: np.ndarray, logits: np.ndarray) -> "OODScorer":
@@ -132,8 +149,11 @@ class OODScorer:
 
     # --- common -----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The dict stored in ``BundleConfig.ood``: method, threshold, target_tpr and params."""
-        return {"method": self.name, "threshold": self.threshold, "target_tpr": self.target_tpr, **self.params()}
+        """The dict stored in ``BundleConfig.ood``: method, threshold, target_tpr, params and the
+        acceptance levels when stored (absent otherwise, so older bundles' fingerprints hold)."""
+        levels = {} if self.accept_levels is None else {"accept_levels": dict(self.accept_levels)}
+        return {"method": self.name, "threshold": self.threshold, "target_tpr": self.target_tpr, **self.params(),
+                **levels}
 
     @classmethod
     def from_state(cls, config_ood: dict[str, Any], arrays: dict[str, np.ndarray]) -> "OODScorer":
@@ -143,6 +163,8 @@ class OODScorer:
         scorer = cls(**{k: config_ood[k] for k in names if k in config_ood})
         scorer.threshold = config_ood.get("threshold")
         scorer.target_tpr = config_ood.get("target_tpr")
+        levels = config_ood.get("accept_levels")
+        scorer.accept_levels = None if levels is None else {str(k): float(v) for k, v in levels.items()}
         scorer._load_state(arrays)
         return scorer
 

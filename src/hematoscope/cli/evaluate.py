@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import (ClassesOption, RecolourOption, ReframeOption, TtaOption, class_list, console,
-                                     user_errors)
+from hematoscope.cli._common import (ClassesOption, OodAcceptOption, RecolourOption, ReframeOption, TtaOption,
+                                     class_list, console, user_errors)
 
 
 def evaluate_cmd(
@@ -27,6 +27,7 @@ def evaluate_cmd(
     tta: TtaOption = None,
     reframe: ReframeOption = None,
     recolour: RecolourOption = False,
+    ood_accept: OodAcceptOption = None,
     classes: ClassesOption = None,
 ) -> None:
     """Accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix and calibration.
@@ -44,7 +45,7 @@ def evaluate_cmd(
 
         # "default": the shipped model; the options as `predict` applies them
         bundle = load_for_inference(str(bundle_path), tta=tta, classes=class_list(classes), reframe=reframe,
-                                    recolour=recolour)
+                                    recolour=recolour, ood_accept=ood_accept)
         table = read_dataset(data, reader=reader)
         if "split" in table:
             if split is None and not (table["split"] == "test").any():

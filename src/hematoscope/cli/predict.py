@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import (ClassesOption, RecolourOption, ReframeOption, TtaOption, class_list, console,
-                                     err_console, fail, user_errors)
+from hematoscope.cli._common import (ClassesOption, OodAcceptOption, RecolourOption, ReframeOption, TtaOption,
+                                     class_list, console, err_console, fail, user_errors)
 
 BACKENDS = ("auto", "torch", "onnx")
 #: A run where at least this share of at least this many cells look unlike the training data
@@ -38,6 +38,7 @@ def predict(
     tta: TtaOption = None,
     reframe: ReframeOption = None,
     recolour: RecolourOption = False,
+    ood_accept: OodAcceptOption = None,
     framing: Annotated[Optional[str], typer.Option(
         "--framing", help="The share of each crop's side the model sees: a number (0.75 = the centre 75 %, 2 = the "
                           "crop padded to twice its size, for crops cut close around the cell), or auto: the one "
@@ -69,13 +70,14 @@ def predict(
                 from hematoscope.data.sources import expand_paths
                 from hematoscope.predict.pipeline import choose_run_framing, load_for_inference
 
-                probe = load_for_inference(model, backend=backend, reframe=reframe, recolour=recolour)
+                probe = load_for_inference(model, backend=backend, reframe=reframe, recolour=recolour,
+                                           ood_accept=ood_accept)
                 framing_value = choose_run_framing(probe, expand_paths(paths))["framing"]
             err_console().print(f"framing: {framing_value:g} of each crop's side (chosen on this run's images)")
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
                             backend=backend, abstain_below=abstain_below, tta=tta, classes=classes, address=address,
                             shard_dir=shard_dir, actors=actors, reframe=reframe, framing=framing_value,
-                            recolour=recolour)
+                            recolour=recolour, ood_accept=ood_accept)
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
@@ -89,7 +91,7 @@ def predict(
 
         bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
                                     classes=class_list(classes), reframe=reframe, recolour=recolour,
-                                    framing=None if framing_value == "auto" else framing_value)
+                                    ood_accept=ood_accept, framing=None if framing_value == "auto" else framing_value)
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         items = expand_paths(paths)
@@ -198,7 +200,7 @@ def _framing(text: str | None) -> float | str | None:
 
 
 def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, classes,
-                 address, shard_dir, actors, reframe, framing, recolour) -> None:
+                 address, shard_dir, actors, reframe, framing, recolour, ood_accept) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
     if shard_dir is None:
@@ -220,7 +222,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
                          classes=class_list(classes), reframe=reframe, framing=framing, recolour=recolour,
-                         report=out, top_k=top_k, on_shard=shard_done)
+                         ood_accept=ood_accept, report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:
         err_console().print(skipped_table(result.skipped, limit=50))

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import err_console, user_errors
+from hematoscope.cli._common import OodAcceptOption, err_console, user_errors
 
 
 def serve(
@@ -54,6 +54,7 @@ def serve(
     recolour: Annotated[bool, typer.Option(
         "--recolour", help="Models with a framing search (the shipped one) also try its colour changes on cells "
                            "still flagged, as predict --recolour: for another lab's stain.")] = False,
+    ood_accept: OodAcceptOption = None,
 ) -> None:
     """Serve the web page (at /) and the REST API (docs at /docs) for classifying cell images.
 
@@ -70,7 +71,8 @@ def serve(
         optional = {"max_request_megapixels": max_request_megapixels, "max_decoded_megapixels": max_decoded_megapixels,
                     "allowed_hosts": allowed_host, "allowed_origins": allowed_origin, "retention_days": retention_days,
                     "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "max_concurrent": max_concurrent,
-                    "max_queued_images": max_queued_images, "classes": classes, "recolour": recolour or None}
+                    "max_queued_images": max_queued_images, "classes": classes, "recolour": recolour or None,
+                    "ood_accept": ood_accept}
         settings = Settings(models=model or [], host=host, port=port, token=token, db=db, max_upload_mb=max_upload_mb,
                             workers=workers, **{k: v for k, v in optional.items() if v is not None})
         app = create_app(settings)

@@ -245,10 +245,11 @@ class BundlePredictor:
     def __init__(self, model: str | None = None, *, tta: int | None = None, abstain_below: float | None = None,
                  backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None,
                  classes: Sequence[str] | None = None, reframe: bool | None = None, framing: float | None = None,
-                 recolour: bool = False):
+                 recolour: bool = False, ood_accept: float | None = None):
         cpus = _assigned_cpus()
         self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus,
-                                         classes=classes, reframe=reframe, framing=framing, recolour=recolour)
+                                         classes=classes, reframe=reframe, framing=framing, recolour=recolour,
+                                         ood_accept=ood_accept)
         self.batch_size = batch_size
         self.workers = decode_threads or cpus + 1
         self.inputs = _Inputs()
@@ -261,7 +262,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
                     abstain_below: float | None = None, backend: str = "auto", batch_size: int = 64,
                     actors: int | None = None, cpus_per_actor: float = 1, decode_threads: int | None = None,
                     classes: Sequence[str] | None = None, reframe: bool | None = None,
-                    framing: float | None = None, recolour: bool = False) -> "ray.data.Dataset":
+                    framing: float | None = None, recolour: bool = False,
+                    ood_accept: float | None = None) -> "ray.data.Dataset":
     """Classify the images a Ray Dataset names; lazy, like every Ray Data transform.
 
     Args:
@@ -269,7 +271,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
             pyarrow's filesystems read: ``s3://``, ``gs://``, ``hdfs://``), optionally
             ``source`` (the name in outputs), ``member`` (zip member) and ``reason``.
         model: bundle directory or zip, readable on every node (default: the shipped model).
-        tta, abstain_below, backend, classes, reframe, framing, recolour: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, framing, recolour, ood_accept: as
+            ``hematoscope predict``.
         batch_size: images per model call.
         actors: size of the actor pool (default: the cluster's CPUs / ``cpus_per_actor``).
         cpus_per_actor: CPUs reserved per actor (its model session's threads).
@@ -289,7 +292,7 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
         fn_constructor_kwargs=dict(model=None if model is None else str(model), tta=tta, abstain_below=abstain_below,
                                    backend=backend, batch_size=batch_size, decode_threads=decode_threads,
                                    classes=None if classes is None else list(classes), reframe=reframe,
-                                   framing=framing, recolour=recolour),
+                                   framing=framing, recolour=recolour, ood_accept=ood_accept),
     )
 
 
@@ -480,6 +483,7 @@ def run_job(
     reframe: bool | None = None,
     framing: float | None = None,
     recolour: bool = False,
+    ood_accept: float | None = None,
     report: str | Path | None = None,
     top_k: int = 3,
     num_cpus: int | None = None,
@@ -498,7 +502,8 @@ def run_job(
         address: Ray cluster to join (``ray start --head`` prints it); None: a local instance.
         shard_rows: rows per shard (fixed when the job is created).
         batch_size, actors, cpus_per_actor, decode_threads: see :func:`predict_dataset`.
-        tta, abstain_below, backend, classes, reframe, framing, recolour, top_k: as ``hematoscope predict``.
+        tta, abstain_below, backend, classes, reframe, framing, recolour, ood_accept, top_k: as
+            ``hematoscope predict``.
         report: write the per-image ``.csv`` / ``.json`` report (as local predict) here.
         num_cpus: CPUs of a local instance (default: all).
         on_shard: called as ``on_shard(shard, rows)`` after each shard is written.
@@ -514,13 +519,14 @@ def run_job(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes,
-                                reframe=reframe, framing=framing, recolour=recolour)
+                                reframe=reframe, framing=framing, recolour=recolour, ood_accept=ood_accept)
     spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
             "shard_rows": shard_rows, "labels": bundle.labels, "tta": tta, "abstain_below": abstain_below,
             "backend": backend, **({"classes": list(classes)} if classes else {}),
             **({"reframe": reframe} if reframe is not None else {}),
             **({"framing": framing} if framing is not None else {}),
-            **({"recolour": True} if recolour else {})}
+            **({"recolour": True} if recolour else {}),
+            **({"ood_accept": ood_accept} if ood_accept is not None else {})}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
     done_before = job["shards"] - len(pending)
@@ -531,7 +537,7 @@ def run_job(
         try:
             _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
                         classes=classes, reframe=reframe, framing=framing, recolour=recolour,
-                        batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
+                        ood_accept=ood_accept, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
                         decode_threads=decode_threads, on_shard=on_shard)
         finally:
             if started:

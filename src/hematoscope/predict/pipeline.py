@@ -75,11 +75,13 @@ def predict_paths(
 def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
                        backend: str = "auto", threads: int | None = None,
                        classes: Sequence[str] | None = None, reframe: bool | None = None,
-                       framing: float | None = None, recolour: bool = False) -> "Bundle":
+                       framing: float | None = None, recolour: bool = False,
+                       ood_accept: float | None = None) -> "Bundle":
     """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
     is None, the backend, test-time views, abstain threshold, answerable classes, framing search
     (``reframe=False`` turns the bundle's off; True keeps it; ``recolour`` adds its colour
-    changes, :meth:`Bundle.set_recolour`) and framing (``Preprocess.framing``, when given) applied; an
+    changes, :meth:`Bundle.set_recolour`), framing (``Preprocess.framing``, when given) and the OOD
+    flag's operating point (``ood_accept``, :meth:`Bundle.set_ood_accept`) applied; an
     ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.default import default_bundle_path
@@ -102,6 +104,8 @@ def load_for_inference(model: str | Path | None, *, tta: int | None = None, abst
         bundle.set_recolour()
     if framing is not None:
         bundle.set_framing(framing)
+    if ood_accept is not None:
+        bundle.set_ood_accept(ood_accept)
     return bundle
 
 

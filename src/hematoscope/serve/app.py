@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     settings = settings if settings is not None else Settings()
-    served = load_models(list(settings.models), classes=settings.classes, recolour=settings.recolour)
+    served = load_models(list(settings.models), classes=settings.classes, recolour=settings.recolour,
+                         ood_accept=settings.ood_accept)
     store = HistoryStore(settings.db_path())
     if settings.retention_days is not None:
         store.purge(older_than_days=settings.retention_days)

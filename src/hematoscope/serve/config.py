@@ -75,6 +75,9 @@ class Settings(BaseSettings):
             cells of a 5-part differential); empty = all of each model's classes.
         recolour: served models with a framing search also try its colour changes
             (``predict --recolour``, :meth:`Bundle.set_recolour`).
+        ood_accept: operating point of every served model's unlike-training flag, the share of
+            its validation cells it accepts (``predict --ood-accept``,
+            :meth:`Bundle.set_ood_accept`); None: as fitted.
     """
 
     model_config = SettingsConfigDict(env_prefix="HEMATOSCOPE_", extra="ignore")
@@ -101,6 +104,7 @@ class Settings(BaseSettings):
     retention_days: float | None = Field(default=None, gt=0)
     classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     recolour: bool = False
+    ood_accept: float | None = None
 
     @field_validator("allowed_hosts", "allowed_origins", "classes", mode="before")
     @classmethod

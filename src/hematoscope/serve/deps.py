@@ -57,16 +57,17 @@ def model_fingerprint(bundle) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour: bool = False
-                ) -> dict[str, ServedModel]:
+def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour: bool = False,
+                ood_accept: float | None = None) -> dict[str, ServedModel]:
     """Load every bundle once; the first is the default. With no paths, the shipped model.
     With ``classes``, every model answers only among them (:meth:`Bundle.restrict_classes`);
     with ``recolour``, those with a framing search also try its colour changes
-    (:meth:`Bundle.set_recolour`; the others are served as they are).
+    (:meth:`Bundle.set_recolour`; the others are served as they are); with ``ood_accept``,
+    every model's OOD flag accepts that share of its validation cells (:meth:`Bundle.set_ood_accept`).
 
     Raises:
-        ServeError: nothing to serve, a bundle that cannot be loaded, or one without all of
-            ``classes`` (the message says which).
+        ServeError: nothing to serve, a bundle that cannot be loaded, one without all of
+            ``classes``, or one whose flag cannot be moved to ``ood_accept`` (the message says which).
     """
     from hematoscope.bundle import load_bundle
 
@@ -90,6 +91,11 @@ def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour
                 raise ServeError(f"cannot serve {path} with --classes: {exc}") from None
         if recolour and bundle.reframes:
             bundle.set_recolour()
+        if ood_accept is not None:
+            try:
+                bundle.set_ood_accept(ood_accept)
+            except ValueError as exc:
+                raise ServeError(f"cannot serve {path} with --ood-accept: {exc}") from None
         name, n = bundle.name, 2
         while name in models:  # two bundles with one name stay addressable
             name, n = f"{bundle.name}-{n}", n + 1

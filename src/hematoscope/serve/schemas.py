@@ -22,6 +22,8 @@ class ModelInfo(ModelRef):
     temperature: float
     abstain_threshold: float
     ood: dict[str, Any] | None
+    ood_accept: float | None = Field(None, description="share of its validation cells the unlike-training flag "
+                                     "accepts when moved after fitting (serve --ood-accept); null = as fitted")
     metrics: dict[str, Any]
     metrics_of: str = Field("this model", description='"this model", or for an adapted one "the model before '
                             'adaptation (its own test data)": adapt does not measure accuracy (it has no labels)')

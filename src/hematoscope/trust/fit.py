@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hematoscope.trust.calibration import (expected_calibration_error, fit_temperature, nll, softmax)
-from hematoscope.bundle.ood import ScorerError, get_scorer
+from hematoscope.bundle.ood import ScorerError, accept_levels, get_scorer
 
 if TYPE_CHECKING:
     from hematoscope.bundle.base import Bundle, ModelOutput
@@ -126,11 +126,13 @@ def fit_trust(
         raise ValueError(f"val_scores has {len(val_scores)} scores for {len(val_y)} validation images")
     scorer.threshold = float(np.quantile(val_scores, target_tpr))
     scorer.target_tpr = float(target_tpr)
+    scorer.accept_levels = accept_levels(val_scores)
 
     abstain = float(abstain_min_confidence) if abstain_min_confidence is not None else 1.0 - abstain_cost
     bundle.config.temperature = temperature
     bundle.config.abstain_threshold = abstain
     bundle.config.ood = scorer.config()
+    bundle.config.ood_accept = None  # a refit sets the operating point anew
     bundle.ood = scorer
 
     flagged = val_scores > scorer.threshold

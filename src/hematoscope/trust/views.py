@@ -111,6 +111,7 @@ def fit_view_trust(
         ValueError: bad arguments, or too few views computed for ``views``.
     """
     from hematoscope.bundle.base import ViewTrust
+    from hematoscope.bundle.ood import accept_levels
     from hematoscope.trust.calibration import expected_calibration_error, fit_temperature, softmax
     from hematoscope.trust.fit import class_indices, fit_trust
 
@@ -138,7 +139,7 @@ def fit_view_trust(
         tr, va = train_vo.averaged(v), val_vo.averaged(v)
         temperature = fit_temperature(va.logits, val_y)
         probs = softmax(va.logits, temperature)
-        params, threshold, flagged = {}, None, np.zeros(len(val_y), bool)
+        params, threshold, levels, flagged = {}, None, {}, np.zeros(len(val_y), bool)
         if scorer is not None:
             params = scorer.view_params(tr.features, train_y, tr.logits, temperature=temperature)
             mode_scorer = copy.copy(scorer)
@@ -146,13 +147,14 @@ def fit_view_trust(
             scores = np.asarray(mode_scorer.score(features=va.features, logits=va.logits), dtype=np.float64)
             threshold = ood_threshold_for(scores, probs.max(1) >= abstain, target_tpr=target_tpr,
                                           target_answered=target_answered)
+            levels = accept_levels(scores)
             flagged = scores > threshold
         low = probs.max(1) < abstain
         answered = ~(flagged | low)
         correct = probs.argmax(1) == val_y
         entries[str(v)] = ViewTrust(
             temperature=temperature, abstain_threshold=abstain, ood_threshold=threshold,
-            ood_params={k: float(x) for k, x in params.items()},
+            ood_params={k: float(x) for k, x in params.items()}, ood_accept_levels=levels,
             val={"n": int(len(val_y)), "accuracy": float(correct.mean()),
                  "answered": float(answered.mean()), "ood_accepted": float(1 - flagged.mean()),
                  "low_confidence": float(low.mean()),
@@ -167,6 +169,7 @@ def fit_view_trust(
     if scorer is not None:
         scorer.set_params(chosen.ood_params)
         scorer.threshold = chosen.ood_threshold
+        scorer.accept_levels = dict(chosen.ood_accept_levels)
         cfg.ood = scorer.config()
     cfg.view_trust = entries
     cfg.view_trust_of = cfg.trust_fingerprint()

@@ -1,0 +1,111 @@
+"""The OOD flag's operating point (``--ood-accept``) on the shipped model: moved without the
+training data, the same through the CLI, the server and the Python API."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from hematoscope import load_bundle
+from hematoscope.bundle.base import BundleError
+from hematoscope.bundle.config import BundleConfig
+from hematoscope.bundle.ood import OOD_ACCEPT_LEVELS
+
+WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+@pytest.fixture(scope="module")
+def lisc_files(lisc_root):
+    return [p for c in WHITE for p in sorted((lisc_root / c).glob("*.jpg"))[:6]]
+
+
+@pytest.fixture(scope="module")
+def answers(lisc_files):
+    """The shipped model's answers on another lab's crops, as fitted and with the loosest flag."""
+    bundle = load_bundle("default")
+    strict = bundle.predict(lisc_files)
+    bundle.set_ood_accept(0.99)
+    return strict, bundle.predict(lisc_files)
+
+
+def test_the_shipped_model_stores_a_threshold_per_share_for_every_view_count():
+    cfg = load_bundle("default").config
+    assert cfg.ood_accept is None
+    for levels in [cfg.ood.accept_levels] + [e.ood_accept_levels for e in cfg.view_trust.values()]:
+        assert [float(q) for q in levels] == list(OOD_ACCEPT_LEVELS)
+        assert list(levels.values()) == sorted(levels.values())
+    # fitted to answer 95 % of validation cells with the abstain rule: between the 95 and 97.5 % levels
+    one = cfg.view_trust["1"]
+    assert one.ood_accept_levels["0.95"] <= one.ood_threshold <= one.ood_accept_levels["0.975"]
+
+
+def test_a_looser_flag_answers_more_of_another_labs_cells(answers):
+    strict, loose = answers
+    assert loose.ood_flag.sum() < strict.ood_flag.sum()
+    assert not (loose.ood_flag & ~strict.ood_flag).any()  # looser flags a subset
+    assert loose.abstain.mean() < strict.abstain.mean()
+
+
+def test_cli_server_and_api_agree_and_bad_shares_are_refused(answers, lisc_files, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hematoscope.cli.main import app
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+
+    _, loose = answers
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(app, ["predict", *map(str, lisc_files), "--ood-accept", "0.99", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["abstain"].astype(bool).tolist() == loose.abstain.tolist()
+
+    with TestClient(create_app(Settings(db=tmp_path / "h.sqlite3", ood_accept=0.99)),
+                    base_url="http://localhost") as client:
+        assert client.get("/api/models").json()["data"][0]["ood_accept"] == 0.99
+        r = client.post("/api/predict", files=[("files", (f.name, f.read_bytes(), "image/jpeg")) for f in lisc_files])
+    assert r.status_code == 200, r.text
+    assert [item["abstain"] for item in r.json()["items"]] == loose.abstain.tolist()
+
+    r = CliRunner().invoke(app, ["predict", str(lisc_files[0]), "--ood-accept", "0.97"])
+    assert r.exit_code != 0 and "0.8, 0.9, 0.95, 0.975, 0.99" in r.output
+
+
+def test_a_bundle_fitted_before_the_levels_says_to_refit(tmp_path):
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+    from hematoscope.serve.deps import ServeError
+
+    old = load_bundle("default").save(tmp_path / "old")
+    raw = json.loads((old / "config.json").read_text())
+    del raw["ood"]["accept_levels"]
+    for entry in raw["view_trust"].values():
+        del entry["ood_accept_levels"]
+    raw["view_trust_of"] = BundleConfig(**raw).trust_fingerprint()  # as fitted without levels
+    (old / "config.json").write_text(json.dumps(raw))
+    bundle = load_bundle(old)
+    assert bundle.uses_cascade
+    with pytest.raises(BundleError, match="trust fit"):
+        bundle.set_ood_accept(0.99)
+    with pytest.raises(ServeError, match="--ood-accept"):
+        create_app(Settings(models=[old], db=tmp_path / "h.sqlite3", ood_accept=0.99))
+    np.testing.assert_array_equal(bundle.predict([np.zeros((40, 40, 3), np.uint8)]).abstain, [True])
+
+
+def test_evaluate_scores_the_moved_flag(lisc_files, tmp_path):
+    from hematoscope.cli.main import app
+
+    data = tmp_path / "cells"
+    for f in lisc_files:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / f.parent.name / f.name).symlink_to(f)
+    abstained = {}
+    for extra in ([], ["--ood-accept", "0.99"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        r = CliRunner().invoke(app, ["evaluate", "default", str(data), "--json", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        abstained[bool(extra)] = json.loads(out.read_text())["abstained"]
+    assert abstained[True] < abstained[False]
