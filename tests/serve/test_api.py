@@ -272,6 +272,34 @@ class TestHistory:
         assert {(row["analysis_id"], row["analysed_at"], row["model"]) for row in rows} == \
             {(a["id"], a["created"], a["model"]["name"])}
 
+    def test_sample_id_is_stored_listed_exported_and_editable(self, client, sample_files):
+        files = _files(*[(p.name, p.read_bytes()) for p in sample_files[:2]])
+        r = client.post("/api/predict", files=files, data={"sample": "  Slide 2026/118-B  "})
+        assert r.status_code == 200, r.text
+        a = r.json()
+        assert a["sample"] == "Slide 2026/118-B"  # surrounding spaces dropped
+        assert client.get("/api/analyses").json()["data"][0]["sample"] == "Slide 2026/118-B"
+        report = client.get(f"/api/analyses/{a['id']}/report.csv")
+        assert {row["sample"] for row in csv.DictReader(io.StringIO(report.text))} == {"Slide 2026/118-B"}
+        assert 'Slide_2026_118-B' in report.headers["content-disposition"]  # no slash in the file name
+        r = client.patch(f"/api/analyses/{a['id']}", json={"sample": "=HYPERLINK(1)"})
+        assert r.status_code == 200 and r.json()["sample"] == "=HYPERLINK(1)"
+        rows = list(csv.DictReader(io.StringIO(client.get(f"/api/analyses/{a['id']}/report.csv").text)))
+        assert rows[0]["sample"] == "'=HYPERLINK(1)"  # a spreadsheet shows it, does not run it
+        assert client.patch(f"/api/analyses/{a['id']}", json={"sample": ""}).json()["sample"] == ""
+        assert client.patch("/api/analyses/unknown", json={"sample": "x"}).status_code == 404
+
+    @pytest.mark.parametrize("sample, message", [("a" * 101, "at most 100"), ("slide\n7", "control"),
+                                                 ("bad\u202eid", "control")])
+    def test_bad_sample_ids_are_refused_before_anything_is_stored(self, client, sample_files, sample, message):
+        files = _files((sample_files[0].name, sample_files[0].read_bytes()))
+        r = client.post("/api/predict", files=files, data={"sample": sample})
+        assert r.status_code == 422 and message in r.text
+        assert client.get("/api/analyses").json()["count"] == 0
+        a = client.post("/api/predict", files=files).json()
+        r = client.patch(f"/api/analyses/{a['id']}", json={"sample": sample})
+        assert r.status_code == 422 and message in r.text
+
     def test_corrections(self, client, sample_files):
         a = self._post(client, sample_files)
         labels = a["labels"]

@@ -78,9 +78,12 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     page.goto(server_url + "/")
     page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
 
+    page.fill("#sample-input", "Slide 118-B")
     page.set_input_files("#file-input", [str(p) for p in samples])
     page.wait_for_selector(f".card >> nth={len(samples) - 1}", timeout=120_000)
     assert page.locator(".card").count() == len(samples)
+    assert page.locator("#result-title").inner_text() == f"Slide 118-B · {len(samples)} files analysed"
+    assert page.input_value("#sample-input") == ""  # the next upload is not filed under this sample by mistake
 
     # The classes on the page are the ones the API stored for this analysis.
     listing = httpx.get(server_url + "/api/analyses").json()
@@ -152,14 +155,38 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     assert rows[0]["corrected_label"] == new_label
     assert [r["prediction"] for r in rows] == [it["prediction"] for it in analysis["items"]]
 
-    # History tab lists the analysis and reopens it.
+    assert {r["sample"] for r in rows} == {"Slide 118-B"}
+
+    # The sample id can be corrected after the upload.
+    page.fill("#result-sample", "Slide 118-C")
+    page.press("#result-sample", "Enter")
+    page.wait_for_function("document.querySelector('#result-title').textContent.startsWith('Slide 118-C')")
+    assert httpx.get(f"{server_url}/api/analyses/{analysis['id']}").json()["sample"] == "Slide 118-C"
+
+    # History tab lists the analysis with its sample and reopens it.
     page.click("#tab-history")
     page.wait_for_selector("#history-body tr")
     assert page.locator("#history-body tr").count() == 1
+    assert page.locator("#history-body tr td").nth(1).inner_text() == "Slide 118-C"
     page.screenshot(path=str(ARTIFACTS / "serve_history.png"))
-    page.locator("#history-body tr button").first.click()
+    page.get_by_role("button", name="Open sample Slide 118-C", exact=False).click()
     page.wait_for_selector("#view-analyse:not([hidden]) .card")
     assert page.locator(".card").count() == len(samples)
+
+    # Deleting asks first; declined, nothing goes; accepted, the analysis and its shown results go.
+    page.click("#tab-history")
+    page.wait_for_selector("#history-body tr")
+    delete = page.get_by_role("button", name="Delete sample Slide 118-C", exact=False)
+    page.once("dialog", lambda d: d.dismiss())
+    delete.click()
+    assert httpx.get(server_url + "/api/analyses").json()["count"] == 1
+    page.once("dialog", lambda d: d.accept())
+    delete.click()
+    page.wait_for_selector("#history-empty:not([hidden])")
+    assert httpx.get(server_url + "/api/analyses").json()["count"] == 0
+    assert page.locator("#history-status").inner_text().startswith("Deleted sample Slide 118-C")
+    page.click("#tab-analyse")
+    assert not page.locator("#results").is_visible()
 
 
 def test_keyboard_and_token(server_url, page):

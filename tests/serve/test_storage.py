@@ -51,6 +51,33 @@ def test_failed_correction_batch_is_not_half_applied(tmp_path):
     assert {k: (v["label"], v["note"]) for k, v in store.get(aid).corrections.items()} == {0: ("neutrophil", "y")}
 
 
+def test_a_history_written_before_sample_ids_is_upgraded_and_keeps_its_analyses(tmp_path):
+    from hematoscope.serve import storage
+
+    path = tmp_path / "h.sqlite3"
+    with sqlite3.connect(path) as con:  # the version-1 table, as hematoscope wrote it before sample ids
+        con.execute("CREATE TABLE analyses (id TEXT PRIMARY KEY, created TEXT NOT NULL, model_name TEXT NOT NULL, "
+                    "model_kind TEXT NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL, "
+                    "labels TEXT NOT NULL, n_images INTEGER NOT NULL, n_errors INTEGER NOT NULL, "
+                    "differential TEXT NOT NULL)")
+        assert "sample" not in {r[1] for r in con.execute("PRAGMA table_info(analyses)")}
+        con.execute("INSERT INTO analyses VALUES ('old', '2026-01-01T00:00:00', 'm', 'neural', 'abc', '1', "
+                    "'[\"neutrophil\", \"lymphocyte\"]', 0, 0, '{}')")
+        con.execute("PRAGMA user_version = 1")
+    store = HistoryStore(path)
+    assert store.get("old").sample == "" and store.list()[0][0]["sample"] == ""
+    store.set_sample("old", "S-1")
+    new = store.add_analysis(MODEL, LABELS, DIFF, _items(), sample="S-2")
+    assert (store.get("old").sample, store.get(new).sample) == ("S-1", "S-2")
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 2
+    with pytest.raises(NotFound):
+        store.set_sample("missing", "x")
+    with pytest.raises(ValueError, match="control"):
+        store.add_analysis(MODEL, LABELS, DIFF, _items(), sample="a\tb")
+    assert store.list()[1] == 2  # the refused one left nothing
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "h.sqlite3"
     HistoryStore(path)

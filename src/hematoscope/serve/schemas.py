@@ -127,6 +127,7 @@ class Differential(BaseModel):
 class Analysis(BaseModel):
     id: str
     created: str
+    sample: str = Field("", description="the lab's sample / slide id given with the upload (or set later)")
     model: ModelRef
     labels: list[str]
     n_images: int
@@ -140,6 +141,7 @@ class Analysis(BaseModel):
 class AnalysisSummary(BaseModel):
     id: str
     created: str
+    sample: str = ""
     model: ModelRef
     n_images: int
     n_errors: int
@@ -150,6 +152,11 @@ class AnalysisSummary(BaseModel):
 class AnalysisList(BaseModel):
     data: list[AnalysisSummary]
     count: int = Field(description="analyses stored in total")
+
+
+class AnalysisPatch(BaseModel):
+    sample: str = Field(max_length=1000, description="the lab's sample / slide id (\"\" clears it); at most "
+                        "100 characters, no line breaks")
 
 
 class CorrectionIn(BaseModel):

@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import stat
+import unicodedata
 import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+#: 2: analyses.sample (the lab's sample / slide id)
+SCHEMA_VERSION = 2
+#: Longest sample id kept (a specimen, slide or run code, not a note).
+SAMPLE_MAX = 100
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS analyses (
     id TEXT PRIMARY KEY,
@@ -34,7 +38,8 @@ CREATE TABLE IF NOT EXISTS analyses (
     labels TEXT NOT NULL,          -- JSON list, the model's classes in output order
     n_images INTEGER NOT NULL,
     n_errors INTEGER NOT NULL,
-    differential TEXT NOT NULL     -- JSON, DifferentialCount.to_dict()
+    differential TEXT NOT NULL,    -- JSON, DifferentialCount.to_dict()
+    sample TEXT NOT NULL DEFAULT '' -- the lab's sample / slide id, as typed
 );
 CREATE INDEX IF NOT EXISTS analyses_created ON analyses (created);
 CREATE TABLE IF NOT EXISTS items (
@@ -89,6 +94,7 @@ class StoredAnalysis:
     items: list[StoredItem] = field(default_factory=list)
     #: image index → {"label", "note", "updated"}
     corrections: dict[int, dict[str, str]] = field(default_factory=dict)
+    sample: str = ""
 
     @property
     def n_errors(self) -> int:
@@ -115,6 +121,8 @@ class HistoryStore:
             if version > SCHEMA_VERSION:
                 raise StorageError(f"{self.path} has history schema {version}; this hematoscope "
                                    f"reads up to {SCHEMA_VERSION}: upgrade hematoscope or use --db")
+            if version == 1:  # histories written before sample ids keep their analyses
+                con.execute("ALTER TABLE analyses ADD COLUMN sample TEXT NOT NULL DEFAULT ''")
             for statement in _SCHEMA.split(";"):  # executescript would COMMIT mid-transaction
                 if statement.strip():
                     con.execute(statement)
@@ -154,7 +162,7 @@ class HistoryStore:
 
     # --- writing -----------------------------------------------------------------------
     def add_analysis(self, model: dict[str, str], labels: list[str], differential: dict,
-                     items: list[StoredItem]) -> str:
+                     items: list[StoredItem], *, sample: str = "") -> str:
         """Store a new analysis and return its id.
 
         Args:
@@ -162,14 +170,20 @@ class HistoryStore:
             labels: the bundle's classes in output order (corrections must use one of them).
             differential: ``DifferentialCount.to_dict()`` of the batch.
             items: the uploaded files in upload order.
+            sample: the lab's sample / slide id (:func:`clean_sample`).
+
+        Raises:
+            ValueError: a sample id :func:`clean_sample` refuses.
         """
         analysis_id = uuid.uuid4().hex
+        sample = clean_sample(sample)
         with self._transaction() as con:
             con.execute(
-                "INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO analyses (id, created, model_name, model_kind, model_id, model_version, labels, "
+                "n_images, n_errors, differential, sample) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (analysis_id, _now(), model["name"], model["kind"], model["id"], model["version"],
                  json.dumps(labels), len(items), sum("error" in it.result for it in items),
-                 json.dumps(differential)),
+                 json.dumps(differential), sample),
             )
             con.executemany(
                 "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -212,6 +226,18 @@ class HistoryStore:
                     (analysis_id, idx, label, note, now),
                 )
 
+    def set_sample(self, analysis_id: str, sample: str) -> None:
+        """Set (``""``: clear) the sample id of an analysis.
+
+        Raises:
+            NotFound: no analysis with that id.
+            ValueError: a sample id :func:`clean_sample` refuses.
+        """
+        sample = clean_sample(sample)
+        with self._transaction() as con:
+            if con.execute("UPDATE analyses SET sample = ? WHERE id = ?", (sample, analysis_id)).rowcount == 0:
+                raise NotFound(analysis_id)
+
     def delete(self, analysis_id: str) -> None:
         """Delete an analysis with its images, results and corrections.
 
@@ -249,7 +275,7 @@ class HistoryStore:
         """
         with closing(self._connect()) as con:
             row = con.execute("SELECT id, created, model_name, model_kind, model_id, model_version, labels, "
-                              "differential FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+                              "differential, sample FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
             if row is None:
                 raise NotFound(analysis_id)
             blobs = "thumbnail, heatmap" if images else "NULL, NULL"
@@ -262,6 +288,7 @@ class HistoryStore:
             id=row[0], created=row[1],
             model={"name": row[2], "kind": row[3], "id": row[4], "version": row[5]},
             labels=json.loads(row[6]), differential=json.loads(row[7]), items=items, corrections=corrections,
+            sample=row[8],
         )
 
     def list(self, *, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -270,15 +297,31 @@ class HistoryStore:
             total = con.execute("SELECT COUNT(*) FROM analyses").fetchone()[0]
             rows = con.execute(
                 "SELECT a.id, a.created, a.model_name, a.model_kind, a.model_id, a.model_version, a.n_images, "
-                "a.n_errors, a.differential, (SELECT COUNT(*) FROM corrections c WHERE c.analysis_id = a.id) "
-                "FROM analyses a ORDER BY a.created DESC, a.rowid DESC LIMIT ? OFFSET ?", (limit, offset),
+                "a.n_errors, a.differential, (SELECT COUNT(*) FROM corrections c WHERE c.analysis_id = a.id), "
+                "a.sample FROM analyses a ORDER BY a.created DESC, a.rowid DESC LIMIT ? OFFSET ?", (limit, offset),
             ).fetchall()
         out = [{
             "id": r[0], "created": r[1],
             "model": {"name": r[2], "kind": r[3], "id": r[4], "version": r[5]},
             "n_images": r[6], "n_errors": r[7], "differential": json.loads(r[8]), "n_corrections": r[9],
+            "sample": r[10],
         } for r in rows]
         return out, total
+
+
+def clean_sample(sample: str | None) -> str:
+    """A sample id as stored: surrounding spaces dropped; at most :data:`SAMPLE_MAX` characters
+    and no control characters (it is shown in pages and written into CSV rows).
+
+    Raises:
+        ValueError: too long, or a control character in it.
+    """
+    sample = (sample or "").strip()
+    if len(sample) > SAMPLE_MAX:
+        raise ValueError(f"a sample id has at most {SAMPLE_MAX} characters; got {len(sample)}")
+    if any(unicodedata.category(ch).startswith("C") for ch in sample):
+        raise ValueError("a sample id cannot hold control characters (line breaks, tabs ...)")
+    return sample
 
 
 def _create_private(path: Path) -> None:

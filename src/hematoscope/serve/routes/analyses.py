@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 
 from hematoscope.serve.deps import StoreDep, require_token
-from hematoscope.serve.schemas import Analysis, AnalysisList, CorrectionsIn
+from hematoscope.serve.schemas import Analysis, AnalysisList, AnalysisPatch, CorrectionsIn
 from hematoscope.serve.storage import NotFound, StoredAnalysis
 
 router = APIRouter(prefix="/analyses", tags=["analyses"], dependencies=[Depends(require_token)])
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/analyses", tags=["analyses"], dependencies=[Depends(
 #: Largest offset SQLite takes (a signed 64-bit integer); beyond it the query is refused (422).
 MAX_OFFSET = 2**63 - 1
 
-CSV_COLUMNS = ["index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
+CSV_COLUMNS = ["sample", "index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
                "ood_score", "ood_flag", "framing", "recolour", "corrected_label", "correction_note", "error",
                "analysis_id", "analysed_at", "model"]
 
@@ -37,7 +37,7 @@ def analysis_response(a: StoredAnalysis) -> Analysis:
             "correction": a.corrections.get(i),
         })
     return Analysis.model_validate({
-        "id": a.id, "created": a.created, "model": a.model, "labels": a.labels,
+        "id": a.id, "created": a.created, "sample": a.sample, "model": a.model, "labels": a.labels,
         "n_images": len(a.items), "n_errors": a.n_errors, "differential": a.differential,
         "corrected_differential": corrected_differential(a.labels, a.items, a.corrections) if a.corrections else None,
         "items": items,
@@ -97,7 +97,7 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
     for i, it in enumerate(a.items):
         res, corr = it.result, a.corrections.get(i, {})
         writer.writerow(safe_row({
-            "index": i, "source": it.source, "sha256": it.sha256,
+            "sample": a.sample, "index": i, "source": it.source, "sha256": it.sha256,
             "prediction": res.get("prediction", ""), "confidence": res.get("confidence", ""),
             "top_k": "; ".join(f"{t['label']}:{t['prob']:.4f}" for t in res.get("top_k", [])),
             "abstain": res.get("abstain", ""), "abstain_reason": res.get("abstain_reason") or "",
@@ -109,9 +109,25 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
             # a row that leaves the file (pasted into a lab sheet) still says where it came from
             "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", ""),
         }))
-    filename = f"hematoscope-{a.created[:10]}-{a.id[:8]}.csv"
+    filename = f"hematoscope-{a.created[:10]}-{_file_safe(a.sample) + '-' if a.sample else ''}{a.id[:8]}.csv"
     return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _file_safe(text: str) -> str:
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in text)[:40]
+
+
+@router.patch("/{analysis_id}", response_model=Analysis, responses={404: {"description": "no analysis with that id"}})
+async def patch_analysis(analysis_id: str, body: AnalysisPatch, store: StoreDep) -> Analysis:
+    """Set the analysis' sample id (e.g. typed after the upload, or corrected)."""
+    try:
+        await anyio.to_thread.run_sync(lambda: store.set_sample(analysis_id, body.sample))
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no analysis {analysis_id!r}") from None
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return analysis_response(await _get(store, analysis_id))
 
 
 @router.patch("/{analysis_id}/corrections", response_model=Analysis, operation_id="patch_corrections")

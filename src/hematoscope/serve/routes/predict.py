@@ -5,13 +5,14 @@ from typing import Annotated
 
 import anyio.from_thread
 import anyio.to_thread
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile, status
 
 from hematoscope.serve.analysis import UploadError, UploadTooLarge, expand_uploads, run_analysis
 from hematoscope.serve.batching import Overloaded
 from hematoscope.serve.deps import ModelsDep, SettingsDep, StoreDep, pick_model, require_token
 from hematoscope.serve.routes.analyses import analysis_response
 from hematoscope.serve.schemas import Analysis
+from hematoscope.serve.storage import clean_sample
 
 router = APIRouter(prefix="/predict", tags=["predict"], dependencies=[Depends(require_token)])
 
@@ -31,6 +32,8 @@ async def predict(
     model: Annotated[str | None, Query(description="served model name (default: the first)")] = None,
     top_k: Annotated[int, Query(ge=1, le=50, description="classes listed per image")] = 3,
     gradcam: Annotated[bool, Query(description="add an explanation heatmap per image")] = False,
+    sample: Annotated[str, Form(max_length=1000, description="the lab's sample / slide id, stored with the "
+                                "analysis (at most 100 characters, no line breaks)")] = "",
 ) -> Analysis:
     """Classify every image (zips are unpacked safely) and store the analysis.
 
@@ -39,6 +42,10 @@ async def predict(
     of them can be read.
     """
     served = pick_model(models, model)
+    try:
+        sample = clean_sample(sample)  # refused before any image is decoded
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     limiter = request.app.state.limiter
     if limiter.borrowed_tokens >= limiter.total_tokens and limiter.statistics().tasks_waiting >= limiter.total_tokens:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is busy: too many analyses waiting; "
@@ -62,7 +69,7 @@ async def predict(
                             cpu_slots=request.app.state.cpu_slots)
 
     def save(items, differential):
-        analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items)
+        analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items, sample=sample)
         if settings.retention_days is not None:
             store.purge(older_than_days=settings.retention_days)
         return store.get(analysis_id)

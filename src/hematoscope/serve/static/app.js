@@ -24,8 +24,8 @@ function colorOf(label) {
 
 function pct(x) { return `${(100 * x).toFixed(1)}%`; }
 
-function setStatus(text, kind = "") {
-  const el = $("#status");
+function setStatus(text, kind = "", where = "#status") {
+  const el = $(where);
   el.textContent = text;
   el.className = `status ${kind}`;
 }
@@ -115,6 +115,8 @@ async function upload(files) {
   if (!files.length) return;
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
+  const sample = $("#sample-input").value.trim();
+  if (sample) form.append("sample", sample);
   const params = new URLSearchParams({ top_k: "3", gradcam: String($("#gradcam-input").checked) });
   const model = $("#model-select").value;
   if (model) params.set("model", model);
@@ -124,6 +126,7 @@ async function upload(files) {
     const analysis = await (await api(`/api/predict?${params}`, { method: "POST", body: form })).json();
     state.showHeat = false;  // cells first; overlays on demand
     showAnalysis(analysis);
+    $("#sample-input").value = "";  // stored with this analysis; the next upload is likely another sample
     const n = analysis.n_images - analysis.n_errors;
     setStatus(`Classified ${n} image${n === 1 ? "" : "s"}` +
               (analysis.n_errors ? `; ${analysis.n_errors} file(s) could not be read.` : "."), "ok");
@@ -157,7 +160,9 @@ function showAnalysis(analysis) {
   $("#heatmap-toggle").checked = state.showHeat;
   $("#heatmap-toggle").disabled = !analysis.items.some((it) => it.heatmap);
   const when = new Date(analysis.created).toLocaleString();
-  $("#result-title").textContent = `${analysis.n_images} file${analysis.n_images === 1 ? "" : "s"} analysed`;
+  const files = `${analysis.n_images} file${analysis.n_images === 1 ? "" : "s"} analysed`;
+  $("#result-title").textContent = analysis.sample ? `${analysis.sample} · ${files}` : files;
+  $("#result-sample").value = analysis.sample || "";
   $("#result-meta").textContent = `${when} · model ${analysis.model.name} (${analysis.model.kind}, ` +
     `id ${analysis.model.id}) · analysis ${analysis.id.slice(0, 8)}`;
 
@@ -393,6 +398,28 @@ async function saveCorrection(index, label) {
   }
 }
 
+async function saveSample() {
+  const a = state.analysis;
+  const input = $("#result-sample");
+  const sample = input.value.trim();
+  if (!a || sample === (a.sample || "")) return;
+  try {
+    const updated = await (await api(`/api/analyses/${a.id}`, {
+      method: "PATCH",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sample }),
+    })).json();
+    const heat = state.heatOverride;
+    showAnalysis(updated);
+    state.heatOverride = heat;
+    renderGrid();
+    setStatus(sample ? `Sample ID saved: ${sample}.` : "Sample ID removed.", "ok");
+  } catch (err) {
+    input.value = a.sample || "";
+    setStatus(`Could not save the sample ID: ${err.message}`, "error");
+  }
+}
+
 async function downloadCsv() {
   const a = state.analysis;
   try {
@@ -420,6 +447,9 @@ function initResults() {
     renderGrid();
   });
   $("#csv-button").addEventListener("click", downloadCsv);
+  const sample = $("#result-sample");
+  sample.addEventListener("change", saveSample);
+  sample.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveSample(); } });
 }
 
 // ---------- history ---------------------------------------------------------------------
@@ -432,8 +462,9 @@ async function loadHistory() {
       const main = row.differential.classes.filter((c) => c.count > 0)
         .sort((x, y) => y.count - x.count).slice(0, 3)
         .map((c) => `${display(c.label)} ${c.percent.toFixed(0)}%`).join(", ");
-      const cells = [new Date(row.created).toLocaleString(), row.model.name, row.n_images, row.n_errors,
-                     row.n_corrections, main || "—"];
+      const when = new Date(row.created).toLocaleString();
+      const cells = [when, row.sample || "—", row.model.name, row.n_images, row.n_errors, row.n_corrections,
+                     main || "—"];
       for (const value of cells) {
         const td = document.createElement("td");
         td.textContent = value;
@@ -443,15 +474,36 @@ async function loadHistory() {
       const open = document.createElement("button");
       open.className = "button small-button";
       open.textContent = "Open";
-      open.setAttribute("aria-label", `Open analysis of ${new Date(row.created).toLocaleString()}`);
+      const what = row.sample ? `sample ${row.sample} (${when})` : `analysis of ${when}`;
+      open.setAttribute("aria-label", `Open ${what}`);
       open.addEventListener("click", () => openAnalysis(row.id));
-      td.append(open);
+      const del = document.createElement("button");
+      del.className = "button small-button danger";
+      del.textContent = "Delete";
+      del.setAttribute("aria-label", `Delete ${what}`);
+      del.addEventListener("click", () => deleteAnalysis(row.id, what));
+      td.append(open, del);
       tr.append(td);
       return tr;
     }));
   } catch (err) {
-    setStatus(`Cannot load the history: ${err.message}`, "error");
+    setStatus(`Cannot load the history: ${err.message}`, "error", "#history-status");
   }
+}
+
+async function deleteAnalysis(id, what) {
+  if (!window.confirm(`Delete ${what}? Its images, results and corrections are removed for good.`)) return;
+  try {
+    await api(`/api/analyses/${id}`, { method: "DELETE" });
+    if (state.analysis && state.analysis.id === id) {  // what is on the Analyse tab no longer exists
+      state.analysis = null;
+      $("#results").hidden = true;
+    }
+    setStatus(`Deleted ${what}.`, "ok", "#history-status");
+  } catch (err) {
+    setStatus(`Could not delete ${what}: ${err.message}`, "error", "#history-status");
+  }
+  await loadHistory();
 }
 
 async function openAnalysis(id) {
