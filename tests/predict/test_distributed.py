@@ -22,16 +22,19 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance for the module, started as the Ray engine starts one."""
-    from hematoscope.predict.distributed import connect
+    from hematoscope.predict.distributed import connect, local_session_dir, remove_session_dir
 
     assert connect(num_cpus=2)
     import ray
 
+    session = local_session_dir()
     try:
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         yield ray
     finally:
         ray.shutdown()
+        if session is not None:
+            remove_session_dir(session)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +193,29 @@ def test_the_command_joins_a_running_cluster_at_address(ray_local, cells, tmp_pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 images classified" in proc.stdout and len(_rows(out)) == 3
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2  # still up
+
+
+def test_a_job_that_starts_its_own_instance_leaves_no_session_folder(cells, tmp_path):
+    """Ray keeps a folder of logs and sockets per start in its temp folder for good; a finished
+    job of the Ray engine removes the one of the instance it started."""
+    import os
+    import subprocess
+    import tempfile
+
+    # RAY_TMPDIR: this run's instance apart from the module's (short: Ray's socket paths must fit 107 bytes)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="hs-ray-"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    out = tmp_path / "own.csv"
+    proc = subprocess.run([str(Path(sys.executable).parent / "hematoscope"), "predict", str(cells / "basophil"),
+                           "--engine", "ray", "--tta", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(_rows(out)) == 3
+    try:
+        assert (ray_tmp / "ray").is_dir()  # the instance did run from there
+        assert not list(ray_tmp.rglob("session_2*")) and not (ray_tmp / "ray" / "session_latest").exists()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_rows_keep_their_own_answers_whatever_their_names(tmp_path):

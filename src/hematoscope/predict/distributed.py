@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -442,6 +443,26 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     return True
 
 
+def local_session_dir() -> Path | None:
+    """The folder (logs, sockets, spilled objects) of the Ray instance this process started, or
+    None when it cannot be told."""
+    try:
+        from ray._private import worker  # no public accessor for it in Ray 2.x
+
+        return Path(worker._global_node.get_session_dir_path())
+    except Exception:  # another Ray version: leave the folder, as Ray itself does
+        return None
+
+
+def remove_session_dir(session: Path) -> None:
+    """Remove a stopped local instance's session folder (Ray keeps one per start under its temp
+    folder, /tmp/ray, for good) and the ``session_latest`` link when it pointed there."""
+    shutil.rmtree(session, ignore_errors=True)
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and not latest.exists():
+        latest.unlink(missing_ok=True)
+
+
 def shard_path(out_dir: Path, shard: int) -> Path:
     return Path(out_dir) / SHARD_DIR / f"part-{shard:05d}.parquet"
 
@@ -534,14 +555,22 @@ def run_job(
         log.info("%s: %d of %d shards already written, skipped", out_dir, done_before, job["shards"])
     if pending:
         started = connect(address, num_cpus=num_cpus)
+        session = local_session_dir() if started and not address else None
+        done = False
         try:
             _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
                         classes=classes, reframe=reframe, framing=framing, recolour=recolour,
                         ood_accept=ood_accept, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
                         decode_threads=decode_threads, on_shard=on_shard)
+            done = True
         finally:
             if started:
                 ray.shutdown()
+            if session is not None:
+                if done:
+                    remove_session_dir(session)
+                else:  # its logs may say why the job stopped
+                    log.warning("Ray's logs of this run are kept in %s", session / "logs")
     diff, skipped = _report(out_dir, job, bundle, report=report, top_k=top_k, batch_size=batch_size)
     return JobResult(out_dir, job["rows"], job["shards"], len(pending), done_before, diff, bundle.name, skipped,
                      time.perf_counter() - start, Path(report) if report else None)
