@@ -82,7 +82,7 @@ OodAcceptOption = Annotated[Optional[float], typer.Option(
     "--ood-accept", show_default=False,
     help="Operating point of the unlike-training flag: the share of the model's own validation cells it accepts, "
          "0.8, 0.9, 0.95, 0.975 or 0.99 (default: as fitted, about 0.95). Higher sets aside fewer of another lab's "
-         "cells, answers more of them wrongly and flags fewer damaged cells; on LISC 0.99 set aside 19 % instead "
+         "cells, answers more of them wrongly and flags fewer damaged cells; on LISC 0.99 set aside 20 % instead "
          "of 34 %, 87 % right on the answered instead of 95 % (docs/trust.md).")]
 
 
