@@ -300,6 +300,29 @@ class TestHistory:
         r = client.patch(f"/api/analyses/{a['id']}", json={"sample": sample})
         assert r.status_code == 422 and message in r.text
 
+    def test_differential_csv_gives_the_count_as_given_and_as_corrected(self, client, sample_files):
+        a = self._post(client, sample_files, 3)
+        first = a["items"][0]
+        other = next(lab for lab in a["labels"] if lab != first["prediction"])
+        client.patch(f"/api/analyses/{a['id']}", json={"sample": "S-9"})
+        client.patch(f"/api/analyses/{a['id']}/corrections", json={"corrections": [{"index": 0, "label": other}]})
+        r = client.get(f"/api/analyses/{a['id']}/differential.csv")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        assert "S-9" in r.headers["content-disposition"] and "-count.csv" in r.headers["content-disposition"]
+        rows = {row["class"]: row for row in csv.DictReader(io.StringIO(r.text))}
+        assert list(rows) == a["labels"] + ["abstained", "unreadable"]
+        given = {c["label"]: c["count"] for c in a["differential"]["classes"]}
+        assert {k: int(rows[k]["count"]) for k in a["labels"]} == given
+        assert int(rows["unreadable"]["count"]) == 1 and int(rows["abstained"]["count"]) == a["differential"]["abstained"]
+        assert int(rows[other]["corrected_count"]) == given[other] + 1
+        if not first["abstain"]:
+            assert int(rows[first["prediction"]]["corrected_count"]) == given[first["prediction"]] - 1
+        assert sum(int(rows[k]["corrected_count"]) for k in rows) == 4
+        assert {(row["sample"], row["analysis_id"]) for row in rows.values()} == {("S-9", a["id"])}
+        counted = sum(given.values())
+        assert float(rows[other]["percent"]) == pytest.approx(100 * given[other] / max(counted, 1), abs=0.01)
+        assert client.get("/api/analyses/unknown/differential.csv").status_code == 404
+
     def test_corrections(self, client, sample_files):
         a = self._post(client, sample_files)
         labels = a["labels"]

@@ -156,6 +156,10 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     assert [r["prediction"] for r in rows] == [it["prediction"] for it in analysis["items"]]
 
     assert {r["sample"] for r in rows} == {"Slide 118-B"}
+    with page.expect_download() as download:
+        page.click("#count-button")
+    counts = {r["class"]: r for r in csv.DictReader(download.value.path().open(encoding="utf-8"))}
+    assert int(counts[new_label]["corrected_count"]) >= 1 and download.value.suggested_filename.endswith("-count.csv")
 
     # The sample id can be corrected after the upload.
     page.fill("#result-sample", "Slide 118-C")

@@ -109,8 +109,43 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
             # a row that leaves the file (pasted into a lab sheet) still says where it came from
             "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", ""),
         }))
-    filename = f"hematoscope-{a.created[:10]}-{_file_safe(a.sample) + '-' if a.sample else ''}{a.id[:8]}.csv"
-    return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
+    return _csv_response(buf.getvalue(), a)
+
+
+DIFFERENTIAL_COLUMNS = ["sample", "class", "count", "percent", "corrected_count", "corrected_percent",
+                        "analysis_id", "analysed_at", "model"]
+
+
+@router.get("/{analysis_id}/differential.csv", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}, "description": "one row per class, then abstained "
+                                                                       "and unreadable"}})
+async def differential_csv(analysis_id: str, store: StoreDep) -> Response:
+    """The differential count as CSV, as the model gave it and with the user's corrections:
+    one row per class (count and percent of the counted cells), then abstained and unreadable."""
+    from hematoscope._csv import safe_row
+    from hematoscope.serve.analysis import corrected_differential
+
+    a = await _get(store, analysis_id, images=False)
+    corrected = corrected_differential(a.labels, a.items, a.corrections)
+    fixed = {c["label"]: c for c in corrected["classes"]}
+    rows = [(c["label"], c["count"], f"{c['percent']:.2f}", fixed[c["label"]]["count"],
+             f"{fixed[c['label']]['percent']:.2f}") for c in a.differential["classes"]]
+    rows += [("abstained", a.differential["abstained"], "", corrected["abstained"], ""),
+             ("unreadable", a.differential["skipped"], "", corrected["skipped"], "")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=DIFFERENTIAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for name, count, percent, count_c, percent_c in rows:
+        writer.writerow(safe_row({"sample": a.sample, "class": name, "count": count, "percent": percent,
+                                  "corrected_count": count_c, "corrected_percent": percent_c, "analysis_id": a.id,
+                                  "analysed_at": a.created, "model": a.model.get("name", "")}))
+    return _csv_response(buf.getvalue(), a, "-count")
+
+
+def _csv_response(text: str, a: StoredAnalysis, suffix: str = "") -> Response:
+    sample = _file_safe(a.sample) + "-" if a.sample else ""
+    filename = f"hematoscope-{a.created[:10]}-{sample}{a.id[:8]}{suffix}.csv"
+    return Response(text, media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 

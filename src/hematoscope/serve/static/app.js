@@ -420,10 +420,10 @@ async function saveSample() {
   }
 }
 
-async function downloadCsv() {
+async function downloadCsv(what = "report") {
   const a = state.analysis;
   try {
-    const response = await api(`/api/analyses/${a.id}/report.csv`);
+    const response = await api(`/api/analyses/${a.id}/${what}.csv`);
     const blob = await response.blob();
     const match = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
     const link = document.createElement("a");
@@ -446,7 +446,8 @@ function initResults() {
     state.heatOverride = new Map();
     renderGrid();
   });
-  $("#csv-button").addEventListener("click", downloadCsv);
+  $("#csv-button").addEventListener("click", () => downloadCsv("report"));
+  $("#count-button").addEventListener("click", () => downloadCsv("differential"));
   const sample = $("#result-sample");
   sample.addEventListener("change", saveSample);
   sample.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveSample(); } });
