@@ -14,13 +14,6 @@ from hematoscope.bundle.base import BundleError
 from hematoscope.bundle.config import BundleConfig
 from hematoscope.bundle.ood import OOD_ACCEPT_LEVELS
 
-WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
-
-
-@pytest.fixture(scope="module")
-def lisc_files(lisc_root):
-    return [p for c in WHITE for p in sorted((lisc_root / c).glob("*.jpg"))[:6]]
-
 
 @pytest.fixture(scope="module")
 def answers(lisc_files):
@@ -95,17 +88,13 @@ def test_a_bundle_fitted_before_the_levels_says_to_refit(tmp_path):
     np.testing.assert_array_equal(bundle.predict([np.zeros((40, 40, 3), np.uint8)]).abstain, [True])
 
 
-def test_evaluate_scores_the_moved_flag(lisc_files, tmp_path):
+def test_evaluate_scores_the_moved_flag(lisc_folder, tmp_path):
     from hematoscope.cli.main import app
 
-    data = tmp_path / "cells"
-    for f in lisc_files:
-        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
-        (data / f.parent.name / f.name).symlink_to(f)
     abstained = {}
     for extra in ([], ["--ood-accept", "0.99"]):
         out = tmp_path / f"r{len(extra)}.json"
-        r = CliRunner().invoke(app, ["evaluate", "default", str(data), "--json", str(out), *extra])
+        r = CliRunner().invoke(app, ["evaluate", "default", str(lisc_folder), "--json", str(out), *extra])
         assert r.exit_code == 0, r.output
         abstained[bool(extra)] = json.loads(out.read_text())["abstained"]
     assert abstained[True] < abstained[False]

@@ -15,14 +15,6 @@ from hematoscope.bundle.config import SIZE_PAD_MAX, ReframeRule
 from hematoscope.data.images import load_model_image
 from hematoscope.models.preprocess import centre_crop, reframe_image
 
-WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
-
-
-@pytest.fixture(scope="module")
-def lisc_files(lisc_root):
-    """Six crops per class of the other lab: about half of them look unlike PBC to the model."""
-    return [p for c in WHITE for p in sorted((lisc_root / c).glob("*.jpg"))[:6]]
-
 
 @pytest.fixture(scope="module")
 def answers(lisc_files, pbc_subset):
@@ -376,20 +368,16 @@ def test_the_server_reports_the_colour_change_of_a_bundle_that_searches_colours(
     assert all(item["recolour"] is None for item in r.json()["items"])  # off unless asked for
 
 
-def test_evaluate_recolour_scores_the_colour_search(lisc_files, tmp_path):
+def test_evaluate_recolour_scores_the_colour_search(lisc_folder, lisc_files, tmp_path):
     from hematoscope.cli.main import app
 
-    data = tmp_path / "cells"
-    for f in lisc_files:
-        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
-        (data / f.parent.name / f.name).symlink_to(f)
     reports = {}
     for extra in ([], ["--recolour"]):
         out = tmp_path / f"r{len(extra)}.json"
-        r = CliRunner().invoke(app, ["evaluate", "default", str(data), "--json", str(out), "--tta", "1", *extra])
+        r = CliRunner().invoke(app, ["evaluate", "default", str(lisc_folder), "--json", str(out), "--tta", "1", *extra])
         assert r.exit_code == 0, r.output
         reports[bool(extra)] = pd.read_json(out, typ="series")
     assert reports[True]["n"] == reports[False]["n"] == len(lisc_files)
     assert reports[True]["abstained"] < reports[False]["abstained"]  # the colour search answers more of them
-    r = CliRunner().invoke(app, ["evaluate", "default", str(data), "--recolour", "--no-reframe"])
+    r = CliRunner().invoke(app, ["evaluate", "default", str(lisc_folder), "--recolour", "--no-reframe"])
     assert r.exit_code != 0 and "cannot go with --no-reframe" in r.output
