@@ -121,10 +121,12 @@ def test_cli_adapt_writes_a_bundle_the_predict_command_uses(trusted_bundle, synt
     for i, p in enumerate(sorted(synthetic_root.rglob("*.png"))[:60]):
         (tmp_path / "lab" / f"{i}.png").write_bytes(p.read_bytes())
     (tmp_path / "lab" / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "lab" / "slide.ndpi").write_bytes(b"a slide scan, not a crop")
     runner = CliRunner()
     res = runner.invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "lab"), "--out", str(tmp_path / "ad")])
     assert res.exit_code == 0, res.output
     assert "60 images" in res.output and "broken.jpg" in res.output
+    assert "1 file in the folders or zips was left out" in " ".join(res.output.split()) and ".ndpi 1" in res.output
     adapted = load_bundle(tmp_path / "ad")
     assert adapted.config.adaptation["source"] == "lab" and adapted.name == "ad"  # as the web app lists it
     res = runner.invoke(app, ["predict", str(tmp_path / "lab"), "--model", str(tmp_path / "ad")])

@@ -29,6 +29,8 @@ def test_predict_folder_and_zip_with_bad_files(runner, tiny_neural_bundle, messy
     assert reasons[str(messy_folder / "notes.txt")] == "not an image or unknown format"
     assert data["differential"]["classified"] + data["differential"]["abstained"] == 12
     assert "Differential count" in res.output and "truncated file" in res.output
+    # notes.txt inside the folder and the zip was passed over; the user hears of it (named, it was tried)
+    assert "2 files in the folders or zips were left out" in " ".join(res.output.split())
 
 
 def test_abstain_below_and_table_output(runner, tiny_neural_bundle, messy_folder):

@@ -22,6 +22,33 @@ def test_folder_is_recursive_sorted_and_ignores_non_images(messy_folder):
     assert str(messy_folder / "b" / "deep" / "cell_5.jpg") in names
 
 
+def test_files_passed_over_in_folders_and_zips_are_listed_for_the_user(messy_folder, tmp_path):
+    """A lab's folder with notes or images under an unknown extension is told what was left out;
+    hidden and system files, and zips' resource forks, are not worth a word."""
+    from hematoscope.data.sources import left_out_summary
+
+    (messy_folder / "b" / "cell_9.heic").write_bytes(b"an image this reader does not take")
+    (messy_folder / ".DS_Store").write_bytes(b"x")
+    (messy_folder / ".git").mkdir()
+    (messy_folder / ".git" / "HEAD").write_text("ref")
+    (messy_folder / "Thumbs.db").write_bytes(b"x")
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("c/cell.png", b"x")
+        zf.writestr("c/count.csv", "a,b")
+        zf.writestr("c/", "")
+        zf.writestr("__MACOSX/c/._cell.png", b"x")
+    left_out: list[str] = []
+    items = expand_paths([messy_folder, archive], left_out=left_out)
+    assert len(items) == 10  # the 9 images of the folder and the zip's one: nothing else changed
+    assert left_out == [str(messy_folder / "b" / "cell_9.heic"), str(messy_folder / "notes.txt"),
+                        f"{archive}!c/count.csv"]
+    summary = left_out_summary(left_out)
+    assert summary.startswith("3 files in the folders or zips were left out") and ".heic 1" in summary
+    assert ".jpg" in summary  # says which extensions are read
+    assert expand_paths([messy_folder]) == items[:9]  # without the list, the same items
+
+
 def test_named_files_are_attempted_and_missing_ones_reported(messy_folder, tmp_path):
     notes = messy_folder / "notes.txt"
     items = expand_paths([notes, tmp_path / "nope.jpg", str(tmp_path / "*.png")])

@@ -58,7 +58,7 @@ def adapt(
         from hematoscope.bundle import load_bundle
         from hematoscope.bundle.adapt import adapt_bundle
         from hematoscope.predict.report import skipped_table
-        from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths
+        from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths, left_out_summary
 
         if framing not in ("auto", "keep"):
             try:
@@ -70,9 +70,10 @@ def adapt(
         check_out(out, overwrite)
         original = load_bundle(bundle_path)
         archives = ArchiveReader()
+        left_out: list[str] = []
 
         def items():
-            for item in expand_paths(paths):
+            for item in expand_paths(paths, left_out=left_out):
                 if isinstance(item, ImageSource) and item.member is not None:
                     yield item.name, archives.read(item)
                 elif isinstance(item, ImageSource):
@@ -92,6 +93,8 @@ def adapt(
             export_onnx(load_bundle(saved))
     if report.skipped:
         err_console().print(skipped_table(report.skipped, limit=50))
+    if left_out:
+        err_console().print(left_out_summary(left_out), highlight=False)
     c = console()
     a = adapted.config.adaptation
     c.print(f"adapted [bold]{original.name}[/] → [bold]{adapted.name}[/] on {report.images} images of "

@@ -94,7 +94,8 @@ def predict(
                                     ood_accept=ood_accept, framing=None if framing_value == "auto" else framing_value)
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
-        items = expand_paths(paths)
+        left_out: list[str] = []
+        items = expand_paths(paths, left_out=left_out)
         n_images = sum(isinstance(i, ImageSource) for i in items)
         chosen = None
         if framing_value == "auto":
@@ -146,6 +147,10 @@ def predict(
         if len(skipped) > 50:
             err_console().print(f"... and {len(skipped) - 50} more unreadable files"
                                 + (f" (all listed in {out})" if out else ""))
+    if left_out:
+        from hematoscope.data.sources import left_out_summary
+
+        err_console().print(left_out_summary(left_out), highlight=False)
     done = diff.classified + diff.abstained
     if bundle.uses_cascade and done:
         rule = bundle.config.cascade

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import glob
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from hematoscope.data.archive import UnsafeArchiveError, ZipMember, open_zip, read_member, safe_members
-from hematoscope.data.images import is_image_file
+from hematoscope.data.images import IMAGE_EXTENSIONS, is_image_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,13 +51,18 @@ class ImageSource:
     data: "bytes | np.ndarray | None" = field(default=None, compare=False, repr=False)
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[ImageSource | SkippedFile]:
+def expand_paths(paths: Iterable[str | Path], *,
+                 left_out: list[str] | None = None) -> list[ImageSource | SkippedFile]:
     """Expand files, folders, globs and zip files into images, in a deterministic order.
 
     The order is the order of ``paths``; within a folder, glob or zip, sorted by name.
 
     Args:
         paths: what the user named.
+        left_out: when given, gets the visible files inside folders and zips that were passed
+            over because their extension is not an image's (notes, spreadsheets, or images
+            saved under an extension this reader does not know); hidden and system files are
+            not listed (:func:`left_out_summary`).
 
     Returns:
         One :class:`ImageSource` per image, and a :class:`SkippedFile` for a named path that
@@ -69,13 +75,13 @@ def expand_paths(paths: Iterable[str | Path]) -> list[ImageSource | SkippedFile]
         text = str(raw)
         path = Path(text)
         if path.exists():
-            items.extend(_expand(path, explicit=True))
+            items.extend(_expand(path, explicit=True, left_out=left_out))
         elif _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:
                 items.append(SkippedFile(text, "no file matches this pattern"))
             for match in matches:
-                items.extend(_expand(Path(match), explicit=False))
+                items.extend(_expand(Path(match), explicit=False, left_out=left_out))
         else:
             items.append(SkippedFile(text, "file not found"))
     return items
@@ -85,23 +91,46 @@ def _is_zip(path: Path | str) -> bool:
     return str(path).lower().endswith(".zip")
 
 
-def _expand(path: Path, *, explicit: bool) -> list[ImageSource | SkippedFile]:
+#: Files a folder or zip may hold that nobody means as input (not reported as left out).
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+
+
+def _unmeant(name: str) -> bool:
+    """Hidden (a part of the path starts with "."), system or archive junk: never an input."""
+    parts = name.split("/")
+    return any(p.startswith(".") for p in parts) or parts[-1].lower() in _SYSTEM_FILES or \
+        name.startswith(_ZIP_JUNK_PREFIXES)
+
+
+def left_out_summary(left_out: Sequence[str]) -> str:
+    """``left_out`` of :func:`expand_paths` in one line: how many, by extension."""
+    counts = Counter(PurePosixPath(n.replace("\\", "/")).suffix.lower() or "(no extension)" for n in left_out)
+    kinds = ", ".join(f"{ext} {n}" for ext, n in counts.most_common(6)) + (", ..." if len(counts) > 6 else "")
+    n = len(left_out)
+    return (f"{n} file{'s' if n != 1 else ''} in the folders or zips {'were' if n != 1 else 'was'} left out, not "
+            f"being images by {'their' if n != 1 else 'its'} extension ({kinds}); images are read from "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files")
+
+
+def _expand(path: Path, *, explicit: bool, left_out: list[str] | None = None) -> list[ImageSource | SkippedFile]:
     if path.is_dir():
         out: list[ImageSource | SkippedFile] = []
         for f in sorted(path.rglob("*")):
             if _is_zip(f) and f.is_file():
-                out.extend(_expand_zip(f))
+                out.extend(_expand_zip(f, left_out))
             elif is_image_file(f) and f.is_file():
                 out.append(ImageSource(str(f), f))
+            elif left_out is not None and f.is_file() and not _unmeant(f.relative_to(path).as_posix()):
+                left_out.append(str(f))
         return out or [SkippedFile(str(path), "no image files or zip files in this folder")]
     if _is_zip(path):
-        return _expand_zip(path)
+        return _expand_zip(path, left_out)
     if explicit or is_image_file(path):
         return [ImageSource(str(path), path)]
     return []
 
 
-def _expand_zip(path: Path) -> list[ImageSource | SkippedFile]:
+def _expand_zip(path: Path, left_out: list[str] | None = None) -> list[ImageSource | SkippedFile]:
     try:
         zf = open_zip(path)
     except UnsafeArchiveError as exc:  # corrupt or not a zip: report it, go on with the others
@@ -118,6 +147,8 @@ def _expand_zip(path: Path) -> list[ImageSource | SkippedFile]:
             out.append(ImageSource(f"{path}!{m.name}", path, m))
         elif _is_zip(m.name):
             out.append(SkippedFile(f"{path}!{m.name}", "zip inside a zip: not read (unpack the outer zip first)"))
+        elif left_out is not None and not m.name.endswith("/") and not _unmeant(m.name):
+            left_out.append(f"{path}!{m.name}")
     return out or [SkippedFile(str(path), "no image files in this zip")]
 
 
