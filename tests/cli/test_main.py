@@ -27,6 +27,28 @@ def test_help_lists_every_command_group():
         assert cmd in result.output
 
 
+def _commands(group, prefix=()):
+    """(path, callback) of every command, through the sub-groups."""
+    import typer.main
+
+    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, cmd in click_group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd.callback
+
+
+def test_every_command_summary_is_one_line():
+    """The help lists each command by its docstring's first paragraph, line breaks kept (rich
+    markup): a summary over two lines prints broken in the middle of a sentence."""
+    commands = list(_commands(app))
+    assert len(commands) > 20
+    for path, callback in commands:
+        summary = (callback.__doc__ or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, f"hematoscope {' '.join(path)}: {summary!r}"
+
+
 def test_help_is_fast_and_imports_no_heavy_library():
     code = ("import sys, time; t = time.perf_counter(); from hematoscope.cli.main import app; "
             "heavy = [m for m in ('torch', 'timm', 'sklearn', 'xgboost', 'fastapi', 'onnxruntime', 'skimage', "

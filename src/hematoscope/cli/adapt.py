@@ -46,11 +46,10 @@ def adapt(
                           "centre 75 %, 2 = padded to twice the size).")] = "auto",
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Adapt BUNDLE to the lab that took IMAGES: choose the framing of its crops, re-estimate its
-    normalisation (BatchNorm) statistics and refit its out-of-distribution reference and
-    threshold on those crops.
+    """Adapt BUNDLE to the lab that took IMAGES, a few hundred of its unlabelled crops.
 
-    Weights, labels, colour canonicalisation, temperature and abstain rule stay as trained, unless --tune
+    It chooses the framing of the lab's crops, re-estimates the network's normalisation (BatchNorm)
+    statistics and refits the out-of-distribution reference and threshold on them. Weights, labels, colour canonicalisation, temperature and abstain rule stay as trained, unless --tune
     also tunes the network on the crops (without labels). The new bundle records what it was
     adapted on (name, count, content hash). Unreadable images are listed and skipped.
     """

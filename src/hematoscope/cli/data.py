@@ -118,8 +118,9 @@ def check_cmd(
     outlier_views: Annotated[int, typer.Option(
         "--outlier-views", help="Test-time views for the OOD score (1 is fastest).")] = 1,
 ) -> None:
-    """Quality report: class counts, unreadable files, exact/near duplicates, sizes, imbalance;
-    with --outliers, images unlike blood-cell crops."""
+    """Quality report: class counts, unreadable files, exact/near duplicates, sizes, imbalance.
+
+    With --outliers, also images unlike blood-cell crops."""
     from hematoscope._io import write_json
     from hematoscope.data.quality import check_dataset
 

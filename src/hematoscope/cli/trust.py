@@ -48,9 +48,10 @@ def fit_cmd(
         "sample of the train images, so a flagged crop framed much tighter than them also tries a padded frame of "
         "its size (the shipped model has it), or drop that (default: keep the bundle's).")] = None,
 ) -> None:
-    """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split,
-    for every view count (1, 2, 4, 8) and the cascade, from one pass of the model over all 8
-    views of the train and val images.
+    """Fit temperature, OOD score + threshold and abstain threshold on a bundle's own split.
+
+    Every view count (1, 2, 4, 8) and the cascade are fitted from one pass of the model over all
+    8 views of the train and val images.
     """
     from hematoscope.bundle.base import load_bundle
     from hematoscope.data.readers import read_dataset
