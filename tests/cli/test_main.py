@@ -28,25 +28,36 @@ def test_help_lists_every_command_group():
 
 
 def _commands(group, prefix=()):
-    """(path, callback) of every command, through the sub-groups."""
-    import typer.main
-
-    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
-    for name, cmd in click_group.commands.items():
+    """(path, click command) of every command, through the sub-groups."""
+    for name, cmd in group.commands.items():
         if hasattr(cmd, "commands"):
             yield from _commands(cmd, (*prefix, name))
         else:
-            yield (*prefix, name), cmd.callback
+            yield (*prefix, name), cmd
 
 
-def test_every_command_summary_is_one_line():
-    """The help lists each command by its docstring's first paragraph, line breaks kept (rich
-    markup): a summary over two lines prints broken in the middle of a sentence."""
-    commands = list(_commands(app))
+def test_every_command_help_flows_in_paragraphs():
+    """Typer's rich help keeps single line breaks of a docstring: every command's help is
+    reflowed so the list of commands shows one summary line, and the help no ragged lines."""
+    import typer.main
+
+    from hematoscope.cli.main import reflowed
+
+    commands = list(_commands(typer.main.get_command(app)))
     assert len(commands) > 20
-    for path, callback in commands:
-        summary = (callback.__doc__ or "").strip().split("\n\n")[0]
-        assert summary and "\n" not in summary, f"hematoscope {' '.join(path)}: {summary!r}"
+    for path, cmd in commands:
+        paragraphs = cmd.help.split("\n\n")
+        assert paragraphs[0] and "\n" not in paragraphs[0], f"hematoscope {' '.join(path)}: {paragraphs[0]!r}"
+        for para in paragraphs[1:]:
+            assert "\n" not in para or all(line.startswith(("- ", "* ")) for line in para.splitlines()[:1]), para
+    assert reflowed("""Sum up.
+
+        First line
+        goes on.
+
+        - one
+        - two
+        """) == "Sum up.\n\nFirst line goes on.\n\n- one\n- two"
 
 
 def test_help_is_fast_and_imports_no_heavy_library():

@@ -7,6 +7,7 @@ only typer/rich at load time; heavy libraries are imported inside the commands, 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Annotated, Optional
 
 import typer
@@ -41,8 +42,30 @@ def main(
     """hematoscope: from a folder of cell images to a trusted prediction."""
 
 
+def reflowed(doc: str) -> str:
+    """A docstring as help text: each paragraph on one line, list paragraphs ("- ...") line by
+    line. Typer's rich help keeps a docstring's single line breaks, so wrapped source lines
+    printed ragged, cut mid-sentence."""
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = [line.strip() for line in para.splitlines()]
+        listed = any(line.startswith(("- ", "* ")) for line in lines)
+        out.append("\n".join(lines) if listed or para.startswith("\b") else " ".join(lines))
+    return "\n\n".join(out)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            info.help = reflowed(doc)
+    for group in typer_app.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
 for _name in COMMAND_MODULES:
     importlib.import_module(f"hematoscope.cli.{_name}").register(app)
+_reflow_help(app)
 
 
 def run() -> None:
