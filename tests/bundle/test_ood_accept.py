@@ -98,3 +98,15 @@ def test_evaluate_scores_the_moved_flag(lisc_folder, tmp_path):
         assert r.exit_code == 0, r.output
         abstained[bool(extra)] = json.loads(out.read_text())["abstained"]
     assert abstained[True] < abstained[False]
+
+
+def test_a_classical_bundle_moves_its_anomaly_flag_the_same_way(tiny_classical_bundle, pbc_subset):
+    """The IsolationForest flag of the classical kind stores its levels through the same fit."""
+    bundle = load_bundle(tiny_classical_bundle)
+    assert bundle.config.ood.method == "isolation_forest"
+    files = sorted(pbc_subset.rglob("*.jpg"))[::3]
+    fitted = bundle.predict(files).ood_flag
+    bundle.set_ood_accept(0.8)  # stricter than fitted: flags a superset
+    strict = bundle.predict(files).ood_flag
+    assert bundle.trust_for().ood_threshold == bundle.config.ood.accept_levels["0.8"] < bundle.config.ood.threshold
+    assert not (fitted & ~strict).any() and strict.sum() > fitted.sum()
