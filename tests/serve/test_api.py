@@ -279,6 +279,10 @@ class TestHistory:
         a = r.json()
         assert a["sample"] == "Slide 2026/118-B"  # surrounding spaces dropped
         assert client.get("/api/analyses").json()["data"][0]["sample"] == "Slide 2026/118-B"
+        client.post("/api/predict", files=files, data={"sample": "Slide 7"})
+        hits = client.get("/api/analyses", params={"sample": "118"}).json()
+        assert hits["count"] == 1 and hits["data"][0]["id"] == a["id"]
+        assert client.get("/api/analyses", params={"sample": "x" * 101}).status_code == 422
         report = client.get(f"/api/analyses/{a['id']}/report.csv")
         assert {row["sample"] for row in csv.DictReader(io.StringIO(report.text))} == {"Slide 2026/118-B"}
         assert 'Slide_2026_118-B' in report.headers["content-disposition"]  # no slash in the file name

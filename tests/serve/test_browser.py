@@ -172,6 +172,12 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     page.wait_for_selector("#history-body tr")
     assert page.locator("#history-body tr").count() == 1
     assert page.locator("#history-body tr td").nth(1).inner_text() == "Slide 118-C"
+    page.fill("#history-search", "no such slide")
+    page.wait_for_selector("#history-empty:not([hidden])")
+    assert "no such slide" in page.locator("#history-empty").inner_text()
+    page.fill("#history-search", "118-c")  # any case
+    page.wait_for_selector("#history-body tr")
+    assert page.locator("#history-body tr").count() == 1
     page.screenshot(path=str(ARTIFACTS / "serve_history.png"))
     page.get_by_role("button", name="Open sample Slide 118-C", exact=False).click()
     page.wait_for_selector("#view-analyse:not([hidden]) .card")

@@ -78,6 +78,17 @@ def test_a_history_written_before_sample_ids_is_upgraded_and_keeps_its_analyses(
     assert store.list()[1] == 2  # the refused one left nothing
 
 
+def test_history_is_searched_by_sample_id(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    ids = {name: store.add_analysis(MODEL, LABELS, DIFF, _items(), sample=name)
+           for name in ["Slide 118-B", "slide 1180", "S_2 100%", "S22 100x", ""]}
+    found = lambda text: {r["sample"] for r in store.list(sample=text)[0]}  # noqa: E731
+    assert found("118") == {"Slide 118-B", "slide 1180"} and store.list(sample="118")[1] == 2
+    assert found("SLIDE") == {"Slide 118-B", "slide 1180"}  # any case
+    assert found("_2") == {"S_2 100%"} and found("0%") == {"S_2 100%"}  # wildcards are plain characters
+    assert found("") == set(ids) and store.list(sample="nothing like it") == ([], 0)
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "h.sqlite3"
     HistoryStore(path)

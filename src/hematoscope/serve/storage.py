@@ -291,14 +291,20 @@ class HistoryStore:
             sample=row[8],
         )
 
-    def list(self, *, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Summaries of analyses, newest first, and the total number stored."""
+    def list(self, *, limit: int = 50, offset: int = 0, sample: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Summaries of analyses, newest first, and how many there are: all of them, or with
+        ``sample`` those whose sample id contains it (ASCII letters in either case: SQLite's LIKE)."""
+        where, args = "", []
+        if sample:
+            escaped = sample.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where, args = "WHERE a.sample LIKE ? ESCAPE '\\'", [f"%{escaped}%"]
         with closing(self._connect()) as con:
-            total = con.execute("SELECT COUNT(*) FROM analyses").fetchone()[0]
+            total = con.execute(f"SELECT COUNT(*) FROM analyses a {where}", args).fetchone()[0]
             rows = con.execute(
                 "SELECT a.id, a.created, a.model_name, a.model_kind, a.model_id, a.model_version, a.n_images, "
                 "a.n_errors, a.differential, (SELECT COUNT(*) FROM corrections c WHERE c.analysis_id = a.id), "
-                "a.sample FROM analyses a ORDER BY a.created DESC, a.rowid DESC LIMIT ? OFFSET ?", (limit, offset),
+                f"a.sample FROM analyses a {where} ORDER BY a.created DESC, a.rowid DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset],
             ).fetchall()
         out = [{
             "id": r[0], "created": r[1],

@@ -56,9 +56,12 @@ async def list_analyses(
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    sample: Annotated[str | None, Query(max_length=100, description="only analyses whose sample id contains "
+                                        "this (ASCII letters in either case)")] = None,
 ) -> AnalysisList:
-    """Past analyses, newest first."""
-    rows, total = await anyio.to_thread.run_sync(lambda: store.list(limit=limit, offset=offset))
+    """Past analyses, newest first; ``count`` is how many match."""
+    rows, total = await anyio.to_thread.run_sync(lambda: store.list(limit=limit, offset=offset,
+                                                                    sample=(sample or "").strip()))
     return AnalysisList.model_validate({"data": rows, "count": total})
 
 

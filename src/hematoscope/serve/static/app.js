@@ -455,8 +455,12 @@ function initResults() {
 
 // ---------- history ---------------------------------------------------------------------
 async function loadHistory() {
+  const search = $("#history-search").value.trim();
+  const params = new URLSearchParams({ limit: "200" });
+  if (search) params.set("sample", search);
   try {
-    const body = await (await api("/api/analyses?limit=200")).json();
+    const body = await (await api(`/api/analyses?${params}`)).json();
+    $("#history-empty").textContent = search ? `No analysis with a sample ID containing “${search}”.` : "No analyses yet.";
     $("#history-empty").hidden = body.data.length > 0;
     $("#history-body").replaceChildren(...body.data.map((row) => {
       const tr = document.createElement("tr");
@@ -528,5 +532,10 @@ document.addEventListener("DOMContentLoaded", () => {
   initUpload();
   initResults();
   $("#history-refresh").addEventListener("click", loadHistory);
+  let searchTimer = null;  // search as the user types, once they pause
+  $("#history-search").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(loadHistory, 250);
+  });
   loadModels();
 });
