@@ -462,6 +462,9 @@ async function loadHistory() {
     const body = await (await api(`/api/analyses?${params}`)).json();
     $("#history-empty").textContent = search ? `No analysis with a sample ID containing “${search}”.` : "No analyses yet.";
     $("#history-empty").hidden = body.data.length > 0;
+    $("#history-more").hidden = body.count <= body.data.length;
+    $("#history-more").textContent = `The newest ${body.data.length} of ${body.count} are shown; ` +
+      "find older ones by their sample ID.";
     $("#history-body").replaceChildren(...body.data.map((row) => {
       const tr = document.createElement("tr");
       const main = row.differential.classes.filter((c) => c.count > 0)
