@@ -142,7 +142,10 @@ def test_predict_points_a_run_of_another_labs_crops_to_framing_auto_and_adapt(li
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())  # the console wraps long lines
     assert "look unlike the training data and were not answered" in said and "hematoscope adapt default" in said
-    assert "--recolour" in said
+    assert "--recolour" in said and "--ood-accept 0.99 sets fewer aside" in said
+    r = CliRunner().invoke(app, ["predict", *map(str, lisc_files), "--ood-accept", "0.99"])
+    assert r.exit_code == 0 and "--ood-accept 0.99 sets" not in r.output  # already moved
+    assert "moved to accept 99.0% of the model's validation cells (--ood-accept)" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["predict", *map(str, lisc_files), "--framing", "auto"])
     assert r.exit_code == 0 and "not answered" not in r.output  # the user already chose a lab framing
     r = CliRunner().invoke(app, ["predict", str(pbc_subset)])

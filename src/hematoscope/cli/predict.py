@@ -172,6 +172,10 @@ def predict(
         if bundle.config.reframe.colours:
             out_console.print(f"colour search: {recoloured / done:.1%} of cells were answered with changed colours "
                               "(column recolour)", highlight=False)
+    if bundle.config.ood_accept is not None:
+        out_console.print(f"unlike-training flag: moved to accept {bundle.config.ood_accept:.1%} of the model's "
+                          "validation cells" + (" (--ood-accept)" if ood_accept is not None else " (saved with the "
+                                                "bundle)"), highlight=False)
     if bundle.answerable_classes != bundle.labels:
         why = "" if classes else " (the classes the model was adapted to; --classes to change)"
         out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}{why}", highlight=False)
@@ -182,13 +186,20 @@ def predict(
             "one lab's crops (its own microscope, stain or framing), try --framing auto"
             + ("" if bundle.config.reframe is None or bundle.config.reframe.colours else " or --recolour")
             + ", or adapt the model to a "
-            f"few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab (docs/crosslab.md).",
+            f"few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab (docs/crosslab.md)."
+            + (" --ood-accept 0.99 sets fewer aside, but more of those it then answers are wrong (docs/trust.md)."
+               if bundle.config.ood_accept is None and _can_move_flag(bundle) else ""),
             highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)
     if done == 0:
         raise typer.Exit(1)
+
+
+def _can_move_flag(bundle) -> bool:
+    ood = bundle.config.ood
+    return ood is not None and bool(ood.accept_levels) and "0.99" in ood.accept_levels
 
 
 def _framing(text: str | None) -> float | str | None:
