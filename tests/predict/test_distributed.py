@@ -39,7 +39,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory) -> Path:
-    """The 24 bundled real PBC cells, a truncated JPEG, an empty PNG and a text file named .jpg."""
+    """The 24 bundled real PBC cells, a truncated JPEG, an empty PNG, a text file named .jpg and
+    one named .txt."""
     root = tmp_path_factory.mktemp("cells") / "cells"
     for p in sample_paths():
         (root / p.parent.name).mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,7 @@ def cells(tmp_path_factory) -> Path:
     (root / "broken" / "truncated.jpg").write_bytes(first[:400])
     (root / "broken" / "empty.png").write_bytes(b"")
     (root / "broken" / "text.jpg").write_text("not an image")
+    (root / "broken" / "notes.txt").write_text("not an image by its extension: passed over, and said so")
     return root
 
 
@@ -77,6 +79,8 @@ def test_ray_engine_gives_local_predicts_rows_and_reports_broken_files(ray_local
     res = runner.invoke(app, ["predict", str(cells), "--engine", "ray", "--out", str(tmp_path / "ray.csv")])
     assert res.exit_code == 0, res.output
     assert "24 images classified" in res.output
+    for run in (local, res):
+        assert "1 file in the folders or zips was left out" in " ".join(run.output.split())
 
     ray_rows, local_rows = _rows(tmp_path / "ray.csv"), _rows(tmp_path / "local.csv")
     assert len(ray_rows) == 27

@@ -245,6 +245,8 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
         if result.differential.skipped > 50:
             err_console().print(f"... and {result.differential.skipped - 50} more unreadable files"
                                 + (f" (all listed in {out})" if out else ""))
+    if result.left_out:
+        err_console().print(result.left_out, highlight=False)
     done = result.classified
     rate = f", {done / result.seconds:.0f} images/s" if result.seconds > 0 and done else ""
     c.print(f"{done} images classified in {result.seconds:.1f} s{rate} on Ray ({result.shards_written} shards "

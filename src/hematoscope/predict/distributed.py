@@ -307,15 +307,17 @@ def _absolute(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def _manifest_chunks(inputs: Sequence[str | Path], chunk: int) -> Iterator[dict[str, list]]:
-    """Rows (source, path, member, reason) of the inputs, ``chunk`` at a time."""
+def _manifest_chunks(inputs: Sequence[str | Path], chunk: int,
+                     left_out: list[str] | None = None) -> Iterator[dict[str, list]]:
+    """Rows (source, path, member, reason) of the inputs, ``chunk`` at a time (``left_out``: as
+    :func:`~hematoscope.data.sources.expand_paths`)."""
     if len(inputs) == 1 and is_manifest(inputs[0]):
         yield from _list_chunks(str(inputs[0]), chunk)
         return
     from hematoscope.data.sources import expand_paths
 
     rows: dict[str, list] = {"source": [], "path": [], "member": [], "reason": []}
-    for item in expand_paths(inputs):
+    for item in expand_paths(inputs, left_out=left_out):
         if isinstance(item, SkippedFile):
             rows["source"].append(item.source)
             rows["path"].append(None)
@@ -355,7 +357,8 @@ def _list_chunks(manifest: str, chunk: int) -> Iterator[dict[str, list]]:
                "reason": [None if p else "no path in the manifest row" for p in paths]}
 
 
-def write_manifest(inputs: Sequence[str | Path], path: Path, shard_rows: int = SHARD_ROWS) -> int:
+def write_manifest(inputs: Sequence[str | Path], path: Path, shard_rows: int = SHARD_ROWS, *,
+                   left_out: list[str] | None = None) -> int:
     """Write the job's manifest: one row group per shard, with each row's index. Returns rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -374,7 +377,7 @@ def write_manifest(inputs: Sequence[str | Path], path: Path, shard_rows: int = S
                                    row_group_size=shard_rows)
                 n += m
 
-            for rows in _manifest_chunks(inputs, shard_rows):
+            for rows in _manifest_chunks(inputs, shard_rows, left_out):
                 for k in buffer:
                     buffer[k].extend(rows[k])
                 while len(buffer["source"]) >= shard_rows:
@@ -410,6 +413,8 @@ class JobResult:
     skipped: list[SkippedFile] = field(default_factory=list)  # the first 1,000 unreadable files
     seconds: float = 0.0
     report: Path | None = None
+    #: files in the inputs' folders and zips passed over for their extension, in one line
+    left_out: str | None = None
 
     @property
     def classified(self) -> int:
@@ -480,8 +485,13 @@ def _prepare(inputs: Sequence[str | Path], out_dir: Path, job: dict, shard_rows:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RayJobError(f"{out_dir} is not empty and holds no job; choose another directory for the shards")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = write_manifest(inputs, manifest, shard_rows)
+    left_out: list[str] = []
+    rows = write_manifest(inputs, manifest, shard_rows, left_out=left_out)
     job = {**job, "rows": rows, "shards": -(-rows // shard_rows)}
+    if left_out:  # told again when the job resumes: the manifest is not rebuilt then
+        from hematoscope.data.sources import left_out_summary
+
+        job["left_out"] = left_out_summary(left_out)
     _io.write_json(job_file, job)
     return job
 
@@ -573,7 +583,7 @@ def run_job(
                     log.warning("Ray's logs of this run are kept in %s", session / "logs")
     diff, skipped = _report(out_dir, job, bundle, report=report, top_k=top_k, batch_size=batch_size)
     return JobResult(out_dir, job["rows"], job["shards"], len(pending), done_before, diff, bundle.name, skipped,
-                     time.perf_counter() - start, Path(report) if report else None)
+                     time.perf_counter() - start, Path(report) if report else None, job.get("left_out"))
 
 
 def _run_shards(out_dir: Path, pending: list[int], job: dict, *, on_shard, **options) -> None:
