@@ -25,8 +25,9 @@ def answers(lisc_files):
 
 
 def test_the_shipped_model_stores_a_threshold_per_share_for_every_view_count():
-    cfg = load_bundle("default").config
-    assert cfg.ood_accept is None
+    bundle = load_bundle("default")
+    cfg = bundle.config
+    assert cfg.ood_accept is None and bundle.ood_accept_shares() == list(OOD_ACCEPT_LEVELS)
     for levels in [cfg.ood.accept_levels] + [e.ood_accept_levels for e in cfg.view_trust.values()]:
         assert [float(q) for q in levels] == list(OOD_ACCEPT_LEVELS)
         assert list(levels.values()) == sorted(levels.values())
@@ -80,7 +81,7 @@ def test_a_bundle_fitted_before_the_levels_says_to_refit(tmp_path):
     raw["view_trust_of"] = BundleConfig(**raw).trust_fingerprint()  # as fitted without levels
     (old / "config.json").write_text(json.dumps(raw))
     bundle = load_bundle(old)
-    assert bundle.uses_cascade
+    assert bundle.uses_cascade and bundle.ood_accept_shares() == []
     with pytest.raises(BundleError, match="trust fit"):
         bundle.set_ood_accept(0.99)
     with pytest.raises(ServeError, match="--ood-accept"):

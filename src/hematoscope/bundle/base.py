@@ -496,13 +496,23 @@ class Bundle(ABC):
                               f"validation cells, not {share:g}")
         if self.ood is None or cfg.ood is None or cfg.ood.threshold is None:
             raise BundleError(f"bundle {self.name!r} has no OOD flag to set (hematoscope trust fit)")
-        current = cfg.view_trust_of == cfg.trust_fingerprint()
-        stores = [cfg.ood.accept_levels or {}]
-        stores += [e.ood_accept_levels for e in cfg.view_trust.values()] if current else []
-        if any(str(share) not in levels for levels in stores):
+        if share not in self.ood_accept_shares():
             raise BundleError(f"bundle {self.name!r} was fitted before OOD thresholds per accepted share were stored; "
                               "refit its trust (`hematoscope trust fit BUNDLE SPLIT`) to move its operating point")
         cfg.ood_accept = share
+
+    def ood_accept_shares(self) -> list[float]:
+        """The shares :meth:`set_ood_accept` can move the OOD flag to: those with a threshold
+        stored bundle-wide and for every per-view entry in use ([] for a bundle without them)."""
+        from hematoscope.bundle.ood import OOD_ACCEPT_LEVELS
+
+        cfg = self.config
+        if cfg.ood is None:
+            return []
+        stores = [cfg.ood.accept_levels or {}]
+        if cfg.view_trust_of == cfg.trust_fingerprint():  # stale entries are not used (trust_for)
+            stores += [e.ood_accept_levels for e in cfg.view_trust.values()]
+        return [q for q in OOD_ACCEPT_LEVELS if all(str(q) in levels for levels in stores)]
 
     def _scorer_for(self, trust: TrustSettings):
         """The OOD scorer with ``trust``'s per-view parameters (shares the fitted arrays)."""
@@ -899,6 +909,12 @@ def single_blas_thread():
     if _BLAS is None:
         _BLAS = ThreadpoolController()
     return _BLAS.limit(limits=1, user_api="blas")
+
+
+def is_bundle_path(path: str | Path) -> bool:
+    """Whether ``path`` holds a bundle: a directory with ``config.json``, or a ``.zip`` file."""
+    p = Path(path)
+    return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix.lower() == ".zip")
 
 
 def load_bundle(path: Path | str) -> Bundle:

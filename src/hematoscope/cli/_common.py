@@ -65,10 +65,12 @@ ReframeOption = Annotated[Optional[bool], typer.Option(
          "the shipped model has it on). --no-reframe answers every "
          "cell from its whole crop.")]
 
-#: ``--recolour`` for commands that run a bundle on images.
+#: ``--classes`` for commands that run a bundle on images.
 ClassesOption = Annotated[Optional[str], typer.Option(
     "--classes", help="Answer only among these classes, comma-separated (e.g. a 5-part white-cell differential: "
                       "basophil,eosinophil,lymphocyte,monocyte,neutrophil); default: all the model's classes.")]
+
+#: ``--recolour`` for commands that run a bundle on images.
 RecolourOption = Annotated[bool, typer.Option(
     "--recolour", help="Framing search with colours: cells still flagged after the framings are also tried with "
                        "stronger saturation and a darker gamma, at every framing, and answered from the look most "
@@ -103,11 +105,9 @@ OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the 
 def check_out(out, overwrite: bool) -> None:
     """Refuse to write a new bundle over one that ``out`` already holds (a lab's adapted or
     few-shot model is easily named alike) unless ``overwrite``."""
-    from pathlib import Path
+    from hematoscope.bundle.base import is_bundle_path
 
-    out = Path(out)
-    held = out.is_file() if out.suffix.lower() == ".zip" else (out / "config.json").is_file()
-    if held and not overwrite:
+    if is_bundle_path(out) and not overwrite:
         raise typer.BadParameter(f"{out} already holds a model bundle; choose another --out, or pass --overwrite "
                                  "to replace it", param_hint="--out")
 

@@ -49,7 +49,8 @@ def adapt(
     """Adapt BUNDLE to the lab that took IMAGES, a few hundred of its unlabelled crops.
 
     It chooses the framing of the lab's crops, re-estimates the network's normalisation (BatchNorm)
-    statistics and refits the out-of-distribution reference and threshold on them. Weights, labels, colour canonicalisation, temperature and abstain rule stay as trained, unless --tune
+    statistics and refits the out-of-distribution reference and threshold on them. Weights,
+    labels, colour canonicalisation, temperature and abstain rule stay as trained, unless --tune
     also tunes the network on the crops (without labels). The new bundle records what it was
     adapted on (name, count, content hash). Unreadable images are listed and skipped.
     """

@@ -188,18 +188,13 @@ def predict(
             + ", or adapt the model to a "
             f"few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab (docs/crosslab.md)."
             + (" --ood-accept 0.99 sets fewer aside, but more of those it then answers are wrong (docs/trust.md)."
-               if bundle.config.ood_accept is None and _can_move_flag(bundle) else ""),
+               if bundle.config.ood_accept is None and 0.99 in bundle.ood_accept_shares() else ""),
             highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)
     if done == 0:
         raise typer.Exit(1)
-
-
-def _can_move_flag(bundle) -> bool:
-    ood = bundle.config.ood
-    return ood is not None and bool(ood.accept_levels) and "0.99" in ood.accept_levels
 
 
 def _framing(text: str | None) -> float | str | None:

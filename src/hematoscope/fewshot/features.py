@@ -399,11 +399,6 @@ def _onnx_copy(bundle, identity: str, *, required: bool):
     return copy if _neural_has_onnx(copy) else bundle
 
 
-def is_bundle_path(backbone: str | Path) -> bool:
-    p = Path(backbone)
-    return (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix.lower() == ".zip")
-
-
 def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str | Path | None = None,
                    size: int | None = None, views: int | None = None, tta: bool | int | None = None,
                    pooling: str | None = None,
@@ -449,9 +444,9 @@ def load_extractor(backbone: str | Path = "efficientnet_lite0", *, weights: str 
         from hematoscope.bundle.default import default_bundle_path
 
         backbone = default_bundle_path()
-    if bundle is not None or is_bundle_path(backbone):
-        from hematoscope.bundle.base import load_bundle
+    from hematoscope.bundle.base import is_bundle_path, load_bundle
 
+    if bundle is not None or is_bundle_path(backbone):
         if bundle is None:
             bundle = load_bundle(backbone)
         ident = _bundle_identity(bundle)

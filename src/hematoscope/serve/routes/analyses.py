@@ -100,7 +100,7 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
     for i, it in enumerate(a.items):
         res, corr = it.result, a.corrections.get(i, {})
         writer.writerow(safe_row({
-            "sample": a.sample, "index": i, "source": it.source, "sha256": it.sha256,
+            **_identity(a), "index": i, "source": it.source, "sha256": it.sha256,
             "prediction": res.get("prediction", ""), "confidence": res.get("confidence", ""),
             "top_k": "; ".join(f"{t['label']}:{t['prob']:.4f}" for t in res.get("top_k", [])),
             "abstain": res.get("abstain", ""), "abstain_reason": res.get("abstain_reason") or "",
@@ -109,8 +109,6 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
             "recolour": res.get("recolour") or "",
             "corrected_label": corr.get("label", ""),
             "correction_note": corr.get("note", ""), "error": res.get("error", ""),
-            # a row that leaves the file (pasted into a lab sheet) still says where it came from
-            "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", ""),
         }))
     return _csv_response(buf.getvalue(), a)
 
@@ -139,10 +137,14 @@ async def differential_csv(analysis_id: str, store: StoreDep) -> Response:
     writer = csv.DictWriter(buf, fieldnames=DIFFERENTIAL_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for name, count, percent, count_c, percent_c in rows:
-        writer.writerow(safe_row({"sample": a.sample, "class": name, "count": count, "percent": percent,
-                                  "corrected_count": count_c, "corrected_percent": percent_c, "analysis_id": a.id,
-                                  "analysed_at": a.created, "model": a.model.get("name", "")}))
+        writer.writerow(safe_row({**_identity(a), "class": name, "count": count, "percent": percent,
+                                  "corrected_count": count_c, "corrected_percent": percent_c}))
     return _csv_response(buf.getvalue(), a, "-count")
+
+
+def _identity(a: StoredAnalysis) -> dict[str, str]:
+    """The columns of every CSV row that say where it came from, once pasted into a lab sheet."""
+    return {"sample": a.sample, "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", "")}
 
 
 def _csv_response(text: str, a: StoredAnalysis, suffix: str = "") -> Response:

@@ -20,7 +20,7 @@ def list_models(models: ModelsDep) -> ModelList:
         data.append(ModelInfo(
             **m.info(), default=name == default, labels=d["labels"], input_size=d["input_size"],
             temperature=d["temperature"], abstain_threshold=d["abstain_threshold"], ood=d["ood"],
-            ood_accept=d["ood_accept"], metrics=d["metrics"], metrics_of=d["metrics_of"], explanation=explanation_method(m), adapted_to=d["adapted_to"],
-            answerable_classes=d["answerable_classes"],
+            ood_accept=d["ood_accept"], metrics=d["metrics"], metrics_of=d["metrics_of"],
+            explanation=explanation_method(m), adapted_to=d["adapted_to"], answerable_classes=d["answerable_classes"],
         ))
     return ModelList(data=data, default=default)
