@@ -94,9 +94,9 @@ def test_classes_are_named_as_in_a_labs_folders(bundle):
 
 
 def test_ray_actors_load_the_same_restriction():
-    from hematoscope.predict.distributed import load_for_inference
+    from hematoscope.predict.distributed import InferenceOptions, load_for_inference
 
-    b = load_for_inference(None, tta=1, classes=WHITE)
+    b = load_for_inference(None, InferenceOptions(tta=1, classes=WHITE))
     assert b.answerable_classes == [c for c in b.labels if c in WHITE]
     assert b.describe()["answerable_classes"] == b.answerable_classes
 

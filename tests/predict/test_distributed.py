@@ -139,12 +139,12 @@ def test_a_stopped_job_resumes_after_its_first_shard(ray_local, cells, tmp_path)
 
 
 def test_predict_dataset_classifies_a_users_ray_dataset_and_a_csv_manifest(ray_local, cells, tmp_path):
-    from hematoscope.predict.distributed import load_for_inference, predict_dataset, run_job
+    from hematoscope.predict.distributed import InferenceOptions, load_for_inference, predict_dataset, run_job
 
     files = sorted(str(p) for p in cells.rglob("*.jpg") if p.parent.name != "broken")[:6]
     ds = ray_local.data.from_items([{"path": f, "slide": i} for i, f in enumerate(files)])
-    out = predict_dataset(ds, tta=1, actors=1).to_pandas()
-    bundle = load_for_inference(None, tta=1)
+    out = predict_dataset(ds, options=InferenceOptions(tta=1), actors=1).to_pandas()
+    bundle = load_for_inference(None, InferenceOptions(tta=1))
     local = bundle.predict(files)
     assert list(out["slide"]) == list(range(6))  # the user's columns come through
     assert list(out["prediction"]) == local.predicted
@@ -152,24 +152,24 @@ def test_predict_dataset_classifies_a_users_ray_dataset_and_a_csv_manifest(ray_l
 
     manifest = tmp_path / "paths.csv"
     manifest.write_text("path\n" + "\n".join(files[:3] + [str(tmp_path / "missing.jpg")]) + "\n")
-    result = run_job([str(manifest)], tmp_path / "job", tta=1)
+    result = run_job([str(manifest)], tmp_path / "job", options=InferenceOptions(tta=1))
     assert result.rows == 4 and result.differential.classified + result.differential.abstained == 3
     assert [s.source for s in result.skipped] == [str(tmp_path / "missing.jpg")]
 
 
 def test_ray_actors_use_the_framing_asked_for(ray_local, cells):
-    from hematoscope.predict.distributed import load_for_inference, predict_dataset
+    from hematoscope.predict.distributed import InferenceOptions, load_for_inference, predict_dataset
 
     files = sorted(str(p) for p in cells.rglob("*.jpg") if p.parent.name != "broken")[:4]
     ds = ray_local.data.from_items([{"path": f} for f in files])
-    out = predict_dataset(ds, tta=1, actors=1, framing=1.5).to_pandas()
-    local = load_for_inference(None, tta=1, framing=1.5)
+    out = predict_dataset(ds, options=InferenceOptions(tta=1, framing=1.5), actors=1).to_pandas()
+    local = load_for_inference(None, InferenceOptions(tta=1, framing=1.5))
     assert local.preprocess.framing == 1.5
     framed = local.predict(files)
     np.testing.assert_allclose(np.stack(out["probs"]), framed.probs, atol=1e-6)
     np.testing.assert_allclose(out["ood_score"], framed.ood_score, atol=1e-6)
     # confident cells keep their answer when padded; how familiar they look shows the framing
-    whole = load_for_inference(None, tta=1).predict(files)
+    whole = load_for_inference(None, InferenceOptions(tta=1)).predict(files)
     assert np.abs(out["ood_score"].to_numpy() - whole.ood_score).max() > 0.1
 
 
@@ -229,7 +229,7 @@ def test_rows_keep_their_own_answers_whatever_their_names(tmp_path):
 
     import pyarrow as pa
 
-    from hematoscope.predict.distributed import classify_table, load_for_inference
+    from hematoscope.predict.distributed import InferenceOptions, classify_table, load_for_inference
 
     good = [str(p) for p in sample_paths()[:2]]
     zpath = tmp_path / "cells.zip"
@@ -240,24 +240,24 @@ def test_rows_keep_their_own_answers_whatever_their_names(tmp_path):
         "member": [None if i not in (0, 1) else m for i, m in enumerate(["x/missing.jpg", "x/cell.jpg"] + [None] * 4)],
         "source": ["same", "same", None, "gone", "twin", "twin"],
     })
-    out = classify_table(load_for_inference(None, tta=1), table).to_pydict()
+    out = classify_table(load_for_inference(None, InferenceOptions(tta=1)), table).to_pydict()
     assert out["source"] == ["same", "same", None, "gone", "twin", "twin"]  # the user's names, untouched
     assert out["error"][0] == "not in the zip file" and out["prediction"][0] is None
     assert out["error"][1] is None and out["prediction"][1] is not None
     assert out["error"][2] is None and out["error"][3] and out["prediction"][3] is None
-    local = load_for_inference(None, tta=1).predict([good[0], good[1], good[0], good[1]])
+    local = load_for_inference(None, InferenceOptions(tta=1)).predict([good[0], good[1], good[0], good[1]])
     assert [out["prediction"][i] for i in (1, 2, 4, 5)] == local.predicted
 
 
 def test_ray_jobs_search_colours_like_local_predict(ray_local, lisc_root, tmp_path):
     """``predict --engine ray --recolour``: actors run the colour search, its column reaches the
     shards and the report as local predict writes it."""
-    from hematoscope.predict.distributed import iter_shard_predictions, load_for_inference, run_job
+    from hematoscope.predict.distributed import InferenceOptions, iter_shard_predictions, load_for_inference, run_job
 
     files = [str(p) for p in sorted((lisc_root / "lymphocyte").glob("*.jpg"))[:8]]
-    local = load_for_inference(None, tta=1, recolour=True).predict(files)
+    local = load_for_inference(None, InferenceOptions(tta=1, recolour=True)).predict(files)
     assert (local.recolour != "").any()
-    result = run_job(files, tmp_path / "job", tta=1, recolour=True, report=tmp_path / "r.csv")
+    result = run_job(files, tmp_path / "job", options=InferenceOptions(tta=1, recolour=True), report=tmp_path / "r.csv")
     shards = Prediction.concat(list(iter_shard_predictions(tmp_path / "job", local.labels)), local.labels)
     assert list(shards.recolour) == list(local.recolour)
     np.testing.assert_allclose(shards.probs, local.probs, atol=1e-6)
@@ -265,3 +265,12 @@ def test_ray_jobs_search_colours_like_local_predict(ray_local, lisc_root, tmp_pa
     res = CliRunner().invoke(app, ["predict", *files[:2], "--engine", "ray", "--recolour", "--no-reframe",
                                    "--out", str(tmp_path / "x.csv")])
     assert res.exit_code != 0 and "cannot go with --no-reframe" in res.output
+
+
+def test_a_job_is_not_resumed_with_other_options(ray_local, cells, tmp_path):
+    from hematoscope.predict.distributed import InferenceOptions, run_job
+
+    job = tmp_path / "job"
+    run_job([str(cells / "basophil")], job, options=InferenceOptions(tta=1))
+    with pytest.raises(ValueError, match="ood_accept differ"):  # its shards were answered with the fitted flag
+        run_job([str(cells / "basophil")], job, options=InferenceOptions(tta=1, ood_accept=0.99))

@@ -41,11 +41,12 @@ def evaluate_cmd(
         from hematoscope import _io
         from hematoscope.data.readers import read_dataset
         from hematoscope.evaluate import evaluate_bundle
+        from hematoscope.predict.options import InferenceOptions
         from hematoscope.predict.pipeline import load_for_inference
 
         # "default": the shipped model; the options as `predict` applies them
-        bundle = load_for_inference(str(bundle_path), tta=tta, classes=class_list(classes), reframe=reframe,
-                                    recolour=recolour, ood_accept=ood_accept)
+        bundle = load_for_inference(str(bundle_path), InferenceOptions(
+            tta=tta, classes=class_list(classes), reframe=reframe, recolour=recolour, ood_accept=ood_accept))
         table = read_dataset(data, reader=reader)
         if "split" in table:
             if split is None and not (table["split"] == "test").any():

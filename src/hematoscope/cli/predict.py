@@ -64,20 +64,24 @@ def predict(
     if engine not in ("local", "ray"):
         raise fail(f"--engine must be local or ray; got {engine!r}")
     framing_value = _framing(framing)
+    with user_errors():
+        from hematoscope.predict.options import InferenceOptions
+
+        options = InferenceOptions(backend=backend, tta=tta, abstain_below=abstain_below, classes=class_list(classes),
+                                   reframe=reframe, recolour=recolour, ood_accept=ood_accept,
+                                   framing=None if framing_value == "auto" else framing_value)
     if engine == "ray":
         if framing_value == "auto":
             with user_errors():
                 from hematoscope.data.sources import expand_paths
                 from hematoscope.predict.pipeline import choose_run_framing, load_for_inference
 
-                probe = load_for_inference(model, backend=backend, reframe=reframe, recolour=recolour,
-                                           ood_accept=ood_accept)
+                probe = load_for_inference(model, options)  # as the local engine chooses it
                 framing_value = choose_run_framing(probe, expand_paths(paths))["framing"]
             err_console().print(f"framing: {framing_value:g} of each crop's side (chosen on this run's images)")
+            options = options.replace(framing=framing_value)
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
-                            backend=backend, abstain_below=abstain_below, tta=tta, classes=classes, address=address,
-                            shard_dir=shard_dir, actors=actors, reframe=reframe, framing=framing_value,
-                            recolour=recolour, ood_accept=ood_accept)
+                            address=address, shard_dir=shard_dir, actors=actors, options=options)
     if address or shard_dir or actors:
         raise fail("--address, --shard-dir and --actors go with --engine ray")
     with user_errors():
@@ -89,9 +93,7 @@ def predict(
         from hematoscope.data.sources import ImageSource, expand_paths
         from hematoscope.progress import track
 
-        bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend,
-                                    classes=class_list(classes), reframe=reframe, recolour=recolour,
-                                    ood_accept=ood_accept, framing=None if framing_value == "auto" else framing_value)
+        bundle = load_for_inference(model, options)
         if backend == "onnx" and "onnx" not in bundle.backends:
             raise fail(f"--backend onnx needs a neural bundle; {bundle.name!r} is {bundle.kind!r}")
         left_out: list[str] = []
@@ -210,8 +212,8 @@ def _framing(text: str | None) -> float | str | None:
     return value
 
 
-def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, backend, abstain_below, tta, classes,
-                 address, shard_dir, actors, reframe, framing, recolour, ood_accept) -> None:
+def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, address, shard_dir, actors,
+                 options) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
     if shard_dir is None:
@@ -231,9 +233,7 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ba
             c.print(f"shard {shard} written ({rows} rows)", highlight=False)
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
-                         decode_threads=workers, tta=tta, abstain_below=abstain_below, backend=backend,
-                         classes=class_list(classes), reframe=reframe, framing=framing, recolour=recolour,
-                         ood_accept=ood_accept, report=out, top_k=top_k, on_shard=shard_done)
+                         decode_threads=workers, options=options, report=out, top_k=top_k, on_shard=shard_done)
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:
         err_console().print(skipped_table(result.skipped, limit=50))

@@ -8,7 +8,8 @@ decoder that overlaps reading and decoding with inference.
 """
 from hematoscope.data.decode import DecodedBatch, decode_batches
 from hematoscope.data.sources import ImageSource, expand_paths
-from hematoscope.predict.pipeline import iter_predictions, predict_paths, predict_sources
+from hematoscope.predict.options import InferenceOptions
+from hematoscope.predict.pipeline import iter_predictions, load_for_inference, predict_paths, predict_sources
 
-__all__ = ["DecodedBatch", "ImageSource", "decode_batches", "expand_paths", "iter_predictions",
-           "predict_paths", "predict_sources"]
+__all__ = ["DecodedBatch", "ImageSource", "InferenceOptions", "decode_batches", "expand_paths", "iter_predictions",
+           "load_for_inference", "predict_paths", "predict_sources"]

@@ -38,6 +38,7 @@ import numpy as np
 from hematoscope import _io
 from hematoscope._extras import MissingExtraError, require  # noqa: F401 - MissingExtraError: public here too
 from hematoscope.bundle.prediction import DifferentialCount, Prediction, SkippedFile
+from hematoscope.predict.options import InferenceOptions
 from hematoscope.predict.pipeline import load_for_inference  # noqa: F401 - the actors' loader, public here too
 
 if TYPE_CHECKING:
@@ -243,14 +244,10 @@ class BundlePredictor:
     threads (default: one more than those CPUs, so a thread decodes while the model runs).
     """
 
-    def __init__(self, model: str | None = None, *, tta: int | None = None, abstain_below: float | None = None,
-                 backend: str = "auto", batch_size: int = 64, decode_threads: int | None = None,
-                 classes: Sequence[str] | None = None, reframe: bool | None = None, framing: float | None = None,
-                 recolour: bool = False, ood_accept: float | None = None):
+    def __init__(self, model: str | None = None, options: InferenceOptions | None = None, *, batch_size: int = 64,
+                 decode_threads: int | None = None):
         cpus = _assigned_cpus()
-        self.bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, threads=cpus,
-                                         classes=classes, reframe=reframe, framing=framing, recolour=recolour,
-                                         ood_accept=ood_accept)
+        self.bundle = load_for_inference(model, options, threads=cpus)
         self.batch_size = batch_size
         self.workers = decode_threads or cpus + 1
         self.inputs = _Inputs()
@@ -259,12 +256,9 @@ class BundlePredictor:
         return classify_table(self.bundle, batch, batch_size=self.batch_size, workers=self.workers, inputs=self.inputs)
 
 
-def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, tta: int | None = None,
-                    abstain_below: float | None = None, backend: str = "auto", batch_size: int = 64,
-                    actors: int | None = None, cpus_per_actor: float = 1, decode_threads: int | None = None,
-                    classes: Sequence[str] | None = None, reframe: bool | None = None,
-                    framing: float | None = None, recolour: bool = False,
-                    ood_accept: float | None = None) -> "ray.data.Dataset":
+def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, options: InferenceOptions | None = None,
+                    *, batch_size: int = 64, actors: int | None = None, cpus_per_actor: float = 1,
+                    decode_threads: int | None = None) -> "ray.data.Dataset":
     """Classify the images a Ray Dataset names; lazy, like every Ray Data transform.
 
     Args:
@@ -272,8 +266,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
             pyarrow's filesystems read: ``s3://``, ``gs://``, ``hdfs://``), optionally
             ``source`` (the name in outputs), ``member`` (zip member) and ``reason``.
         model: bundle directory or zip, readable on every node (default: the shipped model).
-        tta, abstain_below, backend, classes, reframe, framing, recolour, ood_accept: as
-            ``hematoscope predict``.
+        options: how the bundle is run (:class:`InferenceOptions`, as ``hematoscope predict``'s
+            options; default: as saved).
         batch_size: images per model call.
         actors: size of the actor pool (default: the cluster's CPUs / ``cpus_per_actor``).
         cpus_per_actor: CPUs reserved per actor (its model session's threads).
@@ -290,10 +284,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str | Path | None = None, *, 
     return ds.map_batches(
         BundlePredictor, batch_format="pyarrow", batch_size=4 * batch_size, num_cpus=cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs=dict(model=None if model is None else str(model), tta=tta, abstain_below=abstain_below,
-                                   backend=backend, batch_size=batch_size, decode_threads=decode_threads,
-                                   classes=None if classes is None else list(classes), reframe=reframe,
-                                   framing=framing, recolour=recolour, ood_accept=ood_accept),
+        fn_constructor_kwargs=dict(model=None if model is None else str(model), options=options,
+                                   batch_size=batch_size, decode_threads=decode_threads),
     )
 
 
@@ -507,14 +499,7 @@ def run_job(
     actors: int | None = None,
     cpus_per_actor: float = 1,
     decode_threads: int | None = None,
-    tta: int | None = None,
-    abstain_below: float | None = None,
-    backend: str = "auto",
-    classes: Sequence[str] | None = None,
-    reframe: bool | None = None,
-    framing: float | None = None,
-    recolour: bool = False,
-    ood_accept: float | None = None,
+    options: InferenceOptions | None = None,
     report: str | Path | None = None,
     top_k: int = 3,
     num_cpus: int | None = None,
@@ -533,8 +518,9 @@ def run_job(
         address: Ray cluster to join (``ray start --head`` prints it); None: a local instance.
         shard_rows: rows per shard (fixed when the job is created).
         batch_size, actors, cpus_per_actor, decode_threads: see :func:`predict_dataset`.
-        tta, abstain_below, backend, classes, reframe, framing, recolour, ood_accept, top_k: as
-            ``hematoscope predict``.
+        options: how the bundle is run (:class:`InferenceOptions`, as ``hematoscope predict``'s
+            options); kept in ``job.json``: a resumed job must be given the same.
+        top_k: classes listed per image in the report.
         report: write the per-image ``.csv`` / ``.json`` report (as local predict) here.
         num_cpus: CPUs of a local instance (default: all).
         on_shard: called as ``on_shard(shard, rows)`` after each shard is written.
@@ -549,15 +535,10 @@ def run_job(
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    bundle = load_for_inference(model, tta=tta, abstain_below=abstain_below, backend=backend, classes=classes,
-                                reframe=reframe, framing=framing, recolour=recolour, ood_accept=ood_accept)
+    options = options or InferenceOptions()
+    bundle = load_for_inference(model, options)
     spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
-            "shard_rows": shard_rows, "labels": bundle.labels, "tta": tta, "abstain_below": abstain_below,
-            "backend": backend, **({"classes": list(classes)} if classes else {}),
-            **({"reframe": reframe} if reframe is not None else {}),
-            **({"framing": framing} if framing is not None else {}),
-            **({"recolour": True} if recolour else {}),
-            **({"ood_accept": ood_accept} if ood_accept is not None else {})}
+            "shard_rows": shard_rows, "labels": bundle.labels, **options.spec()}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
     done_before = job["shards"] - len(pending)
@@ -568,10 +549,8 @@ def run_job(
         session = local_session_dir() if started and not address else None
         done = False
         try:
-            _run_shards(out_dir, pending, job, model=model, tta=tta, abstain_below=abstain_below, backend=backend,
-                        classes=classes, reframe=reframe, framing=framing, recolour=recolour,
-                        ood_accept=ood_accept, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
-                        decode_threads=decode_threads, on_shard=on_shard)
+            _run_shards(out_dir, pending, job, model=model, options=options, batch_size=batch_size, actors=actors,
+                        cpus_per_actor=cpus_per_actor, decode_threads=decode_threads, on_shard=on_shard)
             done = True
         finally:
             if started:

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from hematoscope.bundle.prediction import Prediction
 from hematoscope.data.decode import DecodedBatch, decode_batches
 from hematoscope.data.sources import ImageSource, SkippedFile, expand_paths
+from hematoscope.predict.options import InferenceOptions
 
 if TYPE_CHECKING:
     from hematoscope.bundle.base import Bundle
 
-__all__ = ["DecodedBatch", "decode_batches", "iter_predictions", "load_for_inference", "predict_paths",
-           "predict_sources"]
+__all__ = ["DecodedBatch", "InferenceOptions", "decode_batches", "iter_predictions", "load_for_inference",
+           "predict_paths", "predict_sources"]
 
 
 def predict_sources(
@@ -72,41 +73,17 @@ def predict_paths(
     return Prediction.concat(parts, bundle.labels)
 
 
-def load_for_inference(model: str | Path | None, *, tta: int | None = None, abstain_below: float | None = None,
-                       backend: str = "auto", threads: int | None = None,
-                       classes: Sequence[str] | None = None, reframe: bool | None = None,
-                       framing: float | None = None, recolour: bool = False,
-                       ood_accept: float | None = None) -> "Bundle":
+def load_for_inference(model: str | Path | None, options: InferenceOptions | None = None, *,
+                       threads: int | None = None) -> "Bundle":
     """Load a bundle as ``hematoscope predict`` uses it: the shipped default model when ``model``
-    is None, the backend, test-time views, abstain threshold, answerable classes, framing search
-    (``reframe=False`` turns the bundle's off; True keeps it; ``recolour`` adds its colour
-    changes, :meth:`Bundle.set_recolour`), framing (``Preprocess.framing``, when given) and the OOD
-    flag's operating point (``ood_accept``, :meth:`Bundle.set_ood_accept`) applied; an
-    ONNX session (or torch) limited to ``threads`` intra-op threads."""
+    is None, with ``options`` (:class:`InferenceOptions`: backend, views, abstain threshold,
+    answerable classes, framing search and colour changes, framing, the OOD flag's operating
+    point) applied; an ONNX session (or torch) limited to ``threads`` intra-op threads."""
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.default import default_bundle_path
 
     bundle = load_bundle(model if model is not None else default_bundle_path())
-    if backend in (None, "auto") or backend in bundle.backends:
-        # ready now (an unusable backend fails here, not at the first batch); threads: e.g. a Ray actor's CPUs
-        bundle.use_backend(backend, threads=threads)
-    if abstain_below is not None:
-        bundle.config.abstain_threshold = abstain_below
-    if tta is not None:
-        bundle.set_tta(tta)
-    if classes:
-        bundle.restrict_classes(classes)
-    if reframe is False:
-        if recolour:
-            raise ValueError("--recolour is part of the framing search: it cannot go with --no-reframe")
-        bundle.set_reframe(None)
-    if recolour:
-        bundle.set_recolour()
-    if framing is not None:
-        bundle.set_framing(framing)
-    if ood_accept is not None:
-        bundle.set_ood_accept(ood_accept)
-    return bundle
+    return (options or InferenceOptions()).apply(bundle, threads=threads)
 
 
 def choose_run_framing(bundle: "Bundle", items: Sequence[ImageSource | SkippedFile], *, sample: int = 300) -> dict:
