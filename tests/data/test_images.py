@@ -106,24 +106,40 @@ def test_path_bytes_and_file_object_agree(tmp_path):
     assert np.array_equal(a, b) and np.array_equal(b, c)
 
 
-def test_16bit_grey_is_rescaled():
+def test_16bit_grey_is_scaled_by_the_bit_depth_it_uses():
     grey = np.linspace(1000, 60000, 20 * 10).reshape(10, 20).astype(np.uint16)
     data = _save(Image.fromarray(grey), "PNG")
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
     out = load_image(data)
     _check_rgb(out, 10, 20)
-    assert out[..., 0].min() == 0 and out[..., 0].max() == 255
-    assert np.array_equal(out[..., 0], out[..., 2])
-    assert np.all(np.diff(out[..., 0].ravel().astype(int)) >= 0)  # order of intensities kept
+    expected = np.round(grey / 65535 * 255).astype(np.uint8)  # 16 bits used: black stays black
+    assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 0], out[..., 2])
+    # a 12-bit camera's image in a 16-bit file fills the range instead of 16 grey levels
+    twelve = (np.arange(64).reshape(8, 8) * 64).astype(np.uint16)
+    out = load_image(_save(Image.fromarray(twelve), "PNG"))
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == round(4032 / 4095 * 255) and len(np.unique(out)) == 64
+
+
+def test_a_deep_file_and_its_pixels_as_an_array_give_one_input():
+    from hematoscope.data.images import rgb_array
+
+    rng = np.random.default_rng(0)
+    for grey, fmt in ((rng.integers(0, 4096, (9, 7)).astype(np.uint16), "PNG"),
+                      (rng.integers(0, 65536, (9, 7)).astype(np.uint16), "TIFF"),
+                      (rng.uniform(0, 1, (9, 7)).astype(np.float32), "TIFF"),
+                      (rng.uniform(0, 1000, (9, 7)).astype(np.float32), "TIFF")):
+        np.testing.assert_array_equal(load_image(_save(Image.fromarray(grey), fmt)), rgb_array(grey))
 
 
 def test_16bit_tiff_and_float_tiff():
     grey = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
     out = load_image(_save(Image.fromarray(grey), "TIFF"))
     _check_rgb(out, 8, 8)
-    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == round(63000 / 65535 * 255)
     flat = load_image(_save(Image.fromarray(np.full((4, 4), 3.5, np.float32)), "TIFF"))
-    assert flat.shape == (4, 4, 3) and (flat == 0).all()  # constant image: no division by zero
+    assert flat.shape == (4, 4, 3) and (flat == 4).all()  # a constant image is read as its value
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(_save(Image.fromarray(np.full((4, 4), np.nan, np.float32)), "TIFF"))
 
 
 def test_cmyk_jpeg():
@@ -202,6 +218,11 @@ def test_numpy_images_in_other_layouts_become_rgb_uint8():
     rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
     np.testing.assert_array_equal(rgb_array(rgb / 255.0), rgb)
     np.testing.assert_array_equal(rgb_array(rgb.astype(np.uint16) * 257), rgb)
+    np.testing.assert_array_equal(rgb_array(rgb.astype(np.uint16)), rgb)  # 8-bit values in a 16-bit array
+    twelve = rgb.astype(np.uint16) * 16 + 15  # a 12-bit camera: 0-4095
+    np.testing.assert_array_equal(rgb_array(twelve), np.round(twelve / 4095 * 255).astype(np.uint8))
+    rgba16 = np.dstack([twelve, np.full((6, 5), 65535, np.uint16)])  # opaque: alpha has its own depth
+    np.testing.assert_array_equal(rgb_array(rgba16), rgb_array(twelve))
     np.testing.assert_array_equal(rgb_array(rgb[:, :, 0]), np.repeat(rgb[:, :, :1], 3, axis=2))
     rgba = np.dstack([rgb, np.zeros((6, 5), np.uint8)])
     rgba[0, 0, 3] = 255

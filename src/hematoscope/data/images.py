@@ -181,7 +181,7 @@ def _read_bytes(src: Path | str | bytes | BinaryIO, name: str | None) -> bytes:
 def rgb_array(image: np.ndarray) -> np.ndarray:
     """A numpy image as the HWC RGB uint8 array the models take: greys (HxW or HxWx1) are
     repeated into 3 channels, alpha is composited on white (as for files), floats in [0, 1]
-    are scaled to 0-255, 16-bit values by their range's 255/65535.
+    are scaled to 0-255, values above 255 by the bit depth they use (:func:`_deep_to_uint8`).
 
     Raises:
         ValueError: a layout that is not an image (e.g. channels first: transpose it to HWC).
@@ -196,16 +196,16 @@ def rgb_array(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"image array of shape {a.shape}: expected (height, width) or (height, width, 1, 3 or 4)")
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise ValueError("image array holds NaN or infinite values")
-        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255).round().astype(np.uint8)
-    elif a.dtype == np.uint16:
-        a = (a.astype(np.float32) * (255 / 65535)).round().astype(np.uint8)
     elif a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.integer):
+        if np.issubdtype(a.dtype, np.floating):
+            if not np.isfinite(a).all():
+                raise ValueError("image array holds NaN or infinite values")
+            if a.max(initial=0) <= 1.0:
+                a = a * 255.0
+        elif not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"image array of dtype {a.dtype}: expected uint8, uint16, float or bool")
-        a = np.clip(a, 0, 255).astype(np.uint8)
+        colour = _deep_to_uint8(a[:, :, :3])
+        a = np.dstack([colour, _deep_to_uint8(a[:, :, 3:])]) if a.shape[2] == 4 else colour
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     elif a.shape[2] == 4:
@@ -214,17 +214,27 @@ def rgb_array(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _deep_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Pixel values onto 0-255 by the bit depth they use: up to 255 as they are, else the
+    smallest of 10, 12, 14, 16, 24 or 32 bits that holds the image's maximum. A 12-bit camera
+    stores its images in 16-bit files: scaled by 65535 they would keep 16 grey levels, and
+    stretched between their own minimum and maximum they would lose their black level."""
+    peak = float(a.max(initial=0))
+    if peak <= 255:
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    bits = next((b for b in (10, 12, 14, 16, 24, 32) if peak < 2 ** b), 64)
+    return np.clip(np.round(a.astype(np.float64) * (255 / (2.0 ** bits - 1))), 0, 255).astype(np.uint8)
+
+
 def _to_rgb_array(im) -> np.ndarray:
-    """Any PIL mode → RGB uint8. 16/32-bit greys are rescaled by their own range, alpha is
+    """Any PIL mode → RGB uint8. 16/32-bit greys and float images follow :func:`rgb_array`'s
+    rules for numpy images (a file and its pixels as an array give the same input); alpha is
     composited on white (a transparent slide background is white, not black)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        grey = np.nan_to_num(scaled).round().astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        arr = np.asarray(im)
+        return rgb_array(arr.astype(np.float64) if im.mode == "F" else arr.astype(np.int64))
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
