@@ -161,6 +161,22 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     counts = {r["class"]: r for r in csv.DictReader(download.value.path().open(encoding="utf-8"))}
     assert int(counts[new_label]["corrected_count"]) >= 1 and download.value.suggested_filename.endswith("-count.csv")
 
+    # Print report: the browser's print dialog, named after the sample; the print style sheet keeps
+    # the count, the cells and a line for the reviewer, and drops the controls.
+    page.evaluate("window.print = () => { window.printedAs = document.title; }")  # no dialog in a test
+    page.click("#print-button")
+    assert page.evaluate("window.printedAs").startswith("hematoscope Slide 118-B 20")
+    assert page.title() == "hematoscope"
+    page.emulate_media(media="print")
+    assert page.locator(".signoff").is_visible() and page.locator("#chart svg").is_visible()
+    assert page.locator(".card").first.is_visible()
+    for control in (".topbar", "#dropzone", ".downloads", ".correct-select", ".heat-btn", ".toolbar"):
+        assert not page.locator(control).first.is_visible(), control
+    page.screenshot(path=str(ARTIFACTS / "serve_print.png"), full_page=True)
+    assert page.pdf(path=str(ARTIFACTS / "serve_report.pdf"), format="A4").startswith(b"%PDF")
+    page.emulate_media(media="screen")
+    assert page.locator(".topbar").is_visible() and not page.locator(".signoff").is_visible()
+
     # The sample id can be corrected after the upload.
     page.fill("#result-sample", "Slide 118-C")
     page.press("#result-sample", "Enter")

@@ -438,6 +438,19 @@ async function downloadCsv(what = "report") {
   }
 }
 
+// The browser prints the page through its print style sheet; the title names the PDF a lab saves.
+function printReport() {
+  const a = state.analysis;
+  const before = document.title;
+  const day = new Date(a.created).toISOString().slice(0, 10);
+  document.title = `hematoscope ${a.sample || "analysis " + a.id.slice(0, 8)} ${day}`;
+  try {
+    window.print();  // returns when the print dialog closes
+  } finally {
+    document.title = before;
+  }
+}
+
 function initResults() {
   $("#filter-select").addEventListener("change", renderGrid);
   $("#sort-select").addEventListener("change", renderGrid);
@@ -448,6 +461,7 @@ function initResults() {
   });
   $("#csv-button").addEventListener("click", () => downloadCsv("report"));
   $("#count-button").addEventListener("click", () => downloadCsv("differential"));
+  $("#print-button").addEventListener("click", printReport);
   const sample = $("#result-sample");
   sample.addEventListener("change", saveSample);
   sample.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); saveSample(); } });
