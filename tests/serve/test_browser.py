@@ -93,6 +93,8 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     assert shown == [f"Set aside · not counted; best guess {_display(it['prediction'])}" if it["abstain"]
                      else _display(it["prediction"]) for it in analysis["items"]]
 
+    assert not page.locator("#lab-hint").is_visible()  # the model's own lab: no hint to adapt it
+
     # The chart has one bar per class and its counts add up to the classified cells.
     bars = page.locator("#chart svg .bar-row")
     assert bars.count() == len(analysis["labels"])
@@ -213,6 +215,33 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     assert page.locator("#history-status").inner_text().startswith("Deleted sample Slide 118-C")
     page.click("#tab-analyse")
     assert not page.locator("#results").is_visible()
+
+
+def test_another_labs_cells_bring_the_hint_to_adapt(server_url, page, lisc_root):
+    """Crops from another lab (LISC, Tehran), about half of them unlike PBC to the shipped model:
+    the page says how many were set aside for that and how a lab adapts the model."""
+    import httpx
+
+    files = [p for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+             for p in sorted((lisc_root / c).glob("*.jpg"))[:6]]
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the share set aside is that of the shipped default model")
+    page.goto(server_url + "/")
+    page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+    page.uncheck("#gradcam-input")
+    page.set_input_files("#file-input", [str(p) for p in files])
+    page.wait_for_selector(f".card >> nth={len(files) - 1}", timeout=120_000)
+    analysis = httpx.get(f"{server_url}/api/analyses/{httpx.get(server_url + '/api/analyses').json()['data'][0]['id']}").json()
+    unlike = sum(it["abstain_reason"] == "unlike training data" for it in analysis["items"])
+    assert unlike >= 0.2 * len(files)
+    hint = page.locator("#lab-hint")
+    assert hint.is_visible()
+    assert hint.inner_text().startswith(f"{unlike} of {len(files)} cells")
+    assert "hematoscope adapt default CROPS/ --out my-lab" in hint.inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve_lab_hint.png"))
 
 
 def test_keyboard_and_token(server_url, page):

@@ -178,6 +178,7 @@ function showAnalysis(analysis) {
   filter.value = options.some((o) => o.value === previous) ? previous : "all";
 
   drawChart();
+  showLabHint(analysis);
   renderGrid();
   const errors = analysis.items.filter((it) => it.error);
   $("#errors").hidden = errors.length === 0;
@@ -188,6 +189,28 @@ function showAnalysis(analysis) {
     li.append(name, `: ${it.error}`);
     return li;
   }));
+}
+
+// As `hematoscope predict` says it: when at least a fifth of at least 20 cells look unlike the
+// training data, they are most likely another lab's crops, and adapting the model is the remedy.
+const LAB_HINT_SHARE = 0.2, LAB_HINT_MIN = 20;
+
+function showLabHint(analysis) {
+  const hint = $("#lab-hint");
+  const read = analysis.items.filter((it) => !it.error);
+  const unlike = read.filter((it) => it.abstain && it.abstain_reason === "unlike training data").length;
+  const model = state.models.find((m) => m.name === analysis.model.name);
+  hint.hidden = read.length < LAB_HINT_MIN || unlike < LAB_HINT_SHARE * read.length || Boolean(model && model.adapted_to);
+  if (hint.hidden) return;
+  const code = (text) => Object.assign(document.createElement("code"), { textContent: text });
+  const adapted = state.models.filter((m) => m.adapted_to);
+  hint.replaceChildren(
+    `${unlike} of ${read.length} cells (${pct(unlike / read.length)}) look unlike this model's training data and ` +
+    "were set aside. If they come from your lab's own microscope, camera or stain, adapt the model to a few " +
+    "hundred of your unlabelled crops (", code("hematoscope adapt default CROPS/ --out my-lab"), "), serve it " +
+    "next to this one (", code("hematoscope serve --model default --model my-lab"), ") and pick it under Model. " +
+    (adapted.length ? `Served already: ${adapted.map((m) => `${m.name} (adapted to ${m.adapted_to})`).join(", ")}. ` : "") +
+    "docs/crosslab.md gives the measured numbers.");
 }
 
 function drawChart() {
