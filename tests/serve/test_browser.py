@@ -25,16 +25,13 @@ def _display(label: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-@pytest.fixture
-def server_url(tiny_neural_bundle, tmp_path):
+def _serve(settings):
+    """Run the app of ``settings`` on a free loopback port; yields its URL."""
     import uvicorn
 
-    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
     from hematoscope.serve.app import create_app
-    from hematoscope.serve.config import Settings
 
-    model = DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else tiny_neural_bundle
-    app = create_app(Settings(models=[model], db=tmp_path / "history.sqlite3"))
+    app = create_app(settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -48,6 +45,28 @@ def server_url(tiny_neural_bundle, tmp_path):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+def _model(tiny_neural_bundle):
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "config.json").is_file() else tiny_neural_bundle
+
+
+@pytest.fixture
+def server_url(tiny_neural_bundle, tmp_path):
+    from hematoscope.serve.config import Settings
+
+    yield from _serve(Settings(models=[_model(tiny_neural_bundle)], db=tmp_path / "history.sqlite3"))
+
+
+@pytest.fixture
+def adapting_server_url(tiny_neural_bundle, tmp_path):
+    """A server that lets the web app adapt models (``serve --adapt-dir``)."""
+    from hematoscope.serve.config import Settings
+
+    yield from _serve(Settings(models=[_model(tiny_neural_bundle)], db=tmp_path / "history.sqlite3",
+                               adapt_dir=tmp_path / "adapted"))
 
 
 @pytest.fixture
@@ -242,6 +261,61 @@ def test_another_labs_cells_bring_the_hint_to_adapt(server_url, page, lisc_root)
     assert "hematoscope adapt default CROPS/ --out my-lab" in hint.inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_lab_hint.png"))
+
+
+def test_a_lab_adapts_the_model_in_the_page_and_analyses_with_it(adapting_server_url, page, lisc_root):
+    """From the hint on another lab's cells to the Adapt tab, a model adapted on 60 other crops of
+    that lab, and the same cells analysed again with it."""
+    import httpx
+
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("adapting is measured on the shipped default model")
+    url = adapting_server_url
+    every = sorted(lisc_root.rglob("*.jpg"))
+    cells = [p for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+             for p in sorted((lisc_root / c).glob("*.jpg"))[:6]]
+    crops = [p for p in every[::15] if p not in cells][:60]  # the lab's other crops, unlabelled
+
+    def analyse() -> dict:
+        before = httpx.get(url + "/api/analyses").json()["count"]
+        page.click("#tab-analyse")
+        page.set_input_files("#file-input", [str(p) for p in cells])
+        page.wait_for_function(f"document.querySelector('#status').textContent.startsWith('Classified {len(cells)}')",
+                               timeout=120_000)
+        listing = httpx.get(url + "/api/analyses").json()
+        assert listing["count"] == before + 1
+        return httpx.get(f"{url}/api/analyses/{listing['data'][0]['id']}").json()
+
+    def unlike(analysis: dict) -> int:
+        return sum(it["abstain_reason"] == "unlike training data" for it in analysis["items"])
+
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+    assert page.locator("#tab-adapt").is_visible()
+    page.uncheck("#gradcam-input")
+    first = analyse()
+    assert unlike(first) >= 0.2 * len(cells)
+    page.get_by_role("link", name="in the Adapt tab").click()
+    assert page.locator("#view-adapt").is_visible() and not page.locator("#view-analyse").is_visible()
+
+    page.fill("#adapt-name", "lisc-lab")
+    page.fill("#adapt-source", "LISC, Tehran")
+    page.set_input_files("#adapt-files", [str(p) for p in crops])
+    assert page.locator("#adapt-chosen").inner_text() == f"{len(crops)} files chosen"
+    page.click("#adapt-go")
+    page.wait_for_function("document.querySelector('#adapt-status').textContent.startsWith('lisc-lab is ready')",
+                           timeout=180_000)
+    assert f"adapted on {len(crops)} crops" in page.locator("#adapt-status").inner_text()
+    assert page.input_value("#model-select") == "lisc-lab"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve_adapt.png"))
+
+    second = analyse()
+    assert second["model"]["name"] == "lisc-lab"
+    assert unlike(second) < unlike(first)  # the lab's cells look like what the adapted model knows
+    assert not page.locator("#lab-hint").is_visible()
 
 
 def test_keyboard_and_token(server_url, page):

@@ -85,12 +85,9 @@ def adapt(
         adapted, report = adapt_bundle(original, items(), source=label, name=name or bundle_name(out), target_tpr=target_tpr,
                                        mix=mix, classes=class_list(classes),
                                        tune_epochs=tune_epochs if tune else 0, framing=framing_value)
-        had_onnx = original.config.model.onnx is not None
-        saved = adapted.save(out)
-        if onnx and had_onnx and out.suffix.lower() != ".zip":
-            from hematoscope.export.onnx import export_onnx
+        from hematoscope.export.onnx import save_adapted
 
-            export_onnx(load_bundle(saved))
+        saved = save_adapted(adapted, original, out, onnx=onnx)
     if report.skipped:
         err_console().print(skipped_table(report.skipped, limit=50))
     if left_out:

@@ -55,6 +55,10 @@ def serve(
         "--recolour", help="Models with a framing search (the shipped one) also try its colour changes on cells "
                            "still flagged, as predict --recolour: for another lab's stain.")] = False,
     ood_accept: OodAcceptOption = None,
+    adapt_dir: Annotated[Optional[Path], typer.Option(
+        "--adapt-dir", help="Let the web app adapt a model to a lab's unlabelled crops (its Adapt tab, POST "
+                            "/api/models/adapt), saving each adapted model in this folder; those already there are "
+                            "served too. [default: off]")] = None,
 ) -> None:
     """Serve the web page (at /) and the REST API (docs at /docs) for classifying cell images.
 
@@ -72,7 +76,7 @@ def serve(
                     "allowed_hosts": allowed_host, "allowed_origins": allowed_origin, "retention_days": retention_days,
                     "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "max_concurrent": max_concurrent,
                     "max_queued_images": max_queued_images, "classes": classes, "recolour": recolour or None,
-                    "ood_accept": ood_accept}
+                    "ood_accept": ood_accept, "adapt_dir": adapt_dir}
         settings = Settings(models=model or [], host=host, port=port, token=token, db=db, max_upload_mb=max_upload_mb,
                             workers=workers, **{k: v for k, v in optional.items() if v is not None})
         app = create_app(settings)

@@ -314,3 +314,20 @@ def _json(obj: Any) -> str:
 
 
 __all__ = ["DEFAULT_MIN_AGREEMENT", "ExportError", "ExportReport", "FP32_TOLERANCE", "export_onnx"]
+
+
+def save_adapted(adapted: "Bundle", original: "Bundle", out: Path | str, *, onnx: bool = True) -> Path:
+    """Save a bundle adapted from ``original`` (:meth:`~hematoscope.bundle.Bundle.adapt`) to
+    ``out`` and return its path. With ``onnx``, a directory bundle gets its own ONNX export when
+    ``original`` had one: the adapted statistics change the network, so the original's file
+    would not match it.
+
+    Raises:
+        MissingExtraError: the export needs the ``train`` extra (the bundle is saved before).
+    """
+    from hematoscope.bundle import load_bundle
+
+    saved = adapted.save(out)
+    if onnx and original.config.model.onnx is not None and Path(out).suffix.lower() != ".zip":
+        export_onnx(load_bundle(saved))
+    return saved

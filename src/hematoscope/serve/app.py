@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hematoscope.serve.analysis import PixelBudget
 from hematoscope.serve.config import Settings, normalise_origin
-from hematoscope.serve.deps import load_models
+from hematoscope.serve.batching import start_batcher
+from hematoscope.serve.deps import adapted_model_dirs, load_models
 from hematoscope.serve.routes import analyses, health, models, predict
 from hematoscope.serve.storage import HistoryStore
 
@@ -37,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     settings = settings if settings is not None else Settings()
     served = load_models(list(settings.models), classes=settings.classes, recolour=settings.recolour,
-                         ood_accept=settings.ood_accept)
+                         ood_accept=settings.ood_accept, adapted=adapted_model_dirs(settings.adapt_dir))
     store = HistoryStore(settings.db_path())
     if settings.retention_days is not None:
         store.purge(older_than_days=settings.retention_days)
@@ -46,22 +47,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         import threading
 
-        from hematoscope.serve.batching import ModelBatcher
-
         # Analyses run in this bounded pool of threads, never on the event loop; at most
         # `workers` of them decode or explain at once; the model runs in one batching thread per
         # model, on the images of every request waiting for it.
         app.state.limiter = anyio.CapacityLimiter(settings.max_concurrent)
         app.state.cpu_slots = threading.BoundedSemaphore(settings.workers)
+        app.state.adapting = threading.Lock()  # one adaptation at a time: it holds its images and the CPUs
         for served_model in served.values():
-            served_model.batcher = ModelBatcher(served_model.bundle, max_batch=settings.batch_size,
-                                                max_wait_s=settings.batch_wait_ms / 1000,
-                                                max_queue=settings.max_queued_images)
-            await served_model.batcher.start()
+            await start_batcher(served_model, settings)
         try:
             yield
         finally:
-            for served_model in served.values():
+            for served_model in app.state.models.values():  # models adapted meanwhile too
                 await served_model.batcher.stop()
             store.close()
 

@@ -193,3 +193,12 @@ class ModelBatcher:
                 s = self.stats
                 s.batches, s.images, s.jobs = s.batches + 1, s.images + n, s.jobs + len(jobs)
                 s.largest_batch, s.model_seconds = max(s.largest_batch, n), s.model_seconds + seconds
+
+
+async def start_batcher(served_model, settings) -> None:
+    """Give a served model (:class:`~hematoscope.serve.deps.ServedModel`) the batching thread
+    that runs it for every request, sized by the server's ``settings``."""
+    served_model.batcher = ModelBatcher(served_model.bundle, max_batch=settings.batch_size,
+                                        max_wait_s=settings.batch_wait_ms / 1000,
+                                        max_queue=settings.max_queued_images)
+    await served_model.batcher.start()

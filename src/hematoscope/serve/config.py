@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         ood_accept: operating point of every served model's unlike-training flag, the share of
             its validation cells it accepts (``predict --ood-accept``,
             :meth:`Bundle.set_ood_accept`); None: as fitted.
+        adapt_dir: where models adapted from the web app (``POST /api/models/adapt``) are saved,
+            one folder each; those already there are served after ``models`` at start-up. None:
+            adapting from the web app is off (403).
     """
 
     model_config = SettingsConfigDict(env_prefix="HEMATOSCOPE_", extra="ignore")
@@ -105,6 +108,7 @@ class Settings(BaseSettings):
     classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     recolour: bool = False
     ood_accept: float | None = None
+    adapt_dir: Path | None = None
 
     @field_validator("allowed_hosts", "allowed_origins", "classes", mode="before")
     @classmethod

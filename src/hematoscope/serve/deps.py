@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
 from fastapi import Depends, HTTPException, Request, status
 
 from hematoscope.serve.config import Settings
 from hematoscope.serve.storage import HistoryStore
+
+
+log = logging.getLogger(__name__)
 
 
 class ServeError(ValueError):
@@ -57,9 +61,18 @@ def model_fingerprint(bundle) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def adapted_model_dirs(adapt_dir: Path | None) -> list[Path]:
+    """The bundles in the web app's adaptation folder (``Settings.adapt_dir``), by name."""
+    if adapt_dir is None or not Path(adapt_dir).is_dir():
+        return []
+    return sorted(d for d in Path(adapt_dir).iterdir() if (d / "config.json").is_file())
+
+
 def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour: bool = False,
-                ood_accept: float | None = None) -> dict[str, ServedModel]:
+                ood_accept: float | None = None, adapted: Sequence[Path] = ()) -> dict[str, ServedModel]:
     """Load every bundle once; the first is the default. With no paths, the shipped model.
+    ``adapted`` (models adapted from the web app) follow; one that does not load is left out
+    with a warning in the log, so that one broken folder does not stop the server.
     With ``classes``, every model answers only among them (:meth:`Bundle.restrict_classes`);
     with ``recolour``, those with a framing search also try its colour changes
     (:meth:`Bundle.set_recolour`; the others are served as they are); with ``ood_accept``,
@@ -79,10 +92,13 @@ def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour
         except FileNotFoundError as exc:
             raise ServeError(f"no model to serve: {exc}") from None
     models: dict[str, ServedModel] = {}
-    for path in paths:
+    for path in [*paths, *adapted]:
         try:
             bundle = load_bundle(path)
         except (ValueError, FileNotFoundError) as exc:
+            if path in adapted:
+                log.warning("adapted model %s left out: %s", path, exc)
+                continue
             raise ServeError(f"cannot serve {path}: {exc}") from None
         if classes:
             try:

@@ -37,6 +37,20 @@ class ModelInfo(ModelRef):
 class ModelList(BaseModel):
     data: list[ModelInfo]
     default: str
+    can_adapt: bool = Field(False, description="POST /api/models/adapt is on (hematoscope serve --adapt-dir)")
+
+
+class AdaptResult(BaseModel):
+    """A model adapted to a lab's unlabelled crops from the web app, now served."""
+
+    model: ModelInfo
+    images: int = Field(description="readable crops it was adapted on")
+    skipped: list[str] = Field(description="uploaded files that could not be read, with the reason")
+    seconds: float
+    framing: float = Field(description="the share of each crop's side the adapted model sees")
+    accepted_before: float | None = Field(None, description="share of these crops the original model took as like "
+                                          "its training data")
+    accepted_after: float | None = Field(None, description="the same for held-out crops after adaptation")
 
 
 class Health(BaseModel):

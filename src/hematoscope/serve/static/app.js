@@ -7,7 +7,7 @@ const PALETTE = ["#6d28d9", "#db2777", "#0891b2", "#ea580c", "#16a34a", "#ca8a04
                  "#dc2626", "#0d9488", "#9333ea", "#65a30d", "#475569"];
 const $ = (sel) => document.querySelector(sel);
 
-const state = { models: [], analysis: null, showHeat: false, heatOverride: new Map() };
+const state = { models: [], analysis: null, showHeat: false, heatOverride: new Map(), canAdapt: false };
 
 // ---------- helpers ---------------------------------------------------------------------
 function display(label) {
@@ -69,11 +69,13 @@ function selectTab(name) {
 
 function initTabs() {
   const tabs = [...document.querySelectorAll('[role="tab"]')];
-  tabs.forEach((tab, i) => {
+  tabs.forEach((tab) => {
     tab.addEventListener("click", () => selectTab(tab.id.slice(4)));
     tab.addEventListener("keydown", (ev) => {
       if (ev.key !== "ArrowRight" && ev.key !== "ArrowLeft") return;
-      const next = tabs[(i + (ev.key === "ArrowRight" ? 1 : tabs.length - 1)) % tabs.length];
+      const shown = tabs.filter((t) => !t.hidden);  // Adapt shows only where the server allows it
+      const at = shown.indexOf(tab);
+      const next = shown[(at + (ev.key === "ArrowRight" ? 1 : shown.length - 1)) % shown.length];
       next.focus();
       selectTab(next.id.slice(4));
     });
@@ -95,9 +97,86 @@ async function loadModels() {
       return opt;
     }));
     if (!$("#status").textContent.startsWith("Classif")) setStatus("");
+    state.canAdapt = body.can_adapt;
+    $("#tab-adapt").hidden = !body.can_adapt;
+    if (body.can_adapt) fillAdaptForm();
   } catch (err) {
     setStatus(`Cannot list models: ${err.message}`, "error");
   }
+}
+
+// ---------- adapt -----------------------------------------------------------------------
+function fillAdaptForm() {
+  const base = $("#adapt-base");
+  const previous = base.value;
+  base.replaceChildren(...state.models.map((m) => new Option(m.name, m.name, m.default, m.default)));
+  if (state.models.some((m) => m.name === previous)) base.value = previous;
+  const model = state.models.find((m) => m.name === base.value) || state.models[0];
+  const checked = new Set([...document.querySelectorAll("#adapt-classes input:checked")].map((c) => c.value));
+  $("#adapt-classes").replaceChildren(...model.labels.map((lab) => {
+    const label = Object.assign(document.createElement("label"), { className: "check" });
+    const box = Object.assign(document.createElement("input"), { type: "checkbox", value: lab });
+    box.checked = checked.has(lab);
+    label.append(box, ` ${display(lab)}`);
+    return label;
+  }));
+  syncTune();
+}
+
+function syncTune() {
+  const on = $("#adapt-tune").checked;
+  $("#adapt-classes").setAttribute("aria-disabled", String(!on));
+  for (const box of document.querySelectorAll("#adapt-classes input")) box.disabled = !on;
+}
+
+async function adapt(ev) {
+  ev.preventDefault();
+  const files = [...$("#adapt-files").files];
+  const name = $("#adapt-name").value.trim();
+  if (!files.length) { setAdaptStatus("Choose your lab's crops first (images or a zip).", "error"); return; }
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  form.append("name", name);
+  form.append("base", $("#adapt-base").value);
+  form.append("source", $("#adapt-source").value.trim());
+  if ($("#adapt-tune").checked) {
+    const classes = [...document.querySelectorAll("#adapt-classes input:checked")].map((c) => c.value);
+    if (classes.length < 2) { setAdaptStatus("Tuning needs at least two classes your crops hold.", "error"); return; }
+    form.append("tune", "true");
+    form.append("classes", classes.join(","));
+  }
+  setAdaptStatus(`Adapting ${$("#adapt-base").value} to ${files.length} file${files.length > 1 ? "s" : ""}…`, "busy");
+  $("#adapt-go").disabled = true;
+  try {
+    const result = await (await api("/api/models/adapt", { method: "POST", body: form })).json();
+    await loadModels();
+    $("#model-select").value = result.model.name;
+    const skipped = result.skipped.length ? ` ${result.skipped.length} file(s) could not be read.` : "";
+    setAdaptStatus(`${result.model.name} is ready: adapted on ${result.images} crops in ${Math.round(result.seconds)} s` +
+      (result.accepted_after != null ? `; its unlike-training flag passes ${pct(result.accepted_after)} of your ` +
+        `held-out crops (the original model: ${pct(result.accepted_before)})` : "") +
+      `. It is chosen under Model for your next analysis.${skipped}`, "ok");
+    $("#adapt-files").value = "";
+    $("#adapt-chosen").textContent = "no crops chosen";
+  } catch (err) {
+    setAdaptStatus(`Not adapted: ${err.message}.`, "error");
+  } finally {
+    $("#adapt-go").disabled = false;
+  }
+}
+
+function setAdaptStatus(text, kind = "") {
+  setStatus(text, kind, "#adapt-status");
+}
+
+function initAdapt() {
+  $("#adapt-form").addEventListener("submit", adapt);
+  $("#adapt-tune").addEventListener("change", syncTune);
+  $("#adapt-base").addEventListener("change", fillAdaptForm);
+  $("#adapt-files").addEventListener("change", (ev) => {
+    const n = ev.target.files.length;
+    $("#adapt-chosen").textContent = n ? `${n} file${n > 1 ? "s" : ""} chosen` : "no crops chosen";
+  });
 }
 
 function initToken() {
@@ -204,13 +283,20 @@ function showLabHint(analysis) {
   if (hint.hidden) return;
   const code = (text) => Object.assign(document.createElement("code"), { textContent: text });
   const adapted = state.models.filter((m) => m.adapted_to);
-  hint.replaceChildren(
-    `${unlike} of ${read.length} cells (${pct(unlike / read.length)}) look unlike this model's training data and ` +
-    "were set aside. If they come from your lab's own microscope, camera or stain, adapt the model to a few " +
-    "hundred of your unlabelled crops (", code("hematoscope adapt default CROPS/ --out my-lab"), "), serve it " +
-    "next to this one (", code("hematoscope serve --model default --model my-lab"), ") and pick it under Model. " +
-    (adapted.length ? `Served already: ${adapted.map((m) => `${m.name} (adapted to ${m.adapted_to})`).join(", ")}. ` : "") +
-    "docs/crosslab.md gives the measured numbers.");
+  const lead = `${unlike} of ${read.length} cells (${pct(unlike / read.length)}) look unlike this model's training ` +
+    "data and were set aside. If they come from your lab's own microscope, camera or stain, adapt the model to a " +
+    "few hundred of your unlabelled crops";
+  const served = adapted.length
+    ? ` Served already: ${adapted.map((m) => `${m.name} (adapted to ${m.adapted_to})`).join(", ")}.` : "";
+  if (state.canAdapt) {
+    const link = Object.assign(document.createElement("a"), { href: "#", textContent: "in the Adapt tab" });
+    link.addEventListener("click", (ev) => { ev.preventDefault(); selectTab("adapt"); $("#tab-adapt").focus(); });
+    hint.replaceChildren(`${lead} `, link, `, then pick the new model under Model.${served}`);
+  } else {
+    hint.replaceChildren(`${lead} (`, code("hematoscope adapt default CROPS/ --out my-lab"), "), serve it next to " +
+      "this one (", code("hematoscope serve --model default --model my-lab"), ") and pick it under Model." +
+      `${served} docs/crosslab.md gives the measured numbers.`);
+  }
 }
 
 function drawChart() {
@@ -571,6 +657,7 @@ document.addEventListener("DOMContentLoaded", () => {
   initToken();
   initUpload();
   initResults();
+  initAdapt();
   $("#history-refresh").addEventListener("click", loadHistory);
   let searchTimer = null;  // search as the user types, once they pause
   $("#history-search").addEventListener("input", () => {

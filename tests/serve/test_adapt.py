@@ -1,0 +1,85 @@
+"""Adapting a served model to a lab's crops from the web app (POST /api/models/adapt)."""
+from __future__ import annotations
+
+import pytest
+
+
+def _files(paths, *extra):
+    return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths] + list(extra)
+
+
+@pytest.fixture(scope="module")
+def lab_crops(lisc_root):
+    """60 crops of another lab (LISC, Tehran), spread over its classes."""
+    return sorted(lisc_root.rglob("*.jpg"))[::20][:60]
+
+
+def test_a_model_adapted_from_the_web_app_is_served_and_kept(make_client, lab_crops, lisc_root, tmp_path):
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    adapt_dir = tmp_path / "adapted"
+    client = make_client(models=[DEFAULT_MODEL_DIR], adapt_dir=adapt_dir)
+    assert client.get("/api/models").json()["can_adapt"] is True
+    broken = ("files", ("broken.jpg", b"not an image", "image/jpeg"))
+    r = client.post("/api/models/adapt", files=_files(lab_crops, broken),
+                    data={"name": "lisc-lab", "source": "LISC, Tehran"})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["model"]["name"] == "lisc-lab" and "LISC, Tehran" in result["model"]["adapted_to"]
+    assert result["images"] == len(lab_crops) and len(result["skipped"]) == 1 and "broken.jpg" in result["skipped"][0]
+    assert (adapt_dir / "lisc-lab" / "config.json").is_file() and (adapt_dir / "lisc-lab" / "model.onnx").is_file()
+    # it answers now, next to the model it came from, which is unchanged
+    listed = {m["name"]: m for m in client.get("/api/models").json()["data"]}
+    assert list(listed) == ["hematoscope-pbc-lite0-ssl-e24", "lisc-lab"] and listed["lisc-lab"]["default"] is False
+    assert listed["hematoscope-pbc-lite0-ssl-e24"]["adapted_to"] is None
+    cells = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in sorted(lisc_root.rglob("*.jpg"))[1::97][:5]]
+    analysis = client.post("/api/predict?model=lisc-lab", files=cells).json()
+    assert analysis["model"]["name"] == "lisc-lab" and len(analysis["items"]) == 5
+    # the name is taken now; a restarted server serves the adapted model again
+    again = client.post("/api/models/adapt", files=_files(lab_crops), data={"name": "lisc-lab"})
+    assert again.status_code == 409 and "exists" in again.json()["detail"]
+    restarted = make_client(models=[DEFAULT_MODEL_DIR], adapt_dir=adapt_dir, db=tmp_path / "other.sqlite3")
+    names = {m["name"]: m["id"] for m in restarted.get("/api/models").json()["data"]}
+    assert names["lisc-lab"] == listed["lisc-lab"]["id"]
+
+
+def test_tuning_from_the_web_app_answers_among_the_lab_classes(make_client, lab_crops, tmp_path):
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    white = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    client = make_client(models=[DEFAULT_MODEL_DIR], adapt_dir=tmp_path / "adapted")
+    r = client.post("/api/models/adapt", files=_files(lab_crops),
+                    data={"name": "lisc-tuned", "tune": "true", "classes": ",".join(white)})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"]["answerable_classes"] == white
+    config = (tmp_path / "adapted" / "lisc-tuned" / "config.json").read_text()
+    assert '"epochs": 8' in config  # the tuning the CLI's adapt --tune does
+
+
+def test_adapting_is_off_unless_the_server_is_given_a_folder(client, sample_files):
+    assert client.get("/api/models").json()["can_adapt"] is False
+    r = client.post("/api/models/adapt", files=_files(sample_files), data={"name": "x"})
+    assert r.status_code == 403 and "--adapt-dir" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("form, status, says", [
+    ({"name": "../up"}, 422, "letters, digits"),
+    ({"name": "ok", "tune": "true"}, 422, "needs the classes"),
+    ({"name": "ok", "source": "a\nb"}, 422, "control characters"),
+    ({"name": "ok"}, 422, "at least 50"),  # three sample cells
+    ({"name": "ok", "base": "nope"}, 404, "no model named"),
+])
+def test_bad_adaptation_requests_are_refused_and_save_nothing(make_client, sample_files, tmp_path, form, status, says):
+    adapt_dir = tmp_path / "adapted"
+    client = make_client(adapt_dir=adapt_dir)
+    r = client.post("/api/models/adapt", files=_files(sample_files), data=form)
+    assert r.status_code == status and says in r.json()["detail"]
+    assert not adapt_dir.exists() or not any(adapt_dir.iterdir())
+    assert len(client.get("/api/models").json()["data"]) == 1
+
+
+def test_one_adaptation_at_a_time(make_client, sample_files, tmp_path):
+    client = make_client(adapt_dir=tmp_path / "adapted")
+    with client.app.state.adapting:  # as while another request adapts
+        r = client.post("/api/models/adapt", files=_files(sample_files), data={"name": "second"})
+    assert r.status_code == 409 and "another adaptation" in r.json()["detail"]
