@@ -83,3 +83,16 @@ def test_one_adaptation_at_a_time(make_client, sample_files, tmp_path):
     with client.app.state.adapting:  # as while another request adapts
         r = client.post("/api/models/adapt", files=_files(sample_files), data={"name": "second"})
     assert r.status_code == 409 and "another adaptation" in r.json()["detail"]
+
+
+def test_an_adaptation_folder_that_cannot_be_written_stops_the_server_at_once(tiny_neural_bundle, tmp_path):
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+    from hematoscope.serve.deps import ServeError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ServeError, match="--adapt-dir"):
+        create_app(Settings(models=[tiny_neural_bundle], db=tmp_path / "h.sqlite3", adapt_dir=blocker))
+    with pytest.raises(ServeError, match="cannot create"):
+        create_app(Settings(models=[tiny_neural_bundle], db=tmp_path / "h.sqlite3", adapt_dir=blocker / "sub"))

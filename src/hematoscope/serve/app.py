@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     settings = settings if settings is not None else Settings()
+    if settings.adapt_dir is not None:
+        _writable_dir(Path(settings.adapt_dir))
     served = load_models(list(settings.models), classes=settings.classes, recolour=settings.recolour,
                          ood_accept=settings.ood_accept, adapted=adapted_model_dirs(settings.adapt_dir))
     store = HistoryStore(settings.db_path())
@@ -95,6 +97,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     return app
+
+
+def _writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and check that models can be saved in it, at start-up rather
+    than at the first adaptation."""
+    import os
+
+    from hematoscope.serve.deps import ServeError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServeError(f"--adapt-dir {path}: cannot create it ({exc.strerror or exc})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ServeError(f"--adapt-dir {path}: not a folder this server can write models into")
 
 
 class _BodyTimeout(Exception):
