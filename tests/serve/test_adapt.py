@@ -42,6 +42,17 @@ def test_a_model_adapted_from_the_web_app_is_served_and_kept(make_client, lab_cr
     names = {m["name"]: m["id"] for m in restarted.get("/api/models").json()["data"]}
     assert names["lisc-lab"] == listed["lisc-lab"]["id"]
 
+    # removed from the web app: no longer served, its folder gone, its analyses kept
+    assert [m["removable"] for m in listed.values()] == [False, True]
+    refused = client.delete("/api/models/hematoscope-pbc-lite0-ssl-e24")  # the operator's model stays
+    assert refused.status_code == 403 and "--model" in refused.json()["detail"]
+    assert client.delete("/api/models/no-such-model").status_code == 404
+    assert client.delete("/api/models/lisc-lab").status_code == 204
+    assert [m["name"] for m in client.get("/api/models").json()["data"]] == ["hematoscope-pbc-lite0-ssl-e24"]
+    assert list(adapt_dir.iterdir()) == []
+    assert client.post("/api/predict?model=lisc-lab", files=cells).status_code == 404
+    assert client.get(f"/api/analyses/{analysis['id']}").json()["model"]["name"] == "lisc-lab"
+
 
 def test_tuning_from_the_web_app_answers_among_the_lab_classes(make_client, lab_crops, tmp_path):
     from hematoscope.bundle.default import DEFAULT_MODEL_DIR

@@ -180,3 +180,16 @@ def test_overloaded_model_queue_is_503_with_retry_after(make_client, sample_file
     assert r.status_code == 503
     assert r.headers["retry-after"] == "3" and "queue is full" in r.json()["detail"]
     assert client.get("/api/health").json()["analyses"] == 0
+
+
+def test_a_retired_batcher_refuses_instead_of_starting_again():
+    async def run():
+        batcher = ModelBatcher(IdBundle())
+        await batcher.start()
+        assert (await batcher.predict([_image(3)], ["a"])).predicted == ["c3"]
+        await batcher.retire()
+        with pytest.raises(Overloaded, match="no longer served"):
+            await batcher.predict([_image(4)], ["b"])
+        assert batcher._task is None  # not started again for a model that is gone
+
+    asyncio.run(run())

@@ -317,6 +317,14 @@ def test_a_lab_adapts_the_model_in_the_page_and_analyses_with_it(adapting_server
     assert unlike(second) < unlike(first)  # the lab's cells look like what the adapted model knows
     assert not page.locator("#lab-hint").is_visible()
 
+    # The lab deletes the model it made (after confirming); the shipped one stays.
+    page.click("#tab-adapt")
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Delete model lisc-lab").click()
+    page.wait_for_function("document.querySelector('#adapt-status').textContent.startsWith('Deleted model lisc-lab')")
+    assert [m["name"] for m in httpx.get(url + "/api/models").json()["data"]] == ["hematoscope-pbc-lite0-ssl-e24"]
+    assert page.locator("#model-select option").count() == 1 and not page.locator("#adapt-list").is_visible()
+
 
 def test_keyboard_and_token(server_url, page):
     page.goto(server_url + "/")

@@ -76,6 +76,7 @@ class ModelBatcher:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
+        self._retired = False
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,6 +105,12 @@ class ModelBatcher:
         self._task = self._queue = self._executor = self._carry = None
         self._queued_images = 0
 
+    async def retire(self) -> None:
+        """Stop for good (the model is no longer served): later calls fail with Overloaded
+        instead of starting the task again."""
+        self._retired = True
+        await self.stop()
+
     # --- use ---------------------------------------------------------------------------
     @property
     def queued_images(self) -> int:
@@ -124,6 +131,8 @@ class ModelBatcher:
             raise ValueError(f"{len(images)} images but {len(sources)} source names")
         if not images:
             return Prediction.empty(self.bundle.labels)
+        if self._retired:
+            raise Overloaded("this model is no longer served; choose another", 1)
         if self._task is None:
             await self.start()
         if self._queued_images + len(images) > self.max_queue and self._queued_images > 0:

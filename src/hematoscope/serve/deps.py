@@ -65,7 +65,15 @@ def adapted_model_dirs(adapt_dir: Path | None) -> list[Path]:
     """The bundles in the web app's adaptation folder (``Settings.adapt_dir``), by name."""
     if adapt_dir is None or not Path(adapt_dir).is_dir():
         return []
-    return sorted(d for d in Path(adapt_dir).iterdir() if (d / "config.json").is_file())
+    # a name starting with "." is a folder being removed (see the DELETE route)
+    return sorted(d for d in Path(adapt_dir).iterdir() if not d.name.startswith(".") and (d / "config.json").is_file())
+
+
+def is_adapted_here(served: "ServedModel", adapt_dir: Path | None) -> bool:
+    """Whether ``served`` was loaded from the web app's adaptation folder (so it may be removed
+    from the web app; the operator's ``--model`` bundles may not)."""
+    path = served.bundle.path
+    return adapt_dir is not None and path is not None and Path(path).resolve().parent == Path(adapt_dir).resolve()
 
 
 def load_models(paths: list[Path], *, classes: list[str] | None = None, recolour: bool = False,

@@ -32,6 +32,7 @@ class ModelInfo(ModelRef):
                                    "adapt): source name and image count; null = as trained")
     answerable_classes: list[str] | None = Field(None, description="the classes answers may name (hematoscope "
                                                  "serve --classes); null = all of labels")
+    removable: bool = Field(False, description="adapted from the web app: DELETE /api/models/{name} removes it")
 
 
 class ModelList(BaseModel):

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Response, UploadFile, status
 
 from hematoscope.serve.analysis import explanation_method
-from hematoscope.serve.deps import ModelsDep, ServedModel, SettingsDep, pick_model, require_token
+from hematoscope.serve.deps import ModelsDep, ServedModel, SettingsDep, is_adapted_here, pick_model, require_token
 from hematoscope.serve.schemas import AdaptResult, ModelInfo, ModelList
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_token)])
@@ -21,9 +21,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TUNE_EPOCHS = 8
 
 
-def model_info(name: str, m: ServedModel, default: str) -> ModelInfo:
+def model_info(name: str, m: ServedModel, default: str, adapt_dir: Path | None) -> ModelInfo:
     d = m.bundle.describe()
-    return ModelInfo(
+    return ModelInfo(removable=is_adapted_here(m, adapt_dir),
         **m.info(), default=name == default, labels=d["labels"], input_size=d["input_size"],
         temperature=d["temperature"], abstain_threshold=d["abstain_threshold"], ood=d["ood"],
         ood_accept=d["ood_accept"], metrics=d["metrics"], metrics_of=d["metrics_of"],
@@ -35,7 +35,8 @@ def model_info(name: str, m: ServedModel, default: str) -> ModelInfo:
 def list_models(models: ModelsDep, settings: SettingsDep) -> ModelList:
     """Every served model (the first is the default), with its classes and trust settings."""
     default = next(iter(models))
-    return ModelList(data=[model_info(name, m, default) for name, m in models.items()], default=default,
+    return ModelList(data=[model_info(name, m, default, settings.adapt_dir) for name, m in models.items()],
+                     default=default,
                      can_adapt=settings.adapt_dir is not None)
 
 
@@ -98,10 +99,34 @@ async def adapt_model(
     await start_batcher(served, settings)
     # a new dict, not an insertion: requests iterating the old one are not disturbed
     request.app.state.models = {**request.app.state.models, served.name: served}
-    return AdaptResult(model=model_info(served.name, served, next(iter(request.app.state.models))),
+    return AdaptResult(model=model_info(served.name, served, next(iter(request.app.state.models)), settings.adapt_dir),
                        images=report.images, skipped=[f"{s.source}: {s.reason}" for s in report.skipped],
                        seconds=report.seconds, framing=served.bundle.preprocess.framing,
                        accepted_before=report.accepted_before, accepted_after=report.accepted_after)
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses={
+    403: {"description": "not a model adapted from the web app (the operator's --model bundles stay)"},
+    404: {"description": "no served model of that name"},
+})
+async def remove_model(name: str, request: Request, settings: SettingsDep, models: ModelsDep) -> Response:
+    """Stop serving a model adapted from the web app and delete its folder. Analyses made with
+    it stay in the history; requests waiting for it get 503."""
+    import shutil
+    import uuid
+
+    served = pick_model(models, name)
+    if not is_adapted_here(served, settings.adapt_dir):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{name!r} was not adapted from the web app; only those "
+                            "can be removed here (the server's --model bundles are its operator's)")
+    request.app.state.models = {k: v for k, v in request.app.state.models.items() if k != name}
+    if served.batcher is not None:
+        await served.batcher.retire()
+    folder = Path(served.bundle.path)
+    # renamed first: the name is free at once, and a removal cut short leaves no model to serve
+    gone = folder.with_name(f".removing-{folder.name}-{uuid.uuid4().hex[:8]}")
+    await anyio.to_thread.run_sync(lambda: (folder.rename(gone), shutil.rmtree(gone, ignore_errors=True)))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 def _adapt(request: Request, settings, original: ServedModel, raw, out: Path, *, name: str, source: str,

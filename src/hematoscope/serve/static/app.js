@@ -121,6 +121,30 @@ function fillAdaptForm() {
     return label;
   }));
   syncTune();
+  const removable = state.models.filter((m) => m.removable);
+  $("#adapt-list").hidden = removable.length === 0;
+  $("#adapt-models").replaceChildren(...removable.map((m) => {
+    const li = document.createElement("li");
+    const text = Object.assign(document.createElement("span"), { textContent: `${m.name} · adapted to ${m.adapted_to}` });
+    const remove = Object.assign(document.createElement("button"), {
+      type: "button", className: "button small-button danger", textContent: "Delete" });
+    remove.setAttribute("aria-label", `Delete model ${m.name}`);
+    remove.addEventListener("click", () => removeModel(m.name));
+    li.append(text, remove);
+    return li;
+  }));
+}
+
+async function removeModel(name) {
+  if (!window.confirm(`Delete the model ${name}? It is no longer served and its files are removed; ` +
+                      "analyses made with it stay in the history.")) return;
+  try {
+    await api(`/api/models/${encodeURIComponent(name)}`, { method: "DELETE" });
+    await loadModels();
+    setAdaptStatus(`Deleted model ${name}.`, "ok");
+  } catch (err) {
+    setAdaptStatus(`Not deleted: ${err.message}.`, "error");
+  }
 }
 
 function syncTune() {
