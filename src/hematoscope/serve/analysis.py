@@ -176,6 +176,26 @@ def _batches(sizes: list[tuple[int, int]], *, max_images: int, max_pixels: int) 
         yield batch
 
 
+def header_pixels(up: Upload, max_pixels: int) -> int:
+    """The pixels ``up`` will decode to, read from its header without decoding it.
+
+    Raises:
+        ImageError: not an image file by its name, no readable header, no pixels, or more
+            than ``max_pixels`` (the reason says which).
+    """
+    from hematoscope.data.images import ImageError, image_size, is_image_file
+
+    suffix = PurePosixPath(up.name).suffix
+    if not is_image_file(up.name) and suffix:
+        raise ImageError(f"not an image file ({suffix})")
+    w, h = image_size(up.data)
+    if w <= 0 or h <= 0:
+        raise ImageError("image has no pixels")
+    if w * h > max_pixels:
+        raise ImageError(f"image too large ({w}x{h} > {max_pixels} pixels)")
+    return w * h
+
+
 def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,
                  max_pixels: int, explain_max: int, max_request_pixels: int | None = None,
                  budget: PixelBudget | None = None, batch_pixels: int | None = None,
@@ -214,7 +234,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
         UploadError: no image in the upload can be read.
     """
     from hematoscope.bundle import Prediction, SkippedFile
-    from hematoscope.data.images import ImageError, image_size, is_image_file, load_model_image
+    from hematoscope.data.images import ImageError, load_model_image
 
     items: list[StoredItem] = []
     sizes: list[tuple[int, int]] = []  # (position, pixels) of the files that look decodable
@@ -226,16 +246,8 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     for pos, up in enumerate(uploads):
         items.append(StoredItem(up.name, hashlib.sha256(up.data).hexdigest(), {}))
-        suffix = PurePosixPath(up.name).suffix
         try:
-            if not is_image_file(up.name) and suffix:
-                raise ImageError(f"not an image file ({suffix})")
-            w, h = image_size(up.data)
-            if w <= 0 or h <= 0:
-                raise ImageError("image has no pixels")
-            if w * h > max_pixels:
-                raise ImageError(f"image too large ({w}x{h} > {max_pixels} pixels)")
-            sizes.append((pos, w * h))
+            sizes.append((pos, header_pixels(up, max_pixels)))
         except ImageError as exc:
             fail(pos, exc.reason)
     total = sum(px for _, px in sizes)

@@ -138,22 +138,24 @@ def _adapt(request: Request, settings, original: ServedModel, raw, out: Path, *,
     from hematoscope._extras import MissingExtraError
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.adapt import adapt_bundle
-    from hematoscope.data.images import ImageError, image_size
+    from hematoscope.data.images import ImageError
+    from hematoscope.data.sources import SkippedFile
     from hematoscope.export.onnx import save_adapted
-    from hematoscope.serve.analysis import UploadError, expand_uploads
+    from hematoscope.serve.analysis import UploadError, expand_uploads, header_pixels
     from hematoscope.serve.deps import load_models
 
     try:
         uploads = expand_uploads(raw, max_files=settings.max_files, max_unpacked_bytes=8 * settings.max_upload_bytes)
     except UploadError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    pixels = 0
+    # checked as an analysis checks its files: those refused here reach adapt as skipped files
+    items, pixels = [], 0
     for up in uploads:
         try:
-            w, h = image_size(up.data)
-            pixels += w * h if w * h <= settings.max_image_pixels else 0  # too large: adapt reports it unreadable
-        except ImageError:
-            pass  # adapt reports it
+            pixels += header_pixels(up, settings.max_image_pixels)
+            items.append((up.name, up.data))
+        except ImageError as exc:
+            items.append(SkippedFile(up.name, exc.reason))
     budget = request.app.state.pixel_budget
     if pixels > min(settings.max_request_pixels, budget.capacity):
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"the crops hold {pixels / 1e6:.1f} megapixels, more "
@@ -164,7 +166,7 @@ def _adapt(request: Request, settings, original: ServedModel, raw, out: Path, *,
     base = load_bundle(original.bundle.path) if original.bundle.path else original.bundle
     try:
         with budget.reserve(pixels):  # adaptation holds all its crops decoded at once
-            adapted, report = adapt_bundle(base, [(u.name, u.data) for u in uploads], source=source,
+            adapted, report = adapt_bundle(base, items, source=source,
                                            name=name, classes=classes, tune_epochs=TUNE_EPOCHS if tune else 0)
     except MissingExtraError as exc:
         raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, f"this server cannot adapt models: {exc}") from None
