@@ -344,3 +344,25 @@ def test_ema_ships_the_average_and_a_resumed_run_keeps_it(synthetic_root, tmp_pa
     resumed = load_bundle(resume(tmp_path / "crashed").bundle_path).net.model.state_dict()
     for k, v in shipped.items():
         torch.testing.assert_close(resumed[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_consistency_sees_two_colour_views_and_logs_their_distance(synthetic_root, tmp_path):
+    from hematoscope.bundle.neural import NeuralBundle
+    from hematoscope.models.preprocess import Preprocess
+    from hematoscope.train.module import CellClassifier
+
+    cfg = tiny_config(synthetic_root, tmp_path / "run", consistency=1.0, hue_jitter=0.1, gamma_jitter=0.3)
+    module = CellClassifier(NeuralBundle.create(["a", "b"], weights=None).net, cfg, Preprocess(size=32),
+                            np.array([4, 4]))
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    first, again, second = module.augment(x), module.augment(x), module.augment(x, view=1)
+    torch.testing.assert_close(first, again)  # each view repeats its draws (resume)
+    assert not torch.allclose(first, second, atol=1e-3)  # the second view has draws of its own
+
+    result = train(tiny_config(synthetic_root, tmp_path / "run", epochs=1, consistency=1.0, fit_trust=False))
+    logged = (result.run_dir / "logs" / "csv").glob("version_*/metrics.csv")
+    header = next(logged).read_text().splitlines()[0].split(",")
+    assert "train_view_distance" in header
+    bundle = load_bundle(result.bundle_path)
+    assert bundle.config.training.model_dump()["config"]["consistency"] == 1.0
+    assert np.isfinite(bundle.predict(sorted(synthetic_root.rglob("*.png"))[:3]).probs).all()

@@ -89,6 +89,11 @@ class TrainConfig(BaseModel):
     mixstyle: float = Field(0.0, ge=0, le=1, description="chance per batch of mixing feature statistics "
                             "between images after the backbone's first three stages (MixStyle: synthesises "
                             "new image styles inside the network; training only)")
+    consistency: float = Field(0.0, ge=0, description="weight of a colour-invariance term: each batch is seen "
+                               "under two independent colour/stain draws (both trained on) and the cosine distance "
+                               "between the two views' pooled features is added to the loss, so another lab's "
+                               "colours move a cell less in the feature space the OOD flag reads; doubles the "
+                               "cost of a step; 0 = off")
 
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split (split by patient / cell group "

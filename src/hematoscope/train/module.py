@@ -62,10 +62,12 @@ class CellClassifier(L.LightningModule):
         self._mixstyle_hooks = []
 
     # --- data on the device ----------------------------------------------------------------
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, view: int = 0) -> torch.Tensor:
         """A uint8 training batch → colour-augmented, canonicalised and normalised like Preprocess.
-        Its draws are seeded by (seed, rank, global step), so a resumed run repeats them."""
-        torch.manual_seed((self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
+        Its draws are seeded by (seed, rank, global step, view), so a resumed run repeats them."""
+        seed = (self.config.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
+        # the CPU generator keeps 32 bits of a seed: a second view gets another 32-bit seed
+        torch.manual_seed(seed if not view else (seed * 2_654_435_761 + view) % 2**32)
         c = self.config
         x = batch_color_jitter(x.float() / 255.0, c.color_jitter, c.stain_jitter, c.saturation_jitter)
         x = batch_stain_jitter(x, hue=c.hue_jitter, gamma=c.gamma_jitter, hed=c.hed_jitter, noise=c.noise,
@@ -120,8 +122,16 @@ class CellClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, _ = self.net(self.augment(x))
-        loss = self._loss(logits, y)
+        if not self.config.consistency:
+            logits, _ = self.net(self.augment(x))
+            loss = self._loss(logits, y)
+        else:  # one pass over both colour views, so BatchNorm sees them together
+            logits, features = self.net(torch.cat([self.augment(x), self.augment(x, view=1)]))
+            a, b = F.normalize(features.flatten(1), dim=1).chunk(2)
+            distance = (1 - (a * b).sum(1)).mean()
+            loss = self._loss(logits, y.repeat(2)) + self.config.consistency * distance
+            self.log("train_view_distance", distance, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=len(y), sync_dist=True)
         # sync_dist: the epoch mean over all processes (a no-op in a single process)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
