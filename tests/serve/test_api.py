@@ -59,7 +59,8 @@ class TestInfoEndpoints:
     def test_openapi_lists_every_endpoint(self, client):
         paths = client.get("/openapi.json").json()["paths"]
         assert {"/api/predict", "/api/models", "/api/health", "/api/analyses", "/api/analyses/{analysis_id}",
-                "/api/analyses/{analysis_id}/report.csv", "/api/analyses/{analysis_id}/corrections"} <= set(paths)
+                "/api/analyses/{analysis_id}/report.csv", "/api/analyses/{analysis_id}/corrections",
+                "/api/analyses/{analysis_id}/items/{index}/image"} <= set(paths)
         assert {"patch", "post"} <= set(paths["/api/analyses/{analysis_id}/corrections"])
 
 
@@ -96,6 +97,32 @@ class TestPredict:
         assert diff["classified"] + diff["abstained"] == 3 and diff["skipped"] == 2 and diff["total"] == 5
         assert sum(c["count"] for c in diff["classes"]) == diff["classified"]
         assert client.get("/api/health").json()["analyses"] == 1
+
+    def test_each_image_is_kept_at_full_size_and_served_alone(self, make_client, sample_files, encode):
+        from hematoscope.serve.analysis import VIEW_SIDE
+
+        client = make_client(token="s3cret")
+        auth = {"Authorization": "Bearer s3cret"}
+        large = encode(np.random.default_rng(0).integers(0, 256, (1000, 800, 3), dtype=np.uint8))
+        r = client.post("/api/predict", headers=auth, files=_files(
+            (sample_files[0].name, sample_files[0].read_bytes()), ("cut.jpg", b"garbage"), ("large.png", large)))
+        a = r.json()
+        assert "view" not in a["items"][0]  # the analysis stays light: one image is fetched when opened
+        url = f"/api/analyses/{a['id']}/items/{{}}/image"
+        assert client.get(url.format(0)).status_code == 401
+        cell = client.get(url.format(0), headers=auth)
+        assert cell.status_code == 200 and cell.headers["content-type"] == "image/jpeg"
+        assert cell.headers["cache-control"].startswith("private")
+        with Image.open(sample_files[0]) as original:  # PBC's 360 px crop at its own size, not the 192 px card
+            assert Image.open(io.BytesIO(cell.content)).size == original.size and max(original.size) > 192
+        assert Image.open(io.BytesIO(client.get(url.format(2), headers=auth).content)).size == (
+            round(800 * VIEW_SIDE / 1000), VIEW_SIDE)
+        assert client.get(url.format(1), headers=auth).status_code == 404  # unreadable: nothing to show
+        assert client.get(url.format(3), headers=auth).status_code == 404
+        assert client.get(url.format(-1), headers=auth).status_code == 422
+        assert client.get("/api/analyses/nope/items/0/image", headers=auth).status_code == 404
+        assert client.delete(f"/api/analyses/{a['id']}", headers=auth).status_code == 204
+        assert client.get(url.format(0), headers=auth).status_code == 404
 
     def test_gradcam_overlay(self, client, sample_files):
         r = client.post("/api/predict?gradcam=true", files=_files((sample_files[0].name, sample_files[0].read_bytes())))

@@ -133,6 +133,20 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     page.locator("#heatmap-toggle").uncheck()
     page.locator(".card").nth(1).locator(".heat-btn").click()  # one overlay on, for the screenshot
 
+    # A card's image opens the cell at the upload's own size (PBC: 360 px, not the 192 px card),
+    # with its heatmap a tick away; Escape closes it.
+    page.locator(".card").first.locator("img").click()
+    page.wait_for_function("(v => v.src.startsWith('blob:') && v.naturalWidth > 192)(document.querySelector('#cell-view'))")
+    assert page.locator("#cell-dialog").evaluate("d => d.open")
+    assert Path(analysis["items"][0]["source"]).name in page.locator("#cell-caption").inner_text()
+    page.locator("#cell-heat").check()
+    assert page.locator("#cell-view").get_attribute("src").startswith("data:image/png")
+    page.locator("#cell-heat").uncheck()
+    assert page.locator("#cell-view").get_attribute("src").startswith("blob:")
+    page.screenshot(path=str(ARTIFACTS / "serve_cell.png"))
+    page.keyboard.press("Escape")
+    page.wait_for_function("!document.querySelector('#cell-dialog').open")
+
     # Filter by the first card's class shows only that class.
     predicted = analysis["items"][0]["prediction"]
     page.select_option("#filter-select", f"class:{predicted}")

@@ -70,12 +70,49 @@ def test_a_history_written_before_sample_ids_is_upgraded_and_keeps_its_analyses(
     new = store.add_analysis(MODEL, LABELS, DIFF, _items(), sample="S-2")
     assert (store.get("old").sample, store.get(new).sample) == ("S-1", "S-2")
     with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 3
     with pytest.raises(NotFound):
         store.set_sample("missing", "x")
     with pytest.raises(ValueError, match="control"):
         store.add_analysis(MODEL, LABELS, DIFF, _items(), sample="a\tb")
     assert store.list()[1] == 2  # the refused one left nothing
+
+
+def test_full_size_views_are_stored_and_read_one_at_a_time(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    items = _items()
+    items[0].view = b"full size jpeg"
+    aid = store.add_analysis(MODEL, LABELS, DIFF, items)
+    assert store.view(aid, 0) == b"full size jpeg"
+    assert store.get(aid).items[0].view is None  # the analysis itself stays light
+    for analysis, index in ((aid, 1), (aid, 2), ("missing", 0)):  # an unreadable upload has nothing to show
+        with pytest.raises(NotFound):
+            store.view(analysis, index)
+
+
+def test_a_history_written_before_full_size_views_is_upgraded_and_shows_its_thumbnails(tmp_path):
+    from hematoscope.serve import storage
+
+    path = tmp_path / "h.sqlite3"
+    with sqlite3.connect(path) as con:  # the version-2 tables, as hematoscope wrote them before views
+        con.execute("CREATE TABLE analyses (id TEXT PRIMARY KEY, created TEXT NOT NULL, model_name TEXT NOT NULL, "
+                    "model_kind TEXT NOT NULL, model_id TEXT NOT NULL, model_version TEXT NOT NULL, "
+                    "labels TEXT NOT NULL, n_images INTEGER NOT NULL, n_errors INTEGER NOT NULL, "
+                    "differential TEXT NOT NULL, sample TEXT NOT NULL DEFAULT '')")
+        con.execute("CREATE TABLE items (analysis_id TEXT NOT NULL REFERENCES analyses (id) ON DELETE CASCADE, "
+                    "idx INTEGER NOT NULL, source TEXT NOT NULL, sha256 TEXT NOT NULL, result TEXT NOT NULL, "
+                    "thumbnail BLOB, heatmap BLOB, PRIMARY KEY (analysis_id, idx))")
+        con.execute("INSERT INTO analyses VALUES ('old', '2026-01-01T00:00:00', 'm', 'neural', 'abc', '1', "
+                    "'[\"neutrophil\"]', 1, 0, '{}', 'S-1')")
+        con.execute("INSERT INTO items VALUES ('old', 0, 'a.jpg', ?, '{}', x'ffd8', NULL)", ("0" * 64,))
+        con.execute("PRAGMA user_version = 2")
+    store = HistoryStore(path)
+    assert store.view("old", 0) == bytes.fromhex("ffd8")  # its thumbnail: the only image it kept
+    items = _items()
+    items[0].view = b"full"
+    assert store.view(store.add_analysis(MODEL, LABELS, DIFF, items), 0) == b"full"
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION
 
 
 def test_history_is_searched_by_sample_id(tmp_path):

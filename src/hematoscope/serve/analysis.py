@@ -23,6 +23,9 @@ from hematoscope.serve.deps import ServedModel
 from hematoscope.serve.storage import StoredItem
 
 THUMBNAIL_SIDE = 192
+#: Longest side of the stored full-size view of each cell (what a reviewer opens from its card):
+#: PBC's 360 px crops and most labs' are kept at their own resolution.
+VIEW_SIDE = 768
 HEATMAP_SIDE = 192
 #: Images explained per Grad-CAM call (bounds the memory of the backward pass).
 EXPLAIN_BATCH = 16
@@ -85,14 +88,25 @@ def data_url(data: bytes | None, mime: str) -> str | None:
     return None if data is None else f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def _thumbnail(image: np.ndarray) -> bytes:
+def _thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE, quality: int = 85) -> bytes:
     from PIL import Image
 
     im = Image.fromarray(image)
-    im.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    im.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
+    im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def _view(data: bytes, max_pixels: int) -> bytes | None:
+    """The upload at up to :data:`VIEW_SIDE` px (the model's image is already shrunk towards its
+    input size), or None when it cannot be decoded again."""
+    from hematoscope.data.images import ImageError, load_image
+
+    try:
+        return _thumbnail(load_image(data, max_pixels=max_pixels, draft_size=VIEW_SIDE), VIEW_SIDE, 90)
+    except ImageError:
+        return None
 
 
 def explanation_method(model: ServedModel) -> str:
@@ -206,7 +220,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
     Image sizes are read from the headers first, so an upload that would decode to more than
     ``max_request_pixels`` is refused before any pixel is decoded. Then batches of at most
     ``batch_size`` images and ``batch_pixels`` pixels are decoded, classified, explained and
-    thumbnailed one after the other, each within a reservation of the server-wide ``budget``;
+    thumbnailed (and kept at up to VIEW_SIDE px) one after the other, each within a reservation of the server-wide ``budget``;
     only one batch of decoded images is held at a time.
 
     Args:
@@ -282,6 +296,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
             with slots:
                 overlays = _explain(model, images[:n_explain], predicted[:n_explain]) if n_explain else []
                 thumbnails = [_thumbnail(im) for im in images]
+                views = [_view(uploads[pos].data, max_pixels) for pos in positions]
             explained += n_explain
             for n, (pos, record, top) in enumerate(zip(positions, pred.records(top_k), pred.top_k(top_k))):
                 overlay, explanation = overlays[n] if n < len(overlays) else (None, None)
@@ -298,7 +313,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
                     "recolour": record.get("recolour"),
                     "explanation": explanation,
                 }
-                items[pos].thumbnail = thumbnails[n]
+                items[pos].thumbnail, items[pos].view = thumbnails[n], views[n]
                 items[pos].heatmap = overlay
             preds.append(pred)
             del images  # the batch's pixels go before the next reservation

@@ -1,10 +1,11 @@
-"""History of analyses in SQLite: what was uploaded (names, hashes, thumbnails), which model
-answered, its predictions, the differential count and the user's corrections.
+"""History of analyses in SQLite: what was uploaded (names, hashes, each image as a thumbnail
+and at full size), which model answered, its predictions, the differential count and the
+user's corrections.
 
 Every write is one transaction; a new connection is opened per operation, so the store is safe
 to use from the server's worker threads and survives restarts (the file is the state).
 
-The file holds thumbnails of every upload, so it is private: created with mode 0600 (a
+The file holds the image of every upload, so it is private: created with mode 0600 (a
 world- or group-readable file of ours is tightened to 0600 when opened; SQLite gives its
 ``-wal`` / ``-shm`` files the same mode), and deleted analyses are overwritten on disk
 (``PRAGMA secure_delete``), not merely unlinked from the tables.
@@ -23,8 +24,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-#: 2: analyses.sample (the lab's sample / slide id)
-SCHEMA_VERSION = 2
+#: 2: analyses.sample (the lab's sample / slide id); 3: items.view (the cell at full size)
+SCHEMA_VERSION = 3
 #: Longest sample id kept (a specimen, slide or run code, not a note).
 SAMPLE_MAX = 100
 _SCHEMA = """
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS items (
     result TEXT NOT NULL,          -- JSON: prediction fields, or {"error": reason}
     thumbnail BLOB,                -- JPEG
     heatmap BLOB,                  -- PNG overlay (Grad-CAM or segmentation)
+    view BLOB,                     -- JPEG, the upload at up to VIEW_SIDE px (NULL before schema 3)
     PRIMARY KEY (analysis_id, idx)
 );
 CREATE TABLE IF NOT EXISTS corrections (
@@ -80,6 +82,9 @@ class StoredItem:
     result: dict[str, Any]
     thumbnail: bytes | None = None
     heatmap: bytes | None = None
+    #: the upload at up to ``analysis.VIEW_SIDE`` px, for a reviewer to look at closely (not read
+    #: back by :meth:`HistoryStore.get`: :meth:`HistoryStore.view` serves one at a time)
+    view: bytes | None = None
 
 
 @dataclass
@@ -123,6 +128,9 @@ class HistoryStore:
                                    f"reads up to {SCHEMA_VERSION}: upgrade hematoscope or use --db")
             if version == 1:  # histories written before sample ids keep their analyses
                 con.execute("ALTER TABLE analyses ADD COLUMN sample TEXT NOT NULL DEFAULT ''")
+            item_columns = {row[1] for row in con.execute("PRAGMA table_info(items)")}
+            if item_columns and "view" not in item_columns:  # written before full-size views: thumbnails stay
+                con.execute("ALTER TABLE items ADD COLUMN view BLOB")
             for statement in _SCHEMA.split(";"):  # executescript would COMMIT mid-transaction
                 if statement.strip():
                     con.execute(statement)
@@ -186,8 +194,9 @@ class HistoryStore:
                  json.dumps(differential), sample),
             )
             con.executemany(
-                "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(analysis_id, i, it.source, it.sha256, json.dumps(it.result), it.thumbnail, it.heatmap)
+                "INSERT INTO items (analysis_id, idx, source, sha256, result, thumbnail, heatmap, view) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(analysis_id, i, it.source, it.sha256, json.dumps(it.result), it.thumbnail, it.heatmap, it.view)
                  for i, it in enumerate(items)],
             )
         return analysis_id
@@ -290,6 +299,21 @@ class HistoryStore:
             labels=json.loads(row[6]), differential=json.loads(row[7]), items=items, corrections=corrections,
             sample=row[8],
         )
+
+    def view(self, analysis_id: str, index: int) -> bytes:
+        """The JPEG of image ``index`` of an analysis at its stored full size (its thumbnail for
+        analyses stored before full-size views).
+
+        Raises:
+            NotFound: no such analysis, no image with that index, or the image could not be read
+                when it was uploaded (there is nothing to show).
+        """
+        with closing(self._connect()) as con:
+            row = con.execute("SELECT COALESCE(view, thumbnail) FROM items WHERE analysis_id = ? AND idx = ?",
+                              (analysis_id, index)).fetchone()
+        if row is None or row[0] is None:
+            raise NotFound(f"{analysis_id}/{index}")
+        return row[0]
 
     def list(self, *, limit: int = 50, offset: int = 0, sample: str | None = None) -> tuple[list[dict[str, Any]], int]:
         """Summaries of analyses, newest first, and how many there are: all of them, or with

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi import Path as FastApiPath
 
 from hematoscope.serve.deps import StoreDep, require_token
 from hematoscope.serve.schemas import Analysis, AnalysisList, AnalysisPatch, CorrectionsIn
@@ -84,6 +85,21 @@ async def delete_analysis(analysis_id: str, store: StoreDep) -> Response:
     except NotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no analysis {analysis_id!r}") from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{analysis_id}/items/{index}/image", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "the image, up to 768 px a side"},
+                       404: {"description": "no such analysis or image, or the upload could not be read"}})
+async def item_image(analysis_id: str, index: Annotated[int, FastApiPath(ge=0, le=MAX_OFFSET)],
+                     store: StoreDep) -> Response:
+    """One uploaded image at full size (up to 768 px a side: what a reviewer looks at closely;
+    the thumbnail for analyses stored before full-size views were kept)."""
+    try:
+        data = await anyio.to_thread.run_sync(lambda: store.view(analysis_id, index))
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no image {index} in analysis {analysis_id!r}") from None
+    # a patient's cell: the browser may keep it for the page, shared caches may not
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/{analysis_id}/report.csv", response_class=Response,

@@ -404,6 +404,41 @@ function anomalyText(score) {
     : ` · unusual: ${share.toFixed(1)}× the flag limit`;
 }
 
+// ---------- one cell at full size ------------------------------------------------------------
+// The thumbnail shows at once; the stored full-size image (fetched with the token) replaces it.
+let cellUrl = null;
+
+async function openCell(it) {
+  const dialog = $("#cell-dialog"), view = $("#cell-view"), heat = $("#cell-heat");
+  dialog.dataset.index = String(it.index);
+  const answer = it.correction ? `${display(it.correction.label)} (corrected)`
+    : it.abstain ? `set aside (best guess ${display(it.prediction)})` : display(it.prediction);
+  $("#cell-caption").textContent = `${it.source} · ${answer} · confidence ${pct(it.confidence)}`;
+  $("#cell-heat-label").hidden = !it.heatmap;
+  heat.checked = false;
+  heat.onchange = () => { view.src = heat.checked ? it.heatmap : (cellUrl || it.thumbnail); };
+  view.alt = it.source;
+  view.src = it.thumbnail;
+  $("#cell-status").textContent = "loading the full-size image…";
+  if (!dialog.open) dialog.showModal();
+  try {
+    const blob = await (await api(`/api/analyses/${state.analysis.id}/items/${it.index}/image`)).blob();
+    if (!dialog.open || dialog.dataset.index !== String(it.index)) return;  // closed or another cell meanwhile
+    if (cellUrl) URL.revokeObjectURL(cellUrl);
+    cellUrl = URL.createObjectURL(blob);
+    if (!heat.checked) view.src = cellUrl;
+    $("#cell-status").textContent = "";
+  } catch (err) {
+    $("#cell-status").textContent = `Only the thumbnail is available: ${err.message}`;
+  }
+}
+
+function closeCell() {
+  if (cellUrl) URL.revokeObjectURL(cellUrl);
+  cellUrl = null;
+  $("#cell-view").removeAttribute("src");
+}
+
 function renderCard(it) {
   const a = state.analysis;
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
@@ -428,6 +463,14 @@ function renderCard(it) {
   } else {
     heatBtn.remove();
   }
+  img.tabIndex = 0;
+  img.setAttribute("role", "button");
+  img.title = "Open at full size";
+  img.setAttribute("aria-label", `Open ${it.source} at full size`);
+  img.addEventListener("click", () => openCell(it));
+  img.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openCell(it); }
+  });
   const source = node.querySelector(".source");
   source.textContent = it.source.split("/").pop();
   source.title = it.source;
@@ -587,6 +630,7 @@ function printReport() {
 function initResults() {
   $("#filter-select").addEventListener("change", renderGrid);
   $("#sort-select").addEventListener("change", renderGrid);
+  $("#cell-dialog").addEventListener("close", closeCell);
   $("#heatmap-toggle").addEventListener("change", (ev) => {
     state.showHeat = ev.target.checked;
     state.heatOverride = new Map();
