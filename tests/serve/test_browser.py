@@ -146,6 +146,12 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "serve_cell.png"))
     page.keyboard.press("Escape")
     page.wait_for_function("!document.querySelector('#cell-dialog').open")
+    page.locator(".card").nth(1).locator("img").focus()  # from the keyboard: Enter on a card's image
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#cell-dialog').open")
+    assert Path(analysis["items"][1]["source"]).name in page.locator("#cell-caption").inner_text()
+    page.keyboard.press("Escape")
+    page.wait_for_function("!document.querySelector('#cell-dialog').open")
 
     # Filter by the first card's class shows only that class.
     predicted = analysis["items"][0]["prediction"]
