@@ -219,9 +219,9 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     Image sizes are read from the headers first, so an upload that would decode to more than
     ``max_request_pixels`` is refused before any pixel is decoded. Then batches of at most
-    ``batch_size`` images and ``batch_pixels`` pixels are decoded, classified, explained and
-    thumbnailed (and kept at up to VIEW_SIDE px) one after the other, each within a reservation of the server-wide ``budget``;
-    only one batch of decoded images is held at a time.
+    ``batch_size`` images and ``batch_pixels`` pixels are decoded, classified, explained,
+    thumbnailed and kept at up to :data:`VIEW_SIDE` px one after the other, each within a
+    reservation of the server-wide ``budget``; only one batch of decoded images is held at a time.
 
     Args:
         model: the served model.

@@ -93,7 +93,8 @@ class TrainConfig(BaseModel):
                                "under two independent colour/stain draws (both trained on) and the cosine distance "
                                "between the two views' pooled features is added to the loss, so another lab's "
                                "colours move a cell less in the feature space the OOD flag reads; doubles the "
-                               "cost of a step; 0 = off")
+                               "cost of a step; measured in docs/crosslab.md: it did not lower another lab's "
+                               "flagged share; 0 = off")
 
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split (split by patient / cell group "
