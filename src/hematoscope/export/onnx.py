@@ -313,9 +313,6 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-__all__ = ["DEFAULT_MIN_AGREEMENT", "ExportError", "ExportReport", "FP32_TOLERANCE", "export_onnx"]
-
-
 def save_adapted(adapted: "Bundle", original: "Bundle", out: Path | str, *, onnx: bool = True) -> Path:
     """Save a bundle adapted from ``original`` (:meth:`~hematoscope.bundle.Bundle.adapt`) to
     ``out`` and return its path. With ``onnx``, a directory bundle gets its own ONNX export when
@@ -331,3 +328,7 @@ def save_adapted(adapted: "Bundle", original: "Bundle", out: Path | str, *, onnx
     if onnx and original.config.model.onnx is not None and Path(out).suffix.lower() != ".zip":
         export_onnx(load_bundle(saved))
     return saved
+
+
+__all__ = ["DEFAULT_MIN_AGREEMENT", "ExportError", "ExportReport", "FP32_TOLERANCE", "export_onnx", "save_adapted"]
+

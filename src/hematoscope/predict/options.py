@@ -91,4 +91,3 @@ class InferenceOptions:
         from dataclasses import replace
 
         return replace(self, **changes)
-

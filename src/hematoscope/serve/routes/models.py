@@ -1,6 +1,7 @@
 """GET /api/models: the served bundles; POST /api/models/adapt: adapt one to a lab's crops."""
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from pathlib import Path
@@ -10,8 +11,11 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Response, UploadFile, status
 
 from hematoscope.serve.analysis import explanation_method
+from hematoscope.serve.batching import start_batcher
 from hematoscope.serve.deps import ModelsDep, ServedModel, SettingsDep, is_adapted_here, pick_model, require_token
 from hematoscope.serve.schemas import AdaptResult, ModelInfo, ModelList
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(require_token)])
 
@@ -22,12 +26,14 @@ TUNE_EPOCHS = 8
 
 
 def model_info(name: str, m: ServedModel, default: str, adapt_dir: Path | None) -> ModelInfo:
+    """A served model as ``GET /api/models`` lists it (``adapt_dir``: the server's adaptation folder)."""
     d = m.bundle.describe()
-    return ModelInfo(removable=is_adapted_here(m, adapt_dir),
+    return ModelInfo(
         **m.info(), default=name == default, labels=d["labels"], input_size=d["input_size"],
         temperature=d["temperature"], abstain_threshold=d["abstain_threshold"], ood=d["ood"],
         ood_accept=d["ood_accept"], metrics=d["metrics"], metrics_of=d["metrics_of"],
         explanation=explanation_method(m), adapted_to=d["adapted_to"], answerable_classes=d["answerable_classes"],
+        removable=is_adapted_here(m, adapt_dir),
     )
 
 
@@ -94,8 +100,6 @@ async def adapt_model(
     finally:
         lock.release()
     served, report = adapted
-    from hematoscope.serve.batching import start_batcher
-
     await start_batcher(served, settings)
     # a new dict, not an insertion: requests iterating the old one are not disturbed
     request.app.state.models = {**request.app.state.models, served.name: served}
@@ -133,8 +137,6 @@ def _adapt(request: Request, settings, original: ServedModel, raw, out: Path, *,
            classes, tune: bool):
     """The work of :func:`adapt_model`, in a worker thread: unpack, check the pixels, adapt, save
     (with an ONNX export when the original had one and the server can make it), load."""
-    import logging
-
     from hematoscope._extras import MissingExtraError
     from hematoscope.bundle import load_bundle
     from hematoscope.bundle.adapt import adapt_bundle
@@ -176,7 +178,7 @@ def _adapt(request: Request, settings, original: ServedModel, raw, out: Path, *,
     try:
         save_adapted(adapted, base, out)
     except MissingExtraError as exc:  # saved; served with PyTorch instead of ONNX Runtime
-        logging.getLogger(__name__).warning("adapted model %s saved without an ONNX export: %s", out, exc)
+        log.warning("adapted model %s saved without an ONNX export: %s", out, exc)
     served = load_models([out], classes=settings.classes, recolour=settings.recolour,
                          ood_accept=settings.ood_accept)
     return next(iter(served.values())), report

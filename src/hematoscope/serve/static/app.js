@@ -23,6 +23,7 @@ function colorOf(label) {
 }
 
 function pct(x) { return `${(100 * x).toFixed(1)}%`; }
+function fileCount(n) { return `${n} file${n > 1 ? "s" : ""}`; }
 
 function setStatus(text, kind = "", where = "#status") {
   const el = $(where);
@@ -169,7 +170,7 @@ async function adapt(ev) {
     form.append("tune", "true");
     form.append("classes", classes.join(","));
   }
-  setAdaptStatus(`Adapting ${$("#adapt-base").value} to ${files.length} file${files.length > 1 ? "s" : ""}…`, "busy");
+  setAdaptStatus(`Adapting ${$("#adapt-base").value} to ${fileCount(files.length)}…`, "busy");
   $("#adapt-go").disabled = true;
   try {
     const result = await (await api("/api/models/adapt", { method: "POST", body: form })).json();
@@ -199,7 +200,7 @@ function initAdapt() {
   $("#adapt-base").addEventListener("change", fillAdaptForm);
   $("#adapt-files").addEventListener("change", (ev) => {
     const n = ev.target.files.length;
-    $("#adapt-chosen").textContent = n ? `${n} file${n > 1 ? "s" : ""} chosen` : "no crops chosen";
+    $("#adapt-chosen").textContent = n ? `${fileCount(n)} chosen` : "no crops chosen";
   });
 }
 
@@ -223,7 +224,7 @@ async function upload(files) {
   const params = new URLSearchParams({ top_k: "3", gradcam: String($("#gradcam-input").checked) });
   const model = $("#model-select").value;
   if (model) params.set("model", model);
-  setStatus(`Classifying ${files.length} file${files.length > 1 ? "s" : ""}…`, "busy");
+  setStatus(`Classifying ${fileCount(files.length)}…`, "busy");
   $("#dropzone").classList.add("busy");
   try {
     const analysis = await (await api(`/api/predict?${params}`, { method: "POST", body: form })).json();
