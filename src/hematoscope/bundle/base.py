@@ -675,7 +675,8 @@ class Bundle(ABC):
         @functools.cache
         def look(i: int, colour: tuple[str, float] | None) -> np.ndarray:
             """Image ``i`` with ``colour`` changed: once per cell and change, however many framings try it."""
-            return images[i] if colour is None else recolour_image(images[i], *colour)
+            image = self.preprocess.prepare(images[i])  # bars filled before any framing pads the crop
+            return image if colour is None else recolour_image(image, *colour)
 
         def still_flagged() -> np.ndarray:
             return np.array([i for i in take if score[i] > trust.ood_threshold], dtype=np.int64)

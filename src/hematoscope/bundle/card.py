@@ -70,6 +70,8 @@ def model_card(bundle: "Bundle") -> str:
         f"{bundle.preprocess.interpolation}), mean {list(bundle.preprocess.mean)}, std {list(bundle.preprocess.std)}.",
         *([f"Colour canonicalisation: {bundle.preprocess.colour} (each channel's 1st/99th percentiles mapped onto "
            f"{list(bundle.preprocess.colour_ref)})."] if bundle.preprocess.colour != "none" else []),
+        *(["Black bars along an image's edges (padding where a crop ran past its slide image) are painted "
+           "with the image's white point before anything else."] if bundle.preprocess.bars == "fill" else []),
         *([f"Framing: {_framing(bundle.preprocess.framing)} of each image, before resizing."]
           if bundle.preprocess.framing != 1 else []),
         "",

@@ -35,6 +35,10 @@ class Preprocess:
             it is, below 1 its centre (a lab that frames cells looser than training did), above 1
             the image padded with its background colour (a lab that crops tighter). Chosen per lab
             by ``hematoscope adapt`` (:func:`reframe_image`).
+        bars: ``"keep"``, or ``"fill"``: near-black bars along the image's edges (the padding a
+            lab adds where its crop runs past the slide image's border) are painted with the
+            image's white point before anything else (:func:`fill_bars`), so the model sees
+            slide background where the lab's crop had none.
     """
 
     size: int = 128
@@ -46,6 +50,7 @@ class Preprocess:
     colour: str = "none"
     colour_ref: tuple[float, ...] | None = None
     framing: float = 1.0
+    bars: str = "keep"
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -59,6 +64,8 @@ class Preprocess:
         if not 0.3 <= self.framing <= 3.0:
             raise ValueError(f"framing must be in [0.3, 3]; got {self.framing}")
         object.__setattr__(self, "framing", float(self.framing))
+        if self.bars not in BAR_MODES:
+            raise ValueError(f"bars must be one of {BAR_MODES}; got {self.bars!r}")
         if self.colour not in COLOUR_MODES:
             raise ValueError(f"colour must be one of {COLOUR_MODES}; got {self.colour!r}")
         if self.colour != "none":
@@ -81,6 +88,8 @@ class Preprocess:
             d["colour_ref"] = list(self.colour_ref)
         if self.framing == 1.0:
             del d["framing"]
+        if self.bars == "keep":
+            del d["bars"]
         return d
 
     @classmethod
@@ -102,6 +111,7 @@ class Preprocess:
             "nearest": Image.Resampling.NEAREST,
             "area": Image.Resampling.BOX,
         }[self.interpolation]
+        image = self.prepare(image)
         if self.framing != 1.0:
             image = reframe_image(image, self.framing)
         im = Image.fromarray(image)
@@ -121,6 +131,11 @@ class Preprocess:
             left, top = (w - self.size) // 2, (h - self.size) // 2
             im = im.crop((left, top, left + self.size, top + self.size))
         return np.asarray(im, dtype=np.uint8)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """What every image goes through before any framing or resizing (the bars filled when
+        ``bars == "fill"``); repeating it changes nothing, so the early resize may run it too."""
+        return fill_bars(image) if self.bars == "fill" else image
 
     @property
     def decode_size(self) -> int:
@@ -220,6 +235,9 @@ class Preprocess:
 
 
 COLOUR_MODES = ("none", "percentile")
+BAR_MODES = ("keep", "fill")
+#: An edge row or column is a bar when at least this share of its pixels is near-black (:data:`DARK`).
+BAR_SHARE = 0.9
 #: A canonicalised pixel is stained nucleus (Romanowsky purple) when green is below this and blue
 #: exceeds green by the next: PBC's crops hold a median 7 % of such pixels, crops cut to their
 #: centre 50 % / 40 % 25 % / 37 % (docs/crosslab.md).
@@ -350,6 +368,42 @@ def recolour_image(image: np.ndarray, kind: str, factor: float) -> np.ndarray:
     else:
         raise ValueError(f"unknown colour change {kind!r}; expected one of {RECOLOURS}")
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def fill_bars(image: np.ndarray) -> np.ndarray:
+    """An HWC uint8 RGB image with the near-black bars along its edges painted with its white
+    point (the 99th percentile of each channel of the rest); the image itself when it has none.
+
+    Edge rows and columns are peeled off while :data:`BAR_SHARE` of their pixels (within what is
+    left) are near-black, so a corner block (rows at the top, then columns at a side) goes too;
+    dark pixels inside the image (a nucleus) are never touched. On LISC's crops, 258 of 1,218
+    have such bars (their crops cut at the slide image's border); PBC's 13,726 have none
+    (docs/crosslab.md).
+    """
+    if image.ndim != 3 or image.shape[0] < 2 or image.shape[1] < 2:
+        return image
+    dark = image.max(axis=2) < round(DARK * 255)
+    if not (dark[0].any() or dark[-1].any() or dark[:, 0].any() or dark[:, -1].any()):
+        return image
+    top, bottom, left, right = 0, dark.shape[0], 0, dark.shape[1]
+    peeled = True
+    while peeled and top < bottom and left < right:
+        peeled = False
+        if dark[top, left:right].mean() >= BAR_SHARE:
+            top, peeled = top + 1, True
+        if top < bottom and dark[bottom - 1, left:right].mean() >= BAR_SHARE:
+            bottom, peeled = bottom - 1, True
+        if top < bottom and dark[top:bottom, left].mean() >= BAR_SHARE:
+            left, peeled = left + 1, True
+        if top < bottom and left < right and dark[top:bottom, right - 1].mean() >= BAR_SHARE:
+            right, peeled = right - 1, True
+    if (top, bottom, left, right) == (0, dark.shape[0], 0, dark.shape[1]) or top >= bottom or left >= right:
+        return image  # no bars, or nothing but bars (a black image is left to the OOD flag)
+    inner = image[top:bottom, left:right]
+    out = np.empty_like(image)
+    out[:] = np.percentile(inner[::4, ::4].reshape(-1, 3), 99, axis=0).astype(image.dtype)
+    out[top:bottom, left:right] = inner
+    return out
 
 
 def reframe_image(image: np.ndarray, share: float) -> np.ndarray:

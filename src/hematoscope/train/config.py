@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     colour_norm: Literal["none", "percentile"] = Field(
         "percentile", description="per-image colour canonicalisation: map each channel's 1st/99th percentiles "
         "onto the training set's median (removes most stain / white-balance / contrast differences between labs)")
+    bars: Literal["keep", "fill"] = Field(
+        "fill", description="near-black bars along an image's edges (padding where a lab's crop ran past its slide "
+        "image) painted with the image's white point before anything else (Preprocess.bars)")
 
     # augmentation (training only; evaluation always uses the bundle's Preprocess). The colour
     # ops run batched before the canonicalisation, the others per image on the uint8 crop.

@@ -135,7 +135,7 @@ class TrainImages(Dataset):
         self.images, self.paths, self.targets = images, list(paths), np.asarray(targets, dtype=np.int64)
         self.size, self.pre_size, self.scale_jitter = config.size, config.pre_size, config.scale_jitter
         self.config = config
-        self.cache_spec = Preprocess(size=config.pre_size, resize="shorter_crop")
+        self.cache_spec = Preprocess(size=config.pre_size, resize="shorter_crop", bars=config.bars)
         self.extra = _policy(config.augment)
 
     def __len__(self) -> int:
@@ -376,7 +376,7 @@ class CellDataModule(L.LightningDataModule):
             return
         index = {lab: i for i, lab in enumerate(self.labels)}
         parts = {}
-        for split, spec in (("train", Preprocess(size=self.config.pre_size, resize="shorter_crop",
+        for split, spec in (("train", Preprocess(size=self.config.pre_size, resize="shorter_crop", bars=self.config.bars,
                                                   interpolation=self.preprocess.interpolation)),
                             ("val", self.preprocess)):
             rows = self.table[self.table["split"] == split]
@@ -424,7 +424,8 @@ class CellDataModule(L.LightningDataModule):
 
         paths = list(self.table.loc[self.table["split"] == "train", "path"])
         pick = np.sort(np.random.default_rng(self.config.seed).permutation(len(paths))[:max_images])
-        spec = Preprocess(size=self.config.pre_size, resize="shorter_crop", interpolation=self.preprocess.interpolation)
+        spec = Preprocess(size=self.config.pre_size, resize="shorter_crop", bars=self.config.bars,
+                          interpolation=self.preprocess.interpolation)
         images, _, _ = decode_all([paths[i] for i in pick], spec, description="colour reference")
         off = (self.config.pre_size - self.config.size) // 2
         return colour_reference(images[:, off:off + self.config.size, off:off + self.config.size])
@@ -522,4 +523,4 @@ class ShareSampler(torch.utils.data.Sampler):
 
 def eval_preprocess(config: TrainConfig) -> Preprocess:
     """The bundle's preprocessing for a run: shorter side to size / crop_pct, centre crop ``size``."""
-    return Preprocess(size=config.size, resize="shorter_crop", crop_pct=config.crop_pct)
+    return Preprocess(size=config.size, resize="shorter_crop", crop_pct=config.crop_pct, bars=config.bars)
