@@ -111,3 +111,64 @@ def test_a_classical_bundle_moves_its_anomaly_flag_the_same_way(tiny_classical_b
     strict = bundle.predict(files).ood_flag
     assert bundle.trust_for().ood_threshold == bundle.config.ood.accept_levels["0.8"] < bundle.config.ood.threshold
     assert not (fitted & ~strict).any() and strict.sum() > fitted.sum()
+
+
+def test_a_request_moves_the_flag_for_its_own_analysis_only(answers, lisc_files, tmp_path):
+    """One server, as fitted: an analysis may ask for a looser flag (stored with it and in its
+    CSV); the next one without is answered as fitted; an operating point not stored is refused."""
+    import csv
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from hematoscope.serve.app import create_app
+    from hematoscope.serve.config import Settings
+
+    strict, loose = answers
+    files = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in lisc_files]
+    with TestClient(create_app(Settings(db=tmp_path / "h.sqlite3")), base_url="http://localhost") as client:
+        info = client.get("/api/models").json()["data"][0]
+        moved = client.post("/api/predict?ood_accept=0.99", files=files).json()
+        plain = client.post("/api/predict", files=files).json()
+        bad = client.post("/api/predict?ood_accept=0.97", files=files)
+        report = client.get(f"/api/analyses/{moved['id']}/report.csv").text
+        listed = {a["id"]: a["model"]["ood_accept"] for a in client.get("/api/analyses").json()["data"]}
+    assert info["ood_accept"] is None and info["ood_accept_levels"] == list(OOD_ACCEPT_LEVELS)
+    assert [it["abstain"] for it in moved["items"]] == loose.abstain.tolist()
+    assert [it["abstain"] for it in plain["items"]] == strict.abstain.tolist()
+    assert (moved["model"]["ood_accept"], plain["model"]["ood_accept"]) == (0.99, None)
+    assert listed == {moved["id"]: 0.99, plain["id"]: None}
+    assert {row["ood_accept"] for row in csv.DictReader(io.StringIO(report))} == {"0.99"}
+    assert bad.status_code == 422 and "0.8, 0.9, 0.95, 0.975, 0.99" in bad.json()["detail"]
+
+
+def test_the_batcher_answers_each_caller_at_its_own_operating_point(answers, lisc_files):
+    """Requests at different operating points waiting together get their own answers; the
+    served bundle itself is not moved."""
+    import asyncio
+
+    from hematoscope.data.images import load_model_image
+    from hematoscope.serve.batching import ModelBatcher
+
+    strict, loose = answers
+    bundle = load_bundle("default")
+    images = [load_model_image(f, bundle.preprocess) for f in lisc_files]
+    names = [f.name for f in lisc_files]
+
+    async def both():
+        batcher = ModelBatcher(bundle, max_batch=4 * len(images), max_wait_s=0.5)
+        await batcher.start()
+        try:
+            return await asyncio.gather(batcher.predict(images, names, 0.99), batcher.predict(images, names),
+                                        batcher.predict(images[:3], names[:3], 0.99)), batcher.stats
+        finally:
+            await batcher.stop()
+
+    (moved, plain, few), stats = asyncio.run(both())
+    np.testing.assert_array_equal(moved.abstain, loose.abstain)
+    np.testing.assert_array_equal(plain.abstain, strict.abstain)
+    np.testing.assert_array_equal(few.abstain, loose.abstain[:3])
+    assert stats.jobs == 3 and stats.batches == 2  # one model call per operating point
+    assert bundle.config.ood_accept is None
+    copy = bundle.at_ood_accept(0.99)
+    assert copy.runner is bundle.runner and copy.config.ood_accept == 0.99 and bundle.config.ood_accept is None

@@ -172,7 +172,7 @@ def test_overloaded_model_queue_is_503_with_retry_after(make_client, sample_file
     client = make_client()
     batcher = next(iter(client.app.state.models.values())).batcher
 
-    async def refuse(images, sources):
+    async def refuse(images, sources, ood_accept=None):
         raise Overloaded("the model queue is full (9 images waiting, limit 8); try again shortly", 3)
 
     batcher.predict = refuse

@@ -279,8 +279,23 @@ def test_another_labs_cells_bring_the_hint_to_adapt(server_url, page, lisc_root)
     assert hint.is_visible()
     assert hint.inner_text().startswith(f"{unlike} of {len(files)} cells")
     assert "hematoscope adapt default CROPS/ --out my-lab" in hint.inner_text()
+    assert "a looser unfamiliar-cell flag" in hint.inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_lab_hint.png"))
+
+    # The same cells with the flag moved for this analysis only: fewer set aside, and said so.
+    options = page.locator("#ood-select option").all_inner_texts()
+    assert options[0] == "as the model is served" and "99.0% of training-lab cells pass" in options
+    page.select_option("#ood-select", "0.99")
+    page.set_input_files("#file-input", [str(p) for p in files])
+    page.wait_for_function(f"document.querySelector('#status').textContent.startsWith('Classified {len(files)}')",
+                           timeout=120_000)
+    listing = httpx.get(server_url + "/api/analyses").json()["data"]
+    assert [a["model"]["ood_accept"] for a in listing] == [0.99, None]
+    looser = httpx.get(f"{server_url}/api/analyses/{listing[0]['id']}").json()
+    assert sum(it["abstain_reason"] == "unlike training data" for it in looser["items"]) < unlike
+    assert "unfamiliar-cell flag moved: 99.0% of training-lab cells pass" in page.locator("#result-meta").inner_text()
+    assert not hint.is_visible() or "a looser unfamiliar-cell flag" not in hint.inner_text()  # the loosest already
 
 
 def test_a_lab_adapts_the_model_in_the_page_and_analyses_with_it(adapting_server_url, page, lisc_root):

@@ -21,7 +21,7 @@ def test_round_trip(tmp_path):
     store = HistoryStore(tmp_path / "h.sqlite3")
     aid = store.add_analysis(MODEL, LABELS, DIFF, _items())
     got = store.get(aid)
-    assert got.model == MODEL and got.labels == LABELS and got.differential == DIFF
+    assert got.model == {**MODEL, "ood_accept": None} and got.labels == LABELS and got.differential == DIFF
     assert [(it.source, it.result, it.thumbnail, it.heatmap) for it in got.items] == \
         [(it.source, it.result, it.thumbnail, it.heatmap) for it in _items()]
     assert got.n_errors == 1
@@ -70,7 +70,7 @@ def test_a_history_written_before_sample_ids_is_upgraded_and_keeps_its_analyses(
     new = store.add_analysis(MODEL, LABELS, DIFF, _items(), sample="S-2")
     assert (store.get("old").sample, store.get(new).sample) == ("S-1", "S-2")
     with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 4
     with pytest.raises(NotFound):
         store.set_sample("missing", "x")
     with pytest.raises(ValueError, match="control"):
@@ -113,6 +113,12 @@ def test_a_history_written_before_full_size_views_is_upgraded_and_shows_its_thum
     assert store.view(store.add_analysis(MODEL, LABELS, DIFF, items), 0) == b"full"
     with sqlite3.connect(path) as con:
         assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION
+    # schema 4: the flag's operating point; analyses from before it were made as fitted
+    assert store.get("old").model["ood_accept"] is None
+    moved = store.add_analysis({**MODEL, "ood_accept": 0.99}, LABELS, DIFF, _items())
+    assert store.get(moved).model["ood_accept"] == 0.99
+    assert {row["id"]: row["model"]["ood_accept"] for row in store.list()[0]}[moved] == 0.99
+    assert {row["id"]: row["model"]["ood_accept"] for row in store.list()[0]}["old"] is None
 
 
 def test_history_is_searched_by_sample_id(tmp_path):

@@ -501,6 +501,22 @@ class Bundle(ABC):
                               "refit its trust (`hematoscope trust fit BUNDLE SPLIT`) to move its operating point")
         cfg.ood_accept = share
 
+    def at_ood_accept(self, share: float | None) -> "Bundle":
+        """This bundle with its OOD flag at another operating point (:meth:`set_ood_accept`), as a
+        new object sharing the weights, the runner and the fitted scorer; this one is unchanged.
+        For a server whose requests each choose how strict the flag is.
+
+        Raises:
+            BundleError: as :meth:`set_ood_accept`.
+        """
+        import copy
+
+        other = copy.copy(self)
+        other.config = self.config.model_copy(deep=True)
+        other._mode_scorers, other._warned = {}, set()
+        other.set_ood_accept(share)
+        return other
+
     def ood_accept_shares(self) -> list[float]:
         """The shares :meth:`set_ood_accept` can move the OOD flag to: those with a threshold
         stored bundle-wide and for every per-view entry in use ([] for a bundle without them)."""

@@ -179,6 +179,10 @@ class NeuralBundle(Bundle):
             require("torch", extra="train", purpose="running a bundle with PyTorch").set_num_threads(threads)
         self.runner  # noqa: B018 (built now: fail early)
 
+    def at_ood_accept(self, share: float | None) -> "NeuralBundle":
+        self.runner  # noqa: B018 (built before copying, so every operating point shares one runner)
+        return super().at_ood_accept(share)
+
     @property
     def active_backend(self) -> str:
         """``"onnx"`` or ``"torch"``: what runs the network with the chosen backend."""

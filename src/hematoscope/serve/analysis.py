@@ -213,7 +213,7 @@ def header_pixels(up: Upload, max_pixels: int) -> int:
 def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,
                  max_pixels: int, explain_max: int, max_request_pixels: int | None = None,
                  budget: PixelBudget | None = None, batch_pixels: int | None = None,
-                 batch_size: int = BATCH_IMAGES, classify=None,
+                 batch_size: int = BATCH_IMAGES, classify=None, ood_accept: float | None = None,
                  cpu_slots: threading.Semaphore | None = None) -> tuple[list[StoredItem], dict]:
     """Classify uploaded images with one model, decoding them batch by batch.
 
@@ -237,6 +237,8 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
         batch_size: most images per batch.
         classify: ``(images, names) -> Prediction``, the model call (default: the bundle's
             ``predict_arrays``; the server passes its batcher, which joins other requests' images).
+        ood_accept: the OOD flag's operating point for the default ``classify``
+            (:meth:`Bundle.at_ood_accept`; None: the bundle's own).
         cpu_slots: held while decoding and while making thumbnails and explanations (not while
             waiting for the model), so that at most that many threads do such work at once.
 
@@ -272,7 +274,8 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     if batch_pixels is None:
         batch_pixels = budget.capacity if budget is not None else max(total, 1)
-    classify = classify or model.bundle.predict_arrays
+    if classify is None:
+        classify = (model.bundle if ood_accept is None else model.bundle.at_ood_accept(ood_accept)).predict_arrays
     slots = cpu_slots if cpu_slots is not None else nullcontext()
     preds: list[Prediction] = []
     explained = 0

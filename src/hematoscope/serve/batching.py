@@ -4,7 +4,8 @@ Each request used to run its own forward pass: with 50 clients sending one image
 model ran 50 batches of 1. :class:`ModelBatcher` puts every request's decoded images on one
 asyncio queue; a single task takes what has arrived (waiting at most ``max_wait_s`` after the
 first job for more, up to ``max_batch`` images), runs ``bundle.predict_arrays`` once on all of
-them in its own model thread, and hands each request its own rows back, in its own order.
+them in its own model thread (once per operating point of the OOD flag the requests chose), and
+hands each request its own rows back, in its own order.
 
 The queue is bounded by images: a job that would take it past ``max_queue`` images is refused at
 once with :class:`Overloaded` (the API answers 503 with ``Retry-After``), so a burst cannot
@@ -35,6 +36,7 @@ class _Job:
     images: Sequence[np.ndarray]
     sources: list[str]
     future: asyncio.Future = field(repr=False)
+    ood_accept: float | None = None
 
 
 @dataclass
@@ -77,6 +79,8 @@ class ModelBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
         self._retired = False
+        #: the bundle at each operating point a request chose (``Bundle.at_ood_accept``), made once
+        self._at: dict[float, Any] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,14 +120,17 @@ class ModelBatcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    async def predict(self, images: Sequence[np.ndarray], sources: Sequence[str]):
-        """Classify ``images`` together with whatever other callers sent meanwhile.
+    async def predict(self, images: Sequence[np.ndarray], sources: Sequence[str], ood_accept: float | None = None):
+        """Classify ``images`` together with whatever other callers sent meanwhile; with
+        ``ood_accept``, at that operating point of the OOD flag (:meth:`Bundle.at_ood_accept`;
+        None: the bundle's own).
 
         Returns:
             A :class:`~hematoscope.bundle.prediction.Prediction` of exactly these images, in order.
 
         Raises:
             Overloaded: the queue holds too many images already.
+            ValueError: ``ood_accept`` is not one of the bundle's ``ood_accept_shares()``.
         """
         from hematoscope.bundle.prediction import Prediction
 
@@ -140,10 +147,23 @@ class ModelBatcher:
             wait = self._queued_images * self._seconds_per_image
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, limit "
                              f"{self.max_queue}); try again shortly", max(1, math.ceil(wait)))
+        if ood_accept is not None and ood_accept not in self.bundle.ood_accept_shares():
+            raise ValueError(f"the model's unlike-training flag has no operating point {ood_accept:g}")
         future = asyncio.get_running_loop().create_future()
         self._queued_images += len(images)
-        self._queue.put_nowait(_Job(list(images), list(sources), future))
+        self._queue.put_nowait(_Job(list(images), list(sources), future, ood_accept))
         return await future
+
+    def _predict_at(self, ood_accept: float | None, images: list[np.ndarray], sources: list[str]):
+        """The model call, in the model thread (which alone makes and uses the copies)."""
+        return self._bundle_at(ood_accept).predict_arrays(images, sources)
+
+    def _bundle_at(self, ood_accept: float | None):
+        if ood_accept is None:
+            return self.bundle
+        if ood_accept not in self._at:
+            self._at[ood_accept] = self.bundle.at_ood_accept(ood_accept)
+        return self._at[ood_accept]
 
     async def _gather(self) -> list[_Job]:
         """The next batch: the first waiting job, then those arriving within the wait window."""
@@ -172,36 +192,41 @@ class ModelBatcher:
         return jobs
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             gathered = await self._gather()
             self._queued_images -= sum(len(j.images) for j in gathered)  # no longer waiting
             jobs = [j for j in gathered if not j.future.cancelled()]  # callers gone: skip their images
-            images = [im for j in jobs for im in j.images]
-            sources = [s for j in jobs for s in j.sources]
-            n = len(images)
-            if n == 0:
-                continue
-            start = time.perf_counter()
-            try:
-                pred = await loop.run_in_executor(self._executor, self.bundle.predict_arrays, images, sources)
-            except Exception as exc:  # the callers get the error; the batcher goes on
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-            else:
-                offset = 0
-                for job in jobs:
-                    part = pred.take(np.arange(offset, offset + len(job.images)))
-                    offset += len(job.images)
-                    if not job.future.done():
-                        job.future.set_result(part)
-            finally:
-                seconds = time.perf_counter() - start
-                self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / n
-                s = self.stats
-                s.batches, s.images, s.jobs = s.batches + 1, s.images + n, s.jobs + len(jobs)
-                s.largest_batch, s.model_seconds = max(s.largest_batch, n), s.model_seconds + seconds
+            for point in dict.fromkeys(j.ood_accept for j in jobs):  # one model call per operating point
+                await self._answer([j for j in jobs if j.ood_accept == point], point)
+
+    async def _answer(self, jobs: list[_Job], ood_accept: float | None) -> None:
+        """One model call for ``jobs`` (of one operating point); each caller gets its rows."""
+        images = [im for j in jobs for im in j.images]
+        sources = [s for j in jobs for s in j.sources]
+        n = len(images)
+        if n == 0:
+            return
+        start = time.perf_counter()
+        try:
+            pred = await asyncio.get_running_loop().run_in_executor(self._executor, self._predict_at, ood_accept,
+                                                                    images, sources)
+        except Exception as exc:  # the callers get the error; the batcher goes on
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            offset = 0
+            for job in jobs:
+                part = pred.take(np.arange(offset, offset + len(job.images)))
+                offset += len(job.images)
+                if not job.future.done():
+                    job.future.set_result(part)
+        finally:
+            seconds = time.perf_counter() - start
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / n
+            s = self.stats
+            s.batches, s.images, s.jobs = s.batches + 1, s.images + n, s.jobs + len(jobs)
+            s.largest_batch, s.model_seconds = max(s.largest_batch, n), s.model_seconds + seconds
 
 
 async def start_batcher(served_model, settings) -> None:

@@ -13,6 +13,9 @@ class ModelRef(BaseModel):
     kind: str
     id: str = Field(description="fingerprint of the bundle's config.json")
     version: str
+    ood_accept: float | None = Field(None, description="share of its validation cells the unlike-training flag "
+                                     "accepted, when moved after fitting (serve --ood-accept, or the request's "
+                                     "ood_accept); null = as fitted")
 
 
 class ModelInfo(ModelRef):
@@ -22,8 +25,8 @@ class ModelInfo(ModelRef):
     temperature: float
     abstain_threshold: float
     ood: dict[str, Any] | None
-    ood_accept: float | None = Field(None, description="share of its validation cells the unlike-training flag "
-                                     "accepts when moved after fitting (serve --ood-accept); null = as fitted")
+    ood_accept_levels: list[float] = Field(default_factory=list, description="the shares a request may move the "
+                                           "flag to (POST /api/predict?ood_accept=); [] = it cannot be moved")
     metrics: dict[str, Any]
     metrics_of: str = Field("this model", description='"this model", or for an adapted one "the model before '
                             'adaptation (its own test data)": adapt does not measure accuracy (it has no labels)')

@@ -24,8 +24,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-#: 2: analyses.sample (the lab's sample / slide id); 3: items.view (the cell at full size)
-SCHEMA_VERSION = 3
+#: 2: analyses.sample (the lab's sample / slide id); 3: items.view (the cell at full size);
+#: 4: analyses.model_ood_accept (the OOD flag's operating point the analysis was made at)
+SCHEMA_VERSION = 4
 #: Longest sample id kept (a specimen, slide or run code, not a note).
 SAMPLE_MAX = 100
 _SCHEMA = """
@@ -40,7 +41,8 @@ CREATE TABLE IF NOT EXISTS analyses (
     n_images INTEGER NOT NULL,
     n_errors INTEGER NOT NULL,
     differential TEXT NOT NULL,    -- JSON, DifferentialCount.to_dict()
-    sample TEXT NOT NULL DEFAULT '' -- the lab's sample / slide id, as typed
+    sample TEXT NOT NULL DEFAULT '', -- the lab's sample / slide id, as typed
+    model_ood_accept REAL           -- share of validation cells the OOD flag accepted (NULL: as fitted)
 );
 CREATE INDEX IF NOT EXISTS analyses_created ON analyses (created);
 CREATE TABLE IF NOT EXISTS items (
@@ -93,7 +95,7 @@ class StoredAnalysis:
 
     id: str
     created: str
-    model: dict[str, str]
+    model: dict[str, Any]
     labels: list[str]
     differential: dict[str, Any]
     items: list[StoredItem] = field(default_factory=list)
@@ -128,6 +130,9 @@ class HistoryStore:
                                    f"reads up to {SCHEMA_VERSION}: upgrade hematoscope or use --db")
             if version == 1:  # histories written before sample ids keep their analyses
                 con.execute("ALTER TABLE analyses ADD COLUMN sample TEXT NOT NULL DEFAULT ''")
+            analysis_columns = {row[1] for row in con.execute("PRAGMA table_info(analyses)")}
+            if analysis_columns and "model_ood_accept" not in analysis_columns:  # before schema 4: as fitted
+                con.execute("ALTER TABLE analyses ADD COLUMN model_ood_accept REAL")
             item_columns = {row[1] for row in con.execute("PRAGMA table_info(items)")}
             if item_columns and "view" not in item_columns:  # written before full-size views: thumbnails stay
                 con.execute("ALTER TABLE items ADD COLUMN view BLOB")
@@ -174,7 +179,8 @@ class HistoryStore:
         """Store a new analysis and return its id.
 
         Args:
-            model: ``name``, ``kind``, ``id`` and ``version`` of the bundle that answered.
+            model: ``name``, ``kind``, ``id`` and ``version`` of the bundle that answered, and
+                ``ood_accept`` when its OOD flag was moved (:meth:`Bundle.set_ood_accept`).
             labels: the bundle's classes in output order (corrections must use one of them).
             differential: ``DifferentialCount.to_dict()`` of the batch.
             items: the uploaded files in upload order.
@@ -188,10 +194,10 @@ class HistoryStore:
         with self._transaction() as con:
             con.execute(
                 "INSERT INTO analyses (id, created, model_name, model_kind, model_id, model_version, labels, "
-                "n_images, n_errors, differential, sample) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "n_images, n_errors, differential, sample, model_ood_accept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (analysis_id, _now(), model["name"], model["kind"], model["id"], model["version"],
                  json.dumps(labels), len(items), sum("error" in it.result for it in items),
-                 json.dumps(differential), sample),
+                 json.dumps(differential), sample, model.get("ood_accept")),
             )
             con.executemany(
                 "INSERT INTO items (analysis_id, idx, source, sha256, result, thumbnail, heatmap, view) "
@@ -284,7 +290,8 @@ class HistoryStore:
         """
         with closing(self._connect()) as con:
             row = con.execute("SELECT id, created, model_name, model_kind, model_id, model_version, labels, "
-                              "differential, sample FROM analyses WHERE id = ?", (analysis_id,)).fetchone()
+                              "differential, sample, model_ood_accept FROM analyses WHERE id = ?",
+                              (analysis_id,)).fetchone()
             if row is None:
                 raise NotFound(analysis_id)
             blobs = "thumbnail, heatmap" if images else "NULL, NULL"
@@ -295,7 +302,7 @@ class HistoryStore:
                 "SELECT idx, label, note, updated FROM corrections WHERE analysis_id = ?", (analysis_id,))}
         return StoredAnalysis(
             id=row[0], created=row[1],
-            model={"name": row[2], "kind": row[3], "id": row[4], "version": row[5]},
+            model={"name": row[2], "kind": row[3], "id": row[4], "version": row[5], "ood_accept": row[9]},
             labels=json.loads(row[6]), differential=json.loads(row[7]), items=items, corrections=corrections,
             sample=row[8],
         )
@@ -327,12 +334,13 @@ class HistoryStore:
             rows = con.execute(
                 "SELECT a.id, a.created, a.model_name, a.model_kind, a.model_id, a.model_version, a.n_images, "
                 "a.n_errors, a.differential, (SELECT COUNT(*) FROM corrections c WHERE c.analysis_id = a.id), "
-                f"a.sample FROM analyses a {where} ORDER BY a.created DESC, a.rowid DESC LIMIT ? OFFSET ?",
+                f"a.sample, a.model_ood_accept FROM analyses a {where} ORDER BY a.created DESC, a.rowid DESC "
+                "LIMIT ? OFFSET ?",
                 [*args, limit, offset],
             ).fetchall()
         out = [{
             "id": r[0], "created": r[1],
-            "model": {"name": r[2], "kind": r[3], "id": r[4], "version": r[5]},
+            "model": {"name": r[2], "kind": r[3], "id": r[4], "version": r[5], "ood_accept": r[11]},
             "n_images": r[6], "n_errors": r[7], "differential": json.loads(r[8]), "n_corrections": r[9],
             "sample": r[10],
         } for r in rows]

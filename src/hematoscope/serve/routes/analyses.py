@@ -20,7 +20,7 @@ MAX_OFFSET = 2**63 - 1
 
 CSV_COLUMNS = ["sample", "index", "source", "sha256", "prediction", "confidence", "top_k", "abstain", "abstain_reason",
                "ood_score", "ood_flag", "framing", "recolour", "corrected_label", "correction_note", "error",
-               "analysis_id", "analysed_at", "model"]
+               "analysis_id", "analysed_at", "model", "ood_accept"]
 
 
 def analysis_response(a: StoredAnalysis) -> Analysis:
@@ -130,7 +130,7 @@ async def report_csv(analysis_id: str, store: StoreDep) -> Response:
 
 
 DIFFERENTIAL_COLUMNS = ["sample", "class", "count", "percent", "corrected_count", "corrected_percent",
-                        "analysis_id", "analysed_at", "model"]
+                        "analysis_id", "analysed_at", "model", "ood_accept"]
 
 
 @router.get("/{analysis_id}/differential.csv", response_class=Response,
@@ -159,8 +159,11 @@ async def differential_csv(analysis_id: str, store: StoreDep) -> Response:
 
 
 def _identity(a: StoredAnalysis) -> dict[str, str]:
-    """The columns of every CSV row that say where it came from, once pasted into a lab sheet."""
-    return {"sample": a.sample, "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", "")}
+    """The columns of every CSV row that say where it came from, once pasted into a lab sheet
+    (``ood_accept``: the flag's operating point when moved after fitting; empty: as fitted)."""
+    accept = a.model.get("ood_accept")
+    return {"sample": a.sample, "analysis_id": a.id, "analysed_at": a.created, "model": a.model.get("name", ""),
+            "ood_accept": "" if accept is None else f"{accept:g}"}
 
 
 def _csv_response(text: str, a: StoredAnalysis, suffix: str = "") -> Response:

@@ -31,7 +31,8 @@ def model_info(name: str, m: ServedModel, default: str, adapt_dir: Path | None) 
     return ModelInfo(
         **m.info(), default=name == default, labels=d["labels"], input_size=d["input_size"],
         temperature=d["temperature"], abstain_threshold=d["abstain_threshold"], ood=d["ood"],
-        ood_accept=d["ood_accept"], metrics=d["metrics"], metrics_of=d["metrics_of"],
+        ood_accept=d["ood_accept"], ood_accept_levels=m.bundle.ood_accept_shares(), metrics=d["metrics"],
+        metrics_of=d["metrics_of"],
         explanation=explanation_method(m), adapted_to=d["adapted_to"], answerable_classes=d["answerable_classes"],
         removable=is_adapted_here(m, adapt_dir),
     )

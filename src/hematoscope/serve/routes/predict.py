@@ -32,6 +32,11 @@ async def predict(
     model: Annotated[str | None, Query(description="served model name (default: the first)")] = None,
     top_k: Annotated[int, Query(ge=1, le=50, description="classes listed per image")] = 3,
     gradcam: Annotated[bool, Query(description="add an explanation heatmap per image")] = False,
+    ood_accept: Annotated[float | None, Query(description="this analysis only: move the unlike-training flag to "
+                                              "accept this share of the model's validation cells, one of its "
+                                              "ood_accept_levels (GET /api/models); higher sets fewer cells aside "
+                                              "and lets more damaged ones through; omitted: as the model is "
+                                              "served")] = None,
     sample: Annotated[str, Form(max_length=1000, description="the lab's sample / slide id, stored with the "
                                 "analysis (at most 100 characters, no line breaks)")] = "",
 ) -> Analysis:
@@ -46,6 +51,12 @@ async def predict(
         sample = clean_sample(sample)  # refused before any image is decoded
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    levels = served.bundle.ood_accept_shares()
+    if ood_accept is not None and ood_accept not in levels:
+        can = f"one of {', '.join(f'{q:g}' for q in levels)}" if levels else "not moved: its flag has no stored levels"
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"ood_accept {ood_accept:g} is not an operating point of model {served.name!r}: {can}")
+    point = ood_accept if ood_accept is not None else served.bundle.config.ood_accept
     limiter = request.app.state.limiter
     if limiter.borrowed_tokens >= limiter.total_tokens and limiter.statistics().tasks_waiting >= limiter.total_tokens:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is busy: too many analyses waiting; "
@@ -57,7 +68,7 @@ async def predict(
 
     def model_call(images, names):
         # from this worker thread to the event loop, where the batcher joins other requests' images
-        return anyio.from_thread.run(batcher.predict, images, names)
+        return anyio.from_thread.run(batcher.predict, images, names, ood_accept)
 
     def classify():
         uploads = expand_uploads(raw, max_files=settings.max_files,
@@ -65,11 +76,12 @@ async def predict(
         return run_analysis(served, uploads, top_k=top_k, explain=gradcam, max_pixels=settings.max_image_pixels,
                             explain_max=settings.gradcam_max, max_request_pixels=settings.max_request_pixels,
                             budget=request.app.state.pixel_budget, batch_pixels=batch_pixels,
-                            classify=model_call if batcher is not None else None,
+                            classify=model_call if batcher is not None else None, ood_accept=ood_accept,
                             cpu_slots=request.app.state.cpu_slots)
 
     def save(items, differential):
-        analysis_id = store.add_analysis(served.info(), served.bundle.labels, differential, items, sample=sample)
+        analysis_id = store.add_analysis({**served.info(), "ood_accept": point}, served.bundle.labels, differential,
+                                         items, sample=sample)
         if settings.retention_days is not None:
             store.purge(older_than_days=settings.retention_days)
         return store.get(analysis_id)

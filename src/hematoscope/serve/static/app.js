@@ -98,12 +98,26 @@ async function loadModels() {
       return opt;
     }));
     if (!$("#status").textContent.startsWith("Classif")) setStatus("");
+    fillOodSelect();
     state.canAdapt = body.can_adapt;
     $("#tab-adapt").hidden = !body.can_adapt;
     if (body.can_adapt) fillAdaptForm();
   } catch (err) {
     setStatus(`Cannot list models: ${err.message}`, "error");
   }
+}
+
+// The flag's operating points the chosen model offers for one analysis (GET /api/models).
+function fillOodSelect() {
+  const select = $("#ood-select");
+  const previous = select.value;
+  const model = state.models.find((m) => m.name === $("#model-select").value);
+  const levels = (model && model.ood_accept_levels) || [];
+  const served = model && model.ood_accept != null ? ` (${pct(model.ood_accept)} pass)` : "";
+  select.replaceChildren(new Option(`as the model is served${served}`, ""),
+    ...levels.map((q) => new Option(`${pct(q)} of training-lab cells pass`, String(q))));
+  if (levels.some((q) => String(q) === previous)) select.value = previous;
+  $("#ood-label").hidden = levels.length === 0;
 }
 
 // ---------- adapt -----------------------------------------------------------------------
@@ -176,6 +190,7 @@ async function adapt(ev) {
     const result = await (await api("/api/models/adapt", { method: "POST", body: form })).json();
     await loadModels();
     $("#model-select").value = result.model.name;
+    fillOodSelect();
     const skipped = result.skipped.length ? ` ${result.skipped.length} file(s) could not be read.` : "";
     setAdaptStatus(`${result.model.name} is ready: adapted on ${result.images} crops in ${Math.round(result.seconds)} s` +
       (result.accepted_after != null ? `; its unlike-training flag passes ${pct(result.accepted_after)} of your ` +
@@ -224,6 +239,8 @@ async function upload(files) {
   const params = new URLSearchParams({ top_k: "3", gradcam: String($("#gradcam-input").checked) });
   const model = $("#model-select").value;
   if (model) params.set("model", model);
+  const accept = $("#ood-label").hidden ? "" : $("#ood-select").value;
+  if (accept) params.set("ood_accept", accept);
   setStatus(`Classifying ${fileCount(files.length)}…`, "busy");
   $("#dropzone").classList.add("busy");
   try {
@@ -267,8 +284,10 @@ function showAnalysis(analysis) {
   const files = `${analysis.n_images} file${analysis.n_images === 1 ? "" : "s"} analysed`;
   $("#result-title").textContent = analysis.sample ? `${analysis.sample} · ${files}` : files;
   $("#result-sample").value = analysis.sample || "";
+  const flag = analysis.model.ood_accept != null
+    ? ` · unfamiliar-cell flag moved: ${pct(analysis.model.ood_accept)} of training-lab cells pass` : "";
   $("#result-meta").textContent = `${when} · model ${analysis.model.name} (${analysis.model.kind}, ` +
-    `id ${analysis.model.id}) · analysis ${analysis.id.slice(0, 8)}`;
+    `id ${analysis.model.id})${flag} · analysis ${analysis.id.slice(0, 8)}`;
 
   const filter = $("#filter-select");
   const previous = filter.value;
@@ -311,8 +330,14 @@ function showLabHint(analysis) {
   const lead = `${unlike} of ${read.length} cells (${pct(unlike / read.length)}) look unlike this model's training ` +
     "data and were set aside. If they come from your lab's own microscope, camera or stain, adapt the model to a " +
     "few hundred of your unlabelled crops";
-  const served = adapted.length
-    ? ` Served already: ${adapted.map((m) => `${m.name} (adapted to ${m.adapted_to})`).join(", ")}.` : "";
+  const levels = (model && model.ood_accept_levels) || [];
+  const loosest = levels.length ? Math.max(...levels) : null;
+  const looser = loosest != null && (analysis.model.ood_accept == null || analysis.model.ood_accept < loosest)
+    ? ` Without adapting, a looser unfamiliar-cell flag (above the drop zone; up to ${pct(loosest)} of ` +
+      "training-lab cells pass) sets fewer of them aside, at the price of more wrong answers among them and " +
+      "more damaged cells let through." : "";
+  const served = (adapted.length
+    ? ` Served already: ${adapted.map((m) => `${m.name} (adapted to ${m.adapted_to})`).join(", ")}.` : "") + looser;
   if (state.canAdapt) {
     const link = Object.assign(document.createElement("a"), { href: "#", textContent: "in the Adapt tab" });
     link.addEventListener("click", (ev) => { ev.preventDefault(); selectTab("adapt"); $("#tab-adapt").focus(); });
@@ -727,6 +752,7 @@ document.addEventListener("DOMContentLoaded", () => {
   initUpload();
   initResults();
   initAdapt();
+  $("#model-select").addEventListener("change", fillOodSelect);
   $("#history-refresh").addEventListener("click", loadHistory);
   let searchTimer = null;  // search as the user types, once they pause
   $("#history-search").addEventListener("input", () => {
