@@ -148,3 +148,27 @@ def test_zoom_out_crops_are_padded_to_the_model_size(cells):
     for i in range(len(ds)):
         x, _ = ds[i]
         assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+
+
+def test_a_scale_range_leaning_out_shows_the_cells_smaller_and_repeats_its_draws(cells):
+    """``scale_range``: crop sides log-uniform in the range; [1.5, 2.5] only zooms out, so the
+    dark-stained nucleus fills less of the frame than in the plain centre crop."""
+    from hematoscope.train.data import TrainImages
+
+    pre = Preprocess(size=72, resize="shorter_crop")
+    images = np.stack([pre.resize_image(c) for c in cells])
+
+    def crops(**kw):
+        ds = TrainImages(images, [""] * len(images), np.zeros(len(images), int),
+                         config(size=64, crop_pct=64 / 72, **kw))
+        return np.stack([ds[i][0].numpy() for i in range(len(ds))])
+
+    def dark_share(x):
+        return float((x.max(axis=1) < 140).mean())
+
+    out = crops(scale_range=(1.5, 2.5))
+    assert out.shape == (len(cells), 3, 64, 64) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, crops(scale_range=(1.5, 2.5)))  # drawn from (seed, epoch, index)
+    assert dark_share(out) < 0.6 * dark_share(crops())
+    with pytest.raises(ValueError, match="scale_range"):
+        config(scale_range=(1.2, 0.8))

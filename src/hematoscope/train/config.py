@@ -87,6 +87,10 @@ class TrainConfig(BaseModel):
                              "(crops cut at the edge of a field)")
     scale_jitter: float = Field(0.0, ge=0, lt=1, description="random crop side ± fraction before resizing; "
                                 "sides beyond the cached image are reflect-padded (the cell smaller in the frame)")
+    scale_range: tuple[float, float] | None = Field(None, description="random crop side as a factor of the input "
+                                                   "size, log-uniform in [low, high] (overrides scale_jitter; "
+                                                   "above 1 the cell is smaller in the frame): a range leaning to "
+                                                   "zooming out trains on labs whose cells look smaller than PBC's")
     random_conv: float = Field(0.0, ge=0, le=1, description="share of crops filtered by a random 1-7 px "
                                "convolution (RandConv: random colour mixing and texture)")
     mixstyle: float = Field(0.0, ge=0, le=1, description="chance per batch of mixing feature statistics "
@@ -124,6 +128,8 @@ class TrainConfig(BaseModel):
             raise ValueError("frozen_bn keeps BatchNorm statistics; group-normalised layers have none")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
+        if self.scale_range is not None and not 0.3 <= self.scale_range[0] < self.scale_range[1] <= 3:
+            raise ValueError(f"scale_range must be [low, high] with 0.3 <= low < high <= 3; got {self.scale_range}")
         return self
 
     @property

@@ -153,7 +153,10 @@ class TrainImages(Dataset):
         torch.manual_seed((self.config.seed * 1_000_003 + epoch) * 10_000_019 + i)
         img = self._image(i)
         side = self.size
-        if self.scale_jitter:
+        if self.config.scale_range is not None:
+            low, high = np.log(self.config.scale_range)
+            side = max(8, round(self.size * float(np.exp(low + (high - low) * float(torch.rand(()))))))
+        elif self.scale_jitter:
             f = 1 + self.scale_jitter * (2 * float(torch.rand(())) - 1)
             side = max(8, round(self.size * f))
         if side > self.pre_size:  # zoom out: the cell smaller in the frame, surroundings mirrored
