@@ -95,3 +95,21 @@ def test_many_identical_looking_images_stay_fast(tmp_path):
     report = check_dataset(tmp_path, workers=1, progress=False)
     assert report.n_files == 300 and not report.exact_duplicates
     assert len(report.near_duplicates) == 300 * 299 // 2
+
+
+def test_crops_cut_past_their_slide_image_are_listed(lisc_root, tmp_path):
+    """Black bars along an edge (LISC crops cut at the slide image's border) are reported; the
+    crops without bars are not."""
+    names = ["lisc_bas_0.jpg", "lisc_bas_1.jpg", "lisc_bas_134.jpg", "lisc_bas_135.jpg"]
+    (tmp_path / "basophil").mkdir()
+    for n in names:
+        (tmp_path / "basophil" / n).symlink_to(lisc_root / "basophil" / n)
+    report = check_dataset(tmp_path, workers=1, progress=False)
+    assert sorted(p.rsplit("/", 1)[1] for p in report.edge_bars) == ["lisc_bas_134.jpg", "lisc_bas_135.jpg"]
+    assert report.to_dict()["summary"]["edge_bars"] == 2
+    res = CliRunner().invoke(app, ["data", "check", str(tmp_path), "--workers", "1"])
+    assert res.exit_code == 0 and "2 crops with black bars along an edge" in res.output
+
+
+def test_real_pbc_cells_have_no_edge_bars(pbc_subset):
+    assert check_dataset(pbc_subset, workers=1, progress=False).edge_bars == []

@@ -3,8 +3,9 @@
 :func:`check_dataset` reports images per class, unreadable files (with the reason from
 :func:`~hematoscope.data.images.load_image`), exact duplicates (SHA-256 of the bytes) and near
 duplicates (perceptual hash, ``imagehash.phash``, within a small Hamming distance), flagging
-duplicates whose copies carry different labels, plus the size / mode / format distribution and
-the class imbalance ratio. Files are decoded at reduced scale (JPEG draft mode) in a small process
+duplicates whose copies carry different labels, plus the size / mode / format distribution, the
+class imbalance ratio and the crops with near-black bars along an edge (cut past their slide
+image: models whose preprocessing fills bars see slide background there). Files are decoded at reduced scale (JPEG draft mode) in a small process
 pool; near duplicates are found by multi-index hashing, never by comparing all pairs.
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ class QualityReport:
     seconds: float = field(default=0.0)
     #: The outlier screen (:meth:`hematoscope.trust.outliers.OutlierReport.to_dict`), when asked for.
     outliers: dict | None = field(default=None)
+    #: Crops with near-black bars along an edge (:func:`~hematoscope.models.preprocess.fill_bars`).
+    edge_bars: list[str] = field(default_factory=list)
 
     @property
     def cross_class_duplicates(self) -> list[dict]:
@@ -63,6 +66,7 @@ class QualityReport:
             "near_duplicate_pairs": len(self.near_duplicates),
             "cross_class_duplicates": len(self.cross_class_duplicates),
             "imbalance_ratio": self.imbalance_ratio,
+            "edge_bars": len(self.edge_bars),
             "seconds": round(self.seconds, 2),
         }
         if self.outliers is not None:
@@ -123,6 +127,7 @@ def check_dataset(
         modes=_counter([infos[i]["mode"] for i in ok]),
         sizes=_counter([f"{infos[i]['width']}x{infos[i]['height']}" for i in ok]),
         imbalance_ratio=round(max(counts.values()) / min(counts.values()), 3) if counts else None,
+        edge_bars=[paths[i] for i in ok if infos[i]["bars"]],
     )
     report.seconds = time.perf_counter() - start
     return report
@@ -150,7 +155,8 @@ def _inspect(path: str) -> dict:
 
     from hematoscope.data.images import ImageError, load_image
 
-    info = {"sha256": None, "format": None, "mode": None, "width": None, "height": None, "phash": None, "error": None}
+    info = {"sha256": None, "format": None, "mode": None, "width": None, "height": None, "phash": None, "bars": False,
+            "error": None}
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -169,6 +175,9 @@ def _inspect(path: str) -> dict:
     with Image.open(io.BytesIO(data)) as im:  # header only: the size and mode of the file itself
         info.update(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1])
     info["phash"] = int(str(imagehash.phash(Image.fromarray(pixels))), 16)
+    from hematoscope.models.preprocess import fill_bars
+
+    info["bars"] = fill_bars(pixels) is not pixels
     return info
 
 
