@@ -5,8 +5,9 @@
 duplicates (perceptual hash, ``imagehash.phash``, within a small Hamming distance), flagging
 duplicates whose copies carry different labels, plus the size / mode / format distribution, the
 class imbalance ratio and the crops with near-black bars along an edge (cut past their slide
-image: models whose preprocessing fills bars see slide background there). Files are decoded at reduced scale (JPEG draft mode) in a small process
-pool; near duplicates are found by multi-index hashing, never by comparing all pairs.
+image: models whose preprocessing fills bars see slide background there). Files are decoded at
+reduced scale (JPEG draft mode) in a small process pool; near duplicates are found by
+multi-index hashing, never by comparing all pairs.
 """
 from __future__ import annotations
 

@@ -194,7 +194,8 @@ class HistoryStore:
         with self._transaction() as con:
             con.execute(
                 "INSERT INTO analyses (id, created, model_name, model_kind, model_id, model_version, labels, "
-                "n_images, n_errors, differential, sample, model_ood_accept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "n_images, n_errors, differential, sample, model_ood_accept) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (analysis_id, _now(), model["name"], model["kind"], model["id"], model["version"],
                  json.dumps(labels), len(items), sum("error" in it.result for it in items),
                  json.dumps(differential), sample, model.get("ood_accept")),

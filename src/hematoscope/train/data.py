@@ -379,8 +379,8 @@ class CellDataModule(L.LightningDataModule):
             return
         index = {lab: i for i, lab in enumerate(self.labels)}
         parts = {}
-        for split, spec in (("train", Preprocess(size=self.config.pre_size, resize="shorter_crop", bars=self.config.bars,
-                                                  interpolation=self.preprocess.interpolation)),
+        for split, spec in (("train", Preprocess(size=self.config.pre_size, resize="shorter_crop",
+                                                  bars=self.config.bars, interpolation=self.preprocess.interpolation)),
                             ("val", self.preprocess)):
             rows = self.table[self.table["split"] == split]
             if self.world_size > 1:

@@ -333,7 +333,7 @@ function showLabHint(analysis) {
   const levels = (model && model.ood_accept_levels) || [];
   const loosest = levels.length ? Math.max(...levels) : null;
   const looser = loosest != null && (analysis.model.ood_accept == null || analysis.model.ood_accept < loosest)
-    ? ` Without adapting, a looser unfamiliar-cell flag (above the drop zone; up to ${pct(loosest)} of ` +
+    ? ` Without adapting, a looser unfamiliar-cell flag (the menu beside "Choose images"; up to ${pct(loosest)} of ` +
       "training-lab cells pass) sets fewer of them aside, at the price of more wrong answers among them and " +
       "more damaged cells let through." : "";
   const served = (adapted.length
