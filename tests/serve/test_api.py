@@ -331,6 +331,13 @@ class TestHistory:
         r = client.patch(f"/api/analyses/{a['id']}", json={"sample": sample})
         assert r.status_code == 422 and message in r.text
 
+    @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0.97", "abc", ""])
+    def test_bad_operating_points_are_refused_before_anything_is_stored(self, client, sample_files, value):
+        files = _files((sample_files[0].name, sample_files[0].read_bytes()))
+        r = client.post(f"/api/predict?ood_accept={value}", files=files)
+        assert r.status_code == 422, r.text
+        assert client.get("/api/analyses").json()["count"] == 0
+
     def test_differential_csv_gives_the_count_as_given_and_as_corrected(self, client, sample_files):
         a = self._post(client, sample_files, 3)
         first = a["items"][0]
