@@ -382,9 +382,11 @@ def fill_bars(image: np.ndarray) -> np.ndarray:
     """
     if image.ndim != 3 or image.shape[0] < 2 or image.shape[1] < 2:
         return image
-    dark = image.max(axis=2) < round(DARK * 255)
-    if not (dark[0].any() or dark[-1].any() or dark[:, 0].any() or dark[:, -1].any()):
+    level = round(DARK * 255)
+    # every image passes here (twice with the early resize): its edges alone decide most of them
+    if not any((edge.max(axis=-1) < level).any() for edge in (image[0], image[-1], image[:, 0], image[:, -1])):
         return image
+    dark = image.max(axis=2) < level
     top, bottom, left, right = 0, dark.shape[0], 0, dark.shape[1]
     peeled = True
     while peeled and top < bottom and left < right:
@@ -401,9 +403,16 @@ def fill_bars(image: np.ndarray) -> np.ndarray:
         return image  # no bars, or nothing but bars (a black image is left to the OOD flag)
     inner = image[top:bottom, left:right]
     out = np.empty_like(image)
-    out[:] = np.percentile(inner[::4, ::4].reshape(-1, 3), 99, axis=0).astype(image.dtype)
+    out[:] = white_point(inner)
     out[top:bottom, left:right] = inner
     return out
+
+
+def white_point(image: np.ndarray) -> np.ndarray:
+    """The slide background's colour in an HWC (or HW) image: each channel's 99th percentile
+    over every 4th pixel, in the image's dtype."""
+    sample = image[::4, ::4].reshape(-1, image.shape[-1]) if image.ndim == 3 else image[::4, ::4].reshape(-1)
+    return np.percentile(sample, 99, axis=0).astype(image.dtype)
 
 
 def reframe_image(image: np.ndarray, share: float) -> np.ndarray:
@@ -419,8 +428,7 @@ def reframe_image(image: np.ndarray, share: float) -> np.ndarray:
         return centre_crop(image, share)
     h, w = image.shape[:2]
     ph, pw = round(h * (share - 1) / 2), round(w * (share - 1) / 2)
-    sample = image[::4, ::4].reshape(-1, image.shape[-1]) if image.ndim == 3 else image[::4, ::4].reshape(-1)
     out = np.empty((h + 2 * ph, w + 2 * pw) + image.shape[2:], image.dtype)
-    out[:] = np.percentile(sample, 99, axis=0).astype(image.dtype)
+    out[:] = white_point(image)
     out[ph:ph + h, pw:pw + w] = image
     return out
