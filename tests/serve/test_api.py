@@ -60,7 +60,8 @@ class TestInfoEndpoints:
         paths = client.get("/openapi.json").json()["paths"]
         assert {"/api/predict", "/api/models", "/api/health", "/api/analyses", "/api/analyses/{analysis_id}",
                 "/api/analyses/{analysis_id}/report.csv", "/api/analyses/{analysis_id}/corrections",
-                "/api/analyses/{analysis_id}/items/{index}/image"} <= set(paths)
+                "/api/analyses/{analysis_id}/items/{index}/image",
+                "/api/analyses/{analysis_id}/items/{index}/heatmap"} <= set(paths)
         assert {"patch", "post"} <= set(paths["/api/analyses/{analysis_id}/corrections"])
 
 
@@ -118,6 +119,8 @@ class TestPredict:
         assert Image.open(io.BytesIO(client.get(url.format(2), headers=auth).content)).size == (
             round(800 * VIEW_SIDE / 1000), VIEW_SIDE)
         assert client.get(url.format(1), headers=auth).status_code == 404  # unreadable: nothing to show
+        assert not a["items"][0]["heatmap_full"]  # no heatmap asked for: none at any size
+        assert client.get(f"/api/analyses/{a['id']}/items/0/heatmap", headers=auth).status_code == 404
         assert client.get(url.format(3), headers=auth).status_code == 404
         assert client.get(url.format(-1), headers=auth).status_code == 422
         assert client.get("/api/analyses/nope/items/0/image", headers=auth).status_code == 404
@@ -131,6 +134,21 @@ class TestPredict:
         assert overlay.mode == "RGB" and max(overlay.size) <= 192
         assert item["explanation"]["method"] == "grad-cam"
         assert item["explanation"]["target"] == item["prediction"]
+
+        # the same map drawn again over the full-size image: PBC's 360 px, where the card has 192
+        assert item["heatmap_full"]
+        base = f"/api/analyses/{r.json()['id']}/items/0"
+        full = client.get(base + "/heatmap")
+        assert full.status_code == 200 and full.headers["content-type"] == "image/jpeg"
+        assert full.headers["cache-control"].startswith("private")
+        heat = Image.open(io.BytesIO(full.content)).convert("RGB")
+        with Image.open(sample_files[0]) as original:
+            assert heat.size == original.size and max(heat.size) > 192
+        cell = np.asarray(Image.open(io.BytesIO(client.get(base + "/image").content)).convert("RGB"), np.float32)
+        assert np.abs(np.asarray(heat, np.float32) - cell).mean() > 20  # the colour map is on it
+        # ... where the card's overlay has it: shrunk to the card's size, the two agree
+        shrunk = np.asarray(heat.resize(overlay.size, Image.Resampling.LANCZOS), np.float32)
+        assert np.abs(shrunk - np.asarray(overlay, np.float32)).mean() < 5  # (a flipped map: 28)
 
     def test_zip_upload(self, client, sample_files, encode):
         archive = _zip({"cells/" + p.name: p.read_bytes() for p in sample_files[:2]}
@@ -432,3 +450,5 @@ class TestClassicalBundle:
         assert all(f["name"] and f["contribution"] is not None for f in explanation["features"])
         overlay = _decode_data_url(item["heatmap"], "image/png")  # a real cell segments
         assert overlay.mode == "RGB"
+        assert not item["heatmap_full"]  # outlines are drawn at the card's size only
+        assert c.get(f"/api/analyses/{r.json()['id']}/items/0/heatmap").status_code == 404

@@ -139,9 +139,14 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     page.wait_for_function("(v => v.src.startsWith('blob:') && v.naturalWidth > 192)(document.querySelector('#cell-view'))")
     assert page.locator("#cell-dialog").evaluate("d => d.open")
     assert Path(analysis["items"][0]["source"]).name in page.locator("#cell-caption").inner_text()
+    assert analysis["items"][0]["heatmap_full"]  # Grad-CAM's map is drawn again over the full-size image
+    assert not page.locator("#cell-heat-note").is_visible()  # so the tick box does not say "thumbnail"
+    cell_src = page.locator("#cell-view").get_attribute("src")
     page.locator("#cell-heat").check()
-    assert page.locator("#cell-view").get_attribute("src").startswith("data:image/png")
+    page.wait_for_function("([v, cell]) => v.src.startsWith('blob:') && v.src !== cell && v.complete "
+                           "&& v.naturalWidth > 192", arg=[page.locator("#cell-view").element_handle(), cell_src])
     page.locator("#cell-heat").uncheck()
+    assert page.locator("#cell-view").get_attribute("src") == cell_src
     assert page.locator("#cell-view").get_attribute("src").startswith("blob:")
     page.screenshot(path=str(ARTIFACTS / "serve_cell.png"))
     page.keyboard.press("Escape")

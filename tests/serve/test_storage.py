@@ -70,7 +70,7 @@ def test_a_history_written_before_sample_ids_is_upgraded_and_keeps_its_analyses(
     new = store.add_analysis(MODEL, LABELS, DIFF, _items(), sample="S-2")
     assert (store.get("old").sample, store.get(new).sample) == ("S-1", "S-2")
     with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 4
+        assert con.execute("PRAGMA user_version").fetchone()[0] == storage.SCHEMA_VERSION == 5
     with pytest.raises(NotFound):
         store.set_sample("missing", "x")
     with pytest.raises(ValueError, match="control"):
@@ -88,6 +88,25 @@ def test_full_size_views_are_stored_and_read_one_at_a_time(tmp_path):
     for analysis, index in ((aid, 1), (aid, 2), ("missing", 0)):  # an unreadable upload has nothing to show
         with pytest.raises(NotFound):
             store.view(analysis, index)
+
+
+def test_a_full_size_heatmap_is_stored_where_the_explanation_had_a_map(tmp_path):
+    store = HistoryStore(tmp_path / "h.sqlite3")
+    items = _items()
+    items[0].view, items[0].heatmap_view = b"full size jpeg", b"heatmap over it"
+    items.append(StoredItem("c.jpg", "2" * 64, items[0].result, b"jpeg", b"outlines", view=b"no map: outlines only"))
+    aid = store.add_analysis(MODEL, LABELS, DIFF, items)
+    assert store.view(aid, 0, heatmap=True) == b"heatmap over it" and store.view(aid, 0) == b"full size jpeg"
+    assert [it.has_heatmap_view for it in store.get(aid).items] == [True, False, False]
+    assert [it.has_heatmap_view for it in store.get(aid, images=False).items] == [True, False, False]
+    assert store.get(aid).items[0].heatmap_view is None  # served one at a time, like the view
+    assert store.view(aid, 2) == b"no map: outlines only"
+    for index in (1, 2, 3):
+        with pytest.raises(NotFound):
+            store.view(aid, index, heatmap=True)
+    store.delete(aid)
+    with pytest.raises(NotFound):
+        store.view(aid, 0, heatmap=True)
 
 
 def test_a_history_written_before_full_size_views_is_upgraded_and_shows_its_thumbnails(tmp_path):
@@ -119,6 +138,10 @@ def test_a_history_written_before_full_size_views_is_upgraded_and_shows_its_thum
     assert store.get(moved).model["ood_accept"] == 0.99
     assert {row["id"]: row["model"]["ood_accept"] for row in store.list()[0]}[moved] == 0.99
     assert {row["id"]: row["model"]["ood_accept"] for row in store.list()[0]}["old"] is None
+    # schema 5: heatmaps over the full-size view; older analyses have their cards' only
+    assert not store.get("old").items[0].has_heatmap_view
+    with pytest.raises(NotFound):
+        store.view("old", 0, heatmap=True)
 
 
 def test_history_is_searched_by_sample_id(tmp_path):

@@ -18,13 +18,17 @@ UNLIKE_TRAINING = "unlike training data"
 class Explanation:
     """Why a bundle answered ``target`` for one image, by ``method`` (see
     :meth:`~hematoscope.bundle.Bundle.explainer`): ``png`` a picture to show (a heatmap or
-    outlines drawn on the image) or None, ``features`` named-feature contributions or None."""
+    outlines drawn on the image) or None, ``features`` named-feature contributions or None,
+    ``heatmap`` the map ``png`` draws (float (H, W) in [0, 1] over the explained image's pixels) or
+    None, so it can be drawn again over a larger copy of the image
+    (:func:`hematoscope.explain.overlay.heatmap_overlay`)."""
 
     method: str
     target: str
     note: str
     png: bytes | None = None
     features: list[dict] | None = None
+    heatmap: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "target": self.target, "note": self.note}

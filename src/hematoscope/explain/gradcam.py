@@ -10,7 +10,6 @@ Localization", ICCV 2017 [0]; implementation: jacobgil/pytorch-grad-cam [1].
 from __future__ import annotations
 
 import copy
-import io
 import threading
 from typing import Sequence
 
@@ -25,6 +24,8 @@ from torch import nn  # noqa: E402
 
 from hematoscope.bundle.base import BundleError, register_explainer  # noqa: E402
 from hematoscope.bundle.prediction import Explanation  # noqa: E402
+from hematoscope.explain.overlay import overlay_png  # noqa: E402 - re-exported: the PNG of a Grad-CAM map
+from hematoscope.explain.overlay import resize_map  # noqa: E402
 from hematoscope.models.preprocess import Preprocess  # noqa: E402
 
 
@@ -141,7 +142,8 @@ class GradCamExplainer:
             note = f"Grad-CAM: regions that raised the score of {which}"
             if not heat.any():
                 note += " (none did: the map is empty, nothing to show for this image)"
-            out.append(Explanation("grad-cam", self.labels[c], note, png=overlay_png(im, heat, max_side=max_side)))
+            out.append(Explanation("grad-cam", self.labels[c], note, png=overlay_png(im, heat, max_side=max_side),
+                                   heatmap=heat))
         return out
 
 
@@ -177,18 +179,9 @@ def _to_image_geometry(cam: np.ndarray, preprocess: Preprocess, shape: tuple[int
         rw, rh = max(short, round(w * scale)), max(short, round(h * scale))
         canvas = np.zeros((rh, rw), np.float32)
         left, top = (rw - preprocess.size) // 2, (rh - preprocess.size) // 2
-        canvas[top:top + preprocess.size, left:left + preprocess.size] = _resize(cam, (preprocess.size,) * 2)
+        canvas[top:top + preprocess.size, left:left + preprocess.size] = resize_map(cam, (preprocess.size,) * 2)
         cam = canvas
-    return np.clip(_resize(cam, (h, w)), 0.0, 1.0) if cam.shape != (h, w) else cam
-
-
-def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if a.shape == tuple(shape):
-        return a
-    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(
-        (shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(resize_map(cam, (h, w)), 0.0, 1.0) if cam.shape != (h, w) else cam
 
 
 def gradcam(bundle, image: np.ndarray, class_index: int | None = None) -> np.ndarray:
@@ -206,27 +199,3 @@ def gradcam(bundle, image: np.ndarray, class_index: int | None = None) -> np.nda
         ExplainNotAvailable: the bundle has no torch network.
     """
     return GradCamExplainer(bundle)([image], [class_index])[0]
-
-
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.55,
-                max_side: int | None = None) -> bytes:
-    """The heatmap drawn over the image as a colour map, encoded as PNG.
-
-    Args:
-        image: RGB uint8 (H, W, 3).
-        heatmap: (H, W) in [0, 1] (resized to the image when the shapes differ).
-        image_weight: how much of the image shows through (0..1).
-        max_side: shrink the result so its longer side is at most this (None = full size).
-    """
-    from PIL import Image
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    if max_side and max(image.shape[:2]) > max_side:
-        scale = max_side / max(image.shape[:2])
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-    heatmap = _resize(np.clip(heatmap, 0, 1).astype(np.float32), image.shape[:2])
-    rgb = show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=image_weight)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()

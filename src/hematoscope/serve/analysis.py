@@ -98,15 +98,21 @@ def _thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE, quality: int = 85)
     return buf.getvalue()
 
 
-def _view(data: bytes, max_pixels: int) -> bytes | None:
+def _views(data: bytes, max_pixels: int, heatmap: np.ndarray | None) -> tuple[bytes | None, bytes | None]:
     """The upload at up to :data:`VIEW_SIDE` px (the model's image is already shrunk towards its
-    input size), or None when it cannot be decoded again."""
+    input size) and, when its explanation has a map, that map drawn over it at the same size; None
+    where the upload cannot be decoded again."""
     from hematoscope.data.images import ImageError, load_image
 
     try:
-        return _thumbnail(load_image(data, max_pixels=max_pixels, draft_size=VIEW_SIDE), VIEW_SIDE, 90)
+        view = load_image(data, max_pixels=max_pixels, draft_size=VIEW_SIDE)
     except ImageError:
-        return None
+        return None, None
+    if heatmap is None:
+        return _thumbnail(view, VIEW_SIDE, 90), None
+    from hematoscope.explain.overlay import heatmap_overlay
+
+    return _thumbnail(view, VIEW_SIDE, 90), _thumbnail(heatmap_overlay(view, heatmap, max_side=VIEW_SIDE), VIEW_SIDE, 90)
 
 
 def explanation_method(model: ServedModel) -> str:
@@ -117,8 +123,8 @@ def explanation_method(model: ServedModel) -> str:
 
 
 def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
-             ) -> list[tuple[bytes | None, dict[str, Any]]]:
-    """(overlay PNG or None, explanation dict) per image."""
+             ) -> list[tuple[bytes | None, dict[str, Any], np.ndarray | None]]:
+    """(overlay PNG or None, explanation dict, its map or None) per image."""
     note = f"explanations are not available for {model.bundle.kind!r} models"
     try:
         explainer = model.explainer()
@@ -126,11 +132,11 @@ def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
         explainer = None
         note = f"explanations need the optional '{exc.extra}' extra on the server: {install_hint(exc.extra)}"
     if explainer is None:
-        return [(None, {"method": "none", "note": note}) for _ in images]
+        return [(None, {"method": "none", "note": note}, None) for _ in images]
     out = []
     for i in range(0, len(images), EXPLAIN_BATCH):
         for e in explainer.explain(images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH], max_side=HEATMAP_SIDE):
-            out.append((e.png, e.to_dict()))
+            out.append((e.png, e.to_dict(), e.heatmap))
     return out
 
 
@@ -299,10 +305,11 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
             with slots:
                 overlays = _explain(model, images[:n_explain], predicted[:n_explain]) if n_explain else []
                 thumbnails = [_thumbnail(im) for im in images]
-                views = [_view(uploads[pos].data, max_pixels) for pos in positions]
+                views = [_views(uploads[pos].data, max_pixels, overlays[n][2] if n < len(overlays) else None)
+                         for n, pos in enumerate(positions)]
             explained += n_explain
             for n, (pos, record, top) in enumerate(zip(positions, pred.records(top_k), pred.top_k(top_k))):
-                overlay, explanation = overlays[n] if n < len(overlays) else (None, None)
+                overlay, explanation, _ = overlays[n] if n < len(overlays) else (None, None, None)
                 items[pos].result = {
                     "prediction": record["prediction"],
                     "confidence": record["confidence"],
@@ -316,7 +323,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
                     "recolour": record.get("recolour"),
                     "explanation": explanation,
                 }
-                items[pos].thumbnail, items[pos].view = thumbnails[n], views[n]
+                items[pos].thumbnail, (items[pos].view, items[pos].heatmap_view) = thumbnails[n], views[n]
                 items[pos].heatmap = overlay
             preds.append(pred)
             del images  # the batch's pixels go before the next reservation

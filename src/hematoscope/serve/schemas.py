@@ -121,6 +121,8 @@ class ItemResult(BaseModel):
                                  "search tries colours")
     thumbnail: str | None = Field(default=None, description="JPEG data URL")
     heatmap: str | None = Field(default=None, description="PNG data URL of the explanation overlay")
+    heatmap_full: bool = Field(default=False, description="the heatmap is also stored over the full-size image "
+                               "(GET /api/analyses/{id}/items/{index}/heatmap)")
     explanation: Explanation | None = None
     correction: Correction | None = None
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 #: 2: analyses.sample (the lab's sample / slide id); 3: items.view (the cell at full size);
 #: 4: analyses.model_ood_accept (the OOD flag's operating point the analysis was made at)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Longest sample id kept (a specimen, slide or run code, not a note).
 SAMPLE_MAX = 100
 _SCHEMA = """
@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS items (
     thumbnail BLOB,                -- JPEG
     heatmap BLOB,                  -- PNG overlay (Grad-CAM or segmentation)
     view BLOB,                     -- JPEG, the upload at up to VIEW_SIDE px (NULL before schema 3)
+    heatmap_view BLOB,             -- JPEG, the explanation's map drawn over the view (NULL: no map, or before schema 5)
     PRIMARY KEY (analysis_id, idx)
 );
 CREATE TABLE IF NOT EXISTS corrections (
@@ -87,6 +88,11 @@ class StoredItem:
     #: the upload at up to ``analysis.VIEW_SIDE`` px, for a reviewer to look at closely (not read
     #: back by :meth:`HistoryStore.get`: :meth:`HistoryStore.view` serves one at a time)
     view: bytes | None = None
+    #: the explanation's map drawn over ``view`` (None when the explanation has no map, e.g.
+    #: segmentation outlines); written like ``view``, served by :meth:`HistoryStore.view`
+    heatmap_view: bytes | None = None
+    #: read back by :meth:`HistoryStore.get`: whether the item has a ``heatmap_view``
+    has_heatmap_view: bool = False
 
 
 @dataclass
@@ -136,6 +142,8 @@ class HistoryStore:
             item_columns = {row[1] for row in con.execute("PRAGMA table_info(items)")}
             if item_columns and "view" not in item_columns:  # written before full-size views: thumbnails stay
                 con.execute("ALTER TABLE items ADD COLUMN view BLOB")
+            if item_columns and "heatmap_view" not in item_columns:  # before schema 5: heatmaps as thumbnails
+                con.execute("ALTER TABLE items ADD COLUMN heatmap_view BLOB")
             for statement in _SCHEMA.split(";"):  # executescript would COMMIT mid-transaction
                 if statement.strip():
                     con.execute(statement)
@@ -201,10 +209,10 @@ class HistoryStore:
                  json.dumps(differential), sample, model.get("ood_accept")),
             )
             con.executemany(
-                "INSERT INTO items (analysis_id, idx, source, sha256, result, thumbnail, heatmap, view) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(analysis_id, i, it.source, it.sha256, json.dumps(it.result), it.thumbnail, it.heatmap, it.view)
-                 for i, it in enumerate(items)],
+                "INSERT INTO items (analysis_id, idx, source, sha256, result, thumbnail, heatmap, view, heatmap_view) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(analysis_id, i, it.source, it.sha256, json.dumps(it.result), it.thumbnail, it.heatmap, it.view,
+                  it.heatmap_view) for i, it in enumerate(items)],
             )
         return analysis_id
 
@@ -296,9 +304,10 @@ class HistoryStore:
             if row is None:
                 raise NotFound(analysis_id)
             blobs = "thumbnail, heatmap" if images else "NULL, NULL"
-            items = [StoredItem(src, sha, json.loads(res), thumb, heat) for src, sha, res, thumb, heat in con.execute(
-                f"SELECT source, sha256, result, {blobs} FROM items WHERE analysis_id = ? ORDER BY idx",
-                (analysis_id,))]
+            items = [StoredItem(src, sha, json.loads(res), thumb, heat, has_heatmap_view=bool(full))
+                     for src, sha, res, thumb, heat, full in con.execute(
+                         f"SELECT source, sha256, result, {blobs}, heatmap_view IS NOT NULL FROM items "
+                         "WHERE analysis_id = ? ORDER BY idx", (analysis_id,))]
             corrections = {idx: {"label": lab, "note": note, "updated": upd} for idx, lab, note, upd in con.execute(
                 "SELECT idx, label, note, updated FROM corrections WHERE analysis_id = ?", (analysis_id,))}
         return StoredAnalysis(
@@ -308,16 +317,19 @@ class HistoryStore:
             sample=row[8],
         )
 
-    def view(self, analysis_id: str, index: int) -> bytes:
+    def view(self, analysis_id: str, index: int, *, heatmap: bool = False) -> bytes:
         """The JPEG of image ``index`` of an analysis at its stored full size (its thumbnail for
-        analyses stored before full-size views).
+        analyses stored before full-size views); with ``heatmap``, its explanation's map drawn
+        over it at that size.
 
         Raises:
             NotFound: no such analysis, no image with that index, or the image could not be read
-                when it was uploaded (there is nothing to show).
+                when it was uploaded (there is nothing to show); with ``heatmap``, also an image
+                whose explanation has no map, or none was made.
         """
+        column = "heatmap_view" if heatmap else "COALESCE(view, thumbnail)"
         with closing(self._connect()) as con:
-            row = con.execute("SELECT COALESCE(view, thumbnail) FROM items WHERE analysis_id = ? AND idx = ?",
+            row = con.execute(f"SELECT {column} FROM items WHERE analysis_id = ? AND idx = ?",
                               (analysis_id, index)).fetchone()
         if row is None or row[0] is None:
             raise NotFound(f"{analysis_id}/{index}")

@@ -35,6 +35,7 @@ def analysis_response(a: StoredAnalysis) -> Analysis:
             "index": i, "source": it.source, "sha256": it.sha256, "error": error, **res,
             "thumbnail": data_url(it.thumbnail, "image/jpeg"),
             "heatmap": data_url(it.heatmap, "image/png"),
+            "heatmap_full": it.has_heatmap_view,
             "correction": a.corrections.get(i),
         })
     return Analysis.model_validate({
@@ -94,10 +95,26 @@ async def item_image(analysis_id: str, index: Annotated[int, FastApiPath(ge=0, l
                      store: StoreDep) -> Response:
     """One uploaded image at full size (up to 768 px a side: what a reviewer looks at closely;
     the thumbnail for analyses stored before full-size views were kept)."""
+    return await _stored_view(store, analysis_id, index, heatmap=False)
+
+
+@router.get("/{analysis_id}/items/{index}/heatmap", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "the heatmap over the image, up to 768 px"},
+                       404: {"description": "no such analysis or image, or no full-size heatmap for it "
+                                            "(its item's heatmap_full is false)"}})
+async def item_heatmap(analysis_id: str, index: Annotated[int, FastApiPath(ge=0, le=MAX_OFFSET)],
+                       store: StoreDep) -> Response:
+    """The explanation's heatmap of one image drawn over it at full size (what ``/image`` shows),
+    where the analysis made one (its item's ``heatmap_full``)."""
+    return await _stored_view(store, analysis_id, index, heatmap=True)
+
+
+async def _stored_view(store, analysis_id: str, index: int, *, heatmap: bool) -> Response:
     try:
-        data = await anyio.to_thread.run_sync(lambda: store.view(analysis_id, index))
+        data = await anyio.to_thread.run_sync(lambda: store.view(analysis_id, index, heatmap=heatmap))
     except NotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no image {index} in analysis {analysis_id!r}") from None
+        what = "full-size heatmap" if heatmap else "image"
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} {index} in analysis {analysis_id!r}") from None
     # a patient's cell: the browser may keep it for the page, shared caches may not
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 

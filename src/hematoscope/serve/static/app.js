@@ -432,7 +432,22 @@ function anomalyText(score) {
 
 // ---------- one cell at full size ------------------------------------------------------------
 // The thumbnail shows at once; the stored full-size image (fetched with the token) replaces it.
-let cellUrl = null;
+// The heatmap likewise: the card's, then the one drawn over the full-size image where stored.
+let cellUrl = null, heatUrl = null;
+
+async function showCellHeatmap(it) {
+  const view = $("#cell-view"), dialog = $("#cell-dialog");
+  view.src = heatUrl || it.heatmap;
+  if (heatUrl || !it.heatmap_full) return;
+  try {
+    const blob = await (await api(`/api/analyses/${state.analysis.id}/items/${it.index}/heatmap`)).blob();
+    if (!dialog.open || dialog.dataset.index !== String(it.index)) return;
+    heatUrl = URL.createObjectURL(blob);
+    if ($("#cell-heat").checked) view.src = heatUrl;
+  } catch (err) {
+    $("#cell-status").textContent = `Only the thumbnail's heatmap is available: ${err.message}`;
+  }
+}
 
 async function openCell(it) {
   const dialog = $("#cell-dialog"), view = $("#cell-view"), heat = $("#cell-heat");
@@ -441,8 +456,11 @@ async function openCell(it) {
     : it.abstain ? `set aside (best guess ${display(it.prediction)})` : display(it.prediction);
   $("#cell-caption").textContent = `${it.source} · ${answer} · confidence ${pct(it.confidence)}`;
   $("#cell-heat-label").hidden = !it.heatmap;
+  $("#cell-heat-note").hidden = Boolean(it.heatmap_full);
   heat.checked = false;
-  heat.onchange = () => { view.src = heat.checked ? it.heatmap : (cellUrl || it.thumbnail); };
+  if (heatUrl) URL.revokeObjectURL(heatUrl);
+  heatUrl = null;
+  heat.onchange = () => { if (heat.checked) showCellHeatmap(it); else view.src = cellUrl || it.thumbnail; };
   view.alt = it.source;
   view.src = it.thumbnail;
   $("#cell-status").textContent = "loading the full-size image…";
@@ -461,7 +479,8 @@ async function openCell(it) {
 
 function closeCell() {
   if (cellUrl) URL.revokeObjectURL(cellUrl);
-  cellUrl = null;
+  if (heatUrl) URL.revokeObjectURL(heatUrl);
+  cellUrl = heatUrl = null;
   $("#cell-view").removeAttribute("src");
 }
 

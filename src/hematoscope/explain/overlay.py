@@ -1,0 +1,53 @@
+"""A heatmap drawn over its image: one look for every picture of an explanation map (Grad-CAM's
+PNG, the web app's card and its full-size view), whatever the image's resolution.
+
+The colour map and blend are pytorch-grad-cam's (``show_cam_on_image``), imported when a map is
+drawn: only installs that made a map (the ``explain`` extra) draw one."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def resize_map(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float map resized (bilinear) to ``shape`` (H, W)."""
+    from PIL import Image
+
+    if a.shape == tuple(shape):
+        return a
+    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(
+        (shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.55,
+                    max_side: int | None = None) -> np.ndarray:
+    """The heatmap drawn over the image as a colour map (RGB uint8).
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        heatmap: (h, w) in [0, 1] over the same field of view: resized to the image, so a map
+            computed on a small decode of an upload can be drawn over a larger one.
+        image_weight: how much of the image shows through (0..1).
+        max_side: shrink the result so its longer side is at most this (None = full size).
+    """
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    if max_side and max(image.shape[:2]) > max_side:
+        scale = max_side / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    heatmap = resize_map(np.clip(heatmap, 0, 1).astype(np.float32), image.shape[:2])
+    return show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=image_weight)
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.55,
+                max_side: int | None = None) -> bytes:
+    """:func:`heatmap_overlay`, encoded as PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(heatmap_overlay(image, heatmap, image_weight=image_weight, max_side=max_side)).save(
+        buf, format="PNG", optimize=True)
+    return buf.getvalue()
