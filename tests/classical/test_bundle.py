@@ -147,3 +147,26 @@ def test_generic_predict_and_evaluate_commands(tiny_classical_bundle, pbc_subset
                               str(tmp_path / "eval.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_edge_bars_are_painted_as_background_in_training_and_prediction(tiny_classical_bundle, lisc_root):
+    """A crop cut at the slide's edge is featurised as its filled copy, from a file at training
+    time (the disk-cached path) and from an array at prediction time."""
+    from hematoscope.classical.features import ClassicalFeatures
+    from hematoscope.models.preprocess import fill_bars
+
+    path = lisc_root / "basophil" / "lisc_bas_134.jpg"  # black along its top and left edges
+    raw = np.asarray(Image.open(path).convert("RGB"))
+    filled = fill_bars(raw)
+    assert not np.array_equal(raw, filled)
+    bundle = load_bundle(tiny_classical_bundle)
+    assert bundle.preprocess.bars == "fill"
+    from_arrays = bundle.features([raw, filled])
+    np.testing.assert_allclose(from_arrays[0], from_arrays[1], rtol=1e-6)
+    trained_on = ClassicalFeatures(n_jobs=1, cache=False).transform([path])[0]
+    np.testing.assert_allclose(trained_on, from_arrays[0], rtol=1e-5, atol=1e-6)
+    from dataclasses import replace
+
+    unfilled = replace(bundle.preprocess, bars="keep").resize_image(raw)  # as bundles before bars were filled
+    kept = ClassicalFeatures(n_jobs=1, cache=False).transform([unfilled])[0]
+    assert not np.allclose(kept, from_arrays[0], rtol=1e-3, equal_nan=True)

@@ -24,13 +24,15 @@ PARALLEL_MIN_BATCH = 32
 
 
 def classical_preprocess():
-    """The input handling of classical bundles, recorded in ``config.preprocess``: the crop is
-    resized to the working size (squash, bilinear); nothing is cropped or normalised. Training
-    features and predictions both decode files with it (``load_model_image``)."""
+    """The input handling of classical bundles, recorded in ``config.preprocess``: black bars
+    along the crop's edges painted as slide background (``bars="fill"``, as the neural default
+    does), then the crop resized to the working size (squash, bilinear); nothing is cropped or
+    normalised. Training features and predictions both decode files with it
+    (``load_model_image``); bundles saved before bars were filled keep theirs as they are."""
     from hematoscope.classical.segment import WORK_SIZE
     from hematoscope.models.preprocess import Preprocess
 
-    return Preprocess(size=WORK_SIZE, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return Preprocess(size=WORK_SIZE, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bars="fill")
 
 
 @register_bundle_kind("classical")

@@ -316,7 +316,11 @@ def _granulometry(image: np.ndarray, lab_a: np.ndarray, cell: np.ndarray) -> dic
 def _cache_file(sha: str) -> Path:
     from hematoscope.paths import cache_dir
 
-    return cache_dir("classical", f"features-v{FEATURE_VERSION}", sha[:2]) / f"{sha}.npy"
+    from hematoscope.classical.bundle import classical_preprocess
+
+    # keyed by the decoding too: a crop with edge bars has other features once they are filled
+    bars = classical_preprocess().bars
+    return cache_dir("classical", f"features-v{FEATURE_VERSION}-bars-{bars}", sha[:2]) / f"{sha}.npy"
 
 
 def _features_of_item(item, use_cache: bool, on_error: str) -> np.ndarray:

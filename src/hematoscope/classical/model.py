@@ -124,8 +124,8 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
         preprocess=classical_preprocess().to_dict(),
         model={"type": "xgboost", "feature_version": FEATURE_VERSION, "feature_names": FEATURE_NAMES,
                "n_features": len(FEATURE_NAMES), "best_iteration": int(booster.num_boosted_rounds()),
-               "input": "decoded by load_model_image and squashed to 128 x 128 px (bilinear); "
-                        "features in working pixels"},
+               "input": "decoded by load_model_image, edge bars painted as slide background, squashed to "
+                        "128 x 128 px (bilinear); features in working pixels"},
         training={"recipe": "classical", "xgboost": {**DEFAULT_XGB_PARAMS, **(params or {})}, "seed": seed,
                   "n_train": int(len(y_tr)), "n_val": int(len(y_val)), "unreadable": int((~readable).sum()),
                   "feature_seconds": round(t_features, 1), "train_seconds": round(t_train, 1)},
