@@ -366,3 +366,27 @@ def test_consistency_sees_two_colour_views_and_logs_their_distance(synthetic_roo
     bundle = load_bundle(result.bundle_path)
     assert bundle.config.training.model_dump()["config"]["consistency"] == 1.0
     assert np.isfinite(bundle.predict(sorted(synthetic_root.rglob("*.png"))[:3]).probs).all()
+
+
+def test_mix_blends_pairs_of_crops_and_their_labels(synthetic_root, tmp_path):
+    from hematoscope.train.module import mix_batch
+
+    torch.manual_seed(0)
+    # crop i is flat with value i and of class i: a mixed crop's mean value is its label's mean class
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16).contiguous()
+    y = torch.arange(4)
+    kinds = set()
+    for _ in range(12):
+        mixed, probs = mix_batch(x, y, 4)
+        assert mixed.shape == x.shape and probs.shape == (4, 4)
+        torch.testing.assert_close(probs.sum(1), torch.ones(4))
+        torch.testing.assert_close(mixed.mean((1, 2, 3)), probs @ torch.arange(4.0), atol=1e-5, rtol=0)
+        kinds.add("blend" if len(torch.unique(mixed[0])) == 1 else "patch")  # MixUp blends, CutMix pastes a box
+    assert kinds == {"blend", "patch"}
+    with pytest.raises(ValueError, match="loss 'ce'"):
+        tiny_config(synthetic_root, tmp_path / "bad", mix=0.5, loss="focal")
+
+    result = train(tiny_config(synthetic_root, tmp_path / "run", epochs=1, mix=1.0, fit_trust=False))
+    bundle = load_bundle(result.bundle_path)
+    assert bundle.config.training.model_dump()["config"]["mix"] == 1.0
+    assert np.isfinite(bundle.predict(sorted(synthetic_root.rglob("*.png"))[:3]).probs).all()

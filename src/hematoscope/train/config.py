@@ -102,6 +102,9 @@ class TrainConfig(BaseModel):
                                "colours move a cell less in the feature space the OOD flag reads; doubles the "
                                "cost of a step; measured in docs/crosslab.md: it did not lower another lab's "
                                "flagged share; 0 = off")
+    mix: float = Field(0.0, ge=0, le=1, description="share of batches mixed by MixUp or CutMix (torchvision, "
+                       "one of the two at random, alpha 1): pairs of crops blended or patched together, trained "
+                       "towards their mixed labels; cross-entropy only; 0 = off")
 
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split (split by patient / cell group "
@@ -128,6 +131,8 @@ class TrainConfig(BaseModel):
             raise ValueError("frozen_bn keeps BatchNorm statistics; group-normalised layers have none")
         if self.freeze_epochs >= self.epochs:
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
+        if self.mix and (self.loss != "ce" or self.consistency):
+            raise ValueError("mix trains towards mixed labels with cross-entropy: it needs loss 'ce' and no consistency")
         if self.scale_range is not None and not 0.3 <= self.scale_range[0] < self.scale_range[1] <= 3:
             raise ValueError(f"scale_range must be [low, high] with 0.3 <= low < high <= 3; got {self.scale_range}")
         return self

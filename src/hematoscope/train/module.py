@@ -37,6 +37,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float, weig
     return ((1 - p_true).pow(gamma) * ce).mean()
 
 
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix (torchvision, one of the two at random, alpha 1) of a batch: the mixed
+    images and their mixed class probabilities (which cross-entropy takes as targets)."""
+    from torchvision.transforms import v2
+
+    mixers = [v2.MixUp(alpha=1.0, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)]
+    return v2.RandomChoice(mixers)(x, y)
+
+
 class CellClassifier(L.LightningModule):
     """Fine-tunes a :class:`ClassifierNet` (shared with the bundle being trained).
 
@@ -123,7 +132,10 @@ class CellClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         if not self.config.consistency:
-            logits, _ = self.net(self.augment(x))
+            x = self.augment(x)
+            if self.config.mix and float(torch.rand(())) < self.config.mix:  # drawn after augment's seed
+                x, y = mix_batch(x, y, self.net.model.get_classifier().out_features)
+            logits, _ = self.net(x)
             loss = self._loss(logits, y)
         else:  # one pass over both colour views, so BatchNorm sees them together
             logits, features = self.net(torch.cat([self.augment(x), self.augment(x, view=1)]))
