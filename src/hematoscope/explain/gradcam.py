@@ -24,8 +24,7 @@ from torch import nn  # noqa: E402
 
 from hematoscope.bundle.base import BundleError, register_explainer  # noqa: E402
 from hematoscope.bundle.prediction import Explanation  # noqa: E402
-from hematoscope.explain.overlay import overlay_png  # noqa: E402 - re-exported: the PNG of a Grad-CAM map
-from hematoscope.explain.overlay import resize_map  # noqa: E402
+from hematoscope.explain.overlay import overlay_png, resize_map  # noqa: E402 - overlay_png: also from here
 from hematoscope.models.preprocess import Preprocess  # noqa: E402
 
 

@@ -108,11 +108,12 @@ def _views(data: bytes, max_pixels: int, heatmap: np.ndarray | None) -> tuple[by
         view = load_image(data, max_pixels=max_pixels, draft_size=VIEW_SIDE)
     except ImageError:
         return None, None
+    shown = _thumbnail(view, VIEW_SIDE, 90)
     if heatmap is None:
-        return _thumbnail(view, VIEW_SIDE, 90), None
+        return shown, None
     from hematoscope.explain.overlay import heatmap_overlay
 
-    return _thumbnail(view, VIEW_SIDE, 90), _thumbnail(heatmap_overlay(view, heatmap, max_side=VIEW_SIDE), VIEW_SIDE, 90)
+    return shown, _thumbnail(heatmap_overlay(view, heatmap, max_side=VIEW_SIDE), VIEW_SIDE, 90)
 
 
 def explanation_method(model: ServedModel) -> str:
