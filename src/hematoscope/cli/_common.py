@@ -75,7 +75,7 @@ RecolourOption = Annotated[bool, typer.Option(
     "--recolour", help="Framing search with colours: cells still flagged after the framings are also tried with "
                        "stronger saturation and a darker gamma, at every framing, and answered from the look most "
                        "like the training data (column recolour). For another lab's stain: on LISC it answered more "
-                       "cells (abstained 34 -> 25 %) and raised macro-F1 (0.81 -> 0.85); slower where many cells are "
+                       "cells (abstained 33 -> 25 %) and raised macro-F1 (0.81 -> 0.86); slower where many cells are "
                        "flagged, and damaged cells are flagged less often (docs/crosslab.md).")]
 
 
@@ -85,7 +85,7 @@ OodAcceptOption = Annotated[Optional[float], typer.Option(
     help="Operating point of the unlike-training flag: the share of the model's own validation cells it accepts, "
          "0.8, 0.9, 0.95, 0.975 or 0.99 (default: as fitted, about 0.95). Higher sets aside fewer of another lab's "
          "cells, answers more of them wrongly and flags fewer damaged cells; on LISC 0.99 set aside 20 % instead "
-         "of 34 %, 87 % right on the answered instead of 95 % (docs/trust.md).")]
+         "of 33 %, 88 % right on the answered instead of 95 % (docs/trust.md).")]
 
 
 def apply_tta(bundle, views: int | None) -> None:
