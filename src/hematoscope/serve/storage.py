@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 #: 2: analyses.sample (the lab's sample / slide id); 3: items.view (the cell at full size);
 #: 4: analyses.model_ood_accept (the OOD flag's operating point the analysis was made at)
+#: 5: items.heatmap_view (the explanation's map drawn over the full-size view)
 SCHEMA_VERSION = 5
 #: Longest sample id kept (a specimen, slide or run code, not a note).
 SAMPLE_MAX = 100

@@ -435,15 +435,21 @@ function anomalyText(score) {
 // The heatmap likewise: the card's, then the one drawn over the full-size image where stored.
 let cellUrl = null, heatUrl = null;
 
+// A stored picture of the open cell (image or heatmap) as an object URL; null when the dialog
+// was closed or moved to another cell meanwhile.
+async function cellPictureUrl(it, what) {
+  const blob = await (await api(`/api/analyses/${state.analysis.id}/items/${it.index}/${what}`)).blob();
+  const dialog = $("#cell-dialog");
+  return dialog.open && dialog.dataset.index === String(it.index) ? URL.createObjectURL(blob) : null;
+}
+
 async function showCellHeatmap(it) {
-  const view = $("#cell-view"), dialog = $("#cell-dialog");
+  const view = $("#cell-view");
   view.src = heatUrl || it.heatmap;
   if (heatUrl || !it.heatmap_full) return;
   try {
-    const blob = await (await api(`/api/analyses/${state.analysis.id}/items/${it.index}/heatmap`)).blob();
-    if (!dialog.open || dialog.dataset.index !== String(it.index)) return;
-    heatUrl = URL.createObjectURL(blob);
-    if ($("#cell-heat").checked) view.src = heatUrl;
+    heatUrl = await cellPictureUrl(it, "heatmap");
+    if (heatUrl && $("#cell-heat").checked) view.src = heatUrl;
   } catch (err) {
     $("#cell-status").textContent = `Only the thumbnail's heatmap is available: ${err.message}`;
   }
@@ -466,10 +472,10 @@ async function openCell(it) {
   $("#cell-status").textContent = "loading the full-size image…";
   if (!dialog.open) dialog.showModal();
   try {
-    const blob = await (await api(`/api/analyses/${state.analysis.id}/items/${it.index}/image`)).blob();
-    if (!dialog.open || dialog.dataset.index !== String(it.index)) return;  // closed or another cell meanwhile
+    const url = await cellPictureUrl(it, "image");
+    if (!url) return;  // closed or another cell meanwhile
     if (cellUrl) URL.revokeObjectURL(cellUrl);
-    cellUrl = URL.createObjectURL(blob);
+    cellUrl = url;
     if (!heat.checked) view.src = cellUrl;
     $("#cell-status").textContent = "";
   } catch (err) {
