@@ -450,5 +450,18 @@ class TestClassicalBundle:
         assert all(f["name"] and f["contribution"] is not None for f in explanation["features"])
         overlay = _decode_data_url(item["heatmap"], "image/png")  # a real cell segments
         assert overlay.mode == "RGB"
-        assert not item["heatmap_full"]  # outlines are drawn at the card's size only
-        assert c.get(f"/api/analyses/{r.json()['id']}/items/0/heatmap").status_code == 404
+        # the outlines drawn again over the full-size image (PBC's 360 px, where the card has 192),
+        # sharp there and where the card has them
+        assert item["heatmap_full"]
+        base = f"/api/analyses/{r.json()['id']}/items/0"
+        full = Image.open(io.BytesIO(c.get(base + "/heatmap").content)).convert("RGB")
+        with Image.open(sample_files[0]) as original:
+            assert full.size == original.size and max(full.size) > 192
+        drawn = np.asarray(full, np.float32)
+        cell = np.asarray(Image.open(io.BytesIO(c.get(base + "/image").content)).convert("RGB"), np.float32)
+        yellow = (drawn[..., 0] > 200) & (drawn[..., 1] > 170) & (drawn[..., 2] < 90)
+        assert 0.002 < yellow.mean() < 0.2 and ((cell[..., 2] < 90) & yellow).sum() < yellow.sum() / 10  # lines only
+        shrunk = np.asarray(full.resize(overlay.size, Image.Resampling.LANCZOS), np.float32)
+        card = np.asarray(overlay, np.float32)
+        yellow_card = (card[..., 0] > 200) & (card[..., 1] > 170) & (card[..., 2] < 90)
+        assert yellow_card.any() and np.abs(shrunk - card).mean() < 8  # (flipped: 30)

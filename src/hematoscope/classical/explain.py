@@ -29,7 +29,6 @@ class SegmentationExplainer:
 
     def _one(self, image: np.ndarray, label: str, max_side: int | None) -> Explanation:
         from PIL import Image
-        from skimage.segmentation import mark_boundaries
 
         from hematoscope._extras import available
         from hematoscope.classical.segment import segment_cell
@@ -44,11 +43,8 @@ class SegmentationExplainer:
         if not seg.ok:
             out.note = f"segmentation failed: {seg.reason}"
             return out
-        regions = seg.cell.astype(np.int32) + seg.nucleus.astype(np.int32)
-        drawn = mark_boundaries(seg.image, regions, color=(1, 0.85, 0), mode="thick")
-        im = Image.fromarray((drawn * 255).round().astype(np.uint8))
-        if max_side:
-            im.thumbnail((max_side, max_side))
+        out.regions = seg.cell.astype(np.uint8) + seg.nucleus.astype(np.uint8)  # 0 outside, 1 cytoplasm, 2 nucleus
+        im = Image.fromarray(out.draw_over(seg.image, max_side=max_side))
         buf = io.BytesIO()
         im.save(buf, format="PNG", optimize=True)
         out.png = buf.getvalue()

@@ -1,5 +1,5 @@
-"""A heatmap drawn over its image: one look for every picture of an explanation map (Grad-CAM's
-PNG, the web app's card and its full-size view), whatever the image's resolution.
+"""An explanation's map drawn over its image: one look for every picture of it (Grad-CAM's or the
+segmentation's PNG, the web app's card and its full-size view), whatever the image's resolution.
 
 The colour map and blend are pytorch-grad-cam's (``show_cam_on_image``), imported when a map is
 drawn: only installs that made a map (the ``explain`` extra) draw one."""
@@ -31,15 +31,45 @@ def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, *, image_weight: flo
         image_weight: how much of the image shows through (0..1).
         max_side: shrink the result so its longer side is at most this (None = full size).
     """
-    from PIL import Image
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    if max_side and max(image.shape[:2]) > max_side:
-        scale = max_side / max(image.shape[:2])
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    image = _fit(image, max_side)
     heatmap = resize_map(np.clip(heatmap, 0, 1).astype(np.float32), image.shape[:2])
     return show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=image_weight)
+
+
+#: Colour of segmentation outlines (RGB in 0..1): yellow reads on both stained cells and background.
+OUTLINE_COLOUR = (1.0, 0.85, 0.0)
+
+
+def outline_overlay(image: np.ndarray, regions: np.ndarray, *, max_side: int | None = None) -> np.ndarray:
+    """The borders between labelled regions (e.g. background 0, cytoplasm 1, nucleus 2) drawn
+    on the image (RGB uint8), with scikit-image's ``mark_boundaries``.
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        regions: integer (h, w) labels over the same field of view: resized (nearest) to the
+            image, so outlines found on a small working copy are drawn sharp on a larger one.
+        max_side: shrink the result so its longer side is at most this (None = full size).
+    """
+    from PIL import Image
+    from skimage.segmentation import mark_boundaries
+
+    image = _fit(image, max_side)
+    labels = np.asarray(Image.fromarray(np.asarray(regions, dtype=np.uint8)).resize(
+        (image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
+    drawn = mark_boundaries(image, labels, color=OUTLINE_COLOUR, mode="thick")
+    return (drawn * 255).round().astype(np.uint8)
+
+
+def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    from PIL import Image
+
+    if not max_side or max(image.shape[:2]) <= max_side:
+        return image
+    scale = max_side / max(image.shape[:2])
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.55,

@@ -14,13 +14,16 @@ import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from hematoscope._extras import MissingExtraError, install_hint
 from hematoscope.serve.deps import ServedModel
 from hematoscope.serve.storage import StoredItem
+
+if TYPE_CHECKING:
+    from hematoscope.bundle.prediction import Explanation
 
 THUMBNAIL_SIDE = 192
 #: Longest side of the stored full-size view of each cell (what a reviewer opens from its card):
@@ -98,10 +101,10 @@ def _thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE, quality: int = 85)
     return buf.getvalue()
 
 
-def _views(data: bytes, max_pixels: int, heatmap: np.ndarray | None) -> tuple[bytes | None, bytes | None]:
+def _views(data: bytes, max_pixels: int, explanation: Explanation | None) -> tuple[bytes | None, bytes | None]:
     """The upload at up to :data:`VIEW_SIDE` px (the model's image is already shrunk towards its
-    input size) and, when its explanation has a map, that map drawn over it at the same size; None
-    where the upload cannot be decoded again."""
+    input size) and, when its explanation has a map (a heatmap or outlines), that map drawn over it
+    at the same size; None where the upload cannot be decoded again."""
     from hematoscope.data.images import ImageError, load_image
 
     try:
@@ -109,11 +112,8 @@ def _views(data: bytes, max_pixels: int, heatmap: np.ndarray | None) -> tuple[by
     except ImageError:
         return None, None
     shown = _thumbnail(view, VIEW_SIDE, 90)
-    if heatmap is None:
-        return shown, None
-    from hematoscope.explain.overlay import heatmap_overlay
-
-    return shown, _thumbnail(heatmap_overlay(view, heatmap, max_side=VIEW_SIDE), VIEW_SIDE, 90)
+    drawn = explanation.draw_over(view, max_side=VIEW_SIDE) if explanation is not None else None
+    return shown, None if drawn is None else _thumbnail(drawn, VIEW_SIDE, 90)
 
 
 def explanation_method(model: ServedModel) -> str:
@@ -124,8 +124,8 @@ def explanation_method(model: ServedModel) -> str:
 
 
 def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
-             ) -> list[tuple[bytes | None, dict[str, Any], np.ndarray | None]]:
-    """(overlay PNG or None, explanation dict, its map or None) per image."""
+             ) -> list[tuple[bytes | None, dict[str, Any], Explanation | None]]:
+    """(overlay PNG or None, explanation dict, the explanation or None) per image."""
     note = f"explanations are not available for {model.bundle.kind!r} models"
     try:
         explainer = model.explainer()
@@ -137,7 +137,7 @@ def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
     out = []
     for i in range(0, len(images), EXPLAIN_BATCH):
         for e in explainer.explain(images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH], max_side=HEATMAP_SIDE):
-            out.append((e.png, e.to_dict(), e.heatmap))
+            out.append((e.png, e.to_dict(), e))
     return out
 
 
