@@ -11,6 +11,7 @@ import torch
 from hematoscope import load_bundle
 from hematoscope.data.images import load_image
 from hematoscope.train import TrainConfig, resume, train
+from hematoscope.train.data import TrainDataError
 from hematoscope.train.run import RunDirError
 
 
@@ -390,3 +391,32 @@ def test_mix_blends_pairs_of_crops_and_their_labels(synthetic_root, tmp_path):
     bundle = load_bundle(result.bundle_path)
     assert bundle.config.training.model_dump()["config"]["mix"] == 1.0
     assert np.isfinite(bundle.predict(sorted(synthetic_root.rglob("*.png"))[:3]).probs).all()
+
+
+def test_subtype_loss_trains_the_backbone_and_leaves_the_bundle_with_its_classes(synthetic_root, tmp_path):
+    import pandas as pd
+
+    with pytest.raises(ValueError, match="mix or consistency"):
+        tiny_config(synthetic_root, tmp_path / "bad", subtypes=0.5, mix=0.5)
+    paths = sorted(synthetic_root.rglob("*.png"))
+    labelled = pd.DataFrame({"path": [str(p) for p in paths], "label": [p.parent.name for p in paths]})
+    labelled.to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(TrainDataError, match="'subtype' column"):
+        train(tiny_config(tmp_path / "labels.csv", tmp_path / "nocol", epochs=1, subtypes=0.5, fit_trust=False))
+
+    # two subtypes per class (by file order), a few rows without one, as PBC's generic "IG" files
+    data = tmp_path / "samples.csv"
+    labelled.assign(subtype=["" if i % 7 == 0 else f"{p.parent.name}-{i % 2}" for i, p in enumerate(paths)]).to_csv(
+        data, index=False)
+    plain = train(tiny_config(data, tmp_path / "plain", epochs=1, fit_trust=False))
+    aux = train(tiny_config(data, tmp_path / "aux", epochs=1, subtypes=1.0, fit_trust=False))
+
+    from safetensors.torch import load_file
+
+    w_plain, w_aux = (load_file(r.bundle_path / "model.safetensors") for r in (plain, aux))
+    assert set(w_plain) == set(w_aux)  # the subtype layer is not kept
+    assert load_bundle(aux.bundle_path).labels == load_bundle(plain.bundle_path).labels
+    stem = next(k for k in w_plain if k.startswith("conv_stem"))
+    assert not torch.equal(w_plain[stem], w_aux[stem])  # the subtype loss reached the backbone
+    logged = pd.read_csv(next((aux.run_dir / "logs" / "csv").glob("version_*/metrics.csv")))
+    assert np.isfinite(logged["train_subtype_loss"].dropna()).all() and logged["train_subtype_loss"].notna().any()

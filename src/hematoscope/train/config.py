@@ -105,6 +105,11 @@ class TrainConfig(BaseModel):
     mix: float = Field(0.0, ge=0, le=1, description="share of batches mixed by MixUp or CutMix (torchvision, "
                        "one of the two at random, alpha 1): pairs of crops blended or patched together, trained "
                        "towards their mixed labels; cross-entropy only; 0 = off")
+    subtypes: float = Field(0.0, ge=0, description="weight of an auxiliary cross-entropy over the data's "
+                            "`subtype` column (PBC: band and segmented neutrophils, promyelocytes, myelocytes, "
+                            "metamyelocytes ...), from a second linear layer on the pooled features that only "
+                            "training uses: the bundle keeps its classes; rows without a subtype add nothing; "
+                            "0 = off")
 
     # run control
     val_fraction: float = Field(0.1, gt=0, lt=1, description="validation share when DATA has no split (split by patient / cell group "
@@ -133,6 +138,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs})")
         if self.mix and (self.loss != "ce" or self.consistency):
             raise ValueError("mix trains towards mixed labels with cross-entropy: it needs loss 'ce' and no consistency")
+        if self.subtypes and (self.mix or self.consistency):
+            raise ValueError("subtypes trains on each crop's own subtype: it cannot be combined with mix or consistency")
         if self.scale_range is not None and not 0.3 <= self.scale_range[0] < self.scale_range[1] <= 3:
             raise ValueError(f"scale_range must be [low, high] with 0.3 <= low < high <= 3; got {self.scale_range}")
         return self

@@ -129,10 +129,13 @@ class TrainImages(Dataset):
         paths: image paths (used when ``images`` is None).
         targets: class index per image.
         config: sizes and augmentation options.
+        subtargets: subtype index per image (-1: none), returned as a third item when given.
     """
 
-    def __init__(self, images: np.ndarray | None, paths: Sequence[str], targets: np.ndarray, config: TrainConfig):
+    def __init__(self, images: np.ndarray | None, paths: Sequence[str], targets: np.ndarray, config: TrainConfig,
+                 subtargets: np.ndarray | None = None):
         self.images, self.paths, self.targets = images, list(paths), np.asarray(targets, dtype=np.int64)
+        self.subtargets = subtargets
         self.size, self.pre_size, self.scale_jitter = config.size, config.pre_size, config.scale_jitter
         self.config = config
         self.cache_spec = Preprocess(size=config.pre_size, resize="shorter_crop", bars=config.bars)
@@ -175,6 +178,8 @@ class TrainImages(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
         if self.extra is not None:
             x = self.extra(x)
+        if self.subtargets is not None:
+            return x, int(self.targets[i]), int(self.subtargets[i])
         return x, int(self.targets[i])
 
 
@@ -349,6 +354,7 @@ class SplitData:
     images: np.ndarray | None
     paths: list[str]
     targets: np.ndarray
+    subtargets: np.ndarray | None = None  # subtype index per image (-1: none), when config.subtypes
 
 
 class CellDataModule(L.LightningDataModule):
@@ -387,13 +393,15 @@ class CellDataModule(L.LightningDataModule):
                 rows = rows.iloc[self.rank::self.world_size]
             paths = list(rows["path"])
             targets = np.array([index[c] for c in rows["cls"]], dtype=np.int64)
+            sub = self._subtargets(rows) if split == "train" else None
             if fits_in_memory(len(paths), spec.size, self.config.max_cache_gb):
                 images, kept, skipped = decode_all(paths, spec, description=f"decoding {split} images")
                 self.skipped += skipped
-                parts[split] = SplitData(images, [paths[i] for i in kept], targets[kept])
+                parts[split] = SplitData(images, [paths[i] for i in kept], targets[kept],
+                                         None if sub is None else sub[kept])
             else:
                 log.warning("%d %s images do not fit the memory guard; decoding them every epoch", len(paths), split)
-                parts[split] = SplitData(None, paths, targets)
+                parts[split] = SplitData(None, paths, targets, sub)
         for path, reason in self.skipped:
             log.warning("skipped unreadable image %s (%s)", path, reason)
         self.train, self.val = parts["train"], parts["val"]
@@ -402,6 +410,27 @@ class CellDataModule(L.LightningDataModule):
         if self.config.colour_norm != "none" and self.preprocess.colour == "none":  # (not yet known)
             self.preprocess = replace(self.preprocess, colour=self.config.colour_norm,
                                       colour_ref=self.colour_reference())
+
+    @property
+    def subtype_names(self) -> list[str]:
+        """The training rows' subtypes, sorted (empty unless ``config.subtypes``)."""
+        if not self.config.subtypes:
+            return []
+        if "subtype" not in self.table.columns:
+            raise TrainDataError(f"{self.config.data}: subtypes needs a 'subtype' column (the PBC reader fills it "
+                                 f"from the file names)")
+        rows = self.table.loc[self.table["split"] == "train", "subtype"].dropna().astype(str)
+        names = sorted(set(rows) - {""})
+        if len(names) < 2:
+            raise TrainDataError(f"{self.config.data}: subtypes needs at least 2 subtypes among the training rows, "
+                                 f"found {names}")
+        return names
+
+    def _subtargets(self, rows) -> np.ndarray | None:
+        if not self.config.subtypes:
+            return None
+        index = {name: i for i, name in enumerate(self.subtype_names)}
+        return np.array([index.get(str(v), -1) if isinstance(v, str) else -1 for v in rows["subtype"]], dtype=np.int64)
 
     def colour_reference(self, max_images: int = 2000) -> list[float]:
         """The canonical colour: median percentiles of (at most ``max_images``, a seeded draw of)
@@ -456,7 +485,7 @@ class CellDataModule(L.LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        ds = TrainImages(self.train.images, self.train.paths, self.train.targets, self.config)
+        ds = TrainImages(self.train.images, self.train.paths, self.train.targets, self.config, self.train.subtargets)
         weights = None
         if self.config.sampler == "weighted":
             weights = (1.0 / np.maximum(self.class_counts(), 1))[self.train.targets]

@@ -54,11 +54,16 @@ class CellClassifier(L.LightningModule):
         config: the run configuration (optimiser, schedule, loss, augmentation).
         preprocess: the bundle's preprocessing (its mean/std normalise training batches).
         class_counts: training images per class (for class weights).
+        n_subtypes: subtypes of the auxiliary loss (``config.subtypes``); its layer is trained
+            here and not kept by the bundle.
     """
 
-    def __init__(self, net: ClassifierNet, config: TrainConfig, preprocess: Preprocess, class_counts: np.ndarray):
+    def __init__(self, net: ClassifierNet, config: TrainConfig, preprocess: Preprocess, class_counts: np.ndarray,
+                 n_subtypes: int = 0):
         super().__init__()
         self.net, self.config, self.preprocess = net, config, preprocess
+        self.subtype_head = (torch.nn.Linear(net.model.get_classifier().in_features, n_subtypes)
+                             if config.subtypes and n_subtypes else None)
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
         weight = None
@@ -130,13 +135,18 @@ class CellClassifier(L.LightningModule):
                     m.eval()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, *sub = batch
         if not self.config.consistency:
             x = self.augment(x)
             if self.config.mix and float(torch.rand(())) < self.config.mix:  # drawn after augment's seed
                 x, y = mix_batch(x, y, self.net.model.get_classifier().out_features)
-            logits, _ = self.net(x)
+            logits, features = self.net(x)
             loss = self._loss(logits, y)
+            if self.subtype_head is not None and bool((sub[0] >= 0).any()):
+                sub_loss = F.cross_entropy(self.subtype_head(features.flatten(1)), sub[0], ignore_index=-1)
+                loss = loss + self.config.subtypes * sub_loss
+                self.log("train_subtype_loss", sub_loss, on_step=False, on_epoch=True, batch_size=len(y),
+                         sync_dist=True)
         else:  # one pass over both colour views, so BatchNorm sees them together
             logits, features = self.net(torch.cat([self.augment(x), self.augment(x, view=1)]))
             a, b = F.normalize(features.flatten(1), dim=1).chunk(2)
@@ -186,6 +196,8 @@ class CellClassifier(L.LightningModule):
         head = list(self.net.model.get_classifier().parameters())
         head_ids = set(map(id, head))
         backbone = [p for p in self.net.parameters() if id(p) not in head_ids]
+        if self.subtype_head is not None:
+            head += list(self.subtype_head.parameters())
         c = self.config
         opt = torch.optim.AdamW([{"params": backbone, "lr": c.backbone_lr}, {"params": head, "lr": c.lr}],
                                 weight_decay=c.weight_decay)

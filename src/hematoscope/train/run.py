@@ -162,7 +162,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
                                  weights=None if resume else config.weights, name=config.name or run_dir.name,
                                  dtype=config.weights_dtype, drop_rate=config.drop_rate, norm=config.norm)
     bundle.config.model.weights_source = weights_reference(config.weights)
-    module = CellClassifier(bundle.net, config, preprocess, data.class_counts())
+    module = CellClassifier(bundle.net, config, preprocess, data.class_counts(), len(data.subtype_names))
     trainer.log_every_n_steps = max(1, min(50, data.steps_per_epoch()))
     threads = torch.get_num_threads()
     if world > 1 and trainer.num_devices > 1 and isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
