@@ -141,6 +141,7 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     assert Path(analysis["items"][0]["source"]).name in page.locator("#cell-caption").inner_text()
     assert analysis["items"][0]["heatmap_full"]  # Grad-CAM's map is drawn again over the full-size image
     assert not page.locator("#cell-heat-note").is_visible()  # so the tick box does not say "thumbnail"
+    assert page.locator("#cell-heat-name").inner_text() == "Heatmap"  # (a classical model's: "Outlines")
     cell_src = page.locator("#cell-view").get_attribute("src")
     page.locator("#cell-heat").check()
     page.wait_for_function("([v, cell]) => v.src.startsWith('blob:') && v.src !== cell && v.complete "

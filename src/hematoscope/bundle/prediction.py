@@ -21,7 +21,8 @@ class Explanation:
     outlines drawn on the image) or None, ``features`` named-feature contributions or None,
     ``heatmap`` the map ``png`` draws (float (H, W) in [0, 1] over the explained image's pixels) or
     None, and ``regions`` the integer region labels whose borders ``png`` draws (segmentation) or
-    None, so either can be drawn again over a larger copy of the image (:meth:`draw_over`)."""
+    None, so either can be drawn again over a larger copy of the image
+    (:func:`hematoscope.explain.overlay.draw_explanation`)."""
 
     method: str
     target: str
@@ -30,18 +31,6 @@ class Explanation:
     features: list[dict] | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)
     regions: np.ndarray | None = field(default=None, repr=False)
-
-    def draw_over(self, image: np.ndarray, *, max_side: int | None = None) -> np.ndarray | None:
-        """The map ``png`` shows (``heatmap`` as a colour map, or the borders of ``regions``)
-        drawn again over ``image``, any copy of the explained image (e.g. the full-size upload);
-        RGB uint8, or None when this explanation has no map."""
-        from hematoscope.explain import overlay
-
-        if self.heatmap is not None:
-            return overlay.heatmap_overlay(image, self.heatmap, max_side=max_side)
-        if self.regions is not None:
-            return overlay.outline_overlay(image, self.regions, max_side=max_side)
-        return None
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "target": self.target, "note": self.note}

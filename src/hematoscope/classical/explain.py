@@ -32,6 +32,7 @@ class SegmentationExplainer:
 
         from hematoscope._extras import available
         from hematoscope.classical.segment import segment_cell
+        from hematoscope.explain.overlay import draw_explanation
 
         out = Explanation("segmentation", label, "outlines: cell and nucleus as measured; features: SHAP contributions")
         if available("shap"):  # the contributions need the explain extra; the outlines only the classical one
@@ -44,7 +45,7 @@ class SegmentationExplainer:
             out.note = f"segmentation failed: {seg.reason}"
             return out
         out.regions = seg.cell.astype(np.uint8) + seg.nucleus.astype(np.uint8)  # 0 outside, 1 cytoplasm, 2 nucleus
-        im = Image.fromarray(out.draw_over(seg.image, max_side=max_side))
+        im = Image.fromarray(draw_explanation(out, seg.image, max_side=max_side))
         buf = io.BytesIO()
         im.save(buf, format="PNG", optimize=True)
         out.png = buf.getvalue()

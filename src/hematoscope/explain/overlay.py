@@ -1,13 +1,18 @@
 """An explanation's map drawn over its image: one look for every picture of it (Grad-CAM's or the
 segmentation's PNG, the web app's card and its full-size view), whatever the image's resolution.
 
-The colour map and blend are pytorch-grad-cam's (``show_cam_on_image``), imported when a map is
-drawn: only installs that made a map (the ``explain`` extra) draw one."""
+The colour map and blend are pytorch-grad-cam's (``show_cam_on_image``) and the outlines
+scikit-image's (``mark_boundaries``), each imported when such a map is drawn: only installs that
+made one (the ``explain`` or ``classical`` extra) draw it."""
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from hematoscope.bundle.prediction import Explanation
 
 
 def resize_map(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -60,6 +65,18 @@ def outline_overlay(image: np.ndarray, regions: np.ndarray, *, max_side: int | N
         (image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
     drawn = mark_boundaries(image, labels, color=OUTLINE_COLOUR, mode="thick")
     return (drawn * 255).round().astype(np.uint8)
+
+
+def draw_explanation(explanation: "Explanation", image: np.ndarray, *, max_side: int | None = None
+                     ) -> np.ndarray | None:
+    """The map an explanation's ``png`` shows (its ``heatmap`` as a colour map, or the borders of
+    its ``regions``) drawn again over ``image``, any copy of the explained image (e.g. the
+    full-size upload); RGB uint8, or None when the explanation has no map."""
+    if explanation.heatmap is not None:
+        return heatmap_overlay(image, explanation.heatmap, max_side=max_side)
+    if explanation.regions is not None:
+        return outline_overlay(image, explanation.regions, max_side=max_side)
+    return None
 
 
 def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:

@@ -112,7 +112,9 @@ def _views(data: bytes, max_pixels: int, explanation: Explanation | None) -> tup
     except ImageError:
         return None, None
     shown = _thumbnail(view, VIEW_SIDE, 90)
-    drawn = explanation.draw_over(view, max_side=VIEW_SIDE) if explanation is not None else None
+    from hematoscope.explain.overlay import draw_explanation
+
+    drawn = draw_explanation(explanation, view, max_side=VIEW_SIDE) if explanation is not None else None
     return shown, None if drawn is None else _thumbnail(drawn, VIEW_SIDE, 90)
 
 

@@ -462,6 +462,8 @@ async function openCell(it) {
     : it.abstain ? `set aside (best guess ${display(it.prediction)})` : display(it.prediction);
   $("#cell-caption").textContent = `${it.source} · ${answer} · confidence ${pct(it.confidence)}`;
   $("#cell-heat-label").hidden = !it.heatmap;
+  const outlines = it.explanation && it.explanation.method === "segmentation";
+  $("#cell-heat-name").textContent = outlines ? "Outlines" : "Heatmap";
   $("#cell-heat-note").hidden = Boolean(it.heatmap_full);
   heat.checked = false;
   if (heatUrl) URL.revokeObjectURL(heatUrl);
