@@ -457,11 +457,13 @@ class TestClassicalBundle:
         full = Image.open(io.BytesIO(c.get(base + "/heatmap").content)).convert("RGB")
         with Image.open(sample_files[0]) as original:
             assert full.size == original.size and max(full.size) > 192
+        def yellow(a: np.ndarray) -> np.ndarray:
+            return (a[..., 0] > 200) & (a[..., 1] > 170) & (a[..., 2] < 90)
+
         drawn = np.asarray(full, np.float32)
         cell = np.asarray(Image.open(io.BytesIO(c.get(base + "/image").content)).convert("RGB"), np.float32)
-        yellow = (drawn[..., 0] > 200) & (drawn[..., 1] > 170) & (drawn[..., 2] < 90)
-        assert 0.002 < yellow.mean() < 0.2 and ((cell[..., 2] < 90) & yellow).sum() < yellow.sum() / 10  # lines only
+        lines = yellow(drawn)
+        assert 0.002 < lines.mean() < 0.2 and ((cell[..., 2] < 90) & lines).sum() < lines.sum() / 10  # lines only
         shrunk = np.asarray(full.resize(overlay.size, Image.Resampling.LANCZOS), np.float32)
         card = np.asarray(overlay, np.float32)
-        yellow_card = (card[..., 0] > 200) & (card[..., 1] > 170) & (card[..., 2] < 90)
-        assert yellow_card.any() and np.abs(shrunk - card).mean() < 8  # (flipped: 30)
+        assert yellow(card).any() and np.abs(shrunk - card).mean() < 8  # (flipped: 30)

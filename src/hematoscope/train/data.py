@@ -419,8 +419,7 @@ class CellDataModule(L.LightningDataModule):
         if "subtype" not in self.table.columns:
             raise TrainDataError(f"{self.config.data}: subtypes needs a 'subtype' column (the PBC reader fills it "
                                  f"from the file names)")
-        rows = self.table.loc[self.table["split"] == "train", "subtype"].dropna().astype(str)
-        names = sorted(set(rows) - {""})
+        names = sorted(set(_subtypes(self.table[self.table["split"] == "train"]).dropna()) - {""})
         if len(names) < 2:
             raise TrainDataError(f"{self.config.data}: subtypes needs at least 2 subtypes among the training rows, "
                                  f"found {names}")
@@ -430,7 +429,7 @@ class CellDataModule(L.LightningDataModule):
         if not self.config.subtypes:
             return None
         index = {name: i for i, name in enumerate(self.subtype_names)}
-        return np.array([index.get(str(v), -1) if isinstance(v, str) else -1 for v in rows["subtype"]], dtype=np.int64)
+        return _subtypes(rows).map(index).fillna(-1).to_numpy(dtype=np.int64)
 
     def colour_reference(self, max_images: int = 2000) -> list[float]:
         """The canonical colour: median percentiles of (at most ``max_images``, a seeded draw of)
@@ -519,6 +518,12 @@ class CellDataModule(L.LightningDataModule):
         """Training images each process sees per epoch in a multi-process run: the same number
         in every process (else the processes would wait for each other's missing steps)."""
         return max(1, int((self.table["split"] == "train").sum()) // self.world_size)
+
+
+def _subtypes(rows):
+    """The rows' ``subtype`` column as text, missing values kept missing: the one reading of it
+    behind both the subtype names and the per-row targets."""
+    return rows["subtype"].astype("string")
 
 
 class ShareSampler(torch.utils.data.Sampler):
