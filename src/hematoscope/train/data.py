@@ -14,6 +14,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -411,9 +412,9 @@ class CellDataModule(L.LightningDataModule):
             self.preprocess = replace(self.preprocess, colour=self.config.colour_norm,
                                       colour_ref=self.colour_reference())
 
-    @property
+    @cached_property
     def subtype_names(self) -> list[str]:
-        """The training rows' subtypes, sorted (empty unless ``config.subtypes``)."""
+        """The training rows' subtypes, sorted (empty unless ``config.subtypes``); read once per run."""
         if not self.config.subtypes:
             return []
         if "subtype" not in self.table.columns:
