@@ -348,3 +348,25 @@ def test_cli_adapt_sets_a_framing(trusted_bundle, synthetic_root, tmp_path):
     r = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(synthetic_root), "--out", str(out),
                                  "--framing", "tight"])
     assert r.exit_code == 2 and "--framing" in r.output
+
+
+def test_the_framing_is_chosen_on_the_callers_network_and_leaves_it_untouched(lab_images, monkeypatch):
+    """The framing choice runs the trained network as the caller loaded it (ONNX Runtime for the
+    default model, several times faster than the torch copy whose statistics adapt changes), on
+    a twin: a served bundle keeps its own framing while another lab adapts it."""
+    import hematoscope.bundle.adapt as adapt_module
+
+    default = load_bundle("default")
+    before = default.config.model_dump()
+    seen = []
+
+    def spy(bundle, *args, **kwargs):
+        seen.append((bundle, bundle.active_backend))
+        return choose(bundle, *args, **kwargs)
+
+    choose = adapt_module.choose_framing
+    monkeypatch.setattr(adapt_module, "choose_framing", spy)
+    adapt_bundle(default, lab_images, source="lab-d")
+    (twin, backend), = seen
+    assert twin is not default and twin.runner is default.runner and backend == "onnx"
+    assert default.config.model_dump() == before

@@ -509,12 +509,19 @@ class Bundle(ABC):
         Raises:
             BundleError: as :meth:`set_ood_accept`.
         """
+        other = self.twin()
+        other.set_ood_accept(share)
+        return other
+
+    def twin(self) -> "Bundle":
+        """This bundle as a new object sharing the weights, the runner and the fitted scorer,
+        with a config of its own: its settings (operating point, framing, views) change without
+        touching this one, which may be serving predictions meanwhile."""
         import copy
 
         other = copy.copy(self)
         other.config = self.config.model_copy(deep=True)
         other._mode_scorers, other._warned = {}, set()
-        other.set_ood_accept(share)
         return other
 
     def ood_accept_shares(self) -> list[float]:

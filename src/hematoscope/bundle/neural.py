@@ -179,9 +179,9 @@ class NeuralBundle(Bundle):
             require("torch", extra="train", purpose="running a bundle with PyTorch").set_num_threads(threads)
         self.runner  # noqa: B018 (built now: fail early)
 
-    def at_ood_accept(self, share: float | None) -> "NeuralBundle":
-        self.runner  # noqa: B018 (built before copying, so every operating point shares one runner)
-        return super().at_ood_accept(share)
+    def twin(self) -> "NeuralBundle":
+        self.runner  # noqa: B018 (built before copying, so every twin shares one runner)
+        return super().twin()
 
     @property
     def active_backend(self) -> str:
