@@ -150,6 +150,13 @@ def test_cli_adapt_refuses_a_folder_without_enough_images(trusted_bundle, tmp_pa
     res = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "few"), "--out",
                                    str(tmp_path / "x")])
     assert res.exit_code == 2 and "at least" in res.output and not (tmp_path / "x").exists()
+    # a path that is not there, and an unreadable crop, are named in the refusal with their reasons
+    (tmp_path / "few" / "broken.jpg").write_bytes(b"not an image")
+    res = CliRunner().invoke(app, ["adapt", str(trusted_bundle.path), str(tmp_path / "nowhere"),
+                                   str(tmp_path / "few"), "--out", str(tmp_path / "x")])
+    text = "".join(res.output.replace("│", "").split())  # rich may wrap a long path anywhere
+    assert res.exit_code == 2 and "got0(2unreadable:" in text, res.output
+    assert "nowhere:filenotfound" in text and "broken.jpg:" in text
 
 
 def test_batchnorm_mix_is_chosen_by_lowest_entropy_and_applied(trusted_bundle, lab_images):

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 #: Fewer images than this give BatchNorm statistics and an OOD threshold too noisy to trust.
 MIN_IMAGES = 50
+#: Unreadable inputs a refusal names (the rest are counted).
+SHOWN_SKIPPED = 3
+
 #: Framings ``adapt`` tries on a lab's crops (shares of the side; see ``Preprocess.framing``).
 FRAMINGS = (0.6, 0.75, 0.85, 1.0, 1.25, 1.5, 2.0, 2.5)
 
@@ -212,8 +215,10 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     items = list(images)  # decoded again if the framing changes what the decoder must keep
     arrays, digests, skipped = decode_images(items, bundle.preprocess)
     if len(arrays) < MIN_IMAGES:
+        shown = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:SHOWN_SKIPPED])
+        more = f"; and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
-                          f"{len(arrays)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+                          f"{len(arrays)}" + (f" ({len(skipped)} unreadable: {shown}{more})" if skipped else ""))
     report = AdaptReport(images=len(arrays), sha256=content_hash(digests), skipped=skipped)
 
     # Tuning sees every crop, those that set the OOD threshold too. Kept out of tuning (LISC,
