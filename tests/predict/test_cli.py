@@ -56,3 +56,19 @@ def test_exit_codes(runner, tiny_neural_bundle, messy_folder, tmp_path, monkeypa
     monkeypatch.setattr(default, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
     res = runner.invoke(app, ["predict", str(messy_folder)])
     assert res.exit_code == 2 and "--model" in res.output
+
+
+def test_the_other_lab_note_suggests_only_what_the_run_has_not_tried():
+    from hematoscope import load_bundle
+    from hematoscope.cli.predict import _lab_hint
+
+    default = load_bundle("default")
+    plain = _lab_hint(default, None, 0.4, framing_chosen=False)
+    assert "try --framing auto or --recolour, or adapt" in plain and "hematoscope adapt default FOLDER" in plain
+    assert "try --recolour, or adapt" in _lab_hint(default, None, 0.4, framing_chosen=True)
+    default.set_recolour()
+    assert "try" not in _lab_hint(default, "mine", 0.4, framing_chosen=True).split("crops")[1]
+    default.config.adaptation = {"source": "lab-a", "adapted_from": "v4"}
+    adapted = _lab_hint(default, None, 0.4, framing_chosen=False)
+    assert "unlike the crops of 'lab-a'" in adapted and "original model (v4)" in adapted
+    assert "--framing auto" not in adapted and "hematoscope adapt default" not in adapted

@@ -58,8 +58,9 @@ class Prediction:
     #: (N,) test-time views each answer was computed from (the cascade mixes 1 and 8); None
     #: when not recorded.
     views: np.ndarray | None = None
-    #: (N,) framing each answer was computed from, as a share of the image's side (1 = the whole
-    #: crop; below 1 a centre crop, above 1 the crop padded into a larger frame, when the
+    #: (N,) framing each answer was computed from, as a share of the side of the image as the
+    #: bundle frames it (``Preprocess.framing``; 1 = as framed, the whole crop unless the bundle
+    #: sets another; below 1 a centre crop of that, above 1 padded into a larger frame, when the
     #: bundle's framing search, :class:`~hematoscope.bundle.config.ReframeRule`, chose one);
     #: None when the bundle has no framing search.
     framing: np.ndarray | None = None

@@ -168,30 +168,25 @@ def predict(
                           + f"; chosen on {chosen['images']} of this run's images in {chosen['seconds']:.1f} s, "
                           "before classifying)", highlight=False)
     if bundle.reframes and done:
-        out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data whole and "
-                          "were answered from another framing (column framing; --no-reframe to turn off)",
-                          highlight=False)
+        framed = "whole" if bundle.preprocess.framing == 1 else f"at the run's framing ({bundle.preprocess.framing:g})"
+        out_console.print(f"framing search: {reframed / done:.1%} of cells looked unlike the training data {framed} "
+                          "and were answered from another framing (column framing, relative to the run's; "
+                          "--no-reframe to turn off)", highlight=False)
         if bundle.config.reframe.colours:
             out_console.print(f"colour search: {recoloured / done:.1%} of cells were answered with changed colours "
                               "(column recolour)", highlight=False)
     if bundle.config.ood_accept is not None:
-        out_console.print(f"unlike-training flag: moved to accept {bundle.config.ood_accept:.1%} of the model's "
-                          "validation cells" + (" (--ood-accept)" if ood_accept is not None else " (saved with the "
+        cells = ("the model's validation cells" if bundle.config.adaptation is None else
+                 f"the held-out crops of {bundle.config.adaptation['source']!r} it was adapted on")
+        out_console.print(f"unlike-training flag: moved to accept {bundle.config.ood_accept:.1%} of "
+                          + cells + (" (--ood-accept)" if ood_accept is not None else " (saved with the "
                                                 "bundle)"), highlight=False)
     if bundle.answerable_classes != bundle.labels:
         why = "" if classes else " (the classes the model was adapted to; --classes to change)"
         out_console.print(f"answers restricted to: {', '.join(bundle.answerable_classes)}{why}", highlight=False)
     unlike = _unlike_share(diff, done)
-    if unlike >= LAB_HINT_SHARE and done >= LAB_HINT_MIN and chosen is None and bundle.config.adaptation is None:
-        err_console().print(
-            f"note: {unlike:.0%} of the cells look unlike the training data and were not answered. If they are "
-            "one lab's crops (its own microscope, stain or framing), try --framing auto"
-            + ("" if bundle.config.reframe is None or bundle.config.reframe.colours else " or --recolour")
-            + ", or adapt the model to a "
-            f"few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab (docs/crosslab.md)."
-            + (" --ood-accept 0.99 sets fewer aside, but more of those it then answers are wrong (docs/trust.md)."
-               if bundle.config.ood_accept is None and 0.99 in bundle.ood_accept_shares() else ""),
-            highlight=False)
+    if unlike >= LAB_HINT_SHARE and done >= LAB_HINT_MIN:
+        err_console().print(_lab_hint(bundle, model, unlike, framing_chosen=chosen is not None), highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
     out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
                       + (f"; results in {out}" if out else ""), highlight=False)
@@ -259,3 +254,24 @@ def _unlike_share(diff, done: int) -> float:
     from hematoscope.bundle.prediction import UNLIKE_TRAINING
 
     return diff.abstain_reasons.get(UNLIKE_TRAINING, 0) / done if done else 0.0
+
+
+def _lab_hint(bundle, model: str | None, unlike: float, *, framing_chosen: bool) -> str:
+    """The note that ends a run where many cells look unlike the training data: what a lab can
+    try next, leaving out what this run already did."""
+    adaptation = bundle.config.adaptation
+    if adaptation is not None:
+        return (f"note: {unlike:.0%} of the cells look unlike the crops of {adaptation['source']!r} that "
+                f"{bundle.name!r} was adapted on, and were not answered. If they come from another lab or setting, "
+                f"adapt the original model ({adaptation['adapted_from']}) to a few hundred of them, or label a few "
+                "per class (hematoscope fewshot fit; docs/crosslab.md).")
+    tries = [option for option, useful in (
+        ("--framing auto", not framing_chosen),
+        ("--recolour", bundle.config.reframe is not None and not bundle.config.reframe.colours)) if useful]
+    return (f"note: {unlike:.0%} of the cells look unlike the training data and were not answered. If they are "
+            "one lab's crops (its own microscope, stain or framing), "
+            + (f"try {' or '.join(tries)}, or " if tries else "")
+            + f"adapt the model to a few hundred of them: hematoscope adapt {model or 'default'} FOLDER --out my-lab "
+            "(docs/crosslab.md)."
+            + (" --ood-accept 0.99 sets fewer aside, but more of those it then answers are wrong (docs/trust.md)."
+               if bundle.config.ood_accept is None and 0.99 in bundle.ood_accept_shares() else ""))
