@@ -75,6 +75,8 @@ def test_adapted_bundle_round_trips_and_card_says_so(trusted_bundle, lab_images,
     assert loaded.config.adaptation == adapted.config.adaptation
     card = (path / "README.md").read_text()
     assert "Adapted to a new lab" in card and "lab-x" in card and adapted.config.adaptation["images_sha256"] in card
+    made = card.splitlines()[2]  # the trained model's date stays; the adaptation's is added, not hidden
+    assert trusted_bundle.config.created in made and f"adapted to 'lab-x' on {adapted.config.adaptation['date']}" in made
 
 
 def test_adapt_sets_the_flag_anew_and_stores_the_labs_levels(trusted_bundle, lab_images):

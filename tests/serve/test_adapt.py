@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from hematoscope import load_bundle
+
 
 def _files(paths, *extra):
     return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths] + list(extra)
@@ -35,6 +37,8 @@ def test_a_model_adapted_from_the_web_app_is_served_and_kept(make_client, lab_cr
     cells = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in sorted(lisc_root.rglob("*.jpg"))[1::97][:5]]
     analysis = client.post("/api/predict?model=lisc-lab", files=cells).json()
     assert analysis["model"]["name"] == "lisc-lab" and len(analysis["items"]) == 5
+    adapted_on = load_bundle(adapt_dir / "lisc-lab").config.adaptation["date"]
+    assert analysis["model"]["version"].endswith(f", adapted {adapted_on}")  # told apart from the original's
     # the name is taken now; a restarted server serves the adapted model again
     again = client.post("/api/models/adapt", files=_files(lab_crops), data={"name": "lisc-lab"})
     assert again.status_code == 409 and "exists" in again.json()["detail"]

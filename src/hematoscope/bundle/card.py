@@ -54,7 +54,9 @@ def model_card(bundle: "Bundle") -> str:
     lines = [
         f"# {c.name} ({c.kind} bundle)",
         "",
-        f"Made with hematoscope {c.hematoscope_version} on {c.created}. Format version {c.format_version}.",
+        f"Made with hematoscope {c.hematoscope_version} on {c.created}"
+        + (f"; adapted to {c.adaptation.get('source')!r} on {c.adaptation['date']}" if c.adaptation and
+           c.adaptation.get("date") else "") + f". Format version {c.format_version}.",
         "",
         "## Intended use",
         c.intended_use,

@@ -40,7 +40,8 @@ class ServedModel:
     @property
     def version(self) -> str:
         cfg = self.bundle.config
-        return f"{cfg.created} (hematoscope {cfg.hematoscope_version or '?'})"
+        adapted = f", adapted {cfg.adaptation['date']}" if cfg.adaptation and cfg.adaptation.get("date") else ""
+        return f"{cfg.created} (hematoscope {cfg.hematoscope_version or '?'}){adapted}"
 
     def info(self) -> dict[str, str]:
         return {"name": self.name, "kind": self.bundle.kind, "id": self.id, "version": self.version}
