@@ -242,3 +242,19 @@ def test_bundle_answers_a_float_or_grey_array_as_its_uint8_image():
     image = load_image(sample_paths()[0])
     a, b = bundle.predict([image, image[:, :, 1]]), bundle.predict([image / 255.0, image[:, :, 1:2] / 255.0])
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+
+
+def test_an_image_too_small_to_hold_a_cell_is_refused_for_a_model_with_its_size(tmp_path):
+    from hematoscope.data.images import MIN_MODEL_SIDE, load_model_image
+    from hematoscope.models.preprocess import Preprocess
+
+    tiny = tmp_path / "dot.png"
+    tiny.write_bytes(_save(Image.new("RGB", (1, 1), (200, 100, 150)), "PNG"))
+    with pytest.raises(ImageError, match=r"image too small \(1x1;") as err:
+        load_model_image(tiny, Preprocess())
+    assert err.value.source == str(tiny)
+    assert load_image(tiny).shape == (1, 1, 3)  # decoding itself (data checks, training tables) still reads it
+    edge = _save(Image.new("RGB", (MIN_MODEL_SIDE, 40), (200, 100, 150)), "PNG")
+    assert load_model_image(edge, Preprocess()).ndim == 3  # at the limit: read
+    with pytest.raises(ImageError, match="too small"):
+        load_model_image(_save(Image.new("RGB", (MIN_MODEL_SIDE - 1, 40)), "PNG"), Preprocess())

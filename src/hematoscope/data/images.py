@@ -25,6 +25,9 @@ IMAGE_EXTENSIONS = frozenset(
 DECODE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "PPM")
 #: Default pixel limit: far above any single-cell crop, far below a decompression bomb.
 MAX_PIXELS = 64_000_000
+#: Images a model is given must be at least this many pixels a side: a smaller one (a 1x1
+#: placeholder, an icon) holds no cell, yet would be resized up and answered with confidence.
+MIN_MODEL_SIDE = 8
 #: Files larger than this are refused before decoding.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -115,10 +118,14 @@ def load_model_image(src: Path | str | bytes | BinaryIO, preprocess, *, max_pixe
         draft: override :data:`DRAFT_DECODE` (for measuring the two decodings against each other only).
 
     Raises:
-        ImageError: as :func:`load_image`.
+        ImageError: as :func:`load_image`, and an image under :data:`MIN_MODEL_SIDE` a side.
     """
     use_draft = DRAFT_DECODE if draft is None else draft
     image = load_image(src, max_pixels=max_pixels, draft_size=preprocess.decode_size if use_draft else None)
+    if min(image.shape[:2]) < MIN_MODEL_SIDE:
+        name = str(src) if isinstance(src, (str, Path)) else getattr(src, "name", None)
+        raise ImageError(f"image too small ({image.shape[1]}x{image.shape[0]}; a cell crop needs at least "
+                         f"{MIN_MODEL_SIDE} px a side)", name)
     resize = preprocess.early_resizer()
     return resize(image) if resize is not None else image
 
