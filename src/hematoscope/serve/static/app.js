@@ -550,7 +550,7 @@ function renderCard(it) {
   if (it.framing != null && it.framing !== 1) {
     const closer = it.framing < 1;
     badges.append(badge(closer ? `centre ${Math.round(it.framing * 100)} %` : `padded ×${it.framing}`, "info",
-      `the whole crop looked unlike the training data; answered from ${closer ? "its centre" : "a larger frame"}`));
+      `the crop as the model frames it looked unlike the training data; answered from ${closer ? "its centre" : "a larger frame"} (a share of that framing: the whole crop unless the model was adapted to another)`));
   }
   if (it.recolour) {
     badges.append(badge(it.recolour, "info", "the cell looked unlike the training data in its own colours; answered with this colour change"));
