@@ -409,13 +409,15 @@ class TestHistory:
         ({"corrections": [{"index": 99, "label": "neutrophil"}]}, 404, "no image 99"),
         ({"corrections": [{"index": 3, "label": "neutrophil"}]}, 422, "could not be read"),
         ({"corrections": []}, 422, None),
+        ({"corrections": [{"index": 0, "label": "basophil"}, {"index": 0, "label": "monocyte"}]}, 422,
+         "image 0 is corrected twice in one request"),
     ])
     def test_bad_corrections(self, client, sample_files, body, status, message):
         a = self._post(client, sample_files)
         r = client.patch(f"/api/analyses/{a['id']}/corrections", json=body)
         assert r.status_code == status
         if message:
-            assert message in r.json()["detail"]
+            assert message in str(r.json()["detail"])  # a message, or the validation error's list
         assert client.get(f"/api/analyses/{a['id']}").json()["items"][0]["correction"] is None
 
     def test_corrections_on_unknown_analysis(self, client):
@@ -467,3 +469,21 @@ class TestClassicalBundle:
         shrunk = np.asarray(full.resize(overlay.size, Image.Resampling.LANCZOS), np.float32)
         card = np.asarray(overlay, np.float32)
         assert yellow(card).any() and np.abs(shrunk - card).mean() < 8  # (flipped: 30)
+
+
+def test_each_cell_carries_the_limit_that_decided_its_flag(make_client, lisc_root):
+    """The page shows a cell's score against the limit its flag was decided with: the default
+    model's thresholds differ by view count (its cascade answers some cells from 2 views) and
+    move with the operating point, so one model-wide threshold mislabelled cells either side."""
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    client = make_client(models=[DEFAULT_MODEL_DIR])
+    files = _files(*[(p.name, p.read_bytes()) for p in sorted(lisc_root.rglob("*.jpg"))[::15][:80]])
+    limits = {}
+    for point in ("", "?ood_accept=0.99"):
+        items = client.post(f"/api/predict{point}", files=files).json()["items"]
+        for it in items:
+            assert it["ood_flag"] == (it["ood_score"] > it["ood_limit"]), it
+        limits[point] = {it["views"]: it["ood_limit"] for it in items}
+    assert len(limits[""]) == 2  # 1 and 2 views, each with its own limit
+    assert all(limits["?ood_accept=0.99"][v] > limits[""][v] for v in limits[""])

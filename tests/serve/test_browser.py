@@ -301,6 +301,9 @@ def test_another_labs_cells_bring_the_hint_to_adapt(server_url, page, lisc_root)
     looser = httpx.get(f"{server_url}/api/analyses/{listing[0]['id']}").json()
     assert sum(it["abstain_reason"] == "unlike training data" for it in looser["items"]) < unlike
     assert "unfamiliar-cell flag moved: 99.0% of training-lab cells pass" in page.locator("#result-meta").inner_text()
+    # each card compares its score with the limit its own flag was decided by (at this point, for its views)
+    beyond = sum("× the flag limit" in t for t in page.locator(".card .conf-text").all_inner_texts())
+    assert beyond == sum(it["ood_flag"] for it in looser["items"])
     assert not hint.is_visible() or "a looser unfamiliar-cell flag" not in hint.inner_text()  # the loosest already
 
 
@@ -350,6 +353,9 @@ def test_a_lab_adapts_the_model_in_the_page_and_analyses_with_it(adapting_server
                            timeout=180_000)
     assert f"adapted on {len(crops)} crops" in page.locator("#adapt-status").inner_text()
     assert page.input_value("#model-select") == "lisc-lab"
+    # its flag's levels were set on the lab's held-out crops, and the menu says so
+    options = page.locator("#ood-select option").all_inner_texts()[1:]
+    assert options and all(o.endswith("of the adapted lab's held-out crops pass") for o in options), options
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve_adapt.png"))
 

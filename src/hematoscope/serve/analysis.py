@@ -8,6 +8,7 @@ can hold huge images: a 100 KB PNG of one flat colour may decode to 25 megapixel
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import threading
@@ -283,8 +284,16 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     if batch_pixels is None:
         batch_pixels = budget.capacity if budget is not None else max(total, 1)
+    at_point = model.bundle if ood_accept is None else model.bundle.at_ood_accept(ood_accept)
     if classify is None:
-        classify = (model.bundle if ood_accept is None else model.bundle.at_ood_accept(ood_accept)).predict_arrays
+        classify = at_point.predict_arrays
+
+    @functools.cache
+    def ood_limit(views: int | None) -> float | None:
+        """The score above which a cell answered from ``views`` views is flagged (thresholds are
+        fitted per view count and moved by the operating point), for the page to compare with."""
+        threshold = at_point.trust_for(views).ood_threshold if at_point.ood is not None else None
+        return None if threshold is None else round(float(threshold), 6)
     slots = cpu_slots if cpu_slots is not None else nullcontext()
     preds: list[Prediction] = []
     explained = 0
@@ -321,6 +330,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
                     "abstain_reason": record["abstain_reason"] or None,
                     "ood_score": record["ood_score"],
                     "ood_flag": record["ood_flag"],
+                    "ood_limit": ood_limit(record.get("views")),
                     "views": record.get("views"),
                     "framing": record.get("framing"),
                     "recolour": record.get("recolour"),

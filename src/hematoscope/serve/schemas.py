@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class ModelRef(BaseModel):
@@ -110,6 +110,9 @@ class ItemResult(BaseModel):
     abstain_reason: str | None = None
     ood_score: float | None = None
     ood_flag: bool = False
+    ood_limit: float | None = Field(default=None, description="the OOD score above which this cell is flagged: the "
+                                    "threshold of its view count at the analysis's operating point (absent in "
+                                    "analyses stored before it was recorded)")
     views: int | None = Field(default=None, description="test-time views the answer was computed from (the "
                               "adaptive cascade uses more for uncertain cells)")
     framing: float | None = Field(default=None, description="framing the answer was computed from, as a share "
@@ -187,3 +190,13 @@ class CorrectionIn(BaseModel):
 
 class CorrectionsIn(BaseModel):
     corrections: list[CorrectionIn] = Field(min_length=1, max_length=100_000)
+
+    @field_validator("corrections")
+    @classmethod
+    def _one_per_image(cls, corrections: list[CorrectionIn]) -> list[CorrectionIn]:
+        seen: set[int] = set()
+        for c in corrections:
+            if c.index in seen:  # two labels for one cell in one request: which did the user mean?
+                raise ValueError(f"image {c.index} is corrected twice in one request")
+            seen.add(c.index)
+        return corrections

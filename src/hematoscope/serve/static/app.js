@@ -107,6 +107,12 @@ async function loadModels() {
   }
 }
 
+// Whose cells an operating point's share counts: an adapted model's levels were set on the held-out
+// crops of the lab it was adapted to, not on the training lab's validation cells.
+function passWhose(model) {
+  return model && model.adapted_to ? "of the adapted lab's held-out crops pass" : "of training-lab cells pass";
+}
+
 // The flag's operating points the chosen model offers for one analysis (GET /api/models).
 function fillOodSelect() {
   const select = $("#ood-select");
@@ -115,7 +121,7 @@ function fillOodSelect() {
   const levels = (model && model.ood_accept_levels) || [];
   const served = model && model.ood_accept != null ? ` (${pct(model.ood_accept)} pass)` : "";
   select.replaceChildren(new Option(`as the model is served${served}`, ""),
-    ...levels.map((q) => new Option(`${pct(q)} of training-lab cells pass`, String(q))));
+    ...levels.map((q) => new Option(`${pct(q)} ${passWhose(model)}`, String(q))));
   if (levels.some((q) => String(q) === previous)) select.value = previous;
   $("#ood-label").hidden = levels.length === 0;
 }
@@ -285,7 +291,8 @@ function showAnalysis(analysis) {
   $("#result-title").textContent = analysis.sample ? `${analysis.sample} · ${files}` : files;
   $("#result-sample").value = analysis.sample || "";
   const flag = analysis.model.ood_accept != null
-    ? ` · unfamiliar-cell flag moved: ${pct(analysis.model.ood_accept)} of training-lab cells pass` : "";
+    ? ` · unfamiliar-cell flag moved: ${pct(analysis.model.ood_accept)} ` +
+      passWhose(state.models.find((m) => m.name === analysis.model.name)) : "";
   $("#result-meta").textContent = `${when} · model ${analysis.model.name} (${analysis.model.kind}, ` +
     `id ${analysis.model.id})${flag} · analysis ${analysis.id.slice(0, 8)}`;
 
@@ -419,10 +426,11 @@ function badge(text, kind, title) {
 }
 
 // The anomaly score as a multiple of the model's flag threshold (raw when the model is not served).
-function anomalyText(score) {
+function anomalyText(score, limit) {
   if (score === null || score === undefined) return "";
+  // the limit that decided this cell's flag (per view count and operating point); older analyses lack it
   const model = state.models.find((m) => m.name === state.analysis.model.name);
-  const threshold = model && model.ood ? Number(model.ood.threshold) : NaN;
+  const threshold = limit != null ? Number(limit) : model && model.ood ? Number(model.ood.threshold) : NaN;
   if (!(threshold > 0)) return ` · anomaly score ${score.toFixed(2)}`;
   // the score is standardised (it can be negative): below the flag's limit, only "how close" matters
   const share = score / threshold;
@@ -559,7 +567,7 @@ function renderCard(it) {
   const fill = node.querySelector(".conf-fill");
   fill.style.width = pct(it.confidence);
   fill.style.background = colorOf(it.prediction);
-  node.querySelector(".conf-text").textContent = `confidence ${pct(it.confidence)}` + anomalyText(it.ood_score);
+  node.querySelector(".conf-text").textContent = `confidence ${pct(it.confidence)}` + anomalyText(it.ood_score, it.ood_limit);
   node.querySelector(".topk").replaceChildren(...it.top_k.map((t) => {
     const li = document.createElement("li");
     li.textContent = `${display(t.label)} ${pct(t.prob)}`;
