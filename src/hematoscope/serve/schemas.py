@@ -116,9 +116,10 @@ class ItemResult(BaseModel):
     views: int | None = Field(default=None, description="test-time views the answer was computed from (the "
                               "adaptive cascade uses more for uncertain cells)")
     framing: float | None = Field(default=None, description="framing the answer was computed from, as a share "
-                                  "of the crop's side: 1 = the whole crop, below 1 a centre crop, above 1 the crop "
-                                  "padded into a larger frame (the framing search: the whole crop looked unlike the "
-                                  "training data)")
+                                  "of the side of the crop as the model frames it: 1 = as framed (the whole crop "
+                                  "unless the model was adapted to another framing), below 1 a centre crop of that, "
+                                  "above 1 padded into a larger frame (the framing search: the crop as framed looked "
+                                  "unlike the training data)")
     recolour: str | None = Field(default=None, description="colour change the answer was computed from "
                                  "(e.g. 'saturation 1.5'; empty: the image's own colours), when the bundle's framing "
                                  "search tries colours")
