@@ -93,6 +93,11 @@ def test_adapt_sets_the_flag_anew_and_stores_the_labs_levels(trusted_bundle, lab
     assert list(levels.values()) == sorted(levels.values())
     adapted.set_ood_accept(0.8)
     assert adapted.trust_for().ood_threshold == levels["0.8"]
+    # 19 held-out crops: 97.5 % and 99 % would each reject under half a crop, so they are not offered
+    held = int(round(report.images / 5))
+    assert held < 20 and set(levels) == {"0.8", "0.9", "0.95"}
+    with pytest.raises(BundleError, match="0.99"):
+        adapted.set_ood_accept(0.99)
 
 
 def test_content_hash_ignores_order_and_names(trusted_bundle, lab_images):

@@ -261,7 +261,9 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
                               logits=after.logits[held])
         scorer.threshold = float(np.quantile(scores, target_tpr))
         scorer.target_tpr = float(target_tpr)
-        scorer.accept_levels = accept_levels(scores)
+        # a lab's held-out fifth is small (10-60 crops): a share that would reject under half a crop
+        # of it is not estimated but read off its largest score, so it is not offered
+        scorer.accept_levels = accept_levels(scores, min_rejected=0.5)
         adapted.ood = scorer
         adapted.config.ood_accept = None  # the refit threshold is the lab's new operating point
         adapted.config.ood = scorer.config()

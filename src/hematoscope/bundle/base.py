@@ -496,9 +496,14 @@ class Bundle(ABC):
                               f"validation cells, not {share:g}")
         if self.ood is None or cfg.ood is None or cfg.ood.threshold is None:
             raise BundleError(f"bundle {self.name!r} has no OOD flag to set (hematoscope trust fit)")
-        if share not in self.ood_accept_shares():
+        offered = self.ood_accept_shares()
+        if not offered:
             raise BundleError(f"bundle {self.name!r} was fitted before OOD thresholds per accepted share were stored; "
                               "refit its trust (`hematoscope trust fit BUNDLE SPLIT`) to move its operating point")
+        if share not in offered:
+            raise BundleError(f"bundle {self.name!r} offers the OOD flag at {', '.join(map(str, offered))}, not "
+                              f"{share:g}: its flag was set on too few cells to estimate that share (an adapted "
+                              "bundle's held-out crops; adapt on more crops for it)")
         cfg.ood_accept = share
 
     def at_ood_accept(self, share: float | None) -> "Bundle":

@@ -28,14 +28,18 @@ OOD_FILE = "ood.safetensors"
 OOD_ACCEPT_LEVELS = (0.8, 0.9, 0.95, 0.975, 0.99)
 
 
-def accept_levels(scores: np.ndarray) -> dict[str, float]:
+def accept_levels(scores: np.ndarray, *, min_rejected: float = 0.0) -> dict[str, float]:
     """{share: threshold accepting that share of ``scores``} for :data:`OOD_ACCEPT_LEVELS`, the
-    form ``BundleConfig.ood`` and ``ViewTrust`` store (keys as JSON-stable text)."""
+    form ``BundleConfig.ood`` and ``ViewTrust`` store (keys as JSON-stable text).
+
+    ``min_rejected``: leave out the shares that would reject fewer than this many of ``scores``
+    (with 12 scores, "99 % pass" is the largest score, not an estimate of a 99th percentile)."""
     scores = np.asarray(scores, dtype=np.float64)
     scores = scores[np.isfinite(scores)]
     if not len(scores):
         return {}
-    return {str(q): float(np.quantile(scores, q)) for q in OOD_ACCEPT_LEVELS}
+    return {str(q): float(np.quantile(scores, q)) for q in OOD_ACCEPT_LEVELS
+            if len(scores) * (1 - q) >= min_rejected - 1e-9}
 
 
 class ScorerError(ValueError):
