@@ -215,7 +215,7 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     items = list(images)  # decoded again if the framing changes what the decoder must keep
     arrays, digests, skipped = decode_images(items, bundle.preprocess)
     if len(arrays) < MIN_IMAGES:
-        shown = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:SHOWN_SKIPPED])
+        shown = "; ".join(map(str, skipped[:SHOWN_SKIPPED]))
         more = f"; and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
         raise BundleError(f"adapting needs at least {MIN_IMAGES} readable cell images of the new lab; got "
                           f"{len(arrays)}" + (f" ({len(skipped)} unreadable: {shown}{more})" if skipped else ""))

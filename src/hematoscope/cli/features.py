@@ -48,7 +48,7 @@ def features(
     console().print(f"{len(index)} feature vectors of dimension {fs.features.shape[1] if len(index) else 0} → "
                     f"{out} ({fs.computed} computed, {len(index) - fs.computed} from cache)")
     for s in fs.skipped:
-        err_console().print(f"skipped {s.source}: {s.reason}", highlight=False)
+        err_console().print(f"skipped {s}", highlight=False)
 
 
 def embed(

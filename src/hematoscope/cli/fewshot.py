@@ -58,7 +58,7 @@ def _add_unlabelled(table, paths: list[str]):
         if isinstance(item, ImageSource) and item.path is not None and item.member is None:
             files.append(str(item.path))
         elif isinstance(item, SkippedFile):
-            skipped.append(f"{item.source}: {item.reason}")
+            skipped.append(str(item))
         else:
             skipped.append(f"{item.name}: zip members are not read here; unzip them first")
     for line in skipped:

@@ -66,7 +66,7 @@ def load_image(
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    name = str(src) if isinstance(src, (str, Path)) else getattr(src, "name", None)
+    name = _source_name(src)
     data = _read_bytes(src, name)
     if not data:
         raise ImageError("empty file", name)
@@ -123,9 +123,8 @@ def load_model_image(src: Path | str | bytes | BinaryIO, preprocess, *, max_pixe
     use_draft = DRAFT_DECODE if draft is None else draft
     image = load_image(src, max_pixels=max_pixels, draft_size=preprocess.decode_size if use_draft else None)
     if min(image.shape[:2]) < MIN_MODEL_SIDE:
-        name = str(src) if isinstance(src, (str, Path)) else getattr(src, "name", None)
         raise ImageError(f"image too small ({image.shape[1]}x{image.shape[0]}; a cell crop needs at least "
-                         f"{MIN_MODEL_SIDE} px a side)", name)
+                         f"{MIN_MODEL_SIDE} px a side)", _source_name(src))
     resize = preprocess.early_resizer()
     return resize(image) if resize is not None else image
 
@@ -152,6 +151,11 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise ImageError(f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(_decode_reason(exc)) from None
+
+
+def _source_name(src: Path | str | bytes | BinaryIO) -> str | None:
+    """What an :class:`ImageError` names: a path, a file object's name, or nothing for bytes."""
+    return str(src) if isinstance(src, (str, Path)) else getattr(src, "name", None)
 
 
 def _decode_reason(exc: BaseException) -> str:

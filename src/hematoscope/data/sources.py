@@ -39,6 +39,9 @@ class SkippedFile:
     source: str
     reason: str
 
+    def __str__(self) -> str:  # how every report names a skipped input, as ImageError does
+        return f"{self.source}: {self.reason}"
+
 
 @dataclass(frozen=True)
 class ImageSource:

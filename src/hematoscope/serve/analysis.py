@@ -341,7 +341,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
             preds.append(pred)
             del images  # the batch's pixels go before the next reservation
     if not preds:
-        reasons = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:20])
+        reasons = "; ".join(map(str, skipped[:20]))
         raise UploadError(f"no readable image in the upload ({reasons})")
     pred = Prediction.concat(preds, model.bundle.labels)
     pred.skipped = skipped

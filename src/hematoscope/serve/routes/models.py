@@ -105,7 +105,7 @@ async def adapt_model(
     # a new dict, not an insertion: requests iterating the old one are not disturbed
     request.app.state.models = {**request.app.state.models, served.name: served}
     return AdaptResult(model=model_info(served.name, served, next(iter(request.app.state.models)), settings.adapt_dir),
-                       images=report.images, skipped=[f"{s.source}: {s.reason}" for s in report.skipped],
+                       images=report.images, skipped=[str(s) for s in report.skipped],
                        seconds=report.seconds, framing=served.bundle.preprocess.framing,
                        accepted_before=report.accepted_before, accepted_after=report.accepted_after)
 
