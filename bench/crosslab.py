@@ -13,7 +13,9 @@ and a test half; nothing of a test cell is ever adapted on or labelled.
 2. after `adapt` on ADAPT_IMAGES unlabelled crops of the own-lab half (BatchNorm statistics +
    OOD reference refitted); timed;
 2b. after `adapt --tune --classes <LISC's 5>` on the same crops (the network also tuned on them
-   without labels, TUNE_EPOCHS epochs; it then answers among those classes); timed;
+   without labels, TUNE_EPOCHS epochs, towards the class mix estimated from them; entries before
+   2026-11-30 tuned towards equal shares and record no ``class_mix``; it then answers among
+   those classes); timed;
 3. few labels: the `fewshot bench` protocol with `fewshot fit`'s default head (svm+self) and lr:
    k = 1, 5, 10, 20 labelled cells per class (k different groups, one crop each) from the
    own-lab half, the rest of that half as unlabelled images for self-training, REPEATS draws;
@@ -319,7 +321,7 @@ def main() -> None:
                                      classes=CLASSES, tune_epochs=args.tune_epochs)
         result["adapted_tuned"] = {"images": report.images, "seconds": round(time.perf_counter() - start, 1),
                                    "epochs": args.tune_epochs, "classes": CLASSES,
-                                   "framing": tuned.preprocess.framing,
+                                   "class_mix": report.tuning["class_mix"], "framing": tuned.preprocess.framing,
                                    "loss_by_epoch": report.tuning["loss_by_epoch"], "test_half": run(tuned, test)}
         logging.info("adapted + tuned: %s", result["adapted_tuned"])
 

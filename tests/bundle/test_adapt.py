@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from hematoscope import load_bundle
-from hematoscope.bundle.adapt import MIN_IMAGES, adapt_bundle
+from hematoscope.bundle.adapt import MIN_IMAGES, adapt_bundle, estimate_class_mix
 from hematoscope.bundle.base import BundleError, ModelOutput
 from hematoscope.data.images import load_image
 
@@ -215,6 +216,84 @@ def test_tuning_changes_the_backbone_only_and_is_recorded_and_seeded(trusted_bun
     assert a["classes"] == WHITE and a["tuning"]["epochs"] == 3 and plain.config.adaptation["tuning"] is None
     card = (tuned.save(tmp_path / "tuned") / "README.md").read_text()
     assert "tuned on these images without labels" in card and "answers among these by default" in card
+    assert "in the class mix estimated from these images (" in card
+
+
+def test_class_mix_estimate_recovers_a_labs_differential_from_posteriors_of_a_model_trained_on_another():
+    """Exact posteriors of three 1-D Gaussian classes under the training mix, for cells drawn in
+    a lab's very different mix: EM recovers the lab's mix; the plain mean answer does not."""
+    rng = np.random.default_rng(0)
+    trained, lab = np.array([0.2, 0.3, 0.5]), np.array([0.65, 0.3, 0.05])
+    centres = np.array([-1.5, 0.0, 1.5])
+    y = rng.choice(3, size=4000, p=lab)
+    x = rng.normal(centres[y], 1.0)
+    joint = trained * np.exp(-0.5 * (x[:, None] - centres) ** 2)
+    posteriors = joint / joint.sum(1, keepdims=True)
+    mix = estimate_class_mix(posteriors, trained)
+    assert np.abs(mix - lab).max() < 0.03, mix
+    assert np.abs(posteriors.mean(0) - lab).max() > 0.1  # the naive estimate leans towards training
+    assert mix.sum() == pytest.approx(1.0)
+    # the same posteriors under an equal training mix, and a class the lab lacks keeps a floor
+    flat = np.exp(-0.5 * (x[:, None] - centres) ** 2)
+    assert np.abs(estimate_class_mix(flat / flat.sum(1, keepdims=True)) - lab).max() < 0.03
+    one = np.eye(3)[np.zeros(100, int)] * 0.999 + 0.001 / 3
+    assert estimate_class_mix(one, trained).min() >= 1e-3
+
+
+def test_tuning_follows_the_estimated_class_mix_unless_asked_for_equal_shares(trusted_bundle, lab_images):
+    estimated, report = adapt_bundle(trusted_bundle, lab_images, mix=1.0, classes=WHITE, tune_epochs=1)
+    assert list(report.class_mix) == WHITE and sum(report.class_mix.values()) == pytest.approx(1.0, abs=1e-3)
+    assert estimated.config.adaptation["tuning"]["class_mix"] == report.class_mix
+    uniform, report = adapt_bundle(trusted_bundle, lab_images, mix=1.0, classes=WHITE, tune_epochs=1,
+                                   class_mix="uniform")
+    assert report.class_mix == {} and uniform.config.adaptation["tuning"]["class_mix"] == "uniform"
+    diff = [k for k, v in estimated.net.model.state_dict().items()
+            if not np.array_equal(v.numpy(), uniform.net.model.state_dict()[k].numpy())]
+    assert diff  # the target changes what tuning learns
+    with pytest.raises(ValueError, match="class_mix must be one of"):
+        adapt_bundle(trusted_bundle, lab_images, classes=WHITE, tune_epochs=1, class_mix="balanced")
+
+
+def test_tuning_refuses_a_class_mix_that_is_not_shares_of_its_classes(trusted_bundle, lab_images):
+    import torch
+
+    from hematoscope.bundle.neural_torch import tune_unlabelled
+
+    x = torch.zeros(4, 3, 32, 32)
+    for bad in ([0.5, 0.5], [0.5, 0.3, 0.1], [1.2, -0.1, -0.1]):
+        with pytest.raises(ValueError, match="positive shares summing to 1"):
+            tune_unlabelled(trusted_bundle.net, x, [0, 1, 2], epochs=1, class_mix=bad)
+
+
+def test_the_default_model_records_the_class_mix_it_was_trained_on():
+    mix = load_bundle("default").trained_class_mix
+    assert mix is not None and mix.shape == (8,) and mix.sum() == pytest.approx(1.0) and (mix > 0.05).all()
+
+
+@pytest.mark.slow
+def test_tuning_on_a_labs_natural_differential_keeps_its_count_with_the_estimated_class_mix(lisc_root):
+    """A lab's unlabelled crops in a normal differential (57 % neutrophils, 2 % basophils; drawn
+    from LISC's own-lab half): tuning towards equal shares turns neutrophils into other classes;
+    towards the estimated mix the lab's count stays right. Scored on the test half's crops
+    weighted to that differential (split by cell)."""
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split
+
+    table = make_split(read_dataset(lisc_root, reader="lisc"), val=0.0, test=0.5, seed=0, group_by="patient")
+    differential = {"neutrophil": 120, "lymphocyte": 65, "monocyte": 15, "eosinophil": 8, "basophil": 4}
+    own = table[table["split"] == "train"]
+    lab = pd.concat([own[own["canonical"] == c].sample(n, random_state=0) for c, n in differential.items()])
+    test = table[table["split"] == "test"]
+    default = load_bundle("default")
+    count_accuracy = {}
+    for mix in ("estimated", "uniform"):
+        adapted, report = adapt_bundle(default, list(lab["path"]), classes=WHITE, tune_epochs=8, class_mix=mix)
+        pred = np.array(adapted.labels)[adapted.predict(list(test["path"])).probs.argmax(1)]
+        recall = {c: np.mean(pred[test["canonical"].to_numpy() == c] == c) for c in differential}
+        count_accuracy[mix] = sum(n * recall[c] for c, n in differential.items()) / sum(differential.values())
+        if mix == "estimated":
+            assert report.class_mix["neutrophil"] > 0.4 and report.class_mix["basophil"] < 0.1, report.class_mix
+    assert count_accuracy["estimated"] >= count_accuracy["uniform"] + 0.05, count_accuracy
 
 
 @pytest.mark.slow
@@ -259,6 +338,7 @@ def test_cli_adapt_tune_with_classes(trusted_bundle, synthetic_root, tmp_path):
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())  # rich wraps long lines
     assert "tuned 2 epochs among basophil" in out and f"it answers among {', '.join(WHITE)}" in out
+    assert "class mix tuned towards:" in out
     adapted = load_bundle(tmp_path / "ad")
     assert adapted.config.adaptation["tuning"]["epochs"] == 2
     assert adapted.answerable_classes == WHITE  # the lab's classes are its default answers
@@ -267,7 +347,6 @@ def test_cli_adapt_tune_with_classes(trusted_bundle, synthetic_root, tmp_path):
     assert res.exit_code == 0, res.output
     out = " ".join(res.output.split())
     assert "answers restricted to: basophil" in out and "adapted to" in out
-    import pandas as pd
     assert set(pd.read_csv(tmp_path / "p.csv")["prediction"]) <= set(WHITE)
     adapted.restrict_classes(adapted.labels)
     assert adapted.answerable_classes == adapted.labels

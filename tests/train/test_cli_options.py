@@ -23,8 +23,13 @@ def test_limit_per_class(synthetic_root, tmp_path):
     per_class = split.groupby("label").size()
     assert len(per_class) == 8 and (per_class == 5).all(), per_class.to_dict()
     assert json.loads((run / "train_config.json").read_text())["limit_per_class"] == 5
-    assert load_bundle(run / "bundle").config.training.train_images + \
-        load_bundle(run / "bundle").config.training.val_images == 40
+    training = load_bundle(run / "bundle").config.training
+    assert training.train_images + training.val_images == 40
+    # the class mix the model learnt, from which adapt --tune estimates a lab's
+    assert sum(training.train_class_counts.values()) == training.train_images
+    assert set(training.train_class_counts) == set(load_bundle(run / "bundle").labels)
+    assert (split[split["split"] == "train"].groupby("canonical").size().to_dict()
+            == {k: v for k, v in training.train_class_counts.items() if v})
 
 
 def test_options_reach_the_run(synthetic_root, tmp_path):

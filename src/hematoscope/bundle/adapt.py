@@ -18,9 +18,10 @@ abstain rule stay as trained), unless tuning is asked for (3):
    of the held-out fifth is accepted. "Unlike training data" then means unlike *this lab's*
    cells.
 3. with ``tune_epochs`` > 0, the network itself (all but its classifier layer) is tuned on the
-   lab's crops without labels, towards confident and diverse answers among the classes the lab's
-   crops hold (``classes``; SHOT, Liang et al. 2020), through the kind's
-   :meth:`Bundle._tune_unlabelled` hook, before the OOD refit.
+   lab's crops without labels, towards confident answers among the classes the lab's crops hold
+   (``classes``) whose mean follows the lab's class mix, estimated from the crops
+   (:func:`estimate_class_mix`; SHOT, Liang et al. 2020, asks for equal shares instead), through
+   the kind's :meth:`Bundle._tune_unlabelled` hook, before the OOD refit.
 
 The adapted bundle records what it was adapted on (name, image count, content hash) in
 ``config.adaptation`` and its model card.
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from hematoscope.bundle.base import BundleError, ModelOutput, load_bundle
+from hematoscope.bundle.base import BundleError, ModelOutput, calibrated_softmax, load_bundle
 from hematoscope.bundle.prediction import SkippedFile
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 MIN_IMAGES = 50
 #: Unreadable inputs a refusal names (the rest are counted).
 SHOWN_SKIPPED = 3
+
+#: What tuning holds a lab's mean answer to (:func:`adapt_bundle`'s ``class_mix``).
+CLASS_MIXES = ("estimated", "uniform")
 
 #: Framings ``adapt`` tries on a lab's crops (shares of the side; see ``Preprocess.framing``).
 FRAMINGS = (0.6, 0.75, 0.85, 1.0, 1.25, 1.5, 2.0, 2.5)
@@ -61,6 +65,7 @@ class AdaptReport:
     statistics: dict = field(default_factory=dict)
     framing: dict = field(default_factory=dict)
     tuning: dict = field(default_factory=dict)
+    class_mix: dict[str, float] = field(default_factory=dict)
     ood_threshold_before: float | None = None
     ood_threshold_after: float | None = None
     accepted_before: float | None = None
@@ -120,6 +125,30 @@ def decode_images(items: Iterable, preprocess=None) -> tuple[list[np.ndarray], l
     return arrays, digests, skipped
 
 
+def estimate_class_mix(probs: np.ndarray, trained_mix: np.ndarray | None = None, *, iterations: int = 200,
+                       floor: float = 1e-3) -> np.ndarray:
+    """The share of each class among a lab's images, from a model's probabilities for them
+    (N x K), by expectation-maximisation under label shift (Saerens, Latinne & Decaestecker,
+    Neural Computation 2002): each image's probabilities are re-weighted by the ratio of the
+    current estimate to the class mix the model was trained on (``trained_mix``; None = equal),
+    and the estimate becomes their mean, until it settles. A lab's differential (mostly
+    neutrophils and lymphocytes) is recovered where the plain mean answer leans towards the
+    training mix. Shares stay at least ``floor`` so that no class is ruled out."""
+    probs = np.asarray(probs, np.float64)
+    k = probs.shape[1]
+    prior = np.full(k, 1 / k) if trained_mix is None else np.asarray(trained_mix, np.float64) / np.sum(trained_mix)
+    mix = prior.copy()
+    for _ in range(iterations):
+        weighted = probs * (mix / prior)
+        weighted /= np.maximum(weighted.sum(1, keepdims=True), np.finfo(np.float64).tiny)
+        new = weighted.mean(0)
+        settled = np.abs(new - mix).max() < 1e-6
+        mix = new
+        if settled:
+            break
+    return mix * (1 - k * floor) + floor
+
+
 def _outputs(bundle: "Bundle", images: list[np.ndarray], batch_size: int) -> ModelOutput:
     outs = [bundle.forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     features = None if outs[0].features is None else np.concatenate([o.features for o in outs])
@@ -173,7 +202,8 @@ def held_out(n: int, seed: int) -> np.ndarray:
 def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed images", name: str | None = None,
                  target_tpr: float = 0.95, batch_size: int = 64, seed: int = 0,
                  mix: float | None = None, classes: Sequence[str] | None = None,
-                 tune_epochs: int = 0, framing: float | str | None = "auto") -> tuple["Bundle", AdaptReport]:
+                 tune_epochs: int = 0, framing: float | str | None = "auto",
+                 class_mix: str = "estimated") -> tuple["Bundle", AdaptReport]:
     """A copy of ``bundle`` adapted to the lab that took ``images`` (unlabelled cell crops).
 
     Args:
@@ -194,6 +224,10 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         framing: ``"auto"`` chooses the lab's framing (:func:`choose_framing`; needs an OOD
             scorer, else the bundle's is kept), a number sets it (``Preprocess.framing``), None
             keeps the bundle's.
+        class_mix: what tuning holds the mean answer to: ``"estimated"``, the lab's class mix
+            estimated from the images (:func:`estimate_class_mix`, from the class mix the bundle
+            was trained on where it records one); ``"uniform"``, equal shares of ``classes``
+            (SHOT as published: right only for a lab whose crops hold every class about equally).
 
     Returns:
         (adapted bundle, report). The input bundle is not changed.
@@ -209,6 +243,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
     if tune_epochs < 0:
         raise ValueError(f"tune_epochs must be 0 or more; got {tune_epochs}")
+    if class_mix not in CLASS_MIXES:
+        raise ValueError(f"class_mix must be one of {CLASS_MIXES}; got {class_mix!r}")
     if not (framing in (None, "auto") or isinstance(framing, (int, float))):
         raise ValueError(f"framing must be 'auto', a number or None; got {framing!r}")
     lab_classes = list(bundle.labels) if classes is None else bundle.class_subset(classes)
@@ -240,8 +276,17 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     before = _outputs(bundle, arrays, batch_size) if bundle.config.ood is not None else None
     report.statistics = adapted._adapt_statistics(arrays, batch_size=batch_size, mix=mix)
     if tune_epochs:
-        report.tuning = adapted._tune_unlabelled(arrays, classes=[bundle.labels.index(c) for c in lab_classes],
-                                                 epochs=tune_epochs, seed=seed)
+        indices = [bundle.labels.index(c) for c in lab_classes]
+        shares = None
+        if class_mix == "estimated":
+            logits = _outputs(adapted, arrays, batch_size).logits[:, indices]
+            trained = bundle.trained_class_mix
+            shares = estimate_class_mix(calibrated_softmax(logits, adapted.trust_for(None).temperature),
+                                        None if trained is None else trained[indices])
+            report.class_mix = {c: round(float(v), 4) for c, v in zip(lab_classes, shares)}
+        report.tuning = adapted._tune_unlabelled(arrays, classes=indices, epochs=tune_epochs, seed=seed,
+                                                 class_mix=shares)
+        report.tuning["class_mix"] = report.class_mix or "uniform"
     after = _outputs(adapted, arrays, batch_size)
     if bundle.config.ood is not None:
         from hematoscope.bundle.ood import accept_levels, get_scorer

@@ -290,18 +290,20 @@ class Bundle(ABC):
         return {}
 
     def _tune_unlabelled(self, images: Sequence[np.ndarray], *, classes: Sequence[int], epochs: int,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, class_mix: Sequence[float] | None = None) -> dict:
         """Tune the model on a new lab's unlabelled images, answers among ``classes`` (output
-        indices), in place; returns what was done (JSON-able)."""
+        indices) in about the shares ``class_mix`` (None = equal), in place; returns what was
+        done (JSON-able)."""
         raise BundleError(f"{self.kind!r} bundles cannot be tuned on unlabelled images; adapt without tuning")
 
     def adapt(self, images: Iterable, *, source: str = "unnamed images", name: str | None = None,
               target_tpr: float = 0.95, mix: float | None = None, classes: Sequence[str] | None = None,
-              tune_epochs: int = 0, framing: float | str | None = "auto") -> "Bundle":
+              tune_epochs: int = 0, framing: float | str | None = "auto", class_mix: str = "estimated") -> "Bundle":
         """A copy of this bundle adapted to a new lab from its unlabelled cell crops (paths,
         bytes or arrays): the framing chosen for them, normalisation statistics and the OOD
         reference and threshold refitted, nothing else; with ``tune_epochs``, the network is also
-        tuned on them among ``classes``. See :func:`hematoscope.bundle.adapt.adapt_bundle`.
+        tuned on them among ``classes``, towards the lab's estimated ``class_mix``. See
+        :func:`hematoscope.bundle.adapt.adapt_bundle`.
 
         Raises:
             BundleError: too few readable images, unknown classes, a kind that cannot be tuned.
@@ -309,7 +311,7 @@ class Bundle(ABC):
         from hematoscope.bundle.adapt import adapt_bundle
 
         return adapt_bundle(self, images, source=source, name=name, target_tpr=target_tpr, mix=mix,
-                            classes=classes, tune_epochs=tune_epochs, framing=framing)[0]
+                            classes=classes, tune_epochs=tune_epochs, framing=framing, class_mix=class_mix)[0]
 
     # --- common behaviour ----------------------------------------------------------------
     @property
@@ -319,6 +321,16 @@ class Bundle(ABC):
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def trained_class_mix(self) -> np.ndarray | None:
+        """Share of each label among the training images (``config.training.train_class_counts``),
+        in label order; None where the bundle does not record them."""
+        counts = self.config.training.train_class_counts
+        if set(counts) != set(self.labels) or sum(counts.values()) <= 0:
+            return None
+        shares = np.array([counts[label] for label in self.labels], np.float64)
+        return shares / shares.sum()
 
     @property
     def max_views(self) -> int:

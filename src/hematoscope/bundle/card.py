@@ -16,6 +16,15 @@ def _pct(v) -> str:
     return f"{v:.1%}" if isinstance(v, float) else str(v)
 
 
+def _mix(tuning: dict) -> str:
+    """The class mix tuning held the mean answer to, in words."""
+    mix = tuning.get("class_mix")
+    if not isinstance(mix, dict):  # "uniform", or tuned before the mix was recorded
+        return "equal shares"
+    return "the class mix estimated from these images (" + ", ".join(
+        f"{k} {v:.0%}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])) + ")"
+
+
 def _framing(share: float) -> str:
     return ("the whole" if share == 1 else f"the centre {share:.0%}" if share < 1
             else f"a frame {share:g} times the size (padded with the image's white point, its background)")
@@ -31,8 +40,9 @@ def _adaptation_lines(a: dict | None, c) -> list[str]:
         f"- changed: {(a.get('statistics') or {}).get('method', 'no normalisation statistics')}; the out-of-distribution "
         "reference and threshold were refitted on these images.",
         (f"- the network was tuned on these images without labels ({a['tuning'].get('method')}, "
-         f"{a['tuning'].get('epochs')} epochs) among {', '.join(a.get('classes') or [])}; labels, classifier layer, "
-         "colour canonicalisation, temperature and abstain rule are as trained." if a.get("tuning") else
+         f"{a['tuning'].get('epochs')} epochs) among {', '.join(a.get('classes') or [])}, in {_mix(a['tuning'])}; "
+         "labels, classifier layer, colour canonicalisation, temperature and abstain rule are as trained."
+         if a.get("tuning") else
          "- weights, labels, colour canonicalisation, temperature and abstain rule are as trained."),
         *([f"- framing: the model sees {_framing(a['framing']['framing'])} of each crop (of the framings tried, "
            "the one where these images look most like the training data)"] if a.get("framing") else []),

@@ -137,6 +137,9 @@ class TrainingRecord(Section):
 
     #: Which learner and recipe made the bundle.
     recipe: str | None = None
+    #: Training images per label: the class mix the model learnt, from which ``adapt --tune``
+    #: estimates a lab's own (empty: not recorded).
+    train_class_counts: dict[str, int] = Field(default_factory=dict)
 
 
 class ViewTrust(BaseModel):

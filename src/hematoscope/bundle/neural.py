@@ -326,10 +326,11 @@ class NeuralBundle(Bundle):
                 "mean_entropy_by_mix": {f"{m:g}": round(e, 4) for m, e in entropy.items()}}
 
     def _tune_unlabelled(self, images: Sequence[np.ndarray], *, classes: Sequence[int], epochs: int,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, class_mix: Sequence[float] | None = None) -> dict:
         """SHOT-style tuning of the network (all but the classifier layer) on a lab's unlabelled
-        ``images``, answers among ``classes`` (:func:`~hematoscope.bundle.neural_torch.tune_unlabelled`);
-        docs/crosslab.md has what it does on LISC."""
+        ``images``, answers among ``classes`` in about the shares ``class_mix`` (None = equal)
+        (:func:`~hematoscope.bundle.neural_torch.tune_unlabelled`); docs/crosslab.md has what it
+        does on LISC."""
         from hematoscope._extras import require
 
         torch = require("torch", "timm", extra="train", purpose="tuning a neural bundle on a lab's images")
@@ -337,7 +338,7 @@ class NeuralBundle(Bundle):
         from hematoscope.bundle.neural_torch import tune_unlabelled
 
         x = torch.from_numpy(np.concatenate([self.preprocess(images[i:i + 64]) for i in range(0, len(images), 64)]))
-        losses = tune_unlabelled(self.net, x, list(classes), epochs=epochs, seed=seed)
+        losses = tune_unlabelled(self.net, x, list(classes), epochs=epochs, seed=seed, class_mix=class_mix)
         self._network_changed()
         return {"method": "SHOT information maximisation + centroid pseudo-labels (network and BatchNorm "
                           "statistics tuned, classifier layer fixed)", "epochs": epochs,

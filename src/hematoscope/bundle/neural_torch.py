@@ -2,6 +2,8 @@
 imports torch (it costs seconds of start-up). Re-exported by :mod:`hematoscope.bundle.neural`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from hematoscope._extras import require
@@ -69,17 +71,18 @@ def adapt_batchnorm(net: nn.Module, batches) -> int:
 
 def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int], *, epochs: int,
                     lr: float = 1e-4, pseudo_label_weight: float = 0.3, batch_size: int = 64,
-                    seed: int = 0) -> list[float]:
+                    seed: int = 0, class_mix: Sequence[float] | None = None) -> list[float]:
     """Source-free adaptation of ``net`` to one lab's unlabelled ``images`` (preprocessed, N x 3 x
     H x W) by information maximisation with self-supervised pseudo-labels (SHOT, Liang et al.,
     ICML 2020), over the lab's ``classes`` (output indices) only.
 
     The classifier layer stays fixed; the rest of the network, BatchNorm statistics included
     (layers in training mode from the adapted statistics, momentum 0.1), learns to give each image
-    a confident answer (low entropy) while the answers over all images stay diverse (high entropy
-    of the mean: no collapse onto one class, the failure of entropy minimisation alone), plus a
-    cross-entropy towards labels from class centroids of the current features, renewed every
-    epoch. Batches are flipped and rotated by multiples of 90°. Returns the mean loss per epoch."""
+    a confident answer (low entropy) while the mean answer over all images stays close to the lab's
+    ``class_mix`` (shares of ``classes``; None = equal shares, SHOT's high entropy of the mean: no
+    collapse onto one class, the failure of entropy minimisation alone), plus a cross-entropy
+    towards labels from class centroids of the current features, renewed every epoch. Batches are
+    flipped and rotated by multiples of 90°. Returns the mean loss per epoch."""
     import torch.nn.functional as F
 
     head = set(map(id, net.model.get_classifier().parameters()))
@@ -87,6 +90,10 @@ def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int]
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(p, p.requires_grad) for p in net.parameters()]
     idx = torch.as_tensor(classes)
+    mix = torch.full((len(classes),), 1 / len(classes)) if class_mix is None else torch.as_tensor(class_mix).float()
+    if mix.shape != (len(classes),) or not torch.isclose(mix.sum(), torch.tensor(1.0)) or (mix <= 0).any():
+        raise ValueError(f"class_mix must hold {len(classes)} positive shares summing to 1; got {class_mix}")
+    log_mix = mix.log()
     losses = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -119,7 +126,7 @@ def tune_unlabelled(net: ClassifierNet, images: torch.Tensor, classes: list[int]
                     p = logits.softmax(1)
                     confident = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
                     mean = p.mean(0)
-                    diverse = (mean * mean.clamp_min(1e-8).log()).sum()
+                    diverse = (mean * (mean.clamp_min(1e-8).log() - log_mix)).sum()  # KL(mean answer ‖ mix)
                     loss = confident + diverse + pseudo_label_weight * F.cross_entropy(logits, target[batch])
                     opt.zero_grad()
                     loss.backward()

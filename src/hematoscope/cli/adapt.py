@@ -33,10 +33,14 @@ def adapt(
                                                    "them (predict --classes overrides) and --tune tunes for them. "
                                                    "Default: all the model's classes.")] = None,
     tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Also tune the network on the crops without "
-                                       "labels (SHOT: confident, diverse answers among --classes). Changes the "
-                                       "weights; on LISC's test half it raised macro-F1 from 0.78 (adapt alone) to 0.95 "
-                                       "(docs/crosslab.md).")] = False,
+                                       "labels (SHOT: confident answers among --classes, in the lab's class mix). "
+                                       "Changes the weights; on LISC's test half it raised macro-F1 from 0.78 (adapt "
+                                       "alone) to 0.93-0.94 (docs/crosslab.md).")] = False,
     tune_epochs: Annotated[int, typer.Option(min=1, max=50, help="Epochs of --tune over the crops.")] = 8,
+    class_mix: Annotated[str, typer.Option("--class-mix", help=(
+        "What --tune holds the crops' mean answer to: estimated = the lab's own class mix, estimated from the "
+        "crops (a lab's differential: mostly neutrophils and lymphocytes); uniform = equal shares of --classes "
+        "(SHOT as published: only for crops that hold every class about equally)."))] = "estimated",
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the adapted model to ONNX when the "
                                        "original had model.onnx.")] = True,
     framing: Annotated[str, typer.Option(
@@ -60,6 +64,8 @@ def adapt(
         from hematoscope.predict.report import skipped_table
         from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths, left_out_summary
 
+        if class_mix not in ("estimated", "uniform"):
+            raise typer.BadParameter(f"estimated or uniform; got {class_mix!r}", param_hint="--class-mix")
         if framing not in ("auto", "keep"):
             try:
                 framing_value: float | str | None = float(framing)
@@ -84,7 +90,8 @@ def adapt(
         label = source or Path(paths[0].rstrip("/")).name
         adapted, report = adapt_bundle(original, items(), source=label, name=name or bundle_name(out), target_tpr=target_tpr,
                                        mix=mix, classes=class_list(classes),
-                                       tune_epochs=tune_epochs if tune else 0, framing=framing_value)
+                                       tune_epochs=tune_epochs if tune else 0, framing=framing_value,
+                                       class_mix=class_mix)
         from hematoscope.export.onnx import save_adapted
 
         saved = save_adapted(adapted, original, out, onnx=onnx)
@@ -108,6 +115,9 @@ def adapt(
     if report.tuning:
         c.print(f"tuned {report.tuning['epochs']} epochs among {', '.join(a['classes'])} (loss by epoch: "
                 f"{', '.join(f'{v:.3f}' for v in report.tuning['loss_by_epoch'])})", highlight=False)
+        mix = (", ".join(f"{k} {v:.0%}" for k, v in sorted(report.class_mix.items(), key=lambda kv: -kv[1]))
+               if report.class_mix else "equal shares (--class-mix uniform)")
+        c.print(f"class mix tuned towards: {mix}", highlight=False)
     if a["classes"] != adapted.labels:
         c.print(f"it answers among {', '.join(a['classes'])} (predict --classes changes that)", highlight=False)
     c.print(f"answered with confidence: {a['answered_confidently']:.1%}; bundle: {saved}", highlight=False)

@@ -199,6 +199,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         "best_checkpoint_epoch": int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) + 1,
         "epochs_completed": completed,
         "train_images": int(len(data.train.targets)),
+        "train_class_counts": dict(zip(bundle.labels, map(int, np.bincount(data.train.targets,
+                                                                       minlength=len(bundle.labels))))),
         "val_images": int(len(data.val.targets)),
         "split_file_sha256": fingerprint,
         "train_seconds_this_session": round(epoch_log.seconds, 1),
