@@ -1,6 +1,8 @@
 """Adapting a served model to a lab's crops from the web app (POST /api/models/adapt)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hematoscope import load_bundle
@@ -29,6 +31,7 @@ def test_a_model_adapted_from_the_web_app_is_served_and_kept(make_client, lab_cr
     result = r.json()
     assert result["model"]["name"] == "lisc-lab" and "LISC, Tehran" in result["model"]["adapted_to"]
     assert result["images"] == len(lab_crops) and len(result["skipped"]) == 1 and "broken.jpg" in result["skipped"][0]
+    assert result["class_mix"] is None  # not tuned
     assert (adapt_dir / "lisc-lab" / "config.json").is_file() and (adapt_dir / "lisc-lab" / "model.onnx").is_file()
     # it answers now, next to the model it came from, which is unchanged
     listed = {m["name"]: m for m in client.get("/api/models").json()["data"]}
@@ -67,8 +70,11 @@ def test_tuning_from_the_web_app_answers_among_the_lab_classes(make_client, lab_
                     data={"name": "lisc-tuned", "tune": "true", "classes": ",".join(white)})
     assert r.status_code == 200, r.text
     assert r.json()["model"]["answerable_classes"] == white
-    config = (tmp_path / "adapted" / "lisc-tuned" / "config.json").read_text()
-    assert '"epochs": 8' in config  # the tuning the CLI's adapt --tune does
+    mix = r.json()["class_mix"]  # what tuning held the crops' mean answer to, estimated from them
+    assert list(mix) == white and sum(mix.values()) == pytest.approx(1.0, abs=1e-3)
+    config = json.loads((tmp_path / "adapted" / "lisc-tuned" / "config.json").read_text())
+    assert config["adaptation"]["tuning"]["epochs"] == 8  # the tuning the CLI's adapt --tune does
+    assert config["adaptation"]["tuning"]["class_mix"] == mix
 
 
 def test_adapting_is_off_unless_the_server_is_given_a_folder(client, sample_files):

@@ -7,6 +7,7 @@ installed, else on the tiny test bundle. Screenshots go to test-artifacts/ at th
 from __future__ import annotations
 
 import csv
+import re
 import socket
 import threading
 import time
@@ -308,8 +309,8 @@ def test_another_labs_cells_bring_the_hint_to_adapt(server_url, page, lisc_root)
 
 
 def test_a_lab_adapts_the_model_in_the_page_and_analyses_with_it(adapting_server_url, page, lisc_root):
-    """From the hint on another lab's cells to the Adapt tab, a model adapted on 60 other crops of
-    that lab, and the same cells analysed again with it."""
+    """From the hint on another lab's cells to the Adapt tab, a model adapted (and tuned among the
+    lab's five classes) on 60 other crops of that lab, and the same cells analysed again with it."""
     import httpx
 
     from hematoscope.bundle.default import DEFAULT_MODEL_DIR
@@ -346,12 +347,19 @@ def test_a_lab_adapts_the_model_in_the_page_and_analyses_with_it(adapting_server
 
     page.fill("#adapt-name", "lisc-lab")
     page.fill("#adapt-source", "LISC, Tehran")
+    page.check("#adapt-tune")  # its crops hold the five white-cell classes
+    for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"):
+        page.check(f"#adapt-classes input[value='{c}']")
     page.set_input_files("#adapt-files", [str(p) for p in crops])
     assert page.locator("#adapt-chosen").inner_text() == f"{len(crops)} files chosen"
     page.click("#adapt-go")
     page.wait_for_function("document.querySelector('#adapt-status').textContent.startsWith('lisc-lab is ready')",
                            timeout=180_000)
-    assert f"adapted on {len(crops)} crops" in page.locator("#adapt-status").inner_text()
+    status = page.locator("#adapt-status").inner_text()
+    assert f"adapted on {len(crops)} crops" in status
+    assert "tuned towards the class mix it estimated for your crops: " in status
+    assert {p.parent.name for p in crops} == {"basophil", "eosinophil", "lymphocyte", "monocyte"}
+    assert float(re.search(r"neutrophil (\d+\.\d)%", status).group(1)) < 1  # none among these crops
     assert page.input_value("#model-select") == "lisc-lab"
     # its flag's levels were set on the lab's held-out crops, and the menu says so
     options = page.locator("#ood-select option").all_inner_texts()[1:]

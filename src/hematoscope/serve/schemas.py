@@ -55,6 +55,8 @@ class AdaptResult(BaseModel):
     accepted_before: float | None = Field(None, description="share of these crops the original model took as like "
                                           "its training data")
     accepted_after: float | None = Field(None, description="the same for held-out crops after adaptation")
+    class_mix: dict[str, float] | None = Field(None, description="with tune: the crops' class mix estimated "
+                                               "from them, which tuning held the mean answer to")
 
 
 class Health(BaseModel):

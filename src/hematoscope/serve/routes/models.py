@@ -107,7 +107,8 @@ async def adapt_model(
     return AdaptResult(model=model_info(served.name, served, next(iter(request.app.state.models)), settings.adapt_dir),
                        images=report.images, skipped=[str(s) for s in report.skipped],
                        seconds=report.seconds, framing=served.bundle.preprocess.framing,
-                       accepted_before=report.accepted_before, accepted_after=report.accepted_after)
+                       accepted_before=report.accepted_before, accepted_after=report.accepted_after,
+                       class_mix=report.class_mix or None)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses={

@@ -201,6 +201,8 @@ async function adapt(ev) {
     setAdaptStatus(`${result.model.name} is ready: adapted on ${result.images} crops in ${Math.round(result.seconds)} s` +
       (result.accepted_after != null ? `; its unlike-training flag passes ${pct(result.accepted_after)} of your ` +
         `held-out crops (the original model: ${pct(result.accepted_before)})` : "") +
+      (result.class_mix ? `; tuned towards the class mix it estimated for your crops: ` +
+        Object.entries(result.class_mix).sort((a, b) => b[1] - a[1]).map(([c, v]) => `${c} ${pct(v)}`).join(", ") : "") +
       `. It is chosen under Model for your next analysis.${skipped}`, "ok");
     $("#adapt-files").value = "";
     $("#adapt-chosen").textContent = "no crops chosen";
