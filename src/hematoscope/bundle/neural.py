@@ -340,8 +340,10 @@ class NeuralBundle(Bundle):
         x = torch.from_numpy(np.concatenate([self.preprocess(images[i:i + 64]) for i in range(0, len(images), 64)]))
         losses = tune_unlabelled(self.net, x, list(classes), epochs=epochs, seed=seed, class_mix=class_mix)
         self._network_changed()
-        return {"method": "SHOT information maximisation + centroid pseudo-labels (network and BatchNorm "
-                          "statistics tuned, classifier layer fixed)", "epochs": epochs,
+        return {"method": "SHOT information maximisation, mean answer held to "
+                          + ("equal shares" if class_mix is None else "the lab's class mix")
+                          + " + centroid pseudo-labels (network and BatchNorm statistics tuned, classifier layer "
+                          "fixed)", "epochs": epochs,
                 "loss_by_epoch": [round(v, 4) for v in losses]}
 
     def _network_changed(self) -> None:
