@@ -35,7 +35,8 @@ def adapt(
     tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Also tune the network on the crops without "
                                        "labels (SHOT: confident answers among --classes, in the lab's class mix). "
                                        "Changes the weights; on LISC's test half it raised macro-F1 from 0.78 (adapt "
-                                       "alone) to 0.93-0.94 (docs/crosslab.md).")] = False,
+                                       "alone) to 0.93-0.94 (docs/crosslab.md). For another lab's crops: on the "
+                                       "training lab's own it costs accuracy.")] = False,
     tune_epochs: Annotated[int, typer.Option(min=1, max=50, help="Epochs of --tune over the crops.")] = 8,
     class_mix: Annotated[str, typer.Option("--class-mix", help=(
         "What --tune holds the crops' mean answer to: estimated = the lab's own class mix, estimated from the "
