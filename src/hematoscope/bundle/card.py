@@ -16,13 +16,17 @@ def _pct(v) -> str:
     return f"{v:.1%}" if isinstance(v, float) else str(v)
 
 
+def shares_in_words(shares: dict[str, float]) -> str:
+    """{class: share} as "neutrophil 58%, lymphocyte 28%, ...", largest first."""
+    return ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
 def _mix(tuning: dict) -> str:
     """The class mix tuning held the mean answer to, in words."""
     mix = tuning.get("class_mix")
     if not isinstance(mix, dict):  # "uniform", or tuned before the mix was recorded
         return "equal shares"
-    return "the class mix estimated from these images (" + ", ".join(
-        f"{k} {v:.0%}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])) + ")"
+    return f"the class mix estimated from these images ({shares_in_words(mix)})"
 
 
 def _framing(share: float) -> str:

@@ -61,12 +61,12 @@ def adapt(
     """
     with user_errors():
         from hematoscope.bundle import load_bundle
-        from hematoscope.bundle.adapt import adapt_bundle
+        from hematoscope.bundle.adapt import CLASS_MIXES, adapt_bundle
         from hematoscope.predict.report import skipped_table
         from hematoscope.data.sources import ArchiveReader, ImageSource, expand_paths, left_out_summary
 
-        if class_mix not in ("estimated", "uniform"):
-            raise typer.BadParameter(f"estimated or uniform; got {class_mix!r}", param_hint="--class-mix")
+        if class_mix not in CLASS_MIXES:
+            raise typer.BadParameter(f"one of {', '.join(CLASS_MIXES)}; got {class_mix!r}", param_hint="--class-mix")
         if framing not in ("auto", "keep"):
             try:
                 framing_value: float | str | None = float(framing)
@@ -116,8 +116,9 @@ def adapt(
     if report.tuning:
         c.print(f"tuned {report.tuning['epochs']} epochs among {', '.join(a['classes'])} (loss by epoch: "
                 f"{', '.join(f'{v:.3f}' for v in report.tuning['loss_by_epoch'])})", highlight=False)
-        mix = (", ".join(f"{k} {v:.0%}" for k, v in sorted(report.class_mix.items(), key=lambda kv: -kv[1]))
-               if report.class_mix else "equal shares (--class-mix uniform)")
+        from hematoscope.bundle.card import shares_in_words
+
+        mix = shares_in_words(report.class_mix) if report.class_mix else "equal shares (--class-mix uniform)"
         c.print(f"class mix tuned towards: {mix}", highlight=False)
     if a["classes"] != adapted.labels:
         c.print(f"it answers among {', '.join(a['classes'])} (predict --classes changes that)", highlight=False)
