@@ -18,9 +18,11 @@ def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets normal permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600, and writers that recreate the file (safetensors) keep it so: a bundle
+        # copied to a lab's server must be readable by the user the server runs as
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
