@@ -118,6 +118,10 @@ def test_cli_train_segment_explain(pbc_subset, tmp_path):
                               "--jobs", "1"])
     assert res.exit_code == 0, res.output
     assert "weighted F1" in res.output and (out / "xgboost.json").exists()
+    trained = (out / "xgboost.json").read_bytes()
+    res = runner.invoke(app, ["classical", "train", str(pbc_subset), "--out", str(out), "--jobs", "1"])
+    assert res.exit_code == 2 and "--overwrite" in res.output  # refused before any feature is extracted
+    assert (out / "xgboost.json").read_bytes() == trained
     img = _real_images(pbc_subset, 1)[0]
     res = runner.invoke(app, ["classical", "segment", str(img), "--out", str(tmp_path / "ov.png")])
     assert res.exit_code == 0, res.output

@@ -118,6 +118,26 @@ def test_export_command_then_predict_with_either_backend(micro_bundle, tmp_path)
     assert res.exit_code == 2 and "onnx" in res.output
 
 
+def test_export_never_replaces_a_bundle_unasked_nor_writes_into_the_package(micro_bundle, tmp_path):
+    runner = CliRunner()
+    taken = tmp_path / "taken"
+    load_bundle(micro_bundle).save(taken)
+    before = {p.name: p.read_bytes() for p in taken.iterdir()}
+    res = runner.invoke(app, ["export", str(micro_bundle), "--out", str(taken)])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert {p.name: p.read_bytes() for p in taken.iterdir()} == before
+    res = runner.invoke(app, ["export", str(micro_bundle), "--out", str(taken), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (taken / "model.onnx").is_file()
+
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    shipped = {p.name: p.stat().st_mtime_ns for p in DEFAULT_MODEL_DIR.iterdir()}
+    with pytest.raises(ExportError, match="installed package.*--out"):
+        export_onnx(load_bundle("default"))
+    assert {p.name: p.stat().st_mtime_ns for p in DEFAULT_MODEL_DIR.iterdir()} == shipped
+
+
 @pytest.mark.slow
 def test_int8_export_on_validation_data(micro_bundle, tmp_path, pbc_subset):
     report = export_onnx(load_bundle(micro_bundle), tmp_path / "int8", quantize="int8", validation=pbc_subset,

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, user_errors
+from hematoscope.cli._common import OverwriteOption, check_out, console, user_errors
 
 classical_app = typer.Typer(help="Classical pipeline: segmentation, named features, XGBoost, explanations.",
                             no_args_is_help=True)
@@ -23,11 +23,13 @@ def train_cmd(
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     fold: Annotated[Optional[int], typer.Option(min=0, help="Of a k-fold split file: the fold that validates "
                                                 "(the others train).")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Extract features, train class-weighted XGBoost with early stopping, fit the anomaly flag."""
     from hematoscope.classical.model import train_classical
     from hematoscope.data.readers import read_dataset
 
+    check_out(out, overwrite)  # before minutes of feature extraction
     with user_errors():
         table = read_dataset(data, reader=reader)
         result = train_classical(table, val=val, seed=seed, n_jobs=jobs, name=name, progress=True, fold=fold)

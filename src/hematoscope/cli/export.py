@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, fail, user_errors
+from hematoscope.cli._common import OverwriteOption, check_out, console, fail, user_errors
 
 FORMATS = ("onnx",)
 
@@ -24,6 +24,7 @@ def export(
     min_agreement: Annotated[float, typer.Option("--min-agreement", min=0.0, max=1.0,
                                                  help="Smallest int8/float32 top-1 agreement accepted.")] = 0.98,
     opset: Annotated[int, typer.Option("--opset", min=17, help="ONNX opset.")] = 17,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Export a neural bundle to ONNX (model.onnx), checked against PyTorch before it is written.
 
@@ -31,6 +32,8 @@ def export(
     """
     if fmt not in FORMATS:
         raise fail(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if out is not None:
+        check_out(out, overwrite)
     with user_errors():
         from hematoscope.bundle import load_bundle
         from hematoscope.export.onnx import export_onnx

@@ -152,6 +152,11 @@ def _target_dir(bundle: "Bundle", out_dir: Path | str | None) -> Path:
     if bundle.path is None or directory is None or not Path(bundle.path).is_dir():
         where = "was loaded from a .zip" if bundle.path is not None else "has not been saved"
         raise ExportError(f"this bundle {where}: give an output directory (--out DIR) for the exported copy")
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    if Path(directory).resolve() == DEFAULT_MODEL_DIR:  # part of the installed package, shared by every user
+        raise ExportError("the shipped default model is part of the installed package and already carries "
+                          "model.onnx; give an output directory (--out DIR) for an exported copy")
     return Path(directory)
 
 
