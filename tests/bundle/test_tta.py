@@ -76,7 +76,7 @@ def test_predict_cli_takes_views_and_rejects_bad_counts(tiny_neural_bundle, pbc_
     folder = str(pbc_subset / "basophil")
     ok = runner.invoke(app, ["predict", folder, "--model", str(tiny_neural_bundle), "--tta", "2"])
     assert ok.exit_code == 0, ok.output
-    assert "6 images classified" in ok.output
+    assert "6 images through the model" in ok.output
     bad = runner.invoke(app, ["predict", folder, "--model", str(tiny_neural_bundle), "--tta", "3"])
     assert bad.exit_code == 2
     assert "one of (1, 2, 4, 8)" in bad.output

@@ -4,6 +4,7 @@ instance shared by the tests of this module (127.0.0.1, no dashboard): the same 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -78,7 +79,8 @@ def test_ray_engine_gives_local_predicts_rows_and_reports_broken_files(ray_local
     assert local.exit_code == 0, local.output
     res = runner.invoke(app, ["predict", str(cells), "--engine", "ray", "--out", str(tmp_path / "ray.csv")])
     assert res.exit_code == 0, res.output
-    assert "24 images classified" in res.output
+    said = " ".join(res.output.split())
+    assert "24 images through the model" in said and "27 files read in this run" in said
     for run in (local, res):
         assert "1 file in the folders or zips was left out" in " ".join(run.output.split())
 
@@ -88,6 +90,17 @@ def test_ray_engine_gives_local_predicts_rows_and_reports_broken_files(ray_local
     errors = {Path(r["source"]).name: r["error"] for r in ray_rows if r["error"]}
     assert set(errors) == {"truncated.jpg", "empty.png", "text.jpg"}
     assert (tmp_path / "ray.differential.csv").read_text() == (tmp_path / "local.differential.csv").read_text()
+
+    # the same job again, named by a relative path from another working directory: resumed, nothing run
+    here = Path.cwd()
+    try:
+        os.chdir(cells.parent)
+        again = runner.invoke(app, ["predict", cells.name, "--engine", "ray", "--out", str(tmp_path / "ray.csv")])
+    finally:
+        os.chdir(here)
+    assert again.exit_code == 0, again.output
+    said = " ".join(again.output.split())
+    assert "24 images through the model" in said and "0 files read in this run" in said and "/s" not in said
 
     # the Parquet shards hold the same answers, with every probability
     from hematoscope.predict.distributed import read_results
@@ -195,7 +208,7 @@ def test_the_command_joins_a_running_cluster_at_address(ray_local, cells, tmp_pa
                            "--engine", "ray", "--address", address, "--tta", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "3 images classified" in proc.stdout and len(_rows(out)) == 3
+    assert "3 images through the model" in proc.stdout and len(_rows(out)) == 3
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2  # still up
 
 

@@ -188,10 +188,16 @@ def predict(
     if unlike >= LAB_HINT_SHARE and done >= LAB_HINT_MIN:
         err_console().print(_lab_hint(bundle, model, unlike, framing_chosen=chosen is not None), highlight=False)
     rate = f", {done / seconds:.0f} images/s" if seconds > 0 and done else ""
-    out_console.print(f"{done} images classified in {seconds:.1f} s{rate}"
-                      + (f"; results in {out}" if out else ""), highlight=False)
+    out_console.print(f"{_answered(diff)} in {seconds:.1f} s{rate}" + (f"; results in {out}" if out else ""),
+                      highlight=False)
     if done == 0:
         raise typer.Exit(1)
+
+
+def _answered(diff) -> str:
+    """The closing count in the differential table's words: answered and set aside add up."""
+    return (f"{diff.classified + diff.abstained} images through the model ({diff.classified} classified, "
+            f"{diff.abstained} abstained)")
 
 
 def _framing(text: str | None) -> float | str | None:
@@ -224,7 +230,10 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ad
 
         c = console()
 
+        run_rows = []  # files read in this run, not taken from shards written before
+
         def shard_done(shard: int, rows: int) -> None:
+            run_rows.append(rows)
             c.print(f"shard {shard} written ({rows} rows)", highlight=False)
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
@@ -237,11 +246,11 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ad
                                 + (f" (all listed in {out})" if out else ""))
     if result.left_out:
         err_console().print(result.left_out, highlight=False)
-    done = result.classified
-    rate = f", {done / result.seconds:.0f} images/s" if result.seconds > 0 and done else ""
-    c.print(f"{done} images classified in {result.seconds:.1f} s{rate} on Ray ({result.shards_written} shards "
-            f"written, {result.shards_skipped} already there); shards in {shard_dir}"
-            + (f"; results in {out}" if out else ""), highlight=False)
+    done, ran = result.classified, sum(run_rows)
+    rate = f", {ran / result.seconds:.0f} files/s" if result.seconds > 0 and ran else ""
+    c.print(f"{_answered(result.differential)} in {result.seconds:.1f} s{rate} on Ray ({result.shards_written} "
+            f"shards written, {result.shards_skipped} already there: {ran} files read in this run); "
+            f"shards in {shard_dir}" + (f"; results in {out}" if out else ""), highlight=False)
     if done == 0:
         raise typer.Exit(1)
 

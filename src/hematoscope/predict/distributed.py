@@ -537,7 +537,9 @@ def run_job(
     out_dir = Path(out_dir)
     options = options or InferenceOptions()
     bundle = load_for_inference(model, options)
-    spec = {"format": _FORMAT, "inputs": [str(i) for i in inputs], "model": str(model) if model else "default",
+    # inputs as absolute paths: the same job resumed from another working directory is still the same job
+    spec = {"format": _FORMAT, "inputs": [os.path.abspath(i) if Path(i).exists() else str(i) for i in inputs],
+            "model": str(model) if model else "default",
             "shard_rows": shard_rows, "labels": bundle.labels, **options.spec()}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
