@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from hematoscope import load_bundle
 from hematoscope.bundle.neural import NeuralBundle
 from hematoscope.cli.main import app
 from hematoscope.data.samples import make_table
@@ -72,6 +73,8 @@ def test_cli_evaluate_writes_json_and_plots(tiny_neural_bundle, synthetic_root, 
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 96 and len(report["per_class"]) == 8
+    assert (report["model"], report["data"], report["rows"]) == (load_bundle(tiny_neural_bundle).name,
+                                                                 synthetic_root.name, "all")
     assert "balanced accuracy" in _flat(result.output) and "neutrophil" in _flat(result.output)
     assert (tmp_path / "p" / "confusion_matrix.png").is_file()
 
@@ -113,6 +116,22 @@ def test_a_split_file_without_test_rows_is_not_scored_whole(tiny_neural_bundle, 
         assert r.exit_code == 0, r.output
         assert json.loads((tmp_path / f"{part}.json").read_text())["n"] == n
     assert len(pd.read_csv(tmp_path / "split.csv")) == 96
+
+
+def test_a_k_fold_file_is_scored_by_naming_one_of_its_folds(tiny_neural_bundle, synthetic_root, tmp_path):
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import kfold_split, save_split
+
+    save_split(kfold_split(read_dataset(synthetic_root), k=4, seed=0), tmp_path / "folds.csv")
+    refused = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(tmp_path / "folds.csv")])
+    said = _flat(refused.output.replace("│", " "))
+    assert refused.exit_code == 2 and "fold_0, fold_1, fold_2, fold_3" in said and "--split fold_3" in said
+    wrong = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(tmp_path / "folds.csv"), "--split", "val"])
+    assert wrong.exit_code == 2 and "fold_0" in _flat(wrong.output.replace("│", " "))
+    r = CliRunner().invoke(app, ["evaluate", str(tiny_neural_bundle), str(tmp_path / "folds.csv"), "--split", "fold_1",
+                                 "--json", str(tmp_path / "f1.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "f1.json").read_text())["rows"] == "fold_1"
 
 
 def _flat(text: str) -> str:

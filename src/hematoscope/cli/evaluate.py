@@ -19,9 +19,9 @@ def evaluate_cmd(
                                                                   "diagram PNGs into this folder.")] = None,
     ood: Annotated[Optional[Path], typer.Option("--ood", help="Images unlike the training data: also measure "
                                                               "out-of-distribution detection.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Rows of a split CSV to use: test, val, train or all "
-                                                      "(default: test; a split file without test rows needs "
-                                                      "one named).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Rows of a split CSV to use: one of its parts (test, val, "
+                                                      "train; fold_0, fold_1 ... of a k-fold file) or all (default: "
+                                                      "test; a split file without test rows needs one named).")] = None,
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     tta: TtaOption = None,
@@ -48,23 +48,28 @@ def evaluate_cmd(
         bundle = load_for_inference(str(bundle_path), InferenceOptions(
             tta=tta, classes=class_list(classes), reframe=reframe, recolour=recolour, ood_accept=ood_accept))
         table = read_dataset(data, reader=reader)
+        chosen = None
         if "split" in table:
-            if split is None and not (table["split"] == "test").any():
-                # e.g. a training run's split.csv: its rows trained (train) or tuned (val) the model
-                raise typer.BadParameter(f"{data} has no test rows (its parts: {', '.join(sorted(set(table['split'])))}"
-                                         "); name the rows to score: --split val, or --split all", param_hint="--split")
+            parts = sorted(set(table["split"]))
+            if split is None and "test" not in parts:
+                # e.g. a training run's split.csv (its rows trained or tuned the model) or a k-fold file
+                raise typer.BadParameter(f"{data} has no test rows (its parts: {', '.join(parts)}); name the rows "
+                                         f"to score: --split {'val' if 'val' in parts else parts[-1]}, or --split all",
+                                         param_hint="--split")
             chosen = split or "test"
             if chosen != "all":
                 table = table[table["split"] == chosen].reset_index(drop=True)
                 if table.empty:
-                    raise ValueError(f"{data} has no rows with split {chosen!r}")
+                    raise typer.BadParameter(f"{data} has no rows with split {chosen!r} (its parts: "
+                                             f"{', '.join(parts)}, or all)", param_hint="--split")
         report = evaluate_bundle(bundle, table, batch_size=batch_size, plots_dir=plots)
         if ood is not None:
             from hematoscope.trust import evaluate_ood
 
             report["ood"] = evaluate_ood(bundle, table, ood, plots_dir=plots, batch_size=batch_size)
-        if json_out is not None:
-            _io.write_json(json_out, report)
+        if json_out is not None:  # what was scored: the model, the data by name, which rows
+            _io.write_json(json_out, {"model": bundle.name, "data": Path(data).name, "rows": chosen or "all",
+                                      **report})
 
     c = console()
     c.print(f"[bold]{bundle.name}[/] on {data}: {report['n']} images scored")
