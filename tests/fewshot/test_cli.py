@@ -86,6 +86,47 @@ def test_fewshot_defaults_are_the_recipe_and_options_reach_the_library(small_syn
     assert cfg["training"]["group_by"] == "patient"
 
 
+def test_fewshot_fit_on_a_split_file_never_sees_its_test_rows(synthetic_root, tmp_path, monkeypatch):
+    """As `fewshot bench` and `classical train`: a split file gives its train + val rows; its test
+    rows are neither drawn nor self-trained on (not even embedded), also when the same files come
+    back through an --unlabelled folder, or when --unlabelled is a split file; the output says so."""
+    import os
+
+    from hematoscope.bundle import load_bundle
+    from hematoscope.data.splits import load_split
+    from hematoscope.fewshot.features import FeatureExtractor
+
+    files = sorted(synthetic_root.rglob("*.png"))  # 12 per class: 6 cells of 2 crops
+    pd.DataFrame({"path": [str(p) for p in files], "label": [p.parent.name for p in files],
+                  "patient": [f"{p.parent.name}-{i // 2}" for i, p in enumerate(files)]}).to_csv(tmp_path / "cells.csv",
+                                                                                                 index=False)
+    _run(["data", "split", tmp_path / "cells.csv", "--test", 0.25, "--group-by", "patient", "--out", tmp_path / "s.csv"])
+    split = load_split(tmp_path / "s.csv")
+    test = {os.path.abspath(p) for p in split.loc[split["split"] == "test", "path"]}
+    assert test
+    seen: set[str] = set()
+    extract = FeatureExtractor.extract
+
+    def recording(self, paths, **kw):
+        seen.update(os.path.abspath(str(p)) for p in paths)
+        return extract(self, paths, **kw)
+
+    monkeypatch.setattr(FeatureExtractor, "extract", recording)
+    common = ["-n", 2, "--head", "lr+self", "--size", 32, "--views", 1, "--backend", "torch"]
+    out = " ".join(_run(["fewshot", "fit", tmp_path / "s.csv", *common, "--unlabelled", synthetic_root,
+                         "--out", tmp_path / "b"]).split())
+    assert seen and not seen & test
+    assert (f"train + val rows of {tmp_path / 's.csv'} used; {len(test)} test rows left out (neither drawn nor "
+            f"self-trained on); also {len(test)} images sharing a file or group with them") in out
+    assert load_bundle(tmp_path / "b").config.training.n_unlabelled > 0
+    # a split file as --unlabelled: its test rows are left out too
+    split[split["split"] != "test"].drop(columns="split").to_csv(tmp_path / "pool.csv", index=False)
+    seen.clear()
+    out = " ".join(_run(["fewshot", "fit", tmp_path / "pool.csv", *common, "--unlabelled", tmp_path / "s.csv",
+                         "--out", tmp_path / "c"]).split())
+    assert seen and not seen & test and f"{len(test)} test rows left out" in out
+
+
 def test_fewshot_fit_on_the_default_model(small_synthetic, tmp_path):
     from hematoscope.bundle.default import DEFAULT_MODEL_DIR
 

@@ -44,17 +44,31 @@ def _extractor(backbone: str, weights: str | None, size: int, tta: bool | None, 
                           backend=backend)
 
 
-def _add_unlabelled(table, paths: list[str]):
-    """``table`` with a row without label for each image file among ``paths``; what cannot be
-    used (missing paths, zip members) is reported on stderr."""
+def _test_rows(table) -> int:
+    """How many test rows a split file's table has (0 for any other table)."""
+    from hematoscope.fewshot.bench import split_parts
+
+    test = split_parts(table)[1]
+    return 0 if test is None else len(test)
+
+
+def _add_unlabelled(table, paths: list[str], split_files: list[str]):
+    """``table`` with a row without label for each image file among ``paths`` and each row of a
+    CSV among them (a split file's rows keep their ``split``, so its test rows are left out like
+    DATA's; noted in ``split_files``); what cannot be used (missing paths, zip members) is
+    reported on stderr."""
     import pandas as pd
 
     from hematoscope.cli._common import err_console
+    from hematoscope.data.readers import read_dataset
     from hematoscope.data.samples import COLUMNS
     from hematoscope.data.sources import ImageSource, SkippedFile, expand_paths
 
+    csvs = [p for p in paths if str(p).lower().endswith(".csv") and Path(p).is_file()]
+    parts = [read_dataset(Path(p)).assign(label=None, canonical=None) for p in csvs]
+    split_files += [str(p) for p, part in zip(csvs, parts) if _test_rows(part)]
     files, skipped = [], []
-    for item in expand_paths(paths):
+    for item in expand_paths([p for p in paths if p not in csvs]):
         if isinstance(item, ImageSource) and item.path is not None and item.member is None:
             files.append(str(item.path))
         elif isinstance(item, SkippedFile):
@@ -63,11 +77,11 @@ def _add_unlabelled(table, paths: list[str]):
             skipped.append(f"{item.name}: zip members are not read here; unzip them first")
     for line in skipped:
         err_console().print(f"--unlabelled: skipped {line}", highlight=False)
-    if not files:
+    if not files and not any(len(part) for part in parts):
         raise typer.BadParameter("no image file among these paths", param_hint="--unlabelled")
     rows = pd.DataFrame({"path": files, "label": None, "canonical": None, "patient": None, "dataset": "unlabelled"},
                         columns=COLUMNS)
-    return pd.concat([table, rows], ignore_index=True)
+    return pd.concat([table, *parts, rows], ignore_index=True)
 
 
 def _check_views(views: int | None) -> None:
@@ -78,7 +92,8 @@ def _check_views(views: int | None) -> None:
 
 @fewshot_app.command("fit")
 def fit(
-    data: Annotated[Path, typer.Argument(help="Labelled dataset folder or split CSV.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Labelled dataset folder or split CSV (train + val rows used).",
+                                         show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory or .zip to write.")],
     labels_per_class: Annotated[Optional[int], typer.Option("--labels-per-class", "-n", min=1,
                                                             help="Labels drawn per class (default: all).")] = None,
@@ -95,8 +110,9 @@ def fit(
     unlabelled_per_class: Annotated[int, typer.Option("--unlabelled-per-class", min=0, help="+self heads: unused "
                                                       "images per class given without labels.")] = 400,
     unlabelled: Annotated[Optional[list[str]], typer.Option(
-        "--unlabelled", help="The lab's own unlabelled crops (files, folders or globs; repeatable): +self heads "
-                             "learn from them too. Rows of a CSV with a blank label count as such.")] = None,
+        "--unlabelled", help="The lab's own unlabelled crops (files, folders, globs or CSVs, labels unused; a split "
+                             "file: its train + val rows; repeatable): +self heads learn from them too. Rows of a "
+                             "CSV with a blank label count as such.")] = None,
     group_by: GroupByOpt = "auto",
     backend: BackendOpt = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the label draw.")] = 0,
@@ -120,14 +136,20 @@ def fit(
         spec = dataclasses.replace(HeadSpec.parse(head), transform=transform,
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         table = read_dataset(data)
+        split_files = [str(data)] if _test_rows(table) else []
         if unlabelled:
-            table = _add_unlabelled(table, unlabelled)
+            table = _add_unlabelled(table, unlabelled, split_files)
         ext = _extractor(backbone, weights, size, tta, views, backend)
         bundle, report = fit_fewshot_bundle(table, ext, labels_per_class=labels_per_class, head=spec, seed=seed,
                                             name=name or bundle_name(out), unlabelled_per_class=unlabelled_per_class or None,
                                             group_by=group_by)
         bundle.save(out)
     c = console()
+    if split_files:  # as `fewshot bench` and `classical train`: a split file's test rows stay unseen
+        also = (f"; also {report['n_overlap_left_out']} images sharing a file or group with them"
+                if report["n_overlap_left_out"] else "")
+        c.print(f"train + val rows of {', '.join(split_files)} used; {report['n_test_left_out']} test rows left "
+                f"out (neither drawn nor self-trained on){also}", highlight=False)
     c.print(f"fitted {spec.label} on {report['n_train']} images ({len(bundle.labels)} classes, "
             f"{ext.views} view{'s' if ext.views > 1 else ''}) in {report['head_fit_seconds']:.2f} s "
             f"(features {report['extract_seconds']:.1f} s) → {out}")
@@ -205,8 +227,8 @@ def bench(
 
 
 def ssl(
-    data: Annotated[list[Path], typer.Argument(help="Image folders, dataset folders or split CSVs (labels unused).",
-                                               show_default=False)],
+    data: Annotated[list[Path], typer.Argument(help="Image folders, dataset folders or split CSVs (labels unused; a "
+                                               "split file: its train + val rows).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Backbone weights file to write (.safetensors).")],
     method: Annotated[str, typer.Option("--method", help="simclr or dino.")] = "simclr",
     arch: Annotated[str, typer.Option("--arch", help="timm architecture.")] = "efficientnet_lite0",
@@ -230,10 +252,13 @@ def ssl(
     """
     with user_errors():
         from hematoscope.data.readers import read_dataset
+        from hematoscope.fewshot.bench import split_parts
         from hematoscope.fewshot.ssl import loss_trend, save_backbone, train_ssl
         from hematoscope.models.backbones import OFFLINE_WEIGHTS
 
-        paths = [p for src in data for p in read_dataset(src)["path"]]
+        parts = {src: split_parts(read_dataset(src)) for src in data}  # a split file's test rows stay unseen
+        paths = [p for pool, _ in parts.values() for p in pool["path"]]
+        left_out = {src: len(test) for src, (_, test) in parts.items() if test is not None}
         start = weights or (OFFLINE_WEIGHTS if arch == "efficientnet_lite0" else None)
         res = train_ssl(paths, method=method, arch=arch, weights=start, size=size, batch_size=batch_size,
                         minutes=minutes, max_steps=max_steps, lr=lr, seed=seed, num_workers=workers,
@@ -242,6 +267,9 @@ def ssl(
             return
         save_backbone(res.backbone, out, res.meta)
     first, last = loss_trend(res.losses, window=20)
+    if left_out:
+        console().print(f"train + val rows of {', '.join(map(str, left_out))} used; {sum(left_out.values())} test "
+                        "rows left out", highlight=False)
     console().print(f"{method}: {res.steps} steps in {res.seconds:.0f} s on {len(paths)} images; loss "
                     f"{first:.3f} → {last:.3f}; backbone → {out} (use --backbone {arch} --weights {out})")
 

@@ -10,6 +10,7 @@ Features are extracted once, only for the images some draw or the test set needs
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -94,6 +95,19 @@ def split_parts(table) -> tuple[object, object | None]:
     return table[~is_test].reset_index(drop=True), table[is_test].reset_index(drop=True)
 
 
+def shares_with_test(pool, test, group_col: str | None) -> np.ndarray:
+    """Per ``pool`` row: whether it shares a file (same absolute path) or a group with a ``test``
+    row; such rows must not be drawn, nor learnt from without labels."""
+    def files(t):
+        return [os.path.abspath(p) for p in t["path"].astype(str)]
+
+    overlap = np.isin(files(pool), files(test))
+    if group_col is not None and group_col in test:
+        overlap |= np.isin(group_keys(pool, group_col), [k for k in group_keys(test, group_col)
+                                                        if not str(k).startswith("row:")])
+    return overlap
+
+
 def _draws(labels, shots, repeats, seed, exclude, groups=None):
     usable = np.flatnonzero(~exclude)
     out = {}
@@ -168,10 +182,7 @@ def run_benchmark(train, extractor, *, test=None, shots: Sequence[int | None] = 
         test, test_source = (test if test_part is None else test_part), "separate test table"
     pool, test = pool.reset_index(drop=True), test.reset_index(drop=True)
     # nothing of the test side on the pool side: same file, or same group
-    overlap = np.isin(pool["path"].astype(str).to_numpy(), test["path"].astype(str).to_numpy())
-    if group_col is not None and group_col in test:
-        overlap |= np.isin(group_keys(pool, group_col), [k for k in group_keys(test, group_col)
-                                                        if not str(k).startswith("row:")])
+    overlap = shares_with_test(pool, test, group_col)
     pool = pool[~overlap].reset_index(drop=True)
     groups = group_keys(pool, group_col)
     if max_pool_per_class is not None:

@@ -236,22 +236,33 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     cell) labels are drawn as different groups, one image each, and the validation images come
     from groups not drawn for training.
 
+    A split file's table (``split`` column) gives only its train + val rows (as ``fewshot
+    bench``): its test rows, and any other row sharing a file or group with them (e.g. the same
+    image among unlabelled crops), are neither drawn nor self-trained on, so scoring the bundle
+    on the test rows stays honest.
+
     Returns:
-        (bundle, report) where report holds counts, timings and the trust report.
+        (bundle, report) where report holds counts (``n_test_left_out``: the test rows;
+        ``n_overlap_left_out``: the rows sharing a file or group with them), timings and the
+        trust report.
 
     Raises:
         ValueError: no labelled or no readable images, or fewer than two classes.
     """
     from hematoscope.data.samples import class_column, group_keys, has_label, resolve_group_by
+    from hematoscope.fewshot.bench import shares_with_test, split_parts
     from hematoscope.fewshot.shots import sample_shots
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
+    table, test_rows = split_parts(table)
+    group_col = resolve_group_by(table, group_by)
+    overlap = np.zeros(len(table), bool) if test_rows is None else shares_with_test(table, test_rows, group_col)
+    table = table[~overlap].reset_index(drop=True)
     y_all = class_column(table)
     paths = table["path"].astype(str).to_numpy()
     labelled = has_label(table)
     if not labelled.any():
         raise ValueError("no row has a label: a few-shot head needs labelled images")
-    group_col = resolve_group_by(table, group_by)
     groups = group_keys(table, group_col)
     rows = np.flatnonzero(labelled)  # drawing, validation and leftovers are among labelled rows only
     draw = sample_shots(y_all[rows], labels_per_class, seed=seed, groups=None if groups is None else groups[rows])
@@ -288,7 +299,9 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),
                               "head_fit_seconds": bundle.config.training.head_fit_seconds,
                               "short_classes": draw.short, "group_by": group_col,
-                              "n_unlabelled": bundle.config.training.n_unlabelled}
+                              "n_unlabelled": bundle.config.training.n_unlabelled,
+                              "n_test_left_out": 0 if test_rows is None else len(test_rows),
+                              "n_overlap_left_out": int(overlap.sum())}
     if groups is not None:
         report["n_train_groups"] = int(len(set(groups[drawn][fs.ok])))
         bundle.config.training.n_train_groups = report["n_train_groups"]
