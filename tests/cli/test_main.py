@@ -60,6 +60,16 @@ def test_every_command_help_flows_in_paragraphs():
         """) == "Sum up.\n\nFirst line goes on.\n\n- one\n- two"
 
 
+def test_flags_show_no_value_in_help_and_options_their_type():
+    """A flag takes no value: help must not show one (``--outliers <bool>`` reads as
+    ``--outliers true``, which is refused)."""
+    result = runner.invoke(app, ["data", "check", "--help"], terminal_width=160)
+    assert result.exit_code == 0
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ --")}
+    assert "<bool>" not in result.output
+    assert "<int>" in lines["--workers"] and "<path>" in lines["--json"]
+
+
 def test_help_is_fast_and_imports_no_heavy_library():
     code = ("import sys, time; t = time.perf_counter(); from hematoscope.cli.main import app; "
             "heavy = [m for m in ('torch', 'timm', 'sklearn', 'xgboost', 'fastapi', 'onnxruntime', 'skimage', "

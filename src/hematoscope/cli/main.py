@@ -18,6 +18,21 @@ from hematoscope import __version__
 COMMAND_MODULES = ["demo", "data", "train", "adapt", "evaluate", "predict", "features", "fewshot", "classical",
                    "trust", "export", "serve"]
 
+def _flags_take_no_value() -> None:
+    """typer 0.29 writes a value type after every flag in --help (``--outliers <bool>``, even
+    ``--help <bool>``), which reads as an option that takes true/false; a flag shows none."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if (self.is_flag or self.count) and self.metavar is None else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
+
 app = typer.Typer(
     name="hematoscope",
     help="Classify microscope images of single blood cells.",
