@@ -258,3 +258,23 @@ def test_an_image_too_small_to_hold_a_cell_is_refused_for_a_model_with_its_size(
     assert load_model_image(edge, Preprocess()).ndim == 3  # at the limit: read
     with pytest.raises(ImageError, match="too small"):
         load_model_image(_save(Image.new("RGB", (MIN_MODEL_SIDE - 1, 40)), "PNG"), Preprocess())
+
+
+# --- probe_image: the cheap look `data split` takes at every file -------------------------
+
+def test_probe_finds_what_cannot_be_read_and_passes_whole_images(tmp_path):
+    from hematoscope.data.images import probe_image
+
+    jpeg = _save(Image.fromarray(_gradient(64, 64)), "JPEG", quality=95)
+    files = {"ok.jpg": jpeg, "ok.png": _save(Image.fromarray(_gradient()), "PNG"),
+             "ok.bmp": _save(Image.fromarray(_gradient()), "BMP"),
+             "padded.jpg": jpeg + b"\0" * 4096,  # data after the end marker: still decodes
+             ".DS_Store.jpg": b"\0\0\0\1Bud1" + b"\0" * 2000, "empty.jpg": b"",
+             "cut.jpg": jpeg[: len(jpeg) // 2], "cut.png": _save(Image.fromarray(_gradient(256, 256)), "PNG")[:300]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    got = {name: probe_image(tmp_path / name) for name in files}
+    assert got == {"ok.jpg": None, "ok.png": None, "ok.bmp": None, "padded.jpg": None,
+                   ".DS_Store.jpg": "not an image or unknown format", "empty.jpg": "empty file",
+                   "cut.jpg": "truncated file", "cut.png": "truncated file"}
+    assert probe_image(tmp_path / "gone.jpg") == "file not found"

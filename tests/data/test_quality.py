@@ -32,7 +32,7 @@ def planted(tmp_path_factory):
 def test_planted_problems_are_found(planted):
     report = check_dataset(planted, workers=1, progress=False)
     assert report.n_files == 6 * 3 + 6
-    assert report.class_counts == {"a": 8, "b": 8, "c": 8}
+    assert report.class_counts == {"a": 7, "b": 7, "c": 7}  # readable images: one unreadable file in each class
     reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report.unreadable}
     assert reasons == {"empty.png": "empty file", "notes.jpg": "not an image or unknown format", "cut.png": "truncated file"}
     exact = {tuple(sorted(p.rsplit("/", 1)[1] for p in d["paths"])): d["cross_class"] for d in report.exact_duplicates}
@@ -42,6 +42,20 @@ def test_planted_problems_are_found(planted):
     assert report.cross_class_duplicates[0]["labels"] == ["a", "b"]
     assert report.formats == {"PNG": 21} and report.modes == {"RGB": 21} and report.sizes == {"48x48": 21}
     assert report.imbalance_ratio == 1.0
+
+
+def test_class_counts_and_imbalance_are_of_readable_images(tmp_path):
+    """Unreadable files are listed on their own, not counted as images of their class."""
+    root = make_synthetic_dataset(tmp_path / "d", classes=["a", "b", "c"], n_per_class=4, size=16)
+    (root / "a" / ".DS_Store.jpg").write_bytes(b"\0\0\0\1Bud1" + b"\0" * 100)
+    (root / "a" / "cut.png").write_bytes((root / "a" / "a_0000.png").read_bytes()[:60])
+    for f in (root / "c").iterdir():  # a class with no readable image at all
+        f.write_bytes(b"")
+    report = check_dataset(root, workers=1, progress=False)
+    assert report.n_files == 14 and len(report.unreadable) == 6
+    assert report.class_counts == {"a": 4, "b": 4, "c": 0} and report.imbalance_ratio == 1.0
+    res = CliRunner().invoke(app, ["data", "check", str(root), "--workers", "1"])
+    assert res.exit_code == 0 and "readable images per class" in res.output
 
 
 def test_pool_and_inline_agree_and_report_is_json(planted):

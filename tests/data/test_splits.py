@@ -163,3 +163,62 @@ def test_copies_of_an_image_never_straddle_the_split(tmp_path):
         assert not any(p.endswith("broken.png") for p in df["path"]) and len(df) == 92
         if extra:
             assert (df.groupby("patient")["split"].nunique() == 1).all() and "groups merged" in " ".join(res.output.split())
+
+
+def test_cli_split_groups_by_patient_automatically(patient_root, tmp_path):
+    """Data with group ids is split by group, as `train` splits it, unless --group-by none."""
+    _with_patients(patient_root).to_csv(tmp_path / "cells.csv", index=False)
+    res = CliRunner().invoke(app, ["data", "split", str(tmp_path / "cells.csv"), "--out", str(tmp_path / "s.csv"),
+                                   "--val", "0.2", "--test", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert "grouped by patient automatically" in " ".join(res.output.split())
+    assert (load_split(tmp_path / "s.csv").groupby("patient")["split"].nunique() == 1).all()
+    res = CliRunner().invoke(app, ["data", "split", str(tmp_path / "cells.csv"), "--out", str(tmp_path / "i.csv"),
+                                   "--val", "0.2", "--test", "0.2", "--group-by", "none"])
+    assert res.exit_code == 0 and "grouped" not in res.output
+    assert (load_split(tmp_path / "i.csv").groupby("patient")["split"].nunique() > 1).any()
+
+
+def test_cli_split_keeps_the_crops_of_one_lisc_cell_together(lisc_root, tmp_path):
+    res = CliRunner().invoke(app, ["data", "split", str(lisc_root), "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    df = load_split(tmp_path / "s.csv", verify=False)
+    assert len(df) == 1218 and (df.groupby("patient")["split"].nunique() == 1).all()
+
+
+def test_cli_split_refuses_a_check_report_of_other_data(tmp_path):
+    ours = make_synthetic_dataset(tmp_path / "ours", classes=["a", "b"], n_per_class=8, size=16)
+    other = make_synthetic_dataset(tmp_path / "other", classes=["a", "b"], n_per_class=5, size=16, seed=1)
+    clean = tmp_path / "clean.json"  # a report that names no file: told apart by its source and count
+    assert CliRunner().invoke(app, ["data", "check", str(other), "--json", str(clean)]).exit_code == 0
+    (other / "a" / "broken.png").write_bytes(b"not an image")
+    named = tmp_path / "named.json"  # names a file that is not in ours
+    assert CliRunner().invoke(app, ["data", "check", str(other), "--json", str(named)]).exit_code == 0
+    for report in (clean, named):
+        res = CliRunner().invoke(app, ["data", "split", str(ours), "--out", str(tmp_path / "s.csv"),
+                                       "--check", str(report)])
+        text = "".join(res.output.split())  # paths wrap anywhere
+        assert res.exit_code == 2 and str(other) in text and str(ours) in text, res.output
+        assert not (tmp_path / "s.csv").exists()
+    own = tmp_path / "own.json"  # its own report still works, and so does one of the same files as a split CSV
+    assert CliRunner().invoke(app, ["data", "check", str(ours), "--json", str(own)]).exit_code == 0
+    save_split(make_split(read_dataset(ours), seed=0), tmp_path / "ours.csv")
+    for data in (ours, tmp_path / "ours.csv"):
+        res = CliRunner().invoke(app, ["data", "split", str(data), "--out", str(tmp_path / "s.csv"), "--check", str(own)])
+        assert res.exit_code == 0, res.output
+
+
+def test_cli_split_leaves_out_unreadable_files_and_says_so(tmp_path):
+    """Without --check, files that are plainly no image (a .DS_Store saved as .jpg, a cut JPEG)
+    are left out of the split with a warning, not trained on."""
+    from PIL import Image
+
+    root = make_synthetic_dataset(tmp_path / "d", classes=["a", "b"], n_per_class=10, size=32)
+    (root / "a" / ".DS_Store.jpg").write_bytes(b"\0\0\0\1Bud1" + b"\0" * 2000)
+    Image.open(root / "b" / "b_0000.png").save(tmp_path / "whole.jpg", quality=95)
+    (root / "b" / "cut.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:400])
+    res = CliRunner().invoke(app, ["data", "split", str(root), "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    assert "left out 2 files that cannot be read as images" in " ".join(res.output.split())
+    df = load_split(tmp_path / "s.csv")
+    assert len(df) == 20 and not df["path"].str.contains("DS_Store|cut").any()

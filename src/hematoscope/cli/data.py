@@ -34,7 +34,9 @@ def split_cmd(
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.1,
     test: Annotated[float, typer.Option(help="Test fraction.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed (same seed → byte-identical file).")] = 0,
-    group_by: Annotated[Optional[str], typer.Option("--group-by", help="Keep each group (e.g. 'patient') on one side.")] = None,
+    group_by: Annotated[str, typer.Option(
+        "--group-by", help="Column of group ids kept on one side (e.g. 'patient', the crops of one cell): 'auto' = "
+                           "patient when that column has ids (as `train` does); 'none' splits images.")] = "auto",
     reader: ReaderOpt = None,
     kfold: Annotated[Optional[int], typer.Option("--kfold", help="Make K folds (fold_0..fold_K-1) instead of train/val/test.")] = None,
     exclude_outliers: Annotated[Optional[Path], typer.Option(
@@ -43,19 +45,26 @@ def split_cmd(
     check: Annotated[Optional[Path], typer.Option(
         "--check", metavar="REPORT",
         help="A `data check --json REPORT` report of the same data: its unreadable files are left out and its "
-             "exact and near duplicates kept on one side (a copy of a training image is never a test image).")] = None,
+             "exact and near duplicates kept on one side (a copy of a training image is never a test image). "
+             "Without it, files that are plainly no image (by their header and end) are left out.")] = None,
 ) -> None:
     """Make a stratified, reproducible split file (with each file's sha256)."""
     from rich.table import Table
 
     from hematoscope.data.readers import read_dataset
-    from hematoscope.data.splits import kfold_split, make_split, save_split
+    from hematoscope.data.samples import resolve_group_by
+    from hematoscope.data.splits import kfold_split, make_split, save_split, unreadable_files
 
     import warnings
 
+    notes: list[str] = []  # printed after the warnings the split itself raised
     with user_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        table = read_dataset(path, reader=reader)
+        table = full = read_dataset(path, reader=reader)
+        group_col = resolve_group_by(table, group_by)
+        if group_by == "auto" and group_col is not None:
+            console().print(f"grouped by {group_col} automatically: the data has {group_col} ids "
+                            "(--group-by none splits images)", highlight=False)
         if exclude_outliers is not None:
             from hematoscope.trust.outliers import exclude, flagged_paths
 
@@ -70,24 +79,36 @@ def split_cmd(
             import json
             import os
 
-            from hematoscope.data.splits import duplicate_clusters, split_keeping_together
+            from hematoscope.data.splits import check_report_mismatch, duplicate_clusters, split_keeping_together
 
             report = json.loads(check.read_text())
+            why = check_report_mismatch(report, full, path)
+            if why is not None:
+                raise ValueError(f"{check} is a `data check` report of {report.get('source', 'other data')}, not of "
+                                 f"{os.path.abspath(path)}: {why}; make one with `hematoscope data check {path} "
+                                 "--json REPORT`")
             bad = {os.path.abspath(u["path"]) for u in report.get("unreadable", [])}
             keep = [os.path.abspath(p) not in bad for p in table["path"]]
             clusters = duplicate_clusters(report)
             fractions = {} if kfold is not None else {"val": val, "test": test}
-            df, moved = split_keeping_together(table[keep].reset_index(drop=True), clusters, group_by=group_by,
+            df, moved = split_keeping_together(table[keep].reset_index(drop=True), clusters, group_by=group_col,
                                                kfold=kfold, seed=seed, **fractions)
             console().print(f"{check}: left out {len(keep) - sum(keep)} unreadable files; {len(clusters)} clusters of "
-                            f"copies kept on one side ({moved} {'groups merged' if group_by else 'images moved'})",
+                            f"copies kept on one side ({moved} {'groups merged' if group_col else 'images moved'})",
                             highlight=False)
-        elif kfold is not None:
-            df = kfold_split(table, k=kfold, seed=seed, group_by=group_by)
         else:
-            df = make_split(table, val=val, test=test, seed=seed, group_by=group_by)
+            bad = unreadable_files(table["path"])
+            if bad:
+                table = table[~table["path"].isin(list(bad))].reset_index(drop=True)
+                first = sorted(bad)[0]
+                notes.append(f"left out {len(bad)} file{'s' if len(bad) != 1 else ''} that cannot be read as "
+                             f"images (e.g. {first}: {bad[first]}); `hematoscope data check` lists them all")
+            if kfold is not None:
+                df = kfold_split(table, k=kfold, seed=seed, group_by=group_col)
+            else:
+                df = make_split(table, val=val, test=test, seed=seed, group_by=group_col)
         save_split(df, out)
-    for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
+    for w in [*notes, *{str(w.message) for w in caught if issubclass(w.category, UserWarning)}]:
         err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
     counts = df.groupby(["label", "split"]).size().unstack(fill_value=0)
     summary = Table("label", *counts.columns, title=f"{len(df)} images → {out}")
@@ -95,8 +116,8 @@ def split_cmd(
         summary.add_row(str(label), *(str(v) for v in row))
     summary.add_row("[bold]total", *(f"[bold]{v}" for v in counts.sum()))
     console().print(summary)
-    if group_by and group_by in df and df[group_by].notna().any():
-        console().print(f"{df[group_by].nunique()} {group_by} groups, each on one side only.")
+    if group_col and group_col in df and df[group_col].notna().any():
+        console().print(f"{df[group_col].nunique()} {group_col} groups, each on one side only.")
 
 
 @data_app.command("check")
@@ -177,7 +198,7 @@ def _print_report(report, root: Path, limit: int) -> None:
     summary.add_row("time", f"{d['seconds']:.1f} s")
     out.print(summary)
 
-    classes = Table("label", "images", "canonical", title="images per class")
+    classes = Table("label", "images", "canonical", title="readable images per class")
     unmapped = {lab for labs in report.unmapped_labels.values() for lab in labs}
     for label, n in report.class_counts.items():
         canon = "[red]unmapped" if label in unmapped else (TAXONOMY.canonical(report.reader, label) or "")

@@ -1,6 +1,6 @@
 """Dataset quality check: what a folder really contains before anything is trained on it.
 
-:func:`check_dataset` reports images per class, unreadable files (with the reason from
+:func:`check_dataset` reports readable images per class, unreadable files (with the reason from
 :func:`~hematoscope.data.images.load_image`), exact duplicates (SHA-256 of the bytes) and near
 duplicates (perceptual hash, ``imagehash.phash``, within a small Hamming distance), flagging
 duplicates whose copies carry different labels, plus the size / mode / format distribution, the
@@ -12,6 +12,7 @@ multi-index hashing, never by comparing all pairs.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,10 +28,10 @@ NEAR_DUPLICATE_DISTANCE = 4
 class QualityReport:
     """Result of :func:`check_dataset`. Paths are as in the samples table (absolute)."""
 
-    source: str
+    source: str  # the checked path, absolute ("<table>" for a samples table)
     reader: str | None
     n_files: int
-    class_counts: dict[str, int]
+    class_counts: dict[str, int]  # readable images per class (a class with none at 0)
     unmapped_labels: dict[str, dict[str, int]]
     unreadable: list[dict]  # {path, label, reason}
     exact_duplicates: list[dict]  # {sha256, paths, labels, cross_class}
@@ -39,7 +40,7 @@ class QualityReport:
     formats: dict[str, int]
     modes: dict[str, int]
     sizes: dict[str, int]  # "WxH" → count, most common first
-    imbalance_ratio: float | None  # largest / smallest class
+    imbalance_ratio: float | None  # largest / smallest class, in readable images (classes with none left out)
     seconds: float = field(default=0.0)
     #: The outlier screen (:meth:`hematoscope.trust.outliers.OutlierReport.to_dict`), when asked for.
     outliers: dict | None = field(default=None)
@@ -105,15 +106,20 @@ def check_dataset(
     from hematoscope.taxonomy import unmapped_labels
 
     start = time.perf_counter()
-    source = "<table>" if hasattr(root_or_table, "columns") else str(root_or_table)
+    # Absolute, so that `data split --check` can tell a report of other data wherever it was made.
+    source = "<table>" if hasattr(root_or_table, "columns") else os.path.abspath(root_or_table)
     table = as_table(root_or_table, reader=reader)
     paths, labels = list(table["path"]), [str(x) for x in table["label"]]
     infos = list(track(_inspect_all(paths, workers), total=len(paths), description="checking images", enabled=progress))
 
     unreadable = [{"path": p, "label": lab, "reason": info["error"]}
                   for p, lab, info in zip(paths, labels, infos) if info["error"]]
-    counts = Counter(labels)
     ok = [i for i, info in enumerate(infos) if not info["error"]]
+    # Images per class and the imbalance count what can be trained on: the readable files (the
+    # unreadable ones are listed on their own). A class with no readable file is kept, at 0.
+    counts = Counter({lab: 0 for lab in labels})
+    counts.update(labels[i] for i in ok)
+    present = [n for n in counts.values() if n]
     report = QualityReport(
         source=source,
         reader=reader or (str(table["dataset"].iloc[0]) if len(table) else None),
@@ -127,7 +133,7 @@ def check_dataset(
         formats=_counter([infos[i]["format"] for i in ok]),
         modes=_counter([infos[i]["mode"] for i in ok]),
         sizes=_counter([f"{infos[i]['width']}x{infos[i]['height']}" for i in ok]),
-        imbalance_ratio=round(max(counts.values()) / min(counts.values()), 3) if counts else None,
+        imbalance_ratio=round(max(present) / min(present), 3) if present else None,
         edge_bars=[paths[i] for i in ok if infos[i]["bars"]],
     )
     report.seconds = time.perf_counter() - start

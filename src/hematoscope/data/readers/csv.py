@@ -25,6 +25,10 @@ def read_csv(path: Path):
 
     path = Path(path)
     if not _is_csv(path):
+        if path.suffix.lower() == ".zip":
+            raise DatasetError(f"{path} is a zip file: datasets are read from a folder or a .csv file, not from "
+                               "inside a zip; unzip it and give the folder (`hematoscope predict` and "
+                               "`hematoscope adapt` read zips as they are)")
         raise DatasetError(f"{path} is not a .csv file")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
