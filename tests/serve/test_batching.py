@@ -193,3 +193,54 @@ def test_a_retired_batcher_refuses_instead_of_starting_again():
         assert batcher._task is None  # not started again for a model that is gone
 
     asyncio.run(run())
+
+
+def _model_threads() -> int:
+    return sum(t.name.startswith("hematoscope-model") for t in threading.enumerate())
+
+
+def test_removing_a_model_answers_every_request_queued_gathered_or_running():
+    """DELETE /api/models/NAME while requests wait for it: none may hang (each holds a worker
+    thread and a concurrency slot); each is answered, a failure saying the model was removed."""
+    gate = threading.Event()
+    threads_before = _model_threads()
+
+    async def main():
+        busy = ModelBatcher(IdBundle(gate=gate), max_batch=4, max_wait_s=0.0)
+        gathering = ModelBatcher(IdBundle(), max_batch=4, max_wait_s=5.0)
+        running = asyncio.ensure_future(busy.predict([_image(i) for i in range(4)], list("abcd")))  # a full batch
+        await asyncio.sleep(0.05)  # now in the model (blocked on the gate)
+        queued = [asyncio.ensure_future(busy.predict([_image(10 + i)], [str(i)])) for i in range(3)]
+        # taken from the queue by the batching task, waiting (up to 5 s) for others to join it
+        gathered = asyncio.ensure_future(gathering.predict([_image(20)], ["g"]))
+        await asyncio.sleep(0.05)
+        threading.Timer(0.1, gate.set).start()  # the running model call ends while the model is removed
+        await asyncio.wait_for(asyncio.gather(busy.retire(), gathering.retire()), 5)
+        callers = [running, *queued, gathered]
+        done, pending = await asyncio.wait(callers, timeout=0.5)
+        for f in pending:
+            f.cancel()
+        return [f.exception() if f.done() and not f.cancelled() else f for f in callers], pending, busy, gathering
+
+    outcomes, pending, busy, gathering = asyncio.run(main())
+    gate.set()
+    assert not pending, f"{len(pending)} of {len(outcomes)} requests were never answered"
+    for outcome in outcomes:  # all failed: the one in the model too (its result came after the removal)
+        assert isinstance(outcome, Overloaded) and "removed" in str(outcome) and "shutting down" not in str(outcome)
+    assert not busy._futures and not gathering._futures and busy.queued_images == 0
+    assert _model_threads() == threads_before  # the model threads ended
+
+
+def test_stopping_the_server_fails_waiting_requests_saying_so():
+    gate = threading.Event()
+
+    async def main():
+        batcher = ModelBatcher(IdBundle(gate=gate), max_batch=1, max_wait_s=0.0)
+        calls = [asyncio.ensure_future(batcher.predict([_image(i)], [str(i)])) for i in range(3)]
+        await asyncio.sleep(0.05)
+        threading.Timer(0.1, gate.set).start()
+        await asyncio.wait_for(batcher.stop(), 5)
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 0.5)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, Overloaded) and "shutting down" in str(o) for o in outcomes)

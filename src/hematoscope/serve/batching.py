@@ -23,6 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 
 
+#: why a removed model's requests fail (:meth:`ModelBatcher.retire`)
+REMOVED = "this model was removed and is no longer served; choose another"
+
+
 class Overloaded(RuntimeError):
     """The model queue is full; ``retry_after`` seconds is a fair wait before trying again."""
 
@@ -79,6 +83,8 @@ class ModelBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
         self._retired = False
+        #: the future of every job not yet answered, wherever the job is (queue, carry, batch, model)
+        self._futures: set[asyncio.Future] = set()
         #: the bundle at each operating point a request chose (``Bundle.at_ood_accept``), made once
         self._at: dict[float, Any] = {}
 
@@ -90,30 +96,31 @@ class ModelBatcher:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hematoscope-model")
             self._task = asyncio.get_running_loop().create_task(self._run(), name="hematoscope-batcher")
 
-    async def stop(self) -> None:
-        """Stop the task; jobs still waiting fail with Overloaded."""
+    async def stop(self, reason: str = "the server is shutting down", retry_after: int = 5) -> None:
+        """Stop the task; every request not yet answered (queued, gathered into a batch or in the
+        model) fails at once with Overloaded(``reason``); returns once the model thread is done."""
         if self._task is None:
             return
-        self._task.cancel()
+        task, executor = self._task, self._executor
+        task.cancel()
         try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        left = [self._carry] if self._carry is not None else []
-        while self._queue is not None and not self._queue.empty():
-            left.append(self._queue.get_nowait())
-        for job in left:
-            if not job.future.done():
-                job.future.set_exception(Overloaded("the server is shutting down", 5))
-        self._executor.shutdown(wait=True)
-        self._task = self._queue = self._executor = self._carry = None
-        self._queued_images = 0
+            await asyncio.wait([task])  # (does not swallow a cancellation of stop() itself)
+        finally:  # even if stop() is cancelled: no caller may be left waiting
+            for future in self._futures:
+                if not future.done():
+                    future.set_exception(Overloaded(reason, retry_after))
+            self._futures.clear()
+            self._task = self._queue = self._executor = self._carry = None
+            self._queued_images = 0
+        # a model call still running finishes in its thread (its callers have been answered);
+        # wait for it off the event loop
+        await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
 
     async def retire(self) -> None:
-        """Stop for good (the model is no longer served): later calls fail with Overloaded
-        instead of starting the task again."""
+        """Stop for good (the model is no longer served): waiting requests, and later calls,
+        fail with Overloaded saying the model was removed, instead of starting the task again."""
         self._retired = True
-        await self.stop()
+        await self.stop(REMOVED, 1)
 
     # --- use ---------------------------------------------------------------------------
     @property
@@ -139,7 +146,7 @@ class ModelBatcher:
         if not images:
             return Prediction.empty(self.bundle.labels)
         if self._retired:
-            raise Overloaded("this model is no longer served; choose another", 1)
+            raise Overloaded(REMOVED, 1)
         if self._task is None:
             await self.start()
         if self._queued_images + len(images) > self.max_queue and self._queued_images > 0:
@@ -152,7 +159,11 @@ class ModelBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queued_images += len(images)
         self._queue.put_nowait(_Job(list(images), list(sources), future, ood_accept))
-        return await future
+        self._futures.add(future)
+        try:
+            return await future
+        finally:
+            self._futures.discard(future)
 
     def _predict_at(self, ood_accept: float | None, images: list[np.ndarray], sources: list[str]):
         """The model call, in the model thread (which alone makes and uses the copies)."""
