@@ -135,3 +135,27 @@ def test_all_bad_input_gives_an_empty_prediction_with_reasons(colour_bundle, mes
     assert pred.skipped == [SkippedFile(str(messy_folder / "a" / "empty.png"), "empty file"),
                             SkippedFile(str(messy_folder / "missing.jpg"), "file not found")]
     assert expand_paths([]) == []
+
+
+def test_one_image_comes_in_a_list_and_every_kind_of_image_gives_one_answer(colour_bundle):
+    """A lone path or array would be iterated as characters or pixel rows, each answered as an
+    image: refused with the fix named. Paths, arrays, bytes, open files and PIL images agree."""
+    from PIL import Image
+
+    from hematoscope.data.images import load_image
+
+    path = sample_paths()[0]
+    pixels = load_image(path)
+    for lone in (str(path), path, pixels, pixels[:, :, 0], path.read_bytes()):
+        with pytest.raises(TypeError, match=r"pass \[image\]"):
+            colour_bundle.predict(lone)
+    with pytest.raises(TypeError, match="image 1 is a int"):
+        colour_bundle.predict([path, 7])
+    with Image.open(path) as pil, open(path, "rb") as fh:
+        pred = colour_bundle.predict([str(path), pixels, path.read_bytes(), fh, pil])
+    assert len(pred) == 5 and not pred.skipped
+    # encoded forms decode alike (JPEG at reduced scale where it can); pixels and PIL images are whole
+    np.testing.assert_allclose(pred.probs[[2, 3]], pred.probs[[0, 0]], atol=1e-6)
+    np.testing.assert_allclose(pred.probs[4], pred.probs[1], atol=1e-6)
+    np.testing.assert_allclose(pred.probs[1], pred.probs[0], atol=1e-2)
+    assert len(colour_bundle.predict(pixels[None])) == 1  # a stacked batch (N, H, W, 3) is a list of images

@@ -913,9 +913,14 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
 
     Raises:
         ValueError: an array that is not an image, or ``names`` of another length."""
-    from hematoscope.data.images import rgb_array
+    from hematoscope.data.images import pil_rgb_array, rgb_array
     from hematoscope.data.sources import ImageSource, SkippedFile
 
+    if isinstance(images, (str, Path, bytes)) or (isinstance(images, np.ndarray) and images.ndim < 4) \
+            or _is_pil(images):
+        # one image would be iterated as characters, bytes or pixel rows, each answered as an image
+        raise TypeError(f"images must be a list of images (paths, arrays, bytes or PIL images); got one "
+                        f"{type(images).__name__}: pass [image] for one image")
     items = list(images)
     if names is not None and len(names) != len(items):
         raise ValueError(f"{len(items)} images but {len(names)} source names")
@@ -927,9 +932,23 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
         name = names[i] if names is not None else str(item) if isinstance(item, (str, Path)) else f"image_{i}"
         if isinstance(item, (str, Path)):
             out.append(ImageSource(name, Path(item)))
+        elif isinstance(item, np.ndarray):
+            out.append(ImageSource(name, data=rgb_array(item)))
+        elif _is_pil(item):
+            out.append(ImageSource(name, data=pil_rgb_array(item)))
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            out.append(ImageSource(name, data=bytes(item)))
+        elif hasattr(item, "read"):  # an open binary file
+            out.append(ImageSource(name, data=item.read()))
         else:
-            out.append(ImageSource(name, data=rgb_array(item) if isinstance(item, np.ndarray) else item))
+            raise TypeError(f"image {i} is a {type(item).__name__}: expected a path, a numpy array, encoded "
+                            "bytes, a binary file or a PIL image")
     return out
+
+
+def _is_pil(obj) -> bool:
+    """Whether ``obj`` is a PIL image, without importing PIL for callers that pass none."""
+    return type(obj).__module__.startswith("PIL.") and hasattr(obj, "mode") and hasattr(obj, "size")
 
 
 def _views(n: int) -> str:

@@ -301,6 +301,11 @@ def _deep_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.round(a.astype(np.float64) * (255 / (2.0 ** bits - 1))), 0, 255).astype(np.uint8)
 
 
+def pil_rgb_array(im) -> np.ndarray:
+    """A PIL image (any mode) as the HWC RGB uint8 array the models take, as its file would give."""
+    return _to_rgb_array(im)
+
+
 def _to_rgb_array(im) -> np.ndarray:
     """Any PIL mode → RGB uint8. 16/32-bit greys and float images follow :func:`rgb_array`'s
     rules for numpy images (a file and its pixels as an array give the same input); alpha is
