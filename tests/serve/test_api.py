@@ -349,11 +349,13 @@ class TestHistory:
         r = client.patch(f"/api/analyses/{a['id']}", json={"sample": sample})
         assert r.status_code == 422 and message in r.text
 
-    @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0.97", "abc", ""])
+    @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0.97", "abc", "", "0.990000001"])
     def test_bad_operating_points_are_refused_before_anything_is_stored(self, client, sample_files, value):
         files = _files((sample_files[0].name, sample_files[0].read_bytes()))
         r = client.post(f"/api/predict?ood_accept={value}", files=files)
         assert r.status_code == 422, r.text
+        if value == "0.990000001":  # named as given, not rounded to a listed level
+            assert "0.990000001 is not an operating point" in r.text
         assert client.get("/api/analyses").json()["count"] == 0
 
     def test_differential_csv_gives_the_count_as_given_and_as_corrected(self, client, sample_files):

@@ -143,6 +143,16 @@ def test_largest_offset_is_answered(client):
     assert r.status_code == 200 and r.json()["data"] == []
 
 
+@pytest.mark.parametrize("body", ['{"sample": NaN}', '{"sample": Infinity}', '{"sample": 1e999}',
+                                  '{"corrections": NaN}', '{"corrections": [{"index": 1e400, "label": "eosinophil"}]}'])
+def test_json_numbers_json_cannot_hold_are_422_not_500(client, sample_files, body):
+    a = client.post("/api/predict", files=_files((sample_files[0].name, sample_files[0].read_bytes()))).json()
+    where = f"/api/analyses/{a['id']}" + ("/corrections" if "corrections" in body else "")
+    r = client.patch(where, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]  # says what is wrong, the odd number written as text
+
+
 # --- 3. CSV formula injection ----------------------------------------------------------------
 def test_csv_report_neutralises_formula_cells(client, sample_files):
     data = sample_files[0].read_bytes()

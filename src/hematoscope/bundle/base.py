@@ -505,7 +505,7 @@ class Bundle(ABC):
         share = float(share)
         if share not in OOD_ACCEPT_LEVELS:
             raise BundleError(f"the OOD flag can be set to accept {', '.join(map(str, OOD_ACCEPT_LEVELS))} of the "
-                              f"validation cells, not {share:g}")
+                              f"validation cells, not {share!r}")
         if self.ood is None or cfg.ood is None or cfg.ood.threshold is None:
             raise BundleError(f"bundle {self.name!r} has no OOD flag to set (hematoscope trust fit)")
         offered = self.ood_accept_shares()

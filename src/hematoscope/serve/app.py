@@ -1,12 +1,15 @@
 """The web app: REST API under /api, the single-page UI at /, OpenAPI docs at /docs."""
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, FastAPI
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,6 +82,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        body_timeout_s=settings.body_timeout_s)
     app.add_middleware(_SameOriginGuard, allowed_origins=settings.allowed_origins)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts(), www_redirect=False)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc):
+        # FastAPI's own handler echoes the input back, and a NaN or 1e999 in a JSON body made
+        # that echo unserialisable: a 500 instead of the 422 the request deserves
+        return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -231,3 +240,14 @@ def _split_host_port(netloc: str, default_port: str) -> tuple[str, str]:
         return host + "]", rest[1:] if rest.startswith(":") else default_port
     host, _, port = netloc.partition(":")
     return host, port or default_port
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float written as text (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

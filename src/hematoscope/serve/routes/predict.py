@@ -55,7 +55,7 @@ async def predict(
     if ood_accept is not None and ood_accept not in levels:
         can = f"one of {', '.join(f'{q:g}' for q in levels)}" if levels else "not moved: its flag has no stored levels"
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"ood_accept {ood_accept:g} is not an operating point of model {served.name!r}: {can}")
+                            f"ood_accept {ood_accept!r} is not an operating point of model {served.name!r}: {can}")
     point = ood_accept if ood_accept is not None else served.bundle.config.ood_accept
     limiter = request.app.state.limiter
     if limiter.borrowed_tokens >= limiter.total_tokens and limiter.statistics().tasks_waiting >= limiter.total_tokens:
