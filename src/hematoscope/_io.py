@@ -146,3 +146,22 @@ def save_figure(fig, path: Path | str) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def read_safetensors(path: Path | str, framework: str = "numpy") -> dict:
+    """The tensors of the safetensors file at ``path`` (``framework``: "numpy" or "pt").
+
+    Raises:
+        ValueError: naming the file, when it is damaged, cut short or of another format (a
+            pickle named .safetensors is refused, never unpickled)."""
+    from safetensors import SafetensorError
+
+    if framework == "pt":
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): damaged, cut short or of "
+                         "another format") from None

@@ -86,6 +86,58 @@ def test_weights_not_matching_architecture_is_a_clear_error(tiny_neural_bundle, 
         load_bundle(copy)
 
 
+def _damaged(source, tmp_path, name, change):
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(source, copy)
+    change(copy)
+    return copy
+
+
+def test_damaged_or_foreign_bundle_files_are_clear_errors_naming_the_file(tiny_neural_bundle, tmp_path, monkeypatch):
+    """A pickle named .safetensors is refused unread, a cut file or bad JSON is named, a network
+    defined outside the bundle (timm's local-dir:) or an absurd input size is refused at load."""
+    import pickle
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a bundle file was unpickled")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    weights = (tiny_neural_bundle / "model.safetensors").read_bytes()
+
+    def config(**change):
+        def edit(copy):
+            cfg = json.loads((copy / "config.json").read_text())
+            for key, value in change.items():
+                section, field = key.split("__")
+                cfg[section][field] = value
+            (copy / "config.json").write_text(json.dumps(cfg))
+        return edit
+
+    cases = {
+        "pickled": (lambda c: (c / "model.safetensors").write_bytes(pickle.dumps({"w": [1.0] * 10})),
+                    "model.safetensors is not a readable safetensors file"),
+        "cut": (lambda c: (c / "model.safetensors").write_bytes(weights[:100]),
+                "model.safetensors is not a readable safetensors file"),
+        "metrics": (lambda c: (c / "metrics.json").write_bytes(b"\x80\x81 not json"), "metrics.json is not valid JSON"),
+        "local-dir": (config(model__arch="local-dir:/tmp"), "unknown architecture 'local-dir:/tmp'"),
+        "path": (config(model__arch="../../../etc/passwd"), "unknown architecture"),
+        "size": (config(preprocess__size=100000), "input size must be 8 to 1024"),
+    }
+    for name, (change, message) in cases.items():
+        copy = _damaged(tiny_neural_bundle, tmp_path, name, change)
+        with pytest.raises(BundleError, match=message) as err:
+            load_bundle(copy).forward(_images(1))
+        assert str(copy) in str(err.value) or name == "size", (name, str(err.value))
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+
+    copy = _damaged(DEFAULT_MODEL_DIR, tmp_path, "ood", lambda c: (c / "ood.safetensors").write_bytes(b""))
+    with pytest.raises(BundleError, match="ood.safetensors is not a readable safetensors file"):
+        load_bundle(copy)
+
+
 def test_offline_lite0_weights_load_every_key():
     bundle = NeuralBundle.create(["a_class", "b_class"], weights="imagenet-offline")
     own = bundle.net.model.state_dict()

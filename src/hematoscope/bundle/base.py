@@ -1011,7 +1011,7 @@ def _load_dir(directory: Path, origin: Path) -> Bundle:
         raise BundleError(f"{origin} has no config.json: not a hematoscope bundle")
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not text at all
         raise BundleError(f"{cfg_file} is not valid JSON ({exc})") from None
     version = raw.get("format_version")
     if version not in READABLE_FORMAT_VERSIONS:
@@ -1026,13 +1026,21 @@ def _load_dir(directory: Path, origin: Path) -> Bundle:
     except Exception as exc:  # pydantic.ValidationError: keep its field-by-field message
         raise BundleError(f"{cfg_file} is invalid: {exc}") from None
     metrics_file = directory / "metrics.json"
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
-    bundle = bundle_class(config.kind)._load_weights(config, directory, metrics)
-    bundle.path, bundle.directory = origin, directory
-    if config.ood is not None:
-        from hematoscope.bundle.ood import load_scorer
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
+    except ValueError as exc:
+        raise BundleError(f"{metrics_file} is not valid JSON ({exc})") from None
+    try:
+        bundle = bundle_class(config.kind)._load_weights(config, directory, metrics)
+        bundle.path, bundle.directory = origin, directory
+        if config.ood is not None:
+            from hematoscope.bundle.ood import load_scorer
 
-        bundle.ood = load_scorer(config.ood.model_dump(), directory)
+            bundle.ood = load_scorer(config.ood.model_dump(), directory)
+    except BundleError:
+        raise
+    except ValueError as exc:  # a damaged or foreign file among the bundle's (it names the file)
+        raise BundleError(f"cannot load bundle {origin}: {exc}") from None
     return bundle
 
 

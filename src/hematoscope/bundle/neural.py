@@ -399,9 +399,8 @@ def _average(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _load_state(net: "ClassifierNet", weights_file: Path, config: BundleConfig) -> None:
-    from safetensors.torch import load_file
-
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(weights_file)).items()}
+    state = {k: (v.float() if v.is_floating_point() else v)
+             for k, v in _io.read_safetensors(weights_file, "pt").items()}
     try:
         net.model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -83,9 +83,9 @@ def load_scorer(config_ood: dict[str, Any], directory: Path | str) -> "OODScorer
         path = Path(directory) / OOD_FILE
         if not path.exists():
             raise ScorerError(f"{path} is missing: the bundle's {cls.name} OOD scorer cannot be loaded")
-        from safetensors.numpy import load_file
+        from hematoscope._io import read_safetensors
 
-        arrays = load_file(str(path))
+        arrays = read_safetensors(path)
         missing = set(cls.array_names) - set(arrays)
         if missing:
             raise ScorerError(f"{path} lacks arrays {sorted(missing)} needed by the {cls.name} scorer")

@@ -162,8 +162,6 @@ class FewShotBundle(Bundle):
 
     @classmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "FewShotBundle":
-        from safetensors.numpy import load_file
-
         m = config.model
         backbone, views = m.backbone, m.view_count
         if backbone["type"] == "bundle":
@@ -177,7 +175,9 @@ class FewShotBundle(Bundle):
                                        model_kwargs=backbone.get("model_kwargs"))
         else:
             raise BundleError(f"unknown few-shot backbone type {backbone['type']!r}")
-        arrays = load_file(str(directory / HEAD_FILE))
+        from hematoscope import _io
+
+        arrays = _io.read_safetensors(directory / HEAD_FILE)
         spec = HeadSpec.from_dict(m.head)
         if spec.self_training is not None and "transduction" in arrays:
             head = _fit_head(spec, arrays["features"], arrays["transduction"], replay=True)

@@ -132,9 +132,12 @@ def read_state_dict(path: Path | str) -> dict:
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from hematoscope._io import read_safetensors
 
-        sd = load_file(str(path))
+        try:
+            sd = read_safetensors(path, "pt")
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -257,6 +260,10 @@ def create_backbone(arch: str = DEFAULT_ARCH, *, num_classes: int = 0, weights: 
     name = weights if isinstance(weights, str) and weights.startswith(HUB_PREFIX) else arch
     if name.startswith(HUB_PREFIX) and not hub:  # no weights asked from the hub: no network either
         name = offline_hub_architecture(name)
+    elif not name.startswith(HUB_PREFIX) and not timm.is_model(name):
+        # also refuses timm's "local-dir:" scheme: a bundle must not define its network from elsewhere
+        raise WeightsError(f"unknown architecture {arch!r}: a timm model name is expected (timm.list_models()), "
+                           "or hf-hub:org/name")
     try:
         model = timm.create_model(name, pretrained=hub, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     except RuntimeError as exc:

@@ -12,6 +12,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 
 
+#: The largest model input side accepted (cell classifiers take 128-512 px).
+MAX_INPUT_SIZE = 1024
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an RGB uint8 image becomes a model input.
@@ -53,8 +57,8 @@ class Preprocess:
     bars: str = "keep"
 
     def __post_init__(self) -> None:
-        if self.size < 8:
-            raise ValueError(f"input size must be >= 8 px; got {self.size}")
+        if not 8 <= self.size <= MAX_INPUT_SIZE:  # a config's 100000 would take all the memory on its first image
+            raise ValueError(f"input size must be 8 to {MAX_INPUT_SIZE} px; got {self.size}")
         if self.resize not in ("squash", "shorter_crop"):
             raise ValueError(f"resize must be 'squash' or 'shorter_crop'; got {self.resize!r}")
         if not 0.1 <= self.crop_pct <= 1.0:
