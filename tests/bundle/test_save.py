@@ -61,3 +61,22 @@ def test_onnx_export_in_place_adds_the_graph_and_keeps_the_weights_file(tiny_neu
     assert again.config.model.onnx["file"] == "model.onnx" and (path / "model.onnx").is_file()
     again.save(path)  # saving back home keeps the export
     assert (path / "model.onnx").is_file()
+
+
+def test_every_saved_file_is_readable_by_other_users(tiny_neural_bundle, tmp_path):
+    """A bundle is copied to a lab's server and read by the user it runs as."""
+    import os
+    import stat
+
+    import torch
+
+    bundle = load_bundle(tiny_neural_bundle)
+    with torch.no_grad():  # changed weights: written from the network, not copied from the file
+        next(bundle.net.parameters()).add_(0.01)
+    umask = os.umask(0o022)
+    try:
+        out = bundle.save(tmp_path / "fresh")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes

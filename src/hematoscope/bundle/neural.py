@@ -378,7 +378,8 @@ class NeuralBundle(Bundle):
             # unchanged since load: keep the file's bytes (safetensors orders metadata keys at random)
             _io.write_bytes(directory / WEIGHTS_FILE, self._weights_file.read_bytes())
             return
-        save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
+        with _io.atomic_path(directory / WEIGHTS_FILE, ".safetensors") as tmp:  # and readable by others
+            save_file(state, str(tmp), metadata=metadata)
 
     @classmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "NeuralBundle":
