@@ -161,6 +161,17 @@ def test_embed_writes_png_and_coordinates(small_synthetic, tmp_path):
     assert (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ssl_refuses_to_replace_weights_or_name_them_as_a_pickle(small_synthetic, tmp_path):
+    """Pretraining takes minutes to hours: an existing --out is kept unless --overwrite; a .pt
+    name would later be read as a torch pickle, which the weights are not."""
+    kept = tmp_path / "w.safetensors"
+    kept.write_bytes(b"earlier pretraining")
+    for out, message in ((kept, "--overwrite"), (tmp_path / "w.pt", "*.safetensors")):
+        r = CliRunner().invoke(app, ["ssl", str(small_synthetic), "--max-steps", "1", "--out", str(out)])
+        assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output  # refused before training
+    assert kept.read_bytes() == b"earlier pretraining" and not (tmp_path / "w.pt").exists()
+
+
 @pytest.mark.slow
 def test_ssl_command_writes_usable_weights(small_synthetic, tiny_arch, tmp_path):
     out = _run(["ssl", small_synthetic, "--arch", tiny_arch, "--size", 32, "--batch-size", 12, "--max-steps", 6,

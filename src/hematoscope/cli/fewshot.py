@@ -245,11 +245,18 @@ def ssl(
                                          "processes (DDP, gloo; --batch-size is the global batch).")] = "1",
     num_nodes: Annotated[int, typer.Option("--num-nodes", min=1, help="Machines (docs/scale.md).")] = 1,
     strategy: Annotated[str, typer.Option("--strategy", help="Lightning strategy: auto or ddp.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the weights file --out already is.")] = False,
 ) -> None:
     """Self-supervised adaptation of a backbone to unlabelled cell images, time-bounded.
 
     Use the result with ``--backbone ARCH --weights OUT`` in features / fewshot / train.
     """
+    if out.suffix != ".safetensors":  # what is read back is chosen by the name: .pt would be unpickled as torch's
+        raise typer.BadParameter(f"the weights are written as safetensors: name the file *.safetensors, not "
+                                 f"{out.name}", param_hint="--out")
+    if out.exists() and not overwrite:  # minutes or hours of pretraining
+        raise typer.BadParameter(f"{out} exists; choose another --out, or pass --overwrite to replace it",
+                                 param_hint="--out")
     with user_errors():
         from hematoscope.data.readers import read_dataset
         from hematoscope.fewshot.bench import split_parts
