@@ -27,15 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "train_pbc.json"
 DEFAULT_MODEL = REPO / "src" / "hematoscope" / "default_model"
 
-#: The cross-lab recipe (docs/crosslab.md): Lite0 from the shipped SimCLR weights (self-supervised
-#: on PBC's unlabelled images, from ImageNet), 128 px crops of 144 px, AdamW 3e-4 / 1e-3, batch 64,
-#: label smoothing 0.1, cosine; per-image colour canonicalisation in the bundle's preprocessing and
+#: The cross-lab recipe (recipes/default-model.yaml, measured in docs/crosslab.md): Lite0 from the
+#: shipped SimCLR weights, per-image colour canonicalisation in the bundle's preprocessing and
 #: domain randomisation (stain, hue, gamma, optics, camera, framing) in training.
-RECIPE = dict(arch="efficientnet_lite0", weights="hematoscope-simclr-pbc", size=128, crop_pct=128 / 144, batch_size=64,
-              lr=1e-3, backbone_lr=3e-4, label_smoothing=0.1, schedule="cosine", augment="basic",
-              colour_norm="percentile", color_jitter=0.2, stain_jitter=0.1, hue_jitter=0.05, gamma_jitter=0.25,
-              hed_jitter=0.05, noise=0.03, grey_prob=0.1, blur_prob=0.3, resample_prob=0.3, jpeg_prob=0.3,
-              bars_prob=0.15, scale_jitter=0.3, weights_dtype="float16", seed=0)
+RECIPE_FILE = REPO / "recipes" / "default-model.yaml"
+
+
+def load_recipe() -> tuple[dict, int]:
+    """The default model's recipe (train options) and its epoch count, from RECIPE_FILE."""
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE_FILE.read_text(encoding="utf-8"))
+    return {k: v for k, v in recipe.items() if k != "epochs"}, recipe["epochs"]
+
+
+RECIPE, RECIPE_EPOCHS = load_recipe()
 #: The shipped model's framing search (ReframeRule, docs/crosslab.md): centre crops for cells
 #: flagged as unlike PBC (LISC macro-F1 0.68 -> 0.81). Padded frames (1.5-2.5x) are left out:
 #: they cost a tenth of the cascade's speed for a few points on tight crops, which
@@ -81,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "pbc")
     ap.add_argument("--run-dir", type=Path, default=REPO.parent / "runs" / "pbc-lite0-ssl-e24")
-    ap.add_argument("--epochs", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=RECIPE_EPOCHS)
     ap.add_argument("--ship", action="store_true", help="install the bundle into src/hematoscope/default_model")
     ap.add_argument("--frozen-bn", action="store_true", help="keep the pretrained BatchNorm statistics (TrainConfig "
                     "frozen_bn); measured in docs/crosslab.md: worse on LISC at 12 epochs, and adapt breaks it")
