@@ -40,6 +40,7 @@ def evaluate_cmd(
     with user_errors():
         from hematoscope import _io
         from hematoscope.data.readers import read_dataset
+        from hematoscope.data.splits import SplitRowsError, select_split_rows
         from hematoscope.evaluate import evaluate_bundle
         from hematoscope.predict.options import InferenceOptions
         from hematoscope.predict.pipeline import load_for_inference
@@ -48,25 +49,16 @@ def evaluate_cmd(
         bundle = load_for_inference(str(bundle_path), InferenceOptions(
             tta=tta, classes=class_list(classes), reframe=reframe, recolour=recolour, ood_accept=ood_accept))
         table = read_dataset(data, reader=reader)
-        chosen = None
-        if "split" in table:
-            parts = sorted(set(table["split"]))
-            if split is None and "test" not in parts:
-                # e.g. a training run's split.csv (its rows trained or tuned the model) or a k-fold file
-                raise typer.BadParameter(f"{data} has no test rows (its parts: {', '.join(parts)}); name the rows "
-                                         f"to score: --split {'val' if 'val' in parts else parts[-1]}, or --split all",
-                                         param_hint="--split")
-            chosen = split or "test"
-            if chosen != "all":
-                table = table[table["split"] == chosen].reset_index(drop=True)
-                if table.empty:
-                    raise typer.BadParameter(f"{data} has no rows with split {chosen!r} (its parts: "
-                                             f"{', '.join(parts)}, or all)", param_hint="--split")
+        try:
+            table, chosen = select_split_rows(table, split, data)
+        except SplitRowsError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--split") from None
         report = evaluate_bundle(bundle, table, batch_size=batch_size, plots_dir=plots)
         if ood is not None:
             from hematoscope.trust import evaluate_ood
 
-            report["ood"] = evaluate_ood(bundle, table, ood, plots_dir=plots, batch_size=batch_size)
+            report["ood"] = evaluate_ood(bundle, table, ood, plots_dir=plots, batch_size=batch_size,
+                                         rows=chosen or "all")
         if json_out is not None:  # what was scored: the model, the data by name, which rows
             _io.write_json(json_out, {"model": bundle.name, "data": Path(data).name, "rows": chosen or "all",
                                       **report})

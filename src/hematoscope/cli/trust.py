@@ -16,7 +16,9 @@ def fit_cmd(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .zip (re-saved in place).")],
     data: Annotated[Path, typer.Argument(metavar="DATA_OR_SPLIT",
                                          help="Split CSV (uses its train and val rows), or a dataset folder "
-                                              "(split here with --seed; its val part must not have been trained on).")],
+                                              "(split here with --seed; its val part must not have been trained on). "
+                                              "A bundle from `hematoscope train` needs its run's split.csv (or a "
+                                              "split whose val rows it was not trained on).")],
     method: Annotated[Optional[str], typer.Option(
         help="OOD score: a registered method (hematoscope.trust.list_scorers(): knn_energy, mahalanobis, knn, "
              "isolation_forest ...; default: knn_energy when the model has features).")] = None,
@@ -28,6 +30,10 @@ def fit_cmd(
     abstain_min_confidence: Annotated[Optional[float], typer.Option(
         "--abstain-below", help="Abstain below this calibrated confidence (default: Chow's rule, 0.75).")] = None,
     max_train: Annotated[int, typer.Option("--max-train", help="At most this many train images fit the OOD score.")] = 5000,
+    allow_other_split: Annotated[bool, typer.Option(
+        "--allow-other-split", help="Fit on DATA although it is not the split the bundle records having been "
+                                    "trained with and its run's split.csv is not beside the bundle to check it "
+                                    "against (val rows found to be training images are refused even so).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the train subset (and of the split when DATA is a folder).")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save to this path instead of over BUNDLE.")] = None,
     tta: Annotated[Optional[int], typer.Option(
@@ -58,6 +64,7 @@ def fit_cmd(
     from hematoscope.models.preprocess import TTA_VIEWS
     from hematoscope.bundle.ood import list_scorers
     from hematoscope.trust.fit import fit_trust_on_table
+    from hematoscope.trust.training_split import check_fit_split
 
     if method is not None and method not in list_scorers():
         raise typer.BadParameter(f"choose one of {', '.join(list_scorers())}", param_hint="--method")
@@ -69,12 +76,21 @@ def fit_cmd(
         if tta is not None and tta != 1 and not bundle.supports_tta:
             raise ValueError(f"{bundle.kind!r} bundles do not support test-time views")
         table = read_dataset(data)
-        if "split" not in table.columns:
+        made_here = "split" not in table.columns
+        if made_here:
             from hematoscope.data.splits import make_split
 
+            table = make_split(table, seed=seed)
+        # a bundle from `hematoscope train` records its split: val rows it was trained on are refused
+        check = check_fit_split(bundle, bundle_path, data, table, split_made_here=made_here, seed=seed,
+                                allow_other=allow_other_split)
+        if check.status in ("checked", "other_data"):
+            err_console().print(f"note: {check.message}", highlight=False)
+        elif check.status == "unchecked":
+            err_console().print(f"[yellow]warning:[/] {check.message}", highlight=False)
+        elif made_here and check.status == "unrecorded":
             err_console().print(f"[yellow]warning:[/] {data} has no split; making one (seed {seed}). Its val "
                                 "images must not have been used to train the bundle.")
-            table = make_split(table, seed=seed)
         _set_reframe(bundle, table, reframe_zooms, zooms, reframe_margin, reframe_size, seed)
         report = fit_trust_on_table(bundle, table, max_train=max_train, seed=seed, target_tpr=target_tpr,
                                     target_answered=target_answered or None,
@@ -157,24 +173,36 @@ def _zooms(text: str | None) -> list[float] | None:
 def eval_cmd(
     bundle_path: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Bundle directory or .zip.")],
     data: Annotated[Path, typer.Argument(metavar="DATA", help="In-distribution labelled data (folder, or split "
-                                                               "CSV: its test rows).")],
+                                                               "CSV: its test rows, or the rows --split names).")],
     ood: Annotated[Path, typer.Option("--ood", help="Folder of out-of-distribution images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trust_eval.json and the plots.")],
+    split: Annotated[Optional[str], typer.Option(help="Rows of a split CSV to use: one of its parts (test, val, "
+                                                      "train; fold_0, fold_1 ... of a k-fold file) or all (default: "
+                                                      "test; a split file without test rows needs one named).")] = None,
     tta: TtaOption = None,
 ) -> None:
     """AUROC and FPR at 95 % TPR of OOD vs DATA, plus the risk-coverage curve."""
     from hematoscope.bundle.base import load_bundle
+    from hematoscope.data.readers import read_dataset
     from hematoscope.trust.evaluation import evaluate_ood
+    from hematoscope.data.splits import ALL_ROWS, SplitRowsError, select_split_rows
 
     with user_errors():
         bundle = load_bundle(bundle_path)
         apply_tta(bundle, tta)
-        report = evaluate_ood(bundle, data, ood, plots_dir=out)
+        table = read_dataset(data)
+        try:  # as `hematoscope evaluate` chooses them: a run's split.csv (train/val only) needs --split
+            table, chosen = select_split_rows(table, split, data)
+        except SplitRowsError as exc:
+            raise typer.BadParameter(str(exc), param_hint=exc.param_hint) from None
+        report = evaluate_ood(bundle, table, ood, plots_dir=out, rows=chosen or ALL_ROWS,
+                              about={"model": bundle.name, "data": Path(data).name})
     c = console()
     m, rc = report["ood"], report["risk_coverage"]
     c.print(f"score: {report['score']}")
     c.print(f"OOD vs in-distribution: AUROC {m['auroc']:.4f}, FPR@95%TPR {m['fpr_at_95_tpr']:.4f} "
-            f"({m['n_ood']} OOD, {m['n_in']} in-distribution images)")
+            f"({m['n_ood']} OOD, {m['n_in']} in-distribution images: "
+            f"{'all rows' if report['rows'] == ALL_ROWS else report['rows'] + ' rows'} of {data})")
     if report["at_threshold"]:
         t = report["at_threshold"]
         c.print(f"at the bundle threshold: {t['in_accept_rate']:.1%} in-distribution accepted, "

@@ -274,6 +274,52 @@ def train_val_rows(table, *, fold: int | None = None):
     return rows.reset_index(drop=True)
 
 
+#: ``--split`` value that keeps every row.
+ALL_ROWS = "all"
+
+
+class SplitRowsError(ValueError):
+    """The ``--split`` choice does not fit the data; the CLI shows it as a bad ``--split`` value."""
+
+    param_hint = "--split"
+
+
+def select_split_rows(table: "pd.DataFrame", split: str | None, data: Path | str) -> tuple["pd.DataFrame", str | None]:
+    """The rows of ``table`` to score and the name of the choice.
+
+    A table without a ``split`` column (a dataset folder) is scored whole: ``(table, None)``.
+    A split table gives its ``test`` rows by default; ``split`` names another part (``val``,
+    ``train``, ``fold_0`` ...) or ``all``.
+
+    Args:
+        table: samples table, e.g. from :func:`hematoscope.data.readers.read_dataset`.
+        split: the ``--split`` value, or None for the default.
+        data: what the table was read from, for the messages.
+
+    Returns:
+        (the chosen rows, index reset; the part chosen — ``"test"``, the named part, ``"all"`` —
+        or None when the table has no ``split`` column).
+
+    Raises:
+        SplitRowsError: no ``split`` given and the table has no test rows (e.g. a training run's
+            ``split.csv``), or the named part has no rows.
+    """
+    if "split" not in table:
+        return table, None
+    parts = sorted({str(p) for p in table["split"]})
+    if split is None and "test" not in parts:
+        # e.g. a training run's split.csv (its rows trained or tuned the model) or a k-fold file
+        raise SplitRowsError(f"{data} has no test rows (its parts: {', '.join(parts)}); name the rows to score: "
+                             f"--split {'val' if 'val' in parts else parts[-1]}, or --split {ALL_ROWS}")
+    chosen = split or "test"
+    if chosen != ALL_ROWS:
+        table = table[table["split"] == chosen].reset_index(drop=True)
+        if table.empty:
+            raise SplitRowsError(f"{data} has no rows with split {chosen!r} (its parts: {', '.join(parts)}, "
+                                 f"or {ALL_ROWS})")
+    return table, chosen
+
+
 def save_split(df, path: Path | str) -> Path:
     """Write ``df`` (with a ``split`` column) as a split CSV, hashing every file (atomic write).
 

@@ -180,14 +180,24 @@ def _image_paths(source) -> list[str]:
     return [str(p) for p in source]
 
 
-def _in_distribution_table(data) -> "pd.DataFrame":
-    """A samples table; for a split file only its ``test`` rows (held out from training)."""
+def _in_distribution_table(data, rows: str | None = None) -> tuple["pd.DataFrame", str]:
+    """A samples table and which of its rows it is: ``rows`` as
+    :func:`~hematoscope.data.splits.select_split_rows` chooses them. Without ``rows``: for a
+    split file, its ``test`` rows (refused when it has none, e.g. a training run's
+    ``split.csv``); for a table, its ``test`` rows when it has any, else every row (a caller
+    that chose the rows itself, e.g. ``hematoscope evaluate --split val``)."""
     from hematoscope.data.readers import as_table
+    from hematoscope.data.splits import ALL_ROWS, select_split_rows
 
     table = as_table(data)
+    is_path = isinstance(data, (str, Path))
+    if rows is not None or is_path:
+        table, chosen = select_split_rows(table, rows, data if is_path else "the table")
+        return table, chosen or ALL_ROWS
     if "split" in table.columns and (table["split"] == "test").any():
-        table = table[table["split"] == "test"]
-    return table.reset_index(drop=True)
+        return table[table["split"] == "test"].reset_index(drop=True), "test"
+    parts = sorted({str(p) for p in table["split"]}) if "split" in table.columns else []
+    return table.reset_index(drop=True), parts[0] if len(parts) == 1 else ALL_ROWS
 
 
 def _outputs_and_decisions(bundle: "Bundle", paths: list[str], batch_size: int, description: str):
@@ -199,7 +209,7 @@ def _outputs_and_decisions(bundle: "Bundle", paths: list[str], batch_size: int, 
 
 
 def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: Path | str | None = None,
-                 batch_size: int = 64) -> dict[str, Any]:
+                 batch_size: int = 64, rows: str | None = None, about: dict[str, Any] | None = None) -> dict[str, Any]:
     """How well a bundle tells ``ood_source`` images from in-distribution data, and how its
     accuracy grows as it abstains.
 
@@ -209,22 +219,30 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
     Args:
         bundle: any bundle kind.
         in_table_or_path: in-distribution labelled data: a samples table, a dataset folder or a
-            split CSV (its ``test`` rows are used).
+            split CSV (its ``test`` rows are used, or the part ``rows`` names).
         ood_source: images that are not what the model was trained on: a folder (recursive),
             a file, a list of paths, or a table with a ``path`` column.
         plots_dir: when given, ``ood_scores.png``, ``risk_coverage.png``, ``reliability.png`` and
             ``trust_eval.json`` are written there.
         batch_size: images per forward pass.
+        rows: which rows of a split table to score: a part (``test``, ``val`` ...) or ``all``
+            (:func:`hematoscope.data.splits.select_split_rows`); None: the ``test`` rows of a split
+            table that has them, else every row.
+        about: further keys put first in the report (e.g. ``model``, ``data``).
 
     Returns:
-        ``{"score", "ood": ood_metrics(...), "at_threshold": {"in_accept_rate", "ood_flag_rate"},
-        "risk_coverage": ..., "ece", "n_in", "n_ood", "skipped", "abstain"}``.
+        ``{**about, "rows", "score", "ood": ood_metrics(...), "at_threshold": {"in_accept_rate",
+        "ood_flag_rate"}, "risk_coverage": ..., "ece", "n_in", "n_ood", "skipped", "abstain"}``;
+        ``rows`` says which rows were scored (``test``, ``val`` ..., ``all``).
+
+    Raises:
+        hematoscope.data.splits.SplitRowsError: ``rows`` does not fit the table.
     """
     from hematoscope.data.samples import class_column
     from hematoscope.taxonomy import TAXONOMY
     from hematoscope.trust.calibration import expected_calibration_error, reliability_curve
 
-    table = _in_distribution_table(in_table_or_path)
+    table, rows = _in_distribution_table(in_table_or_path, rows)
     in_paths, ood_paths = [str(p) for p in table["path"]], _image_paths(ood_source)
     in_out, in_kept, in_pred = _outputs_and_decisions(bundle, in_paths, batch_size, "in-distribution")
     _, ood_kept, ood_pred = _outputs_and_decisions(bundle, ood_paths, batch_size, "out-of-distribution")
@@ -245,6 +263,8 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
     rc = risk_coverage(probs.max(1), correct)
     accepted = ~in_pred.abstain[known]
     report = {
+        **(about or {}),
+        "rows": rows,  # which rows of DATA were scored as in-distribution
         "score": f"bundle OOD scorer {bundle.config.ood.method}" if fitted else "1 - calibrated confidence "
                  "(no OOD scorer fitted)",
         "ood": ood_metrics(in_scores, ood_scores),
