@@ -147,6 +147,39 @@ def test_a_split_made_for_training_keeps_each_cells_crops_on_one_side(synthetic_
     assert (split.groupby("patient")["split"].nunique() == 1).all()
 
 
+def test_a_label_typo_and_classes_without_validation_images_are_warned_about(synthetic_root, tmp_path, caplog):
+    """A typo ('nuetrophil' on two training rows of a split file) would silently add a class with
+    no validation images: training warns, naming it (and the likely meant class), before any
+    image is decoded, and still trains (a research dataset may have labels of its own)."""
+    import logging
+
+    import pandas as pd
+
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split, save_split
+    from hematoscope.train.data import prepare_split
+
+    split = make_split(read_dataset(synthetic_root), val=0.25, test=0.0, seed=0)
+    typo = split.index[(split["canonical"] == "neutrophil") & (split["split"] == "train")][:2]
+    split.loc[typo, "label"], split.loc[typo, "canonical"] = "nuetrophil", None
+    save_split(split, tmp_path / "typo.csv")
+    (tmp_path / "run").mkdir()
+    with caplog.at_level(logging.WARNING, logger="hematoscope"):
+        table, labels = prepare_split(tiny_config(tmp_path / "typo.csv", tmp_path / "run"), tmp_path / "run")
+    assert "nuetrophil" in labels and len(labels) == 9  # not refused
+    text = " ".join(caplog.text.split())
+    assert "taxonomy does not know" in text and "'nuetrophil' (2 train, 0 val; did you mean 'neutrophil'?)" in text
+    assert "without validation images: nuetrophil (2 train)" in text
+    assert "fewer than 5 validation images" in text  # 3 val images per class here
+
+    caplog.clear()
+    (tmp_path / "clean").mkdir()
+    with caplog.at_level(logging.WARNING, logger="hematoscope"):  # a clean split of known labels: no label warning
+        prepare_split(tiny_config(synthetic_root, tmp_path / "clean", val_fraction=0.5), tmp_path / "clean")
+    assert not caplog.text, caplog.text
+    assert len(pd.read_csv(tmp_path / "clean" / "split.csv"))
+
+
 def test_a_kfold_split_file_trains_the_fold_it_is_told(synthetic_root, tmp_path):
     import pandas as pd
 

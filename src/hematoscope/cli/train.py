@@ -85,6 +85,10 @@ def train_cmd(
         return
     m = result.metrics
     c = console()
+    if result.already_finished:  # a requeued job, a repeated command: nothing to do, nothing changed
+        c.print(f"{result.run_dir} has finished already ({result.epochs_completed} epochs); nothing was trained "
+                f"or changed. bundle: {result.bundle_path}", highlight=False)
+        return
     c.print(f"[bold]done[/]: {result.epochs_completed} epochs, {result.train_seconds / 60:.1f} min training "
             f"({result.images_per_second:.0f} images/s)")
     c.print(f"validation (best checkpoint): accuracy {m['accuracy']:.4f}, balanced accuracy "
@@ -95,19 +99,49 @@ def train_cmd(
     c.print(f"bundle: {result.bundle_path}")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM arrived outside Lightning's training loop (decoding images, fitting trust ...)."""
+
+
 def _interruptible(run, run_dir: Path):
-    """``run()``; stopped by Ctrl-C (Lightning exits with code 1 after its graceful shutdown),
-    it says how to go on, and exits with 130."""
+    """``run()``; stopped by Ctrl-C (Lightning exits with code 1 after its graceful shutdown) or by
+    SIGTERM (``kill``, a scheduler's cancel, pre-emption or time limit: inside the training loop
+    Lightning stops at the next step and raises its SIGTERMException, a SystemExit without a
+    code), it says how to go on and exits with 130 or 143 (128 + the signal, as a shell reports a
+    process the signal ended), never 0: a scheduler must not count a stopped run as done."""
+    import signal
+    import threading
+
     from hematoscope.cli._common import err_console
 
+    def on_sigterm(signum, frame):
+        # During trainer.fit Lightning's own handler runs first and calls this one after it: the
+        # handler in place is then Lightning's, which stops the run cleanly at the next step.
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            raise _Terminated
+
+    installed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if installed else None
     try:
         return run()
     except (KeyboardInterrupt, SystemExit) as exc:
-        if isinstance(exc, SystemExit) and exc.code in (0, None):
+        terminated = isinstance(exc, _Terminated) or _is_lightning_sigterm(exc)
+        if isinstance(exc, SystemExit) and exc.code in (0, None) and not terminated:
             raise
-        err_console().print(f"training stopped; go on from the last checkpoint with: hematoscope train --resume "
-                            f"{run_dir}", highlight=False)
-        raise typer.Exit(130) from None
+        err_console().print(f"training stopped{' (SIGTERM)' if terminated else ''}; go on from the last checkpoint "
+                            f"with: hematoscope train --resume {run_dir}", highlight=False)
+        raise typer.Exit(128 + int(signal.SIGTERM) if terminated else 130) from None
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _is_lightning_sigterm(exc: BaseException) -> bool:
+    try:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    except ImportError:  # pragma: no cover - training needs lightning
+        return False
+    return isinstance(exc, SIGTERMException)
 
 
 def register(app: typer.Typer) -> None:

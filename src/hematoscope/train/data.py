@@ -84,7 +84,53 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         raise TrainDataError(f"{config.data}: need at least 2 classes to train, found {sorted(train_classes)}")
     if val_classes - train_classes:
         raise TrainDataError(f"validation classes {sorted(val_classes - train_classes)} have no training images")
+    if not resume:  # said once, before anything is decoded or trained
+        warn_about_classes(table)
     return table, sorted(train_classes)
+
+
+#: Fewer validation images of a class than this and its validation scores (which pick the best
+#: checkpoint) move in steps too large to mean much.
+MIN_VAL_PER_CLASS = 5
+
+
+def warn_about_classes(table) -> list[str]:
+    """Log (and return) warnings about the classes of a run's train/val ``table`` (columns
+    ``label``, ``canonical``, ``split``, ``cls``): labels the taxonomy does not know (each
+    trains as a class of its own: a typo makes an extra class), and classes with no or fewer
+    than :data:`MIN_VAL_PER_CLASS` validation images. Research data may have labels of its own,
+    so nothing is refused (the taxonomy's rule: unknown labels are reported, never guessed)."""
+    import difflib
+
+    from hematoscope.taxonomy import TAXONOMY
+
+    counts = table.groupby(["cls", "split"]).size().unstack(fill_value=0).reindex(columns=["train", "val"],
+                                                                                 fill_value=0)
+    n_train, n_val = counts["train"], counts["val"]
+    notes = []
+    canon = table["canonical"] if "canonical" in table else None
+    unknown = table[canon.isna() | (canon.astype(str).str.strip() == "")] if canon is not None else table
+    if len(unknown):
+        names = sorted(set(TAXONOMY.types) | (set(counts.index) - set(unknown["cls"])))
+        parts = []
+        for label in sorted(set(unknown["cls"])):
+            near = difflib.get_close_matches(str(label).lower(), names, n=1, cutoff=0.75)
+            parts.append(f"'{label}' ({n_train[label]} train, {n_val[label]} val"
+                         + (f"; did you mean '{near[0]}'?)" if near else ")"))
+        notes.append(f"{len(parts)} label(s) the taxonomy does not know, each trained as a class of its own: "
+                     + ", ".join(parts[:20]) + (f" and {len(parts) - 20} more" if len(parts) > 20 else "")
+                     + ". Fix typos in the data (see `hematoscope data check`); labels of your own are fine.")
+    none = [c for c in counts.index if n_val[c] == 0]
+    if none:
+        notes.append(f"class(es) without validation images: {', '.join(f'{c} ({n_train[c]} train)' for c in none)}; "
+                     "their accuracy is not measured and the best checkpoint is picked without them")
+    few = [c for c in counts.index if 0 < n_val[c] < MIN_VAL_PER_CLASS]
+    if few:
+        notes.append(f"class(es) with fewer than {MIN_VAL_PER_CLASS} validation images: "
+                     f"{', '.join(f'{c} ({n_val[c]})' for c in few)}; their validation scores are noisy")
+    for note in notes:
+        log.warning("warning: %s", note)
+    return notes
 
 
 # --- decoding -------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ log = logging.getLogger("hematoscope")
 CONFIG_FILE = "train_config.json"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+BUNDLE_DIR = "bundle"
+METRICS_FILE = "metrics.json"
 
 
 class RunDirError(ValueError):
@@ -54,10 +56,17 @@ class RunResult:
     train_seconds: float
     images_per_second: float
     skipped: list = field(default_factory=list)
+    #: the run had finished before this call (``resume`` of a run whose bundle is written):
+    #: nothing was trained or written; metrics and epochs are the saved ones
+    already_finished: bool = False
 
 
 def resume(run_dir: Path | str, callbacks: list | None = None) -> RunResult | None:
     """Continue the run in ``run_dir`` from its last checkpoint, with its saved configuration.
+
+    A run that has finished (its bundle and ``metrics.json`` written) is left as it is: nothing
+    is trained or re-saved (a trust layer refitted in place since stays), and the result says
+    ``already_finished``.
 
     Raises:
         RunDirError: no saved configuration or checkpoint.
@@ -78,7 +87,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         resume: continue from ``checkpoints/last.ckpt`` in ``config.out`` (exactly where it stopped:
             epoch, optimiser, schedule, callbacks; the per-epoch random state is reseeded from
             (seed, epoch)). A run that stopped before its first checkpoint starts over, with its
-            saved configuration and split.
+            saved configuration and split. A finished run (bundle and metrics written) is not
+            touched: its saved result comes back with ``already_finished``.
         callbacks: extra Lightning callbacks.
 
     Several processes (``config.devices`` x ``config.num_nodes``, Lightning DDP: gloo on CPU,
@@ -94,16 +104,25 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
         RunDirError: ``config.out`` already holds a run and ``resume`` is False, or nothing to resume.
         TrainDataError, DatasetError: unusable data.
         WeightsError: unknown architecture or weights.
+
+    A fresh run that fails before training starts (unusable data, unknown architecture or
+    weights) removes what it wrote, so a corrected retry may use the same ``config.out``.
     """
     run_dir = Path(config.out)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / LAST
+    if resume and _finished(run_dir):
+        # every process checks (a requeued multi-process job starts them all): no trainer, no rendezvous
+        return _saved_result(run_dir)
     # The trainer first: in a multi-process run its rank says what this process may write.
     best_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=Path(BEST).stem, monitor="val_macro_f1",
-                                                  mode="max", save_top_k=1, save_last=True,
-                                                  enable_version_counter=False)
+                                                  mode="max", save_top_k=1, enable_version_counter=False)
+    # last.ckpt after every epoch, on its own: Lightning's save_last writes it only in the epochs
+    # whose score improved, so a run stopped after a plateau would resume from far back
+    last_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=Path(LAST).stem, monitor=None,
+                                                  save_top_k=1, enable_version_counter=False)
     epoch_log = _EpochLog()
-    cbs = [best_cb, epoch_log, *(callbacks or [])]
+    cbs = [best_cb, last_cb, epoch_log, *(callbacks or [])]
     if config.ema:
         cbs.append(L.pytorch.callbacks.EMAWeightAveraging(decay=config.ema))
     if config.early_stop:
@@ -123,6 +142,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} (the global batch) must be a multiple of the "
                          f"{world} training processes")
+    restart = created = False
     if trainer.is_global_zero:
         # A run killed before its first checkpoint has its configuration (and split) but nothing to
         # continue from: resuming it starts it over, with the same configuration and split.
@@ -133,36 +153,49 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
             log.warning("%s stopped before its first checkpoint: starting the run over", run_dir)
             _clear_unfinished_attempt(run_dir)
             resume = False
+        elif not resume and _finished(run_dir):
+            raise RunDirError(f"{run_dir} already holds a finished training run (bundle: {run_dir / BUNDLE_DIR}); "
+                              "choose another --out to train again")
         elif not resume and (run_dir / CONFIG_FILE).exists():
             raise RunDirError(f"{run_dir} already holds a training run; resume it with --resume {run_dir} "
                               "(a run stopped before its first checkpoint starts over) or choose another --out")
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        L.seed_everything(config.seed, workers=True, verbose=False)
-        try:
+    try:
+        if trainer.is_global_zero:
+            L.seed_everything(config.seed, workers=True, verbose=False)
             table, labels = prepare_split(config, run_dir,
                                           resume=resume or (restart and (run_dir / SPLIT_FILE).is_file()))
-        except BaseException:  # bad data: no empty run directory left behind to block the next try
-            if created and not any(run_dir.iterdir()):
-                run_dir.rmdir()
-            raise
-        if not resume:
-            _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
-        if world > 1:
-            _announce_launch(run_dir, trainer)
-    else:  # another process of a multi-process run: rank 0 has prepared the run directory
-        _await_launch(run_dir, trainer)
-        resume = last.is_file()
-        L.seed_everything(config.seed, workers=True, verbose=False)
-        table, labels = prepare_split(config, run_dir, resume=True)
-    data = CellDataModule(table, labels, config, eval_preprocess(config), rank=trainer.global_rank, world_size=world)
-    data.setup("fit")
-    preprocess = data.preprocess  # with the colour reference of the training images
-    bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
-                                 weights=None if resume else config.weights, name=config.name or run_dir.name,
-                                 dtype=config.weights_dtype, drop_rate=config.drop_rate, norm=config.norm)
-    bundle.config.model.weights_source = weights_reference(config.weights)
-    module = CellClassifier(bundle.net, config, preprocess, data.class_counts(), len(data.subtype_names))
+            if not resume:
+                _io.write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
+            if world > 1:
+                _announce_launch(run_dir, trainer)
+        else:  # another process of a multi-process run: rank 0 has prepared the run directory
+            _await_launch(run_dir, trainer)
+            resume = last.is_file()
+            L.seed_everything(config.seed, workers=True, verbose=False)
+            table, labels = prepare_split(config, run_dir, resume=True)
+        data = CellDataModule(table, labels, config, eval_preprocess(config), rank=trainer.global_rank,
+                              world_size=world)
+        data.setup("fit")
+        preprocess = data.preprocess  # with the colour reference of the training images
+        bundle = NeuralBundle.create(labels, arch=config.arch, preprocess=preprocess,
+                                     weights=None if resume else config.weights, name=config.name or run_dir.name,
+                                     dtype=config.weights_dtype, drop_rate=config.drop_rate, norm=config.norm)
+        bundle.config.model.weights_source = weights_reference(config.weights)
+        module = CellClassifier(bundle.net, config, preprocess, data.class_counts(), len(data.subtype_names))
+    except Exception:
+        # A failed start (bad data, unknown architecture or weights): a fresh run leaves nothing behind
+        # that would block the corrected retry or make --resume replay the bad configuration.
+        if trainer.is_global_zero and not resume and not restart:
+            _remove_failed_start(run_dir, created)
+        raise
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) before training: what is saved lets --resume start the run
+        # over; only an empty run directory is not left behind.
+        if trainer.is_global_zero and created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
     trainer.log_every_n_steps = max(1, min(50, data.steps_per_epoch()))
     threads = torch.get_num_threads()
     if world > 1 and trainer.num_devices > 1 and isinstance(trainer.accelerator, L.pytorch.accelerators.CPUAccelerator):
@@ -209,8 +242,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: list | None =
     }
     bundle.config.data_sources = sorted(set(table["dataset"].dropna()))
     bundle.metrics.update({k: v for k, v in metrics.items() if k not in ("calibration", "trust")})
-    bundle_path = bundle.save(run_dir / "bundle")
-    _io.write_json(run_dir / "metrics.json", metrics)
+    bundle_path = bundle.save(run_dir / BUNDLE_DIR)
+    _io.write_json(run_dir / METRICS_FILE, metrics)  # last: it marks the run finished (_finished)
     return RunResult(run_dir, bundle_path, metrics, best, completed, epoch_log.seconds,
                      epoch_log.images_per_second, data.skipped)
 
@@ -248,6 +281,35 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` has finished: its bundle saved (atomically, ``config.json``
+    last) and then ``metrics.json`` written."""
+    return (run_dir / METRICS_FILE).is_file() and (run_dir / BUNDLE_DIR / "config.json").is_file()
+
+
+def _saved_result(run_dir: Path) -> RunResult:
+    """The result of a finished run, read back from its files (nothing is loaded or written)."""
+    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    training = json.loads((run_dir / BUNDLE_DIR / "config.json").read_text(encoding="utf-8")).get("training") or {}
+    best = run_dir / "checkpoints" / BEST
+    return RunResult(run_dir, run_dir / BUNDLE_DIR, metrics, best if best.is_file() else run_dir / "checkpoints" / LAST,
+                     int(training.get("epochs_completed", 0)), 0.0, 0.0, already_finished=True)
+
+
+def _remove_failed_start(run_dir: Path, created: bool) -> None:
+    """Remove what a fresh run that failed before training wrote (its configuration, split,
+    launch marker, checkpoint and log folders), and the run directory itself when this run
+    created it and nothing else is in it."""
+    import shutil
+
+    for name in (CONFIG_FILE, SPLIT_FILE, _LAUNCH_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "logs"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _clear_unfinished_attempt(run_dir: Path) -> None:
