@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "scale.json"
 HEMATOSCOPE = str(Path(sys.executable).parent / "hematoscope")
+PLAIN_RECIPE = REPO / "recipes" / "plain.yaml"  # the recipe its recorded runs used
 
 
 def log(msg: str) -> None:
@@ -190,8 +191,8 @@ def ddp_part(split, work: Path, args, previous: dict | None = None) -> dict:
         plan = [r for r in plan if r[0] in args.ddp_runs.split(",")]
     for name, extra, seed in plan:
         out = work / f"run_{name}"
-        info, lines = run([HEMATOSCOPE, "train", str(subset_csv), "--out", str(out), *common, *extra,
-                           "--seed", str(seed)])
+        info, lines = run([HEMATOSCOPE, "train", str(subset_csv), "--out", str(out), "--config", str(PLAIN_RECIPE),
+                           *common, *extra, "--seed", str(seed)])
         bundle_cfg = json.loads((out / "bundle" / "config.json").read_text())
         metrics = json.loads((out / "metrics.json").read_text())
         training = bundle_cfg["training"]
@@ -210,7 +211,7 @@ def ddp_part(split, work: Path, args, previous: dict | None = None) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     one, ddp = runs["one_process"], runs["ddp_2_processes"]
     return {
-        "subset": sizes, "epochs": args.epochs, "recipe": "TrainConfig defaults (Lite0 ImageNet-offline, 128 px of 144, basic augmentation, "
+        "subset": sizes, "epochs": args.epochs, "recipe": "recipes/plain.yaml (Lite0 ImageNet-offline, 128 px of 144, basic augmentation, "
         f"AdamW, cosine), {args.epochs} epochs, global batch 64 (DDP: 32 per process), fit_trust on",
         "runs": runs,
         "ddp_minus_one_process_macro_f1_points": round(100 * (ddp["val_macro_f1"] - one["val_macro_f1"]), 2),

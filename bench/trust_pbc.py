@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 PBC = Path(os.environ.get("HEMATOSCOPE_PBC", Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc"))
 SCORERS = ("knn_energy", "mahalanobis", "knn", "energy", "max_softmax")
 log = logging.getLogger("trust_pbc")
@@ -120,8 +121,9 @@ def part_a(args, cache_root: Path) -> dict:
 
         split_csv = save_split(fit_table, cache / "fit_split.csv")
         t0 = time.perf_counter()
-        result = train(TrainConfig(data=str(split_csv), out=str(run_dir), epochs=args.epochs, size=128,
-                                   seed=args.seed, fit_trust=False, name=f"pbc-without-{args.leave_out}"))
+        result = train(TrainConfig.from_yaml(REPO / "recipes" / "plain.yaml", data=str(split_csv), out=str(run_dir),
+                                             epochs=args.epochs, size=128, seed=args.seed, fit_trust=False,
+                                             name=f"pbc-without-{args.leave_out}"))
         t_train = time.perf_counter() - t0
         log.info("trained in %.0f s: val %s", t_train, {k: result.metrics.get(k) for k in ("accuracy", "macro_f1")})
     bundle = load_bundle(run_dir / "bundle")

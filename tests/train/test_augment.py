@@ -20,8 +20,13 @@ def cells(pbc_subset):
     return np.stack([pre.resize_image(load_image(p)) for p in paths])
 
 
+#: Domain randomisation off (the defaults turn it all on): each test turns on what it measures.
+PLAIN = dict(color_jitter=0.1, stain_jitter=0.03, hue_jitter=0.0, gamma_jitter=0.0, hed_jitter=0.0, noise=0.0,
+             grey_prob=0.0, blur_prob=0.0, resample_prob=0.0, jpeg_prob=0.0, bars_prob=0.0, scale_jitter=0.0)
+
+
 def config(**kw) -> TrainConfig:
-    return TrainConfig(data="d", out="o", **kw)
+    return TrainConfig(data="d", out="o", **{**PLAIN, **kw})
 
 
 @pytest.mark.parametrize("option", ["blur_prob", "resample_prob", "jpeg_prob", "bars_prob"])

@@ -363,7 +363,7 @@ def test_a_resumed_run_draws_the_same_batches_as_an_unbroken_one(synthetic_root,
 def test_ema_ships_the_average_and_a_resumed_run_keeps_it(synthetic_root, tmp_path):
     """With ``ema`` the bundle holds the moving average (not the last raw weights), and a run
     killed mid-way resumes with its average, ending where an unbroken run ends."""
-    cfg = dict(epochs=2, ema=0.9, fit_trust=False)
+    cfg = dict(epochs=2, ema=0.9, fit_trust=False, weights_dtype="float32")  # compared with the checkpoint exactly
     unbroken = train(tiny_config(synthetic_root, tmp_path / "unbroken", **cfg))
     last = torch.load(unbroken.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     shipped = load_bundle(unbroken.bundle_path).net.model.state_dict()

@@ -19,10 +19,12 @@ def train_cmd(
                                                    help="Continue a stopped or killed run from its last checkpoint.")] = None,
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     arch: Annotated[Optional[str], typer.Option(help="timm architecture (default: efficientnet_lite0).")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Backbone weights: imagenet-offline, a .safetensors/.pth "
-                                                        "file, a URL, hf-hub:..., or 'none' (default: imagenet-offline).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Backbone weights: hematoscope-simclr-pbc (Lite0 "
+                                                        "self-supervised on blood cells), imagenet-offline, a "
+                                                        ".safetensors/.pth file, a URL, hf-hub:..., or 'none' "
+                                                        "(default: hematoscope-simclr-pbc).")] = None,
     size: Annotated[Optional[int], typer.Option(help="Model input side in pixels (default: 128).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: 13).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: 24).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Batch size (default: 64).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Head learning rate (default: 1e-3).")] = None,
     backbone_lr: Annotated[Optional[float], typer.Option("--backbone-lr", help="Backbone learning rate (default: 3e-4).")] = None,
