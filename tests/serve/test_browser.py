@@ -180,6 +180,11 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     # the lab's label leads on the card, the model's stays beside it
     assert page.locator(".card").first.locator(".pred-label").inner_text() == \
         f"{_display(new_label)} (model: {_display(predicted)})"
+    # an answered cell's own class is "as predicted", not a correction to itself
+    first_item = analysis["items"][1]
+    choices = page.locator(".card").nth(1).locator(".correct-select option").evaluate_all(
+        "options => options.map(o => o.value)")
+    assert (first_item["prediction"] in choices) == first_item["abstain"] and choices[0] == ""
     # from the keyboard, arrow keys only move through the choices; Enter saves
     second = page.locator(".card").nth(1).locator(".correct-select")
     before = httpx.get(f"{server_url}/api/analyses/{analysis['id']}").json()["items"][1]["correction"]
@@ -192,6 +197,12 @@ def test_upload_classify_explain_correct_download(server_url, page, tmp_path):
     stored = httpx.get(f"{server_url}/api/analyses/{analysis['id']}").json()
     assert stored["items"][0]["correction"]["label"] == new_label
     page.screenshot(path=str(ARTIFACTS / "serve_results.png"), full_page=True)
+    # on a phone the count stays readable: the chart is redrawn at the width it has
+    page.set_viewport_size({"width": 390, "height": 800})
+    page.wait_for_function("document.querySelector('#chart svg').viewBox.baseVal.width < 400")
+    label_px = page.locator("#chart .bar-label").first.evaluate("t => t.getBoundingClientRect().height")
+    assert label_px >= 10, label_px
+    page.set_viewport_size({"width": 1366, "height": 900})
 
     # CSV download, with the correction in it.
     with page.expect_download() as download:
@@ -294,6 +305,7 @@ def test_another_labs_cells_bring_the_hint_to_adapt(server_url, page, lisc_root)
     options = page.locator("#ood-select option").all_inner_texts()
     assert options[0] == "as the model is served" and "99.0% of training-lab cells pass" in options
     page.select_option("#ood-select", "0.99")
+    assert "applies to your next upload" in page.locator("#status").inner_text()  # the open analysis stays
     page.set_input_files("#file-input", [str(p) for p in files])
     page.wait_for_function(f"document.querySelector('#status').textContent.startsWith('Classified {len(files)}')",
                            timeout=120_000)

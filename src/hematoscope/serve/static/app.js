@@ -249,7 +249,9 @@ async function upload(files) {
   if (model) params.set("model", model);
   const accept = $("#ood-label").hidden ? "" : $("#ood-select").value;
   if (accept) params.set("ood_accept", accept);
-  setStatus(`Classifying ${fileCount(files.length)}…`, "busy");
+  const zips = files.filter((f) => /\.zip$/i.test(f.name)).length;  // a zip holds many cells
+  const parts = [files.length > zips ? fileCount(files.length - zips) : "", zips ? `${zips} zip${zips > 1 ? "s" : ""}` : ""];
+  setStatus(`Classifying ${zips ? "the cells in " : ""}${parts.filter(Boolean).join(" and ")}…`, "busy");
   $("#dropzone").classList.add("busy");
   try {
     const analysis = await (await api(`/api/predict?${params}`, { method: "POST", body: form })).json();
@@ -362,7 +364,9 @@ function drawChart() {
   const a = state.analysis;
   const diff = a.corrected_differential || a.differential;
   const rows = diff.classes;
-  const width = 640, rowH = 26, labelW = 170, valueW = 90, top = 4;
+  // drawn at the box's own width (redrawn on resize), so the labels keep their size on a phone
+  const width = Math.max(300, Math.min(640, $("#chart").clientWidth || 640));
+  const rowH = 26, labelW = width < 480 ? 118 : 170, valueW = width < 480 ? 78 : 90, top = 4;
   const barMax = width - labelW - valueW;
   const height = top + rows.length * rowH + 4;
   const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img",
@@ -590,7 +594,9 @@ function renderCard(it) {
   }
   const select = node.querySelector(".correct-select");
   select.append(new Option(it.abstain ? "— not counted —" : "— as predicted —", ""));
-  for (const lab of a.labels) select.append(new Option(display(lab), lab));
+  for (const lab of a.labels) {
+    if (it.abstain || lab !== it.prediction) select.append(new Option(display(lab), lab));
+  }
   select.value = it.correction ? it.correction.label : "";
   select.setAttribute("aria-label", `Correct label for ${it.source}`);
   // Arrow keys on a closed select fire "change" at every step: from the keyboard a choice is
@@ -790,6 +796,15 @@ document.addEventListener("DOMContentLoaded", () => {
   initResults();
   initAdapt();
   $("#model-select").addEventListener("change", fillOodSelect);
+  $("#ood-select").addEventListener("change", () => {
+    if (state.analysis) setStatus("The unfamiliar-cell flag applies to your next upload; the analysis shown " +
+                                  "keeps the flag it was made with.", "ok");
+  });
+  let resized = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resized);
+    resized = setTimeout(() => { if (state.analysis) drawChart(); }, 150);
+  });
   $("#history-refresh").addEventListener("click", loadHistory);
   let searchTimer = null;  // search as the user types, once they pause
   $("#history-search").addEventListener("input", () => {
