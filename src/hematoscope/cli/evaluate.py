@@ -52,7 +52,7 @@ def evaluate_cmd(
         try:
             table, chosen = select_split_rows(table, split, data)
         except SplitRowsError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--split") from None
+            raise typer.BadParameter(str(exc), param_hint=exc.param_hint) from None
         report = evaluate_bundle(bundle, table, batch_size=batch_size, plots_dir=plots)
         if ood is not None:
             from hematoscope.trust import evaluate_ood

@@ -83,7 +83,7 @@ def load_image(
                     im.draft("RGB", (draft_size, draft_size))
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
-                return _to_rgb_array(im)
+                return pil_rgb_array(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -302,14 +302,10 @@ def _deep_to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def pil_rgb_array(im) -> np.ndarray:
-    """A PIL image (any mode) as the HWC RGB uint8 array the models take, as its file would give."""
-    return _to_rgb_array(im)
-
-
-def _to_rgb_array(im) -> np.ndarray:
-    """Any PIL mode → RGB uint8. 16/32-bit greys and float images follow :func:`rgb_array`'s
-    rules for numpy images (a file and its pixels as an array give the same input); alpha is
-    composited on white (a transparent slide background is white, not black)."""
+    """A PIL image (any mode) as the HWC RGB uint8 array the models take, as its file would give.
+    16/32-bit greys and float images follow :func:`rgb_array`'s rules for numpy images (a file
+    and its pixels as an array give the same input); alpha is composited on white (a
+    transparent slide background is white, not black)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

@@ -337,7 +337,7 @@ def save_split(df, path: Path | str) -> Path:
     missing = [p for p in out["path"] if not os.path.isfile(p)]
     if missing:
         raise DatasetError(f"{len(missing)} file(s) in the table do not exist, e.g. {missing[0]}")
-    out["sha256"] = _hash_files(list(out["path"]))
+    out["sha256"] = hash_files(list(out["path"]))
     out["path"] = [_portable_path(p, base) for p in out["path"]]
     cols = SPLIT_COLUMNS + [c for c in out.columns if c not in SPLIT_COLUMNS]
     return write_text(path, out[cols].to_csv(index=False, lineterminator="\n"))
@@ -375,7 +375,7 @@ def verify_split(df) -> SplitCheck:
     exists = [os.path.isfile(p) for p in df["path"]]
     missing = [p for p, e in zip(df["path"], exists) if not e]
     present = [(p, h) for p, h, e in zip(df["path"], df["sha256"], exists) if e]
-    hashes = _hash_files([p for p, _ in present])
+    hashes = hash_files([p for p, _ in present])
     changed = [p for (p, h), new in zip(present, hashes) if h is not None and h != new]
     return SplitCheck(missing, changed)
 
@@ -393,10 +393,20 @@ def is_split_file(path: Path | str) -> bool:
     return "split" in header
 
 
-def _hash_files(paths: list[str]) -> list[str]:
+def hash_files(paths: list[str], *, unreadable_as_none: bool = False) -> list[str | None]:
+    """The sha256 of each file; with ``unreadable_as_none``, None for a file that cannot be read
+    (else its OSError is raised)."""
+    def one(path: str) -> str | None:
+        try:
+            return file_sha256(path)
+        except OSError:
+            if unreadable_as_none:
+                return None
+            raise
+
     # hashlib releases the GIL, so two threads keep both cores busy on large datasets.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(file_sha256, paths, chunksize=64))
+        return list(pool.map(one, paths, chunksize=64))
 
 
 def _portable_path(p: str, base: Path) -> str:

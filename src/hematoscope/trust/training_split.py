@@ -79,7 +79,7 @@ def trained_on_val_rows(table: "pd.DataFrame", run_split: Path | str) -> list[in
     here for a table without them)."""
     import numpy as np
 
-    from hematoscope.data.splits import load_split
+    from hematoscope.data.splits import hash_files, load_split
 
     run = load_split(run_split, verify=False)
     train = run[run["split"] == "train"]
@@ -91,24 +91,9 @@ def trained_on_val_rows(table: "pd.DataFrame", run_split: Path | str) -> list[in
     if hashes:
         known = table["sha256"].to_numpy()[val] if "sha256" in table else [None] * len(val)
         todo = [i for i, (h, k) in enumerate(zip(hit, known)) if not h and not (isinstance(k, str) and k)]
-        fresh = dict(zip(todo, _hash_files([val_paths[i] for i in todo])))
+        fresh = dict(zip(todo, hash_files([val_paths[i] for i in todo], unreadable_as_none=True)))
         hit = [h or (fresh.get(i) if i in fresh else known[i]) in hashes for i, h in enumerate(hit)]
     return [int(val[i]) for i, h in enumerate(hit) if h]
-
-
-def _hash_files(paths: list[str]) -> list[str | None]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hematoscope._io import file_sha256
-
-    def one(p: str) -> str | None:
-        try:
-            return file_sha256(p)
-        except OSError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # hashlib releases the GIL
-        return list(pool.map(one, paths))
 
 
 def check_fit_split(bundle: "Bundle", bundle_path: Path | str, data: Path | str, table: "pd.DataFrame", *,
