@@ -46,7 +46,7 @@ def _extractor(backbone: str, weights: str | None, size: int, tta: bool | None, 
 
 def _test_rows(table) -> int:
     """How many test rows a split file's table has (0 for any other table)."""
-    from hematoscope.fewshot.bench import split_parts
+    from hematoscope.data.splits import split_parts
 
     test = split_parts(table)[1]
     return 0 if test is None else len(test)
@@ -259,7 +259,7 @@ def ssl(
                                  param_hint="--out")
     with user_errors():
         from hematoscope.data.readers import read_dataset
-        from hematoscope.fewshot.bench import split_parts
+        from hematoscope.data.splits import split_parts
         from hematoscope.fewshot.ssl import loss_trend, save_backbone, train_ssl
         from hematoscope.models.backbones import OFFLINE_WEIGHTS
 

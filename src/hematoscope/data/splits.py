@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hematoscope._io import file_sha256
+from hematoscope.data import samples
 from hematoscope.data.samples import COLUMNS, DatasetError
 
 SPLIT_COLUMNS = COLUMNS + ["split", "sha256"]
@@ -470,3 +471,27 @@ def _one_group_fold(labels, groups, frac: float, seed: int):
     mask = np.zeros(len(labels), dtype=bool)
     mask[idx] = True
     return mask
+
+
+def split_parts(table) -> tuple[object, object | None]:
+    """A split file's (pool, test) parts: train+val rows and test rows (None without test rows);
+    a table without a ``split`` column is all pool."""
+    if "split" not in table or not (table["split"] == "test").any():
+        return table, None
+    is_test = (table["split"] == "test").to_numpy()
+    return table[~is_test].reset_index(drop=True), table[is_test].reset_index(drop=True)
+
+
+def shares_with_test(pool, test, group_col: str | None) -> np.ndarray:
+    """Per ``pool`` row: whether it shares a file (same absolute path) or a group with a ``test``
+    row; such rows must not be drawn, nor learnt from without labels."""
+    import numpy as np
+
+    def files(t):
+        return [os.path.abspath(p) for p in t["path"].astype(str)]
+
+    overlap = np.isin(files(pool), files(test))
+    if group_col is not None and group_col in test:
+        test_groups = [k for k in samples.group_keys(test, group_col) if not str(k).startswith("row:")]
+        overlap |= np.isin(samples.group_keys(pool, group_col), test_groups)
+    return overlap

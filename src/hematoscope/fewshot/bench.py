@@ -10,7 +10,6 @@ Features are extracted once, only for the images some draw or the test set needs
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hematoscope.data.samples import class_column, group_keys, require_labels, resolve_group_by
+from hematoscope.data.splits import shares_with_test, split_parts
 from hematoscope.fewshot.heads import HeadSpec
 from hematoscope.fewshot.shots import sample_shots
 
@@ -84,28 +84,6 @@ def holdout_split(table, *, test_fraction: float = 0.2, max_test: int | None = 2
             keep.append(rng.permutation(idx)[:max(1, round(len(idx) * max_test / len(test)))])
         test = test.iloc[np.sort(np.concatenate(keep))]
     return pool.reset_index(drop=True), test.reset_index(drop=True)
-
-
-def split_parts(table) -> tuple[object, object | None]:
-    """A split file's (pool, test) parts: train+val rows and test rows (None without test rows);
-    a table without a ``split`` column is all pool."""
-    if "split" not in table or not (table["split"] == "test").any():
-        return table, None
-    is_test = (table["split"] == "test").to_numpy()
-    return table[~is_test].reset_index(drop=True), table[is_test].reset_index(drop=True)
-
-
-def shares_with_test(pool, test, group_col: str | None) -> np.ndarray:
-    """Per ``pool`` row: whether it shares a file (same absolute path) or a group with a ``test``
-    row; such rows must not be drawn, nor learnt from without labels."""
-    def files(t):
-        return [os.path.abspath(p) for p in t["path"].astype(str)]
-
-    overlap = np.isin(files(pool), files(test))
-    if group_col is not None and group_col in test:
-        overlap |= np.isin(group_keys(pool, group_col), [k for k in group_keys(test, group_col)
-                                                        if not str(k).startswith("row:")])
-    return overlap
 
 
 def _draws(labels, shots, repeats, seed, exclude, groups=None):

@@ -250,7 +250,7 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
         ValueError: no labelled or no readable images, or fewer than two classes.
     """
     from hematoscope.data.samples import class_column, group_keys, has_label, resolve_group_by
-    from hematoscope.fewshot.bench import shares_with_test, split_parts
+    from hematoscope.data.splits import shares_with_test, split_parts
     from hematoscope.fewshot.shots import sample_shots
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
