@@ -177,3 +177,11 @@ def test_a_scale_range_leaning_out_shows_the_cells_smaller_and_repeats_its_draws
     assert dark_share(out) < 0.6 * dark_share(crops())
     with pytest.raises(ValueError, match="scale_range"):
         config(scale_range=(1.2, 0.8))
+
+
+def test_input_size_is_bounded_when_the_run_is_configured():
+    """An input side beyond what Preprocess accepts is refused with the run's other options, not
+    after the images have been decoded (100,000 px was OOM-killed at 22 GB)."""
+    with pytest.raises(ValueError, match="less than or equal to 1024"):
+        config(size=4096)
+    assert config(size=1024).size == 1024

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hematoscope.models.preprocess import MAX_INPUT_SIZE
+
 
 class TrainConfig(BaseModel):
     """Everything that defines a training run (saved as ``RUN_DIR/train_config.json``).
@@ -29,7 +31,7 @@ class TrainConfig(BaseModel):
     weights: str | None = Field("hematoscope-simclr-pbc", description="backbone weights: hematoscope-simclr-pbc "
                                 "(Lite0, self-supervised on blood cells), imagenet-offline (Lite0), a file, a URL, "
                                 "hf-hub:..., or None for random")
-    size: int = Field(128, ge=8, description="model input side (px)")
+    size: int = Field(128, ge=8, le=MAX_INPUT_SIZE, description="model input side (px)")
     crop_pct: float = Field(128 / 144, gt=0.1, le=1.0, description="eval centre crop fraction; training crops "
                             "`size` px at random from images resized to size / crop_pct")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
