@@ -400,11 +400,16 @@ class TestHistory:
 
         rows = list(csv.DictReader(io.StringIO(client.get(f"/api/analyses/{a['id']}/report.csv").text)))
         assert rows[0]["corrected_label"] == target and rows[1]["corrected_label"] == ""
-        assert client.get("/api/analyses").json()["data"][0]["n_corrections"] == 1
+        listed = client.get("/api/analyses").json()["data"][0]
+        assert listed["n_corrections"] == 1
+        # the history lists the count as corrected, beside the model's own
+        assert listed["corrected_differential"] == updated["corrected_differential"]
+        assert listed["differential"] == a["differential"]
 
         # POST works too, and label null removes the correction.
         r = client.post(f"/api/analyses/{a['id']}/corrections", json={"corrections": [{"index": 0, "label": None}]})
         assert r.json()["items"][0]["correction"] is None and r.json()["corrected_differential"] is None
+        assert client.get("/api/analyses").json()["data"][0]["corrected_differential"] is None
 
     @pytest.mark.parametrize("body, status, message", [
         ({"corrections": [{"index": 0, "label": "martian_cell"}]}, 422, "not one of this model's classes"),

@@ -173,6 +173,8 @@ class AnalysisSummary(BaseModel):
     n_errors: int
     n_corrections: int
     differential: Differential
+    corrected_differential: Differential | None = Field(
+        default=None, description="the count with the user's corrections applied (when there are any)")
 
 
 class AnalysisList(BaseModel):

@@ -62,8 +62,20 @@ async def list_analyses(
                                         "this (ASCII letters in either case)")] = None,
 ) -> AnalysisList:
     """Past analyses, newest first; ``count`` is how many match."""
-    rows, total = await anyio.to_thread.run_sync(lambda: store.list(limit=limit, offset=offset,
-                                                                    sample=(sample or "").strip()))
+    def summaries():
+        from hematoscope.serve.analysis import corrected_differential
+
+        rows, total = store.list(limit=limit, offset=offset, sample=(sample or "").strip())
+        for row in rows:  # history's main classes as the lab corrected them, not the model's alone
+            if row["n_corrections"]:
+                try:
+                    a = store.get(row["id"], images=False)
+                except NotFound:  # deleted since it was listed
+                    continue
+                row["corrected_differential"] = corrected_differential(a.labels, a.items, a.corrections)
+        return rows, total
+
+    rows, total = await anyio.to_thread.run_sync(summaries)
     return AnalysisList.model_validate({"data": rows, "count": total})
 
 

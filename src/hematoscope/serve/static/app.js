@@ -727,9 +727,11 @@ async function loadHistory() {
       "find older ones by their sample ID.";
     $("#history-body").replaceChildren(...body.data.map((row) => {
       const tr = document.createElement("tr");
-      const main = row.differential.classes.filter((c) => c.count > 0)
+      const diff = row.corrected_differential || row.differential;  // the lab's corrections count
+      const main = diff.classes.filter((c) => c.count > 0)
         .sort((x, y) => y.count - x.count).slice(0, 3)
-        .map((c) => `${display(c.label)} ${c.percent.toFixed(0)}%`).join(", ");
+        .map((c) => `${display(c.label)} ${c.percent.toFixed(0)}%`).join(", ") +
+        (row.corrected_differential ? " (with your corrections)" : "");
       const when = new Date(row.created).toLocaleString();
       const cells = [when, row.sample || "—", row.model.name, row.n_images, row.n_errors, row.n_corrections,
                      main || "—"];
