@@ -93,3 +93,43 @@ def test_corrupt_zip_is_reported_not_fatal(tmp_path):
     [item] = expand_paths([bad])
     assert isinstance(item, SkippedFile) and item.source == str(bad)
     assert item.reason.startswith("not a readable zip file")
+
+
+def test_folder_links_broken_links_and_names_that_are_not_text(tmp_path):
+    """What a lab's share holds besides images is named with its reason, never dropped silently:
+    a linked folder is read (once, even when it links back up), a broken link or a link loop and
+    a file name of undecodable bytes are skipped with why, and every other image is classified."""
+    import os
+
+    from hematoscope.data.readers import DatasetError, read_dataset
+    from hematoscope.samples import sample_paths
+
+    cells = sample_paths()[:3]
+    lab = tmp_path / "lab"
+    (lab / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for i, cell in enumerate(cells[:2]):
+        (lab / "a" / f"cell_{i}.jpg").write_bytes(cell.read_bytes())
+    (tmp_path / "elsewhere" / "cell_x.jpg").write_bytes(cells[2].read_bytes())
+    (lab / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (lab / "a" / "up").symlink_to(lab, target_is_directory=True)  # back up the tree
+    (lab / "a" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (lab / "a" / "loop1.jpg").symlink_to(lab / "a" / "loop2.jpg")
+    (lab / "a" / "loop2.jpg").symlink_to(lab / "a" / "loop1.jpg")
+    odd = os.path.join(os.fsencode(lab / "a"), b"bad\xff\xfe.jpg")
+    with open(odd, "wb") as f:
+        f.write(cells[0].read_bytes())
+
+    items = expand_paths([lab])
+    read = [i.name for i in items if isinstance(i, ImageSource)]
+    skipped = {i.source.rsplit("/", 1)[-1]: i.reason for i in items if isinstance(i, SkippedFile)}
+    assert sorted(n.rsplit("/", 1)[-1] for n in read) == ["cell_0.jpg", "cell_1.jpg", "cell_x.jpg"]
+    assert "broken link" in skipped["gone.jpg"] and "broken link" in skipped["loop1.jpg"]
+    assert "not valid UTF-8" in skipped["bad\\xff\\xfe.jpg"]
+    assert "already read" in skipped["up"]
+    # a dataset reader cannot list such a name: a clear error naming it, not a codec traceback
+    (lab / "b").mkdir()
+    with open(os.path.join(os.fsencode(lab / "b"), b"bad\xff.jpg"), "wb") as f:
+        f.write(cells[0].read_bytes())
+    with pytest.raises(DatasetError, match=r"bad\\xff\.jpg: rename"):
+        read_dataset(lab, reader="folder")

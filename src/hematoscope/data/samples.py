@@ -34,7 +34,9 @@ def make_table(rows: Iterable[Mapping], dataset: str):
 
     from hematoscope.taxonomy import TAXONOMY
 
-    df = pd.DataFrame(list(rows), columns=None)
+    rows = list(rows)
+    _require_text_paths(rows)
+    df = pd.DataFrame(rows, columns=None)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS).astype(object)
     for col in ("patient",):
@@ -48,6 +50,17 @@ def make_table(rows: Iterable[Mapping], dataset: str):
     df = df.astype({"canonical": object, "patient": object})
     df = df.where(df.notna(), None)
     return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _require_text_paths(rows: list[Mapping]) -> None:
+    """Refuse file names that are not text (undecodable bytes): tables and reports carry names
+    as UTF-8 text, so such a file could be neither listed nor reported."""
+    from hematoscope.data.sources import shown_name, text_name
+
+    bad = [shown_name(str(r["path"])) for r in rows if not text_name(str(r["path"]))]
+    if bad:
+        raise DatasetError(f"{len(bad)} file name(s) are not valid UTF-8 text, e.g. {', '.join(bad[:3])}: rename "
+                           "them (an old Windows share or zip wrote them; predict passes over such files)")
 
 
 def class_column(table: "pd.DataFrame") -> "np.ndarray":

@@ -15,6 +15,7 @@ input is still classified.
 from __future__ import annotations
 
 import glob
+import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -117,20 +118,74 @@ def left_out_summary(left_out: Sequence[str]) -> str:
 
 def _expand(path: Path, *, explicit: bool, left_out: list[str] | None = None) -> list[ImageSource | SkippedFile]:
     if path.is_dir():
-        out: list[ImageSource | SkippedFile] = []
-        for f in sorted(path.rglob("*")):
-            if _is_zip(f) and f.is_file():
-                out.extend(_expand_zip(f, left_out))
-            elif is_image_file(f) and f.is_file():
-                out.append(ImageSource(str(f), f))
-            elif left_out is not None and f.is_file() and not _unmeant(f.relative_to(path).as_posix()):
-                left_out.append(str(f))
-        return out or [SkippedFile(str(path), "no image files or zip files in this folder")]
+        return _expand_folder(path, left_out)
+    if not text_name(str(path)):
+        return [SkippedFile(shown_name(str(path)), NOT_TEXT)]
     if _is_zip(path):
         return _expand_zip(path, left_out)
     if explicit or is_image_file(path):
         return [ImageSource(str(path), path)]
     return []
+
+
+#: Why a file whose name is not text is passed over: tables, reports and the server carry names as text.
+NOT_TEXT = "its name is not valid UTF-8 text (as written by an old Windows share or zip): rename the file"
+
+
+def text_name(name: str) -> bool:
+    """Whether ``name`` is text that reports can carry: a file name of undecodable bytes comes
+    from the file system as a str with surrogate escapes, which UTF-8 files and tables refuse."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_name(name: str) -> str:
+    """``name`` printable: undecodable bytes shown as ``\\xff``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _expand_folder(path: Path, left_out: list[str] | None) -> list[ImageSource | SkippedFile]:
+    """Every image and zip under ``path``, following folder links once each; folders that cannot
+    be read, broken links and link loops come back as skipped with the reason."""
+    found: list[tuple[str, ImageSource | SkippedFile | list]] = []
+    passed: list[str] | None = None if left_out is None else []
+    seen: set[str] = set()
+
+    def unreadable(exc: OSError) -> None:
+        name = str(exc.filename or path)
+        found.append((name, SkippedFile(shown_name(name), f"folder not read: {exc.strerror or exc}")))
+
+    for root, dirs, files in os.walk(path, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a folder link back into what was read already
+            dirs[:] = []
+            found.append((root, SkippedFile(shown_name(root), "folder link to a folder already read: not read again")))
+            continue
+        seen.add(real)
+        for name in files:
+            f = Path(root, name)
+            relative = f.relative_to(path).as_posix()
+            if not f.is_file():  # a link to nothing, or to itself
+                if f.is_symlink() and not _unmeant(relative):
+                    found.append((str(f), SkippedFile(shown_name(str(f)), "broken link or link loop: no file to read")))
+            elif not text_name(str(f)):
+                if is_image_file(f) or _is_zip(f):
+                    found.append((str(f), SkippedFile(shown_name(str(f)), NOT_TEXT)))
+            elif _is_zip(f):
+                found.append((str(f), _expand_zip(f, passed)))
+            elif is_image_file(f):
+                found.append((str(f), ImageSource(str(f), f)))
+            elif passed is not None and not _unmeant(relative):
+                passed.append(str(f))
+    if left_out is not None:
+        left_out.extend(sorted(passed, key=Path))
+    out: list[ImageSource | SkippedFile] = []
+    for _, item in sorted(found, key=lambda pair: Path(pair[0])):
+        out.extend(item if isinstance(item, list) else [item])
+    return out or [SkippedFile(str(path), "no image files or zip files in this folder")]
 
 
 def _expand_zip(path: Path, left_out: list[str] | None = None) -> list[ImageSource | SkippedFile]:
