@@ -12,8 +12,20 @@ from typing import Any, Iterable, Iterator
 
 @contextmanager
 def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        NotADirectoryError: a file stands where one of its folders should be.
+    """
     path = Path(path)
+    if path.is_dir():  # said before any work is done for the file, not when it is renamed into place
+        raise IsADirectoryError(f"{path} is a folder: name a file to write to")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is a file, so {path} cannot be written inside it")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)

@@ -27,13 +27,14 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's typed errors (ValueError family, FileNotFoundError, a missing optional
-    extra) into a clean one-line message and exit code 2 instead of a traceback."""
+    """Turn the library's typed errors (ValueError family; OSError such as a missing file, a folder
+    where a file should be or a full disk; a missing optional extra) into a clean one-line message
+    and exit code 2 instead of a traceback."""
     from hematoscope._extras import MissingExtraError
 
     try:
         yield
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: the user's paths, disk and permissions
         raise fail(_message(exc)) from None
     except MissingExtraError as exc:  # "pip install 'hematoscope[train]'": brackets are not markup here
         from rich.markup import escape
