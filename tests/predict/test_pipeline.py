@@ -149,6 +149,8 @@ def test_one_image_comes_in_a_list_and_every_kind_of_image_gives_one_answer(colo
     for lone in (str(path), path, pixels, pixels[:, :, 0], path.read_bytes()):
         with pytest.raises(TypeError, match=r"pass \[image\]"):
             colour_bundle.predict(lone)
+    with open(path, "rb") as fh, pytest.raises(TypeError, match=r"pass \[image\]"):
+        colour_bundle.predict(fh)  # would be read line by line
     with pytest.raises(TypeError, match="image 1 is a int"):
         colour_bundle.predict([path, 7])
     with Image.open(path) as pil, open(path, "rb") as fh:
@@ -159,3 +161,18 @@ def test_one_image_comes_in_a_list_and_every_kind_of_image_gives_one_answer(colo
     np.testing.assert_allclose(pred.probs[4], pred.probs[1], atol=1e-6)
     np.testing.assert_allclose(pred.probs[1], pred.probs[0], atol=1e-2)
     assert len(colour_bundle.predict(pixels[None])) == 1  # a stacked batch (N, H, W, 3) is a list of images
+
+
+def test_an_unusable_array_among_images_is_skipped_with_its_reason_and_the_rest_answered(colour_bundle):
+    """Arrays follow the rules files do: one that is no image (NaN, channels first) or is too small
+    to hold a cell is skipped with why, named by its position, and the others are answered."""
+    from hematoscope.data.images import load_image
+
+    pixels = load_image(sample_paths()[0])
+    bad = [np.full((64, 64, 3), np.nan, np.float32), pixels.transpose(2, 0, 1), np.full((1, 1, 3), 200, np.uint8)]
+    pred = colour_bundle.predict([pixels, *bad, pixels])
+    assert len(pred) == 2 and pred.sources == ["image_0", "image_4"]
+    reasons = {s.source: s.reason for s in pred.skipped}
+    assert sorted(reasons) == ["image_1", "image_2", "image_3"]
+    assert "NaN" in reasons["image_1"] and "too small (1x1" in reasons["image_3"]
+    np.testing.assert_allclose(pred.probs[0], pred.probs[1])

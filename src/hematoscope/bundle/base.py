@@ -911,14 +911,17 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
     items) as decode-loop items, named by ``names``, else by their path or ``image_<i>``.
     Arrays in another layout than RGB uint8 are converted (:func:`~hematoscope.data.images.rgb_array`).
 
+    An array or PIL image that is not an image comes back as a skipped item with the reason.
+
     Raises:
-        ValueError: an array that is not an image, or ``names`` of another length."""
+        TypeError: one image instead of a list of them, or an item of an unknown type.
+        ValueError: ``names`` of another length."""
     from hematoscope.data.images import pil_rgb_array, rgb_array
     from hematoscope.data.sources import ImageSource, SkippedFile
 
     if isinstance(images, (str, Path, bytes)) or (isinstance(images, np.ndarray) and images.ndim < 4) \
-            or _is_pil(images):
-        # one image would be iterated as characters, bytes or pixel rows, each answered as an image
+            or _is_pil(images) or hasattr(images, "read"):
+        # one image would be iterated as characters, bytes, pixel rows or lines, each answered as an image
         raise TypeError(f"images must be a list of images (paths, arrays, bytes or PIL images); got one "
                         f"{type(images).__name__}: pass [image] for one image")
     items = list(images)
@@ -932,10 +935,11 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
         name = names[i] if names is not None else str(item) if isinstance(item, (str, Path)) else f"image_{i}"
         if isinstance(item, (str, Path)):
             out.append(ImageSource(name, Path(item)))
-        elif isinstance(item, np.ndarray):
-            out.append(ImageSource(name, data=rgb_array(item)))
-        elif _is_pil(item):
-            out.append(ImageSource(name, data=pil_rgb_array(item)))
+        elif isinstance(item, np.ndarray) or _is_pil(item):
+            try:  # one unusable array is skipped with its reason, as an unreadable file is
+                out.append(ImageSource(name, data=rgb_array(item) if isinstance(item, np.ndarray) else pil_rgb_array(item)))
+            except ValueError as exc:
+                out.append(SkippedFile(name, str(exc)))
         elif isinstance(item, (bytes, bytearray, memoryview)):
             out.append(ImageSource(name, data=bytes(item)))
         elif hasattr(item, "read"):  # an open binary file

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from hematoscope.data.archive import UnsafeArchiveError
-from hematoscope.data.images import ImageError, load_model_image
+from hematoscope.data.images import MIN_MODEL_SIDE, ImageError, load_model_image, too_small
 from hematoscope.data.sources import ArchiveReader, ImageSource, SkippedFile
 
 if TYPE_CHECKING:
@@ -82,7 +82,9 @@ def decode_batches(
     def decode(item: ImageSource | SkippedFile) -> np.ndarray | SkippedFile:
         if isinstance(item, SkippedFile):
             return item
-        if isinstance(item.data, np.ndarray):
+        if isinstance(item.data, np.ndarray):  # decoded by the caller: the same size rule as files
+            if min(item.data.shape[:2]) < MIN_MODEL_SIDE:
+                return SkippedFile(item.name, too_small(item.data.shape))
             return item.data
         try:
             data = item.data if item.data is not None else item.path if item.member is None else archives.read(item)

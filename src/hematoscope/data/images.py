@@ -32,6 +32,11 @@ MIN_MODEL_SIDE = 8
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
+def too_small(shape: tuple[int, ...]) -> str:
+    """Why an image of ``shape`` (H, W, ...) under :data:`MIN_MODEL_SIDE` a side is not given to a model."""
+    return f"image too small ({shape[1]}x{shape[0]}; a cell crop needs at least {MIN_MODEL_SIDE} px a side)"
+
+
 class ImageError(ValueError):
     """An image could not be loaded; ``reason`` says why in a few words, ``source`` says what."""
 
@@ -123,8 +128,7 @@ def load_model_image(src: Path | str | bytes | BinaryIO, preprocess, *, max_pixe
     use_draft = DRAFT_DECODE if draft is None else draft
     image = load_image(src, max_pixels=max_pixels, draft_size=preprocess.decode_size if use_draft else None)
     if min(image.shape[:2]) < MIN_MODEL_SIDE:
-        raise ImageError(f"image too small ({image.shape[1]}x{image.shape[0]}; a cell crop needs at least "
-                         f"{MIN_MODEL_SIDE} px a side)", _source_name(src))
+        raise ImageError(too_small(image.shape), _source_name(src))
     resize = preprocess.early_resizer()
     return resize(image) if resize is not None else image
 
