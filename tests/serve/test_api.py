@@ -160,6 +160,18 @@ class TestPredict:
                            "batch.zip/cells/readme.md", "single.png"]
         assert a["n_errors"] == 1 and "not an image" in a["items"][2]["error"]
 
+    def test_damaged_zip_is_one_unreadable_file_and_the_rest_are_answered(self, client, sample_files):
+        """A zip that cannot be opened is an unreadable file like any other (an unsafe one refuses
+        the request, below)."""
+        truncated = _zip({"cells/a.jpg": sample_files[0].read_bytes()})[:100]
+        r = client.post("/api/predict", files=_files(("damaged.zip", truncated), ("b.jpg", sample_files[1].read_bytes()),
+                                                     ("empty.zip", b"")))
+        assert r.status_code == 200
+        a = r.json()
+        assert [it["source"] for it in a["items"]] == ["damaged.zip", "b.jpg", "empty.zip"]
+        assert a["n_errors"] == 2 and "not a readable zip" in a["items"][0]["error"]
+        assert a["items"][1]["error"] is None and a["items"][1]["prediction"] in a["labels"]
+
     def test_unknown_model_is_404(self, client, sample_files):
         r = client.post("/api/predict?model=nope", files=_files(("a.jpg", sample_files[0].read_bytes())))
         assert r.status_code == 404 and "tiny-test" in r.json()["detail"]

@@ -49,6 +49,7 @@ class UploadTooLarge(UploadError):
 class Upload:
     name: str
     data: bytes
+    error: str | None = None  # why it cannot be read, known before decoding (a damaged zip)
 
 
 def expand_uploads(files: Sequence[tuple[str, bytes]], *, max_files: int, max_unpacked_bytes: int) -> list[Upload]:
@@ -57,9 +58,12 @@ def expand_uploads(files: Sequence[tuple[str, bytes]], *, max_files: int, max_un
     Zip members are validated with :mod:`hematoscope.data.archive` (no traversal, links or
     bombs) before anything is read. macOS resource forks (``__MACOSX/``) are left out.
 
+    A zip that cannot be opened (damaged, or not a zip) comes back as one upload with its
+    ``error``, answered as an unreadable file.
+
     Raises:
-        UploadError: an unsafe or unreadable zip, more than ``max_files`` images, or zips that
-            unpack to more than ``max_unpacked_bytes``.
+        UploadError: an unsafe zip (traversal, links, bomb), more than ``max_files`` images, or
+            zips that unpack to more than ``max_unpacked_bytes``.
     """
     from hematoscope.data.archive import UnsafeArchiveError, open_zip, read_member, safe_members
 
@@ -70,7 +74,12 @@ def expand_uploads(files: Sequence[tuple[str, bytes]], *, max_files: int, max_un
             out.append(Upload(name, data))
             continue
         try:
-            with open_zip(io.BytesIO(data)) as zf:
+            zf = open_zip(io.BytesIO(data))
+        except UnsafeArchiveError as exc:  # damaged or not a zip: this file is unreadable, the rest are answered
+            out.append(Upload(name, data, error=str(exc)))
+            continue
+        try:
+            with zf:
                 members = [m for m in safe_members(zf) if not m.name.startswith("__MACOSX/")]
                 unpacked += sum(m.info.file_size for m in members)
                 if unpacked > max_unpacked_bytes:
@@ -272,6 +281,9 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     for pos, up in enumerate(uploads):
         items.append(StoredItem(up.name, hashlib.sha256(up.data).hexdigest(), {}))
+        if up.error is not None:
+            fail(pos, up.error)
+            continue
         try:
             sizes.append((pos, header_pixels(up, max_pixels)))
         except ImageError as exc:
