@@ -7,6 +7,7 @@ common ancestors. Unknown labels are returned as ``None`` and reported, never gu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 TAXONOMY_VERSION = "1"
 
@@ -155,6 +156,30 @@ def unmapped_labels(table) -> dict[str, dict[str, int]]:
     for (ds, label), n in rows.groupby(["dataset", "label"], dropna=False).size().items():
         out.setdefault(str(ds), {})[str(label)] = int(n)
     return out
+
+
+def unknown_labels_note(counts: Mapping[str, str], known: Iterable[str] = (), *, what: str = "each a class of its own"
+                        ) -> str | None:
+    """A warning naming the labels the taxonomy does not know (``counts``: label → how many, as
+    text), each with the known class it is probably a typo of; None when there are none. Unknown
+    labels are kept (a lab's own classes are fine), so a typo would silently make an extra class.
+
+    Args:
+        known: other class names the data has, also offered as corrections.
+        what: what becomes of such a label, for the message.
+    """
+    import difflib
+
+    if not counts:
+        return None
+    names = sorted(set(TAXONOMY.types) | set(known))
+    parts = []
+    for label in sorted(counts):
+        near = difflib.get_close_matches(str(label).lower(), names, n=1, cutoff=0.75)
+        parts.append(f"'{label}' ({counts[label]}" + (f"; did you mean '{near[0]}'?)" if near else ")"))
+    more = f" and {len(parts) - 20} more" if len(parts) > 20 else ""
+    return (f"{len(parts)} label(s) the taxonomy does not know, {what}: {', '.join(parts[:20])}{more}. "
+            "Fix typos in the data (see `hematoscope data check`); labels of your own are fine.")
 
 
 def taxonomy_markdown(taxonomy: Taxonomy = TAXONOMY) -> str:

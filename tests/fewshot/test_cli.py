@@ -179,3 +179,22 @@ def test_ssl_command_writes_usable_weights(small_synthetic, tiny_arch, tmp_path)
     assert "6 steps" in out
     _run(["features", small_synthetic, "--backbone", tiny_arch, "--weights", tmp_path / "w.safetensors",
           "--size", 32, "--out", tmp_path / "f"])
+
+
+def test_fewshot_fit_names_a_label_typo_and_counts_each_unlabelled_image_once(small_synthetic, tmp_path):
+    """A lab's label 'basophill' would become a class of the head: said, with the class meant.
+    A crop passed twice, or already in DATA, is self-trained on once."""
+    from hematoscope.data.synthetic import make_synthetic_dataset
+
+    files = sorted(small_synthetic.rglob("*.png"))
+    labels = [p.parent.name for p in files]
+    labels[0] = labels[0] + "l"  # 'basophill'
+    pd.DataFrame({"path": [str(p) for p in files], "label": labels}).to_csv(tmp_path / "labels.csv", index=False)
+    crops = make_synthetic_dataset(tmp_path / "lab", n_per_class=2, size=32, seed=7)
+    r = CliRunner().invoke(app, ["fewshot", "fit", str(tmp_path / "labels.csv"), "--head", "lr+self", "--size", "32",
+                                 "--unlabelled", str(crops), "--unlabelled", str(crops), "--unlabelled",
+                                 str(small_synthetic), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert f"'{labels[0]}' (1 image; did you mean '{files[0].parent.name}'?)" in out
+    assert "self-trained on 16 images without labels" in out  # the lab's 16 crops, once each

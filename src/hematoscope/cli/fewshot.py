@@ -1,6 +1,7 @@
 """``hematoscope fewshot fit|bench`` (heads on frozen features) and ``hematoscope ssl``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -52,6 +53,27 @@ def _test_rows(table) -> int:
     return 0 if test is None else len(test)
 
 
+def _warn_unknown_labels(table) -> None:
+    """Say which labels of ``table`` the taxonomy does not know: each becomes a class of the head,
+    so a typo ('basophill') would be answered as a class of its own."""
+    from rich.markup import escape
+
+    from hematoscope.cli._common import err_console
+    from hematoscope.data.samples import class_column, has_label
+    from hematoscope.taxonomy import unknown_labels_note
+
+    labelled = table[has_label(table)]
+    if not len(labelled):
+        return
+    classes = class_column(labelled)
+    unknown = labelled["canonical"].isna().to_numpy()
+    counts = {c: int((classes[unknown] == c).sum()) for c in set(classes[unknown])}
+    note = unknown_labels_note({c: f"{n} image{'s' if n != 1 else ''}" for c, n in counts.items()},
+                               set(classes[~unknown]), what="each made a class of the head")
+    if note:
+        err_console().print(f"[yellow]warning:[/] {escape(note)}")
+
+
 def _add_unlabelled(table, paths: list[str], split_files: list[str]):
     """``table`` with a row without label for each image file among ``paths`` and each row of a
     CSV among them (a split file's rows keep their ``split``, so its test rows are left out like
@@ -81,7 +103,15 @@ def _add_unlabelled(table, paths: list[str], split_files: list[str]):
         raise typer.BadParameter("no image file among these paths", param_hint="--unlabelled")
     rows = pd.DataFrame({"path": files, "label": None, "canonical": None, "patient": None, "dataset": "unlabelled"},
                         columns=COLUMNS)
-    return pd.concat([table, *parts, rows], ignore_index=True)
+    # a file DATA holds already (its unused images are unlabelled data too), or one named twice, is
+    # not a second image
+    extra = pd.concat([*parts, rows], ignore_index=True)
+    seen = {os.path.abspath(p) for p in table["path"].astype(str)}
+    keep = []
+    for path in extra["path"].astype(str):
+        keep.append(os.path.abspath(path) not in seen)
+        seen.add(os.path.abspath(path))
+    return pd.concat([table, extra[keep]], ignore_index=True)
 
 
 def _check_views(views: int | None) -> None:
@@ -137,6 +167,7 @@ def fit(
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         table = read_dataset(data)
         split_files = [str(data)] if _test_rows(table) else []
+        _warn_unknown_labels(table)
         if unlabelled:
             table = _add_unlabelled(table, unlabelled, split_files)
         ext = _extractor(backbone, weights, size, tta, views, backend)

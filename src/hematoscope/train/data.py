@@ -100,26 +100,16 @@ def warn_about_classes(table) -> list[str]:
     trains as a class of its own: a typo makes an extra class), and classes with no or fewer
     than :data:`MIN_VAL_PER_CLASS` validation images. Research data may have labels of its own,
     so nothing is refused (the taxonomy's rule: unknown labels are reported, never guessed)."""
-    import difflib
-
-    from hematoscope.taxonomy import TAXONOMY
+    from hematoscope.taxonomy import unknown_labels_note
 
     counts = table.groupby(["cls", "split"]).size().unstack(fill_value=0).reindex(columns=["train", "val"],
                                                                                  fill_value=0)
     n_train, n_val = counts["train"], counts["val"]
-    notes = []
     canon = table["canonical"] if "canonical" in table else None
     unknown = table[canon.isna() | (canon.astype(str).str.strip() == "")] if canon is not None else table
-    if len(unknown):
-        names = sorted(set(TAXONOMY.types) | (set(counts.index) - set(unknown["cls"])))
-        parts = []
-        for label in sorted(set(unknown["cls"])):
-            near = difflib.get_close_matches(str(label).lower(), names, n=1, cutoff=0.75)
-            parts.append(f"'{label}' ({n_train[label]} train, {n_val[label]} val"
-                         + (f"; did you mean '{near[0]}'?)" if near else ")"))
-        notes.append(f"{len(parts)} label(s) the taxonomy does not know, each trained as a class of its own: "
-                     + ", ".join(parts[:20]) + (f" and {len(parts) - 20} more" if len(parts) > 20 else "")
-                     + ". Fix typos in the data (see `hematoscope data check`); labels of your own are fine.")
+    note = unknown_labels_note({c: f"{n_train[c]} train, {n_val[c]} val" for c in set(unknown["cls"])},
+                               set(counts.index) - set(unknown["cls"]), what="each trained as a class of its own")
+    notes = [note] if note else []
     none = [c for c in counts.index if n_val[c] == 0]
     if none:
         notes.append(f"class(es) without validation images: {', '.join(f'{c} ({n_train[c]} train)' for c in none)}; "
