@@ -112,6 +112,24 @@ def test_too_few_images_are_refused_with_a_clear_message(trusted_bundle, lab_ima
         adapt_bundle(trusted_bundle, lab_images[:MIN_IMAGES - 1])
 
 
+def test_a_folder_is_given_as_its_images_not_as_a_path(synthetic_root, tmp_path):
+    """`bundle.adapt("lab/")` would read the letters of the path as files: refused with the way to
+    pass a folder's images, which then decode as the CLI reads them."""
+    from hematoscope.bundle.adapt import decode_images
+    from hematoscope.data.sources import expand_paths
+
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    for p in sorted(synthetic_root.rglob("*.png"))[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    for lone in (str(folder), folder):
+        with pytest.raises(TypeError, match=r"expand_paths\(\[folder\]\)"):
+            decode_images(lone)
+    arrays, digests, skipped = decode_images(expand_paths([folder]))
+    assert len(arrays) == 4 and not skipped
+    assert digests == decode_images(sorted(folder.iterdir()))[1]
+
+
 def test_unreadable_files_are_reported_and_skipped(trusted_bundle, synthetic_root, tmp_path):
     paths = sorted(synthetic_root.rglob("*.png"))[:MIN_IMAGES + 5]
     (tmp_path / "truncated.jpg").write_bytes(paths[0].read_bytes()[:50])

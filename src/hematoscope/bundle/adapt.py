@@ -83,21 +83,35 @@ def content_hash(digests: Iterable[str]) -> str:
 
 
 def decode_images(items: Iterable, preprocess=None) -> tuple[list[np.ndarray], list[str], list[SkippedFile]]:
-    """Decode paths, encoded bytes, ``(name, bytes)`` pairs or RGB uint8 arrays; a
-    :class:`SkippedFile` among them is passed through to the skipped list.
+    """Decode paths, encoded bytes, ``(name, bytes)`` pairs, RGB uint8 arrays or the items of
+    :func:`~hematoscope.data.sources.expand_paths` (a folder's images); a :class:`SkippedFile`
+    among them is passed through to the skipped list.
 
     ``preprocess`` (a model's): decode files as every prediction path does for that model.
 
     Returns:
         (arrays, per-image sha256 of the file bytes or array, skipped).
+
+    Raises:
+        TypeError: one image or one folder's path instead of a list.
     """
+    from hematoscope.bundle.base import require_image_list
     from hematoscope.data.images import ImageError, load_image, load_model_image
+    from hematoscope.data.sources import ImageSource
+
+    require_image_list(items)
 
     def decode(data: bytes) -> np.ndarray:  # as the model's own paths decode, when it is known
         return load_image(data) if preprocess is None else load_model_image(data, preprocess)
 
     arrays, digests, skipped = [], [], []
     for i, item in enumerate(items):
+        if isinstance(item, ImageSource):  # as expand_paths gives them: a file, or an image in memory
+            if item.member is not None:
+                skipped.append(SkippedFile(item.name, "a zip member: unzip the lab's crops first"))
+                continue
+            item = item.path if item.data is None else item.data if isinstance(item.data, np.ndarray) \
+                else (item.name, item.data)
         if isinstance(item, SkippedFile):
             skipped.append(item)
             continue

@@ -919,11 +919,7 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
     from hematoscope.data.images import pil_rgb_array, rgb_array
     from hematoscope.data.sources import ImageSource, SkippedFile
 
-    if isinstance(images, (str, Path, bytes)) or (isinstance(images, np.ndarray) and images.ndim < 4) \
-            or _is_pil(images) or hasattr(images, "read"):
-        # one image would be iterated as characters, bytes, pixel rows or lines, each answered as an image
-        raise TypeError(f"images must be a list of images (paths, arrays, bytes or PIL images); got one "
-                        f"{type(images).__name__}: pass [image] for one image")
+    require_image_list(images)
     items = list(images)
     if names is not None and len(names) != len(items):
         raise ValueError(f"{len(items)} images but {len(names)} source names")
@@ -948,6 +944,21 @@ def image_sources(images: Iterable, names: Sequence[str] | None = None) -> list[
             raise TypeError(f"image {i} is a {type(item).__name__}: expected a path, a numpy array, encoded "
                             "bytes, a binary file or a PIL image")
     return out
+
+
+def require_image_list(images) -> None:
+    """Refuse one image (or one folder's path) where a list of images is expected: it would be
+    iterated as characters, bytes, pixel rows or lines, each taken as an image.
+
+    Raises:
+        TypeError: naming the fix.
+    """
+    if isinstance(images, (str, Path, bytes)) or (isinstance(images, np.ndarray) and images.ndim < 4) \
+            or _is_pil(images) or hasattr(images, "read"):
+        folder = isinstance(images, (str, Path)) and Path(images).is_dir()
+        raise TypeError(f"images must be a list of images (paths, arrays, bytes or PIL images); got one "
+                        f"{type(images).__name__}: " + ("a folder's images are "
+                        "hematoscope.data.sources.expand_paths([folder])" if folder else "pass [image] for one image"))
 
 
 def _is_pil(obj) -> bool:
