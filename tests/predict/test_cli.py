@@ -72,3 +72,10 @@ def test_the_other_lab_note_suggests_only_what_the_run_has_not_tried():
     adapted = _lab_hint(default, None, 0.4, framing_chosen=False)
     assert "unlike the crops of 'lab-a'" in adapted and "original model (v4)" in adapted
     assert "--framing auto" not in adapted and "hematoscope adapt default" not in adapted
+
+
+def test_a_mistyped_folder_is_said_in_one_line_and_writes_nothing(runner, tiny_neural_bundle, tmp_path):
+    res = runner.invoke(app, ["predict", "-m", str(tiny_neural_bundle), str(tmp_path / "tset"),
+                              "--out", str(tmp_path / "p.csv")], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "nothing to classify" in res.output and "tset: file not found" in res.output
+    assert "Differential" not in res.output and "Predictions" not in res.output and not list(tmp_path.iterdir())

@@ -99,6 +99,15 @@ def predict(
         left_out: list[str] = []
         items = expand_paths(paths, left_out=left_out)
         n_images = sum(isinstance(i, ImageSource) for i in items)
+        if not n_images:  # a mistyped folder: said in a line, with no empty tables or result files
+            from rich.markup import escape
+
+            from hematoscope.data.sources import left_out_summary
+
+            reasons = "; ".join(str(i) for i in items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+            err_console().print(f"[red]error:[/] nothing to classify: {escape(reasons)}"
+                                + (f"\n{escape(left_out_summary(left_out))}" if left_out else ""))
+            raise typer.Exit(1)
         chosen = None
         if framing_value == "auto":
             from hematoscope.predict.pipeline import choose_run_framing
