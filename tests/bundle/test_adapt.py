@@ -155,6 +155,7 @@ def test_cli_adapt_writes_a_bundle_the_predict_command_uses(trusted_bundle, synt
     assert "1 file in the folders or zips was left out" in " ".join(res.output.split()) and ".ndpi 1" in res.output
     adapted = load_bundle(tmp_path / "ad")
     assert adapted.config.adaptation["source"] == "lab" and adapted.name == "ad"  # as the web app lists it
+    assert len(adapted.config.seen_images) == 60  # the lab's crops, by content: evaluate counts them
     res = runner.invoke(app, ["predict", str(tmp_path / "lab"), "--model", str(tmp_path / "ad")])
     assert res.exit_code == 0, res.output
     # the lab's model is not replaced by accident; with --overwrite it is, leaving no file of the old one

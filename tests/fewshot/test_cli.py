@@ -113,12 +113,16 @@ def test_fewshot_fit_on_a_split_file_never_sees_its_test_rows(synthetic_root, tm
 
     monkeypatch.setattr(FeatureExtractor, "extract", recording)
     common = ["-n", 2, "--head", "lr+self", "--size", 32, "--views", 1, "--backend", "torch"]
+    from hematoscope.data.synthetic import make_synthetic_dataset
+
+    lab = make_synthetic_dataset(tmp_path / "lab", n_per_class=1, size=32, seed=9)  # 8 crops of the lab's own
     out = " ".join(_run(["fewshot", "fit", tmp_path / "s.csv", *common, "--unlabelled", synthetic_root,
-                         "--out", tmp_path / "b"]).split())
+                         "--unlabelled", lab, "--out", tmp_path / "b"]).split())
     assert seen and not seen & test
     assert (f"train + val rows of {tmp_path / 's.csv'} used; {len(test)} test rows left out (neither drawn nor "
             f"self-trained on); also {len(test)} images sharing a file or group with them") in out
-    assert load_bundle(tmp_path / "b").config.training.n_unlabelled > 0
+    # the lab's crops; the split's own train + val files, passed again, are not a second copy
+    assert load_bundle(tmp_path / "b").config.training.n_unlabelled == 8
     # a split file as --unlabelled: its test rows are left out too
     split[split["split"] != "test"].drop(columns="split").to_csv(tmp_path / "pool.csv", index=False)
     seen.clear()
@@ -198,3 +202,26 @@ def test_fewshot_fit_names_a_label_typo_and_counts_each_unlabelled_image_once(sm
     out = " ".join(r.output.split())
     assert f"'{labels[0]}' (1 image; did you mean '{files[0].parent.name}'?)" in out
     assert "self-trained on 16 images without labels" in out  # the lab's 16 crops, once each
+
+
+def test_evaluate_counts_the_images_a_fewshot_head_learnt_from(synthetic_root, tmp_path):
+    """Scoring a head on the folder it was drawn from is not a test: evaluate says how many of the
+    scored images the bundle learnt from or was calibrated on; on images kept aside it says nothing."""
+    import shutil
+
+    files = sorted(synthetic_root.rglob("*.png"))
+    for i, f in enumerate(files):  # every other crop of each class is kept aside, as a lab would
+        dest = tmp_path / ("fit" if i % 2 else "aside") / f.parent.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest)
+    _run(["fewshot", "fit", tmp_path / "fit", "-n", 2, "--head", "lr", "--size", 32, "--out", tmp_path / "b"])
+    from hematoscope.bundle import load_bundle
+
+    seen = load_bundle(tmp_path / "b").config.seen_images
+    assert len(seen) >= 16 and seen == sorted(seen)  # 2 labels per class, and any validation draw
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "b"), str(tmp_path / "fit"), "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert f"{len(seen)} of the" in " ".join(r.output.split()) and "not a test" in r.output
+    assert json.loads((tmp_path / "e.json").read_text())["seen_by_bundle"] == len(seen)
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "b"), str(tmp_path / "aside")])
+    assert r.exit_code == 0 and "not a test" not in r.output

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from hematoscope.bundle.base import BundleError, ModelOutput, calibrated_softmax, load_bundle
+from hematoscope.bundle.config import seen_fingerprints
 from hematoscope.bundle.prediction import SkippedFile
 
 if TYPE_CHECKING:
@@ -336,6 +337,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     probs = adapted.calibrated_probs(after.logits)
     report.seconds = round(time.perf_counter() - start, 1)
     adapted.config.name = name or f"{bundle.name}-adapted"
+    # the lab's crops are the adapted model's data now: scoring them later would not be a test
+    adapted.config.seen_images = seen_fingerprints([*bundle.config.seen_images, *digests])
     adapted.config.adaptation = {
         "adapted_from": bundle.name,
         "source": source,

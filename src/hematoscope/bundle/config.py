@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Any, Union
 
@@ -256,6 +256,16 @@ class ReframeRule(BaseModel):
         return ReframeRule(**{**self.model_dump(), "colours": list(colours)})
 
 
+#: Hex digits of a file's sha256 kept per image in ``BundleConfig.seen_images`` (64 bits: no two
+#: of a lab's images share them by chance).
+SEEN_DIGITS = 16
+
+
+def seen_fingerprints(digests: Iterable[str | None]) -> list[str]:
+    """``BundleConfig.seen_images`` entries of files' sha256 digests (None: unreadable, left out)."""
+    return sorted({d[:SEEN_DIGITS] for d in digests if d})
+
+
 class BundleConfig(BaseModel):
     """Everything needed to rebuild a model and use it, written by the code that trained it."""
 
@@ -303,6 +313,11 @@ class BundleConfig(BaseModel):
     adaptation: dict[str, Any] | None = None
     #: How it was trained: recipe, data sources and fingerprint, split, seed, time.
     training: TrainingRecord = Field(default_factory=TrainingRecord)
+    #: The images it learnt from beyond its training split (a few-shot head's labelled and
+    #: unlabelled images, a lab's adaptation crops), each as the first :data:`SEEN_DIGITS` hex
+    #: digits of the file's sha256, sorted: scoring them would not be a test, so ``evaluate``
+    #: counts them. Empty: none recorded (a trained network's split is in its run's split.csv).
+    seen_images: list[str] = Field(default_factory=list)
     intended_use: str = INTENDED_USE
     data_sources: list[str] = Field(default_factory=list)
     changelog: dict[str, str] = Field(default_factory=dict)

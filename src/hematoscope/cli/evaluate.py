@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from hematoscope.cli._common import (ClassesOption, OodAcceptOption, RecolourOption, ReframeOption, TtaOption,
-                                     class_list, console, user_errors)
+                                     class_list, console, err_console, user_errors)
 
 
 def evaluate_cmd(
@@ -84,6 +84,10 @@ def evaluate_cmd(
     if report["unknown_classes"]:
         c.print("[yellow]not scored (classes the bundle does not know):[/] "
                 + ", ".join(f"{k} ({v})" for k, v in sorted(report["unknown_classes"].items())))
+    if report.get("seen_by_bundle"):
+        err_console().print(f"[yellow]warning:[/] {report['seen_by_bundle']} of the {report['n']} images scored are "
+                            f"images {bundle.name} learnt from or was calibrated on (its few-shot draws or "
+                            "adaptation crops): these scores are not a test; evaluate on images kept aside")
     if report["skipped"]:
         c.print(f"[yellow]{len(report['skipped'])} unreadable file(s) skipped[/], e.g. "
                 f"{report['skipped'][0]['source']} ({report['skipped'][0]['reason']})")

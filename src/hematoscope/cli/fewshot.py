@@ -104,9 +104,10 @@ def _add_unlabelled(table, paths: list[str], split_files: list[str]):
     rows = pd.DataFrame({"path": files, "label": None, "canonical": None, "patient": None, "dataset": "unlabelled"},
                         columns=COLUMNS)
     # a file DATA holds already (its unused images are unlabelled data too), or one named twice, is
-    # not a second image
+    # not a second image; copies of DATA's test rows stay, to be left out and counted with them
     extra = pd.concat([*parts, rows], ignore_index=True)
-    seen = {os.path.abspath(p) for p in table["path"].astype(str)}
+    pool = table if "split" not in table else table[table["split"] != "test"]
+    seen = {os.path.abspath(p) for p in pool["path"].astype(str)}
     keep = []
     for path in extra["path"].astype(str):
         keep.append(os.path.abspath(path) not in seen)

@@ -62,7 +62,8 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         (data class → evaluation class), ``merged`` (bundle class → evaluation class where they
         differ), ``unknown_classes`` ({data class: count} not scored), ``skipped`` (unreadable
         files with reasons), ``abstained`` / ``accuracy_answered`` (the bundle's abstain rule),
-        ``views`` (the view mode: ``"cascade"`` or a count) and ``slow_share`` (the share of
+        ``seen_by_bundle`` (scored images the bundle learnt from or was calibrated on, by
+        content: not a test of it), ``views`` (the view mode: ``"cascade"`` or a count) and ``slow_share`` (the share of
         images the cascade ran with all views), and ``predictions`` (one record per scored image:
         source, truth, prediction, confidence, abstain, OOD score, views).
 
@@ -111,6 +112,7 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         "skipped": [{"source": s.source, "reason": s.reason} for s in pred.skipped],
         "abstained": float(1 - answered.mean()),
         "accuracy_answered": float((y_pred == y_true)[answered].mean()) if answered.any() else None,
+        "seen_by_bundle": _seen_by_bundle(bundle, table, rows),
         "views": bundle.view_mode,
         "slow_share": (pred.share_with_views(bundle.config.cascade.slow_views)
                        if bundle.uses_cascade and pred.views is not None else None),
@@ -126,6 +128,22 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
 
         plot_reliability({bundle.name: reliability_curve(probs, y_true)}, Path(plots_dir) / "reliability.png")
     return report
+
+
+def _seen_by_bundle(bundle: "Bundle", table, rows: list[int]) -> int:
+    """How many of the scored rows are images the bundle learnt from or was calibrated on
+    (``config.seen_images``: a few-shot head's draws, a lab's adaptation crops), by file content."""
+    from hematoscope.bundle.config import SEEN_DIGITS
+    from hematoscope.data.splits import hash_files
+
+    seen = set(bundle.config.seen_images)
+    if not seen:
+        return 0
+    known = table["sha256"].iloc[rows].tolist() if "sha256" in table else [None] * len(rows)
+    missing = [i for i, d in enumerate(known) if not isinstance(d, str) or len(d) < SEEN_DIGITS]
+    for i, d in zip(missing, hash_files([str(table["path"].iloc[rows[i]]) for i in missing], unreadable_as_none=True)):
+        known[i] = d
+    return sum(1 for d in known if d and d[:SEEN_DIGITS] in seen)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: list[str], path: Path) -> Path:

@@ -250,7 +250,8 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
         ValueError: no labelled or no readable images, or fewer than two classes.
     """
     from hematoscope.data.samples import class_column, group_keys, has_label, resolve_group_by
-    from hematoscope.data.splits import shares_with_test, split_parts
+    from hematoscope.bundle.config import seen_fingerprints
+    from hematoscope.data.splits import hash_files, shares_with_test, split_parts
     from hematoscope.fewshot.shots import sample_shots
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
@@ -278,7 +279,7 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     if len(fs.features) == 0:
         raise ValueError("none of the drawn training images could be read")
     y_train = y_all[drawn][fs.ok]
-    unlabelled = None
+    unlabelled, free = None, np.zeros(0, int)
     if spec.self_training is not None:
         free = np.setdiff1d(rest, val_idx)
         if groups is not None:
@@ -307,7 +308,11 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
         bundle.config.training.n_train_groups = report["n_train_groups"]
 
     counts = {c: int((y_all[val_idx] == c).sum()) for c in bundle.labels}
-    if min(counts.values()) < 5:  # the lab labelled only what it drew: trust from the draw itself
+    calibrated_on = val_idx if min(counts.values()) >= 5 else np.zeros(0, int)
+    # the images it learnt from or was calibrated on: scoring them later would not be a test
+    bundle.config.seen_images = seen_fingerprints(
+        hash_files(list(paths[np.concatenate([drawn, free, calibrated_on])]), unreadable_as_none=True))
+    if not len(calibrated_on):  # the lab labelled only what it drew: trust from the draw itself
         report["trust"] = _crossfit_trust(bundle, spec, fs.features, y_train, unlabelled, seed=seed,
                                           groups=None if groups is None else groups[drawn][fs.ok])
         return bundle, report
