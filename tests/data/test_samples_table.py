@@ -33,7 +33,7 @@ def test_as_table_passes_tables_through_and_reads_paths(synthetic_root, tmp_path
 def test_groups():
     table = _table()
     assert resolve_group_by(table) == "patient" and resolve_group_by(table, "none") is None
-    with pytest.raises(ValueError, match="no such column"):
-        resolve_group_by(table, "slide")
+    with pytest.raises(ValueError, match="no such column.*ids \\(1 of them\\) are in 'patient'"):
+        resolve_group_by(table, "slide")  # e.g. LISC's 'group' ids, which its reader puts in 'patient'
     assert group_keys(table, "patient").tolist() == ["id:matek|p1", "row:/d/b.jpg", "id:matek|p1"]
     assert group_keys(table, None) is None

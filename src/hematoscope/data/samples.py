@@ -111,7 +111,10 @@ def resolve_group_by(table: "pd.DataFrame", group_by: str | None = "auto") -> st
     if group_by == "auto":
         return "patient" if "patient" in table and table["patient"].notna().any() else None
     if group_by not in table:
-        raise ValueError(f"cannot group by {group_by!r}: no such column (columns: {list(table.columns)})")
+        # readers put a dataset's own ids (LISC's cell groups, a lab's patient ids) in "patient"
+        hint = (f"; this data's ids ({table['patient'].nunique()} of them) are in 'patient': --group-by patient, "
+                "or auto" if "patient" in table and table["patient"].notna().any() else "")
+        raise ValueError(f"cannot group by {group_by!r}: no such column (columns: {list(table.columns)}){hint}")
     return group_by
 
 
