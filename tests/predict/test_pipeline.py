@@ -80,6 +80,41 @@ def test_draft_decoding_keeps_at_least_the_model_size(tmp_path, images):
     assert min(drafted.shape[:2]) < 400   # but did scale down
 
 
+def test_large_images_decode_a_few_at_a_time_whatever_the_threads(tmp_path, monkeypatch):
+    """Full-size decodes share a pixel budget: with room for two of these images, eight threads
+    never hold three, while every image is still decoded (a folder of large flat scans on a
+    many-core PC took about 1 GB per thread)."""
+    import threading
+
+    from PIL import Image
+
+    import hematoscope.data.decode as decode
+
+    for i in range(6):
+        Image.new("RGB", (400, 300), (40 * i, 90, 160)).save(tmp_path / f"scan_{i}.png")
+    monkeypatch.setattr(decode, "DECODE_BUDGET_PIXELS", 2 * 400 * 300)
+    held, peak, lock = [0], [0], threading.Lock()
+    real = decode.load_model_image
+
+    def counting(data, spec):
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        try:
+            import time
+
+            time.sleep(0.05)  # long enough for the other threads to try
+            return real(data, spec)
+        finally:
+            with lock:
+                held[0] -= 1
+
+    monkeypatch.setattr(decode, "load_model_image", counting)
+    items = [ImageSource(str(f), f) for f in sorted(tmp_path.glob("*.png"))]
+    batches = list(decode_batches(items, Preprocess(size=64), batch_size=6, workers=8))
+    assert sum(len(b.images) for b in batches) == 6 and peak[0] == 2
+
+
 def _rss_growth_streaming(bundle, folder, n_items: int) -> float:
     """Peak MB of resident memory gained while streaming n_items through the pipeline (the items
     themselves are generated lazily: nothing but the pipeline may hold them)."""

@@ -16,9 +16,11 @@ uploads), trust fitting, evaluation, feature extraction for few-shot heads and O
 from __future__ import annotations
 
 import os
+import threading
 import zipfile
 import zlib
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from hematoscope.data.archive import UnsafeArchiveError
-from hematoscope.data.images import MIN_MODEL_SIDE, ImageError, load_model_image, too_small
+from hematoscope.data.images import MIN_MODEL_SIDE, ImageError, image_size, load_model_image, too_small
 from hematoscope.data.sources import ArchiveReader, ImageSource, SkippedFile
 
 if TYPE_CHECKING:
@@ -41,6 +43,61 @@ class DecodedBatch:
     images: list[np.ndarray]
     sources: list[str]
     skipped: list[SkippedFile] = field(default_factory=list)
+
+
+#: Pixels the decode threads may hold at once (full-size decodes, before the resize to the model's
+#: input): two of the largest images :func:`~hematoscope.data.images.load_image` accepts. A
+#: folder of large flat scans on a many-core PC would otherwise decode one per thread (16 x 64 MP
+#: took about 14 GB); a cell crop is some thousandths of this, so crops decode on every thread.
+DECODE_BUDGET_PIXELS = 128_000_000
+
+
+class PixelBudget:
+    """Decoded pixels that threads may hold at once: each reserves an image's pixels before
+    decoding it and gives them back when done; a reservation that does not fit waits."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"pixel budget must be positive, got {capacity}")
+        self.capacity = capacity
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        """Hold ``pixels`` of the budget for the block, waiting until they are free (a request
+        above the whole budget holds all of it)."""
+        pixels = min(int(pixels), self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + pixels <= self.capacity)
+            self._used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= pixels
+                self._cond.notify_all()
+
+
+def _header_pixels(data: "bytes | os.PathLike | str") -> int:
+    """Pixels an encoded image will decode to, from its header (0 when it has none: its decode
+    then fails with the reason, holding nothing)."""
+    from PIL import Image
+
+    try:
+        if isinstance(data, bytes):
+            w, h = image_size(data)
+        else:
+            with Image.open(data) as im:
+                w, h = im.size
+        return w * h
+    except Exception:  # noqa: BLE001 - any unreadable header: load_model_image says why
+        return 0
 
 
 def default_workers() -> int:
@@ -77,6 +134,7 @@ def decode_batches(
     from concurrent.futures import ThreadPoolExecutor
 
     archives = ArchiveReader()
+    budget = PixelBudget(DECODE_BUDGET_PIXELS)
     pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="hematoscope-decode")
 
     def decode(item: ImageSource | SkippedFile) -> np.ndarray | SkippedFile:
@@ -88,7 +146,8 @@ def decode_batches(
             return item.data
         try:
             data = item.data if item.data is not None else item.path if item.member is None else archives.read(item)
-            return load_model_image(data, preprocess)
+            with budget.reserve(_header_pixels(data)):
+                return load_model_image(data, preprocess)
         except ImageError as exc:
             return SkippedFile(item.name, exc.reason)
         except (UnsafeArchiveError, zipfile.BadZipFile, zlib.error, OSError) as exc:

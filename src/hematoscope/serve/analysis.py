@@ -12,7 +12,7 @@ import functools
 import hashlib
 import io
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from hematoscope._extras import MissingExtraError, install_hint
+from hematoscope.data import decode as _decode
 from hematoscope.serve.deps import ServedModel
 from hematoscope.serve.storage import StoredItem
 
@@ -153,7 +154,7 @@ def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
     return out
 
 
-class PixelBudget:
+class PixelBudget(_decode.PixelBudget):
     """Decoded pixels the whole server may hold at once, shared by every request.
 
     A request reserves the pixels of one batch before decoding it and gives them back when the
@@ -161,20 +162,7 @@ class PixelBudget:
     back. Memory for decoded images is thus bounded by the budget, however many requests come.
     """
 
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"pixel budget must be positive, got {capacity}")
-        self.capacity = capacity
-        self._used = 0
-        self._cond = threading.Condition()
-
-    @property
-    def used(self) -> int:
-        with self._cond:
-            return self._used
-
-    @contextmanager
-    def reserve(self, pixels: int) -> Iterator[None]:
+    def reserve(self, pixels: int):
         """Hold ``pixels`` of the budget for the block (waits until they are free).
 
         Raises:
@@ -183,15 +171,7 @@ class PixelBudget:
         if pixels > self.capacity:
             raise UploadTooLarge(f"one batch needs {pixels / 1e6:.1f} megapixels, more than the server's "
                                  f"{self.capacity / 1e6:g} megapixel decode budget")
-        with self._cond:
-            self._cond.wait_for(lambda: self._used + pixels <= self.capacity)
-            self._used += pixels
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._used -= pixels
-                self._cond.notify_all()
+        return super().reserve(pixels)
 
 
 def _batches(sizes: list[tuple[int, int]], *, max_images: int, max_pixels: int) -> Iterator[list[tuple[int, int]]]:
