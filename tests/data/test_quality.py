@@ -51,9 +51,13 @@ def test_class_counts_and_imbalance_are_of_readable_images(tmp_path):
     (root / "a" / "cut.png").write_bytes((root / "a" / "a_0000.png").read_bytes()[:60])
     for f in (root / "c").iterdir():  # a class with no readable image at all
         f.write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (200, 200, 200)).save(root / "b" / "dot.png")  # decodes, but no model takes it
     report = check_dataset(root, workers=1, progress=False)
-    assert report.n_files == 14 and len(report.unreadable) == 6
+    assert report.n_files == 15 and len(report.unreadable) == 7
     assert report.class_counts == {"a": 4, "b": 4, "c": 0} and report.imbalance_ratio == 1.0
+    assert any(u["path"].endswith("dot.png") and "too small (1x1" in u["reason"] for u in report.unreadable)
     res = CliRunner().invoke(app, ["data", "check", str(root), "--workers", "1"])
     assert res.exit_code == 0 and "readable images per class" in res.output
 

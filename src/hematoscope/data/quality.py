@@ -160,7 +160,7 @@ def _inspect(path: str) -> dict:
     """Hash, header facts and perceptual hash of one file; ``error`` set when it cannot be used."""
     from PIL import Image
 
-    from hematoscope.data.images import ImageError, load_image
+    from hematoscope.data.images import MIN_MODEL_SIDE, ImageError, load_image, too_small
 
     info = {"sha256": None, "format": None, "mode": None, "width": None, "height": None, "phash": None, "bars": False,
             "error": None}
@@ -181,6 +181,9 @@ def _inspect(path: str) -> dict:
 
     with Image.open(io.BytesIO(data)) as im:  # header only: the size and mode of the file itself
         info.update(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1])
+    if min(info["width"], info["height"]) < MIN_MODEL_SIDE:  # as every model path refuses it
+        info["error"] = too_small((info["height"], info["width"]))
+        return info
     info["phash"] = int(str(imagehash.phash(Image.fromarray(pixels))), 16)
     from hematoscope.models.preprocess import fill_bars
 
