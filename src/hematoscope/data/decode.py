@@ -47,8 +47,8 @@ class DecodedBatch:
 
 #: Pixels the decode threads may hold at once (full-size decodes, before the resize to the model's
 #: input): two of the largest images :func:`~hematoscope.data.images.load_image` accepts. A
-#: folder of large flat scans on a many-core PC would otherwise decode one per thread (16 x 64 MP
-#: took about 14 GB); a cell crop is some thousandths of this, so crops decode on every thread.
+#: folder of large flat scans would otherwise decode one per thread (eight 62-MP PNGs on 8 threads
+#: peaked at 5.6 GB); a cell crop is some thousandths of this, so crops decode on every thread.
 DECODE_BUDGET_PIXELS = 128_000_000
 
 

@@ -159,6 +159,7 @@ def _expand_folder(path: Path, left_out: list[str] | None) -> list[ImageSource |
         found.append((name, SkippedFile(shown_name(name), f"folder not read: {exc.strerror or exc}")))
 
     for root, dirs, files in os.walk(path, onerror=unreadable, followlinks=True):
+        dirs.sort()  # which of two links to one folder reads it, and which is named, is always the same
         real = os.path.realpath(root)
         if real in seen:  # a folder link back into what was read already
             dirs[:] = []
