@@ -43,7 +43,7 @@ def test_apply_sets_each_option_on_the_bundle():
     plain = load_default_bundle()
     bundle = InferenceOptions(tta=1, abstain_below=0.5, classes=WHITE, recolour=True,
                               ood_accept=0.99).apply(load_default_bundle())
-    assert bundle.config.abstain_threshold == 0.5 and bundle.answerable_classes == WHITE
+    assert bundle.trust_for(1).abstain_threshold == 0.5 and bundle.answerable_classes == WHITE
     assert bundle.config.reframe.colours and bundle.config.ood_accept == 0.99
     assert bundle.views_per_image == 1
     pred = bundle.predict(sample_images)
@@ -51,3 +51,28 @@ def test_apply_sets_each_option_on_the_bundle():
     # the defaults change nothing
     same = InferenceOptions().apply(load_default_bundle()).predict(sample_images)
     np.testing.assert_allclose(same.probs, plain.predict(sample_images).probs, atol=1e-6)
+
+
+def test_abstain_below_moves_the_cut_alone_and_keeps_the_cascade(caplog):
+    """`--abstain-below 0.9` wrote the bundle-wide threshold, which made the fitted per-view trust
+    and the cascade look stale: 1 fixed view with a warning about a refit that never happened, and
+    a stricter cut that set aside fewer cells. Now only the cut moves."""
+    import logging
+
+    from hematoscope.bundle.default import load_default_bundle
+    from hematoscope.samples import sample_paths
+
+    plain = load_default_bundle()
+    a = plain.predict(sample_paths())
+    cut = float(np.sort(a.probs.max(1)[~a.abstain])[1]) + 1e-6  # above the two least sure answers
+    strict = InferenceOptions(abstain_below=cut).apply(load_default_bundle())
+    assert plain.uses_cascade and strict.uses_cascade and strict.view_mode == plain.view_mode
+    with caplog.at_level(logging.WARNING):
+        b = strict.predict(sample_paths())
+    assert "no longer current" not in caplog.text and "before the bundle-wide trust" not in caplog.text
+    np.testing.assert_array_equal(a.views, b.views)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)  # the same answers, only the cut differs
+    assert (b.abstain >= a.abstain).all() and b.abstain.sum() > a.abstain.sum()
+    for views in (1, 2, 8):
+        assert strict.trust_for(views).abstain_threshold == cut
+        assert strict.trust_for(views).ood_threshold == plain.trust_for(views).ood_threshold

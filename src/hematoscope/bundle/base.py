@@ -202,6 +202,8 @@ class Bundle(ABC):
         #: 1.0 for the classes answers may name, 0.0 for the others (None: every label).
         self._answerable: np.ndarray | None = None
         self.restrict_classes(None)
+        #: The confidence cut a caller chose for every view count (None: as fitted per view count).
+        self._abstain_below: float | None = None
 
     # --- what a kind provides ----------------------------------------------------------
     @abstractmethod
@@ -470,11 +472,26 @@ class Bundle(ABC):
                 self._warned.add(views)
                 log.warning("bundle %r: %s", self.name, why)
             levels = {} if cfg.ood is None else cfg.ood.accept_levels or {}
-            return TrustSettings(views, cfg.temperature, cfg.abstain_threshold,
+            return TrustSettings(views, cfg.temperature, self._cut(cfg.abstain_threshold),
                                  self._accept_threshold(levels, ood_threshold), {}, why)
-        return TrustSettings(views, entry.temperature, entry.abstain_threshold,
+        return TrustSettings(views, entry.temperature, self._cut(entry.abstain_threshold),
                              self._accept_threshold(entry.ood_accept_levels, entry.ood_threshold),
                              dict(entry.ood_params))
+
+    def set_abstain_below(self, cut: float | None) -> None:
+        """Abstain on every cell whose calibrated top probability is below ``cut``, whatever the
+        view count (None: the cut fitted for each). Only this cut moves: the temperature, the OOD
+        flag, the per-view trust and the cascade stay as fitted. Not saved with the bundle.
+
+        Raises:
+            BundleError: ``cut`` outside [0, 1].
+        """
+        if cut is not None and not 0.0 <= float(cut) <= 1.0:
+            raise BundleError(f"the abstain cut is a probability in [0, 1]; got {cut!r}")
+        self._abstain_below = None if cut is None else float(cut)
+
+    def _cut(self, fitted: float) -> float:
+        return fitted if self._abstain_below is None else self._abstain_below
 
     def _accept_threshold(self, levels: dict[str, float], fitted: float | None) -> float | None:
         accept = self.config.ood_accept
@@ -888,7 +905,7 @@ class Bundle(ABC):
             "labels": self.labels,
             "input_size": self.preprocess.size,
             "temperature": self.config.temperature,
-            "abstain_threshold": self.config.abstain_threshold,
+            "abstain_threshold": self._cut(self.config.abstain_threshold),
             "ood": None if self.config.ood is None else self.config.ood.model_dump(mode="json"),
             "ood_accept": self.config.ood_accept,
             "views": self.view_mode,

@@ -33,8 +33,9 @@ def predict(
     backend: Annotated[str, typer.Option("--backend", help="Inference backend: auto (ONNX Runtime when the "
                                          "bundle has model.onnx), torch or onnx.")] = "auto",
     abstain_below: Annotated[Optional[float], typer.Option("--abstain-below", min=0.0, max=1.0,
-                                                           help="Abstain when the top probability is below "
-                                                           "this (default: the bundle's own threshold).")] = None,
+                                                           help="Abstain when the calibrated top probability is "
+                                                           "below this, for every view count (default: the bundle's own "
+                                                           "threshold); the OOD flag and the cascade stay as fitted.")] = None,
     tta: TtaOption = None,
     reframe: ReframeOption = None,
     recolour: RecolourOption = False,

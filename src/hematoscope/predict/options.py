@@ -55,8 +55,8 @@ class InferenceOptions:
         ``threads`` limits its intra-op threads (e.g. to a Ray actor's CPUs)."""
         if self.backend in (None, "auto") or self.backend in bundle.backends:
             bundle.use_backend(self.backend, threads=threads)
-        if self.abstain_below is not None:
-            bundle.config.abstain_threshold = self.abstain_below
+        if self.abstain_below is not None:  # the cut alone: per-view trust and the cascade stay
+            bundle.set_abstain_below(self.abstain_below)
         if self.tta is not None:
             bundle.set_tta(self.tta)
         if self.classes:
