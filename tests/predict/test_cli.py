@@ -79,3 +79,20 @@ def test_a_mistyped_folder_is_said_in_one_line_and_writes_nothing(runner, tiny_n
                               "--out", str(tmp_path / "p.csv")], env={"COLUMNS": "200"})
     assert res.exit_code == 1 and "nothing to classify" in res.output and "tset: file not found" in res.output
     assert "Differential" not in res.output and "Predictions" not in res.output and not list(tmp_path.iterdir())
+
+
+def test_results_record_the_framing_and_colour_changes_of_the_run(runner, tmp_path):
+    """A row's framing is relative to the run's: the run's own (chosen by --framing auto or given)
+    and the colour changes tried are in the results file's model block."""
+    import json
+
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+    from hematoscope.samples import sample_paths
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the package has no default model")
+    res = runner.invoke(app, ["predict", *map(str, sample_paths()[:4]), "--framing", "0.85", "--recolour",
+                              "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    model = json.loads((tmp_path / "r.json").read_text())["model"]
+    assert model["framing"] == 0.85 and ["saturation", 1.5] in model["framing_search"]["recolour"]

@@ -909,6 +909,12 @@ class Bundle(ABC):
             "ood": None if self.config.ood is None else self.config.ood.model_dump(mode="json"),
             "ood_accept": self.config.ood_accept,
             "views": self.view_mode,
+            # the framing every crop is read at (``--framing``, or the one `--framing auto` chose for
+            # a run), and what the search for flagged cells tries: a result's per-cell framing is
+            # relative to the former
+            "framing": self.preprocess.framing,
+            "framing_search": None if self.config.reframe is None else {
+                "zooms": list(self.config.reframe.zooms), "recolour": [list(c) for c in self.config.reframe.colours]},
             "answerable_classes": self.answerable_classes if self._answerable is not None else None,
             "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),
             "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
