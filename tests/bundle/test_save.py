@@ -3,6 +3,7 @@ format the bundle no longer has are removed, and the bundle object is left as it
 from __future__ import annotations
 
 import shutil
+import zipfile
 
 import numpy as np
 
@@ -61,6 +62,19 @@ def test_onnx_export_in_place_adds_the_graph_and_keeps_the_weights_file(tiny_neu
     assert again.config.model.onnx["file"] == "model.onnx" and (path / "model.onnx").is_file()
     again.save(path)  # saving back home keeps the export
     assert (path / "model.onnx").is_file()
+    # a zip or a copy elsewhere carries it while the weights are the exported ones, so the copy
+    # still runs on ONNX Runtime (the base install's only engine) ...
+    again.save(tmp_path / "b.zip")
+    with zipfile.ZipFile(tmp_path / "b.zip") as zf:
+        assert "model.onnx" in zf.namelist()
+    assert load_bundle(tmp_path / "b.zip").active_backend == "onnx"
+    # ... and not once they changed (an adapted network): the export would answer for the old one
+    import torch
+
+    with torch.no_grad():
+        next(again.net.parameters()).add_(1.0)
+    again.save(tmp_path / "changed")
+    assert not (tmp_path / "changed" / "model.onnx").exists()
 
 
 def test_every_saved_file_is_readable_by_other_users(tiny_neural_bundle, tmp_path):

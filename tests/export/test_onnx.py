@@ -95,6 +95,9 @@ def test_bad_arguments_are_refused(micro_bundle, tmp_path):
     bundle.save(tmp_path / "b.zip")
     with pytest.raises(ExportError, match="--out"):
         export_onnx(load_bundle(tmp_path / "b.zip"))
+    with pytest.raises(ExportError, match="written to a directory, not z.zip"):
+        export_onnx(load_bundle(tmp_path / "b.zip"), tmp_path / "z.zip")
+    assert not (tmp_path / "z.zip").exists()  # refused before anything was written
 
 
 def test_export_command_then_predict_with_either_backend(micro_bundle, tmp_path):

@@ -354,12 +354,23 @@ class NeuralBundle(Bundle):
 
     # --- persistence -------------------------------------------------------------------
     def _kept_files(self, target: Path) -> dict[str, Path]:
-        """Saved back home, the exported ``model.onnx`` stays (trust does not change the raw
-        outputs); anywhere else it is not carried (an export is checked where it is made)."""
+        """The exported ``model.onnx`` goes along when it still computes this network: saved back
+        home (trust does not change the raw outputs), or anywhere (a zip, a copy) while the weights
+        are those it was exported and checked from. After the weights changed it is not carried."""
         kept = super()._kept_files(target)
-        if self._home(target) is not None and self._has_onnx():
+        if self._has_onnx() and (self._home(target) is not None or self._weights_unchanged()):
             kept[ONNX_FILE] = self.directory / ONNX_FILE
         return kept
+
+    def _weights_unchanged(self) -> bool:
+        """Whether the network still has the weights of the file it was loaded from."""
+        if self._weights_file is None:
+            return False
+        if self._net is None:  # never built: ONNX Runtime ran it, the file is the state
+            return True
+        from hematoscope.bundle.neural_torch import same_state
+
+        return same_state(self._weights_file, self._weights_state(), self._weights_metadata())
 
     def _save_weights(self, directory: Path) -> None:
         if self._net is None and self._weights_file is not None:
@@ -368,18 +379,26 @@ class NeuralBundle(Bundle):
             return
         from safetensors.torch import save_file
 
-        from hematoscope.bundle.neural_torch import DTYPES, same_state
+        from hematoscope.bundle.neural_torch import same_state
 
-        dtype = DTYPES[self.config.model.dtype]
-        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-                 for k, v in self.net.model.state_dict().items()}
-        metadata = {"format": "pt", "arch": self.config.model.arch}
+        state, metadata = self._weights_state(), self._weights_metadata()
         if self._weights_file is not None and same_state(self._weights_file, state, metadata):
             # unchanged since load: keep the file's bytes (safetensors orders metadata keys at random)
             _io.write_bytes(directory / WEIGHTS_FILE, self._weights_file.read_bytes())
             return
         with _io.atomic_path(directory / WEIGHTS_FILE, ".safetensors") as tmp:  # and readable by others
             save_file(state, str(tmp), metadata=metadata)
+
+    def _weights_state(self) -> dict:
+        """The network's tensors as the weights file stores them (in the bundle's dtype)."""
+        from hematoscope.bundle.neural_torch import DTYPES
+
+        dtype = DTYPES[self.config.model.dtype]
+        return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                for k, v in self.net.model.state_dict().items()}
+
+    def _weights_metadata(self) -> dict[str, str]:
+        return {"format": "pt", "arch": self.config.model.arch}
 
     @classmethod
     def _load_weights(cls, config: BundleConfig, directory: Path, metrics: dict) -> "NeuralBundle":

@@ -147,6 +147,9 @@ def export_onnx(
 # --- steps ---------------------------------------------------------------------------------
 def _target_dir(bundle: "Bundle", out_dir: Path | str | None) -> Path:
     if out_dir is not None:
+        if Path(out_dir).suffix.lower() == ".zip":  # refused before anything is written
+            raise ExportError(f"the export is written to a directory, not {Path(out_dir).name}: give --out DIR "
+                              "(its bundle then zips with its ONNX file: load_bundle(DIR).save('model.zip'))")
         return Path(out_dir)
     directory = bundle.directory
     if bundle.path is None or directory is None or not Path(bundle.path).is_dir():
