@@ -47,3 +47,21 @@ def test_options_reach_the_run(synthetic_root, tmp_path):
     bundle = load_bundle(run / "bundle")
     assert bundle.name == "cli-opts" and bundle.preprocess.size == 32
     assert len(pd.read_csv(run / "split.csv")) == 48
+
+
+def test_limit_per_class_on_a_split_file_keeps_its_train_val_proportions(synthetic_root, tmp_path):
+    """`data split` draws with the seed's stream: a limit drawn the same way took each class's test
+    and val rows first and left training almost empty. It draws from the train + val rows alone
+    and keeps their proportion per class."""
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.data.splits import make_split, save_split
+    from hematoscope.train import TrainConfig
+    from hematoscope.train.data import prepare_split
+
+    save_split(make_split(read_dataset(synthetic_root), val=0.2, test=0.2, seed=0, group_by=None), tmp_path / "s.csv")
+    config = TrainConfig(data=str(tmp_path / "s.csv"), out=str(tmp_path / "run"), limit_per_class=6, seed=0)
+    (tmp_path / "run").mkdir()
+    table, labels = prepare_split(config, tmp_path / "run")
+    counts = table.groupby(["cls", "split"]).size().unstack(fill_value=0)
+    assert len(labels) == 8 and (counts.sum(axis=1) == 6).all()
+    assert (counts["train"] >= 4).all() and (counts["val"] >= 1).all()  # 12 per class: 7 train, 2-3 val

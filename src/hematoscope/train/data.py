@@ -61,14 +61,10 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
     else:
         table = read_dataset(config.data, reader=config.reader)
         require_labels(table, "training")
-        table = table.assign(cls=class_column(table))
-        if config.limit_per_class:
-            rng = np.random.default_rng(config.seed)
-            keep = [i for _, idx in sorted(table.groupby("cls").indices.items())
-                    for i in rng.permutation(idx)[:config.limit_per_class]]
-            table = table.iloc[sorted(keep)]
-        table = table.drop(columns="cls")
         split = train_val_rows(table, fold=config.fold)
+        if config.limit_per_class:  # of the rows the run may use: a split file's test rows never count
+            table = _limited(table if split is None else split, config.limit_per_class, config.seed)
+            split = None if split is None else table
         # crops of one cell or patient (a ``patient`` column with ids) never straddle train and val
         table = split if split is not None else make_split(table, val=config.val_fraction, test=0.0, seed=config.seed,
                                                            group_by=resolve_group_by(table))
@@ -87,6 +83,28 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
     if not resume:  # said once, before anything is decoded or trained
         warn_about_classes(table)
     return table, sorted(train_classes)
+
+
+def _limited(table, per_class: int, seed: int):
+    """At most ``per_class`` rows of each class, drawn at random; with a ``split`` column (train /
+    val), each class keeps its train : val proportion (at least one val row where it had any).
+    The draw has its own random stream: the split's seeded order (``make_split``) would hand the
+    first rows of each class to one side."""
+    rng = np.random.default_rng([seed, 0x11D17])  # not default_rng(seed): that is make_split's
+    classes = class_column(table)
+    keep = []
+    for cls in sorted(set(classes)):
+        rows = np.flatnonzero(classes == cls)
+        n = min(per_class, len(rows))
+        if "split" not in table:
+            keep.extend(rng.permutation(rows)[:n])
+            continue
+        val = rows[(table["split"].to_numpy()[rows] == "val")]
+        train = np.setdiff1d(rows, val)
+        n_val = 0 if not len(val) else min(len(val), max(1, round(n * len(val) / len(rows))), n - (n > 1))
+        keep.extend(rng.permutation(val)[:n_val])
+        keep.extend(rng.permutation(train)[:n - n_val])
+    return table.iloc[sorted(keep)]
 
 
 #: Fewer validation images of a class than this and its validation scores (which pick the best
