@@ -54,3 +54,19 @@ def test_resume_of_a_folder_that_is_no_run_is_still_an_error(tmp_path):
         resume(tmp_path)
     with pytest.raises(RunDirError, match="to resume from"):
         train(_config(tmp_path / "data", tmp_path / "empty"), resume=True)
+
+
+def test_resume_refuses_a_split_edited_since_the_run_started(synthetic_root, tmp_path):
+    """Moving rows between train and val of a stopped run's split.csv, then resuming, trained on
+    some images it had validated on (or the reverse), and trust fit then took the edited file as
+    the run's own. The run keeps its split's hash and refuses the edited file."""
+    run = tmp_path / "run"
+    with pytest.raises(_Killed):
+        train(_config(synthetic_root, run), callbacks=[_DieInFirstBatch()])
+    split = run / "split.csv"
+    original = split.read_text()
+    split.write_text(original.replace(",val,", ",train,", 3))
+    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 2 and "changed since the run started" in " ".join(result.output.split())
+    split.write_text(original)  # restored: it resumes
+    assert CliRunner().invoke(app, ["train", "--resume", str(run)]).exit_code == 0

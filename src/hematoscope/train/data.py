@@ -39,6 +39,10 @@ class TrainDataError(ValueError):
 
 
 # --- the run's split ----------------------------------------------------------------------
+#: The sha256 of the run's split.csv as the run wrote it: a resumed run refuses an edited split.
+SPLIT_HASH_FILE = "split.csv.sha256"
+
+
 def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
     """The table the run trains on, with ``split`` in {train, val}, saved as ``RUN_DIR/split.csv``.
 
@@ -55,8 +59,16 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
     from hematoscope.data.readers import read_dataset
     from hematoscope.data.splits import load_split, make_split, save_split, train_val_rows
 
+    from hematoscope._io import file_sha256, write_text
+
     split_file = run_dir / SPLIT_FILE
+    fingerprint = run_dir / SPLIT_HASH_FILE
     if resume:
+        if fingerprint.is_file() and file_sha256(split_file) != fingerprint.read_text().strip():
+            # its val rows pick the checkpoint and are the run's held-out images for trust fit
+            raise TrainDataError(f"{split_file} changed since the run started: the rows trained and validated on "
+                                 "so far would no longer be the file's. Restore it, or start a new run with the "
+                                 "edited file as DATA")
         table = load_split(split_file)
     else:
         table = read_dataset(config.data, reader=config.reader)
@@ -69,6 +81,7 @@ def prepare_split(config: TrainConfig, run_dir: Path, *, resume: bool = False):
         table = split if split is not None else make_split(table, val=config.val_fraction, test=0.0, seed=config.seed,
                                                            group_by=resolve_group_by(table))
         save_split(table, split_file)
+        write_text(fingerprint, file_sha256(split_file) + "\n")
         table = load_split(split_file, verify=False)
     table = table.assign(cls=class_column(table)).reset_index(drop=True)
     train_classes = set(table.loc[table["split"] == "train", "cls"])

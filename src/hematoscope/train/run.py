@@ -29,7 +29,7 @@ from hematoscope.bundle.base import ModelOutput
 from hematoscope.bundle.neural import NeuralBundle
 from hematoscope.models.backbones import weights_reference
 from hematoscope.train.config import TrainConfig
-from hematoscope.train.data import SPLIT_FILE, CellDataModule, EvalImages, eval_preprocess, prepare_split
+from hematoscope.train.data import SPLIT_FILE, SPLIT_HASH_FILE, CellDataModule, EvalImages, eval_preprocess, prepare_split
 from hematoscope.train.module import AtomicCheckpointIO, CellClassifier
 
 log = logging.getLogger("hematoscope")
@@ -304,7 +304,7 @@ def _remove_failed_start(run_dir: Path, created: bool) -> None:
     created it and nothing else is in it."""
     import shutil
 
-    for name in (CONFIG_FILE, SPLIT_FILE, _LAUNCH_FILE):
+    for name in (CONFIG_FILE, SPLIT_FILE, SPLIT_HASH_FILE, _LAUNCH_FILE):
         (run_dir / name).unlink(missing_ok=True)
     for name in ("checkpoints", "logs"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
