@@ -103,7 +103,7 @@ def fit_cmd(
     c.print(f"OOD {base['ood_method']} fitted on {report['n_train']} train images "
             f"({bank} view{'s' if bank > 1 else ''}); each view count's threshold accepts at least {target_tpr:.0%} "
             f"of val (n={report['n_val']})"
-            + (f" and answers {target_answered:.0%} of it with the abstain rule" if target_answered else "")
+            + (f" and aims to answer {target_answered:.0%} of it with the abstain rule" if target_answered else "")
             + f"; abstain below confidence {base['abstain_threshold']:.3f} ({base['abstain_rule']})", highlight=False)
     for v, entry in sorted(report["views"].items(), key=lambda kv: int(kv[0])):
         trust = bundle.config.view_trust[v]
@@ -117,6 +117,14 @@ def fit_cmd(
                 f"{entry['ece_before']:.4f} → {entry['ece_after']:.4f}; val: answered {entry['answered']:.1%}{why}, "
                 f"accuracy {entry['accuracy']:.2%}, on the answered {'n/a' if acc is None else f'{acc:.2%}'}",
                 highlight=False)
+    short = {v: e["answered"] for v, e in report["views"].items()
+             if target_answered and e["answered"] < target_answered - 0.005}
+    if short:  # the flag was capped: too few validation cells are confident enough to reach it
+        err_console().print(
+            f"[yellow]warning:[/] the aim of answering {target_answered:.0%} of val was not reached ("
+            + ", ".join(f"{v} view{'s' if int(v) > 1 else ''}: {a:.1%}" for v, a in sorted(short.items(), key=lambda kv: int(kv[0])))
+            + "): too few cells are confident above the abstain cut; the model needs more training, or a lower "
+            "--abstain-below answers more of them", highlight=False)
     if report["cascade"] is not None:
         rule, val = report["cascade"], report["cascade"]["val"]
         gate = f"confidence < {rule['min_confidence']:.4g}" + (
