@@ -280,6 +280,11 @@ def test_trust_fit_cli_fits_every_view_count_and_the_cascade_in_one_pass(tiny_ne
     from hematoscope.data.splits import make_split, save_split
 
     bundle_dir = shutil.copytree(tiny_neural_bundle, tmp_path / "bundle")
+    import json
+
+    metrics_file = bundle_dir / "metrics.json"  # as `train` leaves it: its own fit's values on top
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics_file.write_text(json.dumps({**metrics, "temperature": 9.9, "ece_before": 0.5, "ece_after": 0.4}))
     runner = CliRunner()
     split = tmp_path / "split.csv"
     table = make_split(read_dataset(synthetic_root), val=0.4, test=0.0, seed=0)
@@ -304,6 +309,9 @@ def test_trust_fit_cli_fits_every_view_count_and_the_cascade_in_one_pass(tiny_ne
     assert sum(n for n, _ in calls) == 64 and {v for _, v in calls} == {8}
     fitted = load_bundle(bundle_dir)
     assert sorted(fitted.config.view_trust, key=int) == ["1", "2", "4", "8"] and fitted.uses_cascade
+    # the top-level calibration keys a training run wrote are the refit's, not the replaced fit's
+    for key in ("temperature", "ece_before", "ece_after"):
+        assert fitted.metrics[key] == fitted.metrics["calibration"][key] != {"temperature": 9.9}.get(key)
     r = runner.invoke(app, ["predict", str(synthetic_root / "basophil"), "--model", str(bundle_dir)])
     assert r.exit_code == 0 and "views: cascade" in r.output and "took the slow path" in r.output
     r = runner.invoke(app, ["predict", str(synthetic_root / "basophil"), "--model", str(bundle_dir), "--tta", "1"])

@@ -152,6 +152,7 @@ def fit_trust(
     }
     bundle.metrics["calibration"] = calibration
     bundle.metrics["trust"] = trust
+    mirror_calibration(bundle.metrics)
     bundle._retire_view_trust()  # one view count's settings: earlier per-view entries no longer apply
     bundle.trust_views = bundle.config.tta  # what these settings were fitted for
     return {"calibration": calibration, "ood": bundle.config.ood.model_dump(), **trust}
@@ -270,3 +271,13 @@ def size_reference_images(table, preprocess, n: int = SIZE_REFERENCE_IMAGES, see
     train = table[table["split"] == "train"]
     paths = train.sample(min(n, len(train)), random_state=seed)["path"]
     return [load_model_image(p, preprocess) for p in paths]
+
+
+def mirror_calibration(metrics: dict) -> None:
+    """Copy a refit's temperature and ECE onto the top-level keys a training run also wrote
+    (``train`` records them beside ``calibration``), so the card and ``/api/models`` do not show
+    the values of the fit that was replaced."""
+    calibration = metrics.get("calibration") or {}
+    for key in ("temperature", "ece_before", "ece_after"):
+        if key in metrics and key in calibration:
+            metrics[key] = calibration[key]

@@ -184,6 +184,9 @@ def fit_view_trust(
          "val_accuracy": chosen.val["accuracy"], "val_accuracy_accepted": chosen.val["accuracy_answered"],
          "val_ood_accept_rate": chosen.val["ood_accepted"]})
     bundle.metrics["view_trust"] = {k: e.val for k, e in entries.items()}
+    from hematoscope.trust.fit import mirror_calibration  # fit.py imports this module
+
+    mirror_calibration(bundle.metrics)
     report: dict[str, Any] = {"views": {k: e.val for k, e in entries.items()}, "default_views": default_views,
                               "bank_views": bank_views, "cascade": None, "base": base}
 
