@@ -18,6 +18,9 @@ def test_train_config_file_errors_are_clean(synthetic_root, tmp_path):
     assert result.exit_code == 2 and "epochz" in _flat(result.output)
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "not a training run" in _flat(result.output)
+    # options beside --resume were dropped without a word: a changed --epochs looked applied
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--epochs", "4", "--lr", "0.5"])
+    assert result.exit_code == 2 and "not used with it: epochs, lr" in _flat(result.output)
 
 
 def test_train_missing_data_is_a_clean_error(tmp_path):

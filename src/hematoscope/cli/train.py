@@ -62,21 +62,25 @@ def train_cmd(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     with user_errors():
+        options = {k: v for k, v in dict(
+            data=None if data is None else str(data), out=None if out is None else str(out), reader=reader, arch=arch,
+            size=size, epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
+            freeze_epochs=freeze_epochs, sampler=sampler, loss=loss, class_weights=class_weights,
+            label_smoothing=label_smoothing, schedule=schedule, ema=ema, augment=augment, early_stop=early_stop,
+            seed=seed, devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator,
+            limit_per_class=limit_per_class, workers=workers, name=name, fold=fold,
+        ).items() if v is not None}
         if resume is not None:
+            given = [*options, *(["config"] if config else []), *(["weights"] if weights is not None else [])]
+            if given:  # silently trained as saved before: a changed --epochs or --lr must not look applied
+                raise ValueError(f"--resume goes on with the run's saved options ({resume / 'train_config.json'}); "
+                                 f"not used with it: {', '.join(sorted(given))}. Start a new run (--out) to change them")
             from hematoscope.train import resume as resume_run
 
             result = _interruptible(lambda: resume_run(resume), resume)
         else:
             if data is None or out is None:
                 raise ValueError("give DATA and --out RUN_DIR (or --resume RUN_DIR)")
-            options = {k: v for k, v in dict(
-                data=str(data), out=str(out), reader=reader, arch=arch, size=size, epochs=epochs,
-                batch_size=batch_size, lr=lr, backbone_lr=backbone_lr, freeze_epochs=freeze_epochs, sampler=sampler,
-                loss=loss, class_weights=class_weights, label_smoothing=label_smoothing, schedule=schedule, ema=ema,
-                augment=augment, early_stop=early_stop, seed=seed, devices=devices, num_nodes=num_nodes,
-                strategy=strategy, accelerator=accelerator,
-                limit_per_class=limit_per_class, workers=workers, name=name, fold=fold,
-            ).items() if v is not None}
             if weights is not None:
                 options["weights"] = None if weights.lower() == "none" else weights
             cfg = TrainConfig.from_yaml(config, **options) if config else TrainConfig.model_validate(options)
