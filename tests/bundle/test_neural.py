@@ -46,6 +46,11 @@ def test_dir_and_zip_round_trip_give_identical_outputs(tmp_path):
     assert cfg["model"] == {"arch": "efficientnet_lite0", "num_features": 1280, "weights_source": None,
                             "dtype": "float32"}
     assert (tmp_path / "b" / "README.md").read_text().startswith("# untrained")
+    # the folder zipped as a whole (`zip -r b.zip b`): its files one level down load too
+    import shutil
+
+    shutil.make_archive(str(tmp_path / "whole"), "zip", root_dir=tmp_path, base_dir="b")
+    np.testing.assert_array_equal(load_bundle(tmp_path / "whole.zip").forward(images).logits, before.logits)
 
 
 def test_fp16_weights_are_smaller_and_close(tmp_path):

@@ -1034,13 +1034,24 @@ def load_bundle(path: Path | str) -> Bundle:
         from hematoscope.data.archive import extract_zip_safely
 
         target = _zip_cache_dir(path)
-        if not (target / "config.json").exists():
+        if _zipped_root(target) is None:
             with _io.atomic_dir(target) as d:
                 extract_zip_safely(path, d)
-        return _load_dir(target, origin=path)
+        return _load_dir(_zipped_root(target) or target, origin=path)
     if not path.is_dir():
         raise BundleError(f"{path} is neither a bundle directory nor a .zip")
     return _load_dir(path, origin=path)
+
+
+def _zipped_root(unpacked: Path) -> Path | None:
+    """Where an unpacked zip's bundle files are: its top (``bundle.save("x.zip")``, or a zip made
+    inside the folder), or the one folder it holds (``zip -r x.zip folder``); None if neither."""
+    if (unpacked / "config.json").is_file():
+        return unpacked
+    entries = list(unpacked.iterdir()) if unpacked.is_dir() else []
+    if len(entries) == 1 and (entries[0] / "config.json").is_file():
+        return entries[0]
+    return None
 
 
 def _load_dir(directory: Path, origin: Path) -> Bundle:
