@@ -90,3 +90,29 @@ def test_trust_cli_fit_eval_make_ood_on_tiny_neural_bundle(tiny_neural_bundle, s
     res = runner.invoke(app, ["trust", "eval", str(tmp_path / "nope"), str(split), "--ood", str(tmp_path / "ood"),
                               "--out", str(tmp_path / "e2")])
     assert res.exit_code == 2 and "no bundle" in res.output
+
+
+def test_trust_eval_scores_what_predict_and_evaluate_answer(tmp_path):
+    """trust eval ran fixed whole-crop views while predict and evaluate run the cascade and the
+    framing search: its accuracy and abstain rate disagreed with evaluate's on the same rows."""
+    from PIL import Image
+
+    from hematoscope.bundle import load_bundle
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+    from hematoscope.data.readers import read_dataset
+    from hematoscope.evaluate import evaluate_bundle
+    from hematoscope.samples import sample_paths
+    from hematoscope.trust.evaluation import evaluate_ood
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the package has no default model")
+    bundle = load_bundle("default")
+    table = read_dataset(sample_paths()[0].parent.parent)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(tmp_path / f"noise_{i}.png")
+    trust = evaluate_ood(bundle, table, tmp_path)
+    plain = evaluate_bundle(bundle, table)
+    assert trust["views"] == plain["views"] == "cascade"
+    assert trust["accuracy"] == pytest.approx(plain["accuracy"]) and trust["n_in"] == plain["n"]
+    assert trust["abstain"]["in_abstain_rate"] == pytest.approx(plain["abstained"])

@@ -201,11 +201,22 @@ def _in_distribution_table(data, rows: str | None = None) -> tuple["pd.DataFrame
 
 
 def _outputs_and_decisions(bundle: "Bundle", paths: list[str], batch_size: int, description: str):
-    from hematoscope.trust.fit import bundle_outputs
+    """The bundle's answers to ``paths`` as ``predict`` and ``evaluate`` give them (its default
+    views, the cascade when fitted, and its framing search), and the positions of the readable ones."""
+    from hematoscope.bundle.base import image_sources
+    from hematoscope.bundle.prediction import Prediction
+    from hematoscope.progress import track
 
-    out, kept = bundle_outputs(bundle, paths, batch_size=batch_size, description=description)
-    pred = bundle.decide(out, [paths[i] for i in kept])
-    return out, kept, pred
+    batches = bundle.iter_predictions(image_sources(paths), batch_size=batch_size)
+    pred = Prediction.concat(list(track(batches, total=-(-len(paths) // batch_size), description=description)),
+                             bundle.labels)
+    kept, at = [], 0
+    for source in pred.sources:  # in input order; unreadable files are missing
+        while str(paths[at]) != source:
+            at += 1
+        kept.append(at)
+        at += 1
+    return None, np.asarray(kept, dtype=np.int64), pred
 
 
 def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: Path | str | None = None,
@@ -280,6 +291,7 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
         "accuracy": float(correct.mean()),
         "ece": expected_calibration_error(probs, y),
         "risk_coverage": rc,
+        "views": bundle.view_mode,  # as predict and evaluate answer: the cascade when fitted
         "n_in": int(len(in_kept)),
         "n_in_labelled": int(known.sum()),
         "n_ood": int(len(ood_kept)),
