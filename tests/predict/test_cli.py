@@ -96,3 +96,9 @@ def test_results_record_the_framing_and_colour_changes_of_the_run(runner, tmp_pa
     assert res.exit_code == 0, res.output
     model = json.loads((tmp_path / "r.json").read_text())["model"]
     assert model["framing"] == 0.85 and ["saturation", 1.5] in model["framing_search"]["recolour"]
+    # each view count's flag threshold, to read a row's ood_score against
+    from hematoscope import load_bundle
+
+    assert model["ood_limits"]["1"] == pytest.approx(load_bundle("default").trust_for(1).ood_threshold)
+    rows = json.loads((tmp_path / "r.json").read_text())["predictions"]
+    assert all(r["ood_flag"] == (r["ood_score"] > model["ood_limits"][str(r["views"])]) for r in rows)

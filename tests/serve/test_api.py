@@ -48,6 +48,7 @@ class TestInfoEndpoints:
         assert info["input_size"] == 64
         assert info["explanation"] == "grad-cam"
         assert len(info["id"]) == 16
+        assert info["framing"] == 1.0 and info["ood_limits"] is None  # no OOD flag fitted
 
     def test_page_and_static_files(self, client):
         page = client.get("/")

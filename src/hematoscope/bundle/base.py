@@ -917,6 +917,10 @@ class Bundle(ABC):
                 "zooms": list(self.config.reframe.zooms), "recolour": [list(c) for c in self.config.reframe.colours]},
             "answerable_classes": self.answerable_classes if self._answerable is not None else None,
             "view_trust_fitted": sorted(int(k) for k in self.config.view_trust),
+            # the OOD threshold a cell answered from n views is flagged above, at the operating point
+            "ood_limits": None if self.config.ood is None else {
+                str(v): self.trust_for(v).ood_threshold
+                for v in (sorted(int(k) for k in self.config.view_trust) or [self.trust_views])},
             "metrics": {k: v for k, v in self.metrics.items() if not isinstance(v, (dict, list))},
             # adapt keeps the trained model's test metrics: they are not the adapted model's
             "metrics_of": "the model before adaptation (its own test data)" if self.config.adaptation else "this model",

@@ -36,6 +36,10 @@ class ModelInfo(ModelRef):
     answerable_classes: list[str] | None = Field(None, description="the classes answers may name (hematoscope "
                                                  "serve --classes); null = all of labels")
     removable: bool = Field(False, description="adapted from the web app: DELETE /api/models/{name} removes it")
+    framing: float = Field(1.0, description="the framing every crop is read at (a share of its side); an answer's "
+                           "framing is relative to it")
+    ood_limits: dict[str, float | None] | None = Field(
+        None, description="per view count, the OOD score above which a cell is flagged, at the model's operating point")
 
 
 class ModelList(BaseModel):

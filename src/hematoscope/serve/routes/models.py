@@ -34,7 +34,7 @@ def model_info(name: str, m: ServedModel, default: str, adapt_dir: Path | None) 
         ood_accept=d["ood_accept"], ood_accept_levels=m.bundle.ood_accept_shares(), metrics=d["metrics"],
         metrics_of=d["metrics_of"],
         explanation=explanation_method(m), adapted_to=d["adapted_to"], answerable_classes=d["answerable_classes"],
-        removable=is_adapted_here(m, adapt_dir),
+        removable=is_adapted_here(m, adapt_dir), framing=d["framing"], ood_limits=d["ood_limits"],
     )
 
 
