@@ -130,10 +130,11 @@ def predict(
                 if pred.views is not None:
                     for v, n in zip(*np.unique(pred.views, return_counts=True)):
                         views_used[int(v)] = views_used.get(int(v), 0) + int(n)
+                answered = ~np.asarray(pred.abstain, bool)  # the lines below say "answered from"
                 if pred.framing is not None:
-                    reframed += int(np.sum(pred.framing != 1))
+                    reframed += int(np.sum((pred.framing != 1) & answered))
                 if pred.recolour is not None:
-                    recoloured += int(np.sum(pred.recolour != ""))
+                    recoloured += int(np.sum((pred.recolour != "") & answered))
                 if writer:
                     writer.add(pred)
                 elif sum(map(len, shown)) < SHOWN_ROWS:
