@@ -123,3 +123,27 @@ def test_heatmaps_of_the_default_model_are_smooth_without_grid_edges():
         inner = m[h // 8:-h // 8, w // 8:-w // 8]  # inside the model's centre crop
         kink = np.abs(np.diff(inner, 2, axis=0)).max() + np.abs(np.diff(inner, 2, axis=1)).max()
         assert inner.max() > 0.5 and kink < 0.006 * inner.max()
+
+
+def test_a_cell_answered_from_its_centre_is_explained_as_that_view():
+    """The framing search answers a third of another lab's cells from a centre crop; their maps
+    explained the whole crop. Asked for the framing the answer came from, the map covers that
+    centre alone, placed where it lies in the image, and the note says so."""
+    from hematoscope.bundle import load_bundle
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+    from hematoscope.data.images import load_image
+    from hematoscope.samples import sample_paths
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the package has no default model")
+    image = load_image(sample_paths()[0])
+    explainer = load_bundle("default").explainer("grad-cam")
+    (whole, centre, padded) = explainer.explain([image] * 3, [0] * 3, framings=[1.0, 0.6, 1.7])
+    h, w = image.shape[:2]
+    ch, cw = round(h * 0.6), round(w * 0.6)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    inside = np.zeros((h, w), bool)
+    inside[top:top + ch, left:left + cw] = True
+    assert centre.heatmap.shape == (h, w) and not centre.heatmap[~inside].any() and centre.heatmap[inside].any()
+    assert "centre 60%" in centre.note and "padded to 1.7x" in padded.note and "crop" not in whole.note
+    assert padded.heatmap.shape == (h, w) and not np.allclose(centre.heatmap, whole.heatmap)

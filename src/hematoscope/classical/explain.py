@@ -24,7 +24,8 @@ class SegmentationExplainer:
         self.bundle = bundle
 
     def explain(self, images: Sequence[np.ndarray], class_indices: Sequence[int], *,
-                max_side: int | None = None) -> list[Explanation]:
+                max_side: int | None = None, framings: Sequence[float] | None = None) -> list[Explanation]:
+        # framings: the classical path has no framing search; its answers are of whole crops
         return [self._one(im, self.bundle.labels[c], max_side) for im, c in zip(images, class_indices)]
 
     def _one(self, image: np.ndarray, label: str, max_side: int | None) -> Explanation:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -97,16 +98,31 @@ class GradCamExplainer:
         """
         return self._maps(_as_arrays(images), class_indices)[0]
 
-    def _maps(self, images: list[np.ndarray], class_indices) -> tuple[list[np.ndarray], list[int]]:
-        from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+    def _maps(self, images: list[np.ndarray], class_indices, framings: Sequence[float] | None = None
+              ) -> tuple[list[np.ndarray], list[int]]:
+        """Per image its map over the image's own pixels, and the class explained; ``framings``:
+        the framing each was answered from (default: the bundle's), explained as that view."""
         if len(images) == 0:
             return [], []
         indices = [self._class_index(c) for c in class_indices] if class_indices is not None else [None] * len(images)
         if len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(indices)} class indices")
-        x = torch.from_numpy(self.preprocess(images))
+        framings = [self.preprocess.framing] * len(images) if framings is None else [float(f) for f in framings]
+        maps: list = [None] * len(images)
+        for framing in sorted(set(framings)):  # one pass per framing, as the framing search runs them
+            group = [i for i, f in enumerate(framings) if f == framing]
+            spec = self.preprocess if framing == self.preprocess.framing else replace(self.preprocess, framing=framing)
+            got, chosen = self._maps_at(spec, [images[i] for i in group], [indices[i] for i in group])
+            for i, m, c in zip(group, got, chosen):
+                maps[i], indices[i] = m, c
+        return maps, indices
+
+    def _maps_at(self, spec: Preprocess, images: list[np.ndarray], indices: list[int | None]
+                 ) -> tuple[list[np.ndarray], list[int]]:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        x = torch.from_numpy(spec(images))
         with self._lock, torch.enable_grad(), GradCAM(model=_LogitsOnly(self._net),
                                                       target_layers=[self._layer]) as cam:
             if any(i is None for i in indices):
@@ -116,7 +132,7 @@ class GradCamExplainer:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in indices])
             side = cam.activations_and_grads.activations[0].shape[-1]  # the target layer's grid
         cell = x.shape[-1] / max(1, side)
-        return [_to_image_geometry(_smooth(np.clip(m, 0, 1).astype(np.float32), cell), self.preprocess, im.shape[:2])
+        return [_to_image_geometry(_smooth(np.clip(m, 0, 1).astype(np.float32), cell), spec, im.shape[:2])
                 for m, im in zip(maps, images)], indices
 
     def _class_index(self, c: int | str | None) -> int | None:
@@ -131,16 +147,22 @@ class GradCamExplainer:
         return int(c)
 
     def explain(self, images: Sequence, class_indices: Sequence[int | str | None] | None = None, *,
-                max_side: int | None = None) -> list[Explanation]:
+                max_side: int | None = None, framings: Sequence[float] | None = None) -> list[Explanation]:
         """The heatmap of each image's class (default: the predicted one) drawn over it (PNG,
-        longer side at most ``max_side``); a map that is zero everywhere says so."""
+        longer side at most ``max_side``); a map that is zero everywhere says so. ``framings``: the
+        framing each answer came from (the framing search's), so the map explains that view."""
         arrays = _as_arrays(images)
-        maps, indices = self._maps(arrays, class_indices)
+        maps, indices = self._maps(arrays, class_indices, framings)
         asked = list(class_indices) if class_indices is not None else [None] * len(arrays)
+        framings = [self.preprocess.framing] * len(arrays) if framings is None else list(framings)
         out = []
-        for im, heat, c, wanted in zip(arrays, maps, indices, asked):
+        for im, heat, c, wanted, framing in zip(arrays, maps, indices, asked, framings):
             which = "the predicted class" if wanted is None else f"class {self.labels[c]}"
             note = f"Grad-CAM: regions that raised the score of {which}"
+            if framing < 1:
+                note += f", in the centre {framing:.0%} of the crop the answer came from"
+            elif framing > 1:
+                note += f", in the crop padded to {framing:g}x its size, as the answer was"
             if not heat.any():
                 note += " (none did: the map is empty, nothing to show for this image)"
             out.append(Explanation("grad-cam", self.labels[c], note, png=overlay_png(im, heat, max_side=max_side),
@@ -186,8 +208,20 @@ def _smooth(cam: np.ndarray, cell: float) -> np.ndarray:
 
 def _to_image_geometry(cam: np.ndarray, preprocess: Preprocess, shape: tuple[int, int]) -> np.ndarray:
     """Map a heatmap over the model input back onto the original image's pixels, undoing the
-    bundle's resize (and centre crop: pixels outside the crop get 0)."""
+    bundle's resize (and centre crop: pixels outside the crop get 0) and its framing (a centre
+    share of the image, or the image padded into a larger frame)."""
     h, w = shape
+    if preprocess.framing != 1.0:
+        share = preprocess.framing
+        if share < 1.0:  # the map covers the image's centre (models.preprocess.centre_crop)
+            ch, cw = max(1, round(h * share)), max(1, round(w * share))
+            top, left = (h - ch) // 2, (w - cw) // 2
+            out = np.zeros((h, w), np.float32)
+            out[top:top + ch, left:left + cw] = _to_image_geometry(cam, replace(preprocess, framing=1.0), (ch, cw))
+            return out
+        ph, pw = round(h * (share - 1) / 2), round(w * (share - 1) / 2)  # as reframe_image pads
+        framed = _to_image_geometry(cam, replace(preprocess, framing=1.0), (h + 2 * ph, w + 2 * pw))
+        return framed[ph:ph + h, pw:pw + w]
     if preprocess.resize == "shorter_crop":
         short = round(preprocess.size / preprocess.crop_pct)
         scale = short / min(w, h)

@@ -136,9 +136,10 @@ def explanation_method(model: ServedModel) -> str:
     return methods[0] if methods else "none"
 
 
-def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
+def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int], framings: list[float] | None = None
              ) -> list[tuple[bytes | None, dict[str, Any], Explanation | None]]:
-    """(overlay PNG or None, explanation dict, the explanation or None) per image."""
+    """(overlay PNG or None, explanation dict, the explanation or None) per image; ``framings``:
+    the framing each answer came from, which the explanation then shows."""
     note = f"explanations are not available for {model.bundle.kind!r} models"
     try:
         explainer = model.explainer()
@@ -149,7 +150,8 @@ def _explain(model: ServedModel, images: list[np.ndarray], predicted: list[int]
         return [(None, {"method": "none", "note": note}, None) for _ in images]
     out = []
     for i in range(0, len(images), EXPLAIN_BATCH):
-        for e in explainer.explain(images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH], max_side=HEATMAP_SIDE):
+        for e in explainer.explain(images[i:i + EXPLAIN_BATCH], predicted[i:i + EXPLAIN_BATCH], max_side=HEATMAP_SIDE,
+                                   framings=None if framings is None else framings[i:i + EXPLAIN_BATCH]):
             out.append((e.png, e.to_dict(), e))
     return out
 
@@ -307,7 +309,10 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
             predicted = pred.probs.argmax(1).tolist()
             n_explain = max(0, min(len(images), explain_max - explained)) if explain else 0
             with slots:
-                overlays = _explain(model, images[:n_explain], predicted[:n_explain]) if n_explain else []
+                # the framing search answers some cells from another framing: their maps show that view
+                framings = None if pred.framing is None else \
+                    [model.bundle.preprocess.framing * float(f) for f in pred.framing[:n_explain]]
+                overlays = _explain(model, images[:n_explain], predicted[:n_explain], framings) if n_explain else []
                 thumbnails = [_thumbnail(im) for im in images]
                 views = [_views(uploads[pos].data, max_pixels, overlays[n][2] if n < len(overlays) else None)
                          for n, pos in enumerate(positions)]
