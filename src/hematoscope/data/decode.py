@@ -87,17 +87,11 @@ class PixelBudget:
 def _header_pixels(data: "bytes | os.PathLike | str") -> int:
     """Pixels an encoded image will decode to, from its header (0 when it has none: its decode
     then fails with the reason, holding nothing)."""
-    from PIL import Image
-
     try:
-        if isinstance(data, bytes):
-            w, h = image_size(data)
-        else:
-            with Image.open(data) as im:
-                w, h = im.size
-        return w * h
-    except Exception:  # noqa: BLE001 - any unreadable header: load_model_image says why
+        w, h = image_size(data)
+    except ImageError:
         return 0
+    return w * h
 
 
 def default_workers() -> int:

@@ -133,21 +133,22 @@ def load_model_image(src: Path | str | bytes | BinaryIO, preprocess, *, max_pixe
     return resize(image) if resize is not None else image
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of encoded image bytes from the header alone, without decoding pixels:
-    what :func:`load_image` would return, rotated or not (EXIF turns keep the pixel count).
+def image_size(data: bytes | Path | str) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, or of an image file, from the header alone,
+    without decoding pixels: what :func:`load_image` would return, rotated or not (EXIF turns
+    keep the pixel count).
 
     Raises:
-        ImageError: empty input, or not an image in one of :data:`DECODE_FORMATS`.
+        ImageError: empty input, an unreadable file, or not an image in one of :data:`DECODE_FORMATS`.
     """
     from PIL import Image, UnidentifiedImageError
 
-    if not data:
+    if isinstance(data, bytes) and not data:
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=DECODE_FORMATS) as im:
                 return im.size
     except UnidentifiedImageError:
         raise ImageError("not an image or unknown format") from None
