@@ -594,6 +594,7 @@ class Bundle(ABC):
         sources: Sequence[str] | None = None,
         batch_size: int = 64,
         workers: int | None = None,
+        progress: str | None = None,
     ) -> Prediction:
         """Classify images given as arrays, paths or encoded bytes.
 
@@ -601,11 +602,16 @@ class Bundle(ABC):
         every other path (CLI, server, evaluate, trust fit), in threads while the model runs
         (:meth:`iter_predictions`). Unreadable inputs are listed in ``Prediction.skipped`` with
         their reason; the others are answered. Probabilities are temperature-calibrated;
-        abstention combines the confidence threshold and the OOD flag.
+        abstention combines the confidence threshold and the OOD flag. ``progress``: a
+        description to show a progress bar under (:func:`hematoscope.progress.track`).
         """
         items = image_sources(images, sources)
-        parts = list(self.iter_predictions(items, batch_size=batch_size, workers=workers))
-        return Prediction.concat(parts, self.labels)
+        parts = self.iter_predictions(items, batch_size=batch_size, workers=workers)
+        if progress is not None:
+            from hematoscope.progress import track
+
+            parts = track(parts, total=-(-len(items) // batch_size), description=progress)
+        return Prediction.concat(list(parts), self.labels)
 
     def iter_batches(self, items: Iterable["ImageSource | SkippedFile"], *, batch_size: int = 64,
                      workers: int | None = None) -> Iterator["DecodedBatch"]:

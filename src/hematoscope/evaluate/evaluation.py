@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hematoscope._io import save_figure
-from hematoscope.progress import track
 
 if TYPE_CHECKING:
     from hematoscope.bundle.base import Bundle
@@ -86,13 +85,7 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         raise ValueError(f"none of the data's classes {sorted(set(truths))} is known to bundle "
                          f"{bundle.name!r} ({bundle.labels})")
     paths = [str(table["path"].iloc[i]) for i in rows]
-    from hematoscope.bundle.base import image_sources
-    from hematoscope.bundle.prediction import Prediction
-
-    batches = bundle.iter_predictions(image_sources(paths), batch_size=batch_size)  # decoded while the model runs
-    parts = list(track(batches, total=-(-len(paths) // batch_size), description="evaluating"))
-
-    pred = Prediction.concat(parts, bundle.labels)
+    pred = bundle.predict(paths, batch_size=batch_size, progress="evaluating")  # decoded while the model runs
     truth_of = {p: matched[i] for p, i in zip(paths, rows)}
     # Sum the probabilities of bundle classes merged into one evaluation class.
     to_space = np.zeros((len(bundle.labels), len(space)))

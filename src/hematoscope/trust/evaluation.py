@@ -200,23 +200,18 @@ def _in_distribution_table(data, rows: str | None = None) -> tuple["pd.DataFrame
     return table.reset_index(drop=True), parts[0] if len(parts) == 1 else ALL_ROWS
 
 
-def _outputs_and_decisions(bundle: "Bundle", paths: list[str], batch_size: int, description: str):
-    """The bundle's answers to ``paths`` as ``predict`` and ``evaluate`` give them (its default
-    views, the cascade when fitted, and its framing search), and the positions of the readable ones."""
-    from hematoscope.bundle.base import image_sources
-    from hematoscope.bundle.prediction import Prediction
-    from hematoscope.progress import track
-
-    batches = bundle.iter_predictions(image_sources(paths), batch_size=batch_size)
-    pred = Prediction.concat(list(track(batches, total=-(-len(paths) // batch_size), description=description)),
-                             bundle.labels)
+def _decisions(bundle: "Bundle", paths: list[str], batch_size: int, description: str):
+    """The positions of the readable ones among ``paths`` and the bundle's answers to them, as
+    ``predict`` and ``evaluate`` give them (its default views, the cascade when fitted, and its
+    framing search)."""
+    pred = bundle.predict(paths, batch_size=batch_size, progress=description)
     kept, at = [], 0
     for source in pred.sources:  # in input order; unreadable files are missing
         while str(paths[at]) != source:
             at += 1
         kept.append(at)
         at += 1
-    return None, np.asarray(kept, dtype=np.int64), pred
+    return np.asarray(kept, dtype=np.int64), pred
 
 
 def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: Path | str | None = None,
@@ -255,8 +250,8 @@ def evaluate_ood(bundle: "Bundle", in_table_or_path, ood_source, *, plots_dir: P
 
     table, rows = _in_distribution_table(in_table_or_path, rows)
     in_paths, ood_paths = [str(p) for p in table["path"]], _image_paths(ood_source)
-    in_out, in_kept, in_pred = _outputs_and_decisions(bundle, in_paths, batch_size, "in-distribution")
-    _, ood_kept, ood_pred = _outputs_and_decisions(bundle, ood_paths, batch_size, "out-of-distribution")
+    in_kept, in_pred = _decisions(bundle, in_paths, batch_size, "in-distribution")
+    ood_kept, ood_pred = _decisions(bundle, ood_paths, batch_size, "out-of-distribution")
     if not len(in_kept) or not len(ood_kept):
         raise ValueError("no readable images in the in-distribution or OOD data")
     fitted = bundle.ood is not None and bundle.config.ood is not None
