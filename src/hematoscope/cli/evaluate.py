@@ -40,7 +40,7 @@ def evaluate_cmd(
     with user_errors():
         from hematoscope import _io
         from hematoscope.data.readers import read_dataset
-        from hematoscope.data.splits import SplitRowsError, select_split_rows
+        from hematoscope.data.splits import ALL_ROWS, SplitRowsError, select_split_rows
         from hematoscope.evaluate import evaluate_bundle
         from hematoscope.predict.options import InferenceOptions
         from hematoscope.predict.pipeline import load_for_inference
@@ -58,9 +58,9 @@ def evaluate_cmd(
             from hematoscope.trust import evaluate_ood
 
             report["ood"] = evaluate_ood(bundle, table, ood, plots_dir=plots, batch_size=batch_size,
-                                         rows=chosen or "all")
+                                         rows=chosen or ALL_ROWS)
         if json_out is not None:  # what was scored: the model, the data by name, which rows
-            _io.write_json(json_out, {"model": bundle.name, "data": Path(data).name, "rows": chosen or "all",
+            _io.write_json(json_out, {"model": bundle.name, "data": Path(data).name, "rows": chosen or ALL_ROWS,
                                       **report})
 
     c = console()

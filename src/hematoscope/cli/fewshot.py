@@ -107,12 +107,9 @@ def _add_unlabelled(table, paths: list[str], split_files: list[str]):
     # not a second image; copies of DATA's test rows stay, to be left out and counted with them
     extra = pd.concat([*parts, rows], ignore_index=True)
     pool = table if "split" not in table else table[table["split"] != "test"]
-    seen = {os.path.abspath(p) for p in pool["path"].astype(str)}
-    keep = []
-    for path in extra["path"].astype(str):
-        keep.append(os.path.abspath(path) not in seen)
-        seen.add(os.path.abspath(path))
-    return pd.concat([table, extra[keep]], ignore_index=True)
+    where = extra["path"].astype(str).map(os.path.abspath)
+    keep = ~where.isin(set(pool["path"].astype(str).map(os.path.abspath))) & ~where.duplicated()
+    return pd.concat([table, extra[keep.to_numpy()]], ignore_index=True)
 
 
 def _check_views(views: int | None) -> None:
