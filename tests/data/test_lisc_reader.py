@@ -76,3 +76,17 @@ def test_not_lisc_without_groups_file_and_bad_groups_file(tmp_path):
     with pytest.raises(DatasetError, match="not a LISC"):
         get_reader("lisc")(root)
 
+
+
+def test_a_lisc_copy_with_another_class_folder_keeps_its_groups(tmp_path):
+    """An extra folder makes the tree no longer LISC's layout; the folder reader still reads groups.csv."""
+    root = make_lisc(tmp_path / "lisc")
+    _img(root / "smudge" / "s0.jpg", 99)
+    assert detect_reader(root) == "folder"
+    df = read_dataset(root)
+    assert len(df) == 5 * 13 + 1 and (df["dataset"] == "folder").all()
+    assert df["patient"].notna().sum() == 5 * 12 and df["patient"].nunique() == 5 * 4
+    assert df.loc[df["label"] == "smudge", "patient"].isna().all()
+    (root / "groups.csv").write_text("file,cell\nx,y\n")
+    with pytest.raises(DatasetError, match="missing column"):
+        read_dataset(root)

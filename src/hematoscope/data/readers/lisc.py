@@ -13,11 +13,11 @@ import csv
 from pathlib import Path
 
 from hematoscope.data.readers import DatasetError, register_reader
-from hematoscope.data.readers.folder import class_folder_rows, class_folders, require_rows
+from hematoscope.data.readers.folder import (GROUPS_FILE, attach_groups, class_folder_rows, class_folders, read_groups,
+                                             require_rows)
 from hematoscope.data.samples import make_table
 
 LISC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
-GROUPS_FILE = "groups.csv"
 GROUPS_COLUMNS = ("path", "label", "group")
 
 
@@ -37,20 +37,6 @@ def _detect(root: Path) -> bool:
         and set(GROUPS_COLUMNS) <= set(_header(root / GROUPS_FILE))
 
 
-def read_groups(path: Path) -> dict[str, str]:
-    """``groups.csv`` → {relative posix path: group id}.
-
-    Raises:
-        DatasetError: the file lacks the ``path`` or ``group`` column.
-    """
-    with Path(path).open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "group"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {sorted(missing)} (expected {','.join(GROUPS_COLUMNS)})")
-        return {Path(r["path"].strip()).as_posix(): r["group"].strip() for r in reader if r.get("group", "").strip()}
-
-
 @register_reader("lisc", detect=_detect)
 def read_lisc(root: Path):
     """LISC crops: basophil eosinophil lymphocyte monocyte neutrophil folders + groups.csv (cell → patient)."""
@@ -59,12 +45,5 @@ def read_lisc(root: Path):
         raise DatasetError(f"{root} is not a LISC crops folder (expected sub-folders among {', '.join(LISC_CLASSES)} "
                            f"and {GROUPS_FILE} with columns {','.join(GROUPS_COLUMNS)})")
     groups = read_groups(root / GROUPS_FILE)
-    base = root.resolve()
     rows = require_rows(class_folder_rows(root), root, "<class>/<image>.jpg + groups.csv")
-    for row in rows:
-        try:
-            rel = Path(row["path"]).relative_to(base).as_posix()
-        except ValueError:  # a symlinked file outside the root: match by class folder + name
-            rel = f"{row['label']}/{Path(row['path']).name}"
-        row["patient"] = groups.get(rel)
-    return make_table(rows, "lisc")
+    return make_table(attach_groups(rows, root, groups), "lisc")
