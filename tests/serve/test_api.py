@@ -491,7 +491,7 @@ class TestClassicalBundle:
         assert yellow(card).any() and np.abs(shrunk - card).mean() < 8  # (flipped: 30)
 
 
-def test_each_cell_carries_the_limit_that_decided_its_flag(make_client, lisc_root):
+def test_each_cell_carries_the_limit_that_decided_its_flag(make_client, lisc_root, tmp_path):
     """The page shows a cell's score against the limit its flag was decided with: the default
     model's thresholds differ by view count (its cascade answers some cells from 2 views) and
     move with the operating point, so one model-wide threshold mislabelled cells either side."""
@@ -507,3 +507,11 @@ def test_each_cell_carries_the_limit_that_decided_its_flag(make_client, lisc_roo
         limits[point] = {it["views"]: it["ood_limit"] for it in items}
     assert len(limits[""]) == 2  # 1 and 2 views, each with its own limit
     assert all(limits["?ood_accept=0.99"][v] > limits[""][v] for v in limits[""])
+    # a server started with the flag moved gives a request the flag as fitted back
+    loose = make_client(models=[DEFAULT_MODEL_DIR], ood_accept=0.99, db=tmp_path / "loose.sqlite3")
+    assert loose.get("/api/models").json()["data"][0]["ood_accept"] == 0.99
+    a = loose.post("/api/predict?ood_accept=fitted", files=files).json()
+    assert {it["views"]: it["ood_limit"] for it in a["items"]} == limits[""] and a["model"]["ood_accept"] is None
+    served = loose.post("/api/predict", files=files).json()
+    assert {it["views"]: it["ood_limit"] for it in served["items"]} == limits["?ood_accept=0.99"]
+    assert served["model"]["ood_accept"] == 0.99

@@ -21,6 +21,7 @@ import numpy as np
 
 from hematoscope._extras import MissingExtraError, install_hint
 from hematoscope.data import decode as _decode
+from hematoscope.serve.batching import bundle_at
 from hematoscope.serve.deps import ServedModel
 from hematoscope.serve.storage import StoredItem
 
@@ -214,7 +215,7 @@ def header_pixels(up: Upload, max_pixels: int) -> int:
 def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, explain: bool,
                  max_pixels: int, explain_max: int, max_request_pixels: int | None = None,
                  budget: PixelBudget | None = None, batch_pixels: int | None = None,
-                 batch_size: int = BATCH_IMAGES, classify=None, ood_accept: float | None = None,
+                 batch_size: int = BATCH_IMAGES, classify=None, ood_accept: float | str | None = None,
                  cpu_slots: threading.Semaphore | None = None) -> tuple[list[StoredItem], dict]:
     """Classify uploaded images with one model, decoding them batch by batch.
 
@@ -239,7 +240,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
         classify: ``(images, names) -> Prediction``, the model call (default: the bundle's
             ``predict_arrays``; the server passes its batcher, which joins other requests' images).
         ood_accept: the OOD flag's operating point for the default ``classify``
-            (:meth:`Bundle.at_ood_accept`; None: the bundle's own).
+            (:func:`~hematoscope.serve.batching.bundle_at`; None: as the bundle is served).
         cpu_slots: held while decoding and while making thumbnails and explanations (not while
             waiting for the model), so that at most that many threads do such work at once.
 
@@ -278,7 +279,7 @@ def run_analysis(model: ServedModel, uploads: Sequence[Upload], *, top_k: int, e
 
     if batch_pixels is None:
         batch_pixels = budget.capacity if budget is not None else max(total, 1)
-    at_point = model.bundle if ood_accept is None else model.bundle.at_ood_accept(ood_accept)
+    at_point = bundle_at(model.bundle, ood_accept)
     if classify is None:
         classify = at_point.predict_arrays
 

@@ -35,12 +35,25 @@ class Overloaded(RuntimeError):
         self.retry_after = retry_after
 
 
+#: A request's ``ood_accept`` meaning the flag as fitted, on a server whose models were moved
+#: (``serve --ood-accept``); None means as the model is served.
+AS_FITTED = "fitted"
+
+
+def bundle_at(bundle, ood_accept: float | str | None):
+    """``bundle`` with its OOD flag at ``ood_accept`` (None: as served; :data:`AS_FITTED`: as
+    fitted; a share: :meth:`Bundle.at_ood_accept`), a twin unless unchanged."""
+    if ood_accept is None:
+        return bundle
+    return bundle.at_ood_accept(None if ood_accept == AS_FITTED else ood_accept)
+
+
 @dataclass
 class _Job:
     images: Sequence[np.ndarray]
     sources: list[str]
     future: asyncio.Future = field(repr=False)
-    ood_accept: float | None = None
+    ood_accept: float | str | None = None
 
 
 @dataclass
@@ -127,7 +140,8 @@ class ModelBatcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    async def predict(self, images: Sequence[np.ndarray], sources: Sequence[str], ood_accept: float | None = None):
+    async def predict(self, images: Sequence[np.ndarray], sources: Sequence[str],
+                      ood_accept: float | str | None = None):
         """Classify ``images`` together with whatever other callers sent meanwhile; with
         ``ood_accept``, at that operating point of the OOD flag (:meth:`Bundle.at_ood_accept`;
         None: the bundle's own).
@@ -154,7 +168,7 @@ class ModelBatcher:
             wait = self._queued_images * self._seconds_per_image
             raise Overloaded(f"the model queue is full ({self._queued_images} images waiting, limit "
                              f"{self.max_queue}); try again shortly", max(1, math.ceil(wait)))
-        if ood_accept is not None and ood_accept not in self.bundle.ood_accept_shares():
+        if ood_accept not in (None, AS_FITTED) and ood_accept not in self.bundle.ood_accept_shares():
             raise ValueError(f"the model's unlike-training flag has no operating point {ood_accept:g}")
         future = asyncio.get_running_loop().create_future()
         self._queued_images += len(images)
@@ -173,7 +187,7 @@ class ModelBatcher:
         if ood_accept is None:
             return self.bundle
         if ood_accept not in self._at:
-            self._at[ood_accept] = self.bundle.at_ood_accept(ood_accept)
+            self._at[ood_accept] = bundle_at(self.bundle, ood_accept)
         return self._at[ood_accept]
 
     async def _gather(self) -> list[_Job]:

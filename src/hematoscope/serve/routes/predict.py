@@ -8,7 +8,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile, status
 
 from hematoscope.serve.analysis import UploadError, UploadTooLarge, expand_uploads, run_analysis
-from hematoscope.serve.batching import Overloaded
+from hematoscope.serve.batching import AS_FITTED, Overloaded
 from hematoscope.serve.deps import ModelsDep, SettingsDep, StoreDep, pick_model, require_token
 from hematoscope.serve.routes.analyses import analysis_response
 from hematoscope.serve.schemas import Analysis
@@ -32,11 +32,12 @@ async def predict(
     model: Annotated[str | None, Query(description="served model name (default: the first)")] = None,
     top_k: Annotated[int, Query(ge=1, le=50, description="classes listed per image")] = 3,
     gradcam: Annotated[bool, Query(description="add an explanation heatmap per image")] = False,
-    ood_accept: Annotated[float | None, Query(description="this analysis only: move the unlike-training flag to "
-                                              "accept this share of the model's validation cells, one of its "
-                                              "ood_accept_levels (GET /api/models); higher sets fewer cells aside "
-                                              "and lets more damaged ones through; omitted: as the model is "
-                                              "served")] = None,
+    ood_accept: Annotated[str | None, Query(max_length=20, description="this analysis only: move the unlike-training "
+                                            "flag to accept this share of the model's validation cells, one of its "
+                                            "ood_accept_levels (GET /api/models); higher sets fewer cells aside and "
+                                            "lets more damaged ones through; 'fitted': the flag as fitted, on a "
+                                            "server started with --ood-accept; omitted: as the model is "
+                                            "served")] = None,
     sample: Annotated[str, Form(max_length=1000, description="the lab's sample / slide id, stored with the "
                                 "analysis (at most 100 characters, no line breaks)")] = "",
 ) -> Analysis:
@@ -51,12 +52,8 @@ async def predict(
         sample = clean_sample(sample)  # refused before any image is decoded
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    levels = served.bundle.ood_accept_shares()
-    if ood_accept is not None and ood_accept not in levels:
-        can = f"one of {', '.join(f'{q:g}' for q in levels)}" if levels else "not moved: its flag has no stored levels"
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"ood_accept {ood_accept!r} is not an operating point of model {served.name!r}: {can}")
-    point = ood_accept if ood_accept is not None else served.bundle.config.ood_accept
+    ood_accept = operating_point(ood_accept, served)
+    point = {None: served.bundle.config.ood_accept, AS_FITTED: None}.get(ood_accept, ood_accept)
     limiter = request.app.state.limiter
     if limiter.borrowed_tokens >= limiter.total_tokens and limiter.statistics().tasks_waiting >= limiter.total_tokens:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is busy: too many analyses waiting; "
@@ -97,3 +94,24 @@ async def predict(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     # Database writes wait for the database, not for an inference worker.
     return analysis_response(await anyio.to_thread.run_sync(save, items, differential))
+
+
+def operating_point(text: str | None, served) -> float | str | None:
+    """A request's ``ood_accept``: None, :data:`AS_FITTED` or one of the model's stored shares.
+
+    Raises:
+        HTTPException: 422 for anything else.
+    """
+    if text is None or text.strip().lower() == AS_FITTED:
+        return None if text is None else AS_FITTED
+    levels = served.bundle.ood_accept_shares()
+    try:
+        share = float(text)
+    except ValueError:
+        share = None
+    if share not in levels:
+        can = f"one of {', '.join(f'{q:g}' for q in levels)}" if levels else "not moved: its flag has no stored levels"
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"ood_accept {text} is not an operating point of model {served.name!r}: {can}, or "
+                            f"{AS_FITTED!r}")
+    return share

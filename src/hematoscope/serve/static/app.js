@@ -120,9 +120,11 @@ function fillOodSelect() {
   const model = state.models.find((m) => m.name === $("#model-select").value);
   const levels = (model && model.ood_accept_levels) || [];
   const served = model && model.ood_accept != null ? ` (${pct(model.ood_accept)} pass)` : "";
-  select.replaceChildren(new Option(`as the model is served${served}`, ""),
+  // a server started with --ood-accept moved the flag: offer it as fitted too
+  const fitted = served && levels.length ? [new Option("as fitted", "fitted")] : [];
+  select.replaceChildren(new Option(`as the model is served${served}`, ""), ...fitted,
     ...levels.map((q) => new Option(`${pct(q)} ${passWhose(model)}`, String(q))));
-  if (levels.some((q) => String(q) === previous)) select.value = previous;
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
   $("#ood-label").hidden = levels.length === 0;
 }
 
