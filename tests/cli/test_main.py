@@ -95,3 +95,18 @@ def test_demo_with_missing_model_says_why(tmp_path):
     result = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "no bundle at" in result.output
+
+
+def test_an_interrupted_command_says_so_and_exits_130(monkeypatch, tmp_path):
+    """Typer exits 130 on Ctrl-C without a word; the command names itself and what it left."""
+    import hematoscope.data.readers as readers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(readers, "read_dataset", interrupted)
+    out = tmp_path / "split.csv"
+    result = runner.invoke(app, ["data", "split", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 130
+    assert "hematoscope data split: interrupted" in " ".join(result.output.split())
+    assert not out.exists()

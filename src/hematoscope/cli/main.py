@@ -69,18 +69,42 @@ def reflowed(doc: str) -> str:
     return "\n\n".join(out)
 
 
-def _reflow_help(typer_app: typer.Typer) -> None:
+def _said_on_interrupt(callback, name: str):
+    """``callback``, saying what an interruption (Ctrl-C) left before exiting with 130: typer
+    exits silently, which reads like a crash or like success. A command that says more itself
+    (``train``: how to resume) catches the interruption before this does."""
+    import functools
+
+    @functools.wraps(callback)
+    def wrapped(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:
+            from hematoscope.cli._common import err_console
+
+            err_console().print(f"hematoscope {name}: interrupted; its output files are written whole or not "
+                                "at all, so none was left half-written: run it again", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapped
+
+
+def _prepare_commands(typer_app: typer.Typer, prefix: str = "") -> None:
+    """Reflowed help and a word on interruption for every command of ``typer_app``."""
     for info in typer_app.registered_commands:
         doc = info.help or (info.callback.__doc__ if info.callback else None)
         if doc:
             info.help = reflowed(doc)
+        if info.callback:
+            name = info.name or info.callback.__name__.replace("_", "-")
+            info.callback = _said_on_interrupt(info.callback, f"{prefix}{name}")
     for group in typer_app.registered_groups:
-        _reflow_help(group.typer_instance)
+        _prepare_commands(group.typer_instance, f"{prefix}{group.name or group.typer_instance.info.name} ")
 
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"hematoscope.cli.{_name}").register(app)
-_reflow_help(app)
+_prepare_commands(app)
 
 
 def run() -> None:
