@@ -371,10 +371,22 @@ def test_cli_adapt_tune_with_classes(trusted_bundle, synthetic_root, tmp_path):
     assert adapted.answerable_classes == adapted.labels
 
 
-def test_a_kind_without_a_network_cannot_be_tuned(tiny_classical_bundle, lab_images):
+def test_a_kind_that_cannot_change_for_a_lab_is_refused_and_nothing_is_written(tiny_classical_bundle, lab_images,
+                                                                                tmp_path):
+    """Adapting a classical bundle could only refit its OOD flag: its answers on the lab's cells
+    would be no better, but no longer set aside; refused before any image is read."""
+    from hematoscope.cli.main import app
+
     classical = load_bundle(tiny_classical_bundle)
-    with pytest.raises(BundleError, match="cannot be tuned"):
-        adapt_bundle(classical, lab_images, tune_epochs=1)
+    assert not classical.adaptable
+    for tune in (0, 1):
+        with pytest.raises(BundleError, match="cannot be adapted"):
+            adapt_bundle(classical, lab_images, tune_epochs=tune)
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    res = CliRunner().invoke(app, ["adapt", str(tiny_classical_bundle), str(lab), "--out", str(tmp_path / "ad")])
+    assert res.exit_code != 0 and "cannot be adapted" in " ".join(res.output.split())
+    assert not (tmp_path / "ad").exists()
 
 
 def test_a_group_norm_network_keeps_its_weights_and_only_refits_ood(lab_images):

@@ -222,7 +222,8 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
     """A copy of ``bundle`` adapted to the lab that took ``images`` (unlabelled cell crops).
 
     Args:
-        bundle: any bundle kind; kinds without normalisation statistics only refit the OOD part.
+        bundle: a kind that can be adapted (``bundle.adaptable``: neural bundles, whose framing,
+            normalisation statistics and weights can change for the lab).
         images: paths, encoded bytes, ``(name, bytes)`` pairs or RGB uint8 arrays (see
             :func:`decode_images`). Unreadable ones are skipped and reported.
         source: what the images are, recorded in the bundle (e.g. the folder's name).
@@ -248,12 +249,18 @@ def adapt_bundle(bundle: "Bundle", images: Iterable, *, source: str = "unnamed i
         (adapted bundle, report). The input bundle is not changed.
 
     Raises:
-        BundleError: fewer than :data:`MIN_IMAGES` readable images, unknown or fewer than 2
-            ``classes``, or tuning asked of a kind that cannot be tuned.
+        BundleError: a kind that cannot be adapted, fewer than :data:`MIN_IMAGES` readable
+            images, unknown or fewer than 2 ``classes``, or tuning asked of a kind that cannot be tuned.
     """
     import time
 
     start = time.perf_counter()
+    if not bundle.adaptable:
+        raise BundleError(
+            f"bundle {bundle.name!r} ({bundle.kind}) cannot be adapted: nothing in it can change for a new lab, "
+            "and refitting its unlike-training flag alone would hide the lab's difference instead of correcting it "
+            "(its answers would be no better, but no longer set aside). Adapt a neural bundle (hematoscope adapt "
+            "default ...), or label a few of the lab's cells per class (hematoscope fewshot fit; docs/crosslab.md)")
     if not 0 < target_tpr < 1:
         raise ValueError(f"target_tpr must be in (0, 1); got {target_tpr}")
     if tune_epochs < 0:

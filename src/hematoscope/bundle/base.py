@@ -183,6 +183,10 @@ class Bundle(ABC):
     explanation_methods: ClassVar[tuple[str, ...]] = ()
     #: Inference backends the kind can switch between (see :meth:`use_backend`).
     backends: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`adapt` can change the model itself for a new lab (its framing, statistics
+    #: or weights). A kind that cannot would only refit its OOD flag to the lab's cells, which
+    #: hides the shift instead of correcting it, so adapting it is refused.
+    adaptable: ClassVar[bool] = False
 
     def __init__(self, config: BundleConfig, metrics: dict | None = None, path: Path | None = None):
         self.config = config

@@ -85,6 +85,7 @@ class NeuralBundle(Bundle):
     weight_files = (WEIGHTS_FILE, ONNX_FILE)
     explanation_methods = ("grad-cam",)
     backends = ("torch", "onnx")
+    adaptable = True
 
     def __init__(self, config: BundleConfig, net: "ClassifierNet | None" = None, metrics: dict | None = None,
                  path: Path | None = None, *, directory: Path | None = None, backend: str | None = None):

@@ -285,6 +285,11 @@ def _lab_hint(bundle, model: str | None, unlike: float, *, framing_chosen: bool)
                 f"{bundle.name!r} was adapted on, and were not answered. If they come from another lab or setting, "
                 f"adapt the original model ({adaptation['adapted_from']}) to a few hundred of them, or label a few "
                 "per class (hematoscope fewshot fit; docs/crosslab.md).")
+    if not bundle.adaptable:
+        return (f"note: {unlike:.0%} of the cells look unlike the training data and were not answered. A "
+                f"{bundle.kind} bundle cannot be adapted to another lab: if they are one lab's crops, use the default "
+                "model (hematoscope adapt default FOLDER --out my-lab) or label a few per class (hematoscope fewshot "
+                "fit; docs/crosslab.md).")
     tries = [option for option, useful in (
         ("--framing auto", not framing_chosen),
         ("--recolour", bundle.config.reframe is not None and not bundle.config.reframe.colours)) if useful]

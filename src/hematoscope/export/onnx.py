@@ -333,7 +333,7 @@ def save_adapted(adapted: "Bundle", original: "Bundle", out: Path | str, *, onnx
     from hematoscope.bundle import load_bundle
 
     saved = adapted.save(out)
-    if onnx and original.config.model.onnx is not None and Path(out).suffix.lower() != ".zip":
+    if onnx and getattr(original.config.model, "onnx", None) is not None and Path(out).suffix.lower() != ".zip":
         export_onnx(load_bundle(saved))
     return saved
 

@@ -36,6 +36,7 @@ class ModelInfo(ModelRef):
     answerable_classes: list[str] | None = Field(None, description="the classes answers may name (hematoscope "
                                                  "serve --classes); null = all of labels")
     removable: bool = Field(False, description="adapted from the web app: DELETE /api/models/{name} removes it")
+    adaptable: bool = Field(False, description="POST /api/models/adapt can adapt it to a new lab (a neural bundle)")
     framing: float = Field(1.0, description="the framing every crop is read at (a share of its side); an answer's "
                            "framing is relative to it")
     ood_limits: dict[str, float | None] | None = Field(
@@ -45,7 +46,8 @@ class ModelInfo(ModelRef):
 class ModelList(BaseModel):
     data: list[ModelInfo]
     default: str
-    can_adapt: bool = Field(False, description="POST /api/models/adapt is on (hematoscope serve --adapt-dir)")
+    can_adapt: bool = Field(False, description="POST /api/models/adapt is on (hematoscope serve --adapt-dir) and "
+                            "a served model can be adapted")
 
 
 class AdaptResult(BaseModel):

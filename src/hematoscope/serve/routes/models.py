@@ -34,7 +34,7 @@ def model_info(name: str, m: ServedModel, default: str, adapt_dir: Path | None) 
         ood_accept=d["ood_accept"], ood_accept_levels=m.bundle.ood_accept_shares(), metrics=d["metrics"],
         metrics_of=d["metrics_of"],
         explanation=explanation_method(m), adapted_to=d["adapted_to"], answerable_classes=d["answerable_classes"],
-        removable=is_adapted_here(m, adapt_dir), framing=d["framing"], ood_limits=d["ood_limits"],
+        removable=is_adapted_here(m, adapt_dir), adaptable=m.bundle.adaptable, framing=d["framing"], ood_limits=d["ood_limits"],
     )
 
 
@@ -44,7 +44,7 @@ def list_models(models: ModelsDep, settings: SettingsDep) -> ModelList:
     default = next(iter(models))
     return ModelList(data=[model_info(name, m, default, settings.adapt_dir) for name, m in models.items()],
                      default=default,
-                     can_adapt=settings.adapt_dir is not None)
+                     can_adapt=settings.adapt_dir is not None and any(m.bundle.adaptable for m in models.values()))
 
 
 @router.post("/adapt", response_model=AdaptResult, responses={

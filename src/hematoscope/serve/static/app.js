@@ -132,9 +132,10 @@ function fillOodSelect() {
 function fillAdaptForm() {
   const base = $("#adapt-base");
   const previous = base.value;
-  base.replaceChildren(...state.models.map((m) => new Option(m.name, m.name, m.default, m.default)));
-  if (state.models.some((m) => m.name === previous)) base.value = previous;
-  const model = state.models.find((m) => m.name === base.value) || state.models[0];
+  const adaptable = state.models.filter((m) => m.adaptable);
+  base.replaceChildren(...adaptable.map((m) => new Option(m.name, m.name, m.default, m.default)));
+  if (adaptable.some((m) => m.name === previous)) base.value = previous;
+  const model = adaptable.find((m) => m.name === base.value) || adaptable[0];
   const checked = new Set([...document.querySelectorAll("#adapt-classes input:checked")].map((c) => c.value));
   $("#adapt-classes").replaceChildren(...model.labels.map((lab) => {
     const label = Object.assign(document.createElement("label"), { className: "check" });
