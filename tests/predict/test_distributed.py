@@ -287,3 +287,29 @@ def test_a_job_is_not_resumed_with_other_options(ray_local, cells, tmp_path):
     run_job([str(cells / "basophil")], job, options=InferenceOptions(tta=1))
     with pytest.raises(ValueError, match="ood_accept differ"):  # its shards were answered with the fitted flag
         run_job([str(cells / "basophil")], job, options=InferenceOptions(tta=1, ood_accept=0.99))
+
+
+def test_a_job_is_not_resumed_after_its_files_or_model_changed(ray_local, cells, tmp_path):
+    """A job folder is matched on what its inputs and model hold, not on their names: a rerun
+    after files were added, removed or replaced, or with another model at the same path, would
+    otherwise return the old answers as if they were new."""
+    from hematoscope.bundle.default import DEFAULT_MODEL_DIR
+    from hematoscope.predict.distributed import InferenceOptions, run_job
+
+    folder, model = tmp_path / "slide", tmp_path / "model"
+    shutil.copytree(cells / "basophil", folder)
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    options, job = InferenceOptions(tta=1), tmp_path / "job"
+    first = run_job([str(folder)], job, model=model, options=options)
+    again = run_job([str(folder)], job, model=model, options=options)  # unchanged: resumed, nothing redone
+    assert again.shards_written == 0 and again.rows == first.rows
+    shutil.copy(cells / "eosinophil" / sorted(p.name for p in (cells / "eosinophil").iterdir())[0],
+                folder / "new.jpg")
+    with pytest.raises(ValueError, match="input files"):
+        run_job([str(folder)], job, model=model, options=options)
+    (folder / "new.jpg").unlink()
+    assert run_job([str(folder)], job, model=model, options=options).shards_written == 0
+    metrics = model / "metrics.json"
+    metrics.write_text(metrics.read_text().replace("{", '{"retrained": true, ', 1))
+    with pytest.raises(ValueError, match="model files"):
+        run_job([str(folder)], job, model=model, options=options)

@@ -23,6 +23,7 @@ Needs the optional extra: ``pip install 'hematoscope[distributed]'`` (ray[data],
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 #: Result columns added to each input row.
 RESULT_COLUMNS = ("error", "prediction", "confidence", "abstain", "abstain_reason", "ood_score", "ood_flag", "views",
                   "framing", "recolour", "probs")
-_FORMAT = 1
+_FORMAT = 2  # 2: job.json records the inputs' and the model's content
 
 
 class RayJobError(ValueError):
@@ -349,9 +350,48 @@ def _list_chunks(manifest: str, chunk: int) -> Iterator[dict[str, list]]:
                "reason": [None if p else "no path in the manifest row" for p in paths]}
 
 
+def _digest_rows(digest, rows: dict[str, list]) -> None:
+    """Add manifest rows to ``digest``, with each local file's size and modification time, so
+    that a job folder is not resumed after files were added, removed or replaced."""
+    # not the source names: the same job named by a relative path from elsewhere is the same job
+    for path, member, reason in zip(rows["path"], rows["member"], rows["reason"]):
+        stamp = ""
+        if path and "://" not in path:
+            try:
+                st = os.stat(path)
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+        digest.update(json.dumps([path, member, reason, stamp]).encode("utf-8", "surrogateescape"))
+
+
+def inputs_digest(inputs: Sequence[str | Path], chunk: int = SHARD_ROWS) -> str:
+    """Fingerprint of what ``inputs`` list now: each row of the manifest they give, with each
+    local file's size and modification time (as recorded in ``job.json`` when the job started)."""
+    digest = hashlib.sha256()
+    for rows in _manifest_chunks(inputs, chunk):
+        _digest_rows(digest, rows)
+    return digest.hexdigest()[:16]
+
+
+def bundle_digest(bundle) -> str:
+    """Fingerprint of a loaded bundle's files (config, weights, OOD reference, metrics): the
+    same path holding another model, or the shipped model after an upgrade, differs."""
+    digest = hashlib.sha256()
+    directory = getattr(bundle, "directory", None)
+    if directory is None:
+        digest.update(bundle.config.model_dump_json().encode())
+    else:
+        for f in sorted(Path(directory).iterdir()):
+            if f.is_file() and f.suffix in (".json", ".safetensors"):
+                digest.update(f"{f.name}:{_io.file_sha256(f)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def write_manifest(inputs: Sequence[str | Path], path: Path, shard_rows: int = SHARD_ROWS, *,
-                   left_out: list[str] | None = None) -> int:
-    """Write the job's manifest: one row group per shard, with each row's index. Returns rows."""
+                   left_out: list[str] | None = None, digest=None) -> int:
+    """Write the job's manifest: one row group per shard, with each row's index. Returns rows.
+    ``digest`` (a hashlib object), when given, is fed the rows as :func:`inputs_digest` does."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -370,6 +410,8 @@ def write_manifest(inputs: Sequence[str | Path], path: Path, shard_rows: int = S
                 n += m
 
             for rows in _manifest_chunks(inputs, shard_rows, left_out):
+                if digest is not None:
+                    _digest_rows(digest, rows)
                 for k in buffer:
                     buffer[k].extend(rows[k])
                 while len(buffer["source"]) >= shard_rows:
@@ -464,12 +506,18 @@ def shard_path(out_dir: Path, shard: int) -> Path:
     return Path(out_dir) / SHARD_DIR / f"part-{shard:05d}.parquet"
 
 
+#: How a refusal names what changed since the job started.
+NAMED = {"inputs_sha256": "input files (added, removed or replaced)", "model_sha256": "model files",
+         "format": "job format (an earlier version's job)"}
+
+
 def _prepare(inputs: Sequence[str | Path], out_dir: Path, job: dict, shard_rows: int) -> dict:
     """Write the manifest and job.json, or check that ``out_dir`` holds this same job."""
     job_file, manifest = out_dir / JOB_FILE, out_dir / MANIFEST_FILE
     if job_file.is_file() and manifest.is_file():
         old = json.loads(job_file.read_text(encoding="utf-8"))
-        differs = [k for k in job if k not in ("rows", "shards") and old.get(k) != job[k]]
+        job = {**job, "inputs_sha256": inputs_digest(inputs, shard_rows)}
+        differs = [NAMED.get(k, k) for k in job if k not in ("rows", "shards") and old.get(k) != job[k]]
         if differs:
             raise RayJobError(f"{out_dir} holds another job (its {', '.join(differs)} differ); choose another "
                               "directory for the shards or remove it")
@@ -478,8 +526,9 @@ def _prepare(inputs: Sequence[str | Path], out_dir: Path, job: dict, shard_rows:
         raise RayJobError(f"{out_dir} is not empty and holds no job; choose another directory for the shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     left_out: list[str] = []
-    rows = write_manifest(inputs, manifest, shard_rows, left_out=left_out)
-    job = {**job, "rows": rows, "shards": -(-rows // shard_rows)}
+    digest = hashlib.sha256()
+    rows = write_manifest(inputs, manifest, shard_rows, left_out=left_out, digest=digest)
+    job = {**job, "inputs_sha256": digest.hexdigest()[:16], "rows": rows, "shards": -(-rows // shard_rows)}
     if left_out:  # told again when the job resumes: the manifest is not rebuilt then
         from hematoscope.data.sources import left_out_summary
 
@@ -539,7 +588,7 @@ def run_job(
     bundle = load_for_inference(model, options)
     # inputs as absolute paths: the same job resumed from another working directory is still the same job
     spec = {"format": _FORMAT, "inputs": [os.path.abspath(i) if Path(i).exists() else str(i) for i in inputs],
-            "model": str(model) if model else "default",
+            "model": str(model) if model else "default", "model_sha256": bundle_digest(bundle),
             "shard_rows": shard_rows, "labels": bundle.labels, **options.spec()}
     job = _prepare(inputs, out_dir, spec, shard_rows)
     pending = [i for i in range(job["shards"]) if not shard_path(out_dir, i).is_file()]
