@@ -97,16 +97,43 @@ def test_demo_with_missing_model_says_why(tmp_path):
     assert "no bundle at" in result.output
 
 
-def test_an_interrupted_command_says_so_and_exits_130(monkeypatch, tmp_path):
-    """Typer exits 130 on Ctrl-C without a word; the command names itself and what it left."""
+@pytest.mark.parametrize("signal_exc, code, said", [("KeyboardInterrupt", 130, "interrupted"),
+                                                    ("Terminated", 143, "stopped (SIGTERM)")])
+def test_an_interrupted_command_says_so_and_exits_128_plus_the_signal(monkeypatch, tmp_path, signal_exc, code, said):
+    """Typer exits 130 on Ctrl-C without a word (and SIGTERM killed outright, leaving partial
+    files); the command names itself and what it left."""
     import hematoscope.data.readers as readers
+    from hematoscope.cli.main import Terminated
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": Terminated}[signal_exc]
 
     monkeypatch.setattr(readers, "read_dataset", interrupted)
     out = tmp_path / "split.csv"
     result = runner.invoke(app, ["data", "split", str(tmp_path), "--out", str(out)])
-    assert result.exit_code == 130
-    assert "hematoscope data split: interrupted" in " ".join(result.output.split())
+    assert result.exit_code == code
+    assert f"hematoscope data split: {said}" in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_sigterm_stops_predict_without_leaving_a_partial_file(tmp_path):
+    """The console script turns SIGTERM into the clean-up path Ctrl-C takes."""
+    import os
+    import signal
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for i in range(400):  # one real cell, many times: enough work to be caught mid-run
+        (folder / f"c{i:03d}.jpg").write_bytes(sample_paths()[i % 24].read_bytes())
+    out = tmp_path / "p.csv"
+    proc = subprocess.Popen([sys.executable, "-c", "from hematoscope.cli.main import run; run()", "predict",
+                             str(folder), "--out", str(out), "--tta", "8", "--backend", "torch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(tmp_path.glob(".p.csv*")):  # the partial file is being written
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped (SIGTERM)" in " ".join(err.split())
+    assert not out.exists() and not list(tmp_path.glob(".p.csv*"))

@@ -69,22 +69,30 @@ def reflowed(doc: str) -> str:
     return "\n\n".join(out)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's cancel or time limit), raised in the main thread like
+    Ctrl-C so that the same clean-up runs: a partial output file is removed, not left behind."""
+
+
 def _said_on_interrupt(callback, name: str):
-    """``callback``, saying what an interruption (Ctrl-C) left before exiting with 130: typer
-    exits silently, which reads like a crash or like success. A command that says more itself
-    (``train``: how to resume) catches the interruption before this does."""
+    """``callback``, saying what an interruption (Ctrl-C, or SIGTERM once :func:`run` set it to
+    interrupt) left before exiting with 130 / 143: typer exits silently, which reads like a crash or
+    like success. A command that says more itself (``train``: how to resume) catches it first."""
     import functools
 
     @functools.wraps(callback)
     def wrapped(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            import signal
+
             from hematoscope.cli._common import err_console
 
-            err_console().print(f"hematoscope {name}: interrupted; its output files are written whole or not "
-                                "at all, so none was left half-written: run it again", highlight=False)
-            raise typer.Exit(130) from None
+            how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            err_console().print(f"hematoscope {name}: {how}; its output files are written whole or not at all, "
+                                "so none was left half-written: run it again", highlight=False)
+            raise typer.Exit(128 + int(signal.SIGTERM) if isinstance(exc, Terminated) else 130) from None
 
     return wrapped
 
@@ -107,5 +115,12 @@ for _name in COMMAND_MODULES:
 _prepare_commands(app)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def run() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()
