@@ -102,3 +102,22 @@ def test_results_record_the_framing_and_colour_changes_of_the_run(runner, tmp_pa
     assert model["ood_limits"]["1"] == pytest.approx(load_bundle("default").trust_for(1).ood_threshold)
     rows = json.loads((tmp_path / "r.json").read_text())["predictions"]
     assert all(r["ood_flag"] == (r["ood_score"] > model["ood_limits"][str(r["views"])]) for r in rows)
+
+
+def test_the_backend_comes_from_the_environment_unless_named(monkeypatch):
+    """docs/predict.md: $HEMATOSCOPE_BACKEND forces a backend; --backend still wins."""
+    from hematoscope.predict.options import InferenceOptions
+    from hematoscope.samples import sample_paths
+
+    used = []
+    apply = InferenceOptions.apply
+    monkeypatch.setattr(InferenceOptions, "apply",
+                        lambda self, b, **kw: (used.append(self.backend), apply(self, b, **kw))[1])
+    one = str(sample_paths()[0])
+    monkeypatch.setenv("HEMATOSCOPE_BACKEND", "torch")
+    assert CliRunner().invoke(app, ["predict", one, "--tta", "1"]).exit_code == 0
+    assert CliRunner().invoke(app, ["predict", one, "--tta", "1", "--backend", "auto"]).exit_code == 0
+    assert used == ["torch", "auto"]
+    monkeypatch.setenv("HEMATOSCOPE_BACKEND", "tensorrt")
+    res = CliRunner().invoke(app, ["predict", one])
+    assert res.exit_code != 0 and "from HEMATOSCOPE_BACKEND" in " ".join(res.output.split())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -30,8 +31,9 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 64,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding threads "
                                                    "(default: one per CPU).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Inference backend: auto (ONNX Runtime when the "
-                                         "bundle has model.onnx), torch or onnx.")] = "auto",
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend: auto (ONNX Runtime when "
+                                                   "the bundle has model.onnx), torch or onnx (default: "
+                                                   "$HEMATOSCOPE_BACKEND, else auto).", show_default=False)] = None,
     abstain_below: Annotated[Optional[float], typer.Option("--abstain-below", min=0.0, max=1.0,
                                                            help="Abstain when the calibrated top probability is "
                                                            "below this, for every view count (default: the bundle's own "
@@ -60,8 +62,11 @@ def predict(
 
     Unreadable files are listed with their reason and the run goes on. Exit code 0 when at least one image was classified, 1 when none was.
     """  # noqa: E501 (one line: rich help keeps the docstring's line breaks)
+    named = backend is not None or os.environ.get("HEMATOSCOPE_BACKEND") is None
+    backend = backend or os.environ.get("HEMATOSCOPE_BACKEND") or "auto"
     if backend not in BACKENDS:
-        raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}"
+                   + ("" if named else " (from HEMATOSCOPE_BACKEND)"))
     if engine not in ("local", "ray"):
         raise fail(f"--engine must be local or ray; got {engine!r}")
     framing_value = _framing(framing)
