@@ -174,3 +174,17 @@ def test_edge_bars_are_painted_as_background_in_training_and_prediction(tiny_cla
     unfilled = replace(bundle.preprocess, bars="keep").resize_image(raw)  # as bundles before bars were filled
     kept = ClassicalFeatures(n_jobs=1, cache=False).transform([unfilled])[0]
     assert not np.allclose(kept, from_arrays[0], rtol=1e-3, equal_nan=True)
+
+
+def test_a_file_and_its_decoded_array_get_the_same_answer(tiny_classical_bundle, pbc_subset):
+    """PBC's 256 px JPEGs are twice the classical working size: decoded at half scale (JPEG
+    draft mode) they had other features than the same image given as an array, and 7 of 120
+    answers changed between the two (a walk-through, 2026-11-30)."""
+    from hematoscope.data.images import load_image
+
+    b = load_bundle(tiny_classical_bundle)
+    assert b.preprocess.jpeg_draft is False
+    files = sorted(pbc_subset.rglob("*.jpg"))[:6]
+    by_file, by_array = b.predict(files), b.predict([load_image(f) for f in files])
+    np.testing.assert_allclose(by_file.probs, by_array.probs, atol=1e-6)
+    np.testing.assert_allclose(by_file.ood_score, by_array.ood_score, atol=1e-6)

@@ -27,12 +27,15 @@ def classical_preprocess():
     """The input handling of classical bundles, recorded in ``config.preprocess``: black bars
     along the crop's edges painted as slide background (``bars="fill"``, as the neural default
     does), then the crop resized to the working size (squash, bilinear); nothing is cropped or
-    normalised. Training features and predictions both decode files with it
-    (``load_model_image``); bundles saved before bars were filled keep theirs as they are."""
+    normalised; JPEG files are decoded at full size, so that a file and the same image given as an
+    array have the same features. Training features and predictions both decode files with it
+    (``load_model_image``); bundles saved before bars were filled, or before full-size decoding,
+    keep theirs as they are."""
     from hematoscope.classical.segment import WORK_SIZE
     from hematoscope.models.preprocess import Preprocess
 
-    return Preprocess(size=WORK_SIZE, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bars="fill")
+    return Preprocess(size=WORK_SIZE, resize="squash", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bars="fill",
+                      jpeg_draft=False)
 
 
 @register_bundle_kind("classical")

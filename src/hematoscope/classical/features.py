@@ -319,8 +319,9 @@ def _cache_file(sha: str) -> Path:
     from hematoscope.classical.bundle import classical_preprocess
 
     # keyed by the decoding too: a crop with edge bars has other features once they are filled
-    bars = classical_preprocess().bars
-    return cache_dir("classical", f"features-v{FEATURE_VERSION}-bars-{bars}", sha[:2]) / f"{sha}.npy"
+    pre = classical_preprocess()
+    decoding = f"bars-{pre.bars}" + ("" if pre.jpeg_draft else "-full")
+    return cache_dir("classical", f"features-v{FEATURE_VERSION}-{decoding}", sha[:2]) / f"{sha}.npy"
 
 
 def _features_of_item(item, use_cache: bool, on_error: str) -> np.ndarray:

@@ -120,12 +120,13 @@ def load_model_image(src: Path | str | bytes | BinaryIO, preprocess, *, max_pixe
         src: a path, raw bytes or a binary file object.
         preprocess: the model's input spec.
         max_pixels: refuse images with more pixels than this.
-        draft: override :data:`DRAFT_DECODE` (for measuring the two decodings against each other only).
+        draft: override :data:`DRAFT_DECODE` and ``preprocess.jpeg_draft`` (for measuring the two
+            decodings against each other only).
 
     Raises:
         ImageError: as :func:`load_image`, and an image under :data:`MIN_MODEL_SIDE` a side.
     """
-    use_draft = DRAFT_DECODE if draft is None else draft
+    use_draft = (DRAFT_DECODE and preprocess.jpeg_draft) if draft is None else draft
     image = load_image(src, max_pixels=max_pixels, draft_size=preprocess.decode_size if use_draft else None)
     if min(image.shape[:2]) < MIN_MODEL_SIDE:
         raise ImageError(too_small(image.shape), _source_name(src))
