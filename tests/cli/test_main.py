@@ -137,3 +137,18 @@ def test_sigterm_stops_predict_without_leaving_a_partial_file(tmp_path):
     assert proc.returncode == 143, err
     assert "stopped (SIGTERM)" in " ".join(err.split())
     assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+
+
+def test_the_packages_warnings_are_one_plain_line(monkeypatch, capsys):
+    import warnings
+
+    import hematoscope.trust.calibration as calibration
+    from hematoscope.cli import main
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    main._show_warnings_plainly()
+    warnings.warn_explicit("no temperature can be fitted", UserWarning, calibration.__file__, 1)
+    warnings.warn_explicit("a library's own", UserWarning, warnings.__file__, 1)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: no temperature can be fitted\n") and "UserWarning: no temperature" not in err
+    assert "a library's own" not in err  # others go on to the handler before (here pytest's record)

@@ -16,6 +16,19 @@ def test_fit_temperature_recovers_known_temperature():
         assert nll(true_logits * t_true, y, t) < nll(true_logits * t_true, y)
 
 
+def test_no_temperature_is_fitted_on_images_that_are_all_right():
+    """A small validation set without an error drove T to its lower bound (0.01): every answer,
+    wrong ones on new cells too, came out 100 % confident and the confidence abstain never fired."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 24)
+    logits = rng.normal(0, 1, (24, 4))
+    logits[np.arange(24), y] += 8  # every image right
+    with pytest.warns(UserWarning, match="no temperature can be fitted"):
+        assert fit_temperature(logits, y) == 1.0
+    logits[0] = np.roll(logits[0], 1)  # one wrong: fitted again
+    assert fit_temperature(logits, y) != 1.0
+
+
 def test_ece_hand_made_example():
     # confidences 0.95 (right), 0.85 (wrong), 0.65 (right), 0.70 (right)
     probs = np.array([[0.95, 0.05], [0.85, 0.15], [0.65, 0.35], [0.30, 0.70]])

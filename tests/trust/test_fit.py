@@ -41,8 +41,12 @@ def test_a_fixed_temperature_is_kept_and_the_report_is_computed_with_it(toy):
     assert report["calibration"]["ece_after"] == pytest.approx(report["calibration"]["ece_before"])
     assert report["calibration"]["ece_after"] == pytest.approx(
         expected_calibration_error(softmax(val_out.logits), np.asarray(val[1])))
-    fitted = fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]))["calibration"]["temperature"]
-    assert fitted != pytest.approx(1.0, abs=1e-3)  # the toy model is miscalibrated: a fit would move it
+    # the toy model is right on every validation image, which leaves nothing to fit: one wrong
+    # label makes it miscalibrated, and a fit moves it
+    labels = list(val[1])
+    labels[0] = next(lab for lab in labels if lab != labels[0])
+    fitted = fit_trust(bundle, train=outputs(bundle, train), val=(val_out, labels))["calibration"]["temperature"]
+    assert fitted != pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ValueError, match="temperature"):
         fit_trust(bundle, train=outputs(bundle, train), val=(val_out, val[1]), temperature=0.0)
 

@@ -119,8 +119,29 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _show_warnings_plainly() -> None:
+    """hematoscope's own warnings (a calibration that could not be fitted, a class missing from
+    a split ...) as one "warning: ..." line each, not Python's "path:line: UserWarning: ..." form."""
+    import warnings
+    from pathlib import Path
+
+    shown = warnings.showwarning
+    package = str(Path(__file__).resolve().parents[1])
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package):
+            from hematoscope.cli._common import err_console
+
+            err_console().print(f"warning: {message}", highlight=False, markup=False)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def run() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    _show_warnings_plainly()
     app()

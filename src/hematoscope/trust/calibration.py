@@ -58,14 +58,23 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         y: (N,) integer class indices.
 
     Returns:
-        The temperature ``T`` (> 0); probabilities are then ``softmax(logits / T)``.
+        The temperature ``T`` (> 0); probabilities are then ``softmax(logits / T)``. 1 (no
+        change), with a warning, when every image is right: the NLL then keeps falling as ``T``
+        goes to 0, and a fit would make every answer 100 % confident, wrong ones too.
 
     Raises:
         CalibrationError: shapes or labels are invalid.
     """
+    import warnings
+
     from scipy.optimize import minimize_scalar
 
     logits, y = _check(logits, y)
+    if (logits.argmax(1) == y).all():
+        warnings.warn(f"all {len(y)} calibration images are classified right, so no temperature can be fitted "
+                      "on them (it would make every answer 100 % confident); kept at 1: calibrate on more "
+                      "images (a larger validation share)", UserWarning, stacklevel=2)
+        return 1.0
     lo, hi = np.log(TEMPERATURE_BOUNDS)
     res = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=(lo, hi),
                           method="bounded", options={"xatol": 1e-5})
