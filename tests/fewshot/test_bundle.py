@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hematoscope.bundle import load_bundle
+from hematoscope.bundle.base import BundleError
 from hematoscope.fewshot.bundle import BACKBONE_DIR, BACKBONE_FILE, HEAD_FILE, FewShotBundle, fit_fewshot_bundle
 from hematoscope.fewshot.features import load_extractor
 
@@ -178,7 +179,12 @@ def test_self_training_head_on_a_bundle_backbone_with_its_views_and_groups(tiny_
     loaded = load_bundle(path)
     assert loaded.extractor.views == 2 and loaded.extractor.active_backend == "onnx"
     files = sorted(str(p) for p in synthetic_root.rglob("*.png"))[::12]
-    np.testing.assert_allclose(loaded.predict(files).probs, bundle.predict(files).probs, rtol=1e-4, atol=1e-5)
+    pred = loaded.predict(files)
+    np.testing.assert_allclose(pred.probs, bundle.predict(files).probs, rtol=1e-4, atol=1e-5)
+    assert loaded.views_per_image == 2 and set(pred.views) == {2}  # the views column says what was run
+    loaded.set_tta(2)  # predict --tta with the count it runs: nothing to change
+    with pytest.raises(BundleError, match="2 views, fixed when it was made"):
+        loaded.set_tta(1)  # was accepted and ignored
 
 
 def test_default_alias_is_the_shipped_model():

@@ -347,10 +347,15 @@ class Bundle(ABC):
         """Average ``views`` flip/rot90 views per image from now on (1 = off).
 
         Raises:
-            BundleError: the kind has no test-time views, or ``views`` is not 1, 2, 4 or 8.
+            BundleError: the kind has no test-time views (other than the count it always runs:
+                a no-op), or ``views`` is not 1, 2, 4 or 8.
         """
-        if views != 1 and not self.supports_tta:
-            raise BundleError(f"{self.kind!r} bundles do not support test-time views")
+        if not self.supports_tta:
+            if views == self.views_per_image:
+                return
+            fixed = self.views_per_image
+            raise BundleError(f"{self.kind} bundle {self.name!r} sees each image in {fixed} view{'s' * (fixed > 1)}, "
+                              "fixed when it was made; test-time views cannot change that")
         if views not in TTA_VIEWS:
             raise BundleError(f"test-time views must be one of {TTA_VIEWS}; got {views}")
         self.config.tta = views
@@ -832,8 +837,10 @@ class Bundle(ABC):
             score, flag = np.full(n, np.nan), np.zeros(n, bool)
         low = probs.max(1) < trust.abstain_threshold
         reasons = [UNLIKE_TRAINING if f else LOW_CONFIDENCE if lo else None for f, lo in zip(flag, low)]
+        # a kind that averages views elsewhere (a few-shot backbone's) reports its own count
+        seen = trust.views if self.supports_tta else self.views_per_image
         return Prediction(self.labels, probs, list(sources), score, flag, flag | low, reasons,
-                          views=np.full(n, trust.views, dtype=np.int8))
+                          views=np.full(n, seen, dtype=np.int8))
 
     # --- persistence -------------------------------------------------------------------
     #: Top-level files (or folders) a kind may write besides config.json, metrics.json,
