@@ -50,7 +50,10 @@ def export(
     table.add_row("written", report.onnx_path)
     table.add_row("precision / opset", f"{report.precision} / {report.opset}")
     table.add_row("size", f"{report.size_bytes / 1e6:.1f} MB")
-    table.add_row("max |Δ prob| vs PyTorch", f"{report.max_prob_diff:.1e} on {report.parity_source}")
+    table.add_row("max |Δ prob| vs PyTorch" + (", float32" if report.int8_max_prob_diff is not None else ""),
+                  f"{report.max_prob_diff:.1e} on {report.parity_source}")
+    if report.int8_max_prob_diff is not None:  # the model written: what its users get
+        table.add_row("max |Δ prob| vs PyTorch, int8", f"{report.int8_max_prob_diff:.1e} on {report.parity_source}")
     if report.top1_agreement is not None:
         table.add_row("int8 top-1 agreement", f"{report.top1_agreement:.2%} on {report.agreement_source}")
     if report.accuracy:

@@ -54,6 +54,7 @@ class ExportReport:
     parity_images: int
     parity_source: str
     max_prob_diff: float  # float32 ONNX vs PyTorch, calibrated probabilities
+    int8_max_prob_diff: float | None = None  # int8 ONNX vs PyTorch, on the same images
     top1_agreement: float | None = None  # int8 vs float32
     agreement_images: int | None = None
     agreement_source: str | None = None
@@ -259,6 +260,11 @@ def _quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, tmp: Pa
 def _check_int8(bundle: "Bundle", fp32_path: Path, int8_path: Path, validation, parity_x: np.ndarray,
                 parity_source: str, min_agreement: float, report: ExportReport) -> None:
     fp32, int8 = OnnxRunner(fp32_path), OnnxRunner(int8_path)
+    from hematoscope.bundle.neural_torch import TorchRunner
+
+    ref_logits, _ = TorchRunner(bundle.torch_module()).run(parity_x)
+    report.int8_max_prob_diff = float(np.abs(bundle.calibrated_probs(int8.run(parity_x)[0])
+                                             - bundle.calibrated_probs(ref_logits)).max())
     if validation is not None:
         table = _validation_table(validation)
         from hematoscope.data.samples import class_column
@@ -310,7 +316,7 @@ def _record(bundle: "Bundle", report: ExportReport) -> None:
     bundle.config.model.onnx = {
         "file": ONNX_FILE, "opset": report.opset, "precision": report.precision,
         "parity": {k: v for k, v in report.to_dict().items()
-                   if k in ("parity_images", "parity_source", "max_prob_diff", "top1_agreement",
+                   if k in ("parity_images", "parity_source", "max_prob_diff", "int8_max_prob_diff", "top1_agreement",
                             "agreement_images", "agreement_source", "accuracy")},
     }
 
