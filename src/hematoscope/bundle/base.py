@@ -604,6 +604,7 @@ class Bundle(ABC):
         batch_size: int = 64,
         workers: int | None = None,
         progress: str | None = None,
+        warn_skipped: bool = True,
     ) -> Prediction:
         """Classify images given as arrays, paths or encoded bytes.
 
@@ -613,6 +614,8 @@ class Bundle(ABC):
         their reason; the others are answered. Probabilities are temperature-calibrated;
         abstention combines the confidence threshold and the OOD flag. ``progress``: a
         description to show a progress bar under (:func:`hematoscope.progress.track`).
+        With ``warn_skipped``, unreadable inputs also raise a warning: the result then has fewer
+        rows than inputs, and rows must be matched to inputs by ``Prediction.sources``.
         """
         items = image_sources(images, sources)
         parts = self.iter_predictions(items, batch_size=batch_size, workers=workers)
@@ -620,7 +623,16 @@ class Bundle(ABC):
             from hematoscope.progress import track
 
             parts = track(parts, total=-(-len(items) // batch_size), description=progress)
-        return Prediction.concat(list(parts), self.labels)
+        pred = Prediction.concat(list(parts), self.labels)
+        if warn_skipped and pred.skipped:
+            import warnings
+
+            first = "; ".join(f"{s.source}: {s.reason}" for s in pred.skipped[:3])
+            warnings.warn(f"{len(pred.skipped)} of {len(items)} inputs could not be read and have no row ({first}"
+                          f"{'; ...' if len(pred.skipped) > 3 else ''}): match rows to inputs by "
+                          "Prediction.sources, not by position (Prediction.skipped lists them all)",
+                          UserWarning, stacklevel=2)
+        return pred
 
     def iter_batches(self, items: Iterable["ImageSource | SkippedFile"], *, batch_size: int = 64,
                      workers: int | None = None) -> Iterator["DecodedBatch"]:

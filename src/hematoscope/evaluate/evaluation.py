@@ -85,7 +85,8 @@ def evaluate_bundle(bundle: "Bundle", table, *, batch_size: int = 64, plots_dir:
         raise ValueError(f"none of the data's classes {sorted(set(truths))} is known to bundle "
                          f"{bundle.name!r} ({bundle.labels})")
     paths = [str(table["path"].iloc[i]) for i in rows]
-    pred = bundle.predict(paths, batch_size=batch_size, progress="evaluating")  # decoded while the model runs
+    # decoded while the model runs; unreadable files are reported with the results
+    pred = bundle.predict(paths, batch_size=batch_size, progress="evaluating", warn_skipped=False)
     truth_of = {p: matched[i] for p, i in zip(paths, rows)}
     # Sum the probabilities of bundle classes merged into one evaluation class.
     to_space = np.zeros((len(bundle.labels), len(space)))

@@ -204,7 +204,7 @@ def _decisions(bundle: "Bundle", paths: list[str], batch_size: int, description:
     """The positions of the readable ones among ``paths`` and the bundle's answers to them, as
     ``predict`` and ``evaluate`` give them (its default views, the cascade when fitted, and its
     framing search)."""
-    pred = bundle.predict(paths, batch_size=batch_size, progress=description)
+    pred = bundle.predict(paths, batch_size=batch_size, progress=description, warn_skipped=False)  # reported with the results
     kept, at = [], 0
     for source in pred.sources:  # in input order; unreadable files are missing
         while str(paths[at]) != source:
