@@ -133,3 +133,15 @@ def test_folder_links_broken_links_and_names_that_are_not_text(tmp_path):
         f.write(cells[0].read_bytes())
     with pytest.raises(DatasetError, match=r"bad\\xff\.jpg: rename"):
         read_dataset(lab, reader="folder")
+
+
+def test_an_image_named_twice_is_read_once_with_a_warning(messy_folder, messy_zip, tmp_path):
+    """A folder, a glob over it and a link to one of its files: each image once, or a lab's
+    differential counts some cells twice."""
+    once = expand_paths([messy_folder, messy_zip])
+    first = next(i for i in once if isinstance(i, ImageSource))
+    (tmp_path / "link.png").symlink_to(first.path)
+    with pytest.warns(UserWarning, match="named more than once"):
+        again = expand_paths([messy_folder, str(messy_folder / "**" / "*"), messy_zip, messy_zip,
+                              tmp_path / "link.png"])
+    assert [i.name for i in again] == [i.name for i in once]

@@ -72,7 +72,9 @@ def expand_paths(paths: Iterable[str | Path], *,
         One :class:`ImageSource` per image, and a :class:`SkippedFile` for a named path that
         does not exist, a glob that matches nothing, a folder or zip with no image in it, a zip
         inside a zip, and a zip that cannot be opened or is unsafe (path traversal, links, size
-        or compression-ratio limits: none of its members is read).
+        or compression-ratio limits: none of its members is read). An image named more than
+        once (a folder and a glob over it, the same folder twice, a link to a file also named)
+        is listed once, with a warning: counted twice, it would be counted twice in a differential.
     """
     items: list[ImageSource | SkippedFile] = []
     for raw in paths:
@@ -88,7 +90,26 @@ def expand_paths(paths: Iterable[str | Path], *,
                 items.extend(_expand(Path(match), explicit=False, left_out=left_out))
         else:
             items.append(SkippedFile(text, "file not found"))
-    return items
+    return _once_each(items)
+
+
+def _once_each(items: list[ImageSource | SkippedFile]) -> list[ImageSource | SkippedFile]:
+    seen: set[tuple[str, str | None]] = set()
+    kept, repeated = [], []
+    for item in items:
+        if isinstance(item, ImageSource) and item.path is not None:
+            key = (os.path.realpath(item.path), item.member.name if item.member else None)
+            if key in seen:
+                repeated.append(item.name)
+                continue
+            seen.add(key)
+        kept.append(item)
+    if repeated:
+        import warnings
+
+        warnings.warn(f"{len(repeated)} image{'s were' if len(repeated) > 1 else ' was'} named more than once (e.g. "
+                      f"{repeated[0]}) and {'are' if len(repeated) > 1 else 'is'} read once", UserWarning, stacklevel=3)
+    return kept
 
 
 def _is_zip(path: Path | str) -> bool:
