@@ -82,6 +82,15 @@ def test_predict_cli_classes(tmp_path):
     rows = json.loads(out.read_text())
     rows = rows["predictions"]
     assert len(rows) == 6 and all(r["top1"] in WHITE for r in rows)
+    two = tmp_path / "two.csv"  # top 3 of 2 classes: no third, not a class the answer cannot name at 0
+    res = CliRunner().invoke(app, ["predict", str(folder / "lymphocyte"), "--tta", "1", "--classes",
+                                   "lymphocyte,monocyte", "--out", str(two)])
+    assert res.exit_code == 0, res.output
+    import csv
+
+    rows = list(csv.DictReader(two.open()))
+    assert {r["top3"] for r in rows} == {""} and all({r["top1"], r["top2"]} <= {"lymphocyte", "monocyte"}
+                                                      for r in rows)
     bad = CliRunner().invoke(app, ["predict", str(folder / "platelet"), "--classes", "neutrophil,blast"])
     assert bad.exit_code != 0 and "blast" in bad.output
 

@@ -81,9 +81,12 @@ class Prediction:
         return self.probs.max(1) if len(self) else np.zeros(0)
 
     def top_k(self, k: int = 3) -> list[list[tuple[str, float]]]:
+        """The ``k`` likeliest classes of each image, best first, leaving out classes of
+        probability 0 after the first (those an answer restricted to other classes cannot name)."""
         k = max(1, min(k, len(self.labels)))
-        order = np.argsort(-self.probs, axis=1)[:, :k]
-        return [[(self.labels[j], float(self.probs[i, j])) for j in row] for i, row in enumerate(order)]
+        order = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+        return [[(self.labels[j], float(self.probs[i, j])) for r, j in enumerate(row) if r == 0 or self.probs[i, j] > 0]
+                for i, row in enumerate(order)]
 
     def records(self, k: int = 3) -> list[dict]:
         """One flat dict per image (and one per skipped file), for CSV / JSON / the API."""
