@@ -137,3 +137,16 @@ def test_a_k_fold_file_is_scored_by_naming_one_of_its_folds(tiny_neural_bundle, 
 def _flat(text: str) -> str:
     """Console output with rich's line wrapping undone."""
     return " ".join(text.split())
+
+
+def test_a_model_that_sets_every_image_aside_says_so(tiny_neural_bundle, synthetic_root, tmp_path):
+    """With nothing answered there is no accuracy on the answered: the abstention line was
+    dropped with it, and 100 % set aside went unsaid."""
+    bundle = load_bundle(tiny_neural_bundle)
+    bundle.config.abstain_threshold = 1.0  # a cut no answer reaches
+    bundle.config.view_trust = {}
+    path = bundle.save(tmp_path / "cautious")
+    result = CliRunner().invoke(app, ["evaluate", str(path), str(synthetic_root), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["abstained"] == 1.0
+    assert "abstained: 100.0% (every image)" in _flat(result.output)

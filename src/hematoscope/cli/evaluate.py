@@ -71,6 +71,9 @@ def evaluate_cmd(
         c.print(f"  answers naming a class DATA does not have: {report['predicted_other_classes']:.1%} (errors)")
     if report["accuracy_answered"] is not None:
         c.print(f"  abstained: {report['abstained']:.1%}; accuracy on the rest: {report['accuracy_answered']:.4f}")
+    elif report.get("abstained"):  # every image set aside: the scores above are of answers nobody was given
+        c.print(f"  abstained: {report['abstained']:.1%} (every image): the scores above are of the answers it "
+                "set aside")
     if report.get("slow_share") is not None:
         c.print(f"  views: cascade, {report['slow_share']:.1%} of images took the slow path")
     elif report.get("views"):
