@@ -81,8 +81,8 @@ def tiny_classical_bundle(pbc_subset, tmp_path_factory) -> Path:
     """Path of a small saved classical bundle (XGBoost on the named features + IsolationForest
     anomaly flag), trained on the real ``pbc_subset`` images (4 train / 2 val per class)."""
     from hematoscope.classical.model import train_classical
-    from hematoscope.data.readers import read_dataset
 
-    result = train_classical(read_dataset(pbc_subset), val=0.34, seed=0, n_jobs=1, name="tiny-classical",
+    # the folder itself, as the CLI takes it (the API needed a table read first)
+    result = train_classical(pbc_subset, val=0.34, seed=0, n_jobs=1, name="tiny-classical",
                              params={"max_depth": 3, "eta": 0.3})
     return result.bundle.save(tmp_path_factory.mktemp("tiny_classical") / "bundle")

@@ -127,10 +127,9 @@ def test_with_nothing_left_for_validation_trust_is_cross_fitted_on_the_labels(sy
 def test_one_label_per_class_with_validation_left_gets_a_working_flag(synthetic_root, lite0_extractor):
     """1 label per class: the flag's neighbour is the nearest one (a 10th does not exist), so
     cells are accepted and noise is not."""
-    from hematoscope.data.readers import read_dataset
-
-    bundle, report = fit_fewshot_bundle(read_dataset(synthetic_root), lite0_extractor, labels_per_class=1,
-                                        head="proto", progress=False)
+    # the folder itself, as the CLI takes it (a path raised a TypeError deep in the draw)
+    bundle, report = fit_fewshot_bundle(synthetic_root, lite0_extractor, labels_per_class=1, head="proto",
+                                        progress=False)
     assert report["trust"]["split"] == "val" and bundle.ood.k == 1
     assert bundle.view_mode == str(lite0_extractor.views)  # what predict / evaluate report: the backbone's views
     assert 0.85 <= report["trust"]["val_ood_accept_rate"] <= 1

@@ -65,7 +65,8 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     left out and counted.
 
     Args:
-        table: samples DataFrame (``path``, ``label``, ``canonical`` ...), e.g. from ``read_dataset``.
+        table: samples DataFrame (``path``, ``label``, ``canonical`` ...), e.g. from ``read_dataset``,
+            or a dataset folder or split file to read as one.
         val: validation fraction when the table has no split.
         seed: seed of the split, XGBoost and the IsolationForest.
         n_jobs: feature-extraction processes and XGBoost threads.
@@ -93,6 +94,9 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
 
     from hematoscope.data.splits import make_split, train_val_rows
 
+    from hematoscope.data.readers import as_table
+
+    table = as_table(table)
     df = train_val_rows(table, fold=fold)
     if df is None:
         df = make_split(table, val=val, test=0.0, seed=seed, group_by=resolve_group_by(table))

@@ -221,7 +221,8 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
                        unlabelled_per_class: int | None = 400, max_unlabelled: int | None = None,
                        group_by: str | None = "auto", name: str | None = None, ood_method: str = "knn",
                        progress: bool = True) -> tuple[FewShotBundle, dict[str, Any]]:
-    """Draw ``labels_per_class`` images per class from ``table``, fit a head on their features,
+    """Draw ``labels_per_class`` images per class from ``table`` (a samples table, or a dataset
+    folder or split file to read as one), fit a head on their features,
     and calibrate it (temperature, OOD scorer, abstain threshold) on a disjoint validation draw.
 
     The validation draw (``val_per_class``, default between 10 and 50 matching the shots) comes
@@ -254,8 +255,10 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     from hematoscope.data.splits import hash_files, shares_with_test, split_parts
     from hematoscope.fewshot.shots import sample_shots
 
+    from hematoscope.data.readers import as_table
+
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
-    table, test_rows = split_parts(table)
+    table, test_rows = split_parts(as_table(table))
     group_col = resolve_group_by(table, group_by)
     overlap = np.zeros(len(table), bool) if test_rows is None else shares_with_test(table, test_rows, group_col)
     table = table[~overlap].reset_index(drop=True)
