@@ -225,3 +225,23 @@ def test_evaluate_counts_the_images_a_fewshot_head_learnt_from(synthetic_root, t
     assert json.loads((tmp_path / "e.json").read_text())["seen_by_bundle"] == len(seen)
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "b"), str(tmp_path / "aside")])
     assert r.exit_code == 0 and "not a test" not in r.output
+
+
+def test_fewshot_fit_names_an_unreadable_label_and_why_it_cannot_validate(small_synthetic, tmp_path):
+    """A drawn file that cannot be read costs its class a label: named, and counted in the short
+    classes; with a 1-image class nothing is left to validate on, and the message says which."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_synthetic, data)
+    first, second = sorted(p for p in data.iterdir())[:2]
+    for extra in sorted(first.iterdir())[1:]:
+        extra.unlink()
+    (second / "broken.png").write_bytes(b"not an image")
+    r = CliRunner().invoke(app, [str(a) for a in ["fewshot", "fit", data, "-n", 5, "--head", "lr", "--size", 32,
+                                                  "--out", tmp_path / "b"]])
+    assert r.exit_code == 0, r.output
+    out = " ".join((r.stdout + r.stderr).split())
+    assert "1 drawn image(s) could not be read and were left out:" in out and "broken.png" in out
+    assert f"{first.name} 1" in out and f"{second.name} 4" in out.split("classes with fewer labels")[1]
+    assert f"too few labelled images left over to validate on ({first.name} 0" in out

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import OverwriteOption, bundle_name, check_out, console, user_errors
+from hematoscope.cli._common import OverwriteOption, bundle_name, check_out, console, err_console, user_errors
 from hematoscope.cli.features import SizeOpt, WeightsOpt
 
 fewshot_app = typer.Typer(help="Few labels: heads on frozen backbone features.", no_args_is_help=True)
@@ -184,13 +184,19 @@ def fit(
             f"(features {report['extract_seconds']:.1f} s) → {out}")
     if report["n_unlabelled"]:
         c.print(f"self-trained on {report['n_unlabelled']} images without labels")
+    if report["skipped"]:
+        err_console().print(f"{len(report['skipped'])} drawn image(s) could not be read and were left out: "
+                            + "; ".join(report["skipped"][:5]) + ("; ..." if len(report["skipped"]) > 5 else ""),
+                            highlight=False, soft_wrap=True)  # paths unbroken
     if report["short_classes"]:
-        c.print(f"classes with fewer images than asked (all used): {report['short_classes']}")
+        c.print("classes with fewer labels than asked (all their readable images used): "
+                + ", ".join(f"{k} {v}" for k, v in report["short_classes"].items()), highlight=False)
     if "val_balanced_accuracy" in report:
         c.print(f"validation balanced accuracy {report['val_balanced_accuracy']:.3f}")
     else:
-        c.print(f"no labelled image left over for validation: calibration and the out-of-distribution threshold "
-                f"{report['trust']['split']}", highlight=False)
+        short = ", ".join(f"{k} {v}" for k, v in report["val_short"].items())
+        c.print(f"too few labelled images left over to validate on ({short}; 5 per class needed): calibration "
+                f"and the out-of-distribution threshold come from {report['trust']['split']}", highlight=False)
 
 
 @fewshot_app.command("bench")

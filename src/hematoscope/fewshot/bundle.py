@@ -19,6 +19,7 @@ the stored probe probabilities must be reproduced, else loading fails loudly.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -298,11 +299,16 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     training = {"method": "frozen features + head", "labels_per_class": labels_per_class, "seed": seed,
                 "group_by": group_col, "unlabelled_per_class": unlabelled_per_class if unlabelled is not None else None,
                 "short_classes": draw.short, "skipped": [Path(s.source).name for s in fs.skipped]}
+    if fs.skipped:  # a drawn label lost: the class has one fewer than asked
+        lost = Counter(y_all[drawn][~fs.ok])
+        training["short_classes"] = {c: int((y_train == c).sum()) for c in
+                                     sorted(set(draw.short) | set(lost))}
     bundle = FewShotBundle.fit(extractor, fs.features, y_train, head=spec, name=name or f"fewshot-{spec.label}",
                                training=training, data_sources=datasets, unlabelled=unlabelled)
     report: dict[str, Any] = {"n_train": int(len(y_train)), "extract_seconds": round(extract_seconds, 2),
                               "head_fit_seconds": bundle.config.training.head_fit_seconds,
-                              "short_classes": draw.short, "group_by": group_col,
+                              "short_classes": training["short_classes"], "group_by": group_col,
+                              "skipped": [f"{s.source}: {s.reason}" for s in fs.skipped],
                               "n_unlabelled": bundle.config.training.n_unlabelled,
                               "n_test_left_out": 0 if test_rows is None else len(test_rows),
                               "n_overlap_left_out": int(overlap.sum())}
@@ -316,6 +322,7 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     bundle.config.seen_images = seen_fingerprints(
         hash_files(list(paths[np.concatenate([drawn, free, calibrated_on])]), unreadable_as_none=True))
     if not len(calibrated_on):  # the lab labelled only what it drew: trust from the draw itself
+        report["val_short"] = {c: n for c, n in counts.items() if n < 5}
         report["trust"] = _crossfit_trust(bundle, spec, fs.features, y_train, unlabelled, seed=seed,
                                           groups=None if groups is None else groups[drawn][fs.ok])
         return bundle, report
