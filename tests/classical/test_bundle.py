@@ -188,3 +188,23 @@ def test_a_file_and_its_decoded_array_get_the_same_answer(tiny_classical_bundle,
     by_file, by_array = b.predict(files), b.predict([load_image(f) for f in files])
     np.testing.assert_allclose(by_file.probs, by_array.probs, atol=1e-6)
     np.testing.assert_allclose(by_file.ood_score, by_array.ood_score, atol=1e-6)
+
+
+def test_cli_train_names_unknown_labels_and_a_class_of_one_image(pbc_subset, tmp_path):
+    import shutil
+
+    from hematoscope.cli.main import app
+
+    data = tmp_path / "data"
+    shutil.copytree(pbc_subset, data)
+    (data / "basophil").rename(data / "basophill")  # a typo: trained as a class of its own, and said so
+    res = CliRunner().invoke(app, ["classical", "train", str(data), "--out", str(tmp_path / "b"), "--val", "0.34",
+                                   "--jobs", "1"])
+    out = " ".join((res.stdout + res.stderr).split())
+    assert res.exit_code == 0, out
+    assert "the taxonomy does not know, each made a class of the model: 'basophill'" in out
+    for extra in sorted((data / "monocyte").iterdir())[1:]:
+        extra.unlink()
+    res = CliRunner().invoke(app, ["classical", "train", str(data), "--out", str(tmp_path / "c"), "--jobs", "1"])
+    out = " ".join((res.stdout + res.stderr).split())
+    assert res.exit_code != 0 and "monocyte has 1" in out and "larger --val" not in out

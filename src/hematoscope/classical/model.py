@@ -110,6 +110,11 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     for part, mask in (("training", is_train), ("validation", ~is_train)):
         missing = [labels[k] for k in range(len(labels)) if not (y[mask] == k).any()]
         if missing:
+            few = {c: int((y == labels.index(c)).sum()) for c in missing if (y == labels.index(c)).sum() < 2}
+            if few:  # a class of one image cannot be on both sides, whatever --val
+                raise ValueError("a class needs at least 2 images (one to train on, one to validate): "
+                                 + ", ".join(f"{c} has {n}" for c, n in few.items())
+                                 + "; add images of it or leave its folder out")
             raise ValueError(f"no {part} images for classes {missing}; use more data or a larger --val")
 
     t0 = time.perf_counter()

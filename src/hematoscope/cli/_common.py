@@ -118,3 +118,23 @@ def bundle_name(out) -> str:
     from pathlib import Path
 
     return Path(out).stem if Path(out).suffix.lower() == ".zip" else Path(out).name
+
+
+def warn_unknown_labels(table, what: str) -> None:
+    """Say which labels of ``table`` the taxonomy does not know: each becomes a class of the model
+    (``what`` says so), so a typo ('basophill') would be answered as a class of its own."""
+    from rich.markup import escape
+
+    from hematoscope.data.samples import class_column, has_label
+    from hematoscope.taxonomy import unknown_labels_note
+
+    labelled = table[has_label(table)]
+    if not len(labelled):
+        return
+    classes = class_column(labelled)
+    unknown = labelled["canonical"].isna().to_numpy()
+    counts = {c: int((classes[unknown] == c).sum()) for c in set(classes[unknown])}
+    note = unknown_labels_note({c: f"{n} image{'s' if n != 1 else ''}" for c, n in counts.items()},
+                               set(classes[~unknown]), what=what)
+    if note:
+        err_console().print(f"[yellow]warning:[/] {escape(note)}")

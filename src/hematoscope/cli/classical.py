@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import OverwriteOption, check_out, console, user_errors
+from hematoscope.cli._common import OverwriteOption, check_out, console, user_errors, warn_unknown_labels
 
 classical_app = typer.Typer(help="Classical pipeline: segmentation, named features, XGBoost, explanations.",
                             no_args_is_help=True)
@@ -32,6 +32,7 @@ def train_cmd(
     check_out(out, overwrite)  # before minutes of feature extraction
     with user_errors():
         table = read_dataset(data, reader=reader)
+        warn_unknown_labels(table, "each made a class of the model")
         result = train_classical(table, val=val, seed=seed, n_jobs=jobs, name=name, progress=True, fold=fold)
         result.bundle.save(out)
     r = result.report

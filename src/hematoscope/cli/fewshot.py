@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import OverwriteOption, bundle_name, check_out, console, err_console, user_errors
+from hematoscope.cli._common import (OverwriteOption, bundle_name, check_out, console, err_console, user_errors,
+                                     warn_unknown_labels)
 from hematoscope.cli.features import SizeOpt, WeightsOpt
 
 fewshot_app = typer.Typer(help="Few labels: heads on frozen backbone features.", no_args_is_help=True)
@@ -51,27 +52,6 @@ def _test_rows(table) -> int:
 
     test = split_parts(table)[1]
     return 0 if test is None else len(test)
-
-
-def _warn_unknown_labels(table) -> None:
-    """Say which labels of ``table`` the taxonomy does not know: each becomes a class of the head,
-    so a typo ('basophill') would be answered as a class of its own."""
-    from rich.markup import escape
-
-    from hematoscope.cli._common import err_console
-    from hematoscope.data.samples import class_column, has_label
-    from hematoscope.taxonomy import unknown_labels_note
-
-    labelled = table[has_label(table)]
-    if not len(labelled):
-        return
-    classes = class_column(labelled)
-    unknown = labelled["canonical"].isna().to_numpy()
-    counts = {c: int((classes[unknown] == c).sum()) for c in set(classes[unknown])}
-    note = unknown_labels_note({c: f"{n} image{'s' if n != 1 else ''}" for c, n in counts.items()},
-                               set(classes[~unknown]), what="each made a class of the head")
-    if note:
-        err_console().print(f"[yellow]warning:[/] {escape(note)}")
 
 
 def _add_unlabelled(table, paths: list[str], split_files: list[str]):
@@ -165,7 +145,7 @@ def fit(
                                    pca=None if pca is None else (int(pca) if pca >= 1 else pca))
         table = read_dataset(data)
         split_files = [str(data)] if _test_rows(table) else []
-        _warn_unknown_labels(table)
+        warn_unknown_labels(table, "each made a class of the head")
         if unlabelled:
             table = _add_unlabelled(table, unlabelled, split_files)
         ext = _extractor(backbone, weights, size, tta, views, backend)
