@@ -121,3 +121,14 @@ def test_the_backend_comes_from_the_environment_unless_named(monkeypatch):
     monkeypatch.setenv("HEMATOSCOPE_BACKEND", "tensorrt")
     res = CliRunner().invoke(app, ["predict", one])
     assert res.exit_code != 0 and "from HEMATOSCOPE_BACKEND" in " ".join(res.output.split())
+
+
+def test_a_manifest_or_a_ray_option_given_to_the_local_engine_says_where_it_belongs(tmp_path):
+    from hematoscope.samples import sample_paths
+
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("path\n" + "\n".join(str(p) for p in sample_paths()[:2]) + "\n")
+    res = CliRunner().invoke(app, ["predict", str(manifest)])
+    assert res.exit_code == 2 and "--engine ray" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["predict", str(sample_paths()[0]), "--shard-rows", "5"])
+    assert res.exit_code == 2 and "go with --engine ray" in " ".join(res.output.split())

@@ -205,10 +205,11 @@ def test_the_command_joins_a_running_cluster_at_address(ray_local, cells, tmp_pa
     assert address.startswith("127.0.0.1:")
     out = tmp_path / "joined.csv"
     proc = subprocess.run([str(Path(sys.executable).parent / "hematoscope"), "predict", str(cells / "basophil"),
-                           "--engine", "ray", "--address", address, "--tta", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+                           "--engine", "ray", "--address", address, "--tta", "1", "--out", str(out),
+                           "--shard-rows", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "3 images through the model" in proc.stdout and len(_rows(out)) == 3
+    said = " ".join(proc.stdout.split())
+    assert "3 images through the model" in said and "2 shards written" in said and len(_rows(out)) == 3
     assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2  # still up
 
 

@@ -57,6 +57,10 @@ def predict(
                                                       "<name>.shards); run again to resume.")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="--engine ray: model actors "
                                                   "(default: one per CPU of the cluster).")] = None,
+    shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", min=1, help="--engine ray: images per "
+                                                      "result shard, the work a stopped job can lose (default "
+                                                      "10,000; fixed when the job starts).",
+                                                      show_default=False)] = None,
 ) -> None:
     """Classify cell images and print the differential count.
 
@@ -87,9 +91,16 @@ def predict(
             err_console().print(f"framing: {framing_value:g} of each crop's side (chosen on this run's images)")
             options = options.replace(framing=framing_value)
         return _predict_ray(paths, model=model, out=out, top_k=top_k, batch_size=batch_size, workers=workers,
-                            address=address, shard_dir=shard_dir, actors=actors, options=options)
-    if address or shard_dir or actors:
-        raise fail("--address, --shard-dir and --actors go with --engine ray")
+                            address=address, shard_dir=shard_dir, actors=actors, options=options,
+                            shard_rows=shard_rows)
+    if address or shard_dir or actors or shard_rows:
+        raise fail("--address, --shard-dir, --actors and --shard-rows go with --engine ray")
+    from hematoscope.predict.distributed import is_manifest
+
+    manifests = [p for p in paths if is_manifest(p) and Path(p).is_file()]
+    if manifests:
+        raise fail(f"{manifests[0]} is a list of images (a manifest): the Ray engine reads those "
+                   "(--engine ray --out FILE); locally, name the images, their folders or a glob")
     with user_errors():
         import numpy as np
 
@@ -230,7 +241,7 @@ def _framing(text: str | None) -> float | str | None:
 
 
 def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, address, shard_dir, actors,
-                 options) -> None:
+                 options, shard_rows: int | None = None) -> None:
     """``--engine ray``: the job of :func:`hematoscope.predict.distributed.run_job`, then the
     same report as the local engine."""
     if shard_dir is None:
@@ -253,7 +264,8 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ad
             c.print(f"shard {shard} written ({rows} rows)", highlight=False)
 
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
-                         decode_threads=workers, options=options, report=out, top_k=top_k, on_shard=shard_done)
+                         decode_threads=workers, options=options, report=out, top_k=top_k, on_shard=shard_done,
+                         **({"shard_rows": shard_rows} if shard_rows else {}))
     c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
     if result.skipped:
         err_console().print(skipped_table(result.skipped, limit=50))
