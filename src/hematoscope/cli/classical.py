@@ -18,7 +18,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory (or .zip) to write.")],
     val: Annotated[float, typer.Option(help="Validation fraction when DATA has no split.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the split, XGBoost and the IsolationForest.")] = 0,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Feature-extraction processes.")] = 2,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Feature-extraction processes.")] = 2,
     name: Annotated[str, typer.Option(help="Bundle name.")] = "classical",
     reader: Annotated[Optional[str], typer.Option(help="Dataset reader (default: auto-detect).")] = None,
     fold: Annotated[Optional[int], typer.Option(min=0, help="Of a k-fold split file: the fold that validates "

@@ -77,10 +77,11 @@ def _add_unlabelled(table, paths: list[str], split_files: list[str]):
             skipped.append(str(item))
         else:
             skipped.append(f"{item.name}: zip members are not read here; unzip them first")
+    if not files and not any(len(part) for part in parts):
+        raise typer.BadParameter("no image file among these paths" + (f" ({'; '.join(skipped[:3])})" if skipped else ""),
+                                 param_hint="--unlabelled")
     for line in skipped:
         err_console().print(f"--unlabelled: skipped {line}", highlight=False)
-    if not files and not any(len(part) for part in parts):
-        raise typer.BadParameter("no image file among these paths", param_hint="--unlabelled")
     rows = pd.DataFrame({"path": files, "label": None, "canonical": None, "patient": None, "dataset": "unlabelled"},
                         columns=COLUMNS)
     # a file DATA holds already (its unused images are unlabelled data too), or one named twice, is
