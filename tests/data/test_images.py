@@ -142,6 +142,15 @@ def test_16bit_tiff_and_float_tiff():
         load_image(_save(Image.fromarray(np.full((4, 4), np.nan, np.float32)), "TIFF"))
 
 
+def test_a_tiff_pillow_cannot_decode_says_what_to_save_it_as():
+    """A floating-point RGB TIFF (as tifffile writes) is an image, not 'not an image'."""
+    tifffile = pytest.importorskip("tifffile")
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.random.default_rng(0).random((16, 16, 3)).astype(np.float32))
+    with pytest.raises(ImageError, match="a TIFF this reader cannot decode .* save it as 8- or 16-bit RGB"):
+        load_image(buf.getvalue())
+
+
 def test_cmyk_jpeg():
     cyan = Image.new("CMYK", (16, 16), (255, 0, 0, 0))
     out = load_image(_save(cyan, "JPEG", quality=95))

@@ -92,6 +92,9 @@ def load_image(
     except ImageError:
         raise
     except UnidentifiedImageError:
+        if data[:4] in (b"II*\x00", b"MM\x00*"):  # a TIFF header: the file is an image Pillow cannot decode
+            raise ImageError("a TIFF this reader cannot decode (e.g. floating-point colour channels or an "
+                             "unusual compression); save it as 8- or 16-bit RGB", name) from None
         raise ImageError("not an image or unknown format", name) from None
     except Image.DecompressionBombError:  # Pillow's own limit, far above max_pixels: refused at open
         raise ImageError(f"image too large (> {max_pixels} pixels)", name) from None
