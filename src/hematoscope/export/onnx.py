@@ -101,19 +101,17 @@ def export_onnx(
     """
     from hematoscope._extras import require
 
-    require("torch", "onnx", extra="train", purpose="ONNX export")
     start = time.perf_counter()
-    from hematoscope.bundle.base import BundleError
-
-    try:
-        bundle.torch_module()
-    except BundleError:
-        raise ExportError(f"only neural bundles can be exported to ONNX; this one is {bundle.kind!r}") from None
+    # what needs no torch first: a refusal comes at once, not after seconds of imports
+    if "onnx" not in bundle.backends:
+        raise ExportError(f"only neural bundles can be exported to ONNX; this one is {bundle.kind!r}")
     if quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"quantize must be None or one of {QUANTIZATIONS}; got {quantize!r}")
     if opset < 17:
         raise ExportError(f"opset must be >= 17; got {opset}")
     target = _target_dir(bundle, out_dir)
+    require("torch", "onnx", extra="train", purpose="ONNX export")
+    bundle.torch_module()
     parity_x, parity_source = _parity_inputs(bundle)
 
     with tempfile.TemporaryDirectory(prefix="hematoscope-onnx-") as tmp:
