@@ -116,6 +116,29 @@ def test_an_interrupted_command_says_so_and_exits_128_plus_the_signal(monkeypatc
     assert not out.exists()
 
 
+def test_an_interruption_inside_a_librarys_clean_up_is_still_an_interruption(monkeypatch, tmp_path):
+    """Ctrl-C landing in Ray Data's threads surfaced as "RuntimeError: release unlocked lock",
+    chained to the KeyboardInterrupt: a traceback and exit 1 instead of the interruption's word."""
+    import hematoscope.data.readers as readers
+
+    def interrupted_in_a_lock(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("release unlocked lock")
+
+    monkeypatch.setattr(readers, "read_dataset", interrupted_in_a_lock)
+    result = runner.invoke(app, ["data", "split", str(tmp_path), "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 130 and "interrupted" in result.output
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("a real error")
+
+    monkeypatch.setattr(readers, "read_dataset", failed)
+    result = runner.invoke(app, ["data", "split", str(tmp_path), "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code != 130 and "interrupted" not in result.output
+
+
 def test_sigterm_stops_predict_without_leaving_a_partial_file(tmp_path):
     """The console script turns SIGTERM into the clean-up path Ctrl-C takes."""
     import os

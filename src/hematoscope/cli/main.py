@@ -85,16 +85,39 @@ def _said_on_interrupt(callback, name: str):
         try:
             return callback(*args, **kwargs)
         except KeyboardInterrupt as exc:
-            import signal
-
-            from hematoscope.cli._common import err_console
-
-            how = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-            err_console().print(f"hematoscope {name}: {how}; its output files are written whole or not at all, "
-                                "so none was left half-written: run it again", highlight=False)
-            raise typer.Exit(128 + int(signal.SIGTERM) if isinstance(exc, Terminated) else 130) from None
+            _said_stopped(name, exc)
+        except Exception as exc:
+            # an interruption that landed inside a library's clean-up (Ray's threads: "release
+            # unlocked lock") surfaces as that error, chained to the interruption
+            cause = _interruption_in(exc)
+            if cause is None:
+                raise
+            _said_stopped(name, cause)
 
     return wrapped
+
+
+def _interruption_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interruption ``exc`` was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
+def _said_stopped(name: str, exc: KeyboardInterrupt):
+    import signal
+
+    from hematoscope.cli._common import err_console
+
+    terminated = isinstance(exc, Terminated)
+    how = "stopped (SIGTERM)" if terminated else "interrupted"
+    err_console().print(f"hematoscope {name}: {how}; its output files are written whole or not at all, "
+                        "so none was left half-written: run it again", highlight=False)
+    raise typer.Exit(128 + int(signal.SIGTERM) if terminated else 130) from None
 
 
 def _prepare_commands(typer_app: typer.Typer, prefix: str = "") -> None:

@@ -471,6 +471,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    import signal
+    import threading
+
+    # Ray's core worker installs a native SIGTERM handler that dumps a stack and aborts (exit
+    # 134), skipping Python's clean-up; the caller's handler (the CLI's) is put back after init
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
@@ -479,6 +486,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
         ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; the variable above was read at import
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  _system_config={"worker_niceness": 0}, logging_level=logging.WARNING, log_to_driver=False)
+    if callable(on_term):
+        signal.signal(signal.SIGTERM, on_term)
     return True
 
 
