@@ -314,3 +314,19 @@ def test_a_job_is_not_resumed_after_its_files_or_model_changed(ray_local, cells,
     metrics.write_text(metrics.read_text().replace("{", '{"retrained": true, ', 1))
     with pytest.raises(ValueError, match="model files"):
         run_job([str(folder)], job, model=model, options=options)
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once():
+    """Ray retries an unreachable cluster for minutes, printing 'Failed to connect to GCS'."""
+    import socket
+    import time
+
+    from hematoscope.predict.distributed import RayJobError, connect
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(RayJobError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        connect(f"127.0.0.1:{port}")
+    assert time.perf_counter() - start < 30

@@ -455,6 +455,25 @@ class JobResult:
         return self.differential.classified + self.differential.abstained
 
 
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``host:port`` cluster address nothing answers at: Ray itself retries for minutes,
+    printing "Failed to connect to GCS" (``auto`` and ``ray://`` addresses are left to Ray).
+
+    Raises:
+        RayJobError: the port is closed or the host cannot be reached.
+    """
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayJobError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                          "`ray start --head` there, or leave --address out for a local instance") from None
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address``, or start a local instance: bound to 127.0.0.1 only,
     no dashboard, no usage reports, its workers at normal priority (Ray lowers them to nice 15
@@ -479,6 +498,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
     if address:
+        _reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         from ray._private import ray_constants
