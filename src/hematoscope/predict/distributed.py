@@ -488,6 +488,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     require_distributed()
     import ray
 
+    if address:
+        _reachable(address)
     if ray.is_initialized():
         return False
     import signal
@@ -498,7 +500,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
     if address:
-        _reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         from ray._private import ray_constants
