@@ -101,12 +101,11 @@ class Prediction:
                 "ood_score": None if np.isnan(self.ood_score[i]) else round(float(self.ood_score[i]), 6),
                 "ood_flag": bool(self.ood_flag[i]),
             }
-            if self.views is not None:
-                row["views"] = int(self.views[i])
-            if self.framing is not None:
-                row["framing"] = round(float(self.framing[i]), 3)
-            if self.recolour is not None:
-                row["recolour"] = str(self.recolour[i])
+            # the same keys whatever ran (a JSON report's rows then share one schema): without a
+            # framing search every answer came from the run's own framing, with no colour change
+            row["views"] = None if self.views is None else int(self.views[i])
+            row["framing"] = 1.0 if self.framing is None else round(float(self.framing[i]), 3)
+            row["recolour"] = "" if self.recolour is None else str(self.recolour[i])
             for r, (lab, p) in enumerate(top, 1):
                 row[f"top{r}"] = lab
                 row[f"top{r}_prob"] = round(p, 6)
