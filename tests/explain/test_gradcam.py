@@ -84,6 +84,41 @@ def test_heatmap_lands_on_the_cell(preprocess):
     assert heat[cell].mean() > 0.5 > 0.1 > heat[~cell & ((yy - 50) ** 2 + (xx - 25) ** 2 > 22 ** 2)].mean()
 
 
+def _strided_stain_detector() -> nn.Module:
+    """The stain detector followed by five stride-2 convolutions padded as timm pads (k // 2): a
+    4 x 4 grid at 128 px whose cell j is centred on pixel 32j, as Lite0's last stage is."""
+    layers = [nn.Conv2d(3, 1, 1), nn.ReLU()]
+    with torch.no_grad():
+        layers[0].weight.copy_(torch.tensor([0.0, -1.0, 0.0]).view(1, 3, 1, 1))
+        layers[0].bias.fill_(0.0)
+    for _ in range(5):
+        conv = nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False)
+        with torch.no_grad():
+            conv.weight.fill_(1 / 9)
+        layers.append(conv)
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        head.bias.zero_()
+    return nn.Sequential(*layers, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+@pytest.mark.parametrize("centre", [(40, 40), (64, 64), (88, 88), (40, 88)])
+def test_the_heat_of_a_strided_network_is_where_its_grid_looks(centre):
+    """pytorch-grad-cam draws grid cell j over pixels [32j, 32j + 32); a network padded k // 2
+    looks at pixel 32j: drawn as it came, every map sat 15 px (12 %) right of and below the cell."""
+    from scipy.ndimage import center_of_mass
+
+    image = np.full((128, 128, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:128, :128]
+    image[(yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < 12 ** 2] = (120, 40, 170)
+    net = _strided_stain_detector()
+    bundle = SimpleNamespace(torch_module=lambda: net, preprocess=Preprocess(size=128), kind="neural",
+                             labels=["a", "b"])
+    heat = gradcam(bundle, image, class_index=0)
+    assert np.abs(np.array(center_of_mass(heat)) - centre).max() < 8  # was about 15
+
+
 def test_overlay_png(cell_image):
     heat = np.zeros(cell_image.shape[:2], np.float32)
     heat[:20, :20] = 1.0
