@@ -182,3 +182,17 @@ def test_a_cell_answered_from_its_centre_is_explained_as_that_view():
     assert centre.heatmap.shape == (h, w) and not centre.heatmap[~inside].any() and centre.heatmap[inside].any()
     assert "centre 60%" in centre.note and "padded to 1.7x" in padded.note and "crop" not in whole.note
     assert padded.heatmap.shape == (h, w) and not np.allclose(centre.heatmap, whole.heatmap)
+
+
+def test_explain_explains_the_bundles_answer_not_the_networks_own_top_class(tiny_neural_bundle, cell_image):
+    """The bundle can answer another class than the network's whole-crop top one (views, the
+    framing search, classes the lab restricted it to); explain() explained the network's."""
+    from hematoscope.bundle import load_bundle
+
+    bundle = load_bundle(tiny_neural_bundle)
+    top = int(bundle.predict([cell_image]).probs.argmax())
+    allowed = [c for i, c in enumerate(bundle.labels) if i != top][:2]
+    bundle.restrict_classes(allowed)
+    answered = bundle.predict([cell_image]).predicted[0]
+    [explained] = bundle.explainer("grad-cam").explain([cell_image])
+    assert answered in allowed and explained.target == answered and "the predicted class" in explained.note

@@ -79,6 +79,7 @@ class GradCamExplainer:
                                       "(it needs a neural network)")
         self.labels = list(bundle.labels)
         self.preprocess: Preprocess = bundle.preprocess
+        self._bundle = bundle  # its answers are what explain() explains by default
         self._net = copy.deepcopy(net).float().eval()
         self._layer = target_layer(self._net)
         self._lock = threading.Lock()
@@ -151,11 +152,21 @@ class GradCamExplainer:
 
     def explain(self, images: Sequence, class_indices: Sequence[int | str | None] | None = None, *,
                 max_side: int | None = None, framings: Sequence[float] | None = None) -> list[Explanation]:
-        """The heatmap of each image's class (default: the predicted one) drawn over it (PNG,
-        longer side at most ``max_side``); a map that is zero everywhere says so. ``framings``: the
-        framing each answer came from (the framing search's), so the map explains that view."""
+        """The heatmap of each image's class drawn over it (PNG, longer side at most ``max_side``);
+        a map that is zero everywhere says so. By default the class is the bundle's answer, from
+        the framing it came from: the network's own top class on the whole crop can differ (views,
+        the framing search, ``restrict_classes``). ``framings``: the framing each answer came from
+        (the framing search's), so the map explains that view."""
         arrays = _as_arrays(images)
-        maps, indices = self._maps(arrays, class_indices, framings)
+        if class_indices is None and hasattr(self._bundle, "predict_arrays"):
+            answer = self._bundle.predict_arrays(arrays, [f"image_{i}" for i in range(len(arrays))])
+            class_indices = [self.labels.index(c) for c in answer.predicted]
+            if framings is None and answer.framing is not None:
+                framings = [float(f) * self.preprocess.framing for f in answer.framing]
+            maps, indices = self._maps(arrays, class_indices, framings)
+            class_indices = None  # the note says "the predicted class"
+        else:
+            maps, indices = self._maps(arrays, class_indices, framings)
         asked = list(class_indices) if class_indices is not None else [None] * len(arrays)
         framings = [self.preprocess.framing] * len(arrays) if framings is None else list(framings)
         out = []
