@@ -62,8 +62,8 @@ def test_kinds_without_views_refuse_them():
             raise AssertionError
 
     b = NoViews(BundleConfig(kind="noviews", labels=["a", "b"], preprocess={}))
-    b.set_tta(1)
-    with pytest.raises(BundleError, match="do not support"):
+    b.set_tta(1)  # the one view it runs: nothing to change
+    with pytest.raises(BundleError, match="sees each image in 1 view, fixed when it was made"):
         b.set_tta(8)
 
 

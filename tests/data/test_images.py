@@ -263,10 +263,12 @@ def test_an_image_too_small_to_hold_a_cell_is_refused_for_a_model_with_its_size(
         load_model_image(tiny, Preprocess())
     assert err.value.source == str(tiny)
     assert load_image(tiny).shape == (1, 1, 3)  # decoding itself (data checks, training tables) still reads it
-    edge = _save(Image.new("RGB", (MIN_MODEL_SIDE, 40), (200, 100, 150)), "PNG")
-    assert load_model_image(edge, Preprocess()).ndim == 3  # at the limit: read
-    with pytest.raises(ImageError, match="too small"):
-        load_model_image(_save(Image.new("RGB", (MIN_MODEL_SIDE - 1, 40)), "PNG"), Preprocess())
+    # the limit is a quarter of the model's input side (32 px at 128), never under MIN_MODEL_SIDE
+    for size, limit in ((128, 32), (32, MIN_MODEL_SIDE)):
+        edge = _save(Image.new("RGB", (limit, 40), (200, 100, 150)), "PNG")
+        assert load_model_image(edge, Preprocess(size=size)).ndim == 3  # at the limit: read
+        with pytest.raises(ImageError, match=f"too small .* at least {limit} px"):
+            load_model_image(_save(Image.new("RGB", (limit - 1, 40)), "PNG"), Preprocess(size=size))
 
 
 # --- probe_image: the cheap look `data split` takes at every file -------------------------

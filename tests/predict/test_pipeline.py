@@ -149,7 +149,7 @@ def small_pngs(tmp_path, images):
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i in range(200):
-        (folder / f"{i:03d}.png").write_bytes(images.encode(images.colour(i % 3, size=24, seed=i), "PNG"))
+        (folder / f"{i:03d}.png").write_bytes(images.encode(images.colour(i % 3, size=40, seed=i), "PNG"))
     return folder
 
 

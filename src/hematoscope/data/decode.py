@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from hematoscope.data.archive import UnsafeArchiveError
-from hematoscope.data.images import MIN_MODEL_SIDE, ImageError, image_size, load_model_image, too_small
+from hematoscope.data.images import ImageError, image_size, load_model_image, model_min_side, too_small
 from hematoscope.data.sources import ArchiveReader, ImageSource, SkippedFile
 
 if TYPE_CHECKING:
@@ -135,8 +135,8 @@ def decode_batches(
         if isinstance(item, SkippedFile):
             return item
         if isinstance(item.data, np.ndarray):  # decoded by the caller: the same size rule as files
-            if min(item.data.shape[:2]) < MIN_MODEL_SIDE:
-                return SkippedFile(item.name, too_small(item.data.shape))
+            if min(item.data.shape[:2]) < model_min_side(preprocess):
+                return SkippedFile(item.name, too_small(item.data.shape, model_min_side(preprocess)))
             return item.data
         try:
             data = item.data if item.data is not None else item.path if item.member is None else archives.read(item)
