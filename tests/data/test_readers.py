@@ -199,3 +199,10 @@ def test_errors_for_missing_or_wrong_layout(tmp_path):
     for reader in ("folder", "pbc", "matek", "raabin", "cnmc", "bccd", "hida", "bloodmnist"):
         with pytest.raises(DatasetError):
             read_dataset(tmp_path / "empty", reader=reader)
+
+
+def test_a_labs_own_lower_case_white_cell_folders_are_not_taken_for_bccd(tmp_path):
+    for c, cls in enumerate(["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]):
+        _img(tmp_path / cls / f"cell_{c}.png", c)
+    assert detect_reader(tmp_path) == "folder"
+    assert set(read_dataset(tmp_path, reader="bccd")["dataset"]) == {"bccd"}  # still readable as BCCD when asked

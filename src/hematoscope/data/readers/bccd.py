@@ -1,7 +1,7 @@
 """``bccd``: cropped white-cell images derived from BCCD (e.g. Kaggle "Blood Cell Images").
 
-Class folders ``EOSINOPHIL LYMPHOCYTE MONOCYTE NEUTROPHIL`` (``BASOPHIL`` when present, any
-letter case), either directly in the root or under subset folders such as ``TRAIN``, ``TEST``,
+Class folders ``EOSINOPHIL LYMPHOCYTE MONOCYTE NEUTROPHIL`` (``BASOPHIL`` when present; detected
+by these upper-case names, read in any letter case with ``--reader bccd``), either directly in the root or under subset folders such as ``TRAIN``, ``TEST``,
 ``TEST_SIMPLE`` (up to ``dataset2-master/images/TRAIN``); the subset is kept in a ``subset``
 column. Note that the Kaggle release contains offline-augmented copies of each crop: near
 duplicates that must not cross a split (see ``hematoscope data check``).
@@ -17,24 +17,26 @@ from hematoscope.data.samples import make_table
 BCCD_CLASSES = ("BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 
 
-def _is_class_level(folder: Path) -> bool:
-    names = {d.name.upper() for d in class_folders(folder)}
+def _is_class_level(folder: Path, exact_case: bool = False) -> bool:
+    names = {d.name if exact_case else d.name.upper() for d in class_folders(folder)}
     return len(names & set(BCCD_CLASSES)) >= 3 and names <= set(BCCD_CLASSES)
 
 
-def _subset_dirs(root: Path) -> list[Path]:
+def _subset_dirs(root: Path, exact_case: bool = False) -> list[Path]:
     """Folders whose children are the class folders: the root itself or subsets below it."""
-    if _is_class_level(root):
+    if _is_class_level(root, exact_case):
         return [root]
     for pattern in ("*", "*/*", "*/*/*"):
-        found = sorted(p for p in root.glob(pattern) if p.is_dir() and _is_class_level(p))
+        found = sorted(p for p in root.glob(pattern) if p.is_dir() and _is_class_level(p, exact_case))
         if found:
             return found
     return []
 
 
 def _detect(root: Path) -> bool:
-    return root.is_dir() and bool(_subset_dirs(root))
+    # BCCD's own upper-case folder names: a lab's `basophil/ ... neutrophil/` tree is any lab's
+    # class folders (the `folder` reader), not BCCD; `--reader bccd` takes any letter case
+    return root.is_dir() and bool(_subset_dirs(root, exact_case=True))
 
 
 @register_reader("bccd", detect=_detect)
