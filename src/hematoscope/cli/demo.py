@@ -37,18 +37,22 @@ def demo(
     c.print(f"[bold]{bundle.name}[/] ({bundle.kind}, {len(bundle.labels)} classes) on {len(paths)} bundled "
             f"PBC sample cells from {samples_dir()}", highlight=False)
     table = Table("cell", "known class", "predicted", "confidence", "flag")
-    correct = 0
+    answered = right = aside_right = 0
     for src, guess, conf, ab, why in zip(pred.sources, pred.predicted, pred.confidence, pred.abstain,
                                          pred.abstain_reason):
         truth = TAXONOMY.canonical("pbc", Path(src).parent.name)
         ok = truth == guess
-        correct += ok
+        answered += not ab
+        right += ok and not ab
+        aside_right += ok and ab
         table.add_row(Path(src).name, TAXONOMY.display(truth or "?"),
                       f"[{'green' if ok else 'red'}]{TAXONOMY.display(guess)}[/]", f"{conf:.3f}",
                       f"abstain: {why}" if ab else "")
     c.print(table)
     c.print(differential_table(pred.differential(), title="Differential count"))
-    c.print(f"{correct}/{len(pred)} sample cells classified correctly"
+    aside = len(pred) - answered
+    c.print(f"{right}/{answered} answered sample cells right"
+            + (f"; {aside} set aside as uncertain or unusual (the best guess right for {aside_right})" if aside else "")
             + (f"; results written to {out}" if out else ""), highlight=False)
     cmd = _command_name()
     c.print(f"Next: [bold]{cmd} predict YOUR_FOLDER --out preds.csv[/] or [bold]{cmd} serve[/] for the web app.")
