@@ -176,8 +176,8 @@ def fit(
         c.print(f"validation balanced accuracy {report['val_balanced_accuracy']:.3f}")
     else:
         short = ", ".join(f"{k} {v}" for k, v in report["val_short"].items())
-        c.print(f"too few labelled images left over to validate on ({short}; 5 per class needed): calibration "
-                f"and the out-of-distribution threshold come from {report['trust']['split']}", highlight=False)
+        c.print(f"too few labelled images left over to validate on ({short}; 5 per class needed); calibration "
+                f"and the out-of-distribution threshold: {report['trust']['split']}", highlight=False)
 
 
 @fewshot_app.command("bench")

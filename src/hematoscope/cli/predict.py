@@ -24,7 +24,7 @@ def predict(
     paths: Annotated[list[str], typer.Argument(metavar="PATH", show_default=False,
                                                help="Image files, folders (recursive), glob patterns or zip files.")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model bundle (directory or .zip); "
-                                                  "default: the shipped PBC model.")] = None,
+                                                  "default (or 'default'): the shipped PBC model.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write per-image results to a .csv or .json "
                                                 "file (CSV also writes <name>.differential.csv).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes listed per image.")] = 3,
@@ -140,7 +140,7 @@ def predict(
         try:
             batches = predict_sources(bundle, items, batch_size=batch_size, workers=workers)
             for pred in track(batches, total=math.ceil(len(items) / batch_size),
-                              description=f"classifying {n_images} images"):
+                              description=f"classifying {n_images} image{'s' * (n_images != 1)}"):
                 diff = merge_differentials(diff, pred.differential())
                 skipped.extend(pred.skipped)
                 if pred.views is not None:
@@ -223,8 +223,8 @@ def predict(
 
 def _answered(diff) -> str:
     """The closing count in the differential table's words: answered and set aside add up."""
-    return (f"{diff.classified + diff.abstained} images through the model ({diff.classified} classified, "
-            f"{diff.abstained} abstained)")
+    n = diff.classified + diff.abstained
+    return f"{n} image{'s' * (n != 1)} through the model ({diff.classified} classified, {diff.abstained} abstained)"
 
 
 def _framing(text: str | None) -> float | str | None:
