@@ -72,3 +72,15 @@ def test_global_importance_plot(bundle):
 def test_neural_bundles_are_refused(tiny_neural_bundle):
     with pytest.raises(ValueError, match="classical bundle"):
         explain_features(load_bundle(tiny_neural_bundle), np.zeros((32, 32, 3), np.uint8))
+
+
+def test_the_classical_explainer_is_called_as_grad_cam_is(bundle, images):
+    """explain(images) explains the bundle's answers; classes by name or index; paths too."""
+    explainer = bundle.explainer()
+    answered = bundle.predict(images[:2]).predicted
+    assert [e.target for e in explainer.explain(images[:2])] == answered
+    other = next(c for c in bundle.labels if c != answered[0])
+    assert explainer.explain(images[:1], [other])[0].target == other
+    assert explainer.explain(images[:1], [bundle.labels.index(other)])[0].target == other
+    with pytest.raises(ValueError, match="not a class"):
+        explainer.explain(images[:1], ["banana"])

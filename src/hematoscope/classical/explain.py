@@ -23,10 +23,25 @@ class SegmentationExplainer:
     def __init__(self, bundle):
         self.bundle = bundle
 
-    def explain(self, images: Sequence[np.ndarray], class_indices: Sequence[int], *,
+    def explain(self, images: Sequence, class_indices: Sequence[int | str | None] | None = None, *,
                 max_side: int | None = None, framings: Sequence[float] | None = None) -> list[Explanation]:
+        """As every explainer's ``explain``: each image's class as an index or a name, None (or
+        None entries) for the bundle's answer; images as arrays, paths or encoded bytes."""
         # framings: the classical path has no framing search; its answers are of whole crops
-        return [self._one(im, self.bundle.labels[c], max_side) for im, c in zip(images, class_indices)]
+        from hematoscope.data.images import load_image, rgb_array
+
+        arrays = [rgb_array(im) if isinstance(im, np.ndarray) else load_image(im) for im in images]
+        wanted = list(class_indices) if class_indices is not None else [None] * len(arrays)
+        if len(wanted) != len(arrays):
+            raise ValueError(f"{len(arrays)} images but {len(wanted)} classes")
+        if any(c is None for c in wanted):
+            answered = self.bundle.predict_arrays(arrays, [f"image_{i}" for i in range(len(arrays))]).predicted
+            wanted = [a if c is None else c for c, a in zip(wanted, answered)]
+        labels = self.bundle.labels
+        for c in wanted:
+            if isinstance(c, str) and c not in labels:
+                raise ValueError(f"{c!r} is not a class of this bundle ({', '.join(labels)})")
+        return [self._one(im, c if isinstance(c, str) else labels[int(c)], max_side) for im, c in zip(arrays, wanted)]
 
     def _one(self, image: np.ndarray, label: str, max_side: int | None) -> Explanation:
         from PIL import Image
