@@ -222,3 +222,20 @@ def test_cli_split_leaves_out_unreadable_files_and_says_so(tmp_path):
     assert "left out 2 files that cannot be read as images" in " ".join(res.output.split())
     df = load_split(tmp_path / "s.csv")
     assert len(df) == 20 and not df["path"].str.contains("DS_Store|cut").any()
+
+
+def test_classes_too_small_for_every_part_or_fold_are_named():
+    """A one-image class can only be on one side: the split said nothing, and k-fold beyond the
+    largest class raised scikit-learn's 'n_splits=20 cannot be greater than ...'."""
+    import pandas as pd
+
+    from hematoscope.data.splits import kfold_split, make_split
+
+    table = pd.DataFrame({"path": [f"/d/{c}/{i}.png" for c, n in (("a", 12), ("b", 1)) for i in range(n)],
+                          "label": ["a"] * 12 + ["b"]})
+    with pytest.warns(UserWarning, match=r"1 class too small to be in every part: b \(1 image: none in val, test\)"):
+        make_split(table, val=0.2, test=0.2)
+    with pytest.warns(UserWarning, match=r"b \(1 image: none in fold_1, fold_2\)"):
+        kfold_split(table, k=3)
+    with pytest.raises(ValueError, match=r"the largest class \(a\) has 12 images; use at most 12 folds"):
+        kfold_split(table, k=13)  # 13 images, but no class to put in each of 13 folds

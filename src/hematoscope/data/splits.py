@@ -101,7 +101,24 @@ def make_split(table, *, val: float = 0.1, test: float = 0.1, seed: int = 0, gro
             split[remaining[pick]] = name
             remaining = remaining[~pick]
     df["split"] = split
+    wanted = [part for part, frac in (("val", val), ("test", test)) if frac > 0]
+    _warn_missing_classes(df, wanted, "part")
     return df
+
+
+def _warn_missing_classes(df, parts: list[str], what: str) -> None:
+    """Warn about classes absent from some of ``parts`` (too few images or groups to share out):
+    such a class is never validated or tested there, which a user should hear of."""
+    missing = {}
+    for label, rows in df.groupby("label")["split"]:
+        lacking = [p for p in parts if p not in set(rows)]
+        if lacking:
+            missing[label] = (len(rows), lacking)
+    if missing:
+        listed = "; ".join(f"{lab} ({n} image{'s' * (n != 1)}: none in {', '.join(lack)})"
+                           for lab, (n, lack) in sorted(missing.items()))
+        warnings.warn(f"{len(missing)} class{'es' * (len(missing) != 1)} too small to be in every {what}: {listed}",
+                      UserWarning, stacklevel=3)
 
 
 def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
@@ -122,6 +139,10 @@ def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
     n_units = len(df) if groups is None else len(set(groups))
     if k > n_units:
         raise ValueError(f"cannot make {k} folds from {n_units} {'images' if groups is None else 'groups'}")
+    largest = df["label"].value_counts()
+    if groups is None and k > int(largest.max()):  # scikit-learn's own words name n_splits, not --kfold
+        raise ValueError(f"cannot make {k} stratified folds: the largest class ({largest.index[0]}) has "
+                         f"{int(largest.max())} images; use at most {int(largest.max())} folds")
     cv = (StratifiedKFold(k, shuffle=True, random_state=seed) if groups is None
           else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
     fold = np.empty(len(df), dtype=object)
@@ -130,6 +151,7 @@ def kfold_split(table, k: int = 5, seed: int = 0, group_by: str | None = None):
         for i, (_, test_idx) in enumerate(cv.split(np.zeros(len(df)), labels, groups)):
             fold[test_idx] = f"fold_{i}"
     df["split"] = fold
+    _warn_missing_classes(df, [f"fold_{i}" for i in range(k)], "fold")
     return df
 
 
