@@ -86,6 +86,8 @@ def _said_on_interrupt(callback, name: str):
             return callback(*args, **kwargs)
         except KeyboardInterrupt as exc:
             _said_stopped(name, exc)
+        except typer.Exit:
+            raise  # a command's own ending (train's, after an interruption it handled)
         except Exception as exc:
             # an interruption that landed inside a library's clean-up (Ray's threads: "release
             # unlocked lock") surfaces as that error, chained to the interruption
@@ -98,11 +100,14 @@ def _said_on_interrupt(callback, name: str):
 
 
 def _interruption_in(exc: BaseException) -> KeyboardInterrupt | None:
-    """The interruption ``exc`` was raised while handling, if any."""
+    """The interruption ``exc`` was raised while handling, if any (not one a handler turned into
+    ``exc`` on purpose, ``raise ... from None``)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
             return exc
+        if exc.__suppress_context__:
+            return None
         seen.add(id(exc))
         exc = exc.__context__
     return None
