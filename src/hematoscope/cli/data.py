@@ -192,6 +192,8 @@ def _print_report(report, root: Path, limit: int) -> None:
     summary.add_row("imbalance ratio", f"{d['imbalance_ratio']} (largest / smallest class)")
     summary.add_row("edge bars", f"{d['edge_bars']} crops with black bars along an edge (cut past their slide "
                     "image; filled as background by models with Preprocess.bars = fill)" if d["edge_bars"] else "0")
+    summary.add_row("blank", f"[red]{d['blank']} nearly uniform images (no cell to learn from; listed with --json)"
+                    if d["blank"] else "0")
     summary.add_row("formats / modes", f"{report.formats} / {report.modes}")
     sizes = list(report.sizes.items())
     summary.add_row("sizes", ", ".join(f"{s}: {n}" for s, n in sizes[:5]) + (f", ... ({len(sizes)} sizes)" if len(sizes) > 5 else ""))

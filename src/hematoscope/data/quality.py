@@ -46,6 +46,8 @@ class QualityReport:
     outliers: dict | None = field(default=None)
     #: Crops with near-black bars along an edge (:func:`~hematoscope.models.preprocess.fill_bars`).
     edge_bars: list[str] = field(default_factory=list)
+    #: Nearly uniform images (a blank frame, a slide region without a cell): no cell to learn from.
+    blank: list[str] = field(default_factory=list)
 
     @property
     def cross_class_duplicates(self) -> list[dict]:
@@ -69,6 +71,7 @@ class QualityReport:
             "cross_class_duplicates": len(self.cross_class_duplicates),
             "imbalance_ratio": self.imbalance_ratio,
             "edge_bars": len(self.edge_bars),
+            "blank": len(self.blank),
             "seconds": round(self.seconds, 2),
         }
         if self.outliers is not None:
@@ -135,6 +138,7 @@ def check_dataset(
         sizes=_counter([f"{infos[i]['width']}x{infos[i]['height']}" for i in ok]),
         imbalance_ratio=round(max(present) / min(present), 3) if present else None,
         edge_bars=[paths[i] for i in ok if infos[i]["bars"]],
+        blank=[paths[i] for i in ok if infos[i]["blank"]],
     )
     report.seconds = time.perf_counter() - start
     return report
@@ -156,6 +160,11 @@ def _inspect_all(paths: list[str], workers: int):
         yield from pool.map(_inspect, paths, chunksize=64)
 
 
+#: Below this spread of its pixel values (0-255, all channels) an image counts as blank: a stained
+#: cell on its background spreads over tens of levels; a blank frame, a few (sensor noise).
+BLANK_STD = 4.0
+
+
 def _inspect(path: str) -> dict:
     """Hash, header facts and perceptual hash of one file; ``error`` set when it cannot be used."""
     from PIL import Image
@@ -163,7 +172,7 @@ def _inspect(path: str) -> dict:
     from hematoscope.data.images import MIN_MODEL_SIDE, ImageError, load_image, too_small
 
     info = {"sha256": None, "format": None, "mode": None, "width": None, "height": None, "phash": None, "bars": False,
-            "error": None}
+            "blank": False, "error": None}
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -188,6 +197,7 @@ def _inspect(path: str) -> dict:
     from hematoscope.models.preprocess import fill_bars
 
     info["bars"] = fill_bars(pixels) is not pixels
+    info["blank"] = bool(pixels.std() < BLANK_STD)
     return info
 
 
@@ -213,6 +223,7 @@ def _near_duplicates(paths, labels, infos, ok: list[int], threshold: int) -> lis
     """
     import numpy as np
 
+    ok = [i for i in ok if not infos[i].get("blank")]  # blank frames: listed as blank, not as copies
     if threshold <= 0 or len(ok) < 2:
         return []
     idx = np.array(ok)

@@ -197,7 +197,7 @@ def check_report_mismatch(report: dict, table, source: Path | str) -> str | None
     named = [u["path"] for u in report.get("unreadable", [])]
     named += [p for d in report.get("exact_duplicates", []) for p in d["paths"]]
     named += [p for d in report.get("near_duplicates", []) for p in (d["a"], d["b"])]
-    named += list(report.get("edge_bars", []))
+    named += list(report.get("edge_bars", [])) + list(report.get("blank", []))
     foreign = [p for p in named if os.path.abspath(p) not in have]
     if foreign:
         n = len(set(foreign))
