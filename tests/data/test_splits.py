@@ -239,3 +239,17 @@ def test_classes_too_small_for_every_part_or_fold_are_named():
         kfold_split(table, k=3)
     with pytest.raises(ValueError, match=r"the largest class \(a\) has 12 images; use at most 12 folds"):
         kfold_split(table, k=13)  # 13 images, but no class to put in each of 13 folds
+
+
+def test_cli_split_with_a_check_report_names_an_image_under_two_labels(tmp_path):
+    """PBC holds EO_225902 = BNE_191112: kept on one side, but under two labels, one of them wrong."""
+    import shutil
+
+    root = make_synthetic_dataset(tmp_path / "d", classes=["a", "b"], n_per_class=10, size=16, seed=3)
+    first = sorted((root / "a").glob("*.png"))[0]
+    shutil.copy(first, root / "b" / "relabelled.png")
+    report = tmp_path / "check.json"
+    assert CliRunner().invoke(app, ["data", "check", str(root), "--json", str(report), "--near", "0"]).exit_code == 0
+    res = CliRunner().invoke(app, ["data", "split", str(root), "--out", str(tmp_path / "s.csv"), "--check", str(report)])
+    said = " ".join((res.stdout + res.stderr).split())
+    assert res.exit_code == 0 and f"1 image in the data under two labels (e.g. {first.name} = relabelled.png)" in said

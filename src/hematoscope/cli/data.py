@@ -96,6 +96,15 @@ def split_cmd(
             console().print(f"{check}: left out {len(keep) - sum(keep)} unreadable files; {len(clusters)} clusters of "
                             f"copies kept on one side ({moved} {'groups merged' if group_col else 'images moved'})",
                             highlight=False)
+            crossed = [d for d in report.get("exact_duplicates", []) + report.get("near_duplicates", [])
+                       if d.get("cross_class")]
+            if crossed:  # one image under two labels: one of them is wrong, and only the user can say which
+                first = crossed[0]
+                pair = first.get("paths") or [first["a"], first["b"]]
+                n = len(crossed)
+                notes.append(f"{n} image{'s' if n != 1 else ''} in the data under two labels (e.g. "
+                             f"{' = '.join(Path(x).name for x in pair[:2])}): the copies are kept, on one side; "
+                             "remove the wrongly labelled one from the data")
         else:
             bad = unreadable_files(table["path"])
             if bad:
