@@ -136,8 +136,12 @@ def test_blank_frames_are_listed_as_blank_not_as_near_duplicates(tmp_path, pbc_s
     report = check_dataset(data, workers=1, progress=False)
     assert sorted(Path(p).name for p in report.blank) == ["black.jpg", "white.png"]  # no real cell among them
     assert not any({Path(d["a"]).name, Path(d["b"]).name} & {"white.png", "black.jpg"} for d in report.near_duplicates)
+    Image.open(data / "basophil" / sorted(p.name for p in (data / "basophil").glob("*.jpg"))[0]).save(
+        data / "neutrophil" / "relabelled.png")  # one image re-saved under another label: a near pair
     res = CliRunner().invoke(app, ["data", "check", str(data), "--workers", "1"])
-    assert res.exit_code == 0 and "2 nearly uniform images" in " ".join(res.output.split())
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "2 nearly uniform images" in said
+    assert "across classes │ 0 exact groups, 1 near pair" in said  # groups and pairs counted apart
 
 
 def test_crops_cut_past_their_slide_image_are_listed(lisc_root, tmp_path):

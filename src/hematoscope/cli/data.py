@@ -197,7 +197,10 @@ def _print_report(report, root: Path, limit: int) -> None:
     summary.add_row("unreadable", f"[{'red' if d['unreadable'] else 'green'}]{d['unreadable']}")
     summary.add_row("exact duplicates", f"{d['exact_duplicate_pairs']} byte-identical pairs in {d['exact_duplicate_groups']} groups")
     summary.add_row("near duplicates", f"{d['near_duplicate_pairs']} pairs (phash distance <= {report.near_threshold})")
-    summary.add_row("across classes", f"[{'red' if d['cross_class_duplicates'] else 'green'}]{d['cross_class_duplicates']}")
+    exact_x = sum(x["cross_class"] for x in report.exact_duplicates)
+    near_x = sum(x["cross_class"] for x in report.near_duplicates)
+    summary.add_row("across classes", f"[{'red' if exact_x + near_x else 'green'}]"
+                    f"{exact_x} exact group{'s' * (exact_x != 1)}, {near_x} near pair{'s' * (near_x != 1)}")
     summary.add_row("imbalance ratio", f"{d['imbalance_ratio']} (largest / smallest class)")
     summary.add_row("edge bars", f"{d['edge_bars']} crops with black bars along an edge (cut past their slide "
                     "image; filled as background by models with Preprocess.bars = fill)" if d["edge_bars"] else "0")
