@@ -263,8 +263,8 @@ def test_an_image_too_small_to_hold_a_cell_is_refused_for_a_model_with_its_size(
         load_model_image(tiny, Preprocess())
     assert err.value.source == str(tiny)
     assert load_image(tiny).shape == (1, 1, 3)  # decoding itself (data checks, training tables) still reads it
-    # the limit is a quarter of the model's input side (32 px at 128), never under MIN_MODEL_SIDE
-    for size, limit in ((128, 32), (32, MIN_MODEL_SIDE)):
+    # the limit is a quarter of the model's input side (32 px at 128), between MIN_MODEL_SIDE and 32
+    for size, limit in ((128, 32), (224, 32), (64, 16), (32, MIN_MODEL_SIDE)):
         edge = _save(Image.new("RGB", (limit, 40), (200, 100, 150)), "PNG")
         assert load_model_image(edge, Preprocess(size=size)).ndim == 3  # at the limit: read
         with pytest.raises(ImageError, match=f"too small .* at least {limit} px"):

@@ -39,10 +39,11 @@ def too_small(shape: tuple[int, ...], minimum: int = MIN_MODEL_SIDE) -> str:
 
 def model_min_side(preprocess) -> int:
     """The smallest side an image given to a model with ``preprocess`` may have: a quarter of its
-    input side (32 px for a 128 px model), and never under :data:`MIN_MODEL_SIDE`. An 8 px
-    neutrophil blown up 16 times was answered 'erythroblast' at 0.999 and not flagged: so small an
-    image holds no detail the model was trained to read."""
-    return max(MIN_MODEL_SIDE, int(preprocess.size) // 4)
+    input side, between :data:`MIN_MODEL_SIDE` and 32 px (32 for the default 128 px model and any
+    larger one; a model trained on 28 px images, as BloodMNIST's, takes them). An 8 px neutrophil
+    blown up 16 times was answered 'erythroblast' at 0.999 and not flagged: so small an image holds
+    no detail the model was trained to read."""
+    return max(MIN_MODEL_SIDE, min(32, int(preprocess.size) // 4))
 
 
 class ImageError(ValueError):
