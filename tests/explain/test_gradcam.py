@@ -196,3 +196,9 @@ def test_explain_explains_the_bundles_answer_not_the_networks_own_top_class(tiny
     answered = bundle.predict([cell_image]).predicted[0]
     [explained] = bundle.explainer("grad-cam").explain([cell_image])
     assert answered in allowed and explained.target == answered and "the predicted class" in explained.note
+
+
+def test_an_image_predict_would_not_answer_is_not_explained(tiny_bundle):
+    explainer = GradCamExplainer(tiny_bundle)
+    with pytest.raises(ValueError, match="image 0: image too small .*predict does not answer it either"):
+        explainer.explain([np.full((5, 5, 3), 120, np.uint8)])

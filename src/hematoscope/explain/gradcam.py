@@ -107,6 +107,7 @@ class GradCamExplainer:
         the framing each was answered from (default: the bundle's), explained as that view."""
         if len(images) == 0:
             return [], []
+        _refuse_too_small(images, self.preprocess)
         indices = [self._class_index(c) for c in class_indices] if class_indices is not None else [None] * len(images)
         if len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(indices)} class indices")
@@ -192,6 +193,20 @@ def _as_arrays(images: Sequence) -> list[np.ndarray]:
     from hematoscope.data.images import load_image, rgb_array
 
     return [rgb_array(im) if isinstance(im, np.ndarray) else load_image(im) for im in images]
+
+
+def _refuse_too_small(images: Sequence[np.ndarray], preprocess: Preprocess) -> None:
+    """Explain nothing ``predict`` would not answer (:func:`~hematoscope.data.images.model_min_side`).
+
+    Raises:
+        ValueError: an image under the model's size floor.
+    """
+    from hematoscope.data.images import model_min_side, too_small
+
+    floor = model_min_side(preprocess)
+    for i, im in enumerate(images):
+        if min(im.shape[:2]) < floor:
+            raise ValueError(f"image {i}: {too_small(im.shape, floor)}; predict does not answer it either")
 
 
 class _LogitsOnly(nn.Module):
