@@ -88,6 +88,8 @@ def test_predict_cli_classes(tmp_path):
     assert res.exit_code == 0, res.output
     import csv
 
+    said = " ".join(res.output.split())
+    assert "Lymphocyte" in said and "Platelet" not in said  # the table lists the classes answers could name
     rows = list(csv.DictReader(two.open()))
     assert {r["top3"] for r in rows} == {""} and all({r["top1"], r["top2"]} <= {"lymphocyte", "monocyte"}
                                                       for r in rows)

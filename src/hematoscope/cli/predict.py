@@ -170,7 +170,8 @@ def predict(
         out_console.print(predictions_table(Prediction.concat(shown), top_k=top_k, limit=SHOWN_ROWS))
         if diff.classified + diff.abstained > SHOWN_ROWS:
             out_console.print(f"... {diff.classified + diff.abstained - SHOWN_ROWS} more (use --out FILE for all)")
-    out_console.print(differential_table(diff, title=f"Differential count ({bundle.name})"))
+    out_console.print(differential_table(diff, title=f"Differential count ({bundle.name})",
+                                         classes=bundle.answerable_classes))
     if skipped:
         err_console().print(skipped_table(skipped, limit=50))
         if len(skipped) > 50:
@@ -266,7 +267,8 @@ def _predict_ray(paths: list[str], *, model, out, top_k, batch_size, workers, ad
         result = run_job(paths, shard_dir, model=model, address=address, batch_size=batch_size, actors=actors,
                          decode_threads=workers, options=options, report=out, top_k=top_k, on_shard=shard_done,
                          **({"shard_rows": shard_rows} if shard_rows else {}))
-    c.print(differential_table(result.differential, title=f"Differential count ({result.model})"))
+    c.print(differential_table(result.differential, title=f"Differential count ({result.model})",
+                               classes=list(options.classes) if options.classes else None))
     if result.skipped:
         err_console().print(skipped_table(result.skipped, limit=50))
         if result.differential.skipped > 50:

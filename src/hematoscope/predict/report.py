@@ -150,8 +150,11 @@ def write_differential_csv(diff: DifferentialCount, path: Path | str) -> Path:
 
 
 # --- terminal ------------------------------------------------------------------------------
-def differential_table(diff: DifferentialCount, title: str = "Differential count") -> "Table":
-    """Counts and % per class (of classified cells); abstained and unreadable apart."""
+def differential_table(diff: DifferentialCount, title: str = "Differential count",
+                       classes: Sequence[str] | None = None) -> "Table":
+    """Counts and % per class (of classified cells); abstained and unreadable apart. ``classes``:
+    the classes answers could name (``predict --classes``), the only rows shown then (the others
+    are 0 by construction)."""
     from rich.table import Table
 
     from hematoscope.taxonomy import TAXONOMY
@@ -161,8 +164,10 @@ def differential_table(diff: DifferentialCount, title: str = "Differential count
     table.add_column("count", justify="right")
     table.add_column("%", justify="right")
     pct = diff.percent()
+    shown = set(classes) if classes is not None else set(diff.labels)
     for label in diff.labels:
-        table.add_row(TAXONOMY.display(label), str(diff.counts[label]), f"{pct[label]:.1f}")
+        if label in shown or diff.counts[label]:
+            table.add_row(TAXONOMY.display(label), str(diff.counts[label]), f"{pct[label]:.1f}")
     table.add_section()
     table.add_row("[bold]classified", f"[bold]{diff.classified}", "100.0" if diff.classified else "")
     reasons = ", ".join(f"{why}: {n}" for why, n in sorted(diff.abstain_reasons.items()))
