@@ -289,3 +289,12 @@ def test_probe_finds_what_cannot_be_read_and_passes_whole_images(tmp_path):
                    ".DS_Store.jpg": "not an image or unknown format", "empty.jpg": "empty file",
                    "cut.jpg": "truncated file", "cut.png": "truncated file"}
     assert probe_image(tmp_path / "gone.jpg") == "file not found"
+
+
+def test_a_multi_page_tiff_is_read_from_its_first_page_and_says_so():
+    pages = [Image.new("RGB", (16, 16), (i * 60, 100, 200)) for i in range(3)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    with pytest.warns(UserWarning, match="3 pages \\(TIFF\\); only the first is read"):
+        out = load_image(buf.getvalue())
+    assert tuple(out[0, 0]) == (0, 100, 200)

@@ -96,6 +96,10 @@ def load_image(
                 if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L"):
                     im.draft("RGB", (draft_size, draft_size))
                 im.load()
+                pages = getattr(im, "n_frames", 1)
+                if pages > 1:  # a z-stack or time series: the cell may be sharpest on another page
+                    warnings.warn(f"{name}: {pages} pages ({im.format}); only the first is read", UserWarning,
+                                  stacklevel=2)
                 im = ImageOps.exif_transpose(im) or im
                 return pil_rgb_array(im)
     except ImageError:
