@@ -133,7 +133,8 @@ def test_cli_train_segment_explain(pbc_subset, tmp_path):
     assert len(report["features"]) == 5 and report["predicted"] in load_bundle(out).labels
     answer = load_bundle(out).predict([str(img)])
     assert report["abstain"] == bool(answer.abstain[0]) and report["abstain_reason"] == answer.abstain_reason[0]
-    assert Image.open(tmp_path / "ex" / "lime.png").mode == "RGB"
+    lime = Image.open(tmp_path / "ex" / "lime.png")
+    assert lime.mode == "RGB" and lime.size == Image.open(img).size  # the crop's own shape, not a square
     res = runner.invoke(app, ["classical", "segment", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 2
 

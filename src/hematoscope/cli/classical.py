@@ -78,9 +78,11 @@ def explain_cmd(
     samples: Annotated[int, typer.Option(help="LIME perturbations (each is one prediction).")] = 300,
 ) -> None:
     """Top contributing features (SHAP), a LIME superpixel map and the global importance plot."""
+    import numpy as np
+
     from hematoscope import _io
     from hematoscope.bundle.base import load_bundle
-    from hematoscope.data.images import load_model_image
+    from hematoscope.data.images import load_image, load_model_image
     from hematoscope.explain.lime import bundle_predict_fn, explain_image
     from hematoscope.explain.shap import explain_features, importance_png
 
@@ -90,7 +92,16 @@ def explain_cmd(
         pred = bundle.predict_arrays([img], [str(image)])
         label = pred.predicted[0]
         rows = explain_features(bundle, img, label=label, top=top)
-        _, png = explain_image(bundle_predict_fn(bundle), img, bundle.labels.index(label), num_samples=samples)
+        # LIME over the crop as it is (at most 512 px a side), so its overlay has the crop's shape,
+        # not the model's square input; the bundle resizes each perturbed copy as it does any image
+        crop = load_image(image)
+        if max(crop.shape[:2]) > 512:
+            from PIL import Image
+
+            k = 512 / max(crop.shape[:2])
+            crop = np.asarray(Image.fromarray(crop).resize((max(1, round(crop.shape[1] * k)),
+                                                            max(1, round(crop.shape[0] * k))), Image.Resampling.BOX))
+        _, png = explain_image(bundle_predict_fn(bundle), crop, bundle.labels.index(label), num_samples=samples)
         out.mkdir(parents=True, exist_ok=True)
         _io.write_json(out / "features.json", {
             "image": str(image), "predicted": label, "confidence": float(pred.confidence[0]),
