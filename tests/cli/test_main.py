@@ -109,7 +109,7 @@ def test_an_interrupted_command_says_so_and_exits_128_plus_the_signal(monkeypatc
     """Typer exits 130 on Ctrl-C without a word (and SIGTERM killed outright, leaving partial
     files); the command names itself and what it left."""
     import hematoscope.data.readers as readers
-    from hematoscope.cli.main import Terminated
+    from hematoscope.cli._common import Terminated
 
     def interrupted(*args, **kwargs):
         raise {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": Terminated}[signal_exc]

@@ -138,3 +138,9 @@ def warn_unknown_labels(table, what: str) -> None:
                                set(classes[~unknown]), what=what)
     if note:
         err_console().print(f"[yellow]warning:[/] {escape(note)}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's cancel or time limit), raised in the main thread like
+    Ctrl-C so that the same clean-up runs: a partial output file is removed, not left behind
+    (``hematoscope.cli.main.run`` raises it for every command; ``train`` outside Lightning's loop)."""

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from hematoscope import __version__
+from hematoscope.cli._common import Terminated, err_console
 
 #: Command modules, in help order. Each defines ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = ["demo", "data", "train", "adapt", "evaluate", "predict", "features", "fewshot", "classical",
@@ -69,11 +70,6 @@ def reflowed(doc: str) -> str:
     return "\n\n".join(out)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a scheduler's cancel or time limit), raised in the main thread like
-    Ctrl-C so that the same clean-up runs: a partial output file is removed, not left behind."""
-
-
 def _said_on_interrupt(callback, name: str):
     """``callback``, saying what an interruption (Ctrl-C, or SIGTERM once :func:`run` set it to
     interrupt) left before exiting with 130 / 143: typer exits silently, which reads like a crash or
@@ -116,8 +112,6 @@ def _interruption_in(exc: BaseException) -> KeyboardInterrupt | None:
 def _said_stopped(name: str, exc: KeyboardInterrupt):
     import signal
 
-    from hematoscope.cli._common import err_console
-
     terminated = isinstance(exc, Terminated)
     how = "stopped (SIGTERM)" if terminated else "interrupted"
     err_console().print(f"hematoscope {name}: {how}; its output files are written whole or not at all, "
@@ -158,8 +152,6 @@ def _show_warnings_plainly() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package):
-            from hematoscope.cli._common import err_console
-
             err_console().print(f"warning: {message}", highlight=False, markup=False)
         else:
             shown(message, category, filename, lineno, file, line)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hematoscope.cli._common import console, user_errors
+from hematoscope.cli._common import Terminated, console, user_errors
 
 
 def train_cmd(
@@ -105,10 +105,6 @@ def train_cmd(
     c.print(f"bundle: {result.bundle_path}")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM arrived outside Lightning's training loop (decoding images, fitting trust ...)."""
-
-
 def _interruptible(run, run_dir: Path):
     """``run()``; stopped by Ctrl-C (Lightning exits with code 1 after its graceful shutdown) or by
     SIGTERM (``kill``, a scheduler's cancel, pre-emption or time limit: inside the training loop
@@ -124,14 +120,14 @@ def _interruptible(run, run_dir: Path):
         # During trainer.fit Lightning's own handler runs first and calls this one after it: the
         # handler in place is then Lightning's, which stops the run cleanly at the next step.
         if signal.getsignal(signal.SIGTERM) is on_sigterm:
-            raise _Terminated
+            raise Terminated
 
     installed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, on_sigterm) if installed else None
     try:
         return run()
     except (KeyboardInterrupt, SystemExit) as exc:
-        terminated = isinstance(exc, _Terminated) or _is_lightning_sigterm(exc)
+        terminated = isinstance(exc, Terminated) or _is_lightning_sigterm(exc)
         if isinstance(exc, SystemExit) and exc.code in (0, None) and not terminated:
             raise
         err_console().print(f"training stopped{' (SIGTERM)' if terminated else ''}; go on from the last checkpoint "
