@@ -92,9 +92,8 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     from hematoscope.taxonomy import TAXONOMY_VERSION
     from hematoscope.trust import fit_trust
 
-    from hematoscope.data.splits import make_split, train_val_rows
-
     from hematoscope.data.readers import as_table
+    from hematoscope.data.splits import make_split, train_val_rows
 
     table = as_table(table)
     df = train_val_rows(table, fold=fold)
@@ -110,7 +109,8 @@ def train_classical(table, *, val: float = 0.1, seed: int = 0, n_jobs: int = 2, 
     for part, mask in (("training", is_train), ("validation", ~is_train)):
         missing = [labels[k] for k in range(len(labels)) if not (y[mask] == k).any()]
         if missing:
-            few = {c: int((y == labels.index(c)).sum()) for c in missing if (y == labels.index(c)).sum() < 2}
+            sizes = np.bincount(y, minlength=len(labels))
+            few = {c: int(sizes[labels.index(c)]) for c in missing if sizes[labels.index(c)] < 2}
             if few:  # a class of one image cannot be on both sides, whatever --val
                 raise ValueError("a class needs at least 2 images (one to train on, one to validate): "
                                  + ", ".join(f"{c} has {n}" for c, n in few.items())

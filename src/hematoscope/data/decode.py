@@ -129,14 +129,15 @@ def decode_batches(
 
     archives = ArchiveReader()
     budget = PixelBudget(DECODE_BUDGET_PIXELS)
+    floor = model_min_side(preprocess)
     pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="hematoscope-decode")
 
     def decode(item: ImageSource | SkippedFile) -> np.ndarray | SkippedFile:
         if isinstance(item, SkippedFile):
             return item
         if isinstance(item.data, np.ndarray):  # decoded by the caller: the same size rule as files
-            if min(item.data.shape[:2]) < model_min_side(preprocess):
-                return SkippedFile(item.name, too_small(item.data.shape, model_min_side(preprocess)))
+            if min(item.data.shape[:2]) < floor:
+                return SkippedFile(item.name, too_small(item.data.shape, floor))
             return item.data
         try:
             data = item.data if item.data is not None else item.path if item.member is None else archives.read(item)

@@ -144,8 +144,9 @@ def load_model_image(src: Path | str | bytes | BinaryIO, preprocess, *, max_pixe
     """
     use_draft = (DRAFT_DECODE and preprocess.jpeg_draft) if draft is None else draft
     image = load_image(src, max_pixels=max_pixels, draft_size=preprocess.decode_size if use_draft else None)
-    if min(image.shape[:2]) < model_min_side(preprocess):
-        raise ImageError(too_small(image.shape, model_min_side(preprocess)), _source_name(src))
+    floor = model_min_side(preprocess)
+    if min(image.shape[:2]) < floor:
+        raise ImageError(too_small(image.shape, floor), _source_name(src))
     resize = preprocess.early_resizer()
     return resize(image) if resize is not None else image
 

@@ -253,10 +253,9 @@ def fit_fewshot_bundle(table, extractor: FeatureExtractor, *, labels_per_class: 
     """
     from hematoscope.data.samples import class_column, group_keys, has_label, resolve_group_by
     from hematoscope.bundle.config import seen_fingerprints
+    from hematoscope.data.readers import as_table
     from hematoscope.data.splits import hash_files, shares_with_test, split_parts
     from hematoscope.fewshot.shots import sample_shots
-
-    from hematoscope.data.readers import as_table
 
     spec = head if isinstance(head, HeadSpec) else HeadSpec.parse(head)
     table, test_rows = split_parts(as_table(table))
