@@ -153,6 +153,39 @@ def register_explainer(method: str) -> Callable[[Callable], Callable]:
     return _EXPLAINERS.register(method)
 
 
+def class_index(labels: Sequence[str], c: int | str) -> int:
+    """The index in ``labels`` of a class given by name or index.
+
+    Raises:
+        ValueError: a name or an index that is not one of ``labels``.
+    """
+    if isinstance(c, str):
+        if c not in labels:
+            raise ValueError(f"{c!r} is not a class of this bundle ({', '.join(labels)})")
+        return list(labels).index(c)
+    if not 0 <= int(c) < len(labels):
+        raise ValueError(f"class index {c} out of range 0..{len(labels) - 1}")
+    return int(c)
+
+
+def explained_classes(bundle: "Bundle", images: Sequence[np.ndarray],
+                      classes: Sequence[int | str | None] | None) -> tuple[list[int], "Prediction | None"]:
+    """What an explainer explains for each image, as label indices: a class given by name or
+    index, or for None (all of ``classes``, or an entry) the bundle's own answer; with the
+    :class:`Prediction` those answers came from (None when every class was given).
+
+    Raises:
+        ValueError: a class that is not one of the bundle's, or a count that does not match.
+    """
+    wanted = [None] * len(images) if classes is None else list(classes)
+    if len(wanted) != len(images):
+        raise ValueError(f"{len(images)} images but {len(wanted)} classes")
+    answer = None
+    if any(c is None for c in wanted):
+        answer = bundle.predict_arrays(list(images), [f"image_{i}" for i in range(len(images))])
+    return [class_index(bundle.labels, answer.predicted[i] if c is None else c) for i, c in enumerate(wanted)], answer
+
+
 def register_bundle_kind(kind: str) -> Callable[[type["Bundle"]], type["Bundle"]]:
     """Class decorator: make ``load_bundle`` build this class for ``config.kind == kind``."""
     return _KINDS.register(kind, kind=kind)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hematoscope.bundle.base import register_explainer
+from hematoscope.bundle.base import explained_classes, register_explainer
 from hematoscope.bundle.prediction import Explanation
 
 
@@ -31,17 +31,8 @@ class SegmentationExplainer:
         from hematoscope.data.images import load_image, rgb_array
 
         arrays = [rgb_array(im) if isinstance(im, np.ndarray) else load_image(im) for im in images]
-        wanted = list(class_indices) if class_indices is not None else [None] * len(arrays)
-        if len(wanted) != len(arrays):
-            raise ValueError(f"{len(arrays)} images but {len(wanted)} classes")
-        if any(c is None for c in wanted):
-            answered = self.bundle.predict_arrays(arrays, [f"image_{i}" for i in range(len(arrays))]).predicted
-            wanted = [a if c is None else c for c, a in zip(wanted, answered)]
-        labels = self.bundle.labels
-        for c in wanted:
-            if isinstance(c, str) and c not in labels:
-                raise ValueError(f"{c!r} is not a class of this bundle ({', '.join(labels)})")
-        return [self._one(im, c if isinstance(c, str) else labels[int(c)], max_side) for im, c in zip(arrays, wanted)]
+        chosen, _ = explained_classes(self.bundle, arrays, class_indices)
+        return [self._one(im, self.bundle.labels[c], max_side) for im, c in zip(arrays, chosen)]
 
     def _one(self, image: np.ndarray, label: str, max_side: int | None) -> Explanation:
         from PIL import Image

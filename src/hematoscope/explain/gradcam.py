@@ -23,7 +23,7 @@ require("torch", "pytorch_grad_cam", "timm", extra="explain", purpose="Grad-CAM"
 import torch  # noqa: E402 - the imports below need the extra checked above
 from torch import nn  # noqa: E402
 
-from hematoscope.bundle.base import BundleError, register_explainer  # noqa: E402
+from hematoscope.bundle.base import BundleError, class_index, explained_classes, register_explainer  # noqa: E402
 from hematoscope.bundle.prediction import Explanation  # noqa: E402
 from hematoscope.explain.overlay import overlay_png, resize_map  # noqa: E402 - overlay_png: also from here
 from hematoscope.models.preprocess import Preprocess  # noqa: E402
@@ -141,15 +141,7 @@ class GradCamExplainer:
                 for m, im in zip(maps, images)], indices
 
     def _class_index(self, c: int | str | None) -> int | None:
-        if c is None:
-            return None
-        if isinstance(c, str):
-            if c not in self.labels:
-                raise ValueError(f"{c!r} is not a class of this bundle ({', '.join(self.labels)})")
-            return self.labels.index(c)
-        if not 0 <= int(c) < len(self.labels):
-            raise ValueError(f"class index {c} out of range 0..{len(self.labels) - 1}")
-        return int(c)
+        return None if c is None else class_index(self.labels, c)
 
     def explain(self, images: Sequence, class_indices: Sequence[int | str | None] | None = None, *,
                 max_side: int | None = None, framings: Sequence[float] | None = None) -> list[Explanation]:
@@ -159,17 +151,12 @@ class GradCamExplainer:
         the framing search, ``restrict_classes``). ``framings``: the framing each answer came from
         (the framing search's), so the map explains that view."""
         arrays = _as_arrays(images)
-        if class_indices is None and hasattr(self._bundle, "predict_arrays"):
-            answer = self._bundle.predict_arrays(arrays, [f"image_{i}" for i in range(len(arrays))])
-            class_indices = [self.labels.index(c) for c in answer.predicted]
-            if framings is None and answer.framing is not None:
-                framings = [float(f) * self.preprocess.framing for f in answer.framing]
-            maps, indices = self._maps(arrays, class_indices, framings)
-            class_indices = None  # the note says "the predicted class"
-        else:
-            maps, indices = self._maps(arrays, class_indices, framings)
         asked = list(class_indices) if class_indices is not None else [None] * len(arrays)
-        framings = [self.preprocess.framing] * len(arrays) if framings is None else list(framings)
+        chosen, answer = explained_classes(self._bundle, arrays, class_indices)
+        if framings is None:  # an answer of the framing search is explained as the view it came from
+            framings = [self.preprocess.framing * (1.0 if c is not None or answer.framing is None
+                                                   else float(answer.framing[i])) for i, c in enumerate(asked)]
+        maps, indices = self._maps(arrays, chosen, framings)
         out = []
         for im, heat, c, wanted, framing in zip(arrays, maps, indices, asked, framings):
             which = "the predicted class" if wanted is None else f"class {self.labels[c]}"
